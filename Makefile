@@ -1,0 +1,43 @@
+# Lockstep: the whole set-up is `make up` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv model up test test-fast lint system-deps bench clean
+
+# Quick when nothing changed: the stamp is newer than pyproject.toml.
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: anything else would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The built-in tiny models (built offline, deterministic; skipped when present).
+model: venv
+	$(VENV)/bin/lockstep tiny-model --if-missing
+
+up: venv model
+	$(VENV)/bin/lockstep up
+
+# Debian packages the tests drive: headless Chromium for the UI, promtool for alert rules.
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; }
+
+test: venv model system-deps
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: venv model
+	$(PY) benchmarks/swap_bench.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,264 @@
+"""The ``lockstep`` command: serve | trainer | ui | up | publish | status | rollback | tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from lockstep.core.clock import SYSTEM_CLOCK
+from lockstep.core.errors import LockstepError
+from lockstep.core.settings import CommitPolicy, Settings, load_settings
+
+log = logging.getLogger("lockstep")
+
+
+def _setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _advertise(host: str, port: int, settings: Settings) -> str:
+    if settings.advertise_url:
+        return settings.advertise_url
+    if settings.pod_ip:
+        return f"http://{settings.pod_ip}:{port}"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{port}"
+
+
+def _shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"shared_dir": Path(args.shared) if getattr(args, "shared", None) else None}
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lockstep.inference.app import create_app
+
+    base = load_settings(**_shared_overrides(args), initial_model_repo_id=args.model)
+    replica_id = base.replica_id or f"{socket.gethostname()}-{args.port}"
+    settings = base.model_copy(update={"replica_id": replica_id,
+                                       "advertise_url": _advertise(args.host, args.port, base)})
+    _setup_logging(args.log_level, replica_id)
+    log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lockstep.trainer.app import create_app
+
+    settings = load_settings(**_shared_overrides(args))
+    _setup_logging(args.log_level, "trainer")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lockstep.ui.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.trainer_url:
+        overrides["trainer_url"] = args.trainer_url
+    settings = load_settings(**overrides)
+    _setup_logging(args.log_level, "ui")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from lockstep.launcher import run_local_cluster
+
+    _setup_logging(args.log_level, "up")
+    return run_local_cluster(replicas=args.replicas, shared=Path(args.shared), base_port=args.base_port,
+                             trainer_port=args.trainer_port, ui_port=args.ui_port, model=args.model,
+                             with_trainer=not args.no_trainer, with_ui=not args.no_ui)
+
+
+# ---------------------------------------------------------------------------------------------------- sync
+def _coordinator(args: argparse.Namespace) -> Any:
+    from lockstep.sync.coordinator import Coordinator
+
+    settings = load_settings(**_shared_overrides(args))
+    return Coordinator(settings, clock=SYSTEM_CLOCK, owner=f"cli@{socket.gethostname()}")
+
+
+def _print_result(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    colour = {"committed": "green", "unchanged": "cyan"}.get(result.outcome, "red")
+    console.print(f"[bold {colour}]v{result.version} {result.outcome}[/] ({result.model})"
+                  + (f": {result.reason}" if result.reason else ""))
+    if result.replicas:
+        table = Table("replica", "outcome", "stage s", "weights digest", "error")
+        for r in result.replicas:
+            table.add_row(r.replica_id, r.outcome, f"{r.stage_seconds:.2f}" if r.stage_seconds is not None else "",
+                          (r.weights_digest or "")[:12], r.error or "")
+        console.print(table)
+    console.print(f"prepare {result.prepare_s:.2f}s, total {result.total_s:.2f}s, generation {result.generation}")
+
+
+def _progress_printer() -> Any:
+    def show(event: str, details: dict[str, Any]) -> None:
+        if event == "staging":
+            print(f"\r  staging: {details['staged']}/{details['live']} staged, {details['failed']} failed",
+                  end="", flush=True, file=sys.stderr)
+        else:
+            print(f"\n  {event}: {details}", file=sys.stderr)
+
+    return show
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "publish")
+    coordinator = _coordinator(args)
+    result = coordinator.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
+                                 timeout_s=args.timeout, progress=_progress_printer())
+    print(file=sys.stderr)
+    _print_result(result)
+    return 0 if result.ok else 1
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, "rollback")
+    coordinator = _coordinator(args)
+    result = coordinator.rollback(args.to, policy=CommitPolicy(args.policy) if args.policy else None,
+                                  timeout_s=args.timeout, progress=_progress_printer())
+    print(file=sys.stderr)
+    _print_result(result)
+    return 0 if result.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lockstep.sync.protocol import read_heartbeats
+
+    coordinator = _coordinator(args)
+    state = coordinator.read_state()
+    console = Console()
+    committed = state.committed
+    console.print(f"committed: {'v' + str(committed.version) + ' (' + committed.model + ')' if committed else 'none'}"
+                  f"   generation {state.generation}"
+                  + (f"   pending v{state.pending.version} {state.pending.phase.value}" if state.pending else ""))
+    table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
+    now = time.time()
+    for b in read_heartbeats(coordinator.shared_dir):
+        age = now - b.time
+        stale = age > coordinator.settings.heartbeat_ttl_s
+        staged = f"v{b.staged.version} {b.staged.state.value}" if b.staged else ""
+        table.add_row(b.replica_id, "gone" if stale else b.state.value,
+                      f"v{b.serving.version}" if b.serving else "-", staged, "yes" if b.ready and not stale else "no",
+                      f"{age:.1f}s ago", (b.last_error or "")[:60])
+    console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from lockstep.models.tiny import build_tiny_model, ensure_builtin
+
+    _setup_logging(args.log_level, "tiny-model")
+    if args.out is None:
+        settings = load_settings()
+        for name in ("tiny-s0", "tiny-s1"):
+            print(ensure_builtin(name, settings.builtin_path))
+        return 0
+    out = Path(args.out)
+    if args.if_missing and (out / "config.json").is_file():
+        print(out)
+        return 0
+    print(build_tiny_model(out, seed=args.seed, size=args.size, overwrite=args.overwrite))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lockstep", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run an inference replica")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default=None, help="initial model reference (default INITIAL_MODEL_REPO_ID)")
+    p.add_argument("--shared", default=None, help="shared folder (default LOCKSTEP_SHARED_DIR)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("trainer", help="run the trainer server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--shared", default=None)
+    p.set_defaults(func=cmd_trainer)
+
+    p = sub.add_parser("ui", help="run the UI server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--trainer-url", default=None)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("up", help="run the whole system locally (Ctrl-C stops it)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--shared", default="var/shared")
+    p.add_argument("--base-port", type=int, default=8001)
+    p.add_argument("--trainer-port", type=int, default=8090)
+    p.add_argument("--ui-port", type=int, default=8080)
+    p.add_argument("--model", default=None)
+    p.add_argument("--no-trainer", action="store_true")
+    p.add_argument("--no-ui", action="store_true")
+    p.set_defaults(func=cmd_up)
+
+    for name, func, helptext in (("publish", cmd_publish, "publish a model to every replica (two phases)"),
+                                 ("rollback", cmd_rollback, "commit an earlier version again")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "publish":
+            p.add_argument("ref", help="repo id, ./local/dir, versions/N or builtin:tiny-sN")
+        else:
+            p.add_argument("--to", type=int, default=None, help="version (default: the one before)")
+        p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)
+        p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every replica to stage")
+        p.add_argument("--shared", default=None)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("status", help="what every replica serves")
+    p.add_argument("--shared", default=None)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("tiny-model", help="build a built-in tiny model offline")
+    p.add_argument("out", nargs="?", default=None, help="output dir (default: build the built-ins)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["tiny", "mid"], default="tiny")
+    p.add_argument("--if-missing", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LockstepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

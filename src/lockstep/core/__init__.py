@@ -1,0 +1,1 @@
+"""Foundation shared by every component: settings, errors, clock, atomic files."""

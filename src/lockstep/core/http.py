@@ -1,0 +1,73 @@
+"""What every Lockstep HTTP app shares: errors mapped to status codes in one place, and bearer auth."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lockstep.core.errors import LockstepError, Overloaded, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+def error_body(message: str, code: str, param: str | None = None) -> dict[str, object]:
+    """OpenAI-shaped error body: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": code, "param": param, "code": code}}
+
+
+def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    first_param = None
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        first_param = first_param or where
+        if err.get("type") == "json_invalid":
+            parts.append("the request body is not valid JSON")
+        elif err.get("type") == "missing":
+            parts.append(f"{where} is required")
+        elif err.get("type") == "extra_forbidden":
+            parts.append(f"{where} is not a supported field")
+        else:
+            parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map LockstepError, validation and HTTP errors to JSON bodies with the right status."""
+
+    @app.exception_handler(LockstepError)
+    async def _lockstep_error(request: Request, exc: LockstepError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        if exc.status_code >= 500:
+            log.warning("%s %s → %d: %s", request.method, request.url.path, exc.status_code, exc)
+        return JSONResponse(error_body(str(exc), exc.code), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+
+def check_bearer(request: Request, token: str | None) -> None:
+    """Require ``Authorization: Bearer <token>`` when a token is configured."""
+    if not token:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <token>' (LOCKSTEP_API_TOKEN)")

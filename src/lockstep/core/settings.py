@@ -1,0 +1,164 @@
+"""Every setting Lockstep reads, with its unit and default: the one configuration reference.
+
+Settings are read once from the environment at the edge (the CLI), frozen, and passed down.
+Nothing deeper reads ``os.environ``. Seed names (``INITIAL_MODEL_REPO_ID``, ``HF_HOME``, ...) are kept;
+new settings use the ``LOCKSTEP_`` prefix.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UpdateMode(str, Enum):
+    """How a replica replaces its model: hold two copies (swap) or copy weights into the live one."""
+
+    SWAP = "swap"
+    INPLACE = "inplace"
+
+
+class CommitPolicy(str, Enum):
+    """What a coordinator does when some replicas fail to stage."""
+
+    STRICT = "strict"  # abort for everyone
+    QUORUM = "quorum"  # commit anyway; failed replicas go unready until they catch up
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Lockstep configuration. Each field names its environment variable, unit and default."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    # --- models ----------------------------------------------------------------------------------------
+    initial_model_repo_id: str = Field(
+        "builtin:tiny", validation_alias=_env("INITIAL_MODEL_REPO_ID"),
+        description="Model a replica boots with when nothing was committed: repo id, local dir, versions/N "
+        "or builtin:tiny[-sN]/builtin:mid[-sN].",
+    )
+    initial_model: str = Field("builtin:tiny", validation_alias=_env("INITIAL_MODEL"),
+                               description="Simulation run: the model it switches from.")
+    substitute_model: str = Field("builtin:tiny-s1", validation_alias=_env("SUBSTITUTE_MODEL"),
+                                  description="Simulation run: the model it switches to.")
+    hf_home: Path | None = Field(None, validation_alias=_env("HF_HOME"),
+                                 description="Hugging Face cache; default <shared>/hf_home, else ~/.cache/huggingface.")
+    hf_hub_offline: bool = Field(False, validation_alias=_env("HF_HUB_OFFLINE"),
+                                 description="Never contact the hub; repo ids must be in the cache.")
+    builtin_dir: Path | None = Field(None, validation_alias=_env("LOCKSTEP_BUILTIN_DIR"),
+                                     description="Where builtin:* models are built; default <shared>/builtin, "
+                                     "else ~/.cache/lockstep/builtin.")
+    trust_remote_code: bool = Field(False, validation_alias=_env("LOCKSTEP_TRUST_REMOTE_CODE"),
+                                    description="Allow repos that ship Python code (off: such repos are refused).")
+    allow_pickle: bool = Field(False, validation_alias=_env("LOCKSTEP_ALLOW_PICKLE"),
+                               description="Allow pickle checkpoints (*.bin, *.pt); off: safetensors only.")
+    device: str = Field("auto", validation_alias=_env("LOCKSTEP_DEVICE"),
+                        description="auto | cpu | cuda | cuda:N.")
+    dtype: str = Field("auto", validation_alias=_env("LOCKSTEP_DTYPE"),
+                       description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16.")
+
+    # --- shared storage and sync ---------------------------------------------------------------------
+    shared_dir: Path | None = Field(None, validation_alias=_env("LOCKSTEP_SHARED_DIR"),
+                                    description="The shared volume (/models in Kubernetes). Unset: no cluster sync.")
+    sync_state_file: Path | None = Field(None, validation_alias=_env("SYNC_STATE_FILE"),
+                                         description="Default <shared>/sync_state.json.")
+    poll_interval_s: float = Field(0.1, gt=0, le=60, validation_alias=_env("LOCKSTEP_POLL_INTERVAL_S"),
+                                   description="Seconds between reads of sync_state.json.")
+    heartbeat_interval_s: float = Field(0.5, gt=0, le=60, validation_alias=_env("LOCKSTEP_HEARTBEAT_INTERVAL_S"),
+                                        description="Seconds between heartbeat writes.")
+    heartbeat_ttl_s: float = Field(5.0, gt=0, validation_alias=_env("LOCKSTEP_HEARTBEAT_TTL_S"),
+                                   description="A heartbeat older than this (seconds) means the replica is gone.")
+    update_mode: UpdateMode = Field(UpdateMode.SWAP, validation_alias=_env("LOCKSTEP_UPDATE_MODE"),
+                                    description="swap (two models while staging) | inplace (copy into live model).")
+    commit_policy: CommitPolicy = Field(CommitPolicy.STRICT, validation_alias=_env("LOCKSTEP_COMMIT_POLICY"),
+                                        description="strict | quorum.")
+    stage_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("LOCKSTEP_STAGE_TIMEOUT_S"),
+                                   description="Seconds a coordinator waits for every replica to stage.")
+    commit_margin_s: float = Field(0.5, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
+                                   description="activate_at = now + this (seconds); at least 2 poll intervals.")
+    lease_ttl_s: float = Field(30.0, gt=0, validation_alias=_env("LOCKSTEP_LEASE_TTL_S"),
+                               description="Coordinator lease lifetime in seconds; a stale lease is taken over.")
+    keep_versions: int = Field(5, ge=1, validation_alias=_env("LOCKSTEP_KEEP_VERSIONS"),
+                               description="Garbage collection keeps the committed, served and N newest versions.")
+
+    # --- replica -------------------------------------------------------------------------------------
+    replica_id: str | None = Field(None, validation_alias=AliasChoices("LOCKSTEP_REPLICA_ID", "POD_NAME", "HOSTNAME"),
+                                   description="This replica's name in heartbeats; default: POD_NAME/HOSTNAME.")
+    advertise_url: str | None = Field(None, validation_alias=AliasChoices("LOCKSTEP_ADVERTISE_URL"),
+                                      description="URL other processes reach this replica at; default from host/port "
+                                      "or POD_IP.")
+    pod_ip: str | None = Field(None, validation_alias=_env("POD_IP"), description="Set by the Downward API.")
+    max_batch_size: int = Field(16, ge=1, le=1024, validation_alias=_env("LOCKSTEP_MAX_BATCH_SIZE"),
+                                description="Sequences decoded together in one forward pass.")
+    max_queue: int = Field(256, ge=1, validation_alias=_env("LOCKSTEP_MAX_QUEUE"),
+                           description="Requests waiting for a batch slot; beyond it 429.")
+    max_new_tokens_limit: int = Field(1024, ge=1, validation_alias=_env("LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
+                                      description="Upper bound a request may ask for.")
+    max_prompt_chars: int = Field(32_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_PROMPT_CHARS"),
+                                  description="Longest prompt accepted, in characters.")
+    served_model_name: str = Field("lockstep", min_length=1, validation_alias=_env("LOCKSTEP_SERVED_MODEL_NAME"),
+                                   description="Model id in the OpenAI API; answers say '<name>@v<N>'.")
+    api_token: str | None = Field(None, validation_alias=_env("LOCKSTEP_API_TOKEN"),
+                                  description="Bearer token required by mutating endpoints when set.")
+
+    # --- trainer and UI ------------------------------------------------------------------------------
+    inference_urls: str = Field("", validation_alias=_env("INFERENCE_URLS"),
+                                description="Comma-separated replica URLs (static discovery).")
+    inference_service_url: str | None = Field(None, validation_alias=_env("LOCKSTEP_INFERENCE_SERVICE_URL"),
+                                              description="Load-balanced inference URL (the Service).")
+    headless_service: str | None = Field(None, validation_alias=_env("LOCKSTEP_HEADLESS_SERVICE"),
+                                         description="DNS name of the headless service, e.g. inference-headless.")
+    discovery: str = Field("auto", validation_alias=_env("LOCKSTEP_DISCOVERY"),
+                           description="auto | static | dns | kubernetes | heartbeats.")
+    k8s_namespace: str | None = Field(None, validation_alias=_env("POD_NAMESPACE"),
+                                      description="Namespace for Kubernetes API discovery.")
+    k8s_label_selector: str = Field("app=inference-server", validation_alias=_env("LOCKSTEP_K8S_LABEL_SELECTOR"),
+                                    description="Label selector of inference pods.")
+    replica_port: int = Field(8000, ge=1, le=65535, validation_alias=_env("LOCKSTEP_REPLICA_PORT"),
+                              description="Port of a replica found by DNS or the Kubernetes API.")
+    trainer_url: str = Field("http://127.0.0.1:8090", validation_alias=_env("TRAINER_URL"),
+                             description="Where the UI reaches the trainer.")
+
+    @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    # --- derived paths -------------------------------------------------------------------------------
+    @property
+    def sync_state_path(self) -> Path | None:
+        if self.sync_state_file is not None:
+            return self.sync_state_file
+        return self.shared_dir / "sync_state.json" if self.shared_dir else None
+
+    @property
+    def hf_home_path(self) -> Path:
+        if self.hf_home is not None:
+            return self.hf_home
+        if self.shared_dir is not None:
+            return self.shared_dir / "hf_home"
+        return Path.home() / ".cache" / "huggingface"
+
+    @property
+    def builtin_path(self) -> Path:
+        if self.builtin_dir is not None:
+            return self.builtin_dir
+        if self.shared_dir is not None:
+            return self.shared_dir / "builtin"
+        return Path.home() / ".cache" / "lockstep" / "builtin"
+
+    @property
+    def inference_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.inference_urls.split(",") if u.strip()]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; CLI flags arrive as overrides and win."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)

@@ -1,0 +1,393 @@
+"""The generation engine: one loaded model, a background thread, continuous batching, streaming handles."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import BadRequest, NotReady, Overloaded
+from lockstep.engine.event import FinalEvent, FinishReason
+from lockstep.engine.request_handle import RequestHandle
+from lockstep.engine.runner import Runner, make_runner
+from lockstep.engine.sampler import bad_rows, sample
+from lockstep.engine.sampling_params import SamplingParams
+from lockstep.engine.scheduler import Scheduler
+from lockstep.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTEXT = 2048  # tokens; caps the KV cache when the model allows more
+_LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest request in the latency average behind Retry-After
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every end-of-sequence id the model's generation config or the tokenizer declares."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, Iterable):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Engine:
+    """Serves one model: ``submit`` from any thread, model work in one background thread.
+
+    One engine per model version; nothing is shared between engines, so an old engine can drain
+    while a new one serves.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_context: int | None = None,
+        backend: str = "auto",
+        prefill_token_budget: int = 2048,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        cfg = model.config
+        if max_context is None:
+            max_context = min(int(getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT),
+                              DEFAULT_MAX_CONTEXT)
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("max_context", max_context), ("prefill_token_budget", prefill_token_budget)):
+            if not isinstance(value, int) or value < 1:
+                raise BadRequest(f"{name} must be an integer >= 1, got {value!r}")
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_context = max_context
+        self._model = model
+        self._tokenizer = tokenizer
+        self._clock = clock
+        self._device = next(model.parameters()).device
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self._eos = _eos_ids(model, tokenizer)
+        with torch.inference_mode():
+            self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
+        self.backend = self._runner.name
+        self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget)
+        self._cond = threading.Condition()  # guards the scheduler's queues, flags and counters
+        self._thread: threading.Thread | None = None
+        self._paused = False
+        self._stopping = False
+        self._abort = False
+        self._closed = False
+        self._stop_cancelled = 0  # requests cancelled because the engine stopped without finishing them
+        self._ids = itertools.count(1)
+        self._by_id: dict[int, Sequence] = {}
+        self._submitted = 0
+        self._generated_tokens = 0
+        self._finished: Counter[str] = Counter()
+        self._latency_ewma_s: float | None = None
+        self.last_error: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the engine thread (idempotent). Returns self."""
+        with self._cond:
+            if self._closed or self._stopping:
+                raise NotReady("this engine was stopped; create a new Engine to serve again")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lockstep-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting work; drain=True finishes every admitted request first (up to ``timeout``
+        seconds, then cancels the rest), drain=False cancels them. True when nothing had to be cancelled."""
+        with self._cond:
+            self._stopping = True
+            self._paused = False  # queued requests are admitted work: a drain finishes them too
+            if not drain:
+                self._abort = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            self._cancel_all()
+        elif thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                with self._cond:
+                    self._abort = True
+                    self._cond.notify_all()
+                thread.join()  # at most one more step
+        return self._stop_cancelled == 0
+
+    def close(self) -> None:
+        """Stop without draining and release the KV cache and the model so their memory can be freed."""
+        self.stop(drain=False)
+        with self._cond:
+            self._closed = True
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
+        self._model = None
+        self._tokenizer = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- admission -------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request; BadRequest for an invalid one, Overloaded when the queue is full."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise BadRequest(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise BadRequest("the prompt is empty; at least one token is required")
+        out_of_range = [t for t in ids if not 0 <= t < self._vocab_size]
+        if out_of_range:
+            raise BadRequest(f"token ids {out_of_range[:5]} are outside the vocabulary [0, {self._vocab_size})")
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_context:
+            raise BadRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} tokens exceeds "
+                f"the context limit of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self._device)
+            if params.seed is None:
+                generator.seed()  # fresh non-deterministic seed
+            else:
+                generator.manual_seed(params.seed)
+        with self._cond:
+            if self._stopping or self._closed:
+                raise NotReady("this engine is stopping and accepts no new requests")
+            if self._scheduler.queue_full:
+                retry = 1.0 if self._latency_ewma_s is None else min(30.0, max(0.1, self._latency_ewma_s))
+                raise Overloaded(
+                    f"the engine queue is full ({self.max_queue} requests waiting); retry after {retry:.1f} s",
+                    retry_after_s=retry,
+                )
+            rid = next(self._ids)
+            handle = RequestHandle(rid, len(ids), self._on_cancel)
+            seq = Sequence(rid, ids, params, self._tokenizer, self._eos, generator, handle, self._clock)
+            self._scheduler.add(seq)
+            self._by_id[rid] = seq
+            self._submitted += 1
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, prompt_ids: Iterable[int], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> FinalEvent:
+        """Submit and wait for the final event (for scripts)."""
+        return self.submit(prompt_ids, params).result(timeout)
+
+    def pause_admission(self) -> None:
+        """Keep queued requests queued; running ones continue (before an in-place weight update)."""
+        with self._cond:
+            self._paused = True
+
+    def resume_admission(self) -> None:
+        """Admit queued requests again."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no request is running; False after ``timeout`` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._scheduler.running, timeout=timeout)
+
+    # --- observability ---------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch slot."""
+        return len(self._scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a batch slot (the current batch size)."""
+        return len(self._scheduler.running)
+
+    @property
+    def generated_tokens_total(self) -> int:
+        """Tokens sampled since the engine was created."""
+        return self._generated_tokens
+
+    @property
+    def requests_total(self) -> int:
+        """Requests accepted by submit()."""
+        return self._submitted
+
+    @property
+    def finished_total(self) -> dict[str, int]:
+        """Finished requests per finish reason."""
+        with self._cond:
+            return dict(self._finished)
+
+    @property
+    def admission_paused(self) -> bool:
+        return self._paused
+
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes preallocated for the KV cache (0 for the generic path, whose caches grow per request)."""
+        cache = getattr(self._runner, "cache", None)
+        return cache.nbytes if cache is not None else 0
+
+    # --- engine thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._step():
+                    pass
+        except BaseException as exc:  # a bug in the loop itself: fail what is left, never hang callers
+            log.exception("engine loop crashed")
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                self._stopping = True
+            self._cancel_all(FinishReason.ERROR, f"engine failed: {self.last_error}")
+
+    def _has_work(self) -> bool:
+        s = self._scheduler
+        return self._abort or bool(s.running) or (bool(s.waiting) and not self._paused)
+
+    def _step(self) -> bool:
+        """One iteration: admit + prefill, then one batched decode step. False when the engine should exit."""
+        with self._cond:
+            while not self._has_work():
+                if self._stopping and not self._scheduler.waiting:
+                    return False
+                self._cond.wait()  # idle: no spinning; submit/cancel/resume/stop notify
+            if self._abort:
+                abort = True
+            else:
+                abort = False
+                admitted = [] if self._paused else self._scheduler.admit()
+        if abort:
+            self._cancel_all()
+            return False
+        for seq in list(self._scheduler.running):
+            if seq.handle.cancel_requested:
+                self._end(seq, FinishReason.CANCELLED)
+        admitted = [s for s in admitted if s.status is SequenceStatus.RUNNING]
+        if admitted:
+            self._prefill(admitted)
+        batch = list(self._scheduler.running)
+        if batch:
+            self._decode(batch)
+        return True
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        assert self._runner is not None
+        try:
+            logits = self._runner.prefill([s.prompt_ids for s in seqs], [s.slot for s in seqs])
+        except Exception as exc:
+            if len(seqs) > 1:  # find the culprit: only the request that breaks the forward fails
+                for seq in seqs:
+                    self._prefill([seq])
+                return
+            log.exception("prefill failed for request %d", seqs[0].request_id)
+            self._end(seqs[0], FinishReason.ERROR, f"prefill failed: {type(exc).__name__}: {exc}", dirty=True)
+            return
+        for seq in seqs:
+            seq.num_cached = len(seq.prompt_ids)
+        self._sample(seqs, logits)
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        assert self._runner is not None
+        assert all(seq.slot == i for i, seq in enumerate(batch)), "running sequences are not compact"
+        try:
+            logits = self._runner.decode([s.output_ids[-1] for s in batch], [s.num_cached for s in batch])
+        except Exception as exc:
+            log.exception("decode step failed for %d requests", len(batch))
+            for seq in batch:
+                self._end(seq, FinishReason.ERROR, f"decode failed: {type(exc).__name__}: {exc}", dirty=True)
+            return
+        for seq in batch:
+            seq.num_cached += 1
+        self._sample(batch, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token, stream it, and end the sequences that are done."""
+        try:
+            bad = bad_rows(logits)
+            if bool(bad.any()):
+                logits = logits.masked_fill(bad.unsqueeze(-1), 0.0)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            bad_list = bad.tolist()
+        except Exception as exc:
+            log.exception("sampling failed")
+            for seq in seqs:
+                self._end(seq, FinishReason.ERROR, f"sampling failed: {type(exc).__name__}: {exc}")
+            return
+        for seq, token, is_bad in zip(seqs, tokens, bad_list):
+            if is_bad:
+                self._end(seq, FinishReason.ERROR, "the model produced non-finite logits (NaN or inf)", dirty=True)
+                continue
+            try:
+                done = seq.append(int(token))
+            except Exception as exc:
+                log.exception("detokenizing failed for request %d", seq.request_id)
+                self._end(seq, FinishReason.ERROR, f"detokenizing failed: {type(exc).__name__}: {exc}")
+                continue
+            self._generated_tokens += 1
+            if done:
+                self._end(seq, seq.finish_reason or FinishReason.STOP)
+
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None, dirty: bool = False) -> None:
+        """Finish a running sequence (engine thread) and give its slot to the last one."""
+        seq.finish(reason, error)
+        assert self._runner is not None
+        self._runner.release(seq.slot, dirty)
+        with self._cond:
+            move = self._scheduler.release(seq)
+            self._record_finish(seq)
+            self._cond.notify_all()  # wait_idle
+        if move is not None and move.length:
+            self._runner.move(move.src, move.dst, move.length)
+
+    def _record_finish(self, seq: Sequence) -> None:
+        """Counters and the latency average (caller holds the lock)."""
+        self._by_id.pop(seq.request_id, None)
+        self._finished[str(seq.finish_reason)] += 1
+        latency = self._clock.monotonic() - seq.submitted_at
+        prev = self._latency_ewma_s
+        self._latency_ewma_s = latency if prev is None else prev + _LATENCY_EWMA_WEIGHT * (latency - prev)
+
+    def _on_cancel(self, handle: RequestHandle) -> None:
+        """handle.cancel(): a queued request ends now; a running one frees its slot at the next step."""
+        with self._cond:
+            seq = self._by_id.get(handle.request_id)
+            if seq is None:
+                return
+            if self._scheduler.remove_waiting(seq):
+                seq.finish(FinishReason.CANCELLED)
+                self._record_finish(seq)
+            self._cond.notify_all()
+
+    def _cancel_all(self, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None) -> None:
+        """End every queued and running request (stop without drain, or a crashed loop)."""
+        with self._cond:
+            victims = list(self._scheduler.waiting) + list(self._scheduler.running)
+            self._scheduler.waiting.clear()
+            self._scheduler.running.clear()
+            for seq in victims:
+                seq.finish(reason, error)
+                self._record_finish(seq)
+            self._stop_cancelled += len(victims)
+            self._cond.notify_all()

@@ -1,0 +1,55 @@
+"""Generic path for any causal LM: the model's own forward and cache, one sequence at a time."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+class HFRunner:
+    """Correct for every architecture, unbatched: each slot keeps the HF cache object of its sequence."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, max_batch_size: int, max_context: int) -> None:
+        self._model = model
+        self.device = next(model.parameters()).device
+        # transformers 5 renamed the argument to `cache` (the old name now raises under warnings-as-errors).
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._caches: list[Any] = [None] * max_batch_size
+
+    def _forward(self, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        out = self._model(input_ids=x, use_cache=True, **kwargs)
+        new_cache = out.get("cache", None) or out.get("past_key_values", None)
+        return out.logits[0, -1].float(), new_cache
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Run each prompt alone; keep its cache in its slot; return last-token logits [N, V]."""
+        rows = []
+        for prompt, slot in zip(prompts, slots):
+            logits, self._caches[slot] = self._forward(prompt, None)
+            rows.append(logits)
+        return torch.stack(rows)
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token per slot ``0..B-1``, each through its own cache; return logits [B, V]."""
+        rows = []
+        for slot, token in enumerate(tokens):
+            logits, self._caches[slot] = self._forward([token], self._caches[slot])
+            rows.append(logits)
+        return torch.stack(rows)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self._caches[dst], self._caches[src] = self._caches[src], None
+
+    def release(self, slot: int, dirty: bool) -> None:
+        self._caches[slot] = None
+
+    def close(self) -> None:
+        self._caches = []
+        self._model = None

@@ -1,0 +1,179 @@
+"""Batched prefill/decode for Llama-family models over the model's own submodules and our KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lockstep.engine.kv_cache import KVCache
+
+# Model types whose decoder layer is exactly: pre-norm → q/k/v (+ optional per-head q/k norm) → RoPE →
+# causal attention → o_proj → residual → pre-norm → mlp → residual, with unscaled embeddings.
+# Checked against HF logits in tests; anything else takes the generic path.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sliding_window(model: Any) -> int | None:
+    """The attention window if any layer uses one, else None."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        used = "sliding_attention" in layer_types
+    else:
+        used = window is not None and getattr(cfg, "use_sliding_window", True)
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in model.model.layers]
+    found = [w for w in windows if w] + ([window] if used and window else [])
+    return min(found) if found else None
+
+
+def supports(model: Any, max_context: int) -> bool:
+    """Whether ``LlamaRunner`` reproduces this model exactly up to ``max_context`` tokens."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return False
+    for layer in inner.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return False
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+            return False
+    window = _sliding_window(model)
+    return window is None or window >= max_context
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, H, L, D] with cos/sin [B, L, D] from the model's rotary module."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class LlamaRunner:
+    """Owns the KV cache; prefill writes prompts into slots, decode advances slots ``0..B-1`` by one token."""
+
+    name = "llama"
+
+    def __init__(self, model: Any, max_batch_size: int, max_context: int) -> None:
+        self._model = model
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        attn = model.model.layers[0].self_attn
+        self._head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self._n_heads = int(cfg.num_attention_heads)
+        self._n_kv = int(getattr(cfg, "num_key_value_heads", None) or self._n_heads)
+        self.cache = KVCache(len(model.model.layers), max_batch_size, self._n_kv, max_context,
+                             self._head_dim, self.dtype, self.device)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+        causal = mask is None  # only for a single unpadded prompt
+        if self._n_kv == self._n_heads:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                                  enable_gqa=True)
+        rep = self._n_heads // self._n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` returns the K/V to attend to."""
+        inner = self._model.model
+        cos, sin = inner.rotary_emb(h, pos)
+        b, n, _ = h.shape
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, n, -1, self._head_dim)
+            k = attn.k_proj(x).view(b, n, -1, self._head_dim)
+            v = attn.v_proj(x).view(b, n, -1, self._head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = _rope(q.transpose(1, 2), cos, sin)
+            k = _rope(k.transpose(1, 2), cos, sin)
+            k_all, v_all = store(i, k, v.transpose(1, 2))
+            scale = float(getattr(attn, "scaling", self._head_dim**-0.5))
+            o = self._attention(q, k_all, v_all, mask, scale)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._model.lm_head(self._model.model.norm(h)).float()
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Write each prompt's K/V into its slot; return float32 logits of each prompt's last token [N, V]."""
+        lens = [len(p) for p in prompts]
+        n, width = len(prompts), max(lens)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        lens_t = torch.tensor(lens, device=self.device)
+        ar = torch.arange(width, device=self.device)
+        pos = ar.unsqueeze(0).expand(n, width)
+        mask = None
+        if n > 1 or width != lens[0]:
+            # Right padding: query i sees keys j <= i that are real tokens of its own prompt.
+            mask = (ar[None, :] <= ar[:, None])[None, None] & (ar[None, None, None, :] < lens_t[:, None, None, None])
+        cache = self.cache
+        contiguous = slots == list(range(slots[0], slots[0] + n))
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if contiguous:  # one copy; padded tail positions hold finite junk that decode overwrites
+                cache.k[i][slots[0] : slots[0] + n, :, :width] = k
+                cache.v[i][slots[0] : slots[0] + n, :, :width] = v
+            else:
+                for row, slot in enumerate(slots):
+                    cache.k[i][slot, :, : lens[row]] = k[row, :, : lens[row]]
+                    cache.v[i][slot, :, : lens[row]] = v[row, :, : lens[row]]
+            return k, v  # a prompt attends only to itself
+
+        h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
+        last = h[torch.arange(n, device=self.device), lens_t - 1]
+        return self._logits(last)
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One step for slots ``0..B-1``: feed ``tokens[b]`` at ``positions[b]``; return logits [B, V]."""
+        b = len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device).unsqueeze(1)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+        width = max(positions) + 1  # attend over the longest sequence's span only
+        rows = torch.arange(b, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        cache = self.cache
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kc, vc = cache.k[i], cache.v[i]
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
+            return kc[:b, :, :width], vc[:b, :, :width]
+
+        h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask)
+        return self._logits(h[:, 0])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence's cache from slot ``src`` to ``dst`` (compaction after a sequence leaves)."""
+        self.cache.move(src, dst, length)
+
+    def release(self, slot: int, dirty: bool) -> None:
+        """Forget a slot; ``dirty`` (a failed step) clears it so no NaN survives into the next sequence."""
+        if dirty:
+            self.cache.zero(slot)
+
+    def close(self) -> None:
+        self.cache.close()
+        self._model = None

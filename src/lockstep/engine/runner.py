@@ -1,0 +1,51 @@
+"""The model-execution interface the engine drives, and the choice between the two implementations."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from lockstep.core.errors import BadRequest
+from lockstep.engine import llama_runner
+from lockstep.engine.hf_runner import HFRunner
+from lockstep.engine.llama_runner import LlamaRunner
+
+BACKENDS = ("auto", "llama", "hf")
+
+
+class Runner(Protocol):
+    """Slot-addressed model execution: running sequences occupy slots ``0..B-1`` in batch order."""
+
+    name: str
+    device: torch.device
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Cache the prompts in their slots; float32 logits of each prompt's last token [N, V]."""
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Advance slots ``0..B-1`` by one token at the given positions; float32 logits [B, V]."""
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Move the first ``length`` cached positions from slot ``src`` to slot ``dst``."""
+
+    def release(self, slot: int, dirty: bool) -> None:
+        """Free a slot; ``dirty`` when its contents may be non-finite."""
+
+    def close(self) -> None:
+        """Free the cache and drop the model reference."""
+
+
+def make_runner(model: Any, max_batch_size: int, max_context: int, backend: str = "auto") -> Runner:
+    """The batched Llama-family runner when the model fits it (or is asked for), else the generic one."""
+    if backend not in BACKENDS:
+        raise BadRequest(f"engine backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    fits = llama_runner.supports(model, max_context)
+    if backend == "llama" and not fits:
+        raise BadRequest(
+            f"backend 'llama' needs a Llama-family model ({', '.join(sorted(llama_runner.SUPPORTED_MODEL_TYPES))}) "
+            f"without a sliding window below {max_context} tokens; use backend 'auto' or 'hf'"
+        )
+    if backend == "hf" or not fits:
+        return HFRunner(model, max_batch_size, max_context)
+    return LlamaRunner(model, max_batch_size, max_context)

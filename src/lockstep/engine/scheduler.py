@@ -1,0 +1,76 @@
+"""Who runs next: a bounded FIFO of waiting sequences and a compact list of running ones."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from lockstep.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Compaction: the sequence in slot ``src`` now lives in ``dst``; copy ``length`` cached positions."""
+
+    src: int
+    dst: int
+    length: int
+
+
+class Scheduler:
+    """Running sequences always occupy slots ``0..B-1`` (``running[i].slot == i``), so decode reads cache views.
+
+    Not thread-safe: the engine calls it under its lock.
+    """
+
+    def __init__(self, max_batch_size: int, max_queue: int, prefill_token_budget: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_token_budget = prefill_token_budget  # padded prompt tokens per prefill forward
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def queue_full(self) -> bool:
+        return len(self.waiting) >= self.max_queue
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (the caller checked ``queue_full``)."""
+        self.waiting.append(seq)
+
+    def remove_waiting(self, seq: Sequence) -> bool:
+        """Take a queued sequence out (cancelled before it ran); False if it is not queued."""
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            return False
+        return True
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots, FIFO, within the prefill token budget (at least one)."""
+        admitted: list[Sequence] = []
+        width = 0
+        while self.waiting and len(self.running) < self.max_batch_size:
+            nxt = self.waiting[0]
+            new_width = max(width, len(nxt.prompt_ids))
+            if admitted and new_width * (len(admitted) + 1) > self.prefill_token_budget:
+                break
+            self.waiting.popleft()
+            width = new_width
+            nxt.slot = len(self.running)
+            nxt.status = SequenceStatus.RUNNING
+            self.running.append(nxt)
+            admitted.append(nxt)
+        return admitted
+
+    def release(self, seq: Sequence) -> SlotMove | None:
+        """Take a running sequence out; fill its slot with the last one. Returns the cache move to make."""
+        hole = seq.slot
+        assert self.running[hole] is seq, "slot bookkeeping out of sync"
+        last = self.running.pop()
+        seq.slot = -1
+        if last is seq:
+            return None
+        self.running[hole] = last
+        src, last.slot = last.slot, hole
+        return SlotMove(src=src, dst=hole, length=last.num_cached)

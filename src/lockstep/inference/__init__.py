@@ -1,0 +1,1 @@
+"""The inference replica: model slots, hot swaps, and its HTTP API."""

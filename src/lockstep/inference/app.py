@@ -1,0 +1,137 @@
+"""The replica's HTTP API (DESIGN.md §4): a thin layer over ``ReplicaRuntime``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lockstep.core.errors import BadRequest
+from lockstep.core.http import check_bearer, install_error_handlers
+from lockstep.core.settings import Settings
+from lockstep.engine import SamplingParams
+from lockstep.inference import generation, openai_api
+from lockstep.inference.runtime import ReplicaRuntime
+from lockstep.inference.schemas import (
+    AbortRequest,
+    CommitRequest,
+    GenerateRequest,
+    GenerateResponse,
+    StageRequest,
+    UpdateModelRequest,
+)
+
+
+def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:
+    """The headers every generation carries: the version that produced it, and where."""
+    return {"X-Model-Version": str(admitted.version), "X-Model-Repo-Id": admitted.model_ref,
+            "X-Replica-Id": replica_id}
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (plain text when it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer(text)["input_ids"])
+
+
+def plain_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> FastAPI:
+    """The replica app; tests pass a prepared runtime, the CLI lets the lifespan build one."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or ReplicaRuntime(settings)
+        app.state.runtime = rt
+        rt.start()
+        try:
+            yield
+        finally:
+            rt.stop()
+
+    app = FastAPI(title="Lockstep inference replica", version="1", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def rt_of(request: Request) -> ReplicaRuntime:
+        return request.app.state.runtime  # type: ignore[no-any-return]
+
+    @app.get("/healthz", summary="The process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="200 only when serving the committed version")
+    async def ready(request: Request) -> JSONResponse:
+        rt = rt_of(request)
+        replica = rt.replica
+        body = {"ready": replica.ready, "state": replica.state.value,
+                "serving_version": replica.serving.version if replica.serving else None,
+                "committed_version": replica.committed_version}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/status", summary="Serving and staged versions, state, errors, uptime")
+    async def status(request: Request) -> dict[str, Any]:
+        return rt_of(request).status()
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        rt = rt_of(request)
+        rt.refresh_gauges()
+        return Response(generate_latest(rt.replica.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/generate", response_model=GenerateResponse, summary="Generate text (the seed's API)")
+    async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
+        rt = rt_of(request)
+        rt.check_generation_limits(len(body.prompt) + len(body.system_prompt or ""), body.max_new_tokens)
+        params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+                                top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()))
+        if body.system_prompt:
+            messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
+            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params)
+        else:
+            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params)
+        final = await generation.final_event(rt.replica, admitted, rt.token_rate, "/generate",
+                                             request.is_disconnected)
+        if final.finish_reason.value == "error":
+            raise BadRequest(f"generation failed: {final.error}")
+        answer = GenerateResponse(
+            text=final.text, model_version=admitted.version, model_repo_id=admitted.model_ref,
+            model_digest=admitted.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
+            prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+            latency_s=final.latency_s, ttft_s=final.ttft_s)
+        return JSONResponse(answer.model_dump(), headers=version_headers(admitted, rt.replica_id))
+
+    @app.post("/update-model", status_code=202, summary="Replace the model (cluster-wide with a shared folder)")
+    async def update_model(body: UpdateModelRequest, request: Request) -> dict[str, Any]:
+        rt = rt_of(request)
+        check_bearer(request, settings.api_token)
+        return rt.start_update(body.model_repo_id)
+
+    @app.post("/admin/stage", status_code=202, summary="Stage a version beside the serving one (two-phase, HTTP)")
+    async def admin_stage(body: StageRequest, request: Request) -> dict[str, Any]:
+        check_bearer(request, settings.api_token)
+        return rt_of(request).start_stage(body.model, body.version, body.digest)
+
+    @app.post("/admin/commit", summary="Flip to the staged version at activate_at")
+    async def admin_commit(body: CommitRequest, request: Request) -> dict[str, Any]:
+        check_bearer(request, settings.api_token)
+        return rt_of(request).schedule_commit(body.version, body.activate_at or time.time())
+
+    @app.post("/admin/abort", summary="Drop what is staged")
+    async def admin_abort(body: AbortRequest, request: Request) -> dict[str, Any]:
+        check_bearer(request, settings.api_token)
+        return {"aborted": rt_of(request).replica.abort(body.version)}
+
+    openai_api.install(app, rt_of)
+    return app

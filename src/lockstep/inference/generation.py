@@ -1,0 +1,116 @@
+"""One generation request on a replica: admit on the serving slot, stream events, record metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lockstep.core.errors import Overloaded
+from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
+from lockstep.inference.replica import Replica
+from lockstep.inference.slot import ModelSlot
+
+PromptBuilder = Callable[[Any], list[int]]  # tokenizer → prompt token ids
+
+
+@dataclass
+class Admitted:
+    """A request admitted on one slot: the version that will produce every token of it."""
+
+    slot: ModelSlot
+    handle: RequestHandle
+    started: float
+
+    @property
+    def version(self) -> int:
+        return self.slot.version
+
+    @property
+    def model_ref(self) -> str:
+        return self.slot.model_ref
+
+
+class TokenRate:
+    """Generated tokens per second over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+
+    def add(self, tokens: int, now: float | None = None) -> None:
+        self._events.append((time.monotonic() if now is None else now, tokens))
+
+    def rate(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        while self._events and self._events[0][0] < now - self.window_s:
+            self._events.popleft()
+        return sum(n for _, n in self._events) / self.window_s
+
+
+async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams) -> Admitted:
+    """Pin the serving slot, tokenize with *its* tokenizer and submit to *its* engine."""
+    if not replica.admission_open():
+        await asyncio.to_thread(replica.wait_admission)
+    with replica.pinned() as slot:
+        ids = build_prompt(slot.tokenizer)
+        try:
+            handle = slot.engine.submit(ids, params)
+        except Overloaded:
+            replica.metrics.rejected.inc()
+            raise
+    return Admitted(slot=slot, handle=handle, started=time.monotonic())
+
+
+async def events(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint: str
+                 ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    """Stream the request's events; a consumer that stops early (client gone) cancels it."""
+    final: FinalEvent | None = None
+    try:
+        async for event in admitted.handle.aiter():
+            if isinstance(event, FinalEvent):
+                final = event
+            yield event
+    finally:
+        if final is None:
+            admitted.handle.cancel()
+        else:
+            record(replica, admitted, final, rate, endpoint)
+
+
+async def final_event(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint: str,
+                      is_disconnected: Callable[[], Any]) -> FinalEvent:
+    """Wait for the whole answer; a client that hangs up meanwhile cancels the request (frees its slot)."""
+
+    async def watch() -> None:
+        while not admitted.handle.done:
+            if await is_disconnected():
+                admitted.handle.cancel()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        final = None
+        async for event in events(replica, admitted, rate, endpoint):
+            if isinstance(event, FinalEvent):
+                final = event
+        assert final is not None
+        return final
+    finally:
+        watcher.cancel()
+
+
+def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenRate, endpoint: str) -> None:
+    m = replica.metrics
+    status = "200" if final.finish_reason.value != "error" else "500"
+    m.requests.labels(endpoint=endpoint, status=status, model_version=str(admitted.version)).inc()
+    m.request_latency.labels(endpoint=endpoint).observe(final.latency_s)
+    if final.ttft_s is not None:
+        m.ttft.observe(final.ttft_s)
+    m.generated_tokens.inc(final.completion_tokens)
+    m.tokens_per_request.observe(final.completion_tokens)
+    rate.add(final.completion_tokens)

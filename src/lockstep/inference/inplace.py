@@ -1,0 +1,69 @@
+"""In-place updates: verified new weights, copied into the live model during a short admission pause."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lockstep.core.errors import Conflict
+from lockstep.core.settings import Settings
+from lockstep.models import loader
+
+
+@dataclass
+class InplaceWeights:
+    """New weights for the live model, by state-dict name, read lazily from memory-mapped safetensors."""
+
+    resolved: loader.ResolvedModel
+    files: dict[str, Path]  # tensor name → the safetensors file holding it
+    aliases: dict[str, str]  # state-dict name → name in the files (tied weights)
+    weights_digest: str
+
+    @classmethod
+    def open(cls, resolved: loader.ResolvedModel, live: loader.LoadedModel, settings: Settings) -> InplaceWeights:
+        """Check the files fit the live model (same names, shapes) and digest them as the live model would be."""
+        loader.check_safe_files(resolved.path, settings)
+        files: dict[str, Path] = {}
+        for path in sorted(resolved.path.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    files[name] = path
+        state = live.model.state_dict()
+        by_storage = {}
+        for name, t in state.items():
+            by_storage.setdefault((t.data_ptr(), tuple(t.shape)), name)
+        aliases: dict[str, str] = {}
+        for name, t in state.items():
+            if name in files:
+                aliases[name] = name
+                continue
+            twin = by_storage[(t.data_ptr(), tuple(t.shape))]  # tied weights are stored once
+            if twin in files:
+                aliases[name] = twin
+                continue
+            raise Conflict(f"in-place update needs the same architecture: {resolved.ref.raw!r} has no tensor "
+                           f"{name!r}; set LOCKSTEP_UPDATE_MODE=swap for this update")
+        weights = cls(resolved=resolved, files=files, aliases=aliases, weights_digest="")
+        for name, live_t in state.items():
+            shape = tuple(weights._read(name).shape)
+            if shape != tuple(live_t.shape):
+                raise Conflict(f"in-place update needs the same architecture: {name} is {shape} in "
+                               f"{resolved.ref.raw!r} but {tuple(live_t.shape)} in the live model")
+        weights.weights_digest = loader.digest_named_tensors(
+            (name, weights._read(name).to(live_t.dtype)) for name, live_t in sorted(state.items()))
+        return weights
+
+    def _read(self, name: str) -> torch.Tensor:
+        source = self.aliases[name]
+        with safe_open(str(self.files[source]), framework="pt") as f:
+            return f.get_tensor(source)
+
+    @torch.inference_mode()
+    def copy_into(self, model: Any) -> None:
+        """Copy every tensor into the live model's storage (no second model in device memory)."""
+        for name, live_t in model.state_dict().items():
+            live_t.copy_(self._read(name).to(device=live_t.device, dtype=live_t.dtype))

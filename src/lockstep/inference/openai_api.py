@@ -1,0 +1,248 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming as SSE)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from lockstep.core.errors import BadRequest
+from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
+from lockstep.inference import generation
+from lockstep.inference.schemas import Number
+
+RuntimeOf = Callable[[Request], Any]
+
+
+class ModelNotFound(BadRequest):
+    code = "model_not_found"
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints; known-but-unsupported ones are refused with a 400 that says so."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(0, ge=0)
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    logit_bias: dict[str, Any] | None = None
+    user: StrictStr | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = []
+        if self.n != 1:
+            bad.append("n (only n=1 is supported)")
+        if self.presence_penalty or self.frequency_penalty:
+            bad.append("presence_penalty/frequency_penalty (only 0 is supported)")
+        if self.logit_bias:
+            bad.append("logit_bias")
+        return bad
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise BadRequest("stop accepts at most 4 sequences")
+        return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+                              temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                              stop=tuple(stop))
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        if self.logprobs is not None:
+            bad.append("logprobs")
+        if self.echo:
+            bad.append("echo")
+        if self.best_of not in (None, 1):
+            bad.append("best_of")
+        if self.suffix:
+            bad.append("suffix")
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            bad.append("prompt as a list of several prompts (send one prompt per request)")
+        return bad
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest("only text content parts are supported in messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            bad.append("logprobs")
+        if self.tools:
+            bad.append("tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            bad.append("response_format other than text")
+        return bad
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def install(app: FastAPI, rt_of: RuntimeOf) -> None:
+    """Add the /v1 routes to a replica app."""
+    from lockstep.inference.app import chat_prompt, plain_prompt, version_headers
+
+    def model_id(rt: Any, version: int) -> str:
+        return f"{rt.settings.served_model_name}@v{version}"
+
+    def check_model(rt: Any, requested: str) -> None:
+        serving = rt.replica.serving
+        allowed = {rt.settings.served_model_name}
+        if serving is not None:
+            allowed |= {model_id(rt, serving.version), serving.model_ref}
+        if requested not in allowed:
+            raise ModelNotFound(f"model {requested!r} is not served here; use one of {sorted(allowed)} "
+                                "(GET /v1/models lists them)")
+
+    def validate(rt: Any, body: _Common, prompt_chars: int) -> SamplingParams:
+        check_model(rt, body.model)
+        bad = body.unsupported()
+        if bad:
+            raise BadRequest(f"unsupported parameter(s): {', '.join(bad)}")
+        params = body.sampling(default_max=16 if isinstance(body, CompletionRequest) else 256)
+        rt.check_generation_limits(prompt_chars, params.max_new_tokens)
+        return params
+
+    @app.get("/v1/models", summary="OpenAI: the served model")
+    async def list_models(request: Request) -> dict[str, Any]:
+        rt = rt_of(request)
+        serving = rt.replica.serving
+        data = []
+        if serving is not None:
+            created = int(serving.serving_since or time.time())
+            for mid in (rt.settings.served_model_name, model_id(rt, serving.version)):
+                data.append({"id": mid, "object": "model", "created": created, "owned_by": "lockstep",
+                             "version": serving.version, "root": serving.model_ref})
+        return {"object": "list", "data": data}
+
+    async def respond(request: Request, rt: Any, admitted: generation.Admitted, body: _Common,
+                      kind: Literal["text_completion", "chat.completion"], endpoint: str) -> Any:
+        version = admitted.version
+        digest = (admitted.slot.digest or admitted.slot.weights_digest)[:12]
+        common = {"id": f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
+                  "created": int(time.time()), "model": model_id(rt, version),
+                  "system_fingerprint": f"v{version}-{digest}"}
+        headers = version_headers(admitted, rt.replica_id)
+        if not body.stream:
+            final = await generation.final_event(rt.replica, admitted, rt.token_rate, endpoint,
+                                                 request.is_disconnected)
+            if final.finish_reason.value == "error":
+                raise BadRequest(f"generation failed: {final.error}")
+            usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
+                     "total_tokens": final.prompt_tokens + final.completion_tokens}
+            reason = final.finish_reason.value
+            if kind == "text_completion":
+                choice = {"index": 0, "text": final.text, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
+                          "finish_reason": reason, "logprobs": None}
+            return JSONResponse({**common, "object": kind, "choices": [choice], "usage": usage}, headers=headers)
+
+        chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[bytes]:
+            if kind == "chat.completion":
+                yield _sse({**common, "object": chunk_kind, "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            async for event in generation.events(rt.replica, admitted, rt.token_rate, endpoint):
+                if isinstance(event, TokenEvent):
+                    if not event.text:
+                        continue
+                    if kind == "text_completion":
+                        choice = {"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}
+                    else:
+                        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": None}
+                    yield _sse({**common, "object": chunk_kind, "choices": [choice]})
+                elif isinstance(event, FinalEvent):
+                    if event.finish_reason.value == "error":
+                        yield _sse({"error": {"message": f"generation failed: {event.error}",
+                                              "type": "server_error", "param": None, "code": "server_error"}})
+                        break
+                    if kind == "text_completion":
+                        choice = {"index": 0, "text": "", "finish_reason": event.finish_reason.value,
+                                  "logprobs": None}
+                    else:
+                        choice = {"index": 0, "delta": {}, "finish_reason": event.finish_reason.value}
+                    yield _sse({**common, "object": chunk_kind, "choices": [choice]})
+                    if include_usage:
+                        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                                 "total_tokens": event.prompt_tokens + event.completion_tokens}
+                        yield _sse({**common, "object": chunk_kind, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions", summary="OpenAI: text completion")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        rt = rt_of(request)
+        params = validate(rt, body, len(body.text))
+        if not body.text:
+            raise BadRequest("prompt must not be empty")
+        admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.text), params)
+        return await respond(request, rt, admitted, body, "text_completion", "/v1/completions")
+
+    @app.post("/v1/chat/completions", summary="OpenAI: chat completion")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        rt = rt_of(request)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        params = validate(rt, body, sum(len(m["content"]) for m in messages))
+        admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params)
+        return await respond(request, rt, admitted, body, "chat.completion", "/v1/chat/completions")

@@ -1,0 +1,360 @@
+"""The replica: which model version it serves, what it has staged, and the one place that moves them.
+
+Swap mode holds two slots while staging and flips a pointer; requests keep the slot they were admitted
+on, the old slot drains and is freed. In-place mode copies new weights into the live model while admission
+is paused (running requests finish first), for memory-tight GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
+from lockstep.core.settings import Settings, UpdateMode
+from lockstep.inference.inplace import InplaceWeights
+from lockstep.inference.metrics import ReplicaMetrics
+from lockstep.inference.slot import ModelSlot
+from lockstep.models import loader
+from lockstep.sync.protocol import ReplicaState, ServingInfo, StagedInfo, StageState
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[loader.LoadedModel, Settings], Any]
+
+
+def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> Any:
+    """A started batching engine for one loaded model."""
+    from lockstep.engine import Engine
+
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size,
+                    max_queue=settings.max_queue, max_context=loaded.max_context)
+    engine.start()
+    return engine
+
+
+def canary(loaded: loader.LoadedModel) -> None:
+    """A short greedy generation on a staged model: it must run and give finite logits."""
+    tok = loaded.tokenizer
+    ids = tok("The canary checks", return_tensors="pt")["input_ids"].to(loaded.device)
+    if ids.numel() == 0:
+        ids = torch.tensor([[tok.bos_token_id or 0]], device=loaded.device)
+    with torch.inference_mode():
+        for _ in range(4):
+            logits = loaded.model(input_ids=ids).logits[:, -1, :]
+            if not torch.isfinite(logits).all():
+                raise VerificationError(f"canary generation on {loaded.resolved.ref.raw!r} produced non-finite "
+                                        "logits; the weights are corrupt or overflow in this dtype")
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+
+
+@dataclass
+class StagedPlan:
+    """What is staged: a full slot (swap) or verified weights to copy in (in-place)."""
+
+    version: int
+    model_ref: str
+    digest: str | None
+    weights_digest: str
+    slot: ModelSlot | None = None
+    inplace: InplaceWeights | None = None
+
+
+class Replica:
+    """One inference replica's model state; thread-safe; HTTP and sync drive it."""
+
+    def __init__(self, settings: Settings, *, store: Any = None, clock: Clock = SYSTEM_CLOCK,
+                 metrics: ReplicaMetrics | None = None, engine_factory: EngineFactory | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics or ReplicaMetrics()
+        self._engine_factory = engine_factory or default_engine_factory
+        self._lock = threading.RLock()  # guards the fields below
+        self._load_lock = threading.Lock()  # one model load at a time: boot, stage and catch-up are one operation
+        self._admission = threading.Event()  # cleared during an in-place copy
+        self._admission.set()
+        self.serving: ModelSlot | None = None
+        self._staged: StagedPlan | None = None
+        self.stage_info: StagedInfo | None = None
+        self.state = ReplicaState.STARTING
+        self.committed_version: int | None = None  # what the cluster committed; None: no cluster
+        self.committed_digest: str | None = None
+        self.last_error: str | None = None
+        self.started_at = clock.time()
+        self.metrics.queue_capacity.set(settings.max_queue)
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def ready(self) -> bool:
+        """Serving the committed version (or, without a cluster, serving anything)."""
+        with self._lock:
+            if self.serving is None or self.state in (ReplicaState.STARTING, ReplicaState.FAILED):
+                return False
+            return self.committed_version is None or self.serving.version == self.committed_version
+
+    def admission_open(self) -> bool:
+        return self._admission.is_set()
+
+    def wait_admission(self, timeout: float = 30.0) -> bool:
+        """Block while an in-place copy has admission paused."""
+        return self._admission.wait(timeout=timeout)
+
+    @contextlib.contextmanager
+    def pinned(self, wait_s: float = 30.0) -> Iterator[ModelSlot]:
+        """Pin the serving slot for one request's admission; its engine will not stop until unpinned."""
+        if not self._admission.wait(timeout=wait_s):  # an in-place copy is in progress (short)
+            raise NotReady("the replica is applying an update and admission is paused; retry shortly")
+        with self._lock:
+            slot = self.serving
+            if slot is None:
+                raise NotReady("no model is loaded yet; wait until GET /ready answers 200")
+            slot.pin()
+        try:
+            yield slot
+        finally:
+            slot.unpin()
+
+    # ------------------------------------------------------------------ loading
+    def _load_slot(self, model_ref: str, version: int) -> ModelSlot:
+        """Resolve, verify, load, canary and start an engine; the single load path of a replica."""
+        started = time.monotonic()
+        resolved = loader.resolve(model_ref, self.settings, self.store)
+        loaded = loader.load(resolved, self.settings)
+        canary(loaded)
+        engine = self._engine_factory(loaded, self.settings)
+        self.metrics.model_load.observe(time.monotonic() - started)
+        return ModelSlot(version=version, model_ref=model_ref, digest=resolved.content_digest, loaded=loaded,
+                         engine=engine)
+
+    def boot(self, model_ref: str, version: int, digest: str | None = None) -> None:
+        """Load the first model (or catch up to the committed one) and serve it; unready until done."""
+        with self._load_lock:
+            with self._lock:
+                if self.serving is not None:
+                    self.state = ReplicaState.BEHIND
+            try:
+                slot = self._load_slot(model_ref, version)
+                if digest and slot.digest and slot.digest != digest:
+                    raise VerificationError(f"{model_ref} has digest {slot.digest[:12]}, sync_state names "
+                                            f"{digest[:12]}")
+            except LockstepError as exc:
+                self._record_failure(f"loading {model_ref} as v{version} failed: {exc}")
+                raise
+            except Exception as exc:  # torch/transformers errors of every kind
+                self._record_failure(f"loading {model_ref} as v{version} failed: {exc}")
+                raise LoadError(str(exc)) from exc
+            self._install(slot)
+
+    def _record_failure(self, message: str) -> None:
+        log.error("%s", message)
+        self.metrics.swap_failures.inc()
+        with self._lock:
+            self.last_error = message
+            if self.serving is None:
+                self.state = ReplicaState.FAILED
+
+    # ------------------------------------------------------------------ two phases
+    def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo:
+        """Prepare ``version`` beside the serving model; keep serving. Blocking; reports staged or the error."""
+        with self._lock:
+            if self._staged is not None and self._staged.version == version and self._staged.model_ref == model_ref:
+                assert self.stage_info is not None
+                return self.stage_info
+        self._drop_staged()
+        started = time.monotonic()
+        info = StagedInfo(version=version, model=model_ref, state=StageState.STAGING, digest=digest)
+        with self._lock:
+            self.stage_info = info
+        with self._load_lock:
+            try:
+                plan = self._prepare(model_ref, version, digest)
+            except Exception as exc:
+                message = f"staging {model_ref} as v{version} failed: {exc}"
+                log.error("%s", message)
+                self.metrics.swap_failures.inc()
+                failed = info.model_copy(update={"state": StageState.FAILED, "error": str(exc),
+                                                 "seconds": time.monotonic() - started})
+                with self._lock:
+                    self.stage_info, self.last_error = failed, message
+                return failed
+        staged = info.model_copy(update={"state": StageState.STAGED, "digest": plan.digest,
+                                         "weights_digest": plan.weights_digest,
+                                         "seconds": time.monotonic() - started})
+        with self._lock:
+            if self.stage_info is not info:  # aborted or superseded while loading
+                self._release_plan(plan)
+                return self.stage_info or staged
+            self._staged, self.stage_info = plan, staged
+        self.metrics.staged_version.set(version)
+        log.info("staged v%d (%s) in %.2fs", version, model_ref, staged.seconds or 0.0)
+        return staged
+
+    def _prepare(self, model_ref: str, version: int, digest: str | None) -> StagedPlan:
+        in_place = self.settings.update_mode is UpdateMode.INPLACE and self.serving is not None
+        if in_place:
+            started = time.monotonic()
+            resolved = loader.resolve(model_ref, self.settings, self.store)
+            assert self.serving is not None
+            weights = InplaceWeights.open(resolved, self.serving.loaded, self.settings)
+            self.metrics.model_load.observe(time.monotonic() - started)
+            plan = StagedPlan(version, model_ref, resolved.content_digest, weights.weights_digest, inplace=weights)
+        else:
+            slot = self._load_slot(model_ref, version)
+            plan = StagedPlan(version, model_ref, slot.digest, slot.weights_digest, slot=slot)
+        if digest and plan.digest and plan.digest != digest:
+            self._release_plan(plan)
+            raise VerificationError(f"{model_ref} has content digest {plan.digest[:12]} but the coordinator "
+                                    f"published {digest[:12]}")
+        return plan
+
+    def flip(self, version: int) -> None:
+        """Serve the staged ``version`` from now on; requests already admitted finish on the old model."""
+        with self._lock:
+            plan = self._staged
+            if plan is None or plan.version != version:
+                have = "nothing" if plan is None else f"v{plan.version}"
+                raise Conflict(f"cannot flip to v{version}: {have} is staged")
+            self._staged = None
+        started = time.monotonic()
+        if plan.inplace is not None:
+            self._flip_inplace(plan)
+        else:
+            assert plan.slot is not None
+            self._install(plan.slot)
+        self.metrics.swap_duration.observe(time.monotonic() - started)
+        self.metrics.staged_version.set(-1)
+        with self._lock:
+            self.stage_info = None
+
+    def abort(self, version: int | None = None) -> bool:
+        """Drop what was staged (only ``version`` when given); True if something was dropped."""
+        with self._lock:
+            if version is not None and self.stage_info is not None and self.stage_info.version != version:
+                return False
+        return self._drop_staged()
+
+    def _drop_staged(self) -> bool:
+        with self._lock:
+            plan, self._staged = self._staged, None
+            had = plan is not None or self.stage_info is not None
+            self.stage_info = None
+        if plan is not None:
+            self._release_plan(plan)
+        self.metrics.staged_version.set(-1)
+        return had
+
+    def _release_plan(self, plan: StagedPlan) -> None:
+        if plan.slot is not None:
+            self._retire(plan.slot)
+        plan.slot = plan.inplace = None
+
+    # ------------------------------------------------------------------ flips
+    def _install(self, slot: ModelSlot) -> None:
+        """Atomically make ``slot`` the serving one; retire the previous slot in the background."""
+        with self._lock:
+            old, self.serving = self.serving, slot
+            slot.serving_since = self.clock.time()
+            if self.committed_version is not None:  # a flip happens only when a commit says so
+                self.committed_version = slot.version
+            self._update_state()
+        self.metrics.serving_version.set(slot.version)
+        log.info("serving v%d (%s)", slot.version, slot.model_ref)
+        if old is not None and old is not slot:
+            threading.Thread(target=self._retire, args=(old,), name=f"retire-v{old.version}", daemon=True).start()
+
+    def _flip_inplace(self, plan: StagedPlan) -> None:
+        """Pause admission, let every admitted request finish, copy the weights, resume."""
+        assert plan.inplace is not None
+        with self._lock:
+            old = self.serving
+        assert old is not None
+        paused = time.monotonic()
+        self._admission.clear()
+        try:
+            old.wait_unpinned()
+            while old.engine.queue_depth + old.engine.running > 0:  # drain: one response, one version
+                time.sleep(0.001)
+            plan.inplace.copy_into(old.loaded.model)
+            old.loaded.weights_digest = plan.weights_digest
+            new_slot = ModelSlot(version=plan.version, model_ref=plan.model_ref, digest=plan.digest,
+                                 loaded=old.loaded, engine=old.engine)
+            with self._lock:
+                self.serving = new_slot
+                new_slot.serving_since = self.clock.time()
+                if self.committed_version is not None:
+                    self.committed_version = new_slot.version
+                self._update_state()
+        finally:
+            self._admission.set()
+        self.metrics.inplace_pause.observe(time.monotonic() - paused)
+        self.metrics.serving_version.set(plan.version)
+        log.info("serving v%d in place (%s), admission paused %.1f ms", plan.version, plan.model_ref,
+                 1000 * (time.monotonic() - paused))
+
+    def _retire(self, slot: ModelSlot) -> None:
+        """Let the old slot's admitted requests finish, then free it."""
+        slot.wait_unpinned()
+        try:
+            slot.engine.stop(drain=True)
+            slot.engine.close()
+        except Exception:  # retiring must never take the replica down
+            log.exception("error while retiring v%d", slot.version)
+        slot.engine = None
+        slot.loaded.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("freed v%d (%s)", slot.version, slot.model_ref)
+
+    # ------------------------------------------------------------------ cluster view
+    def set_committed(self, version: int | None, digest: str | None = None) -> None:
+        """Record what the cluster committed; readiness follows."""
+        with self._lock:
+            self.committed_version, self.committed_digest = version, digest
+            self._update_state()
+        self.metrics.committed_version.set(-1 if version is None else version)
+
+    def _update_state(self) -> None:
+        if self.serving is None:
+            return
+        behind = self.committed_version is not None and self.serving.version != self.committed_version
+        self.state = ReplicaState.BEHIND if behind else ReplicaState.SERVING
+        self.metrics.ready.set(0 if behind else 1)
+
+    def staged_plan_version(self) -> int | None:
+        with self._lock:
+            return None if self._staged is None else self._staged.version
+
+    def serving_info(self) -> ServingInfo | None:
+        with self._lock:
+            s = self.serving
+            if s is None:
+                return None
+            return ServingInfo(version=s.version, model=s.model_ref, digest=s.digest,
+                               weights_digest=s.weights_digest, since=s.serving_since)
+
+    def engine_load(self) -> tuple[int, int]:
+        """(queue depth, running batch size) of the serving engine."""
+        with self._lock:
+            s = self.serving
+        if s is None or s.engine is None:
+            return 0, 0
+        return int(s.engine.queue_depth), int(s.engine.running)
+
+    def close(self) -> None:
+        """Stop every engine (drains admitted requests)."""
+        self._drop_staged()
+        with self._lock:
+            slot, self.serving = self.serving, None
+        if slot is not None:
+            self._retire(slot)

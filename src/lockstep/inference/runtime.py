@@ -1,0 +1,171 @@
+"""Everything a running replica does besides answering requests: boot, updates, sync, heartbeats."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import BadRequest, Conflict
+from lockstep.core.settings import Settings
+from lockstep.inference.generation import TokenRate
+from lockstep.inference.replica import EngineFactory, Replica
+from lockstep.models.refs import parse_ref
+from lockstep.sync.protocol import StageState
+from lockstep.sync.watcher import SyncWatcher, sleep_until
+
+log = logging.getLogger(__name__)
+
+
+def default_replica_id(settings: Settings, port: int | None = None) -> str:
+    if settings.replica_id:
+        return settings.replica_id
+    return f"{socket.gethostname()}-{port or os.getpid()}"
+
+
+class ReplicaRuntime:
+    """A replica with its identity, its updates (local, HTTP two-phase, or shared-folder sync)."""
+
+    def __init__(self, settings: Settings, *, replica: Replica | None = None, clock: Clock = SYSTEM_CLOCK,
+                 engine_factory: EngineFactory | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = None
+        if settings.shared_dir is not None:
+            from lockstep.store import ModelStore
+
+            self.store = ModelStore(settings.shared_dir, clock=clock)
+        self.replica = replica or Replica(settings, store=self.store, clock=clock, engine_factory=engine_factory)
+        self.replica_id = settings.replica_id or default_replica_id(settings)
+        self.url = settings.advertise_url
+        self.token_rate = TokenRate()
+        self._update_lock = threading.Lock()  # one update at a time on a standalone replica
+        self._update_thread: threading.Thread | None = None
+        self._local_version = 0
+        self.watcher: SyncWatcher | None = None
+        if settings.shared_dir is not None:
+            self.watcher = SyncWatcher(self.replica, settings, store=self.store, clock=clock,
+                                       replica_id=self.replica_id, url=self.url, token_rate=self.token_rate)
+        self.started_at = clock.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Boot in the background (so /healthz answers while the model loads)."""
+        if self.watcher is not None:
+            self.watcher.start()  # boots into the committed version (or the initial model as v0)
+        elif self.replica.serving is None:
+            threading.Thread(target=self._boot_standalone, name="boot", daemon=True).start()
+
+    def _boot_standalone(self) -> None:
+        try:
+            self.replica.boot(self.settings.initial_model_repo_id, 0)
+        except Exception as exc:  # recorded in /status; the process stays up to report it
+            log.error("boot failed: %s", exc)
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.replica.close()
+
+    # ------------------------------------------------------------------ updates
+    def start_update(self, model_ref: str) -> dict[str, Any]:
+        """POST /update-model: a cluster-wide publish with a shared folder, else stage and flip this replica."""
+        ref = parse_ref(model_ref)  # malformed references are a 400 before anything starts
+        if self.watcher is not None:
+            return self.watcher.start_publish(ref.raw, origin=f"POST /update-model on {self.replica_id}")
+        with self._update_lock:
+            if self._update_thread is not None and self._update_thread.is_alive():
+                info = self.replica.stage_info
+                doing = f"v{info.version} ({info.model})" if info else "an update"
+                raise Conflict(f"{doing} is still loading; retry when GET /status shows it finished")
+            version = max(self._local_version, self.replica.serving.version if self.replica.serving else 0) + 1
+            self._local_version = version
+            thread = threading.Thread(target=self._local_update, args=(ref.raw, version), name=f"update-v{version}",
+                                      daemon=True)
+            self._update_thread = thread
+            thread.start()
+        return {"status": "accepted", "scope": "replica", "model": ref.raw, "version": version,
+                "replica_id": self.replica_id}
+
+    def _local_update(self, model_ref: str, version: int) -> None:
+        info = self.replica.stage(model_ref, version)
+        if info.state is StageState.STAGED:
+            self.replica.flip(version)
+
+    def start_stage(self, model_ref: str, version: int, digest: str | None) -> dict[str, Any]:
+        """POST /admin/stage: stage in the background; poll GET /status for the outcome."""
+        parse_ref(model_ref)
+        threading.Thread(target=self.replica.stage, args=(model_ref, version, digest), name=f"stage-v{version}",
+                         daemon=True).start()
+        return {"status": "staging", "version": version, "model": model_ref, "replica_id": self.replica_id}
+
+    def schedule_commit(self, version: int, activate_at: float) -> dict[str, Any]:
+        """POST /admin/commit: flip at ``activate_at`` (wall clock)."""
+        info = self.replica.stage_info
+        if info is None or info.version != version:
+            raise Conflict(f"v{version} is not staged on {self.replica_id}; stage it first")
+        if info.state is not StageState.STAGED:
+            raise Conflict(f"v{version} is {info.state.value} on {self.replica_id}, not staged")
+
+        def flip_at() -> None:
+            sleep_until(self.clock, activate_at)
+            try:
+                self.replica.flip(version)
+            except Conflict as exc:
+                log.error("commit of v%d failed: %s", version, exc)
+
+        threading.Thread(target=flip_at, name=f"commit-v{version}", daemon=True).start()
+        return {"status": "committing", "version": version, "activate_at": activate_at, "replica_id": self.replica_id}
+
+    # ------------------------------------------------------------------ views
+    def check_generation_limits(self, prompt_chars: int, max_new_tokens: int) -> None:
+        """400 for prompts or lengths over the configured limits (the engine checks the context window)."""
+        s = self.settings
+        if prompt_chars > s.max_prompt_chars:
+            raise BadRequest(f"prompt is {prompt_chars} characters; the limit is {s.max_prompt_chars} "
+                             "(LOCKSTEP_MAX_PROMPT_CHARS)")
+        if max_new_tokens > s.max_new_tokens_limit:
+            raise BadRequest(f"max_new_tokens={max_new_tokens} is over the limit of {s.max_new_tokens_limit} "
+                             "(LOCKSTEP_MAX_NEW_TOKENS_LIMIT)")
+
+    def refresh_gauges(self) -> None:
+        queued, running = self.replica.engine_load()
+        m = self.replica.metrics
+        m.queue_depth.set(queued)
+        m.running.set(running)
+        m.tokens_per_second.set(self.token_rate.rate())
+        m.ready.set(1 if self.replica.ready else 0)
+
+    def status(self) -> dict[str, Any]:
+        r = self.replica
+        serving = r.serving_info()
+        staged = r.stage_info
+        queued, running = r.engine_load()
+        return {
+            "replica_id": self.replica_id,
+            "url": self.url,
+            "state": r.state.value,
+            "ready": r.ready,
+            "serving_version": serving.version if serving else None,
+            "model": serving.model if serving else None,
+            "model_repo_id": serving.model if serving else None,
+            "digest": serving.digest if serving else None,
+            "weights_digest": serving.weights_digest if serving else None,
+            "serving_since": serving.since if serving else None,
+            "committed_version": r.committed_version,
+            "staged": staged.model_dump(mode="json") if staged else None,
+            "loading": bool(staged and staged.state is StageState.STAGING) or r.serving is None,
+            "updating": staged is not None,
+            "last_error": r.last_error,
+            "update_mode": self.settings.update_mode.value,
+            "queue_depth": queued,
+            "running": running,
+            "tokens_per_s": round(self.token_rate.rate(), 2),
+            "uptime_s": round(self.clock.time() - self.started_at, 3),
+            "shared_dir": str(self.settings.shared_dir) if self.settings.shared_dir else None,
+            "time": time.time(),
+        }

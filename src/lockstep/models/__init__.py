@@ -1,0 +1,1 @@
+"""Model references, the built-in models and safe loading."""

@@ -1,0 +1,238 @@
+"""Resolve a model reference to files on disk and load it safely (safetensors, no remote code).
+
+Loads in one process are serialized: two ``from_pretrained`` calls at once are not safe (transformers
+patches process-wide torch functions while it loads; see DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from lockstep.core.errors import BadModelRef, LoadError, NotFound, UnsafeModel, VerificationError
+from lockstep.core.settings import Settings
+from lockstep.models.refs import ModelRef, RefKind, parse_ref
+
+log = logging.getLogger(__name__)
+
+_LOAD_LOCK = threading.Lock()  # one from_pretrained at a time per process
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a replica needs from a repo: config, tokenizer, safetensors weights (never *.bin unless opted in).
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A reference resolved to a directory of files, with what identifies its content."""
+
+    ref: ModelRef
+    path: Path
+    version: int | None = None  # set for versions/N
+    revision: str | None = None  # set for repo ids
+    content_digest: str | None = None  # the MANIFEST digest when the files were verified against one
+    manifest: Any = None
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory, ready for an engine."""
+
+    resolved: ResolvedModel
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    weights_digest: str
+    load_seconds: float
+    num_parameters: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def pick_device(setting: str) -> torch.device:
+    """auto → CUDA when present, else CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as exc:
+        raise BadModelRef(f"LOCKSTEP_DEVICE={setting!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"LOCKSTEP_DEVICE={setting!r} but no CUDA device is available; use auto or cpu")
+    return device
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """auto → bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
+    if setting == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if setting not in table:
+        raise BadModelRef(f"LOCKSTEP_DTYPE={setting!r} is not supported; use auto, {', '.join(table)}")
+    return table[setting]
+
+
+def check_safe_files(path: Path, settings: Settings) -> None:
+    """Refuse pickle checkpoints and remote code unless the operator opted in."""
+    names = [p.name for p in path.rglob("*") if p.is_file()]
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n != "training_args.bin"]
+    if not has_safetensors:
+        if pickles and not settings.allow_pickle:
+            raise UnsafeModel(
+                f"{path} has only pickle weights ({', '.join(sorted(pickles)[:3])}); pickle can run code on load. "
+                "Convert it to safetensors, or opt in with LOCKSTEP_ALLOW_PICKLE=1"
+            )
+        if not pickles:
+            raise BadModelRef(f"{path} holds no model weights (*.safetensors); is it a model directory?")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise BadModelRef(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadModelRef(f"{config_path} is not valid JSON: {exc}") from exc
+    if config.get("auto_map") and not settings.trust_remote_code:
+        raise UnsafeModel(
+            f"{path} needs custom Python code (auto_map in config.json); it is refused unless the operator "
+            "opts in with LOCKSTEP_TRUST_REMOTE_CODE=1"
+        )
+
+
+def _download_repo(ref: ModelRef, settings: Settings) -> tuple[Path, str]:
+    """Download a repo id into HF_HOME once; a file lock makes replicas sharing the cache download once."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    assert ref.repo_id is not None
+    hub_cache = settings.hf_home_path / "hub"
+    locks = settings.hf_home_path / ".lockstep-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock_name = ref.repo_id.replace("/", "--") + ".lock"
+    patterns = _HF_PATTERNS + (["*.bin", "*.pt"] if settings.allow_pickle else [])
+    with FileLock(str(locks / lock_name)):
+        try:
+            snapshot = snapshot_download(
+                repo_id=ref.repo_id,
+                revision=ref.revision,
+                cache_dir=str(hub_cache),
+                local_files_only=settings.hf_hub_offline,
+                allow_patterns=patterns,
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise NotFound(f"model {ref.raw!r} was not found on the Hugging Face Hub: {exc}") from exc
+        except LocalEntryNotFoundError as exc:
+            raise NotFound(
+                f"model {ref.raw!r} is not in the cache {hub_cache} and offline mode is on (HF_HUB_OFFLINE=1); "
+                "download it once with network access or point INITIAL_MODEL_REPO_ID at a cached model"
+            ) from exc
+        except Exception as exc:  # network errors, permission errors...
+            raise LoadError(f"could not download {ref.raw!r} into {hub_cache}: {exc}") from exc
+    path = Path(snapshot)
+    return path, path.name  # snapshot folders are named by the resolved commit hash
+
+
+def resolve(ref: ModelRef | str, settings: Settings, store: Any = None) -> ResolvedModel:
+    """Turn a reference into a verified directory of files."""
+    if isinstance(ref, str):
+        ref = parse_ref(ref)
+    if ref.kind is RefKind.BUILTIN:
+        from lockstep.models.tiny import ensure_builtin
+
+        assert ref.builtin is not None
+        return ResolvedModel(ref=ref, path=ensure_builtin(ref.builtin, settings.builtin_path))
+    if ref.kind is RefKind.DIRECTORY:
+        assert ref.path is not None
+        return ResolvedModel(ref=ref, path=ref.path)
+    if ref.kind is RefKind.REPO:
+        path, revision = _download_repo(ref, settings)
+        return ResolvedModel(ref=ref, path=path, revision=revision)
+    # A published version: verify every file against its MANIFEST before anyone loads it.
+    if store is None:
+        raise BadModelRef(f"{ref.raw!r} names a published version but no shared folder is configured "
+                          "(set LOCKSTEP_SHARED_DIR or --shared)")
+    assert ref.version is not None
+    manifest = store.get(ref.version)
+    if manifest.kind == "repo":
+        repo_ref = parse_ref(f"{manifest.repo_id}@{manifest.revision}" if manifest.revision else manifest.repo_id)
+        files_dir, revision = _download_repo(repo_ref, settings)
+    else:
+        files_dir, revision = store.path_of(ref.version), None
+    store.verify(ref.version, files_dir=files_dir)
+    return ResolvedModel(ref=ref, path=files_dir, version=ref.version, revision=revision or manifest.revision,
+                         content_digest=manifest.digest, manifest=manifest)
+
+
+def digest_named_tensors(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+    h = hashlib.sha256()
+    for name, tensor in pairs:
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The digest of the weights actually in memory, in state-dict name order."""
+    return digest_named_tensors(sorted(model.state_dict().items()))
+
+
+def load(resolved: ResolvedModel, settings: Settings) -> LoadedModel:
+    """Load a resolved model onto the configured device; serialized per process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_safe_files(resolved.path, settings)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    started = time.monotonic()
+    with _LOAD_LOCK:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.path,
+                dtype=dtype,
+                use_safetensors=not settings.allow_pickle,
+                trust_remote_code=settings.trust_remote_code,
+                low_cpu_mem_usage=True,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise LoadError(f"could not load {resolved.ref.raw!r} from {resolved.path}: {exc}") from exc
+        model.to(device)
+        model.eval()
+        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if leftover:
+            raise LoadError(f"{resolved.ref.raw!r} loaded with {len(leftover)} uninitialized (meta) tensors, "
+                            f"e.g. {leftover[0]}; the checkpoint is incomplete")
+    digest = weights_digest(model)
+    seconds = time.monotonic() - started
+    params = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s (%d parameters, %s, %s) in %.2fs", resolved.ref.raw, params, device, dtype, seconds)
+    return LoadedModel(resolved=resolved, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                       weights_digest=digest, load_seconds=seconds, num_parameters=params)
+
+
+def verify_weights(loaded: LoadedModel, expected_digest: str) -> None:
+    """Refuse a staged model whose in-memory weights differ from what the coordinator expects."""
+    if loaded.weights_digest != expected_digest:
+        raise VerificationError(
+            f"weights of {loaded.resolved.ref.raw!r} digest {loaded.weights_digest[:12]} but "
+            f"{expected_digest[:12]} was expected"
+        )

@@ -1,0 +1,34 @@
+"""The versioned model store in the shared folder, and the coordinator lease (DESIGN.md §2)."""
+
+from lockstep.store.lease import Lease
+from lockstep.store.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    content_digest,
+    hash_file,
+    is_digest_file,
+    is_pickle_file,
+    is_weight_file,
+    scan_dir,
+    verify_dir,
+)
+from lockstep.store.model_store import ALLOWED_REFS, STALE_AFTER_S, ModelStore, version_name
+
+__all__ = [
+    "ALLOWED_REFS",
+    "MANIFEST_NAME",
+    "STALE_AFTER_S",
+    "FileEntry",
+    "Lease",
+    "Manifest",
+    "ModelStore",
+    "content_digest",
+    "hash_file",
+    "is_digest_file",
+    "is_pickle_file",
+    "is_weight_file",
+    "scan_dir",
+    "verify_dir",
+    "version_name",
+]

@@ -1,0 +1,261 @@
+"""Lease: the one-coordinator lease file in ``locks/`` (DESIGN.md §2): exclusive, expiring, taken over when stale.
+
+The file ``locks/<name>.lease`` holds ``{owner, acquired_at, expires_at, token}`` (wall-clock seconds).
+
+* Acquire creates it with O_CREAT|O_EXCL: exactly one creator wins, also on NFS.
+* A stale lease (``expires_at`` passed; for a torn file, no write for ``ttl_s``) is taken over, never
+  ignored: the taker renames it to a unique name (only one renamer wins), checks that what it moved is
+  still stale (else it puts it back with ``link``, which never overwrites), deletes it, then creates its
+  own with O_EXCL. The takeover is logged with the old holder.
+* Renew and release act only while the file still carries our token; otherwise LeaseHeld("lost the lease").
+  Clocks of the machines must agree to well within ``ttl_s``; renew every ``ttl_s / 3`` or so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn
+
+from lockstep.core.atomic import atomic_write_json, fsync_dir
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import BadRequest, LeaseHeld
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ATTEMPTS = 5  # create / take-over rounds before giving up on a contended lease
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One read of a lease file; ``record`` is None when the file was torn or unparsable."""
+
+    record: dict[str, Any] | None
+    mtime: float  # wall-clock seconds, from the file system
+
+    @classmethod
+    def read(cls, path: Path) -> _Seen | None:
+        try:
+            with open(path, "rb") as f:  # open+read, not stat(): NFS caches attributes
+                mtime = os.fstat(f.fileno()).st_mtime
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+            if not (isinstance(record, dict) and isinstance(record.get("owner"), str)
+                    and isinstance(record.get("token"), str)
+                    and isinstance(record.get("expires_at"), (int, float))):
+                record = None
+        except ValueError:
+            record = None
+        return cls(record, mtime)
+
+    @property
+    def owner(self) -> str:
+        return self.record["owner"] if self.record else "<unreadable lease file>"
+
+    @property
+    def token(self) -> str | None:
+        return self.record["token"] if self.record else None
+
+    def expires_at(self, ttl_s: float) -> float:
+        # A torn file (its writer died between create and write) expires ttl_s after its last write.
+        return float(self.record["expires_at"]) if self.record else self.mtime + ttl_s
+
+    def as_dict(self, ttl_s: float) -> dict[str, Any]:
+        if self.record is not None:
+            return dict(self.record)
+        return {"owner": None, "acquired_at": None, "expires_at": self.expires_at(ttl_s), "token": None,
+                "unreadable": True}
+
+
+class Lease:
+    """An expiring, exclusive lease held by ``owner`` in ``locks_dir``; a context manager."""
+
+    def __init__(self, locks_dir: Path, name: str = "coordinator", *, owner: str, ttl_s: float,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        if not _NAME.match(name):
+            raise BadRequest(f"lease name {name!r} must be letters, digits, '_', '.', '-' "
+                             "and not start with '.'")
+        if not ttl_s > 0:
+            raise BadRequest(f"lease ttl_s must be positive seconds, got {ttl_s}")
+        self.locks_dir = Path(locks_dir)
+        self.name = name
+        self.owner = owner
+        self.ttl_s = float(ttl_s)
+        self.clock = clock
+        self.path = self.locks_dir / f"{name}.lease"
+        self._token: str | None = None
+        self._acquired_at = 0.0
+        self._expires_at = 0.0
+
+    @property
+    def held(self) -> bool:
+        """True while we hold it by our own account (not re-read from the file)."""
+        return self._token is not None and self.clock.time() < self._expires_at
+
+    @property
+    def expires_at(self) -> float:
+        return self._expires_at
+
+    def holder(self) -> dict[str, Any] | None:
+        """The lease file's content, or None when nobody holds the lease."""
+        seen = _Seen.read(self.path)
+        return seen.as_dict(self.ttl_s) if seen else None
+
+    def acquire(self) -> None:
+        """Take the lease; LeaseHeld names the holder and when it expires."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(_ATTEMPTS):
+            now = self.clock.time()
+            token = uuid.uuid4().hex
+            if self._create(now, now + self.ttl_s, token):
+                self._token, self._acquired_at, self._expires_at = token, now, now + self.ttl_s
+                log.info("%s acquired lease %r until %s", self.owner, self.name, _iso(self._expires_at))
+                return
+            seen = _Seen.read(self.path)
+            if seen is None:
+                continue  # released between our create and our read
+            if self._token is not None and seen.token == self._token:
+                self.renew()
+                return
+            expires = seen.expires_at(self.ttl_s)
+            if now < expires:
+                raise LeaseHeld(f"lease {self.name!r} is held by {seen.owner} until {_iso(expires)} "
+                                f"({expires - now:.1f} s from now); it can be taken once it expires")
+            self._take_over(now)
+        raise LeaseHeld(f"lease {self.name!r} is contended: {_ATTEMPTS} attempts lost to other takers; "
+                        f"holder now: {self._describe(_Seen.read(self.path))}")
+
+    def renew(self) -> None:
+        """Extend the lease by ``ttl_s`` from now; LeaseHeld("lost the lease") when it is not ours."""
+        if self._token is None:
+            raise LeaseHeld(f"lost the lease {self.name!r}: {self.owner} does not hold it (acquire first)")
+        now = self.clock.time()
+        seen = _Seen.read(self.path)
+        if seen is None or seen.token != self._token:
+            self._lost(seen)
+        expires = now + self.ttl_s
+        margin = min(1.0, self.ttl_s / 10)  # seconds: near expiry a taker may be moving the file already
+        if now < self._expires_at - margin:
+            atomic_write_json(self.path, self._record(self._acquired_at, expires, self._token))
+        else:
+            # Expired (or about to) but still ours: take it back the race-safe way, as any taker would.
+            self._take_over(now, quiet=True)
+            if not self._create(self._acquired_at, expires, self._token):
+                self._lost(_Seen.read(self.path))
+        self._expires_at = expires
+
+    def release(self) -> None:
+        """Give the lease up (a no-op when not held); LeaseHeld("lost the lease") when it is not ours."""
+        if self._token is None:
+            return
+        token, self._token = self._token, None
+        seen = _Seen.read(self.path)
+        if seen is None or seen.token != token:
+            self._lost(seen)
+        aside = self._aside("released")
+        try:
+            os.rename(self.path, aside)  # then check what we moved: a taker may have replaced it meanwhile
+        except FileNotFoundError:
+            self._lost(None)
+        moved = _Seen.read(aside)
+        if moved is None or moved.token != token:
+            self._put_back(aside)
+            self._lost(moved)
+        aside.unlink(missing_ok=True)
+        fsync_dir(self.locks_dir)
+        log.info("%s released lease %r", self.owner, self.name)
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.release()
+        except LeaseHeld:
+            if exc_type is None:
+                raise
+            log.warning("%s: lease %r was lost while handling %s", self.owner, self.name, exc_type.__name__)
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _record(self, acquired_at: float, expires_at: float, token: str) -> dict[str, Any]:
+        return {"owner": self.owner, "acquired_at": acquired_at, "expires_at": expires_at, "token": token}
+
+    def _create(self, acquired_at: float, expires_at: float, token: str) -> bool:
+        """O_CREAT|O_EXCL the lease file with our record; False when it exists."""
+        data = (json.dumps(self._record(acquired_at, expires_at, token), sort_keys=True) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        fsync_dir(self.locks_dir)
+        return True
+
+    def _take_over(self, now: float, *, quiet: bool = False) -> None:
+        """Move a stale lease out of the way; only one of several racing takers moves it."""
+        aside = self._aside("stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another taker (or the holder's release) moved it first
+        moved = _Seen.read(aside)
+        if moved is not None and now < moved.expires_at(self.ttl_s) and moved.token != self._token:
+            # What we moved is a live lease a faster taker just created: restore it.
+            self._put_back(aside)
+            return
+        if not quiet and moved is not None:
+            log.warning("%s takes over stale lease %r from %s (acquired %s, expired %s, %.1f s ago)",
+                        self.owner, self.name, moved.owner,
+                        _iso(moved.record["acquired_at"]) if moved.record and isinstance(
+                            moved.record.get("acquired_at"), (int, float)) else "?",
+                        _iso(moved.expires_at(self.ttl_s)), now - moved.expires_at(self.ttl_s))
+        aside.unlink(missing_ok=True)
+
+    def _put_back(self, aside: Path) -> None:
+        """Restore a lease file moved by mistake, never overwriting one created meanwhile."""
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:
+            log.error("lease %r: could not restore %s's lease, another was created meanwhile",
+                      self.name, self._describe(_Seen.read(aside)))
+        except OSError:
+            if not os.path.lexists(self.path):  # a file system without hard links
+                os.replace(aside, self.path)
+        aside.unlink(missing_ok=True)
+
+    def _aside(self, why: str) -> Path:
+        return self.locks_dir / f".{self.name}.{why}-{uuid.uuid4().hex}"
+
+    def _describe(self, seen: _Seen | None) -> str:
+        if seen is None:
+            return "nobody"
+        return f"{seen.owner} (until {_iso(seen.expires_at(self.ttl_s))})"
+
+    def _lost(self, seen: _Seen | None) -> NoReturn:
+        self._token = None
+        raise LeaseHeld(f"lost the lease {self.name!r}: {self.owner} no longer holds it; "
+                        f"held now by {self._describe(seen)}")

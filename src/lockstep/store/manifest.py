@@ -1,0 +1,216 @@
+"""MANIFEST.json: the size and sha256 of every file of a version, and the digest of its model content.
+
+Readers are tolerant (unknown fields are ignored, so an older reader reads a newer manifest); writers are
+strict (``Manifest.to_json`` always writes the full schema).
+
+The content digest
+------------------
+``digest`` identifies what a model *is*, independently of its version number, publish time or source:
+
+* the digest files are ``config.json`` at the top level, and every top-level file whose name ends in a
+  weight suffix (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) or is a weight index
+  (``*.safetensors.index.json``, ``*.bin.index.json``); tokenizer files, READMEs and subfolders are not
+  part of it (they do not change the weights a replica loads);
+* ``digest = sha256(json.dumps(sorted([[path, size, sha256], ...]), separators=(",", ":"),
+  ensure_ascii=False).encode("utf-8")).hexdigest()`` where ``path`` is the relative POSIX path,
+  ``size`` the byte count and ``sha256`` the lowercase hex digest of the file, sorted by ``path``.
+
+Same digest files (same names, bytes) give the same digest, whoever computes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lockstep.core.errors import BadModelRef, VerificationError
+
+MANIFEST_NAME = "MANIFEST.json"
+CONFIG_NAME = "config.json"
+SAFE_WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = SAFE_WEIGHT_SUFFIXES + PICKLE_WEIGHT_SUFFIXES
+CHUNK_BYTES = 1 << 20  # 1 MiB: large enough for throughput, small enough to stream multi-GB shards
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+Progress = Callable[[int, int], None]
+"""``progress(done_bytes, total_bytes)``, called after each chunk."""
+
+
+class FileEntry(BaseModel):
+    """One file of a version: relative POSIX path, size in bytes, sha256 hex."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _relative_inside(cls, value: str) -> str:
+        # A manifest names files to open during verify: it must never point outside its folder.
+        pure = PurePosixPath(value)
+        if (not value or "\\" in value or "\x00" in value or pure.is_absolute()
+                or any(part in ("", ".", "..") for part in value.split("/"))):
+            raise ValueError(f"file path {value!r} must be a relative POSIX path inside the version "
+                             "(no '..', '.', empty parts, backslashes or leading '/')")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _SHA256_HEX.match(value):
+            raise ValueError(f"sha256 {value!r} must be 64 lowercase hex digits")
+        return value
+
+
+class Manifest(BaseModel):
+    """What a published version holds; ``versions/<NNNNNN>/MANIFEST.json``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    format: int = 1
+    version: int = Field(ge=1)
+    created_at: float  # wall-clock seconds since the epoch
+    source: str  # the reference that was published: a directory path or a repo id
+    kind: Literal["directory", "repo"]
+    repo_id: str | None = None
+    revision: str | None = None
+    parent: int | None = None
+    digest: str
+    files: list[FileEntry]
+    metadata: dict[str, Any] = Field(default_factory=dict)  # training: step, loss, reward...
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of all listed files."""
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        """The full schema, stable key order."""
+        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Manifest:
+        return cls.model_validate_json(data)
+
+
+def is_weight_file(path: str) -> bool:
+    """A file whose name says it holds tensors (safetensors or pickle)."""
+    return path.endswith(WEIGHT_SUFFIXES)
+
+
+def is_pickle_file(path: str) -> bool:
+    return path.endswith(PICKLE_WEIGHT_SUFFIXES)
+
+
+def is_digest_file(path: str) -> bool:
+    """Part of the content digest: top-level config.json, weight files and weight indexes."""
+    if "/" in path:
+        return False
+    if path == CONFIG_NAME or is_weight_file(path):
+        return True
+    return path.endswith(".index.json") and is_weight_file(path[: -len(".index.json")])
+
+
+def content_digest(files: Iterable[FileEntry]) -> str:
+    """The model content digest (see the module docstring for the exact definition)."""
+    triples = sorted([f.path, f.size, f.sha256] for f in files if is_digest_file(f.path))
+    text = json.dumps(triples, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """sha256 hex of a file, streamed in 1 MiB chunks; ``progress(n)`` gets each chunk's byte count."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def walk_files(root: Path) -> Iterator[str]:
+    """Relative POSIX paths of the files under ``root``, sorted; skips MANIFEST.json and hidden entries.
+
+    Hidden names (leading '.') are temporaries, caches (``.cache/``) or VCS files, never model content.
+    Symlinks to files are followed (a Hugging Face snapshot is made of them); symlinked folders are not.
+    """
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel == MANIFEST_NAME:
+                continue
+            found.append(rel)
+    return iter(sorted(found))
+
+
+def scan_dir(path: Path, progress: Progress | None = None) -> list[FileEntry]:
+    """Size and sha256 of every file under ``path`` (see ``walk_files`` for what is skipped)."""
+    rels = list(walk_files(path))
+    sizes: dict[str, int] = {}
+    for rel in rels:
+        try:
+            sizes[rel] = (path / rel).stat().st_size
+        except OSError as e:
+            raise BadModelRef(f"{path}: cannot read {rel} ({e.strerror or e})") from e
+    total = sum(sizes.values())
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    entries = []
+    for rel in rels:
+        entries.append(FileEntry(path=rel, size=sizes[rel], sha256=hash_file(path / rel, tick)))
+    return entries
+
+
+def verify_dir(path: Path, manifest: Manifest) -> None:
+    """Check every file against ``manifest``; raise VerificationError naming the first bad file."""
+    where = f"version {manifest.version} at {path}"
+    if not path.is_dir():
+        raise VerificationError(f"{where}: folder is missing")
+    if content_digest(manifest.files) != manifest.digest:
+        raise VerificationError(f"{where}: MANIFEST.json digest {manifest.digest} does not match its own "
+                                "file list; the manifest was altered")
+    entries = sorted(manifest.files, key=lambda f: f.path)
+    # Cheap pass first (stat only), so a truncated or missing file fails without hashing gigabytes.
+    for entry in entries:
+        try:
+            size = (path / entry.path).stat().st_size
+        except FileNotFoundError:
+            raise VerificationError(f"{where}: {entry.path} is missing") from None
+        except OSError as e:
+            raise VerificationError(f"{where}: {entry.path} is unreadable ({e.strerror or e})") from e
+        if size != entry.size:
+            raise VerificationError(f"{where}: {entry.path} has size {size} bytes, "
+                                    f"MANIFEST.json says {entry.size}")
+    listed = {entry.path for entry in entries}
+    for rel in walk_files(path):
+        if rel not in listed and is_weight_file(rel):
+            raise VerificationError(f"{where}: weight file {rel} is not listed in MANIFEST.json; "
+                                    "only listed weights may be loaded")
+    for entry in entries:
+        actual = hash_file(path / entry.path)
+        if actual != entry.sha256:
+            raise VerificationError(f"{where}: {entry.path} has sha256 {actual}, "
+                                    f"MANIFEST.json says {entry.sha256}")

@@ -1,0 +1,494 @@
+"""ModelStore: versions published atomically as ``versions/<NNNNNN>/``, numbered uniquely, verified, collected.
+
+Layout of ``versions/`` (only the first kind of entry is ever visible to readers):
+
+* ``000012/``                 a published version: model files + MANIFEST.json (or MANIFEST.json alone for
+                              a repo record); immutable once visible;
+* ``.partial-000012/``        a publish in progress. Creating it with ``mkdir`` *is* the claim on number 12
+                              (mkdir is atomic on local file systems and NFS: exactly one creator wins).
+                              The new version is written in ``.partial-000012/content/``, MANIFEST.json last,
+                              fsynced, then renamed to ``000012``;
+* ``.trash-*``                a version or leftover being deleted: renamed out of sight first, then removed,
+                              so no half-deleted version is ever visible.
+
+Numbering: N = 1 + the highest published or claimed number. After claiming, the publisher lists again (the
+listing after its own mkdir is fresh even on NFS, whose directory caches are otherwise stale) and gives the
+claim up when a version >= N is already published, so a publish that starts after another finished gets a
+higher number. Before renaming into place it refuses a target that exists (never replacing anything, not
+even an empty folder) and then claims a higher number. ``gc`` never deletes the newest version, so the
+highest number is never reused.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lockstep.core.atomic import fsync_dir
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound, UnsafeModel
+from lockstep.store.manifest import (
+    CHUNK_BYTES,
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    Progress,
+    content_digest,
+    is_pickle_file,
+    scan_dir,
+    verify_dir,
+    walk_files,
+)
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+LOCKS_DIR = "locks"
+STALE_AFTER_S = 3600.0  # seconds without any write before a crashed publisher's leftovers are removed
+ALLOWED_REFS = "versions/<N> (e.g. versions/000012 or versions/12), v<N> (e.g. v12) or <N> (e.g. 12)"
+
+_PUBLISHED = re.compile(r"^\d{6,}$")
+_PARTIAL = re.compile(r"^\.partial-(\d{6,})$")
+_TRASH_PREFIX = ".trash-"
+_CONTENT = "content"  # inside a partial: the folder that becomes the version
+_REF = re.compile(r"^(?:versions/(\d{1,12})|v(\d{1,12})|(\d{1,12}))$")
+_MAX_CLAIM_TRIES = 10_000  # each try is one mkdir; only a storm of publishers gets near it
+
+
+def version_name(n: int) -> str:
+    """Folder name of version ``n``: six digits, zero-padded (more digits past 999999)."""
+    return f"{n:06d}"
+
+
+@dataclass
+class _Listing:
+    """One read of ``versions/``."""
+
+    published: list[int] = field(default_factory=list)
+    partials: dict[int, Path] = field(default_factory=dict)
+    trash: list[Path] = field(default_factory=list)
+
+
+class ModelStore:
+    """The versioned model store in a (shared) folder: publish, list, get, verify, resolve, gc."""
+
+    def __init__(self, root: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.root = Path(root)
+        self.clock = clock
+        self._warned: set[str] = set()  # log an unreadable version once per store object, not per poll
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS_DIR
+
+    @property
+    def locks_dir(self) -> Path:
+        """Where the coordinator lease lives (see ``lockstep.store.lease``)."""
+        return self.root / LOCKS_DIR
+
+    @staticmethod
+    def ref(n: int) -> str:
+        """The canonical reference of version ``n``: ``versions/<NNNNNN>``."""
+        return f"{VERSIONS_DIR}/{version_name(n)}"
+
+    # --- publishing ------------------------------------------------------------------------------------
+    def publish_dir(self, src: Path, *, source: str | None = None, parent: int | None = None,
+                    metadata: dict[str, Any] | None = None, progress: Progress | None = None,
+                    allow_pickle: bool = False) -> Manifest:
+        """Copy the model folder ``src`` in as the next version; ``progress(done_bytes, total_bytes)``."""
+        src = Path(src)
+        rels = _check_model_dir(src, allow_pickle)
+        meta = _checked_metadata(metadata)
+        origin = source or str(src.resolve())
+
+        def fill(content: Path, n: int) -> Manifest:
+            files = _copy_files(src, content, rels, progress)
+            return Manifest(version=n, created_at=self.clock.time(), source=origin, kind="directory",
+                            parent=parent, digest=content_digest(files), files=files, metadata=meta)
+
+        manifest = self._publish(fill)
+        log.info("published version %d from %s: %d files, %.1f MiB, digest %s", manifest.version, origin,
+                 len(manifest.files), manifest.total_size / 2**20, manifest.digest[:12])
+        return manifest
+
+    def publish_repo(self, snapshot_dir: Path, *, repo_id: str, revision: str, parent: int | None = None,
+                     metadata: dict[str, Any] | None = None, progress: Progress | None = None,
+                     allow_pickle: bool = False) -> Manifest:
+        """Record ``repo_id`` at ``revision`` as the next version without copying it (weights stay in hf_home).
+
+        MANIFEST.json lists the snapshot's files and hashes, so the snapshot can be verified later.
+        """
+        snapshot_dir = Path(snapshot_dir)
+        if not repo_id or not revision:
+            raise BadRequest(f"publish_repo needs a repo id and the revision it resolved to; got "
+                             f"repo_id={repo_id!r}, revision={revision!r}")
+        _check_model_dir(snapshot_dir, allow_pickle)
+        meta = _checked_metadata(metadata)
+        files = scan_dir(snapshot_dir, progress)  # hashed before claiming, so the claim is short-lived
+
+        def fill(content: Path, n: int) -> Manifest:
+            return Manifest(version=n, created_at=self.clock.time(), source=repo_id, kind="repo",
+                            repo_id=repo_id, revision=revision, parent=parent, digest=content_digest(files),
+                            files=files, metadata=meta)
+
+        manifest = self._publish(fill)
+        log.info("published version %d: repo %s@%s, %d files, digest %s", manifest.version, repo_id, revision,
+                 len(files), manifest.digest[:12])
+        return manifest
+
+    def _publish(self, fill: Callable[[Path, int], Manifest]) -> Manifest:
+        """Claim N, let ``fill`` write the content, write MANIFEST.json last, rename into place."""
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        partial = self._partial_path(self._claim())
+        try:
+            content = partial / _CONTENT
+            content.mkdir()
+            manifest = fill(content, _partial_number(partial))
+            _write_manifest(content, manifest)
+            while not self._rename_into_place(partial, manifest.version):
+                # The number was taken although we held its claim: our listing was stale. Move up.
+                newer = self._partial_path(self._claim(start=manifest.version + 1))
+                log.warning("version %d already exists; publishing as %d instead", manifest.version,
+                            _partial_number(newer))
+                os.rename(content, newer / _CONTENT)  # inside our own fresh claim: nothing to overwrite
+                _rmdir_quiet(partial)
+                partial, content = newer, newer / _CONTENT
+                manifest = manifest.model_copy(update={"version": _partial_number(newer)})
+                _write_manifest(content, manifest)
+        except BaseException:
+            self._discard(partial)
+            raise
+        fsync_dir(self.versions_dir)  # persist the rename before anyone is told about N
+        _rmdir_quiet(partial)
+        return manifest
+
+    def _claim(self, start: int = 1) -> int:
+        """Reserve the next version number by creating ``.partial-<N>`` (atomic: one creator wins)."""
+        listing = self._scan()
+        n = max([start, *(m + 1 for m in listing.published), *(m + 1 for m in listing.partials)])
+        for _ in range(_MAX_CLAIM_TRIES):
+            try:
+                os.mkdir(self._partial_path(n))
+            except FileExistsError:
+                n += 1
+                continue
+            top = max(self._scan().published, default=0)  # fresh after our own mkdir, even on NFS
+            if top >= n:
+                _rmdir_quiet(self._partial_path(n))
+                n = top + 1
+                continue
+            return n
+        raise Conflict(f"could not reserve a version number in {self.versions_dir} after "
+                       f"{_MAX_CLAIM_TRIES} tries; too many publishers at once")
+
+    def _rename_into_place(self, partial: Path, n: int) -> bool:
+        """Rename the content to ``versions/<N>``; False when that name is taken (nothing is replaced)."""
+        target = self._version_path(n)
+        if os.path.lexists(target):
+            return False
+        try:
+            os.rename(partial / _CONTENT, target)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return False
+            if e.errno == errno.ENOENT and not os.path.lexists(partial / _CONTENT):
+                raise LockstepError(f"publish of version {n} was abandoned: its temporary folder "
+                                    f"{partial} was removed (gc judged it stale); publish again") from e
+            raise
+        return True
+
+    def _discard(self, path: Path) -> None:
+        """Best-effort removal of an unfinished publish (out of sight first)."""
+        self._trash(path)
+
+    # --- reading ---------------------------------------------------------------------------------------
+    def list(self) -> builtins.list[Manifest]:
+        """Every readable published version, sorted by number; unreadable ones are skipped with a warning."""
+        out = []
+        for n in self._scan().published:
+            try:
+                out.append(self._read_manifest(n))
+            except (OSError, ValueError) as e:
+                self._warn_once(n, e)
+        return out
+
+    def get(self, n: int) -> Manifest:
+        """The manifest of version ``n``; NotFound when it is not published."""
+        try:
+            return self._read_manifest(n)
+        except FileNotFoundError:
+            raise NotFound(f"version {n} is not in the store at {self.root}; "
+                           f"published: {self._published_summary()}") from None
+        except (OSError, ValueError) as e:
+            raise NotFound(f"version {n} at {self._version_path(n)} has an unreadable MANIFEST.json "
+                           f"({_short(e)}); it cannot be used") from e
+
+    def latest(self) -> Manifest | None:
+        """The highest readable version, or None when nothing was published."""
+        for n in reversed(self._scan().published):
+            try:
+                return self._read_manifest(n)
+            except (OSError, ValueError) as e:
+                self._warn_once(n, e)
+        return None
+
+    def path_of(self, n: int) -> Path:
+        """The folder of published version ``n`` (for a repo record it holds only MANIFEST.json)."""
+        path = self._version_path(n)
+        if not (path / MANIFEST_NAME).is_file():
+            raise NotFound(f"version {n} is not in the store at {self.root}; "
+                           f"published: {self._published_summary()}")
+        return path
+
+    def verify(self, n: int, files_dir: Path | None = None) -> Manifest:
+        """Hash-check every file of version ``n`` (in ``files_dir``: required for a repo record)."""
+        manifest = self.get(n)
+        if files_dir is None:
+            if manifest.kind == "repo":
+                raise BadRequest(f"version {n} records repo {manifest.repo_id}@{manifest.revision}, whose "
+                                 "files live in the Hugging Face cache: pass its snapshot folder as files_dir")
+            files_dir = self.path_of(n)
+        verify_dir(Path(files_dir), manifest)
+        return manifest
+
+    def next_version_hint(self) -> int:
+        """The number the next publish would probably get (not reserved)."""
+        listing = self._scan()
+        return max([*listing.published, *listing.partials], default=0) + 1
+
+    def resolve_ref(self, ref: str) -> int:
+        """Parse a store reference into a published version number.
+
+        Accepted: ``versions/<N>`` (any zero padding: ``versions/000012``, ``versions/12``), ``v<N>`` and
+        ``<N>``. Anything else, and anything that could escape the store (``..``, absolute paths,
+        backslashes, a version folder that is a symlink leading outside), is a BadModelRef; an
+        unpublished N is NotFound.
+        """
+        def bad(why: str) -> BadModelRef:
+            return BadModelRef(f"bad store reference {ref!r}: {why}; allowed: {ALLOWED_REFS}")
+
+        if not isinstance(ref, str) or not ref:
+            raise bad("it is empty")
+        if "\\" in ref:
+            raise bad("backslashes are not allowed")
+        if ref.startswith("/") or re.match(r"^[A-Za-z]:", ref):
+            raise bad("absolute paths are not allowed")
+        if ".." in ref.split("/"):
+            raise bad("'..' would leave the store")
+        match = _REF.match(ref)
+        if match is None:
+            raise bad("it is not a version number")
+        n = int(next(g for g in match.groups() if g is not None))
+        if self._leads_outside(self._version_path(n)):
+            raise bad(f"{self._version_path(n)} is a symlink leading outside the store")
+        self.get(n)  # NotFound names what is published
+        return n
+
+    # --- garbage collection ----------------------------------------------------------------------------
+    def gc(self, keep_newest: int, protect: set[int], *,
+           stale_after_s: float = STALE_AFTER_S) -> builtins.list[int]:
+        """Delete versions neither protected nor among the ``keep_newest`` newest; return their numbers.
+
+        Also removes leftovers of crashed publishers (``.partial-*`` with no write for ``stale_after_s``
+        seconds, judged by file mtimes against the clock) and unfinished deletions (``.trash-*``).
+        The newest version is always kept, so its number is never reused.
+        """
+        if keep_newest < 1:
+            raise BadRequest(f"keep_newest must be at least 1, got {keep_newest}: the newest version is "
+                             "never deleted (its number must not be reused)")
+        listing = self._scan()
+        keep = set(listing.published[-keep_newest:]) | set(protect)
+        deleted = []
+        for n in listing.published:
+            if n not in keep and self._trash(self._version_path(n)):
+                deleted.append(n)
+        now = self.clock.time()
+        for n, path in sorted(listing.partials.items()):
+            idle = now - _newest_mtime(path)
+            if idle > stale_after_s:
+                log.warning("removing %s: a publish of version %d that stopped writing %.0f s ago "
+                            "(crashed publisher)", path.name, n, idle)
+                self._trash(path)
+        for path in listing.trash:
+            _rmtree_quiet(path)
+        if deleted:
+            log.info("gc deleted versions %s (kept %s)", deleted, sorted(keep & set(listing.published)))
+        return deleted
+
+    def _trash(self, path: Path) -> bool:
+        """Rename ``path`` out of sight, then delete it; False when it was already gone."""
+        trash = self.versions_dir / f"{_TRASH_PREFIX}{path.name.lstrip('.')}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        _rmtree_quiet(trash)
+        return True
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _version_path(self, n: int) -> Path:
+        return self.versions_dir / version_name(n)
+
+    def _partial_path(self, n: int) -> Path:
+        return self.versions_dir / f".partial-{version_name(n)}"
+
+    def _scan(self) -> _Listing:
+        listing = _Listing()
+        try:
+            entries = list(os.scandir(self.versions_dir))
+        except FileNotFoundError:
+            return listing
+        for entry in entries:
+            name = entry.name
+            if _PUBLISHED.match(name) and name == version_name(int(name)):
+                if entry.is_dir(follow_symlinks=True) and not self._leads_outside(Path(entry.path)):
+                    listing.published.append(int(name))
+            elif m := _PARTIAL.match(name):
+                listing.partials[int(m.group(1))] = Path(entry.path)
+            elif name.startswith(_TRASH_PREFIX):
+                listing.trash.append(Path(entry.path))
+        listing.published.sort()
+        return listing
+
+    def _leads_outside(self, path: Path) -> bool:
+        """A symlink whose target is not inside ``versions/`` (our writers never make symlinks)."""
+        return path.is_symlink() and not path.resolve().is_relative_to(self.versions_dir.resolve())
+
+    def _read_manifest(self, n: int) -> Manifest:
+        # open+read, not stat(): NFS caches attributes, close-to-open consistency covers the content
+        if self._leads_outside(self._version_path(n)):
+            raise NotFound(f"version {n} is a symlink leading outside the store; it is ignored")
+        with open(self._version_path(n) / MANIFEST_NAME, "rb") as f:
+            manifest = Manifest.from_json(f.read())
+        if manifest.version != n:
+            raise ValueError(f"MANIFEST.json says version {manifest.version}")
+        return manifest
+
+    def _published_summary(self) -> str:
+        published = self._scan().published
+        if not published:
+            return "none"
+        shown = ", ".join(str(n) for n in published[-10:])
+        return shown if len(published) <= 10 else f"... {shown}"
+
+    def _warn_once(self, n: int, error: BaseException) -> None:
+        key = f"{n}:{type(error).__name__}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("skipping version %d in %s: unreadable MANIFEST.json (%s)", n, self.versions_dir,
+                        _short(error))
+
+
+def _check_model_dir(src: Path, allow_pickle: bool) -> list[str]:
+    """Refuse what is not a model folder, or holds pickle weights without opt-in; return its files."""
+    if not src.is_dir():
+        raise BadModelRef(f"not a model directory: {src} is not a folder")
+    rels = list(walk_files(src))
+    top = [r for r in rels if "/" not in r]
+    if CONFIG_NAME not in top:
+        raise BadModelRef(f"not a model directory: {src} has no config.json "
+                          "(a model directory holds config.json and *.safetensors weights)")
+    pickles = [r for r in rels if is_pickle_file(r)]
+    if pickles and not allow_pickle:
+        raise UnsafeModel(f"{src} holds pickle files ({', '.join(pickles[:3])}), which can run code when "
+                          "loaded; convert them to safetensors, or opt in with LOCKSTEP_ALLOW_PICKLE=1")
+    weights = [r for r in top if r.endswith(".safetensors") or (allow_pickle and is_pickle_file(r))]
+    if not weights:
+        raise BadModelRef(f"not a model directory: {src} has no *.safetensors weights")
+    return rels
+
+
+def _checked_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    meta = dict(metadata or {})
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"version metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") \
+            from e
+    return meta
+
+
+def _copy_files(src: Path, dst: Path, rels: list[str], progress: Progress | None) -> list[FileEntry]:
+    """Copy and hash in one read; fsync every file and folder. The entries describe the bytes written."""
+    total = sum((src / rel).stat().st_size for rel in rels)
+    done = 0
+    folders = {dst}
+    entries = []
+    for rel in rels:
+        target = dst / rel
+        if target.parent not in folders:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folders.update(p for p in target.parents if p.is_relative_to(dst))
+        digest = hashlib.sha256()
+        size = 0
+        with open(src / rel, "rb") as fin, open(target, "xb") as fout:
+            while chunk := fin.read(CHUNK_BYTES):
+                fout.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, max(total, done))
+            fout.flush()
+            os.fsync(fout.fileno())
+        entries.append(FileEntry(path=rel, size=size, sha256=digest.hexdigest()))
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(folder)
+    return entries
+
+
+def _write_manifest(content: Path, manifest: Manifest) -> None:
+    with open(content / MANIFEST_NAME, "wb") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(content)
+
+
+def _partial_number(partial: Path) -> int:
+    match = _PARTIAL.match(partial.name)
+    assert match is not None, partial  # only ever called on paths made by _partial_path
+    return int(match.group(1))
+
+
+def _newest_mtime(path: Path) -> float:
+    """Latest mtime in a tree (a live publisher's writes keep it recent); missing entries are skipped."""
+    newest = 0.0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [".", *dirnames, *filenames]:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
+
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _rmtree_quiet(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        # NFS keeps ".nfsXXXX" files for files still open elsewhere; the next gc finishes the job.
+        log.debug("could not remove all of %s yet; the next gc retries", path)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

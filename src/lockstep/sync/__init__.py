@@ -1,0 +1,1 @@
+"""The two-phase sync protocol: the shared files, the replica-side watcher, the coordinator."""

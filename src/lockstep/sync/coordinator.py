@@ -1,0 +1,371 @@
+"""Coordinator side of the sync protocol over the shared folder: prepare → wait → commit or abort.
+
+One coordinator at a time holds the lease in ``locks/``. A crashed coordinator's lease expires; the next one
+reads ``sync_state.json`` and goes on from there (a dangling prepare is superseded by the new one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lockstep.core.atomic import atomic_write_json
+from lockstep.core.clock import Clock
+from lockstep.core.errors import BadModelRef, Conflict, LeaseHeld, NotFound
+from lockstep.core.settings import CommitPolicy, Settings
+from lockstep.models import loader
+from lockstep.models.refs import RefKind, parse_ref
+from lockstep.store import Lease, Manifest, ModelStore, content_digest, scan_dir
+from lockstep.sync.protocol import (
+    Committed,
+    Heartbeat,
+    LegacyRequest,
+    Pending,
+    Phase,
+    StageState,
+    SyncState,
+    read_heartbeats,
+    read_sync_state,
+    write_sync_state,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, dict[str, Any]], None]  # (event, details) for progress bars and the trainer
+
+
+@dataclass(frozen=True)
+class Source:
+    """A publish request made concrete: the version it will commit and what identifies its content."""
+
+    version: int
+    model: str  # what goes into sync_state.json: versions/NNNNNN, or the initial model for v0
+    digest: str | None
+    rollback: bool = False
+    unchanged: bool = False  # same content as the committed version: nothing to do
+
+
+@dataclass
+class ReplicaReport:
+    replica_id: str
+    outcome: str  # staged | failed | timeout | serving | behind
+    error: str | None = None
+    stage_seconds: float | None = None
+    weights_digest: str | None = None
+
+
+@dataclass
+class PublishResult:
+    """What a publish did, per replica."""
+
+    version: int
+    model: str
+    outcome: str  # committed | aborted | unchanged
+    reason: str | None = None
+    activate_at: float | None = None
+    started_at: float = 0.0
+    prepare_s: float = 0.0
+    total_s: float = 0.0
+    generation: int = 0
+    rollback: bool = False
+    replicas: list[ReplicaReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("committed", "unchanged")
+
+    def summary(self) -> str:
+        per = ", ".join(f"{r.replica_id}={r.outcome}" for r in self.replicas) or "no live replicas"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"v{self.version} {self.outcome}{why}: {per}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "model": self.model, "outcome": self.outcome, "reason": self.reason,
+            "activate_at": self.activate_at, "started_at": self.started_at, "prepare_s": self.prepare_s,
+            "total_s": self.total_s, "generation": self.generation, "rollback": self.rollback,
+            "replicas": [r.__dict__ for r in self.replicas],
+        }
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "none")[:12]
+
+
+class Coordinator:
+    """Publishes versions to every replica sharing the folder."""
+
+    def __init__(self, settings: Settings, *, store: ModelStore | None = None, clock: Clock, owner: str) -> None:
+        if settings.shared_dir is None or settings.sync_state_path is None:
+            raise BadModelRef("publishing needs a shared folder: set LOCKSTEP_SHARED_DIR or pass --shared DIR")
+        self.settings = settings
+        self.shared_dir = settings.shared_dir
+        self.path = settings.sync_state_path
+        self.store = store or ModelStore(settings.shared_dir, clock=clock)
+        self.clock = clock
+        self.owner = owner
+        self.lease = Lease(self.shared_dir / "locks", owner=owner, ttl_s=settings.lease_ttl_s, clock=clock)
+
+    # ------------------------------------------------------------------ reading the cluster
+    def read_state(self) -> SyncState:
+        """The current state; an unreadable file is rebuilt from the replicas' heartbeats (logged)."""
+        try:
+            state = read_sync_state(self.path)
+        except ValueError as exc:
+            log.warning("sync_state unreadable (%s); rebuilding from heartbeats", exc)
+            return self._state_from_heartbeats()
+        if state is None or isinstance(state, LegacyRequest):
+            return self._state_from_heartbeats() if state is not None else SyncState()
+        return state
+
+    def _state_from_heartbeats(self) -> SyncState:
+        beats = self.live_replicas()
+        generation = max((b.generation_seen or 0 for b in beats), default=0)
+        serving = [b.serving for b in beats if b.serving is not None and b.ready]
+        committed = None
+        if serving:
+            best = max(serving, key=lambda s: s.version)
+            committed = Committed(version=best.version, model=best.model, digest=best.digest)
+        return SyncState(generation=generation, committed=committed)
+
+    def live_replicas(self) -> list[Heartbeat]:
+        """Replicas whose heartbeat is fresh."""
+        now = self.clock.time()
+        return [b for b in read_heartbeats(self.shared_dir) if now - b.time <= self.settings.heartbeat_ttl_s]
+
+    def check_free(self) -> None:
+        """Raise ``LeaseHeld`` when another coordinator is publishing right now."""
+        holder = self.lease.holder()
+        if holder and holder.get("expires_at", 0) > self.clock.time() and holder.get("owner") != self.owner:
+            raise LeaseHeld(f"{holder.get('owner')} is publishing (lease until {holder.get('expires_at'):.0f}); "
+                            "wait for it to finish")
+
+    # ------------------------------------------------------------------ sources
+    def prepare_source(self, ref_text: str, *, metadata: dict[str, Any] | None = None,
+                       progress: ProgressFn | None = None) -> Source:
+        """Check the reference and put its files in the store; refuse bad ones before any replica stages."""
+        ref = parse_ref(ref_text)
+        state = self.read_state()
+        committed = state.committed
+        if ref.kind is RefKind.VERSION:
+            assert ref.version is not None
+            if ref.version == 0:
+                return Source(0, self.settings.initial_model_repo_id, None,
+                              rollback=bool(committed and committed.version > 0))
+            manifest = self.store.get(ref.version)
+            self._verify(manifest)
+            return Source(manifest.version, self._model_name(manifest.version), manifest.digest,
+                          rollback=bool(committed and manifest.version < committed.version))
+        if progress:
+            progress("resolve", {"model": ref.raw})
+        resolved = loader.resolve(ref, self.settings, self.store)
+        loader.check_safe_files(resolved.path, self.settings)
+        digest = content_digest(scan_dir(resolved.path))
+        if committed is not None and committed.digest == digest:
+            return Source(committed.version, committed.model, digest, unchanged=True)
+        parent = committed.version if committed else None
+        meta = dict(metadata or {})
+        if progress:
+            progress("copy", {"model": ref.raw})
+        if ref.kind is RefKind.REPO:
+            assert ref.repo_id is not None
+            manifest = self.store.publish_repo(resolved.path, repo_id=ref.repo_id,
+                                               revision=resolved.revision or "", parent=parent, metadata=meta)
+        else:
+            manifest = self.store.publish_dir(resolved.path, source=ref.raw, parent=parent, metadata=meta)
+        return Source(manifest.version, self._model_name(manifest.version), manifest.digest)
+
+    def _verify(self, manifest: Manifest) -> None:
+        if manifest.kind == "repo":
+            loader.resolve(f"versions/{manifest.version}", self.settings, self.store)  # downloads + verifies
+        else:
+            self.store.verify(manifest.version)
+
+    @staticmethod
+    def _model_name(version: int) -> str:
+        return f"versions/{version:06d}"
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self, ref_text: str, *, source: Source | None = None, policy: CommitPolicy | None = None,
+                timeout_s: float | None = None, metadata: dict[str, Any] | None = None,
+                progress: ProgressFn | None = None) -> PublishResult:
+        """Stage ``ref_text`` on every live replica, then commit it (or abort); returns what happened."""
+        source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
+        started = self.clock.time()
+        if source.unchanged:
+            return PublishResult(source.version, source.model, "unchanged", started_at=started,
+                                 reason="the committed version already has this content (same digest)")
+        with self.lease:
+            return self._two_phases(source, policy or self.settings.commit_policy,
+                                    timeout_s or self.settings.stage_timeout_s, started, progress)
+
+    def publish_legacy(self, model: str, *, source: Source | None = None) -> PublishResult | None:
+        """The seed's ``{"desired_model_repo_id": ...}``: publish it unless someone already did."""
+        with self.lease:
+            try:
+                current = read_sync_state(self.path)
+            except ValueError:
+                current = None
+            if not (isinstance(current, LegacyRequest) and current.desired_model_repo_id == model):
+                return None  # another coordinator took care of it
+            source = source or self.prepare_source(model)
+            if source.unchanged:
+                state = self._state_from_heartbeats()
+                self._write(state, pending=None)
+                return PublishResult(source.version, source.model, "unchanged")
+            return self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
+                                    self.clock.time(), None)
+
+    def rollback(self, to: int | None = None, **kwargs: Any) -> PublishResult:
+        """Commit an earlier version again (default: the one before the committed version)."""
+        if to is None:
+            state = self.read_state()
+            if state.committed is None or state.committed.version == 0:
+                raise NotFound("nothing to roll back to: no version was committed after the initial model")
+            older = [m.version for m in self.store.list() if m.version < state.committed.version]
+            to = max(older) if older else 0
+        return self.publish(f"versions/{to}", **kwargs)
+
+    def _write(self, state: SyncState, **changes: Any) -> SyncState:
+        new = state.model_copy(update={"generation": state.generation + 1, "updated_at": self.clock.time(),
+                                       "writer": self.owner, "format": 1, **changes})
+        write_sync_state(self.path, new)
+        return new
+
+    def _two_phases(self, source: Source, policy: CommitPolicy, timeout_s: float, started: float,
+                    progress: ProgressFn | None) -> PublishResult:
+        state = self.read_state()
+        if state.pending is not None and state.pending.phase is Phase.PREPARE:
+            log.warning("superseding the unfinished prepare of v%d left by %s", state.pending.version,
+                        state.pending.coordinator)
+        now = self.clock.time()
+        pending = Pending(version=source.version, model=source.model, digest=source.digest, phase=Phase.PREPARE,
+                          coordinator=self.owner, started_at=now, deadline=now + timeout_s, rollback=source.rollback)
+        state = self._write(state, pending=pending)
+        log.info("prepare v%d (%s), generation %d", source.version, source.model, state.generation)
+        if progress:
+            progress("prepare", {"version": source.version, "generation": state.generation})
+        reports = self._wait_staged(source, state.generation, now + timeout_s, policy, progress)
+        result = PublishResult(source.version, source.model, "aborted", started_at=started,
+                               prepare_s=self.clock.time() - now, generation=state.generation,
+                               rollback=source.rollback, replicas=reports)
+        reason = self._commit_refusal(reports, policy)
+        if reason is not None:
+            state = self._write(state, pending=pending.model_copy(update={"phase": Phase.ABORT, "reason": reason}))
+            result.reason, result.generation = reason, state.generation
+            log.warning("abort v%d: %s", source.version, reason)
+        else:
+            margin = max(self.settings.commit_margin_s, 2 * self.settings.poll_interval_s + 0.05)
+            activate_at = self.clock.time() + margin
+            committed = Committed(version=source.version, model=source.model, digest=source.digest,
+                                  activate_at=activate_at, committed_at=self.clock.time(), rollback=source.rollback)
+            state = self._write(state, committed=committed,
+                                pending=pending.model_copy(update={"phase": Phase.COMMIT, "activate_at": activate_at}))
+            result.outcome, result.activate_at, result.generation = "committed", activate_at, state.generation
+            log.info("commit v%d, activate_at %.3f", source.version, activate_at)
+            if progress:
+                progress("commit", {"version": source.version, "activate_at": activate_at})
+            self._wait_serving(result)
+        result.total_s = self.clock.time() - started
+        self._record(result)
+        return result
+
+    def _wait_staged(self, source: Source, generation: int, deadline: float, policy: CommitPolicy,
+                     progress: ProgressFn | None) -> list[ReplicaReport]:
+        """Poll heartbeats until every live replica staged the version, failed, or the deadline passed."""
+        renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
+        while True:
+            live = self.live_replicas()
+            reports = []
+            for beat in live:
+                staged = beat.staged
+                mine = (staged is not None and staged.version == source.version and staged.model == source.model
+                        and (beat.generation_seen or 0) >= generation)
+                serving_it = (beat.serving is not None and beat.serving.version == source.version
+                              and beat.serving.model == source.model)
+                if mine and staged is not None and staged.state is StageState.STAGED:
+                    reports.append(ReplicaReport(beat.replica_id, "staged", None, staged.seconds,
+                                                 staged.weights_digest))
+                elif mine and staged is not None and staged.state is StageState.FAILED:
+                    reports.append(ReplicaReport(beat.replica_id, "failed", staged.error, staged.seconds))
+                elif serving_it and (beat.generation_seen or 0) >= generation:
+                    reports.append(ReplicaReport(beat.replica_id, "staged", None, 0.0,
+                                                 beat.serving.weights_digest if beat.serving else None))
+                else:
+                    reports.append(ReplicaReport(beat.replica_id, "timeout", "did not stage before the deadline"))
+            waiting = [r for r in reports if r.outcome == "timeout"]
+            failed = [r for r in reports if r.outcome == "failed"]
+            if progress:
+                progress("staging", {"staged": len(reports) - len(waiting) - len(failed), "failed": len(failed),
+                                     "live": len(reports)})
+            if not waiting or (failed and policy is CommitPolicy.STRICT) or self.clock.time() >= deadline:
+                return reports
+            if self.clock.time() >= renew_at:
+                self.lease.renew()
+                renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
+            self.clock.sleep(self.settings.poll_interval_s)
+
+    def _commit_refusal(self, reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
+        """Why this version must not be committed, or None."""
+        staged = [r for r in reports if r.outcome == "staged"]
+        bad = [r for r in reports if r.outcome != "staged"]
+        digests = {r.weights_digest for r in staged if r.weights_digest}
+        if len(digests) > 1:
+            detail = ", ".join(f"{r.replica_id}={_short(r.weights_digest)}" for r in staged)
+            return f"replicas loaded different weights ({detail}); refusing to commit"
+        if not bad:
+            return None
+        detail = "; ".join(f"{r.replica_id}: {r.outcome}{' — ' + r.error if r.error else ''}" for r in bad)
+        if policy is CommitPolicy.STRICT:
+            return f"{len(bad)} of {len(reports)} replicas did not stage ({detail})"
+        if len(staged) * 2 <= len(reports):
+            return f"quorum not reached: {len(staged)} of {len(reports)} staged ({detail})"
+        return None
+
+    def _wait_serving(self, result: PublishResult) -> None:
+        """After a commit, note which replicas serve it (for the report); never blocks past a few seconds."""
+        assert result.activate_at is not None
+        until = result.activate_at + 5.0
+        while True:
+            beats = {b.replica_id: b for b in self.live_replicas()}
+            pending = []
+            for report in result.replicas:
+                beat = beats.get(report.replica_id)
+                if beat and beat.serving and beat.serving.version == result.version and beat.ready:
+                    if report.outcome == "staged":
+                        report.outcome = "serving"
+                elif report.outcome == "staged":
+                    pending.append(report)
+            if not pending or self.clock.time() >= until:
+                for report in result.replicas:
+                    if report.outcome != "serving":
+                        report.outcome = "behind" if report.outcome == "staged" else report.outcome
+                return
+            self.clock.sleep(self.settings.poll_interval_s)
+
+    def _record(self, result: PublishResult) -> None:
+        """Append the publish to the history the UI draws (one small JSON file per publish)."""
+        path = self.shared_dir / "history" / f"{int(result.started_at * 1000):015d}-v{result.version}.json"
+        try:
+            atomic_write_json(path, result.as_dict())
+        except OSError as exc:
+            log.warning("could not record publish history: %s", exc)
+
+
+def wait_until_serving(settings: Settings, version: int, *, clock: Clock, timeout_s: float = 60.0,
+                       min_replicas: int = 1) -> list[Heartbeat]:
+    """Block until every live replica (at least ``min_replicas``) serves ``version`` and is ready."""
+    assert settings.shared_dir is not None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = clock.time()
+        live = [b for b in read_heartbeats(settings.shared_dir) if now - b.time <= settings.heartbeat_ttl_s]
+        if len(live) >= min_replicas and all(b.ready and b.serving and b.serving.version == version for b in live):
+            return live
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{b.replica_id}=v{b.serving.version if b.serving else '-'}" for b in live) or "none"
+            raise Conflict(f"replicas did not all serve v{version} within {timeout_s:.0f}s (live: {have})")
+        clock.sleep(min(0.1, settings.poll_interval_s))

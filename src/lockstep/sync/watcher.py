@@ -1,0 +1,282 @@
+"""Replica side of the sync protocol: poll ``sync_state.json``, stage, flip at ``activate_at``, heartbeat.
+
+The shared folder may be NFS-like: the watcher opens and reads the file every poll interval (close-to-open
+consistency) instead of trusting stat(). A torn, empty or invalid file keeps the last good state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from lockstep.core.clock import Clock
+from lockstep.core.errors import Conflict, LeaseHeld
+from lockstep.core.settings import Settings
+from lockstep.sync.protocol import (
+    Committed,
+    Heartbeat,
+    LegacyRequest,
+    Phase,
+    StageState,
+    SyncState,
+    read_sync_state,
+    write_heartbeat,
+)
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_RETRY_S = 5.0  # seconds between attempts to load a committed version that failed to load
+
+
+def sleep_until(clock: Clock, wall_time: float) -> None:
+    """Sleep until ``wall_time``: one coarse sleep, then 0.2 ms steps for the last 2 ms (flip skew matters)."""
+    while (remaining := wall_time - clock.time()) > 0:
+        clock.sleep(remaining - 0.002 if remaining > 0.002 else min(remaining, 0.0002))
+
+
+class SyncWatcher:
+    """Drives one replica from the shared folder; owns its heartbeat."""
+
+    def __init__(self, replica: Any, settings: Settings, *, store: Any, clock: Clock, replica_id: str,
+                 url: str | None, token_rate: Any = None) -> None:
+        assert settings.shared_dir is not None and settings.sync_state_path is not None
+        self.replica = replica
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.replica_id = replica_id
+        self.url = url
+        self.token_rate = token_rate
+        self.path = settings.sync_state_path
+        self.shared_dir = settings.shared_dir
+        self.last_good: SyncState | None = None
+        self._last_problem: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._work: threading.Thread | None = None  # the one stage or catch-up load in progress
+        self._work_key: tuple[str, int, str] | None = None  # (kind, version, model)
+        self._attempted: set[tuple[int, str, int]] = set()  # (version, model, generation) prepares tried
+        self._flip_scheduled: int | None = None
+        self._catch_up_failed_at: float | None = None
+        self._legacy_seen: str | None = None
+        self._publish_thread: threading.Thread | None = None
+        self._beat_due = 0.0
+        self._wake = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"sync-{self.replica_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the watcher must outlive any one bad tick
+                log.exception("sync tick failed on %s", self.replica_id)
+            self._wake.wait(self.settings.poll_interval_s)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ one poll
+    def tick(self) -> None:
+        state = self._read()
+        self._apply(state)
+        now = self.clock.time()
+        if now >= self._beat_due:
+            self.beat()
+
+    def _problem(self, message: str) -> None:
+        if message != self._last_problem:  # say it once, not ten times a second
+            log.warning("%s: %s; keeping the last good state (generation %s)", self.replica_id, message,
+                        self.last_good.generation if self.last_good else None)
+            self._last_problem = message
+
+    def _read(self) -> SyncState | None:
+        try:
+            state = read_sync_state(self.path)
+        except (ValueError, OSError) as exc:
+            self._problem(str(exc))
+            return self.last_good
+        if state is None:
+            return self.last_good
+        if isinstance(state, LegacyRequest):
+            self._on_legacy(state.desired_model_repo_id)
+            return self.last_good
+        last = self.last_good
+        if last is not None:
+            if state.generation < last.generation:
+                self._problem(f"sync_state generation {state.generation} is lower than {last.generation}; ignored")
+                return last
+            if (state.committed and last.committed and state.committed.version < last.committed.version
+                    and not state.committed.rollback):
+                self._problem(f"sync_state commits v{state.committed.version} below v{last.committed.version} "
+                              "without a rollback; ignored (use lockstep rollback)")
+                return last
+        self._last_problem = None
+        self.last_good = state
+        return state
+
+    def target(self, state: SyncState | None) -> Committed:
+        """What this replica must serve: the committed version, or the initial model as version 0."""
+        if state is not None and state.committed is not None:
+            return state.committed
+        return Committed(version=0, model=self.settings.initial_model_repo_id)
+
+    def _apply(self, state: SyncState | None) -> None:
+        replica = self.replica
+        pending = state.pending if state else None
+        now = self.clock.time()
+        if pending is not None:
+            expired = pending.deadline is not None and now > pending.deadline
+            info = replica.stage_info
+            if pending.phase is Phase.PREPARE and not expired:
+                key = (pending.version, pending.model, state.generation if state else 0)
+                serving = replica.serving
+                already = serving is not None and serving.version == pending.version
+                if key not in self._attempted and not already:
+                    self._attempted.add(key)
+                    self._start_work("stage", pending.version, pending.model, pending.digest)
+            elif pending.phase is Phase.ABORT or (pending.phase is Phase.PREPARE and expired):
+                if info is not None and info.version == pending.version and not self._busy("stage", pending.version):
+                    if replica.abort(pending.version):
+                        log.info("%s dropped staged v%d (%s)", self.replica_id, pending.version,
+                                 pending.reason or "prepare expired")
+                        self._beat_due = 0.0
+
+        target = self.target(state)
+        serving = replica.serving
+        if serving is not None and serving.version == target.version and (
+                not target.digest or not serving.digest or serving.digest == target.digest):
+            if replica.committed_version != target.version:
+                replica.set_committed(target.version, target.digest)
+            return
+        if self._flip_scheduled == target.version:
+            return
+        activate_at = target.activate_at or now
+        if replica.staged_plan_version() == target.version:
+            self._schedule_flip(target.version, activate_at)
+            return
+        if self._busy("stage", target.version) or self._busy("catch-up", target.version):
+            if now >= activate_at and replica.committed_version != target.version:
+                replica.set_committed(target.version, target.digest)  # behind: unready until loaded
+                self._beat_due = 0.0
+            return
+        # Not staged and not loading: go unready and load it (the boot path is the same operation).
+        if self._catch_up_failed_at is not None and now - self._catch_up_failed_at < CATCH_UP_RETRY_S:
+            return
+        replica.set_committed(target.version, target.digest)
+        self._beat_due = 0.0
+        self._start_work("catch-up", target.version, target.model, target.digest)
+
+    # ------------------------------------------------------------------ background work
+    def _busy(self, kind: str, version: int) -> bool:
+        return (self._work is not None and self._work.is_alive() and self._work_key is not None
+                and self._work_key[0] == kind and self._work_key[1] == version)
+
+    def _start_work(self, kind: str, version: int, model: str, digest: str | None) -> None:
+        if self._work is not None and self._work.is_alive():
+            # One load at a time; a newer request waits for the next tick after this one ends.
+            if kind == "stage":
+                self._attempted.discard(next((k for k in self._attempted if k[0] == version and k[1] == model),
+                                             (-1, "", -1)))
+            return
+
+        def run() -> None:
+            try:
+                if kind == "stage":
+                    info = self.replica.stage(model, version, digest)
+                    log.info("%s stage v%d: %s", self.replica_id, version, info.state.value)
+                else:
+                    self.replica.boot(model, version, digest)
+                    self._catch_up_failed_at = None
+            except Exception as exc:
+                self._catch_up_failed_at = self.clock.time()
+                log.error("%s could not load v%d (%s): %s", self.replica_id, version, model, exc)
+            finally:
+                self._beat_due = 0.0
+                self._wake.set()
+
+        self._work_key = (kind, version, model)
+        self._work = threading.Thread(target=run, name=f"{kind}-v{version}", daemon=True)
+        self._work.start()
+
+    def _schedule_flip(self, version: int, activate_at: float) -> None:
+        self._flip_scheduled = version
+
+        def flip() -> None:
+            sleep_until(self.clock, activate_at)
+            try:
+                self.replica.flip(version)
+            except Conflict as exc:
+                log.error("%s could not flip to v%d: %s", self.replica_id, version, exc)
+            finally:
+                self._flip_scheduled = None
+                self._beat_due = 0.0
+                self._wake.set()
+
+        threading.Thread(target=flip, name=f"flip-v{version}", daemon=True).start()
+
+    # ------------------------------------------------------------------ heartbeat
+    def beat(self) -> None:
+        r = self.replica
+        queued, running = r.engine_load()
+        beat = Heartbeat(
+            replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
+            serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
+            generation_seen=self.last_good.generation if self.last_good else None,
+            update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
+            tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
+            started_at=r.started_at,
+        )
+        try:
+            write_heartbeat(self.shared_dir, beat)
+        except OSError as exc:
+            self._problem(f"cannot write heartbeat: {exc}")
+        self._beat_due = self.clock.time() + self.settings.heartbeat_interval_s
+
+    # ------------------------------------------------------------------ publishing from a replica
+    def _on_legacy(self, model: str) -> None:
+        """The seed's format: any pod may write it; this replica tries to coordinate the publish."""
+        if self._legacy_seen == model:
+            return
+        self._legacy_seen = model
+        try:
+            self.start_publish(model, origin="legacy sync_state.json", legacy=True)
+        except (Conflict, LeaseHeld) as exc:
+            log.info("%s leaves the legacy request to another coordinator: %s", self.replica_id, exc)
+        except Exception as exc:
+            log.error("legacy request for %s refused: %s", model, exc)
+
+    def start_publish(self, model: str, *, origin: str, legacy: bool = False) -> dict[str, Any]:
+        """Run a cluster-wide publish of ``model`` with this replica as coordinator (in the background)."""
+        from lockstep.sync.coordinator import Coordinator
+
+        if self._publish_thread is not None and self._publish_thread.is_alive():
+            raise Conflict("this replica is already coordinating a publish; watch GET /status or lockstep status")
+        coordinator = Coordinator(self.settings, store=self.store, clock=self.clock, owner=self.replica_id)
+        coordinator.check_free()  # 409 now rather than a failure in the background
+        source = coordinator.prepare_source(model)  # bad references are refused before any replica stages
+
+        def run() -> None:
+            try:
+                if legacy:
+                    result = coordinator.publish_legacy(model, source=source)
+                else:
+                    result = coordinator.publish(model, source=source)
+                if result is not None:
+                    log.info("publish of %s from %s: %s", model, origin, result.summary())
+            except Exception as exc:
+                log.error("publish of %s from %s failed: %s", model, origin, exc)
+
+        self._publish_thread = threading.Thread(target=run, name="publish", daemon=True)
+        self._publish_thread.start()
+        return {"status": "accepted", "scope": "cluster", "model": model, "coordinator": self.replica_id,
+                "origin": origin}
