@@ -124,6 +124,16 @@ def _progress_printer() -> Any:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "publish")
+    settings = load_settings(**_shared_overrides(args))
+    urls = [u.strip() for u in args.urls.split(",") if u.strip()] if args.urls else []
+    if urls or (settings.shared_dir is None and settings.inference_url_list):
+        from lockstep.sync.http_coordinator import HttpCoordinator
+
+        http = HttpCoordinator(settings, urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
+        result = http.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
+                              timeout_s=args.timeout)
+        _print_result(result)
+        return 0 if result.ok else 1
     coordinator = _coordinator(args)
     result = coordinator.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
                                  timeout_s=args.timeout, progress=_progress_printer())
@@ -228,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         if name == "publish":
             p.add_argument("ref", help="repo id, ./local/dir, versions/N or builtin:tiny-sN")
+            p.add_argument("--urls", default=None,
+                           help="comma-separated replica URLs: publish over HTTP (no shared folder)")
         else:
             p.add_argument("--to", type=int, default=None, help="version (default: the one before)")
         p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)

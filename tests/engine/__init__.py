@@ -38,10 +38,12 @@ def tokenizer() -> Any:
 def config_kwargs() -> dict[str, Any]:
     """Shape shared by every test model: hidden 64, 2 layers, 4 query heads over 2 KV heads (GQA)."""
     tok = tokenizer()
-    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                initializer_range=0.2)  # larger than Llama's 0.02 so the output depends on the context
+    return {
+        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": None,
+        "initializer_range": 0.2,  # larger than Llama's 0.02 so the output depends on the context
+    }
 
 
 def finish_model(model: Any) -> Any:

@@ -162,3 +162,25 @@ def load_settings(**overrides: object) -> Settings:
     """Read the environment once; CLI flags arrive as overrides and win."""
     clean = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**clean)
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table (docs/configuration.md is generated from it)."""
+    rows = ["# Configuration", "",
+            "Every setting Lockstep reads, generated from `lockstep.core.settings.Settings` "
+            "(`python -m lockstep.core.settings > docs/configuration.md`).",
+            "Settings are read once from the environment when a process starts; command-line flags "
+            "(`--shared`, `--model`, `--port`) override them.", "",
+            "| environment variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = " / ".join(f"`{c}`" for c in alias.choices) if isinstance(alias, AliasChoices) else f"`{name}`"
+        default = field.default.value if isinstance(field.default, Enum) else field.default
+        shown = "unset" if default is None else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")  # a bare | splits the cell
+        rows.append(f"| {names} | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -231,6 +231,11 @@ class Engine:
             return dict(self._finished)
 
     @property
+    def accepting(self) -> bool:
+        """True until stop() or close(): submit() may be called."""
+        return not (self._stopping or self._closed)
+
+    @property
     def admission_paused(self) -> bool:
         return self._paused
 

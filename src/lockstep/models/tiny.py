@@ -52,13 +52,17 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-# Uniform init. Projections: std 0.02 (Llama's initializer_range). Input embeddings: std 1.0, so each
-# token stands out in the residual stream (RMSNorm rescales it before every layer). lm_head: std
-# LOGIT_STD/sqrt(hidden), so logits have std ~4 at every size: greedy has a clear winner and differs by
-# seed, temperature 1 still varies, and a zeroed row (logit 0) is practically never picked.
-LINEAR_STD = 0.02
+# Uniform init, scaled so that a random model behaves alike at every size (std = gain / sqrt(fan_in)).
+# Input embeddings: std 0.3. q/k/v/gate/up: gain 0.32. o_proj/down_proj write into the residual stream:
+# gain 0.9 / sqrt(2 * layers) (GPT-2's depth scaling), so all layers together add about as much as one
+# token's embedding: greedy output then depends on the whole context yet does not collapse into one
+# repeated token (layers swamping the embedding do that). lm_head: std LOGIT_STD / sqrt(hidden), so logits
+# have std ~4: greedy has a clear winner, temperature 1 still varies, a zeroed row (logit 0) is not picked.
 EMBEDDING_STD = 0.3
+INPUT_GAIN = 0.32
+OUTPUT_GAIN = 0.9
 LOGIT_STD = 4.0
+_OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight")
 
 TOKENIZER_MIN_FREQUENCY = 2  # a merge must occur twice in the corpus: no tokens for one-off words
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -137,7 +141,6 @@ def llama_config(size: str):  # -> transformers.LlamaConfig (import deferred: tr
         max_position_embeddings=spec.max_position_embeddings,
         hidden_act="silu",
         rms_norm_eps=1e-5,
-        initializer_range=LINEAR_STD,
         tie_word_embeddings=False,
         bos_token_id=SPECIAL_TOKENS.index(BOS),
         eos_token_id=SPECIAL_TOKENS.index(EOS),
@@ -237,16 +240,23 @@ def silent_token_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, seed: int, silent_ids: list[int]) -> None:
     """Fill every parameter from ``seed`` in a way that is bit-identical on every CPU."""
-    hidden = model.config.hidden_size
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
         if param.dim() != 2:
             raise BadRequest(f"builtin init has no rule for parameter {name} of shape {tuple(param.shape)}")
-        std = {"model.embed_tokens.weight": EMBEDDING_STD, "lm_head.weight": LOGIT_STD / hidden**0.5}
+        if name == "model.embed_tokens.weight":
+            std = EMBEDDING_STD
+        elif name == "lm_head.weight":
+            std = LOGIT_STD / hidden**0.5
+        elif name.endswith(_OUTPUT_PROJECTIONS):
+            std = OUTPUT_GAIN / (param.shape[1] * 2 * layers) ** 0.5
+        else:
+            std = INPUT_GAIN / param.shape[1] ** 0.5
         generator = torch.Generator(device="cpu").manual_seed(_tensor_seed(seed, name))
-        param.copy_(_uniform(param.shape, std.get(name, LINEAR_STD), generator))
+        param.copy_(_uniform(param.shape, std, generator))
     model.get_output_embeddings().weight[silent_ids] = 0.0
 
 

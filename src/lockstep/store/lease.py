@@ -3,16 +3,24 @@
 The file ``locks/<name>.lease`` holds ``{owner, acquired_at, expires_at, token}`` (wall-clock seconds).
 
 * Acquire creates it with O_CREAT|O_EXCL: exactly one creator wins, also on NFS.
-* A stale lease (``expires_at`` passed; for a torn file, no write for ``ttl_s``) is taken over, never
-  ignored: the taker renames it to a unique name (only one renamer wins), checks that what it moved is
-  still stale (else it puts it back with ``link``, which never overwrites), deletes it, then creates its
-  own with O_EXCL. The takeover is logged with the old holder.
-* Renew and release act only while the file still carries our token; otherwise LeaseHeld("lost the lease").
-  Clocks of the machines must agree to well within ``ttl_s``; renew every ``ttl_s / 3`` or so.
+* A stale lease (``expires_at`` passed; a torn file: no write for ``ttl_s``) is taken over, never ignored.
+  Removing lease X is reserved to whoever holds X's *claim*: a hard link ``.<name>.takeover-<hash of X>``
+  to the lease file, made with ``link`` (atomic, fails when the name exists: one taker per X). The claim
+  holder reads the claim: if it is not X, the lease was replaced meanwhile and is left alone; if it is,
+  nobody else can have replaced it, so it renames X away (a unique name), logs the takeover with the old
+  holder, and creates its own lease with O_EXCL. A plain "rename the stale file away" is not enough: a slow
+  taker that judged X stale would move the fresh lease of a faster one (measured: 1 round in 200 with six
+  processes had two winners).
+* The holder releases (and renews a lease that has expired) through the same claim; it renews a live
+  lease in place. Renew and release act only while the file carries our token, else LeaseHeld("lost the
+  lease"). Clocks of the machines must agree to well within ``ttl_s``; renew every ``ttl_s / 3`` or so.
+* A claim left by a taker that crashed mid-takeover is removed after ``ttl_s``.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -26,12 +34,13 @@ from typing import Any, NoReturn
 
 from lockstep.core.atomic import atomic_write_json, fsync_dir
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, LeaseHeld
+from lockstep.core.errors import BadRequest, LeaseHeld, LockstepError
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_ATTEMPTS = 5  # create / take-over rounds before giving up on a contended lease
+_ATTEMPTS = 20  # create / take-over rounds before reporting a contended lease as held
+_CONTENDED_WAIT_S = 0.005  # seconds to let another taker finish before looking again
 
 
 def _iso(t: float) -> str:
@@ -44,12 +53,13 @@ class _Seen:
 
     record: dict[str, Any] | None
     mtime: float  # wall-clock seconds, from the file system
+    fingerprint: str  # inode, mtime and size: identifies a torn file, which has no token
 
     @classmethod
     def read(cls, path: Path) -> _Seen | None:
         try:
             with open(path, "rb") as f:  # open+read, not stat(): NFS caches attributes
-                mtime = os.fstat(f.fileno()).st_mtime
+                st = os.fstat(f.fileno())
                 data = f.read()
         except FileNotFoundError:
             return None
@@ -61,7 +71,7 @@ class _Seen:
                 record = None
         except ValueError:
             record = None
-        return cls(record, mtime)
+        return cls(record, st.st_mtime, f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}")
 
     @property
     def owner(self) -> str:
@@ -70,6 +80,11 @@ class _Seen:
     @property
     def token(self) -> str | None:
         return self.record["token"] if self.record else None
+
+    @property
+    def identity(self) -> str:
+        """What makes this lease this one: its token (unique per grant), or a torn file's fingerprint."""
+        return f"token:{self.token}" if self.token else f"torn:{self.fingerprint}"
 
     def expires_at(self, ttl_s: float) -> float:
         # A torn file (its writer died between create and write) expires ttl_s after its last write.
@@ -136,8 +151,8 @@ class Lease:
             if now < expires:
                 raise LeaseHeld(f"lease {self.name!r} is held by {seen.owner} until {_iso(expires)} "
                                 f"({expires - now:.1f} s from now); it can be taken once it expires")
-            self._take_over(now)
-        raise LeaseHeld(f"lease {self.name!r} is contended: {_ATTEMPTS} attempts lost to other takers; "
+            self._remove(seen, now)
+        raise LeaseHeld(f"lease {self.name!r} is contended: other processes kept taking it over; "
                         f"holder now: {self._describe(_Seen.read(self.path))}")
 
     def renew(self) -> None:
@@ -149,12 +164,12 @@ class Lease:
         if seen is None or seen.token != self._token:
             self._lost(seen)
         expires = now + self.ttl_s
-        margin = min(1.0, self.ttl_s / 10)  # seconds: near expiry a taker may be moving the file already
+        margin = min(1.0, self.ttl_s / 10)  # seconds: near expiry a taker may be removing the file already
         if now < self._expires_at - margin:
             atomic_write_json(self.path, self._record(self._acquired_at, expires, self._token))
         else:
-            # Expired (or about to) but still ours: take it back the race-safe way, as any taker would.
-            self._take_over(now, quiet=True)
+            # Expired (or about to) but still ours: remove it the way a taker would, then create it anew.
+            self._remove(seen, now, quiet=True)
             if not self._create(self._acquired_at, expires, self._token):
                 self._lost(_Seen.read(self.path))
         self._expires_at = expires
@@ -167,16 +182,8 @@ class Lease:
         seen = _Seen.read(self.path)
         if seen is None or seen.token != token:
             self._lost(seen)
-        aside = self._aside("released")
-        try:
-            os.rename(self.path, aside)  # then check what we moved: a taker may have replaced it meanwhile
-        except FileNotFoundError:
-            self._lost(None)
-        moved = _Seen.read(aside)
-        if moved is None or moved.token != token:
-            self._put_back(aside)
-            self._lost(moved)
-        aside.unlink(missing_ok=True)
+        if not self._remove(seen, self.clock.time(), quiet=True):
+            self._lost(_Seen.read(self.path))
         fsync_dir(self.locks_dir)
         log.info("%s released lease %r", self.owner, self.name)
 
@@ -215,25 +222,54 @@ class Lease:
         fsync_dir(self.locks_dir)
         return True
 
-    def _take_over(self, now: float, *, quiet: bool = False) -> None:
-        """Move a stale lease out of the way; only one of several racing takers moves it."""
-        aside = self._aside("stale")
+    def _remove(self, seen: _Seen, now: float, *, quiet: bool = False) -> bool:
+        """Remove lease ``seen`` if the file still is that lease; True when this call removed it."""
+        digest = hashlib.sha256(seen.identity.encode()).hexdigest()[:32]
+        claim = self.locks_dir / f".{self.name}.takeover-{digest}"
         try:
-            os.rename(self.path, aside)
+            os.link(self.path, claim)  # the claim on removing this lease: one process at a time
         except FileNotFoundError:
-            return  # another taker (or the holder's release) moved it first
-        moved = _Seen.read(aside)
-        if moved is not None and now < moved.expires_at(self.ttl_s) and moved.token != self._token:
-            # What we moved is a live lease a faster taker just created: restore it.
-            self._put_back(aside)
+            return False  # already gone
+        except FileExistsError:
+            self._drop_abandoned(claim, now)
+            self.clock.sleep(_CONTENDED_WAIT_S)  # another process is removing it; look again soon
+            return False
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise LockstepError(f"the lease in {self.locks_dir} needs hard links, which this file system "
+                                    f"refuses ({e.strerror}); put locks/ on a POSIX or NFS volume") from e
+            raise
+        try:
+            linked = _Seen.read(claim)
+            if linked is None or linked.identity != seen.identity:
+                return False  # replaced by a newer lease since we read it: not ours to remove
+            aside = self.locks_dir / f".{self.name}.removed-{uuid.uuid4().hex}"
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                return False
+            moved = _Seen.read(aside)
+            if moved is None or moved.identity != seen.identity:
+                self._put_back(aside)  # only after an abandoned claim was dropped by two processes at once
+                return False
+            if not quiet:
+                log.warning("%s takes over stale lease %r from %s (expired %s, %.1f s ago)", self.owner,
+                            self.name, seen.owner, _iso(seen.expires_at(self.ttl_s)),
+                            now - seen.expires_at(self.ttl_s))
+            aside.unlink(missing_ok=True)
+            return True
+        finally:
+            claim.unlink(missing_ok=True)
+
+    def _drop_abandoned(self, claim: Path, now: float) -> None:
+        """Remove a claim whose taker died mid-takeover (a takeover takes milliseconds; this waited ttl_s)."""
+        try:
+            made = os.lstat(claim).st_ctime  # link() sets the ctime: when the claim was made
+        except FileNotFoundError:
             return
-        if not quiet and moved is not None:
-            log.warning("%s takes over stale lease %r from %s (acquired %s, expired %s, %.1f s ago)",
-                        self.owner, self.name, moved.owner,
-                        _iso(moved.record["acquired_at"]) if moved.record and isinstance(
-                            moved.record.get("acquired_at"), (int, float)) else "?",
-                        _iso(moved.expires_at(self.ttl_s)), now - moved.expires_at(self.ttl_s))
-        aside.unlink(missing_ok=True)
+        if now - made > self.ttl_s:
+            log.warning("lease %r: dropping a takeover claim abandoned %.0f s ago", self.name, now - made)
+            claim.unlink(missing_ok=True)
 
     def _put_back(self, aside: Path) -> None:
         """Restore a lease file moved by mistake, never overwriting one created meanwhile."""
@@ -242,13 +278,7 @@ class Lease:
         except FileExistsError:
             log.error("lease %r: could not restore %s's lease, another was created meanwhile",
                       self.name, self._describe(_Seen.read(aside)))
-        except OSError:
-            if not os.path.lexists(self.path):  # a file system without hard links
-                os.replace(aside, self.path)
         aside.unlink(missing_ok=True)
-
-    def _aside(self, why: str) -> Path:
-        return self.locks_dir / f".{self.name}.{why}-{uuid.uuid4().hex}"
 
     def _describe(self, seen: _Seen | None) -> str:
         if seen is None:

@@ -1,0 +1,389 @@
+"""The engine end to end on a small Llama: HF-equal greedy output, batching, sampling, admission, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from lockstep.core.errors import BadRequest, NotReady, Overloaded
+from lockstep.engine import Engine, FinalEvent, FinishReason, SamplingParams, TokenEvent
+
+from . import encode, hf_greedy, llama, tokenizer
+
+PROMPTS = [
+    "The quick brown fox",
+    "Emoji 😀 and 🚀",
+    "a",
+    "Numbers: one two three four five six seven eight nine ten. The engine streams tokens",
+    "Café, naïve",
+    "The client reads them",
+    "日本語",
+    "A small model writes a short story about",
+]
+TIMEOUT = 60.0  # seconds a test waits for a request before failing (a hang, not a speed check)
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return llama(seed=0)
+
+
+@pytest.fixture
+def engine(model: Any) -> Iterator[Engine]:
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_queue=64, max_context=256)
+    yield eng
+    eng.close()
+
+
+class Gate:
+    """Blocks the engine thread inside a forward (hook on lm_head) until opened: a deterministic pause."""
+
+    def __init__(self, model: Any) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self._hook = model.lm_head.register_forward_hook(self._wait)
+
+    def _wait(self, module: Any, args: Any, output: Any) -> None:
+        self.entered.set()
+        assert self.open.wait(TIMEOUT), "gate never opened"
+
+    def remove(self) -> None:
+        self.open.set()
+        self._hook.remove()
+
+
+def open_when_stopping(eng: Engine, gate: Gate) -> None:
+    for _ in range(int(TIMEOUT * 1000)):  # bounded wait for stop() to run in the test thread
+        if not eng.accepting:
+            break
+        time.sleep(0.001)
+    gate.open.set()
+
+
+def first_token(handle: Any) -> TokenEvent:
+    for event in handle:
+        if isinstance(event, TokenEvent):
+            return event
+    raise AssertionError("request ended without a token")
+
+
+def test_greedy_matches_hf_generate_alone(engine: Engine, model: Any) -> None:
+    engine.start()
+    prompt = encode(PROMPTS[0])
+    final = engine.generate(prompt, SamplingParams(max_new_tokens=24), timeout=TIMEOUT)
+    assert list(final.token_ids) == hf_greedy(model, prompt, 24)
+    assert engine.backend == "llama"
+    assert final.prompt_tokens == len(prompt)
+    assert final.completion_tokens == len(final.token_ids)
+
+
+def test_greedy_matches_hf_when_eight_join_at_different_times(engine: Engine, model: Any) -> None:
+    engine.start()
+    lengths = [24, 9, 17, 30, 5, 21, 12, 27]  # leave at different steps: slots get compacted
+    handles = []
+    for text, n in zip(PROMPTS, lengths):
+        handles.append(engine.submit(encode(text), SamplingParams(max_new_tokens=n)))
+        first_token(handles[-1])  # the next one joins only after this one is decoding
+    for text, n, handle in zip(PROMPTS, lengths, handles):
+        assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), n), text
+
+
+def test_greedy_matches_hf_with_padded_prefill_and_a_queue(model: Any) -> None:
+    # Submitted before start: one padded prefill, and batch 3 < 8 requests, so slots are reused.
+    eng = Engine(model, tokenizer(), max_batch_size=3, max_context=128, prefill_token_budget=64)
+    try:
+        lengths = [7, 15, 3, 11, 9, 1, 13, 5]
+        handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=n)) for t, n in zip(PROMPTS, lengths)]
+        eng.start()
+        for text, n, handle in zip(PROMPTS, lengths, handles):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), n), text
+    finally:
+        eng.close()
+
+
+def test_streamed_text_is_the_final_text(engine: Engine) -> None:
+    engine.start()
+    handle = engine.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=30, temperature=1.0, seed=3))
+    events = list(handle)
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert "".join(e.text for e in tokens) == final.text
+    assert [t for e in tokens for t in e.token_ids] == list(final.token_ids)
+    assert final.text == tokenizer().decode(list(final.token_ids), skip_special_tokens=True)
+    assert final.ttft_s is not None and 0 <= final.ttft_s <= final.latency_s
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    engine.start()
+    prompt = encode(PROMPTS[0])
+    params = SamplingParams(max_new_tokens=20, temperature=1.5, top_p=0.95, top_k=100, seed=1234)
+    alone = engine.generate(prompt, params, timeout=TIMEOUT).token_ids
+    # Again, this time sharing the batch with other sampled requests.
+    others = [engine.submit(encode(t), SamplingParams(max_new_tokens=20, temperature=1.0)) for t in PROMPTS[1:4]]
+    together = engine.generate(prompt, params, timeout=TIMEOUT).token_ids
+    reseeded = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 99}), timeout=TIMEOUT)
+    for handle in others:
+        handle.result(TIMEOUT)
+    assert alone == together
+    assert reseeded.token_ids != alone
+
+
+def test_top_k_one_is_greedy(engine: Engine) -> None:
+    engine.start()
+    prompt = encode(PROMPTS[3])
+    greedy = engine.generate(prompt, SamplingParams(max_new_tokens=16), timeout=TIMEOUT)
+    top1 = engine.generate(prompt, SamplingParams(max_new_tokens=16, temperature=1.3, top_k=1, seed=7),
+                           timeout=TIMEOUT)
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
+    engine.start()
+    prompt = encode(PROMPTS[0])
+    full = engine.generate(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True), timeout=TIMEOUT)
+    assert len(full.text) > 12
+    stop = full.text[8:11]
+    cut = full.text[: full.text.find(stop)]
+    handle = engine.submit(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True, stop=[stop, "\x00never"]))
+    events = list(handle)
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    assert final.finish_reason == FinishReason.STOP == "stop"
+    assert final.text == cut
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == cut
+    assert final.completion_tokens < 30
+
+
+def test_max_new_tokens_ends_with_length(engine: Engine) -> None:
+    engine.start()
+    final = engine.generate(encode(PROMPTS[2]), SamplingParams(max_new_tokens=7, ignore_eos=True), timeout=TIMEOUT)
+    assert final.finish_reason == "length"
+    assert final.completion_tokens == len(final.token_ids) == 7
+
+
+def test_eos_ends_with_stop(model: Any) -> None:
+    eos = tokenizer().eos_token_id
+    with torch.no_grad():
+        saved = model.lm_head.weight[eos].clone()
+        model.lm_head.weight[eos] = model.lm_head.weight.sum(0)  # eos now wins after a few tokens
+    eng = Engine(model, tokenizer(), max_batch_size=2).start()
+    try:
+        prompt = encode(PROMPTS[0])
+        final = eng.generate(prompt, SamplingParams(max_new_tokens=50), timeout=TIMEOUT)
+        assert final.finish_reason == "stop"
+        assert final.token_ids[-1] == eos
+        assert list(final.token_ids) == hf_greedy(model, prompt, 50)
+        ignoring = eng.generate(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True), timeout=TIMEOUT)
+        assert ignoring.completion_tokens == 50
+    finally:
+        eng.close()
+        with torch.no_grad():
+            model.lm_head.weight[eos] = saved
+
+
+def test_context_length_is_checked_at_submit(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_context=32)
+    try:
+        with pytest.raises(BadRequest, match="32"):
+            eng.submit(list(range(2, 30)), SamplingParams(max_new_tokens=5))
+        eng.submit(list(range(2, 30)), SamplingParams(max_new_tokens=4))  # exactly 32: accepted
+        with pytest.raises(BadRequest, match="empty"):
+            eng.submit([], SamplingParams())
+        with pytest.raises(BadRequest, match="vocabulary"):
+            eng.submit([5, 10_000], SamplingParams())
+    finally:
+        eng.close()
+
+
+def test_full_queue_raises_overloaded(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=1, max_queue=2)
+    try:
+        first = eng.submit([5, 6], SamplingParams(max_new_tokens=2))
+        eng.submit([7, 8], SamplingParams(max_new_tokens=2))
+        with pytest.raises(Overloaded) as err:
+            eng.submit([9], SamplingParams(max_new_tokens=2))
+        assert err.value.retry_after_s > 0
+        assert eng.queue_depth == 2
+        first.cancel()  # a queued request leaves at once, making room
+        assert first.result(0).finish_reason == "cancelled"
+        eng.submit([9], SamplingParams(max_new_tokens=2))
+    finally:
+        eng.close()
+
+
+def test_cancel_frees_the_slot(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=1).start()
+    gate = Gate(model)
+    try:
+        long = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=200, ignore_eos=True))
+        gate.entered.wait(TIMEOUT)
+        waiting = eng.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=4, ignore_eos=True))
+        assert (eng.running, eng.queue_depth) == (1, 1)
+        long.cancel()
+        gate.remove()
+        cancelled = long.result(TIMEOUT)
+        assert cancelled.finish_reason == "cancelled"
+        assert cancelled.completion_tokens < 200
+        assert waiting.result(TIMEOUT).completion_tokens == 4
+        assert eng.wait_idle(TIMEOUT) and eng.running == 0
+    finally:
+        gate.remove()
+        eng.close()
+
+
+def test_stop_with_drain_completes_admitted_requests(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=2).start()
+    handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=10, ignore_eos=True)) for t in PROMPTS[:5]]
+    assert eng.stop(drain=True, timeout=TIMEOUT)
+    assert [h.result(0).finish_reason for h in handles] == ["length"] * 5
+    assert not eng.is_running
+    with pytest.raises(NotReady):
+        eng.submit([5], SamplingParams())
+    eng.close()
+
+
+def test_stop_without_drain_cancels(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=1).start()
+    gate = Gate(model)
+    try:
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=100, ignore_eos=True))
+        gate.entered.wait(TIMEOUT)
+        queued = eng.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=100))
+        opener = threading.Thread(target=open_when_stopping, args=(eng, gate))
+        opener.start()  # the blocked step ends only after stop() flagged the engine
+        assert eng.stop(drain=False) is False
+        assert running.result(0).finish_reason == "cancelled"
+        assert queued.result(0).finish_reason == "cancelled"
+        assert queued.result(0).completion_tokens == 0
+        opener.join()
+    finally:
+        gate.remove()
+        eng.close()
+
+
+def test_pause_wait_idle_resume(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4).start()
+    gate = Gate(model)
+    try:
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=6, ignore_eos=True))
+        gate.entered.wait(TIMEOUT)
+        eng.pause_admission()
+        queued = eng.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert eng.wait_idle(timeout=0.05) is False  # the gated request still runs
+        gate.remove()
+        assert eng.wait_idle(timeout=TIMEOUT) is True
+        assert running.result(0).finish_reason == "length"
+        assert not queued.done and eng.queue_depth == 1 and eng.running == 0
+        eng.resume_admission()
+        assert queued.result(TIMEOUT).completion_tokens == 6
+    finally:
+        gate.remove()
+        eng.close()
+
+
+def test_async_iteration(engine: Engine) -> None:
+    engine.start()
+
+    async def collect(text: str) -> list[Any]:
+        handle = engine.submit(encode(text), SamplingParams(max_new_tokens=12, ignore_eos=True))
+        return [event async for event in handle.aiter()]
+
+    async def main() -> list[list[Any]]:
+        return await asyncio.gather(*(collect(t) for t in PROMPTS[:3]))
+
+    for text, events in zip(PROMPTS, asyncio.run(main())):
+        final = events[-1]
+        assert isinstance(final, FinalEvent) and final.completion_tokens == 12
+        assert sum(isinstance(e, TokenEvent) for e in events) == 12
+        sync = engine.generate(encode(text), SamplingParams(max_new_tokens=12, ignore_eos=True), timeout=TIMEOUT)
+        assert final.token_ids == sync.token_ids
+
+
+def test_nan_logits_fail_only_that_request(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4)
+
+    def poison_row0(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] == 2:  # the step that holds both requests: slot 0 is the first one
+            output = output.clone()
+            output[0] = float("nan")
+        return output
+
+    hook = model.lm_head.register_forward_hook(poison_row0)
+    try:
+        victim = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=8, ignore_eos=True))
+        healthy = eng.submit(encode(PROMPTS[1]), SamplingParams(max_new_tokens=8, ignore_eos=True))
+        eng.start()
+        failed = victim.result(TIMEOUT)
+        assert failed.finish_reason == "error" and "non-finite" in (failed.error or "")
+        assert healthy.result(TIMEOUT).finish_reason == "length"
+    finally:
+        hook.remove()
+    assert eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3), timeout=TIMEOUT).completion_tokens == 3
+    eng.close()
+
+
+def test_exception_in_a_step_fails_the_batch_not_the_engine(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4).start()
+    calls = {"n": 0}
+
+    def boom(module: Any, args: Any, output: torch.Tensor) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step
+            raise RuntimeError("injected failure")
+
+    hook = model.lm_head.register_forward_hook(boom)
+    try:
+        final = eng.generate(encode(PROMPTS[0]), SamplingParams(max_new_tokens=8), timeout=TIMEOUT)
+    finally:
+        hook.remove()
+    assert final.finish_reason == "error"
+    assert "injected failure" in (final.error or "")
+    assert final.completion_tokens == 2
+    assert eng.is_running
+    assert eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3), timeout=TIMEOUT).finish_reason == "length"
+    assert eng.finished_total == {"error": 1, "length": 1}
+    eng.close()
+
+
+def test_counters(engine: Engine) -> None:
+    engine.start()
+    before = engine.generated_tokens_total
+    handles = [engine.submit(encode(t), SamplingParams(max_new_tokens=5, ignore_eos=True)) for t in PROMPTS[:3]]
+    for handle in handles:
+        handle.result(TIMEOUT)
+    assert engine.generated_tokens_total - before == 15
+    assert engine.wait_idle(TIMEOUT)
+    assert (engine.queue_depth, engine.running) == (0, 0)
+    assert engine.requests_total >= 3
+
+
+def test_close_releases_the_model() -> None:
+    model = llama(seed=2)
+    ref = weakref.ref(model)
+    eng = Engine(model, tokenizer(), max_batch_size=2).start()
+    eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3), timeout=TIMEOUT)
+    eng.close()
+    assert eng.kv_cache_bytes == 0
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_generic_backend_matches_llama_backend(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4, backend="hf").start()
+    try:
+        assert eng.backend == "hf"
+        handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=10)) for t in PROMPTS[:4]]
+        for text, handle in zip(PROMPTS, handles):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), 10)
+    finally:
+        eng.close()

@@ -1,0 +1,60 @@
+"""Scheduler: FIFO admission within batch and prefill budgets; running sequences stay compact."""
+
+from __future__ import annotations
+
+from lockstep.core.clock import FakeClock
+from lockstep.engine import SamplingParams
+from lockstep.engine.request_handle import RequestHandle
+from lockstep.engine.scheduler import Scheduler, SlotMove
+from lockstep.engine.sequence import Sequence, SequenceStatus
+
+from . import tokenizer
+
+
+def seq(rid: int, n_prompt: int) -> Sequence:
+    handle = RequestHandle(rid, n_prompt, lambda h: None)
+    return Sequence(rid, [5] * n_prompt, SamplingParams(), tokenizer(), frozenset(), None, handle, FakeClock())
+
+
+def test_admits_fifo_up_to_the_batch_size() -> None:
+    sched = Scheduler(max_batch_size=2, max_queue=10, prefill_token_budget=1000)
+    seqs = [seq(i, 3) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert sched.admit() == seqs[:2]
+    assert [s.slot for s in seqs] == [0, 1, -1]
+    assert seqs[0].status is SequenceStatus.RUNNING and seqs[2].status is SequenceStatus.WAITING
+    assert sched.admit() == []
+
+
+def test_prefill_budget_counts_padded_tokens_but_admits_at_least_one() -> None:
+    sched = Scheduler(max_batch_size=8, max_queue=10, prefill_token_budget=20)
+    for i, n in enumerate([30, 4, 4, 8, 4]):
+        sched.add(seq(i, n))
+    assert [s.request_id for s in sched.admit()] == [0]  # alone over budget: still admitted
+    assert [s.request_id for s in sched.admit()] == [1, 2]  # adding the 8-token prompt: 3 * 8 > 20
+    assert [s.request_id for s in sched.admit()] == [3, 4]
+
+
+def test_release_moves_the_last_sequence_into_the_hole() -> None:
+    sched = Scheduler(max_batch_size=4, max_queue=10, prefill_token_budget=1000)
+    seqs = [seq(i, 3) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    sched.admit()
+    seqs[2].num_cached = 7
+    assert sched.release(seqs[0]) == SlotMove(src=2, dst=0, length=7)
+    assert sched.running == [seqs[2], seqs[1]] and [s.slot for s in sched.running] == [0, 1]
+    assert sched.release(seqs[1]) is None  # the last one leaves: nothing to move
+    assert sched.running == [seqs[2]]
+
+
+def test_queue_full_and_remove_waiting() -> None:
+    sched = Scheduler(max_batch_size=1, max_queue=2, prefill_token_budget=100)
+    a, b = seq(1, 2), seq(2, 2)
+    sched.add(a)
+    assert not sched.queue_full
+    sched.add(b)
+    assert sched.queue_full
+    assert sched.remove_waiting(a) and not sched.remove_waiting(a)
+    assert list(sched.waiting) == [b]
