@@ -7,6 +7,7 @@ fail), the Prometheus Operator models for the CRDs we use, and the rules the sch
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -86,7 +87,13 @@ def parse(text: str, source: str) -> list[Doc]:
 
 
 def load_file(path: Path) -> list[Doc]:
-    return parse(path.read_text(), rel(path))
+    """The documents of one file (parsed once per run; callers must not modify them)."""
+    return list(_load_cached(path.resolve(), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(path: Path, mtime_ns: int) -> tuple[Doc, ...]:
+    return tuple(parse(path.read_text(), rel(path)))
 
 
 def manifest_files() -> list[Path]:

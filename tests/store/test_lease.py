@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,9 +49,8 @@ def test_the_lease_is_exclusive(locks: Path, clock: FakeClock) -> None:
 
 def test_release_lets_another_acquire(locks: Path, clock: FakeClock) -> None:
     a, b = lease(locks, "a", clock), lease(locks, "b", clock)
-    with a:
-        with pytest.raises(LeaseHeld):
-            b.acquire()
+    with a, pytest.raises(LeaseHeld):
+        b.acquire()
     assert a.holder() is None and not a.held
     b.acquire()
     assert b.holder()["owner"] == "b"  # type: ignore[index]
@@ -88,7 +88,7 @@ def test_a_stale_lease_is_taken_over_and_the_old_holder_has_lost_it(
     assert "trainer-b takes over stale lease 'coordinator' from trainer-a" in caplog.text
     taken = b.holder()
     assert taken is not None and taken["owner"] == "trainer-b"
-    with pytest.raises(LeaseHeld, match="lost the lease 'coordinator'.*held now by trainer-b"):
+    with pytest.raises(LeaseHeld, match=r"lost the lease 'coordinator'.*held now by trainer-b"):
         a.renew()
     with pytest.raises(LeaseHeld, match="lost the lease"):
         a.renew()  # still lost
@@ -109,9 +109,8 @@ def test_releasing_a_lost_lease_leaves_the_new_holder_alone(locks: Path, clock: 
     with pytest.raises(LeaseHeld, match="lost the lease"):
         a.release()
     assert b.holder()["owner"] == "b"  # type: ignore[index]
-    with pytest.raises(LeaseHeld, match="held by b"):
-        with a:
-            pytest.fail("entered the block without the lease")
+    with pytest.raises(LeaseHeld, match="held by b"), a:
+        pytest.fail("entered the block without the lease")
     assert b.holder()["owner"] == "b"  # type: ignore[index]
 
 
@@ -144,17 +143,16 @@ def _claim_of(token: str) -> str:
 
 
 def test_a_takeover_claim_left_by_a_crashed_taker_is_dropped_after_ttl(locks: Path) -> None:
-    clock = FakeClock(start=time.time())
-    a = lease(locks, "a", clock)
-    a.acquire()
+    a = lease(locks, "a", FakeClock(start=time.time() - TTL - 1))
+    a.acquire()  # expired a second ago
     token = a.holder()["token"]  # type: ignore[index]
-    clock.advance(TTL + 1)
     os.link(locks / "coordinator.lease", locks / _claim_of(token))  # a taker died right after claiming
+    clock = FakeClock(start=time.time())
     b = lease(locks, "b", clock)
     with pytest.raises(LeaseHeld, match="contended"):
         b.acquire()  # the claim is young: someone may be mid-takeover
     assert a.holder()["owner"] == "a"  # type: ignore[index]
-    clock.advance(TTL)  # the claim is now older than ttl_s: its taker is gone
+    clock.advance(TTL + 1)  # the claim is now older than ttl_s: its taker is gone
     b.acquire()
     assert b.holder()["owner"] == "b"  # type: ignore[index]
     assert sorted(p.name for p in locks.iterdir()) == ["coordinator.lease"]
@@ -167,7 +165,7 @@ def test_bad_names_and_ttls_are_refused(locks: Path) -> None:
         Lease(locks, owner="a", ttl_s=0)
 
 
-def _contender(locks: str, rounds: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
+def _contender(locks: str, rounds: int, barrier: Any, results: Any) -> None:
     """Runs in a spawned process: race for each round's stale lease as soon as everyone is ready."""
     me = f"contender-{os.getpid()}"
     for r in range(rounds):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,8 @@ def model_files(root: Path) -> Path:
 
 def manifest_for(root: Path, **overrides: object) -> Manifest:
     files = scan_dir(root)
-    fields: dict[str, object] = dict(version=1, created_at=1.0, source=str(root), kind="directory",
-                                     digest=content_digest(files), files=files)
+    fields: dict[str, object] = {"version": 1, "created_at": 1.0, "source": str(root), "kind": "directory",
+                                 "digest": content_digest(files), "files": files}
     fields.update(overrides)
     return Manifest(**fields)  # type: ignore[arg-type]
 
@@ -128,7 +129,8 @@ def _extra_weights(root: Path) -> None:
     (_flipped, "model.safetensors", "has sha256"),
     (_extra_weights, "adapter.safetensors", "is not listed in MANIFEST.json"),
 ])
-def test_verify_dir_refuses_damaged_files(tmp_path: Path, damage, bad_file: str, what: str) -> None:
+def test_verify_dir_refuses_damaged_files(tmp_path: Path, damage: Callable[[Path], None], bad_file: str,
+                                          what: str) -> None:
     root = model_files(tmp_path)
     manifest = manifest_for(root)
     damage(root)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,7 +133,8 @@ def make_hf_snapshot(hf_home: Path, src: Path, revision: str) -> Path:
     return snapshot
 
 
-def test_publish_repo_records_the_revision_without_copying(store: ModelStore, src: Path, tmp_path: Path) -> None:
+def test_publish_repo_records_the_revision_without_copying(store: ModelStore, src: Path,
+                                                           tmp_path: Path) -> None:
     revision = "0123456789abcdef0123456789abcdef01234567"
     snapshot = make_hf_snapshot(tmp_path / "hf_home", src, revision)
     manifest = store.publish_repo(snapshot, repo_id="org/tiny", revision=revision, metadata={"note": "base"})
@@ -148,7 +150,7 @@ def test_publish_repo_records_the_revision_without_copying(store: ModelStore, sr
     data = bytearray(blob.read_bytes())
     data[100] ^= 1
     blob.write_bytes(bytes(data))
-    with pytest.raises(VerificationError, match="model.safetensors"):
+    with pytest.raises(VerificationError, match=r"model\.safetensors has sha256"):
         store.verify(manifest.version, snapshot)
 
 
@@ -226,8 +228,8 @@ def test_a_crash_mid_publish_leaves_nothing_visible(store: ModelStore, tmp_path:
     marker = tmp_path / "mid-copy"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(lockstep.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", CRASHING_PUBLISHER, str(store.root), str(src), str(marker)],
-                            env=env)
+    argv = [sys.executable, "-c", CRASHING_PUBLISHER, str(store.root), str(src), str(marker)]
+    proc = subprocess.Popen(argv, env=env)
     try:
         for _ in range(1200):  # bounded: at most ~60 s for the child to start and reach mid-copy
             if marker.exists() or proc.poll() is not None:
@@ -255,7 +257,7 @@ def test_a_crash_mid_publish_leaves_nothing_visible(store: ModelStore, tmp_path:
     store.verify(3)
 
 
-def _publisher(root: str, src: str, rounds: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
+def _publisher(root: str, src: str, rounds: int, barrier: Any, results: Any) -> None:
     """Runs in a spawned process: publish ``rounds`` versions as soon as every publisher is ready."""
     store = ModelStore(Path(root))
     barrier.wait(timeout=120)

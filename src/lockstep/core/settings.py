@@ -78,9 +78,12 @@ class Settings(BaseSettings):
                                     description="swap (two models while staging) | inplace (copy into live model).")
     commit_policy: CommitPolicy = Field(CommitPolicy.STRICT, validation_alias=_env("LOCKSTEP_COMMIT_POLICY"),
                                         description="strict | quorum.")
+    sync_mode: str = Field("two-phase", pattern="^(two-phase|naive)$", validation_alias=_env("LOCKSTEP_SYNC_MODE"),
+                           description="two-phase (the protocol) | naive (the seed's design: each replica flips on "
+                           "its own when its load finishes; a benchmark baseline, not for production).")
     stage_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("LOCKSTEP_STAGE_TIMEOUT_S"),
                                    description="Seconds a coordinator waits for every replica to stage.")
-    commit_margin_s: float = Field(0.5, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
+    commit_margin_s: float = Field(0.3, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
                                    description="activate_at = now + this (seconds); at least 2 poll intervals.")
     lease_ttl_s: float = Field(30.0, gt=0, validation_alias=_env("LOCKSTEP_LEASE_TTL_S"),
                                description="Coordinator lease lifetime in seconds; a stale lease is taken over.")

@@ -1,4 +1,4 @@
-"""Lease: the one-coordinator lease file in ``locks/`` (DESIGN.md §2): exclusive, expiring, taken over when stale.
+"""Lease: the coordinator lease file in ``locks/`` (DESIGN.md §2): exclusive, expiring, taken over when stale.
 
 The file ``locks/<name>.lease`` holds ``{owner, acquired_at, expires_at, token}`` (wall-clock seconds).
 
@@ -27,10 +27,10 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
 from lockstep.core.atomic import atomic_write_json, fsync_dir
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
@@ -44,7 +44,7 @@ _CONTENDED_WAIT_S = 0.005  # seconds to let another taker finish before looking 
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class Lease:
         fsync_dir(self.locks_dir)
         log.info("%s released lease %r", self.owner, self.name)
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -1,4 +1,4 @@
-"""ModelStore: versions published atomically as ``versions/<NNNNNN>/``, numbered uniquely, verified, collected.
+"""ModelStore: versions published atomically as ``versions/<NNNNNN>/``, unique numbers, verify, gc.
 
 Layout of ``versions/`` (only the first kind of entry is ever visible to readers):
 
@@ -22,6 +22,7 @@ highest number is never reused.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import hashlib
 import json
@@ -126,7 +127,7 @@ class ModelStore:
     def publish_repo(self, snapshot_dir: Path, *, repo_id: str, revision: str, parent: int | None = None,
                      metadata: dict[str, Any] | None = None, progress: Progress | None = None,
                      allow_pickle: bool = False) -> Manifest:
-        """Record ``repo_id`` at ``revision`` as the next version without copying it (weights stay in hf_home).
+        """Record ``repo_id`` at ``revision`` as the next version, without copying (weights stay in hf_home).
 
         MANIFEST.json lists the snapshot's files and hashes, so the snapshot can be verified later.
         """
@@ -258,7 +259,8 @@ class ModelStore:
         if files_dir is None:
             if manifest.kind == "repo":
                 raise BadRequest(f"version {n} records repo {manifest.repo_id}@{manifest.revision}, whose "
-                                 "files live in the Hugging Face cache: pass its snapshot folder as files_dir")
+                                 "files live in the Hugging Face cache: pass its snapshot folder as "
+                                 "files_dir")
             files_dir = self.path_of(n)
         verify_dir(Path(files_dir), manifest)
         return manifest
@@ -415,8 +417,8 @@ def _checked_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     try:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
-        raise BadRequest(f"version metadata must be JSON-serialisable (numbers, strings, lists, dicts): {e}") \
-            from e
+        raise BadRequest("version metadata must be JSON-serialisable (numbers, strings, lists, dicts): "
+                         f"{e}") from e
     return meta
 
 
@@ -476,10 +478,8 @@ def _newest_mtime(path: Path) -> float:
 
 
 def _rmdir_quiet(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.rmdir(path)
-    except OSError:
-        pass
 
 
 def _rmtree_quiet(path: Path) -> None:

@@ -88,7 +88,8 @@ class SyncWatcher:
     # ------------------------------------------------------------------ one poll
     def tick(self) -> None:
         state = self._read()
-        self._apply(state)
+        if self.settings.sync_mode != "naive" or self.replica.serving is None:
+            self._apply(state)  # naive mode (benchmark baseline) only boots through it
         now = self.clock.time()
         if now >= self._beat_due:
             self.beat()
@@ -108,7 +109,10 @@ class SyncWatcher:
         if state is None:
             return self.last_good
         if isinstance(state, LegacyRequest):
-            self._on_legacy(state.desired_model_repo_id)
+            if self.settings.sync_mode == "naive":
+                self._naive_update(state.desired_model_repo_id)
+            else:
+                self._on_legacy(state.desired_model_repo_id)
             return self.last_good
         last = self.last_good
         if last is not None:
@@ -254,6 +258,23 @@ class SyncWatcher:
             log.info("%s leaves the legacy request to another coordinator: %s", self.replica_id, exc)
         except Exception as exc:
             log.error("legacy request for %s refused: %s", model, exc)
+
+    def _naive_update(self, model: str) -> None:
+        """The seed's design, kept as a benchmark baseline: load, then flip on our own, whenever ready."""
+        if self._legacy_seen == model or (self._work is not None and self._work.is_alive()):
+            return
+        self._legacy_seen = model
+        version = (self.replica.serving.version if self.replica.serving else 0) + 1
+
+        def run() -> None:
+            info = self.replica.stage(model, version)
+            if info.state is StageState.STAGED:
+                self.replica.flip(version)
+            self._beat_due = 0.0
+
+        self._work_key = ("naive", version, model)
+        self._work = threading.Thread(target=run, name=f"naive-v{version}", daemon=True)
+        self._work.start()
 
     def start_publish(self, model: str, *, origin: str, legacy: bool = False) -> dict[str, Any]:
         """Run a cluster-wide publish of ``model`` with this replica as coordinator (in the background)."""

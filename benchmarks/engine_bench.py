@@ -1,0 +1,168 @@
+"""Engine throughput and latency vs plain ``model.generate`` one request at a time (in-process, no HTTP).
+
+    python benchmarks/engine_bench.py --model PATH [--concurrency 1,4,16,64] [--max-new-tokens 64]
+
+Every request decodes greedily for exactly ``--max-new-tokens`` tokens (eos ignored on both sides),
+so both paths do the same work. Submitters are closed loops: each sends its next request when the
+previous one ends. Prints a markdown table; speedup is tokens/s over the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+from lockstep.engine import Engine, SamplingParams  # noqa: E402
+
+TEXTS = [
+    "Once upon a time there was a small fox who lived near the river and liked to count the stars.",
+    "The engine streams tokens while the client reads them.",
+    "Write a short story about a red bird and a blue boat.",
+    "One, two, three, four, five, six, seven, eight, nine, ten.",
+    "Question: what colour is the sky on a clear day? Answer:",
+    "The quick brown fox jumps over the lazy dog again and again.",
+    "Hello",
+    "Explain, in simple words, why the moon changes its shape during the month, step by step.",
+]
+
+
+@dataclass
+class Sample:
+    latency_s: float
+    ttft_s: float
+    tokens: int
+
+
+@dataclass
+class Row:
+    mode: str
+    concurrency: int
+    samples: list[Sample]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+class FirstTokenTimer:
+    """A generate() streamer that records when the first new token arrives (put #1 is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int) -> Row:
+    """One request at a time through model.generate (greedy, fixed length)."""
+    samples = []
+    start = time.perf_counter()
+    for i in range(n_requests):
+        ids = torch.tensor([prompts[i % len(prompts)]], device=model.device)
+        timer = FirstTokenTimer()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                 min_new_tokens=n_new, do_sample=False, streamer=timer)
+        t1 = time.perf_counter()
+        samples.append(Sample(t1 - t0, (timer.first or t1) - t0, out.shape[1] - ids.shape[1]))
+    return Row("generate (1 at a time)", 1, samples, time.perf_counter() - start)
+
+
+def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency: int, per_submitter: int) -> Row:
+    """``concurrency`` closed-loop submitter threads, ``per_submitter`` requests each."""
+    params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    samples: list[Sample] = []
+    lock = threading.Lock()
+
+    def submitter(k: int) -> None:
+        for j in range(per_submitter):
+            final = engine.submit(prompts[(k + j) % len(prompts)], params).result(timeout=3600)
+            with lock:
+                samples.append(Sample(final.latency_s, final.ttft_s or final.latency_s, final.completion_tokens))
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Row("engine", concurrency, samples, time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model directory (config, safetensors, tokenizer)")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated submitter counts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-submitter", type=int, default=2)
+    parser.add_argument("--baseline-requests", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "llama", "hf"])
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 use_safetensors=True).to(args.device).eval()
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model}: {n_params / 1e6:.1f} M parameters, {args.device} {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens per request", flush=True)
+
+    baseline(model, prompts, 4, 1)  # warm-up
+    rows = [baseline(model, prompts, args.max_new_tokens, args.baseline_requests)]
+    print(f"baseline done: {rows[0].tokens_per_s:.1f} tokens/s", flush=True)
+    engine = Engine(model, tokenizer, max_batch_size=max(levels), max_queue=max(256, max(levels)),
+                    backend=args.backend).start()
+    try:
+        engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
+        for c in levels:
+            rows.append(engine_run(engine, prompts, args.max_new_tokens, c, args.requests_per_submitter))
+            print(f"concurrency {c} done: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
+    finally:
+        engine.close()
+
+    base_tps = rows[0].tokens_per_s
+    lone_ttft = next((statistics.median(s.ttft_s for s in r.samples) for r in rows[1:] if r.concurrency == 1), None)
+    print(f"\nengine backend: {engine.backend}\n")
+    print("| path | concurrency | requests | tokens/s | speedup | p50 latency s | p99 latency s "
+          "| p50 TTFT s | p99 TTFT s | TTFT p50 / lone |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lat = [s.latency_s for s in r.samples]
+        ttft = [s.ttft_s for s in r.samples]
+        ratio = "" if lone_ttft is None or r.mode != "engine" else f"{statistics.median(ttft) / lone_ttft:.2f}"
+        print(f"| {r.mode} | {r.concurrency} | {len(r.samples)} | {r.tokens_per_s:.1f} | "
+              f"{r.tokens_per_s / base_tps:.2f}x | {pct(lat, 50):.3f} | {pct(lat, 99):.3f} | "
+              f"{pct(ttft, 50):.3f} | {pct(ttft, 99):.3f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""What the page may send: every form is checked here again before anything reaches the trainer or a replica."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+# An id the trainer gave a run or a publish; never a path: no '/', no '..', no spaces.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# A model reference: repo id, ./local/dir on the trainer's side, versions/N or builtin:*; no spaces or controls.
+REF_PATTERN = r"^[A-Za-z0-9_./:@~+-]+$"
+# A replica as the page names it: its id or the URL the trainer lists for it.
+REPLICA_PATTERN = r"^[A-Za-z0-9_.:/\[\]@-]{1,300}$"
+PARAM_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+def _no_bool(value: Any) -> Any:
+    # JSON true/false must not pass as 1/0 for numeric fields.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_no_bool)]
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class PublishForm(_Form):
+    """POST /api/publish: a model reference to publish to every replica."""
+
+    model: StrictStr = Field(min_length=1, max_length=500, pattern=REF_PATTERN,
+                             description="repo id, versions/N, builtin:tiny-sN or a folder the trainer can read")
+    policy: Literal["strict", "quorum"] | None = None
+    timeout_s: Number | None = Field(None, gt=0, le=3600, description="seconds to wait for every replica to stage")
+
+
+class RollbackForm(_Form):
+    """POST /api/rollback: commit an earlier version again (the one before the committed one by default)."""
+
+    to: StrictInt | None = Field(None, ge=0)
+    policy: Literal["strict", "quorum"] | None = None
+
+
+ParamValue = StrictBool | StrictInt | float | Annotated[StrictStr, Field(max_length=500)]
+
+
+class RunForm(_Form):
+    """POST /api/runs: a simulation or fine-tune run and its parameters."""
+
+    kind: Literal["simulation", "finetune"]
+    params: dict[str, ParamValue] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("params")
+    @classmethod
+    def _names(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        for name, value in params.items():
+            if not re.fullmatch(PARAM_NAME_PATTERN, name):
+                raise ValueError(f"parameter name {name!r} is not allowed: use lower_snake_case letters and digits")
+            if isinstance(value, float) and value != value:  # NaN never means anything here
+                raise ValueError(f"parameter {name} is not a number")
+        return params
+
+
+class PlaygroundRequest(_Form):
+    """POST /api/playground: one prompt, streamed back with the version and replica that answered it."""
+
+    prompt: StrictStr = Field(min_length=1, max_length=8000)
+    max_tokens: StrictInt = Field(64, ge=1, le=1024)
+    temperature: Number = Field(0.7, ge=0.0, le=2.0)
+    replica: StrictStr | None = Field(None, pattern=REPLICA_PATTERN,
+                                      description="replica id or URL from the cluster; none: round robin")
+
+    @field_validator("replica", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
