@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 import shlex
 import tomllib
@@ -54,7 +55,7 @@ def final(path: Path) -> list[Instruction]:
 
 
 def exec_form(args: str) -> list[str]:
-    return list(eval(args, {"__builtins__": {}}))  # a JSON-style list of strings, as Dockerfiles write it
+    return [str(word) for word in json.loads(args)]  # the exec form is a JSON list of strings
 
 
 def arg_defaults(path: Path) -> dict[str, str]:

@@ -176,6 +176,8 @@ def _contender(locks: str, rounds: int, barrier: Any, results: Any) -> None:
             results.put((r, me, True))
         except LeaseHeld:
             results.put((r, me, False))
+        except Exception as e:  # noqa: BLE001 - reported, so the test fails at once with the reason
+            results.put((r, me, repr(e)))
 
 
 def test_processes_racing_for_a_stale_lease_have_exactly_one_winner(locks: Path) -> None:
@@ -198,6 +200,7 @@ def test_processes_racing_for_a_stale_lease_have_exactly_one_winner(locks: Path)
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
+    assert not [o for o in outcomes if isinstance(o[2], str)], outcomes
     for r in range(rounds):
         winners = [me for (rr, me, won) in outcomes if rr == r and won]
         assert len(winners) == 1, f"round {r}: winners {winners}"

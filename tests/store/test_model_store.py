@@ -261,7 +261,11 @@ def _publisher(root: str, src: str, rounds: int, barrier: Any, results: Any) -> 
     """Runs in a spawned process: publish ``rounds`` versions as soon as every publisher is ready."""
     store = ModelStore(Path(root))
     barrier.wait(timeout=120)
-    results.put([store.publish_dir(Path(src), metadata={"pid": os.getpid()}).version for _ in range(rounds)])
+    try:
+        results.put([store.publish_dir(Path(src), metadata={"pid": os.getpid()}).version
+                     for _ in range(rounds)])
+    except Exception as e:  # noqa: BLE001 - reported, so the test fails at once with the reason
+        results.put(f"publisher {os.getpid()} failed: {e!r}")
 
 
 def test_racing_publishers_never_get_the_same_number(store: ModelStore, src: Path) -> None:
@@ -273,7 +277,9 @@ def test_racing_publishers_never_get_the_same_number(store: ModelStore, src: Pat
     for proc in procs:
         proc.start()
     try:
-        got = [n for _ in procs for n in results.get(timeout=180)]
+        reports = [results.get(timeout=180) for _ in procs]
+        assert not [r for r in reports if isinstance(r, str)], reports
+        got = [n for report in reports for n in report]
     finally:
         for proc in procs:
             proc.join(timeout=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -116,7 +117,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
     async def update_model(body: UpdateModelRequest, request: Request) -> dict[str, Any]:
         rt = rt_of(request)
         check_bearer(request, settings.api_token)
-        return rt.start_update(body.model_repo_id)
+        return await asyncio.to_thread(rt.start_update, body.model_repo_id)  # may read the store
 
     @app.post("/admin/stage", status_code=202, summary="Stage a version beside the serving one (two-phase, HTTP)")
     async def admin_stage(body: StageRequest, request: Request) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """MANIFEST.json: the size and sha256 of every file of a version, and the digest of its model content.
 
+Also the file-level helpers behind it: scan, hash, copy-and-hash, verify, and what counts as a model folder.
+
 Readers are tolerant (unknown fields are ignored, so an older reader reads a newer manifest); writers are
 strict (``Manifest.to_json`` always writes the full schema).
 
@@ -30,7 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from lockstep.core.errors import BadModelRef, VerificationError
+from lockstep.core.atomic import fsync_dir
+from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
 
 MANIFEST_NAME = "MANIFEST.json"
 CONFIG_NAME = "config.json"
@@ -214,3 +217,51 @@ def verify_dir(path: Path, manifest: Manifest) -> None:
         if actual != entry.sha256:
             raise VerificationError(f"{where}: {entry.path} has sha256 {actual}, "
                                     f"MANIFEST.json says {entry.sha256}")
+
+
+def check_model_dir(src: Path, allow_pickle: bool) -> list[str]:
+    """Refuse what is not a model folder, or holds pickle weights without opt-in; return its files."""
+    if not src.is_dir():
+        raise BadModelRef(f"not a model directory: {src} is not a folder")
+    rels = list(walk_files(src))
+    top = [r for r in rels if "/" not in r]
+    if CONFIG_NAME not in top:
+        raise BadModelRef(f"not a model directory: {src} has no config.json "
+                          "(a model directory holds config.json and *.safetensors weights)")
+    pickles = [r for r in rels if is_pickle_file(r)]
+    if pickles and not allow_pickle:
+        raise UnsafeModel(f"{src} holds pickle files ({', '.join(pickles[:3])}), which can run code when "
+                          "loaded; convert them to safetensors, or opt in with LOCKSTEP_ALLOW_PICKLE=1")
+    weights = [r for r in top if r.endswith(".safetensors") or (allow_pickle and is_pickle_file(r))]
+    if not weights:
+        raise BadModelRef(f"not a model directory: {src} has no *.safetensors weights")
+    return rels
+
+
+def copy_files(src: Path, dst: Path, rels: list[str], progress: Progress | None) -> list[FileEntry]:
+    """Copy and hash in one read; fsync every file and folder. The entries describe the bytes written."""
+    total = sum((src / rel).stat().st_size for rel in rels)
+    done = 0
+    folders = {dst}
+    entries = []
+    for rel in rels:
+        target = dst / rel
+        if target.parent not in folders:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folders.update(p for p in target.parents if p.is_relative_to(dst))
+        digest = hashlib.sha256()
+        size = 0
+        with open(src / rel, "rb") as fin, open(target, "xb") as fout:
+            while chunk := fin.read(CHUNK_BYTES):
+                fout.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, max(total, done))
+            fout.flush()
+            os.fsync(fout.fileno())
+        entries.append(FileEntry(path=rel, size=size, sha256=digest.hexdigest()))
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(folder)
+    return entries

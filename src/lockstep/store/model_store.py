@@ -24,7 +24,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,19 +37,16 @@ from typing import Any
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound, UnsafeModel
+from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound
 from lockstep.store.manifest import (
-    CHUNK_BYTES,
-    CONFIG_NAME,
     MANIFEST_NAME,
-    FileEntry,
     Manifest,
     Progress,
+    check_model_dir,
     content_digest,
-    is_pickle_file,
+    copy_files,
     scan_dir,
     verify_dir,
-    walk_files,
 )
 
 log = logging.getLogger(__name__)
@@ -110,12 +106,12 @@ class ModelStore:
                     allow_pickle: bool = False) -> Manifest:
         """Copy the model folder ``src`` in as the next version; ``progress(done_bytes, total_bytes)``."""
         src = Path(src)
-        rels = _check_model_dir(src, allow_pickle)
+        rels = check_model_dir(src, allow_pickle)
         meta = _checked_metadata(metadata)
         origin = source or str(src.resolve())
 
         def fill(content: Path, n: int) -> Manifest:
-            files = _copy_files(src, content, rels, progress)
+            files = copy_files(src, content, rels, progress)
             return Manifest(version=n, created_at=self.clock.time(), source=origin, kind="directory",
                             parent=parent, digest=content_digest(files), files=files, metadata=meta)
 
@@ -135,7 +131,7 @@ class ModelStore:
         if not repo_id or not revision:
             raise BadRequest(f"publish_repo needs a repo id and the revision it resolved to; got "
                              f"repo_id={repo_id!r}, revision={revision!r}")
-        _check_model_dir(snapshot_dir, allow_pickle)
+        check_model_dir(snapshot_dir, allow_pickle)
         meta = _checked_metadata(metadata)
         files = scan_dir(snapshot_dir, progress)  # hashed before claiming, so the claim is short-lived
 
@@ -393,25 +389,6 @@ class ModelStore:
                         _short(error))
 
 
-def _check_model_dir(src: Path, allow_pickle: bool) -> list[str]:
-    """Refuse what is not a model folder, or holds pickle weights without opt-in; return its files."""
-    if not src.is_dir():
-        raise BadModelRef(f"not a model directory: {src} is not a folder")
-    rels = list(walk_files(src))
-    top = [r for r in rels if "/" not in r]
-    if CONFIG_NAME not in top:
-        raise BadModelRef(f"not a model directory: {src} has no config.json "
-                          "(a model directory holds config.json and *.safetensors weights)")
-    pickles = [r for r in rels if is_pickle_file(r)]
-    if pickles and not allow_pickle:
-        raise UnsafeModel(f"{src} holds pickle files ({', '.join(pickles[:3])}), which can run code when "
-                          "loaded; convert them to safetensors, or opt in with LOCKSTEP_ALLOW_PICKLE=1")
-    weights = [r for r in top if r.endswith(".safetensors") or (allow_pickle and is_pickle_file(r))]
-    if not weights:
-        raise BadModelRef(f"not a model directory: {src} has no *.safetensors weights")
-    return rels
-
-
 def _checked_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     meta = dict(metadata or {})
     try:
@@ -420,35 +397,6 @@ def _checked_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         raise BadRequest("version metadata must be JSON-serialisable (numbers, strings, lists, dicts): "
                          f"{e}") from e
     return meta
-
-
-def _copy_files(src: Path, dst: Path, rels: list[str], progress: Progress | None) -> list[FileEntry]:
-    """Copy and hash in one read; fsync every file and folder. The entries describe the bytes written."""
-    total = sum((src / rel).stat().st_size for rel in rels)
-    done = 0
-    folders = {dst}
-    entries = []
-    for rel in rels:
-        target = dst / rel
-        if target.parent not in folders:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folders.update(p for p in target.parents if p.is_relative_to(dst))
-        digest = hashlib.sha256()
-        size = 0
-        with open(src / rel, "rb") as fin, open(target, "xb") as fout:
-            while chunk := fin.read(CHUNK_BYTES):
-                fout.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, max(total, done))
-            fout.flush()
-            os.fsync(fout.fileno())
-        entries.append(FileEntry(path=rel, size=size, sha256=digest.hexdigest()))
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(folder)
-    return entries
 
 
 def _write_manifest(content: Path, manifest: Manifest) -> None:

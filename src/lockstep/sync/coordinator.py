@@ -144,6 +144,17 @@ class Coordinator:
                             "wait for it to finish")
 
     # ------------------------------------------------------------------ sources
+    def check_ref(self, ref_text: str) -> None:
+        """Cheap checks of a reference (no download, no copy); ``prepare_source`` does the full ones."""
+        ref = parse_ref(ref_text)
+        if ref.kind is RefKind.VERSION:
+            assert ref.version is not None
+            if ref.version != 0:
+                self.store.get(ref.version)
+        elif ref.kind is RefKind.DIRECTORY:
+            assert ref.path is not None
+            loader.check_safe_files(ref.path, self.settings)
+
     def prepare_source(self, ref_text: str, *, metadata: dict[str, Any] | None = None,
                        progress: ProgressFn | None = None) -> Source:
         """Check the reference and put its files in the store; refuse bad ones before any replica stages."""

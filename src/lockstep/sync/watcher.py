@@ -59,6 +59,7 @@ class SyncWatcher:
         self._work_key: tuple[str, int, str] | None = None  # (kind, version, model)
         self._attempted: set[tuple[int, str, int]] = set()  # (version, model, generation) prepares tried
         self._flip_scheduled: int | None = None
+        self._behind_scheduled: int | None = None
         self._catch_up_failed_at: float | None = None
         self._legacy_seen: str | None = None
         self._publish_thread: threading.Thread | None = None
@@ -145,7 +146,8 @@ class SyncWatcher:
                 key = (pending.version, pending.model, state.generation if state else 0)
                 serving = replica.serving
                 already = serving is not None and serving.version == pending.version
-                if key not in self._attempted and not already:
+                # A replica that is still booting loads the committed version first, then stages.
+                if key not in self._attempted and not already and serving is not None:
                     self._attempted.add(key)
                     self._start_work("stage", pending.version, pending.model, pending.digest)
             elif pending.phase is Phase.ABORT or (pending.phase is Phase.PREPARE and expired):
@@ -169,9 +171,8 @@ class SyncWatcher:
             self._schedule_flip(target.version, activate_at)
             return
         if self._busy("stage", target.version) or self._busy("catch-up", target.version):
-            if now >= activate_at and replica.committed_version != target.version:
-                replica.set_committed(target.version, target.digest)  # behind: unready until loaded
-                self._beat_due = 0.0
+            if replica.committed_version != target.version:
+                self._schedule_behind(target.version, target.digest, activate_at)  # unready from activate_at
             return
         # Not staged and not loading: go unready and load it (the boot path is the same operation).
         if self._catch_up_failed_at is not None and now - self._catch_up_failed_at < CATCH_UP_RETRY_S:
@@ -211,6 +212,25 @@ class SyncWatcher:
         self._work_key = (kind, version, model)
         self._work = threading.Thread(target=run, name=f"{kind}-v{version}", daemon=True)
         self._work.start()
+
+    def _schedule_behind(self, version: int, digest: str | None, activate_at: float) -> None:
+        """At ``activate_at``, go unready unless the flip to ``version`` happened: never serve stale as ready."""
+        if self._behind_scheduled == version:
+            return
+        self._behind_scheduled = version
+
+        def mark() -> None:
+            sleep_until(self.clock, activate_at)
+            serving = self.replica.serving
+            if serving is None or serving.version != version:
+                self.replica.set_committed(version, digest)
+                log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.replica_id,
+                            version)
+            self._behind_scheduled = None
+            self._beat_due = 0.0
+            self._wake.set()
+
+        threading.Thread(target=mark, name=f"behind-v{version}", daemon=True).start()
 
     def _schedule_flip(self, version: int, activate_at: float) -> None:
         self._flip_scheduled = version
@@ -284,14 +304,14 @@ class SyncWatcher:
             raise Conflict("this replica is already coordinating a publish; watch GET /status or lockstep status")
         coordinator = Coordinator(self.settings, store=self.store, clock=self.clock, owner=self.replica_id)
         coordinator.check_free()  # 409 now rather than a failure in the background
-        source = coordinator.prepare_source(model)  # bad references are refused before any replica stages
+        coordinator.check_ref(model)  # a malformed or missing reference is a 4xx now
 
         def run() -> None:
             try:
                 if legacy:
-                    result = coordinator.publish_legacy(model, source=source)
+                    result = coordinator.publish_legacy(model)
                 else:
-                    result = coordinator.publish(model, source=source)
+                    result = coordinator.publish(model)
                 if result is not None:
                     log.info("publish of %s from %s: %s", model, origin, result.summary())
             except Exception as exc:

@@ -17,7 +17,7 @@ from lockstep.ui.assets import Assets
 from lockstep.ui.feed import Feed
 from lockstep.ui.playground import Playground
 from lockstep.ui.schemas import ID_PATTERN, PlaygroundRequest, PublishForm, RollbackForm, RunForm
-from lockstep.ui.upstream import Upstream, UpstreamUnavailable, parse_json, segment
+from lockstep.ui.upstream import Upstream, parse_json, segment
 
 # The page loads nothing from elsewhere; scripts and styles come from /static only.
 PAGE_HEADERS = {
@@ -145,11 +145,5 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
     @app.post("/api/playground", summary="Stream an answer, with the version and replica that produced it")
     async def play(body: PlaygroundRequest) -> Response:
         return await playground.stream(body)
-
-    @app.exception_handler(UpstreamUnavailable)
-    async def _unavailable(request: Request, exc: UpstreamUnavailable) -> JSONResponse:
-        from lockstep.core.http import error_body
-
-        return JSONResponse(error_body(str(exc), exc.code), status_code=exc.status_code)
 
     return app
