@@ -11,8 +11,8 @@ Layout of ``versions/`` (only the first kind of entry is ever visible to readers
 * ``.trash-*``                a version or leftover being deleted: renamed out of sight first, then removed,
                               so no half-deleted version is ever visible.
 
-Numbering: N = 1 + the highest published or claimed number. After claiming, the publisher lists again (the
-listing after its own mkdir is fresh even on NFS, whose directory caches are otherwise stale) and gives the
+Numbering: N = 1 + the highest published or claimed number. After claiming, the publisher lists again (on
+NFS its own mkdir normally revalidates the cached directory, so this listing is fresh) and gives the
 claim up when a version >= N is already published, so a publish that starts after another finished gets a
 higher number. Before renaming into place it refuses a target that exists (never replacing anything, not
 even an empty folder) and then claims a higher number. ``gc`` never deletes the newest version, so the
@@ -181,7 +181,7 @@ class ModelStore:
             except FileExistsError:
                 n += 1
                 continue
-            top = max(self._scan().published, default=0)  # fresh after our own mkdir, even on NFS
+            top = max(self._scan().published, default=0)  # our mkdir revalidates an NFS directory cache
             if top >= n:
                 _rmdir_quiet(self._partial_path(n))
                 n = top + 1

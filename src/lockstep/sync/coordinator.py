@@ -184,9 +184,11 @@ class Coordinator:
         if ref.kind is RefKind.REPO:
             assert ref.repo_id is not None
             manifest = self.store.publish_repo(resolved.path, repo_id=ref.repo_id,
-                                               revision=resolved.revision or "", parent=parent, metadata=meta)
+                                               revision=resolved.revision or "", parent=parent, metadata=meta,
+                                               allow_pickle=self.settings.allow_pickle)
         else:
-            manifest = self.store.publish_dir(resolved.path, source=ref.raw, parent=parent, metadata=meta)
+            manifest = self.store.publish_dir(resolved.path, source=ref.raw, parent=parent, metadata=meta,
+                                              allow_pickle=self.settings.allow_pickle)
         return Source(manifest.version, self._model_name(manifest.version), manifest.digest)
 
     def _verify(self, manifest: Manifest) -> None:
