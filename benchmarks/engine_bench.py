@@ -2,9 +2,11 @@
 
     python benchmarks/engine_bench.py --model PATH [--concurrency 1,4,16,64] [--max-new-tokens 64]
 
-Every request decodes greedily for exactly ``--max-new-tokens`` tokens (eos ignored on both sides),
-so both paths do the same work. Submitters are closed loops: each sends its next request when the
-previous one ends. Prints a markdown table; speedup is tokens/s over the baseline's.
+Every request decodes greedily for a fixed number of tokens (eos ignored on both sides), so both paths
+do the same work: lengths cycle through 1/2x..3/2x ``--max-new-tokens`` (mean 1x) so that requests
+finish, and new ones arrive, at different steps, as with real traffic. Submitters are closed loops: each
+sends its next request when the previous one ends. Prints a markdown table; speedup is tokens/s over
+the baseline's; "TTFT p50 / lone" compares with the engine at concurrency 1.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class Row:
         return sum(s.tokens for s in self.samples) / self.wall_s
 
 
+def length(n_new: int, i: int) -> int:
+    """Tokens for request ``i``: cycles over 8 values from n/2 to 3n/2 (mean n), in a shuffled order."""
+    return max(1, round(n_new * (0.5 + ((i * 5) % 8 + 0.5) / 8)))
+
+
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100])."""
     ordered = sorted(values)
@@ -82,27 +89,33 @@ def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int) -> Ro
     start = time.perf_counter()
     for i in range(n_requests):
         ids = torch.tensor([prompts[i % len(prompts)]], device=model.device)
+        n = length(n_new, i)
         timer = FirstTokenTimer()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                                 min_new_tokens=n_new, do_sample=False, streamer=timer)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, streamer=timer)
         t1 = time.perf_counter()
         samples.append(Sample(t1 - t0, (timer.first or t1) - t0, out.shape[1] - ids.shape[1]))
     return Row("generate (1 at a time)", 1, samples, time.perf_counter() - start)
 
 
-def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency: int, per_submitter: int) -> Row:
-    """``concurrency`` closed-loop submitter threads, ``per_submitter`` requests each."""
-    params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency: int, per_submitter: int,
+               spread_s: float) -> Row:
+    """``concurrency`` closed-loop submitter threads, ``per_submitter`` requests each; their first
+    requests are spread evenly over ``spread_s`` seconds (not one synchronized burst)."""
     samples: list[Sample] = []
     lock = threading.Lock()
 
     def submitter(k: int) -> None:
+        time.sleep(k * spread_s / concurrency)
         for j in range(per_submitter):
-            final = engine.submit(prompts[(k + j) % len(prompts)], params).result(timeout=3600)
+            i = k * per_submitter + j
+            params = SamplingParams(max_new_tokens=length(n_new, i), ignore_eos=True)
+            final = engine.submit(prompts[i % len(prompts)], params).result(timeout=3600)
             with lock:
-                samples.append(Sample(final.latency_s, final.ttft_s or final.latency_s, final.completion_tokens))
+                ttft = final.ttft_s if final.ttft_s is not None else final.latency_s
+                samples.append(Sample(final.latency_s, ttft, final.completion_tokens))
 
     threads = [threading.Thread(target=submitter, args=(k,)) for k in range(concurrency)]
     start = time.perf_counter()
@@ -113,12 +126,23 @@ def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency
     return Row("engine", concurrency, samples, time.perf_counter() - start)
 
 
+def in_thread(fn, *args):
+    """Run ``fn`` in a worker thread, as the engine runs its loop: on a loaded CPU, OpenMP work issued from
+    the main thread was measured ~30x slower than from another thread, which would flatter the engine."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model directory (config, safetensors, tokenizer)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated submitter counts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-submitter", type=int, default=2)
+    parser.add_argument("--requests-per-submitter", type=int, default=3)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -134,23 +158,29 @@ def main() -> None:
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model}: {n_params / 1e6:.1f} M parameters, {args.device} {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens per request", flush=True)
+          f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens per request (mean)",
+          flush=True)
 
-    baseline(model, prompts, 4, 1)  # warm-up
-    rows = [baseline(model, prompts, args.max_new_tokens, args.baseline_requests)]
+    in_thread(baseline, model, prompts, 4, 1)  # warm-up
+    rows = [in_thread(baseline, model, prompts, args.max_new_tokens, args.baseline_requests)]
     print(f"baseline done: {rows[0].tokens_per_s:.1f} tokens/s", flush=True)
     engine = Engine(model, tokenizer, max_batch_size=max(levels), max_queue=max(256, max(levels)),
                     backend=args.backend).start()
     try:
         engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
+        spread = 0.0  # one lone request's latency once measured: arrivals spread over a request's lifetime
         for c in levels:
-            rows.append(engine_run(engine, prompts, args.max_new_tokens, c, args.requests_per_submitter))
+            row = engine_run(engine, prompts, args.max_new_tokens, c, args.requests_per_submitter, spread)
+            rows.append(row)
+            if c == 1:
+                spread = statistics.median(s.latency_s for s in rows[-1].samples)
             print(f"concurrency {c} done: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
     finally:
         engine.close()
 
     base_tps = rows[0].tokens_per_s
-    lone_ttft = next((statistics.median(s.ttft_s for s in r.samples) for r in rows[1:] if r.concurrency == 1), None)
+    lone = [r for r in rows[1:] if r.concurrency == 1]
+    lone_ttft = statistics.median(s.ttft_s for s in lone[0].samples) if lone else None
     print(f"\nengine backend: {engine.backend}\n")
     print("| path | concurrency | requests | tokens/s | speedup | p50 latency s | p99 latency s "
           "| p50 TTFT s | p99 TTFT s | TTFT p50 / lone |")
@@ -158,7 +188,7 @@ def main() -> None:
     for r in rows:
         lat = [s.latency_s for s in r.samples]
         ttft = [s.ttft_s for s in r.samples]
-        ratio = "" if lone_ttft is None or r.mode != "engine" else f"{statistics.median(ttft) / lone_ttft:.2f}"
+        ratio = "" if not lone_ttft or r.mode != "engine" else f"{statistics.median(ttft) / lone_ttft:.2f}"
         print(f"| {r.mode} | {r.concurrency} | {len(r.samples)} | {r.tokens_per_s:.1f} | "
               f"{r.tokens_per_s / base_tps:.2f}x | {pct(lat, 50):.3f} | {pct(lat, 99):.3f} | "
               f"{pct(ttft, 50):.3f} | {pct(ttft, 99):.3f} | {ratio} |")

@@ -91,7 +91,7 @@ def load_file(path: Path) -> list[Doc]:
     return list(_load_cached(path.resolve(), path.stat().st_mtime_ns))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(path: Path, mtime_ns: int) -> tuple[Doc, ...]:
     return tuple(parse(path.read_text(), rel(path)))
 
@@ -124,6 +124,7 @@ def pyproject_version() -> str:
 
 # --- validation --------------------------------------------------------------------------------------
 
+
 def validate(doc: Doc) -> list[str]:
     """Every problem found in one document, each as 'source (document, Kind/name): field.path: what'."""
     problems = [f"{field_path(path)}: {message}" for path, message in _schema_problems(doc.body)]
@@ -143,12 +144,19 @@ def _schema_problems(body: dict[str, Any]) -> list[tuple[list[Any], str]]:
         path = list(exc.path)
         if exc.validator == "additionalProperties" and isinstance(exc.instance, dict):
             known = set((exc.schema or {}).get("properties", {}))
-            return [(path + [extra], f"unknown field {extra!r} (allowed: {', '.join(sorted(known))})")
-                    for extra in sorted(set(exc.instance) - known)]
+            return [
+                (path + [extra], f"unknown field {extra!r} (allowed: {', '.join(sorted(known))})")
+                for extra in sorted(set(exc.instance) - known)
+            ]
         return [(path, exc.message)]
     except kubernetes_validate.SchemaNotFoundError as exc:
-        return [(["apiVersion"], f"no schema for kind {exc.kind} in {exc.api_version} on Kubernetes "
-                 f"{K8S_VERSION}: a misspelt or removed API, or a custom resource missing from CRD_MODELS")]
+        return [
+            (
+                ["apiVersion"],
+                f"no schema for kind {exc.kind} in {exc.api_version} on Kubernetes "
+                f"{K8S_VERSION}: a misspelt or removed API, or a custom resource missing from CRD_MODELS",
+            )
+        ]
     return []
 
 
@@ -159,7 +167,10 @@ def _crd_problems(model: type[pydantic.BaseModel], body: dict[str, Any]) -> list
         return [(list(err["loc"]), err["msg"]) for err in exc.errors()]
     # The models ignore unknown fields: whatever did not survive the round trip was not understood.
     dumped = json.loads(json.dumps(parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")))
-    return [(path, f"{what} (not in the {body['kind']} schema)") for path, what in _round_trip_diff(body, dumped, [])]
+    return [
+        (path, f"{what} (not in the {body['kind']} schema)")
+        for path, what in _round_trip_diff(body, dumped, [])
+    ]
 
 
 def _round_trip_diff(original: Any, dumped: Any, path: list[Any]) -> Iterator[tuple[list[Any], str]]:
@@ -170,7 +181,7 @@ def _round_trip_diff(original: Any, dumped: Any, path: list[Any]) -> Iterator[tu
             else:
                 yield from _round_trip_diff(value, dumped[key], path + [key])
     elif isinstance(original, list) and isinstance(dumped, list) and len(original) == len(dumped):
-        for i, (a, b) in enumerate(zip(original, dumped)):
+        for i, (a, b) in enumerate(zip(original, dumped, strict=True)):
             yield from _round_trip_diff(a, b, path + [i])
     elif original != dumped:
         yield path, f"value {original!r} was read as {dumped!r}"
@@ -181,7 +192,11 @@ def _semantic_problems(body: dict[str, Any]) -> Iterator[tuple[list[Any], str]]:
     meta = body.get("metadata") or {}
     name = meta.get("name")
     pattern = _DNS_LABEL if body.get("kind") in _DNS_LABEL_KINDS else _DNS_SUBDOMAIN
-    if not isinstance(name, str) or len(name) > (63 if pattern is _DNS_LABEL else 253) or not pattern.match(name):
+    if (
+        not isinstance(name, str)
+        or len(name) > (63 if pattern is _DNS_LABEL else 253)
+        or not pattern.match(name)
+    ):
         yield ["metadata", "name"], f"{name!r} is not a valid name (lower-case RFC 1123)"
     for path, node in _walk(body, []):
         last = path[-1] if path else None
@@ -222,6 +237,7 @@ def _walk(node: Any, path: list[Any]) -> Iterator[tuple[list[Any], Any]]:
 
 
 # --- external tools ----------------------------------------------------------------------------------
+
 
 def tool(name: str) -> str | None:
     """A command-line tool: the one installed beside this interpreter (the venv) first, then PATH."""

@@ -37,7 +37,9 @@ def test_probe_paths_exist_on_the_app(workload: str, tmp_path: Path) -> None:
     probed = {c[k]["httpGet"]["path"] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in c}
     routes = get_routes(workload, tmp_path)
     missing = probed - routes
-    assert not missing, f"{workload} probes {sorted(missing)}, which its app does not serve (GET {sorted(routes)})"
+    assert not missing, (
+        f"{workload} probes {sorted(missing)}, which its app does not serve (GET {sorted(routes)})"
+    )
 
 
 @pytest.mark.parametrize("workload", ["inference-server", "trainer-server"])
@@ -52,8 +54,14 @@ def test_cli_accepts_the_container_args(workload: str) -> None:
     c = container(workload)
     assert c["command"] == ["lockstep"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "lockstep", c["args"][0], "--help"], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "lockstep", c["args"][0], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     flags = [a for a in c["args"] if a.startswith("--")]
     missing = [f for f in flags if f not in done.stdout]

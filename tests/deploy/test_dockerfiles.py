@@ -15,7 +15,11 @@ from packaging.requirements import Requirement
 
 from . import DOCKER, REPO, base_objects, find, rel, run, tool
 
-IMAGES = {"inference-server": "cu", "trainer-server": "cpu", "ui-server": "cpu"}  # image: default torch variant
+IMAGES = {
+    "inference-server": "cu",
+    "trainer-server": "cpu",
+    "ui-server": "cpu",
+}  # image: default torch variant
 # What the build context may contribute; everything else (models, venvs, local state) stays out.
 ALLOWED_COPY_SOURCES = {"pyproject.toml", "README.md", "src"}
 
@@ -104,10 +108,16 @@ def test_image_is_multi_stage_and_pinned(image: str) -> None:
     for base in froms:
         ref = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base.split()[0])
         repo, _, tag = ref.partition(":")
-        assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), f"{rel(path)}: {ref} is not pinned"
+        assert tag and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), (
+            f"{rel(path)}: {ref} is not pinned"
+        )
     makefile_torch = re.search(r"torch==([\w.+]+)", (REPO / "Makefile").read_text())
-    assert makefile_torch and args["TORCH_VERSION"] == makefile_torch.group(1), "torch differs from the Makefile's"
-    assert args["TORCH_VARIANT"].startswith(IMAGES[image]), f"{rel(path)}: TORCH_VARIANT={args['TORCH_VARIANT']}"
+    assert makefile_torch and args["TORCH_VERSION"] == makefile_torch.group(1), (
+        "torch differs from the Makefile's"
+    )
+    assert args["TORCH_VARIANT"].startswith(IMAGES[image]), (
+        f"{rel(path)}: TORCH_VARIANT={args['TORCH_VARIANT']}"
+    )
     assert "${TORCH_VARIANT}" in args["TORCH_INDEX_URL"]
 
 
@@ -126,15 +136,20 @@ def test_every_dependency_is_pinned_within_the_projects_floors(image: str) -> No
                         continue  # the value of --index-url
                     req = Requirement(spec.replace("${TORCH_VERSION}", arg_defaults(path)["TORCH_VERSION"]))
                     version = str(req.specifier).removeprefix("==")
-                    assert str(req.specifier).startswith("==") and "," not in version, f"{rel(path)}: {spec} unpinned"
+                    assert str(req.specifier).startswith("==") and "," not in version, (
+                        f"{rel(path)}: {spec} unpinned"
+                    )
                     pinned[req.name.lower().replace("_", "-")] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for dependency in project["dependencies"]:
         req = Requirement(dependency)
         name = req.name.lower().replace("_", "-")
-        assert name in pinned, f"{rel(path)}: {req.name} (a dependency in pyproject.toml) is not installed pinned"
+        assert name in pinned, (
+            f"{rel(path)}: {req.name} (a dependency in pyproject.toml) is not installed pinned"
+        )
         assert req.specifier.contains(pinned[name], prereleases=True), (
-            f"{rel(path)}: {req.name}=={pinned[name]} is outside pyproject.toml's {req.specifier}")
+            f"{rel(path)}: {req.name}=={pinned[name]} is outside pyproject.toml's {req.specifier}"
+        )
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -145,11 +160,15 @@ def test_runtime_stage_is_non_root_and_matches_the_manifest(image: str) -> None:
     users = [i.args for i in stage if i.keyword == "USER"]
     assert users, f"{rel(path)}: the runtime stage sets no USER"
     uid, _, gid = users[-1].partition(":")
-    assert uid.isdigit() and gid.isdigit() and int(uid) > 0, f"{rel(path)}: USER {users[-1]} must be numeric, not root"
+    assert uid.isdigit() and gid.isdigit() and int(uid) > 0, (
+        f"{rel(path)}: USER {users[-1]} must be numeric, not root"
+    )
     assert (int(uid), int(gid)) == (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
     entrypoint = [exec_form(i.args) for i in stage if i.keyword == "ENTRYPOINT"][-1]
     cmd = [exec_form(i.args) for i in stage if i.keyword == "CMD"][-1]
-    assert entrypoint == container["command"] and cmd == container["args"], f"{rel(path)} and the Deployment differ"
+    assert entrypoint == container["command"] and cmd == container["args"], (
+        f"{rel(path)} and the Deployment differ"
+    )
     exposed = [int(p.split("/")[0]) for i in stage if i.keyword == "EXPOSE" for p in i.args.split()]
     assert exposed == [p["containerPort"] for p in container["ports"]]
     healthchecks = [i.args for i in stage if i.keyword == "HEALTHCHECK"]
@@ -165,10 +184,13 @@ def test_no_model_is_baked_in(image: str) -> None:
             if "--from=" in i.args:
                 continue
             sources = {w.rstrip("/") for w in words[:-1]}
-            assert sources <= ALLOWED_COPY_SOURCES, f"{rel(path)}: {i.keyword} {i.args} copies more than the package"
+            assert sources <= ALLOWED_COPY_SOURCES, (
+                f"{rel(path)}: {i.keyword} {i.args} copies more than the package"
+            )
         if i.keyword == "RUN":
-            assert not re.search(r"tiny-model|snapshot_download|huggingface-cli|hf download|\.safetensors", i.args), (
-                f"{rel(path)}: RUN {i.args} fetches or builds a model into the image")
+            assert not re.search(
+                r"tiny-model|snapshot_download|huggingface-cli|hf download|\.safetensors", i.args
+            ), f"{rel(path)}: RUN {i.args} fetches or builds a model into the image"
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -179,20 +201,33 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         body = pattern.removeprefix("!").rstrip("/")
-        hit = any(fnmatch.fnmatch(c, body) or (body.startswith("**/") and fnmatch.fnmatch(c.split("/")[-1], body[3:]))
-                  for c in candidates)
+        hit = any(
+            fnmatch.fnmatch(c, body)
+            or (body.startswith("**/") and fnmatch.fnmatch(c.split("/")[-1], body[3:]))
+            for c in candidates
+        )
         if hit:
             verdict = not negate
     return verdict
 
 
 def test_dockerignore_lets_in_only_what_the_images_copy() -> None:
-    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for source in ALLOWED_COPY_SOURCES:
         assert not _ignored(source, patterns), f".dockerignore keeps out {source}, which the images copy"
     assert not _ignored("src/lockstep/cli.py", patterns)
-    for local in (".venv/bin/python", ".git/HEAD", "var/models/v1/model.safetensors", "tests/deploy/__init__.py",
-                  "src/lockstep/__pycache__/cli.cpython-311.pyc", "src/lockstep/weights.safetensors",
-                  ".lockstep/sync_state.json", "k8s/secret.yaml"):
+    for local in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "var/models/v1/model.safetensors",
+        "tests/deploy/__init__.py",
+        "src/lockstep/__pycache__/cli.cpython-311.pyc",
+        "src/lockstep/weights.safetensors",
+        ".lockstep/sync_state.json",
+        "k8s/secret.yaml",
+    ):
         assert _ignored(local, patterns), f".dockerignore lets {local} into the build context"

@@ -20,19 +20,31 @@ STATEFULSET = K8S / "statefulset" / "inference-statefulset.yaml"
 MONITORING = [K8S / "monitoring" / "servicemonitor.yaml", K8S / "monitoring" / "prometheusrule.yaml"]
 
 # Stand-ins for what the Downward API fills in at run time.
-DOWNWARD = {"metadata.name": "inference-server-6c9f7d-x2x7q", "metadata.namespace": "lockstep",
-            "status.podIP": "10.244.1.7"}
+DOWNWARD = {
+    "metadata.name": "inference-server-6c9f7d-x2x7q",
+    "metadata.namespace": "lockstep",
+    "status.podIP": "10.244.1.7",
+}
 # Environment variables that are not Settings: they point libraries' caches at the writable /tmp.
-RUNTIME_ENV = {"HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
-               "CUDA_CACHE_PATH", "HF_HUB_DISABLE_TELEMETRY"}
+RUNTIME_ENV = {
+    "HOME",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "CUDA_CACHE_PATH",
+    "HF_HUB_DISABLE_TELEMETRY",
+}
 # Keys both the trainer (coordinator) and the replicas read that may differ between them.
 MAY_DIFFER = {"LOCKSTEP_DEVICE", "LOCKSTEP_DTYPE"}
 SEED_SERVICES = {"inference-service", "inference-headless", "trainer-service", "ui-service"}
 SEED_WORKLOADS = {"inference-server", "trainer-server", "ui-server"}
 # The seed's resource table (per replica).
 SEED_RESOURCES = {
-    "inference-server": ({"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
-                         {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}),
+    "inference-server": (
+        {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+        {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+    ),
     "trainer-server": ({"cpu": "500m", "memory": "512Mi"}, {"cpu": "1", "memory": "1Gi"}),
     "ui-server": ({"cpu": "250m", "memory": "256Mi"}, {"cpu": "500m", "memory": "512Mi"}),
 }
@@ -69,8 +81,12 @@ def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
         return False
     for expr in selector.get("matchExpressions") or []:
         key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not ok:
             return False
     return True
@@ -118,15 +134,22 @@ def resolved_env(container: dict[str, Any], docs: list[Doc]) -> dict[str, tuple[
     for item in container.get("env", []):
         if "value" in item:
             # $(VAR) expands only to variables defined before it; anything else stays literal.
-            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                           lambda m: env[m.group(1)][1] if m.group(1) in env else m.group(0), item["value"])
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda m: env[m.group(1)][1] if m.group(1) in env else m.group(0),
+                item["value"],
+            )
             env[item["name"]] = ("value", value)
         elif "configMapKeyRef" in (ref := item["valueFrom"]):
-            env[item["name"]] = (f"ConfigMap {ref['configMapKeyRef']['name']}",
-                                 cms[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]])
+            env[item["name"]] = (
+                f"ConfigMap {ref['configMapKeyRef']['name']}",
+                cms[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]],
+            )
         elif "secretKeyRef" in ref:
-            env[item["name"]] = (f"Secret {ref['secretKeyRef']['name']}",
-                                 secs[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]])
+            env[item["name"]] = (
+                f"Secret {ref['secretKeyRef']['name']}",
+                secs[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]],
+            )
         elif "fieldRef" in ref:
             env[item["name"]] = ("Downward API", DOWNWARD[ref["fieldRef"]["fieldPath"]])
     return env
@@ -157,37 +180,81 @@ def target_container_port(service: Doc, port: int, docs: list[Doc]) -> int:
     if isinstance(target, int):
         return target
     pods = [w for w in workloads(docs) if matches(service.body["spec"]["selector"], pod_labels(w))]
-    numbers = {p["containerPort"] for w in pods for c in containers(w) for p in c.get("ports", [])
-               if p.get("name") == target}
+    numbers = {
+        p["containerPort"]
+        for w in pods
+        for c in containers(w)
+        for p in c.get("ports", [])
+        if p.get("name") == target
+    }
     assert len(numbers) == 1, f"Service {service.name}: targetPort {target!r} resolves to {numbers}"
     return numbers.pop()
 
 
 # --- Services and selectors ----------------------------------------------------------------------------
 
+
 def test_seed_names_are_kept() -> None:
     docs = base_objects()
     assert {d.name for d in docs if d.kind == "Service"} == SEED_SERVICES
     assert {d.name for d in workloads(docs)} == SEED_WORKLOADS
-    assert {d.name for d in docs if d.kind == "ConfigMap"} == {"inference-config", "trainer-config", "ui-config"}
-    assert find(docs, "PersistentVolumeClaim", "model-storage").body["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert {d.name for d in docs if d.kind == "ConfigMap"} == {
+        "inference-config",
+        "trainer-config",
+        "ui-config",
+    }
+    assert find(docs, "PersistentVolumeClaim", "model-storage").body["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
     for workload in workloads():
         assert pod_labels(workload)["app"] == workload.name
+
+
+@pytest.mark.parametrize("variant", ["deployment", "statefulset"])
+def selector_problems(docs: list[Doc]) -> list[str]:
+    """Services that select no pods, pods of several workloads, or a targetPort no selected pod has."""
+    problems = []
+    for service in (d for d in docs if d.kind == "Service"):
+        selector = service.body["spec"]["selector"]
+        selected = [w for w in workloads(docs) if matches(selector, pod_labels(w))]
+        if not selected:
+            problems.append(
+                f"Service {service.name} ({service.source}) selects no pods: selector {selector}; "
+                f"pod labels: {[pod_labels(w) for w in workloads(docs)]}"
+            )
+        elif len(selected) > 1:
+            problems.append(f"Service {service.name} selects pods of {[w.name for w in selected]}")
+        for port in service.body["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if isinstance(target, str) and not any(
+                p.get("name") == target for w in selected for c in containers(w) for p in c.get("ports", [])
+            ):
+                problems.append(f"Service {service.name}: no selected pod has a port named {target!r}")
+    return problems
 
 
 @pytest.mark.parametrize("variant", ["deployment", "statefulset"])
 def test_every_service_selects_pods_and_their_named_port(variant: str) -> None:
     docs = base_objects()
     if variant == "statefulset":
-        docs = [d for d in docs if (d.kind, d.name) != ("Deployment", "inference-server")] + load_file(STATEFULSET)
-    for service in (d for d in docs if d.kind == "Service"):
-        selector = service.body["spec"]["selector"]
-        selected = [w for w in workloads(docs) if matches(selector, pod_labels(w))]
-        assert selected, (f"Service {service.name} ({service.source}) selects no pods: selector {selector}; "
-                          f"pod labels: {[pod_labels(w) for w in workloads(docs)]}")
-        assert len(selected) == 1, f"Service {service.name} selects pods of {[w.name for w in selected]}"
-        for port in service.body["spec"]["ports"]:
-            target_container_port(service, port["port"], docs)
+        docs = [d for d in docs if (d.kind, d.name) != ("Deployment", "inference-server")]
+        docs += load_file(STATEFULSET)
+    problems = selector_problems(docs)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_service_selecting_nothing_is_named() -> None:
+    docs = []
+    for doc in base_objects():
+        if (doc.kind, doc.name) == ("Service", "inference-service"):
+            body = yaml.safe_load(yaml.safe_dump(doc.body))
+            body["spec"]["selector"] = {"app": "inference-srever"}
+            doc = Doc(doc.source, doc.index, body)
+        docs.append(doc)
+    problems = selector_problems(docs)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("Service inference-service (k8s/inference-service.yaml) selects no pods")
+    assert "no selected pod has a port named 'http'" in problems[1]
 
 
 def test_workload_selectors_match_their_own_pods() -> None:
@@ -197,8 +264,12 @@ def test_workload_selectors_match_their_own_pods() -> None:
 
 def test_service_ports_follow_the_seed() -> None:
     docs = base_objects()
-    expected = {"inference-service": (8000, 8000), "inference-headless": (8000, 8000),
-                "trainer-service": (8080, 8080), "ui-service": (80, 8080)}
+    expected = {
+        "inference-service": (8000, 8000),
+        "inference-headless": (8000, 8000),
+        "trainer-service": (8080, 8080),
+        "ui-service": (80, 8080),
+    }
     for name, (port, container_port) in expected.items():
         service = find(docs, "Service", name)
         assert [p["port"] for p in service.body["spec"]["ports"]] == [port], name
@@ -220,6 +291,7 @@ def test_disruption_budget_covers_the_replicas() -> None:
 
 # --- references ------------------------------------------------------------------------------------------
 
+
 def test_every_reference_names_an_existing_object_and_key() -> None:
     docs = base_objects()
     cms, secs = config_maps(docs), secrets(docs)
@@ -230,15 +302,23 @@ def test_every_reference_names_an_existing_object_and_key() -> None:
         where = f"{workload.source} {workload.kind}/{workload.name}"
         for c in containers(workload):
             for source in c.get("envFrom", []):
-                for ref_kind, kind, store in (("configMapRef", "ConfigMap", cms), ("secretRef", "Secret", secs)):
+                for ref_kind, kind, store in (
+                    ("configMapRef", "ConfigMap", cms),
+                    ("secretRef", "Secret", secs),
+                ):
                     if ref_kind in source and source[ref_kind]["name"] not in store:
                         problems.append(f"{where}: envFrom {kind} {source[ref_kind]['name']} does not exist")
             for item in c.get("env", []):
-                for ref_kind, kind, store in (("configMapKeyRef", "ConfigMap", cms), ("secretKeyRef", "Secret", secs)):
+                for ref_kind, kind, store in (
+                    ("configMapKeyRef", "ConfigMap", cms),
+                    ("secretKeyRef", "Secret", secs),
+                ):
                     ref = item.get("valueFrom", {}).get(ref_kind)
                     if ref and ref["key"] not in store.get(ref["name"], {}):
-                        problems.append(f"{where}: env {item['name']} wants key {ref['key']!r} of {kind} "
-                                        f"{ref['name']}, which has {sorted(store.get(ref['name'], {}))}")
+                        problems.append(
+                            f"{where}: env {item['name']} wants key {ref['key']!r} of {kind} "
+                            f"{ref['name']}, which has {sorted(store.get(ref['name'], {}))}"
+                        )
         for volume in spec.get("volumes", []):
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim and ("PersistentVolumeClaim", claim) not in names:
@@ -251,34 +331,48 @@ def test_every_reference_names_an_existing_object_and_key() -> None:
             problems.append(f"{binding.where}: roleRef names a missing Role")
         for subject in binding.body["subjects"]:
             if (subject["kind"], subject["name"]) not in names:
-                problems.append(f"{binding.where}: subject {subject['kind']}/{subject['name']} does not exist")
+                problems.append(
+                    f"{binding.where}: subject {subject['kind']}/{subject['name']} does not exist"
+                )
     assert not problems, "\n".join(problems)
 
 
 def test_variable_references_only_use_variables_defined_before_them() -> None:
     for workload in workloads():
         for c in containers(workload):
-            defined = {k for s in c.get("envFrom", []) for k in config_maps(base_objects()).get(
-                s.get("configMapRef", {}).get("name"), {})}
+            defined = {
+                k
+                for s in c.get("envFrom", [])
+                for k in config_maps(base_objects()).get(s.get("configMapRef", {}).get("name"), {})
+            }
             for item in c.get("env", []):
                 for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", item.get("value", "")):
-                    assert ref in defined, f"{workload.where}: {item['name']} uses $({ref}) before it is defined"
+                    assert ref in defined, (
+                        f"{workload.where}: {item['name']} uses $({ref}) before it is defined"
+                    )
                 defined.add(item["name"])
 
 
 # --- settings: every one reachable from config.yaml / the Secret / the Downward API ---------------------
 
+
 def test_every_setting_can_be_set_by_the_manifests() -> None:
     docs = base_objects()
     configured = {name for w in workloads(docs) for c in containers(w) for name in resolved_env(c, docs)}
-    missing = {field: aliases for field, aliases in settings_aliases().items() if not set(aliases) & configured}
-    assert not missing, ("Settings not set by any ConfigMap in k8s/config.yaml, the Secret or the Downward "
-                         f"API (field: its variables): {missing}")
+    missing = {
+        field: aliases for field, aliases in settings_aliases().items() if not set(aliases) & configured
+    }
+    assert not missing, (
+        "Settings not set by any ConfigMap in k8s/config.yaml, the Secret or the Downward "
+        f"API (field: its variables): {missing}"
+    )
     for workload in workloads():
         config = f"{workload.name.removesuffix('-server')}-config"
         for c in containers(workload):
             refs = [s.get("configMapRef", {}).get("name") for s in c.get("envFrom", [])]
-            assert config in refs, f"{workload.where}: loads {refs}; it must load its ConfigMap {config} whole"
+            assert config in refs, (
+                f"{workload.where}: loads {refs}; it must load its ConfigMap {config} whole"
+            )
 
 
 def test_config_keys_and_env_names_are_settings_variables() -> None:
@@ -289,7 +383,9 @@ def test_config_keys_and_env_names_are_settings_variables() -> None:
     for workload in workloads():
         for c in containers(workload):
             unknown = sorted({e["name"] for e in c.get("env", [])} - ALIASES - RUNTIME_ENV)
-            assert not unknown, f"{workload.where}: env {unknown} are neither Settings variables nor RUNTIME_ENV"
+            assert not unknown, (
+                f"{workload.where}: env {unknown} are neither Settings variables nor RUNTIME_ENV"
+            )
 
 
 def test_inference_settings_from_the_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,7 +413,9 @@ def test_trainer_settings_from_the_manifests(monkeypatch: pytest.MonkeyPatch) ->
     assert s.replica_port == containers(inference)[0]["ports"][0]["containerPort"]
     assert s.k8s_namespace == DOWNWARD["metadata.namespace"]
     service, port = service_port(docs, s.inference_service_url or "")
-    assert service.name == "inference-service" and target_container_port(service, port, docs) == s.replica_port
+    assert (
+        service.name == "inference-service" and target_container_port(service, port, docs) == s.replica_port
+    )
 
 
 def test_ui_settings_from_the_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,8 +430,11 @@ def test_ui_settings_from_the_manifests(monkeypatch: pytest.MonkeyPatch) -> None
 def test_coordinator_and_replicas_agree_on_shared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     cms = config_maps(base_objects())
     inference, trainer = cms["inference-config"], cms["trainer-config"]
-    differ = {k: (inference[k], trainer[k]) for k in set(inference) & set(trainer) - MAY_DIFFER
-              if inference[k] != trainer[k]}
+    differ = {
+        k: (inference[k], trainer[k])
+        for k in set(inference) & set(trainer) - MAY_DIFFER
+        if inference[k] != trainer[k]
+    }
     assert not differ, f"inference-config and trainer-config disagree (inference, trainer): {differ}"
     for name in ("inference-server", "trainer-server"):
         s = component_settings(name, monkeypatch)
@@ -346,14 +447,18 @@ def test_absolute_paths_in_the_environment_are_writable_mounts() -> None:
     docs = base_objects() + load_file(STATEFULSET)
     for workload in workloads(docs):
         for c in containers(workload):
-            mounts = [PurePosixPath(m["mountPath"]) for m in c.get("volumeMounts", []) if not m.get("readOnly")]
+            mounts = [
+                PurePosixPath(m["mountPath"]) for m in c.get("volumeMounts", []) if not m.get("readOnly")
+            ]
             for name, (source, value) in resolved_env(c, docs).items():
                 if value.startswith("/"):
                     assert any(PurePosixPath(value).is_relative_to(m) for m in mounts), (
-                        f"{workload.where}: {name}={value} ({source}) is on the read-only root filesystem")
+                        f"{workload.where}: {name}={value} ({source}) is on the read-only root filesystem"
+                    )
 
 
 # --- security ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w.kind}/{w.name}")
 def test_pods_run_locked_down(workload: Doc) -> None:
@@ -383,8 +488,15 @@ def test_only_the_trainer_gets_a_kubernetes_api_token_and_it_may_only_read_pods(
         token = pod_spec(workload).get("automountServiceAccountToken")
         assert token is (workload.name == "trainer-server"), f"{workload.where}: automountServiceAccountToken"
     trainer = pod_spec(find(docs, "Deployment", "trainer-server"))
-    bindings = [d for d in docs if d.kind == "RoleBinding" and any(
-        s["kind"] == "ServiceAccount" and s["name"] == trainer["serviceAccountName"] for s in d.body["subjects"])]
+    bindings = [
+        d
+        for d in docs
+        if d.kind == "RoleBinding"
+        and any(
+            s["kind"] == "ServiceAccount" and s["name"] == trainer["serviceAccountName"]
+            for s in d.body["subjects"]
+        )
+    ]
     assert bindings, "the trainer's ServiceAccount is bound to no Role"
     assert not [d for d in docs if d.kind in ("ClusterRole", "ClusterRoleBinding")], "no cluster-wide RBAC"
     for binding in bindings:
@@ -396,6 +508,7 @@ def test_only_the_trainer_gets_a_kubernetes_api_token_and_it_may_only_read_pods(
 
 # --- labels, images, resources, probes ---------------------------------------------------------------------
 
+
 def test_every_object_carries_the_recommended_labels() -> None:
     version = pyproject_version()
     for doc in all_objects():
@@ -406,17 +519,19 @@ def test_every_object_carries_the_recommended_labels() -> None:
         assert labels["app.kubernetes.io/version"] == version, f"{doc.where}: version label is not {version}"
     for workload in workloads():
         labels = pod_labels(workload)
-        assert labels["app"] == workload.name and labels["app.kubernetes.io/version"] == version, workload.where
+        assert labels["app"] == workload.name and labels["app.kubernetes.io/version"] == version, (
+            workload.where
+        )
 
 
-def test_images_are_the_seed_images_at_the_project_version() -> None:
-    version = pyproject_version()
+def test_images_are_the_seed_images() -> None:
+    # The seed's guide builds and deploys `<name>:latest`; a registry pins tags with `kustomize edit set image`.
     for workload in workloads():
         for c in containers(workload):
-            assert c["image"] == f"{workload.name}:{version}", f"{workload.where}: image {c['image']}"
+            assert c["image"] == f"{workload.name}:latest", f"{workload.where}: image {c['image']}"
     for path in (K8S / "kustomization.yaml", K8S / "statefulset" / "kustomization.yaml"):
         images = yaml.safe_load(path.read_text())["images"]
-        assert {i["name"]: i["newTag"] for i in images} == {w: version for w in SEED_WORKLOADS}, path
+        assert {i["name"]: i["newTag"] for i in images} == {w: "latest" for w in SEED_WORKLOADS}, path
 
 
 @pytest.mark.parametrize("workload", workloads(), ids=lambda w: f"{w.kind}/{w.name}")
@@ -441,14 +556,18 @@ def test_probes_use_declared_ports_and_drain_in_time(workload: Doc) -> None:
                 assert port in ports or port in ports.values(), f"{workload.where}: {kind} port {port}"
         assert "readinessProbe" in c and "livenessProbe" in c, workload.where
         sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-        assert spec.get("terminationGracePeriodSeconds", 30) >= sleep + 30, f"{workload.where}: no time to drain"
+        assert spec.get("terminationGracePeriodSeconds", 30) >= sleep + 30, (
+            f"{workload.where}: no time to drain"
+        )
     if workload.name == "inference-server":
         c = containers(workload)[0]
         assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
         assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         startup = c["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "startup budget under 10 minutes"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, (
+            "startup budget under 10 minutes"
+        )
         assert c["lifecycle"]["preStop"]["sleep"]["seconds"] >= 5, "endpoints need time to drop the pod"
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert workload.body["spec"]["replicas"] == 2
@@ -467,15 +586,19 @@ KUBE_SYSTEM_NS = {"kubernetes.io/metadata.name": "kube-system"}
 class Peer:
     """A pod (labels in a namespace) or an address outside the cluster's pods."""
 
-    def __init__(self, labels: dict[str, str] | None = None, ns: dict[str, str] = APP_NS, ip: str = "") -> None:
+    def __init__(
+        self, labels: dict[str, str] | None = None, ns: dict[str, str] = APP_NS, ip: str = ""
+    ) -> None:
         self.labels, self.ns, self.ip = labels, ns, ip
 
 
 def _ip_in(ip: str, block: dict[str, Any]) -> bool:
     import ipaddress
+
     addr = ipaddress.ip_address(ip)
     return addr in ipaddress.ip_network(block["cidr"]) and not any(
-        addr in ipaddress.ip_network(e) for e in block.get("except", []))
+        addr in ipaddress.ip_network(e) for e in block.get("except", [])
+    )
 
 
 def _peer_matches(rule_peer: dict[str, Any], who: Peer) -> bool:
@@ -483,33 +606,49 @@ def _peer_matches(rule_peer: dict[str, Any], who: Peer) -> bool:
         return bool(who.ip) and who.labels is None and _ip_in(who.ip, rule_peer["ipBlock"])
     if who.labels is None:
         return False
-    ns_ok = matches(rule_peer["namespaceSelector"], who.ns) if "namespaceSelector" in rule_peer else who.ns == APP_NS
+    ns_ok = (
+        matches(rule_peer["namespaceSelector"], who.ns)
+        if "namespaceSelector" in rule_peer
+        else who.ns == APP_NS
+    )
     pod_ok = matches(rule_peer["podSelector"], who.labels) if "podSelector" in rule_peer else True
     return ns_ok and pod_ok
 
 
 def _port_matches(rule: dict[str, Any], port: int, protocol: str) -> bool:
     ports = rule.get("ports")
-    return not ports or any(p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports)
+    return not ports or any(
+        p.get("protocol", "TCP") == protocol and p.get("port") in (None, port) for p in ports
+    )
 
 
-def _direction_allows(policies: list[dict[str, Any]], direction: str, subject: Peer, other: Peer,
-                      port: int, protocol: str) -> bool:
+def _direction_allows(
+    policies: list[dict[str, Any]], direction: str, subject: Peer, other: Peer, port: int, protocol: str
+) -> bool:
     if subject.labels is None or subject.ns != APP_NS:
         return True  # the policies here select only pods of the app's namespace
-    selecting = [p for p in policies if direction.capitalize() in p["spec"].get("policyTypes", ["Ingress"])
-                 and matches(p["spec"]["podSelector"], subject.labels)]
+    selecting = [
+        p
+        for p in policies
+        if direction.capitalize() in p["spec"].get("policyTypes", ["Ingress"])
+        and matches(p["spec"]["podSelector"], subject.labels)
+    ]
     if not selecting:
         return True
     key = "from" if direction == "ingress" else "to"
-    return any(_port_matches(rule, port, protocol) and (key not in rule or any(_peer_matches(x, other) for x in rule[key]))
-               for p in selecting for rule in p["spec"].get(direction, []))
+    return any(
+        _port_matches(rule, port, protocol)
+        and (key not in rule or any(_peer_matches(x, other) for x in rule[key]))
+        for p in selecting
+        for rule in p["spec"].get(direction, [])
+    )
 
 
 def allowed(src: Peer, dst: Peer, port: int, protocol: str = "TCP") -> bool:
     policies = [d.body for d in base_objects() if d.kind == "NetworkPolicy"]
-    return (_direction_allows(policies, "egress", src, dst, port, protocol)
-            and _direction_allows(policies, "ingress", dst, src, port, protocol))
+    return _direction_allows(policies, "egress", src, dst, port, protocol) and _direction_allows(
+        policies, "ingress", dst, src, port, protocol
+    )
 
 
 def _pod(name: str) -> Peer:
@@ -526,16 +665,19 @@ API_SERVER = Peer(ip="10.0.0.1")  # the kubernetes Service's endpoint: not a pod
 def test_network_policy_allows_every_flow_the_system_needs() -> None:
     inference, trainer, ui = _pod("inference-server"), _pod("trainer-server"), _pod("ui-server")
     client = Peer({"app": "my-client", "lockstep.io/inference-client": "true"})
-    needed = [("ui", ui, "trainer", trainer, 8080), ("ui", ui, "inference", inference, 8000),
-              ("trainer", trainer, "inference", inference, 8000),
-              ("inference", inference, "inference peer", inference, 8000),
-              ("prometheus", PROMETHEUS, "inference", inference, 8000),
-              ("prometheus", PROMETHEUS, "trainer", trainer, 8080),
-              ("labelled client", client, "inference", inference, 8000),
-              ("the load balancer", INTERNET, "ui", ui, 8080),
-              ("trainer", trainer, "the API server", API_SERVER, 443),
-              ("trainer", trainer, "the API server (kubeadm)", API_SERVER, 6443),
-              ("inference", inference, "the Hugging Face Hub", Peer(ip="18.154.227.67"), 443)]
+    needed = [
+        ("ui", ui, "trainer", trainer, 8080),
+        ("ui", ui, "inference", inference, 8000),
+        ("trainer", trainer, "inference", inference, 8000),
+        ("inference", inference, "inference peer", inference, 8000),
+        ("prometheus", PROMETHEUS, "inference", inference, 8000),
+        ("prometheus", PROMETHEUS, "trainer", trainer, 8080),
+        ("labelled client", client, "inference", inference, 8000),
+        ("the load balancer", INTERNET, "ui", ui, 8080),
+        ("trainer", trainer, "the API server", API_SERVER, 443),
+        ("trainer", trainer, "the API server (kubeadm)", API_SERVER, 6443),
+        ("inference", inference, "the Hugging Face Hub", Peer(ip="18.154.227.67"), 443),
+    ]
     blocked = [f"{a} -> {b}:{port}" for a, src, b, dst, port in needed if not allowed(src, dst, port)]
     for name, pod in (("inference", inference), ("trainer", trainer), ("ui", ui)):
         if not allowed(pod, KUBE_DNS, 53, "UDP"):
@@ -545,24 +687,35 @@ def test_network_policy_allows_every_flow_the_system_needs() -> None:
 
 def test_network_policy_refuses_everything_else() -> None:
     inference, trainer, ui = _pod("inference-server"), _pod("trainer-server"), _pod("ui-server")
-    refused = [("an unlabelled pod", OUTSIDER, "inference", inference, 8000),
-               ("an unlabelled pod", OUTSIDER, "trainer", trainer, 8080),
-               ("the internet", INTERNET, "inference", inference, 8000),
-               ("the internet", INTERNET, "trainer", trainer, 8080),
-               ("inference", inference, "trainer", trainer, 8080),
-               ("inference", inference, "a private address", API_SERVER, 443),
-               ("ui", ui, "the internet", INTERNET, 443),
-               ("trainer", trainer, "ssh", API_SERVER, 22),
-               ("prometheus-like pod in the app namespace", Peer({"app.kubernetes.io/name": "prometheus"}),
-                "inference", inference, 8000)]
+    refused = [
+        ("an unlabelled pod", OUTSIDER, "inference", inference, 8000),
+        ("an unlabelled pod", OUTSIDER, "trainer", trainer, 8080),
+        ("the internet", INTERNET, "inference", inference, 8000),
+        ("the internet", INTERNET, "trainer", trainer, 8080),
+        ("inference", inference, "trainer", trainer, 8080),
+        ("inference", inference, "a private address", API_SERVER, 443),
+        ("ui", ui, "the internet", INTERNET, 443),
+        ("trainer", trainer, "ssh", API_SERVER, 22),
+        (
+            "prometheus-like pod in the app namespace",
+            Peer({"app.kubernetes.io/name": "prometheus"}),
+            "inference",
+            inference,
+            8000,
+        ),
+    ]
     open_ = [f"{a} -> {b}:{port}" for a, src, b, dst, port in refused if allowed(src, dst, port)]
     assert not open_, f"k8s/networkpolicy.yaml lets through: {open_}"
 
 
 def test_service_monitor_scrapes_the_replicas_and_the_trainer() -> None:
     docs = base_objects()
-    monitor = find(load_file(K8S / "monitoring" / "servicemonitor.yaml"), "ServiceMonitor", "lockstep").body["spec"]
-    scraped = [d for d in docs if d.kind == "Service" and matches(monitor["selector"], d.body["metadata"]["labels"])]
+    monitor = find(load_file(K8S / "monitoring" / "servicemonitor.yaml"), "ServiceMonitor", "lockstep").body[
+        "spec"
+    ]
+    scraped = [
+        d for d in docs if d.kind == "Service" and matches(monitor["selector"], d.body["metadata"]["labels"])
+    ]
     assert {d.name for d in scraped} == {"inference-headless", "trainer-service"}
     jobs = set()
     for service in scraped:

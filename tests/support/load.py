@@ -14,12 +14,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from lockstep.core.clock import SYSTEM_CLOCK
+from lockstep.core.settings import CommitPolicy, Settings
+from lockstep.sync.coordinator import Coordinator, PublishResult
 from tests.support.cluster import LocalCluster, Proc, spawn, wait_for
 
 PROMPTS = ("Once upon a time", "One, two, three,")
@@ -150,6 +154,9 @@ class ReadyWatch:
         self._threads.append(t)
 
     def add(self, name: str, url: str) -> None:
+        """Watch replica ``name`` at ``url`` (replacing an earlier watch of that name: a restart)."""
+        if name in self._stops:
+            self._stops[name].set()
         stop = threading.Event()
         self._stops[name] = stop
         t = threading.Thread(target=self._watch_ready, args=(name, url, stop), daemon=True, name=f"ready-{name}")
@@ -281,7 +288,6 @@ def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> dict[str,
     """
     key = str(Path(model_dir).resolve())
     if key not in _TEXTS:
-        from lockstep.core.settings import Settings
         from lockstep.engine import Engine, SamplingParams
         from lockstep.models import loader
 
@@ -339,6 +345,28 @@ class UpdateScenario:
     def committed_version(self) -> int:
         return int(self.state()["committed"]["version"])
 
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings of a coordinator in this process, as ``lockstep publish`` in the cluster's env would read them."""
+        base: dict[str, Any] = {"shared_dir": self.cluster.shared, "builtin_dir": self.cluster.builtin_dir,
+                                "hf_hub_offline": True, "poll_interval_s": 0.05, "heartbeat_interval_s": 0.2,
+                                "heartbeat_ttl_s": 3.0, "commit_policy": CommitPolicy.STRICT,
+                                "stage_timeout_s": 60.0, "lease_ttl_s": 30.0, "commit_margin_s": 0.5,
+                                "sync_state_file": None, "hf_home": None, "initial_model_repo_id": "builtin:tiny"}
+        return Settings(**{**base, **overrides})
+
+    def coordinator(self, **overrides: Any) -> Coordinator:
+        return Coordinator(self.settings(**overrides), clock=SYSTEM_CLOCK, owner="test-coordinator")
+
+    def publish(self, ref: str, **overrides: Any) -> PublishResult:
+        """A whole two-phase publish from this process (the same code ``lockstep publish`` runs)."""
+        return self.coordinator(**overrides).publish(ref)
+
+    def publish_in_background(self, ref: str, **overrides: Any) -> Future[PublishResult]:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        future = executor.submit(self.publish, ref, **overrides)
+        executor.shutdown(wait=False)
+        return future
+
     def start_cli(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """``python -m lockstep ARGS`` in the background, its output in ``logs/<name>.log``."""
         proc = spawn(name, list(args), self.cluster.env(**env), self.cluster.root / "logs", 0)
@@ -365,10 +393,15 @@ class UpdateScenario:
         return self.cluster.builtin_dir / source.removeprefix("builtin:") if source.startswith("builtin:") \
             else Path(source)
 
+    def close(self) -> None:
+        """Stop the load and the watch (idempotent)."""
+        self.load.stop()
+        self.watch.stop()
+
     def finish(self) -> None:
         """Stop the load and the watch; assert no failure, true labels and texts, no stale ready, no flip-flop."""
-        answers = self.load.stop()
-        self.watch.stop()
+        self.close()
+        answers = self.load.answers
         assert answers, "the load generator sent nothing"
         versions = {a.body_version for a in answers if a.status == 200 and a.body_version is not None}
         expected = {v: greedy_texts(self.model_dir(v)) for v in versions}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,22 @@ from safetensors import safe_open
 from lockstep.core.errors import Conflict
 from lockstep.core.settings import Settings
 from lockstep.models import loader
+
+
+# Config fields that change what a model computes without changing any tensor's shape.
+_SHAPELESS_CONFIG = ("model_type", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+                     "sliding_window", "attention_bias", "mlp_bias")
+
+
+def _config_differences(path: Path, live_config: Any) -> list[str]:
+    """Names of the shape-neutral config fields that differ between ``path/config.json`` and the live model."""
+    try:
+        new = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Conflict(f"cannot read {path / 'config.json'} to check the architecture: {exc}") from exc
+    live = live_config.to_dict()
+    return [k for k in _SHAPELESS_CONFIG if k in new and k in live and new[k] != live[k]]
 
 
 @dataclass
@@ -47,12 +64,22 @@ class InplaceWeights:
                 continue
             raise Conflict(f"in-place update needs the same architecture: {resolved.ref.raw!r} has no tensor "
                            f"{name!r}; set LOCKSTEP_UPDATE_MODE=swap for this update")
+        extra = sorted(set(files) - set(aliases.values()))
+        if extra:  # e.g. more layers: copying only the live model's tensors would serve another model
+            raise Conflict(f"in-place update needs the same architecture: {resolved.ref.raw!r} has {len(extra)} "
+                           f"tensor(s) the live model lacks, e.g. {extra[0]!r}; set LOCKSTEP_UPDATE_MODE=swap "
+                           "for this update")
+        changed = _config_differences(resolved.path, live.model.config)
+        if changed:
+            raise Conflict(f"in-place update needs the same architecture: {resolved.ref.raw!r} differs from the "
+                           f"live model in {', '.join(changed)}; set LOCKSTEP_UPDATE_MODE=swap for this update")
         weights = cls(resolved=resolved, files=files, aliases=aliases, weights_digest="")
         for name, live_t in state.items():
             shape = tuple(weights._read(name).shape)
             if shape != tuple(live_t.shape):
                 raise Conflict(f"in-place update needs the same architecture: {name} is {shape} in "
-                               f"{resolved.ref.raw!r} but {tuple(live_t.shape)} in the live model")
+                               f"{resolved.ref.raw!r} but {tuple(live_t.shape)} in the live model; "
+                               "set LOCKSTEP_UPDATE_MODE=swap for this update")
         weights.weights_digest = loader.digest_named_tensors(
             (name, weights._read(name).to(live_t.dtype)) for name, live_t in sorted(state.items()))
         return weights

@@ -112,13 +112,20 @@ class Replica:
     @contextlib.contextmanager
     def pinned(self, wait_s: float = 30.0) -> Iterator[ModelSlot]:
         """Pin the serving slot for one request's admission; its engine will not stop until unpinned."""
-        if not self._admission.wait(timeout=wait_s):  # an in-place copy is in progress (short)
-            raise NotReady("the replica is applying an update and admission is paused; retry shortly")
-        with self._lock:
-            slot = self.serving
-            if slot is None:
-                raise NotReady("no model is loaded yet; wait until GET /ready answers 200")
-            slot.pin()
+        deadline = time.monotonic() + wait_s
+        while True:
+            if not self._admission.wait(timeout=max(0.0, deadline - time.monotonic())):  # in-place copy (short)
+                raise NotReady("the replica is applying an update and admission is paused; retry shortly")
+            with self._lock:
+                # Checked again under the lock that the in-place flip clears it under: a request that passed
+                # the wait just before the pause must not pin the slot whose weights are being overwritten.
+                if not self._admission.is_set():
+                    continue
+                slot = self.serving
+                if slot is None:
+                    raise NotReady("no model is loaded yet; wait until GET /ready answers 200")
+                slot.pin()
+                break
         try:
             yield slot
         finally:
@@ -279,7 +286,8 @@ class Replica:
             old = self.serving
         assert old is not None
         paused = time.monotonic()
-        self._admission.clear()
+        with self._lock:  # pinned() tests the flag under this lock: no pin can slip in after this
+            self._admission.clear()
         try:
             old.wait_unpinned()
             while old.engine.queue_depth + old.engine.running > 0:  # drain: one response, one version

@@ -10,11 +10,12 @@ import time
 from typing import Any
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, Conflict
+from lockstep.core.errors import BadModelRef, BadRequest, Conflict
 from lockstep.core.settings import Settings
 from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
-from lockstep.models.refs import parse_ref
+from lockstep.models.loader import check_safe_files
+from lockstep.models.refs import ModelRef, RefKind, parse_ref
 from lockstep.sync.protocol import StageState
 from lockstep.sync.watcher import SyncWatcher, sleep_until
 
@@ -74,7 +75,7 @@ class ReplicaRuntime:
     # ------------------------------------------------------------------ updates
     def start_update(self, model_ref: str) -> dict[str, Any]:
         """POST /update-model: a cluster-wide publish with a shared folder, else stage and flip this replica."""
-        ref = parse_ref(model_ref)  # malformed references are a 400 before anything starts
+        ref = self._precheck(model_ref)
         if self.watcher is not None:
             return self.watcher.start_publish(ref.raw, origin=f"POST /update-model on {self.replica_id}")
         with self._update_lock:
@@ -91,6 +92,17 @@ class ReplicaRuntime:
         return {"status": "accepted", "scope": "replica", "model": ref.raw, "version": version,
                 "replica_id": self.replica_id}
 
+    def _precheck(self, model_ref: str) -> ModelRef:
+        """A 400 before anything starts: malformed references, and local folders that are unsafe to load."""
+        ref = parse_ref(model_ref)
+        if ref.kind is RefKind.VERSION and self.store is None:
+            raise BadModelRef(f"{ref.raw!r} names a published version but this replica has no shared folder "
+                              "(LOCKSTEP_SHARED_DIR); name a repo id, a directory or a builtin model instead")
+        if ref.kind is RefKind.DIRECTORY:
+            assert ref.path is not None
+            check_safe_files(ref.path, self.settings)  # pickle-only or remote code: refused with how to opt in
+        return ref
+
     def _local_update(self, model_ref: str, version: int) -> None:
         info = self.replica.stage(model_ref, version)
         if info.state is StageState.STAGED:
@@ -98,7 +110,7 @@ class ReplicaRuntime:
 
     def start_stage(self, model_ref: str, version: int, digest: str | None) -> dict[str, Any]:
         """POST /admin/stage: stage in the background; poll GET /status for the outcome."""
-        parse_ref(model_ref)
+        self._precheck(model_ref)
         threading.Thread(target=self.replica.stage, args=(model_ref, version, digest), name=f"stage-v{version}",
                          daemon=True).start()
         return {"status": "staging", "version": version, "model": model_ref, "replica_id": self.replica_id}
@@ -159,7 +171,7 @@ class ReplicaRuntime:
             "committed_version": r.committed_version,
             "staged": staged.model_dump(mode="json") if staged else None,
             "loading": bool(staged and staged.state is StageState.STAGING) or r.serving is None,
-            "updating": staged is not None,
+            "updating": bool(staged and staged.state in (StageState.STAGING, StageState.STAGED)),
             "last_error": r.last_error,
             "update_mode": self.settings.update_mode.value,
             "queue_depth": queued,

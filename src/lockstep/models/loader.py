@@ -205,16 +205,23 @@ def load(resolved: ResolvedModel, settings: Settings) -> LoadedModel:
     started = time.monotonic()
     with _LOAD_LOCK:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 resolved.path,
                 dtype=dtype,
                 use_safetensors=not settings.allow_pickle,
                 trust_remote_code=settings.trust_remote_code,
                 low_cpu_mem_usage=True,
+                output_loading_info=True,
             )
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=settings.trust_remote_code)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise LoadError(f"could not load {resolved.ref.raw!r} from {resolved.path}: {exc}") from exc
+        except Exception as exc:  # OSError, ValueError, SafetensorError (a corrupt file), ...
+            raise LoadError(f"could not load {resolved.ref.raw!r} from {resolved.path}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        # transformers fills weights missing from the checkpoint with random values and only warns.
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise LoadError(f"{resolved.ref.raw!r} lacks {len(missing)} weight tensor(s) the architecture needs, "
+                            f"e.g. {missing[0]}; the checkpoint is incomplete or for another model")
         model.to(device)
         model.eval()
         leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -69,6 +69,9 @@ def parse_ref(raw: str, *, allow_directories: bool = True) -> ModelRef:
     if ref.startswith(("/", "./", "../", "~")) or "\\" in ref:
         if not allow_directories:
             raise BadModelRef(f"local paths are not allowed here ({ref!r}); use a repo id or 'versions/N'")
+        if ".." in Path(ref).parts:  # the allowed forms are absolute or under ./; '..' only hides where it points
+            raise BadModelRef(f"'..' is not allowed in a model path ({ref!r}); give an absolute path or one "
+                              "starting with './'")
         path = Path(ref).expanduser()
         if not path.is_dir():
             raise BadModelRef(f"model directory {ref!r} does not exist or is not a directory")

@@ -89,7 +89,7 @@ class SizeSpec:
 # from it. Sharing one tokenizer also lets tiny and mid stand in for each other anywhere text is handled.
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(
-        description="4.3 M parameters: 4 layers, hidden 256, 8 query / 2 KV heads; builds in about a second",
+        description="3.8 M parameters: 4 layers, hidden 256, 8 query / 2 KV heads; builds in about a second",
         vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, params=3_819_776,
     ),
@@ -260,11 +260,14 @@ def init_weights(model: torch.nn.Module, seed: int, silent_ids: list[int]) -> No
     model.get_output_embeddings().weight[silent_ids] = 0.0
 
 
-def _fsync_tree(folder: Path) -> None:
+def _seal_tree(folder: Path) -> None:
+    # World-readable (safetensors are written 0600): replicas of another uid share this folder.
     for path in sorted(folder.iterdir()):
         if path.is_file():
+            os.chmod(path, 0o644)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    os.chmod(folder, 0o755)
     fsync_dir(folder)
 
 
@@ -295,7 +298,7 @@ def _write_model(tmp: Path, size: str, seed: int) -> None:
     pickles = sorted(p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
     if pickles:
         raise BadRequest(f"builtin build wrote pickle files {pickles}; only safetensors are allowed")
-    _fsync_tree(tmp)
+    _seal_tree(tmp)
 
 
 def build_tiny_model(out_dir: Path, *, seed: int = 0, size: str = "tiny", overwrite: bool = False) -> Path:

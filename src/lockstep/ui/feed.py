@@ -74,6 +74,11 @@ class Feed:
         finally:
             self._subscribers.discard(queue)
 
+    @property
+    def polling(self) -> bool:
+        """Whether the poller runs (it does only while a page listens)."""
+        return self._task is not None and not self._task.done()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -68,17 +68,18 @@ export function outcome(word) {
 export function fmtTime(t) {
   if (!t) return "–";
   const d = new Date(t * 1000);
-  return d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit", second: "2-digit"});
+  return d.toLocaleTimeString([], {hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"});
 }
 
 export function fmtDateTime(t) {
   if (!t) return "–";
   const d = new Date(t * 1000);
-  return d.toLocaleString([], {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit"});
+  return d.toLocaleString([], {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"});
 }
 
 export function fmtSeconds(s) {
   if (s === null || s === undefined || Number.isNaN(s)) return "–";
+  if (s < 0.1) return `${(s * 1000).toFixed(s < 0.001 ? 2 : 1)} ms`;
   if (s < 1) return `${Math.round(s * 1000)} ms`;
   if (s < 120) return `${s.toFixed(s < 10 ? 2 : 1)} s`;
   return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
@@ -96,6 +97,12 @@ export function listOf(body, ...keys) {
   if (Array.isArray(body)) return body;
   for (const key of keys) if (body && Array.isArray(body[key])) return body[key];
   return [];
+}
+
+/** First letter upper-case: server messages start lower-case, banners read as sentences. */
+export function sentence(text) {
+  const t = String(text || "");
+  return t ? t[0].toUpperCase() + t.slice(1) : t;
 }
 
 export function toast(message, kind = "") {

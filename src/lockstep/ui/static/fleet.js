@@ -1,6 +1,6 @@
 // Fleet view: convergence at a glance, and one live card per replica.
 
-import {$, h, fill, vchip, versionColor, fmtNum, fmtSeconds} from "./dom.js";
+import {$, h, fill, vchip, versionColor, fmtNum, fmtSeconds, fmtTime, listOf, sentence} from "./dom.js";
 import {sparkline} from "./charts.js";
 import {on, store} from "./store.js";
 
@@ -10,7 +10,7 @@ const cards = new Map(); // replica_id → card element
 
 /** How one replica stands against the committed version. */
 export function standing(r, cluster) {
-  const committed = cluster.committed ? cluster.committed.version : null;
+  const committed = cluster.committed ? cluster.committed.version : 0;
   const pending = cluster.pending;
   if (r.reachable === false || ["failed", "unreachable", "gone"].includes(r.state)) return "bad";
   if (r.ready && r.serving_version === committed) {
@@ -29,17 +29,19 @@ function stateWord(r) {
 export function convergence(cluster) {
   const conv = cluster.convergence || {};
   const replicas = cluster.replicas || [];
-  const version = conv.version ?? (cluster.committed ? cluster.committed.version : null);
+  // Version 0 is the initial model of a cluster that never published (DESIGN.md §3).
+  const committed = cluster.committed ? cluster.committed.version : 0;
+  const version = conv.version ?? committed ?? 0;
   const total = conv.total ?? replicas.length;
-  const at = conv.at_version ?? replicas.filter((r) => r.ready && r.serving_version === version).length;
+  const counted = replicas.filter((r) => r.ready && r.serving_version === version).length;
+  const at = conv.version === null || conv.version === undefined ? counted : conv.at_version ?? counted;
   return {version, total, at};
 }
 
 function renderHeader(cluster) {
   const badge = $("#convergence-badge");
   const {version, total, at} = convergence(cluster);
-  const text = version === null || version === undefined ? `${total} replica${total === 1 ? "" : "s"}, nothing committed`
-    : `${at}/${total} replicas at v${version}`;
+  const text = `${at}/${total} replica${total === 1 ? "" : "s"} at v${version}`;
   badge.textContent = text;
   badge.className = "badge " + (total && at === total ? "ok" : at > 0 ? "warn" : "bad");
 
@@ -52,7 +54,7 @@ function renderHeader(cluster) {
   const banner = $("#banner");
   if (!trainer.reachable) {
     banner.hidden = false;
-    banner.textContent = `${trainer.error || "The trainer is unreachable."} The fleet below is read from the replicas directly; publishing, rollbacks and runs need the trainer.`;
+    banner.textContent = `${sentence(trainer.error || "the trainer is unreachable.")} The fleet below is read from the replicas directly; publishing, rollbacks and runs need the trainer.`;
   } else if (cluster.discovery && cluster.discovery.error) {
     banner.hidden = false;
     banner.textContent = `Replica discovery (${cluster.discovery.mode || "?"}) reports: ${cluster.discovery.error}`;
@@ -61,11 +63,23 @@ function renderHeader(cluster) {
   }
 }
 
+/** When the replicas flipped to the committed version, and how far apart (the point of lockstep). */
+export function lastFlip(cluster, history) {
+  const c = cluster.committed;
+  if (!c || !history) return null;
+  const latest = new Map(); // replica_id → its latest flip to the committed version
+  for (const f of listOf(history.flips || [])) {
+    if (f.version === c.version && typeof f.at === "number" && !(latest.get(f.replica_id) > f.at)) latest.set(f.replica_id, f.at);
+  }
+  if (!latest.size) return null;
+  const ats = [...latest.values()];
+  return {version: c.version, at: Math.min(...ats), spread: Math.max(...ats) - Math.min(...ats), replicas: latest.size};
+}
+
 function renderConvergence(cluster) {
   const {version, total, at} = convergence(cluster);
   const big = $("#convergence-text");
-  if (version === null || version === undefined) fill(big, `${total} `, h("span", {class: "of"}, `replica${total === 1 ? "" : "s"} · nothing committed yet`));
-  else fill(big, `${at}/${total} `, h("span", {class: "of"}, "replicas at "), vchip(version));
+  fill(big, `${at}/${total} `, h("span", {class: "of"}, `replica${total === 1 ? "" : "s"} at `), vchip(version));
 
   const bar = $("#convergence-bar");
   const replicas = cluster.replicas || [];
@@ -77,9 +91,15 @@ function renderConvergence(cluster) {
 
   const facts = [];
   const c = cluster.committed;
-  facts.push(["committed", c ? h("span", {}, vchip(c.version, "small"), " ", h("code", {}, c.model || "")) : "nothing yet"]);
+  facts.push(["committed", c ? h("span", {}, vchip(c.version, "small"), " ", h("code", {}, c.model || ""))
+    : h("span", {}, vchip(0, "small"), h("span", {class: "muted"}, " the initial model (nothing published yet)"))]);
   const p = cluster.pending;
   facts.push(["pending", p ? h("span", {}, vchip(p.version, "small"), ` ${p.phase}${p.reason ? ` — ${p.reason}` : ""}`) : "none"]);
+  const flip = lastFlip(cluster, store.history);
+  if (flip) {
+    facts.push(["last flip", h("span", {"data-field": "last-flip"}, `v${flip.version} at ${fmtTime(flip.at)}`,
+      flip.replicas > 1 ? h("span", {class: "muted"}, ` · ${flip.replicas} replicas within ${fmtSeconds(flip.spread)}`) : "")]);
+  }
   if (cluster.generation !== null && cluster.generation !== undefined) facts.push(["generation", String(cluster.generation)]);
   if (cluster.discovery) facts.push(["discovery", `${cluster.discovery.mode || "?"}`]);
   facts.push(["source", cluster.source === "replicas" ? "replicas (trainer down)" : "trainer"]);

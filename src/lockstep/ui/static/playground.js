@@ -105,7 +105,7 @@ function renderTargets(cluster) {
   if (key === targetsKey) return; // rebuilding would close an open drop-down
   targetsKey = key;
   const keep = select.value;
-  fill(select, h("option", {value: ""}, "round robin (any ready replica)"),
+  fill(select, h("option", {value: ""}, "round robin"),
     replicas.map((r) => h("option", {value: String(r.replica_id)}, `${r.replica_id}${r.ready ? "" : " (not ready)"}`)));
   if ([...select.options].some((o) => o.value === keep)) select.value = keep;
 }

@@ -1,0 +1,244 @@
+"""The page in a real headless Chromium, against a real local cluster: two replicas, the trainer and the UI.
+
+Set LOCKSTEP_UI_SCREENSHOT_DIR=docs/screenshots to refresh the screenshots in the docs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import LocalCluster, Proc, free_port, local_cluster, spawn, wait_for
+from tests.ui.conftest import CHROMIUM
+
+pytest.importorskip("playwright.sync_api", reason="the page tests need playwright (pip install playwright)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"the page tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+                allow_module_level=True)
+
+from playwright.sync_api import Page, expect  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+WAIT_MS = 60_000  # the longest the page may take to show something the cluster did (loads on a busy CPU)
+
+
+@dataclass
+class System:
+    cluster: LocalCluster
+    trainer: Proc
+    ui: Proc
+
+
+def _healthy(proc: Proc) -> bool:
+    assert proc.alive(), f"{proc.name} exited:\n{proc.log()[-3000:]}"
+    return proc.get("/healthz", timeout=2).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[System]:
+    root = tmp_path_factory.mktemp("ui-page")
+    with local_cluster(root, builtin_dir, replicas=2) as cluster:
+        port = free_port()
+        trainer = spawn("trainer", ["trainer", "--port", str(port), "--shared", str(cluster.shared)], cluster.env(),
+                        root / "logs", port)
+        if os.environ.get("DEV_TRAINER"):  # TEMP-DEV
+            import subprocess, sys  # TEMP-DEV
+            trainer.process.kill()  # TEMP-DEV
+            trainer = Proc("trainer", trainer.url, port, subprocess.Popen([sys.executable, os.environ["DEV_TRAINER"], str(port)], env=cluster.env(), stdout=open(root / "trainer.log", "wb"), stderr=subprocess.STDOUT), root / "trainer.log")  # TEMP-DEV
+        cluster.others.append(trainer)
+        wait_for(lambda: _healthy(trainer), 120, 0.1, "the trainer to answer")
+        port = free_port()
+        ui = spawn("ui", ["ui", "--port", str(port), "--trainer-url", trainer.url], cluster.env(), root / "logs", port)
+        cluster.others.append(ui)
+        wait_for(lambda: _healthy(ui), 60, 0.1, "the UI server to answer")
+        wait_for(lambda: len(trainer.get("/cluster").json()["replicas"]) == 2, 60, 0.1, "the trainer to see 2 replicas")
+        yield System(cluster, trainer, ui)
+
+
+@pytest.fixture
+def page(page: Page, system: System) -> Iterator[Page]:
+    """The page, opened on the UI; a script error on it fails the test."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The browser also logs every HTTP error status; the page handles those, so only script errors count.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.goto(system.ui.url + "/")
+    yield page
+    assert not errors, f"errors on the page: {errors}"
+
+
+def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    """Always into the test's folder; also into LOCKSTEP_UI_SCREENSHOT_DIR when set (the docs' pictures)."""
+    page.wait_for_timeout(300)  # let the last frame paint
+    page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    target = os.environ.get("LOCKSTEP_UI_SCREENSHOT_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(target) / f"{name}.png"), full_page=True)
+
+
+def committed(system: System) -> int:
+    body: dict[str, Any] = system.trainer.get("/cluster").json()
+    return int((body.get("committed") or {}).get("version") or 0)
+
+
+def card(page: Page, replica: str) -> Any:
+    return page.locator(f'#replicas .replica[data-replica-id="{replica}"]')
+
+
+# ---------------------------------------------------------------------------------------------------- fleet
+def test_fleet_shows_both_replicas_live(page: Page, system: System) -> None:
+    version = committed(system)
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    for replica in ("replica-1", "replica-2"):
+        expect(card(page, replica).locator('[data-field="serving"]')).to_contain_text(f"v{version}")
+        expect(card(page, replica).locator('[data-field="ready"]')).to_have_text("ready")
+        expect(card(page, replica)).to_contain_text("http://127.0.0.1:")
+    expect(page.locator("#convergence-badge")).to_have_text(f"2/2 replicas at v{version}")
+    expect(page.locator("#trainer-status")).to_have_text("trainer: connected")
+    expect(page.locator("#live-status")).to_have_class(re.compile(r"\bon\b"))
+
+
+def test_bad_publish_input_is_caught_in_the_page(page: Page) -> None:
+    page.click("#publish-button")
+    expect(page.locator("#publish-model-error")).to_contain_text("Enter a model reference")
+    expect(page.locator("#publish-model")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#publish-model")).to_be_focused()
+    page.fill("#publish-model", "rm -rf /")
+    page.keyboard.press("Enter")
+    expect(page.locator("#publish-model-error")).to_contain_text("no spaces")
+    expect(page.locator("#confirm")).not_to_be_visible()
+
+
+def test_cancelled_publish_changes_nothing(page: Page, system: System) -> None:
+    before = system.trainer.get("/publishes").json()
+    page.fill("#publish-model", "builtin:tiny-s2")
+    page.click("#publish-button")
+    expect(page.locator("#confirm")).to_be_visible()
+    expect(page.locator("#confirm-title")).to_contain_text("builtin:tiny-s2")
+    page.keyboard.press("Escape")
+    expect(page.locator("#confirm")).not_to_be_visible()
+    page.wait_for_timeout(500)
+    assert system.trainer.get("/publishes").json() == before
+
+
+def test_a_failed_publish_says_why(page: Page) -> None:
+    page.fill("#publish-model", "versions/999")
+    page.click("#publish-button")
+    page.click("#confirm-ok")
+    box = page.locator("#operation")
+    expect(box).to_have_class(re.compile(r"\bbad\b"), timeout=WAIT_MS)
+    expect(box).to_contain_text("999")
+
+
+def test_publish_from_the_page_flips_both_replicas(page: Page, system: System, tmp_path: Path) -> None:
+    before = committed(system)
+    for replica in ("replica-1", "replica-2"):
+        expect(card(page, replica).locator('[data-field="serving"]')).to_contain_text(f"v{before}")
+    page.fill("#publish-model", "builtin:tiny-s1" if before == 0 else "builtin:tiny-s2")
+    page.click("#publish-button")
+    expect(page.locator("#confirm")).to_be_visible()
+    page.click("#confirm-ok")
+    wait_for(lambda: committed(system) > before, WAIT_MS / 1000, 0.1, "the publish to commit")
+    version = committed(system)  # an aborted publish before this one may have used a number
+    for replica in ("replica-1", "replica-2"):
+        expect(card(page, replica).locator('[data-field="serving"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
+    expect(page.locator("#convergence-badge")).to_have_text(f"2/2 replicas at v{version}", timeout=WAIT_MS)
+    expect(page.locator("#operation")).to_contain_text(f"v{version} committed", timeout=WAIT_MS)
+    expect(page.locator('[data-field="last-flip"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
+    assert system.cluster.replicas[0].status()["serving_version"] == version
+    screenshot(page, "fleet", tmp_path)
+
+
+def test_timeline_draws_publishes_and_flips(page: Page, system: System, tmp_path: Path) -> None:
+    version = committed(system)
+    assert version >= 1, "runs after a publish"
+    page.click("#tab-timeline")
+    expect(page.locator("#view-timeline")).to_be_visible()
+    expect(page.locator(f'#timeline-svg g.commit[data-version="{version}"]')).to_have_count(1, timeout=WAIT_MS)
+    for replica in ("replica-1", "replica-2"):
+        expect(page.locator(f'#timeline-svg g.lane[data-replica="{replica}"] rect').first).to_be_visible()
+    expect(page.locator("#publishes-table tbody tr").first).to_contain_text("committed")
+    expect(page.locator("#versions-table tbody")).to_contain_text(f"v{version}")
+    screenshot(page, "timeline", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_path: Path) -> None:
+    page.click("#tab-runs")
+    page.check('input[name="kind"][value="finetune"]')
+    page.fill("#param-steps", "")
+    page.click("#run-start")
+    expect(page.locator("#param-steps-error")).to_contain_text("Enter steps")
+    page.fill("#param-steps", "6")
+    page.fill("#param-publish_every", "3")
+    page.fill("#param-batch_size", "2")
+    page.click("#run-start")
+    expect(page.locator("#run-title")).to_contain_text("Run ", timeout=WAIT_MS)
+    curve = page.locator('#reward-chart path.series[data-series="reward"]')
+    expect(curve).to_have_count(1, timeout=WAIT_MS * 2)
+    wait_for(lambda: int(curve.get_attribute("data-points") or 0) >= 2, WAIT_MS * 2 / 1000, 0.2,
+             "two points on the reward curve")
+    expect(page.locator("#runs-list button[aria-pressed=true]")).to_have_count(1)
+    expect(page.locator("#run-title .outcome")).to_have_text(re.compile("succeeded|running"), timeout=WAIT_MS)
+    expect(page.locator("#samples .sample-group").first).to_be_visible(timeout=WAIT_MS * 2)
+    screenshot(page, "runs", tmp_path)
+    if page.locator("#run-stop").is_visible():
+        page.click("#run-stop")
+        expect(page.locator("#run-title .outcome")).not_to_have_text("running", timeout=WAIT_MS)
+
+
+# ---------------------------------------------------------------------------------------------------- playground
+def test_playground_streams_text_with_its_version(page: Page, system: System, tmp_path: Path) -> None:
+    page.click("#tab-playground")
+    page.click("#play-send")
+    expect(page.locator("#play-error")).to_contain_text("Write a prompt first")
+    wait_for(lambda: system.trainer.get("/cluster").json()["convergence"]["at_version"] == 2, 120, 0.2,
+             "the fleet to converge after the run")
+    version = committed(system)
+    page.fill("#play-prompt", "Once upon a time")
+    page.fill("#play-max-tokens", "24")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator('#play-meta [data-field="version"]')).to_have_text(f"v{version}", timeout=WAIT_MS)
+    expect(page.locator("#play-output")).to_have_attribute("data-done", "true", timeout=WAIT_MS)
+    assert page.locator("#play-output").inner_text().strip(), "some text was streamed"
+    expect(page.locator("#play-output")).not_to_have_class(re.compile("failed"))
+
+    page.select_option("#play-target", "replica-2")
+    page.fill("#play-prompt", "The cat")
+    page.evaluate("document.querySelector('#play-output').removeAttribute('data-done')")
+    page.click("#play-send")
+    expect(page.locator("#play-output")).to_have_attribute("data-done", "true", timeout=WAIT_MS)
+    expect(page.locator('#play-meta [data-field="replica"]')).to_have_text("replica-2")
+    expect(page.locator("#play-history li")).to_have_count(2)
+    screenshot(page, "playground", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- no trainer
+def test_a_trainer_that_goes_away_shows_and_the_page_keeps_working(page: Page, system: System) -> None:
+    expect(page.locator("#trainer-status")).to_have_text("trainer: connected")
+    system.trainer.kill()
+    expect(page.locator("#trainer-status")).to_have_text("trainer: unreachable", timeout=WAIT_MS)
+    expect(page.locator("#banner")).to_contain_text("unreachable")
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    expect(card(page, "replica-1").locator('[data-field="ready"]')).to_have_text("ready")
+
+    page.click("#tab-playground")
+    page.fill("#play-prompt", "Hello")
+    page.click("#play-send")
+    expect(page.locator("#play-output")).to_have_attribute("data-done", "true", timeout=WAIT_MS)
+    expect(page.locator('#play-meta [data-field="version"]')).to_have_text(re.compile(r"v\d+"))
+
+    page.click("#tab-fleet")
+    page.fill("#publish-model", "builtin:tiny-s2")
+    page.click("#publish-button")
+    page.click("#confirm-ok")
+    expect(page.locator("#operation")).to_contain_text("unreachable", timeout=WAIT_MS)
