@@ -162,8 +162,12 @@ def main() -> None:
           flush=True)
 
     in_thread(baseline, model, prompts, 4, 1)  # warm-up
-    rows = [in_thread(baseline, model, prompts, args.max_new_tokens, args.baseline_requests)]
-    print(f"baseline done: {rows[0].tokens_per_s:.1f} tokens/s", flush=True)
+    # Half the baseline runs before the engine and half after, so a change in machine load during the
+    # run (shared CPUs) does not favour either side.
+    half = max(1, args.baseline_requests // 2)
+    before = in_thread(baseline, model, prompts, args.max_new_tokens, half)
+    print(f"baseline (first half) done: {before.tokens_per_s:.1f} tokens/s", flush=True)
+    rows: list[Row] = []
     engine = Engine(model, tokenizer, max_batch_size=max(levels), max_queue=max(256, max(levels)),
                     backend=args.backend).start()
     try:
@@ -177,6 +181,9 @@ def main() -> None:
             print(f"concurrency {c} done: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
     finally:
         engine.close()
+    after = in_thread(baseline, model, prompts, args.max_new_tokens, half)
+    print(f"baseline (second half) done: {after.tokens_per_s:.1f} tokens/s", flush=True)
+    rows.insert(0, Row(before.mode, 1, before.samples + after.samples, before.wall_s + after.wall_s))
 
     base_tps = rows[0].tokens_per_s
     lone = [r for r in rows[1:] if r.concurrency == 1]

@@ -47,7 +47,7 @@ def config_kwargs() -> dict[str, Any]:
 
 
 def finish_model(model: Any) -> Any:
-    """Eval mode, decisive logits (no argmax near-ties between batched and unbatched numerics), eos/pad set."""
+    """Eval mode, decisive logits (no argmax near-ties between batched/unbatched numerics), eos/pad set."""
     tok = tokenizer()
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, 1.0)

@@ -1,4 +1,4 @@
-"""The engine end to end on a small Llama: HF-equal greedy output, batching, sampling, admission, lifecycle."""
+"""The engine end to end on a small Llama: HF-equal greedy output, batching, sampling, admission, life."""
 
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ def test_greedy_matches_hf_when_eight_join_at_different_times(engine: Engine, mo
     engine.start()
     lengths = [24, 9, 17, 30, 5, 21, 12, 27]  # leave at different steps: slots get compacted
     handles = []
-    for text, n in zip(PROMPTS, lengths):
+    for text, n in zip(PROMPTS, lengths, strict=True):
         handles.append(engine.submit(encode(text), SamplingParams(max_new_tokens=n)))
         first_token(handles[-1])  # the next one joins only after this one is decoding
-    for text, n, handle in zip(PROMPTS, lengths, handles):
+    for text, n, handle in zip(PROMPTS, lengths, handles, strict=True):
         assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), n), text
 
 
@@ -101,9 +101,10 @@ def test_greedy_matches_hf_with_padded_prefill_and_a_queue(model: Any) -> None:
     eng = Engine(model, tokenizer(), max_batch_size=3, max_context=128, prefill_token_budget=64)
     try:
         lengths = [7, 15, 3, 11, 9, 1, 13, 5]
-        handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=n)) for t, n in zip(PROMPTS, lengths)]
+        handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=n))
+                   for t, n in zip(PROMPTS, lengths, strict=True)]
         eng.start()
-        for text, n, handle in zip(PROMPTS, lengths, handles):
+        for text, n, handle in zip(PROMPTS, lengths, handles, strict=True):
             assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), n), text
     finally:
         eng.close()
@@ -128,7 +129,8 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     params = SamplingParams(max_new_tokens=20, temperature=1.5, top_p=0.95, top_k=100, seed=1234)
     alone = engine.generate(prompt, params, timeout=TIMEOUT).token_ids
     # Again, this time sharing the batch with other sampled requests.
-    others = [engine.submit(encode(t), SamplingParams(max_new_tokens=20, temperature=1.0)) for t in PROMPTS[1:4]]
+    others = [engine.submit(encode(t), SamplingParams(max_new_tokens=20, temperature=1.0))
+              for t in PROMPTS[1:4]]
     together = engine.generate(prompt, params, timeout=TIMEOUT).token_ids
     reseeded = engine.generate(prompt, SamplingParams(**{**params.__dict__, "seed": 99}), timeout=TIMEOUT)
     for handle in others:
@@ -153,7 +155,8 @@ def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
     assert len(full.text) > 12
     stop = full.text[8:11]
     cut = full.text[: full.text.find(stop)]
-    handle = engine.submit(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True, stop=[stop, "\x00never"]))
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, stop=(stop, "\x00never"))
+    handle = engine.submit(prompt, params)
     events = list(handle)
     final = events[-1]
     assert isinstance(final, FinalEvent)
@@ -165,7 +168,8 @@ def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
 
 def test_max_new_tokens_ends_with_length(engine: Engine) -> None:
     engine.start()
-    final = engine.generate(encode(PROMPTS[2]), SamplingParams(max_new_tokens=7, ignore_eos=True), timeout=TIMEOUT)
+    params = SamplingParams(max_new_tokens=7, ignore_eos=True)
+    final = engine.generate(encode(PROMPTS[2]), params, timeout=TIMEOUT)
     assert final.finish_reason == "length"
     assert final.completion_tokens == len(final.token_ids) == 7
 
@@ -300,11 +304,12 @@ def test_async_iteration(engine: Engine) -> None:
     async def main() -> list[list[Any]]:
         return await asyncio.gather(*(collect(t) for t in PROMPTS[:3]))
 
-    for text, events in zip(PROMPTS, asyncio.run(main())):
+    for text, events in zip(PROMPTS[:3], asyncio.run(main()), strict=True):
         final = events[-1]
         assert isinstance(final, FinalEvent) and final.completion_tokens == 12
         assert sum(isinstance(e, TokenEvent) for e in events) == 12
-        sync = engine.generate(encode(text), SamplingParams(max_new_tokens=12, ignore_eos=True), timeout=TIMEOUT)
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        sync = engine.generate(encode(text), params, timeout=TIMEOUT)
         assert final.token_ids == sync.token_ids
 
 
@@ -349,7 +354,8 @@ def test_exception_in_a_step_fails_the_batch_not_the_engine(model: Any) -> None:
     assert "injected failure" in (final.error or "")
     assert final.completion_tokens == 2
     assert eng.is_running
-    assert eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3), timeout=TIMEOUT).finish_reason == "length"
+    after = eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3), timeout=TIMEOUT)
+    assert after.finish_reason == "length"
     assert eng.finished_total == {"error": 1, "length": 1}
     eng.close()
 
@@ -357,7 +363,8 @@ def test_exception_in_a_step_fails_the_batch_not_the_engine(model: Any) -> None:
 def test_counters(engine: Engine) -> None:
     engine.start()
     before = engine.generated_tokens_total
-    handles = [engine.submit(encode(t), SamplingParams(max_new_tokens=5, ignore_eos=True)) for t in PROMPTS[:3]]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    handles = [engine.submit(encode(t), params) for t in PROMPTS[:3]]
     for handle in handles:
         handle.result(TIMEOUT)
     assert engine.generated_tokens_total - before == 15
@@ -383,7 +390,7 @@ def test_generic_backend_matches_llama_backend(model: Any) -> None:
     try:
         assert eng.backend == "hf"
         handles = [eng.submit(encode(t), SamplingParams(max_new_tokens=10)) for t in PROMPTS[:4]]
-        for text, handle in zip(PROMPTS, handles):
+        for text, handle in zip(PROMPTS[:4], handles, strict=True):
             assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), 10)
     finally:
         eng.close()

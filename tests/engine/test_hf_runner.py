@@ -21,8 +21,10 @@ def test_gpt2_goes_through_the_generic_path_and_matches_generate() -> None:
     try:
         assert engine.backend == "hf" and engine.kv_cache_bytes == 0
         prompts = ["The quick brown fox", "Emoji 😀", "a", "Numbers: one two"]
-        handles = [engine.submit(encode(p), SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, (9, 4, 12, 6))]
-        for p, n, handle in zip(prompts, (9, 4, 12, 6), handles):
+        lengths = (9, 4, 12, 6)
+        handles = [engine.submit(encode(p), SamplingParams(max_new_tokens=n))
+                   for p, n in zip(prompts, lengths, strict=True)]
+        for p, n, handle in zip(prompts, lengths, handles, strict=True):
             assert list(handle.result(60).token_ids) == hf_greedy(model, encode(p), n)
     finally:
         engine.close()

@@ -78,7 +78,8 @@ def test_picks_up_in_place_weight_updates() -> None:
 def test_supports_rejects_what_it_cannot_reproduce() -> None:
     assert not llama_runner.supports(build("mistral", sliding_window=16), max_context=64)
     assert llama_runner.supports(build("mistral", sliding_window=64), max_context=64)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300))
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)
+    gpt2 = transformers.GPT2LMHeadModel(config)
     assert not llama_runner.supports(gpt2, max_context=64)
 
 

@@ -20,7 +20,8 @@ def test_auto_prefers_the_batched_runner() -> None:
 
 
 def test_llama_backend_on_another_architecture_is_refused() -> None:
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300))
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300)
+    gpt2 = transformers.GPT2LMHeadModel(config)
     assert isinstance(make_runner(gpt2, 2, 32), HFRunner)
     with pytest.raises(BadRequest, match="Llama-family"):
         make_runner(gpt2, 2, 32, backend="llama")

@@ -13,7 +13,8 @@ from . import tokenizer
 
 def seq(rid: int, n_prompt: int) -> Sequence:
     handle = RequestHandle(rid, n_prompt, lambda h: None)
-    return Sequence(rid, [5] * n_prompt, SamplingParams(), tokenizer(), frozenset(), None, handle, FakeClock())
+    params = SamplingParams()
+    return Sequence(rid, [5] * n_prompt, params, tokenizer(), frozenset(), None, handle, FakeClock())
 
 
 def test_admits_fifo_up_to_the_batch_size() -> None:

@@ -40,10 +40,15 @@ def reference_text(model_dir: Path, prompt: str, n: int = MAX_NEW, chat: bool = 
     else:
         ids = list(tok(prompt)["input_ids"])
     start = len(ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from two threads, and loses much on a busy machine
+    try:
+        with torch.inference_mode():
+            for _ in range(n):
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+    finally:
+        torch.set_num_threads(threads)
     return str(tok.decode(ids[start:]))
 
 
@@ -85,7 +90,13 @@ class Served:
 
 @contextmanager
 def served(settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready: bool = True) -> Iterator[Served]:
-    """Run ``create_app(settings)`` under uvicorn in a thread; stop it (and its engines) on exit."""
+    """Run ``create_app(settings)`` under uvicorn in a thread; stop it (and its engines) on exit.
+
+    Torch runs one thread meanwhile, as child replicas do (OMP_NUM_THREADS=1 in ``base_env``): a tiny model
+    gains nothing from a second one, and OpenMP spin-waits make it many times slower on a busy 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     port = free_port()
     app = create_app(settings, runtime=runtime)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -101,6 +112,7 @@ def served(settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+        torch.set_num_threads(threads)
 
 
 def wait_ready_200(url: str, timeout: float = BOOT_S) -> None:

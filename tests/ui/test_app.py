@@ -1,4 +1,4 @@
-"""The UI server's HTTP surface: the page and its files, the checked forms, and a trainer that is not there."""
+"""The UI server's HTTP surface: the page and its files, the checked forms, a trainer that is not there."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def client(dead_url: str) -> Iterator[TestClient]:
         yield shared
 
 
-# ---------------------------------------------------------------------------------------------------- page
+# --------------------------------------------------------------------------------------------- page
 def test_healthz_answers(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
 
@@ -90,7 +90,7 @@ def test_static_never_reaches_outside_the_assets(client: TestClient, path: str) 
     assert "error" in response.json()
 
 
-# ---------------------------------------------------------------------------------------------------- forms
+# -------------------------------------------------------------------------------------------- forms
 @pytest.mark.parametrize(("body", "words"), [
     ({}, "model is required"),
     ({"model": ""}, "model"),
@@ -103,7 +103,8 @@ def test_static_never_reaches_outside_the_assets(client: TestClient, path: str) 
     ({"model": "builtin:tiny-s1", "timeout_s": True}, "timeout_s"),
     ({"model": "builtin:tiny-s1", "extra": 1}, "extra is not a supported field"),
 ])
-def test_publish_form_is_checked_before_the_trainer(client: TestClient, body: dict[str, object], words: str) -> None:
+def test_publish_form_is_checked_before_the_trainer(client: TestClient, body: dict[str, object],
+                                                    words: str) -> None:
     response = client.post("/api/publish", json=body)
     assert response.status_code == 400, response.text
     assert words in response.json()["error"]["message"]
@@ -150,15 +151,15 @@ def test_ids_in_paths_are_checked(client: TestClient, run_id: str) -> None:
     assert client.get(f"/api/publishes/{run_id}").status_code in (400, 404)
 
 
-# ---------------------------------------------------------------------------------------------------- no trainer
+# --------------------------------------------------------------------------------------- no trainer
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("GET", "/api/runs", None), ("GET", "/api/history", None), ("GET", "/api/versions", None),
     ("GET", "/api/publishes/p-1", None), ("POST", "/api/publish", {"model": "builtin:tiny-s1"}),
     ("POST", "/api/rollback", {}), ("POST", "/api/runs", {"kind": "finetune", "params": {"steps": 3}}),
     ("POST", "/api/runs/run-1/stop", None),
 ])
-def test_unreachable_trainer_is_a_502_in_plain_words(client: TestClient, dead_url: str, method: str, path: str,
-                                                     body: object) -> None:
+def test_unreachable_trainer_is_a_502_in_plain_words(client: TestClient, dead_url: str, method: str,
+                                                     path: str, body: object) -> None:
     response = client.request(method, path, json=body)
     assert response.status_code == 502
     message = response.json()["error"]["message"]

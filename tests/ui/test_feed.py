@@ -1,4 +1,4 @@
-"""The live feed: one poller while pages listen, the latest state replayed to a new page, a missing trainer said."""
+"""The live feed: one poller while pages listen, the latest state replayed to a new page, a lost trainer."""
 
 from __future__ import annotations
 

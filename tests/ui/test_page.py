@@ -55,10 +55,12 @@ def system(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Itera
         cluster.others.append(trainer)
         wait_for(lambda: _healthy(trainer), 120, 0.1, "the trainer to answer")
         port = free_port()
-        ui = spawn("ui", ["ui", "--port", str(port), "--trainer-url", trainer.url], cluster.env(), root / "logs", port)
+        ui = spawn("ui", ["ui", "--port", str(port), "--trainer-url", trainer.url], cluster.env(),
+                   root / "logs", port)
         cluster.others.append(ui)
         wait_for(lambda: _healthy(ui), 60, 0.1, "the UI server to answer")
-        wait_for(lambda: len(trainer.get("/cluster").json()["replicas"]) == 2, 60, 0.1, "the trainer to see 2 replicas")
+        wait_for(lambda: len(trainer.get("/cluster").json()["replicas"]) == 2, 60, 0.1,
+                 "the trainer to see both replicas")
         yield System(cluster, trainer, ui)
 
 
@@ -94,7 +96,7 @@ def card(page: Page, replica: str) -> Any:
     return page.locator(f'#replicas .replica[data-replica-id="{replica}"]')
 
 
-# ---------------------------------------------------------------------------------------------------- fleet
+# -------------------------------------------------------------------------------------------- fleet
 def test_fleet_shows_both_replicas_live(page: Page, system: System) -> None:
     version = committed(system)
     expect(page.locator("#replicas .replica")).to_have_count(2)
@@ -120,14 +122,30 @@ def test_bad_publish_input_is_caught_in_the_page(page: Page) -> None:
 
 def test_cancelled_publish_changes_nothing(page: Page, system: System) -> None:
     before = system.trainer.get("/publishes").json()
-    page.fill("#publish-model", "builtin:tiny-s2")
-    page.click("#publish-button")
+    page.focus("#publish-model")
+    page.keyboard.type("builtin:tiny-s2")
+    page.keyboard.press("Enter")
     expect(page.locator("#confirm")).to_be_visible()
     expect(page.locator("#confirm-title")).to_contain_text("builtin:tiny-s2")
+    expect(page.locator("#confirm-cancel")).to_be_focused()
     page.keyboard.press("Escape")
     expect(page.locator("#confirm")).not_to_be_visible()
     page.wait_for_timeout(500)
     assert system.trainer.get("/publishes").json() == before
+
+
+def test_every_control_is_labelled_and_views_open_from_the_keyboard(page: Page) -> None:
+    for view in ("timeline", "runs", "playground", "fleet"):
+        page.focus(f"#tab-{view}")
+        page.keyboard.press("Enter")
+        expect(page.locator(f"#view-{view}")).to_be_visible()
+        expect(page.locator(f"#tab-{view}")).to_have_attribute("aria-current", "page")
+        unlabelled = page.evaluate("""() => [...document.querySelectorAll("input, select, textarea, button")]
+            .filter((el) => el.offsetParent !== null)
+            .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label")
+                            && !el.textContent.trim())
+            .map((el) => el.outerHTML.slice(0, 100))""")
+        assert not unlabelled, f"controls without a label on {view}: {unlabelled}"
 
 
 def test_a_failed_publish_says_why(page: Page) -> None:
@@ -150,7 +168,8 @@ def test_publish_from_the_page_flips_both_replicas(page: Page, system: System, t
     wait_for(lambda: committed(system) > before, WAIT_MS / 1000, 0.1, "the publish to commit")
     version = committed(system)  # an aborted publish before this one may have used a number
     for replica in ("replica-1", "replica-2"):
-        expect(card(page, replica).locator('[data-field="serving"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
+        serving = card(page, replica).locator('[data-field="serving"]')
+        expect(serving).to_contain_text(f"v{version}", timeout=WAIT_MS)
     expect(page.locator("#convergence-badge")).to_have_text(f"2/2 replicas at v{version}", timeout=WAIT_MS)
     expect(page.locator("#operation")).to_contain_text(f"v{version} committed", timeout=WAIT_MS)
     expect(page.locator('[data-field="last-flip"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
@@ -163,7 +182,8 @@ def test_timeline_draws_publishes_and_flips(page: Page, system: System, tmp_path
     assert version >= 1, "runs after a publish"
     page.click("#tab-timeline")
     expect(page.locator("#view-timeline")).to_be_visible()
-    expect(page.locator(f'#timeline-svg g.commit[data-version="{version}"]')).to_have_count(1, timeout=WAIT_MS)
+    commit_line = page.locator(f'#timeline-svg g.commit[data-version="{version}"]')
+    expect(commit_line).to_have_count(1, timeout=WAIT_MS)
     for replica in ("replica-1", "replica-2"):
         expect(page.locator(f'#timeline-svg g.lane[data-replica="{replica}"] rect').first).to_be_visible()
     expect(page.locator("#publishes-table tbody tr").first).to_contain_text("committed")
@@ -171,7 +191,7 @@ def test_timeline_draws_publishes_and_flips(page: Page, system: System, tmp_path
     screenshot(page, "timeline", tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------- runs
+# --------------------------------------------------------------------------------------------- runs
 def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_path: Path) -> None:
     page.click("#tab-runs")
     page.check('input[name="kind"][value="finetune"]')
@@ -196,7 +216,7 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
         expect(page.locator("#run-title .outcome")).not_to_have_text("running", timeout=WAIT_MS)
 
 
-# ---------------------------------------------------------------------------------------------------- playground
+# --------------------------------------------------------------------------------------- playground
 def test_playground_streams_text_with_its_version(page: Page, system: System, tmp_path: Path) -> None:
     page.click("#tab-playground")
     page.click("#play-send")
@@ -222,7 +242,7 @@ def test_playground_streams_text_with_its_version(page: Page, system: System, tm
     screenshot(page, "playground", tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------- no trainer
+# --------------------------------------------------------------------------------------- no trainer
 def test_a_trainer_that_goes_away_shows_and_the_page_keeps_working(page: Page, system: System) -> None:
     expect(page.locator("#trainer-status")).to_have_text("trainer: connected")
     system.trainer.kill()

@@ -150,12 +150,15 @@ class Engine:
             raise BadRequest("the prompt is empty; at least one token is required")
         out_of_range = [t for t in ids if not 0 <= t < self._vocab_size]
         if out_of_range:
-            raise BadRequest(f"token ids {out_of_range[:5]} are outside the vocabulary [0, {self._vocab_size})")
+            raise BadRequest(
+                f"token ids {out_of_range[:5]} are outside the vocabulary [0, {self._vocab_size})"
+            )
         total = len(ids) + params.max_new_tokens
         if total > self.max_context:
             raise BadRequest(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} tokens exceeds "
-                f"the context limit of {self.max_context} tokens; shorten the prompt or lower max_new_tokens"
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} tokens "
+                f"exceeds the context limit of {self.max_context} tokens; shorten the prompt or lower "
+                "max_new_tokens"
             )
         generator = None
         if not params.greedy:
@@ -170,7 +173,8 @@ class Engine:
             if self._scheduler.queue_full:
                 retry = 1.0 if self._latency_ewma_s is None else min(30.0, max(0.1, self._latency_ewma_s))
                 raise Overloaded(
-                    f"the engine queue is full ({self.max_queue} requests waiting); retry after {retry:.1f} s",
+                    f"the engine queue is full ({self.max_queue} requests waiting); "
+                    f"retry after {retry:.1f} s",
                     retry_after_s=retry,
                 )
             rid = next(self._ids)
@@ -190,7 +194,7 @@ class Engine:
     def pause_admission(self) -> None:
         """Keep queued requests queued; running ones continue (before an in-place weight update)."""
         with self._cond:
-            self._paused = True
+            self._paused = not self._stopping  # a draining stop must still admit what is queued
 
     def resume_admission(self) -> None:
         """Admit queued requests again."""
@@ -340,9 +344,10 @@ class Engine:
             for seq in seqs:
                 self._end(seq, FinishReason.ERROR, f"sampling failed: {type(exc).__name__}: {exc}")
             return
-        for seq, token, is_bad in zip(seqs, tokens, bad_list):
+        for seq, token, is_bad in zip(seqs, tokens, bad_list, strict=True):
             if is_bad:
-                self._end(seq, FinishReason.ERROR, "the model produced non-finite logits (NaN or inf)", dirty=True)
+                self._end(seq, FinishReason.ERROR, "the model produced non-finite logits (NaN or inf)",
+                          dirty=True)
                 continue
             try:
                 done = seq.append(int(token))
@@ -354,7 +359,8 @@ class Engine:
             if done:
                 self._end(seq, seq.finish_reason or FinishReason.STOP)
 
-    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None, dirty: bool = False) -> None:
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+             dirty: bool = False) -> None:
         """Finish a running sequence (engine thread) and give its slot to the last one."""
         seq.finish(reason, error)
         assert self._runner is not None

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """Why a request ended; compares equal to its string value."""
 
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_new_tokens reached
     CANCELLED = "cancelled"  # handle.cancel() or engine stopped without draining
     ERROR = "error"  # the step that served it failed (exception, NaN logits)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -19,19 +19,23 @@ class HFRunner:
         # transformers 5 renamed the argument to `cache` (the old name now raises under warnings-as-errors).
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's logits are needed: skip the [prompt_len, vocab] projection where possible.
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._caches: list[Any] = [None] * max_batch_size
 
     def _forward(self, ids: list[int], cache: Any) -> tuple[torch.Tensor, Any]:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         kwargs = {self._cache_arg: cache} if cache is not None else {}
-        out = self._model(input_ids=x, use_cache=True, **kwargs)
-        new_cache = out.get("cache", None) or out.get("past_key_values", None)
+        out = self._model(input_ids=x, use_cache=True, **kwargs, **self._extra)
+        new_cache = out.get("cache", None)
+        if new_cache is None:
+            new_cache = out.get("past_key_values", None)
         return out.logits[0, -1].float(), new_cache
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Run each prompt alone; keep its cache in its slot; return last-token logits [N, V]."""
         rows = []
-        for prompt, slot in zip(prompts, slots):
+        for prompt, slot in zip(prompts, slots, strict=True):
             logits, self._caches[slot] = self._forward(prompt, None)
             rows.append(logits)
         return torch.stack(rows)

@@ -89,8 +89,9 @@ class LlamaRunner:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` returns the K/V to attend to."""
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` gives the K/V to attend to."""
         inner = self._model.model
         cos, sin = inner.rotary_emb(h, pos)
         b, n, _ = h.shape
@@ -128,7 +129,8 @@ class LlamaRunner:
         mask = None
         if n > 1 or width != lens[0]:
             # Right padding: query i sees keys j <= i that are real tokens of its own prompt.
-            mask = (ar[None, :] <= ar[:, None])[None, None] & (ar[None, None, None, :] < lens_t[:, None, None, None])
+            causal = (ar[None, :] <= ar[:, None])[None, None]  # [1, 1, W, W]
+            mask = causal & (ar[None, None, None, :] < lens_t[:, None, None, None])  # [N, 1, W, W]
         cache = self.cache
         contiguous = slots == list(range(slots[0], slots[0] + n))
 

@@ -12,7 +12,8 @@ from lockstep.engine.event import Event, FinalEvent, TokenEvent
 class RequestHandle:
     """Thread-safe event stream of one request, fed by the engine thread, read by any thread or event loop."""
 
-    def __init__(self, request_id: int, prompt_tokens: int, on_cancel: Callable[[RequestHandle], None]) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int,
+                 on_cancel: Callable[[RequestHandle], None]) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._on_cancel = on_cancel

@@ -43,8 +43,9 @@ def make_runner(model: Any, max_batch_size: int, max_context: int, backend: str 
     fits = llama_runner.supports(model, max_context)
     if backend == "llama" and not fits:
         raise BadRequest(
-            f"backend 'llama' needs a Llama-family model ({', '.join(sorted(llama_runner.SUPPORTED_MODEL_TYPES))}) "
-            f"without a sliding window below {max_context} tokens; use backend 'auto' or 'hf'"
+            f"backend 'llama' needs a Llama-family model "
+            f"({', '.join(sorted(llama_runner.SUPPORTED_MODEL_TYPES))}) without a sliding window below "
+            f"{max_context} tokens; use backend 'auto' or 'hf'"
         )
     if backend == "hf" or not fits:
         return HFRunner(model, max_batch_size, max_context)

@@ -29,7 +29,9 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise BadRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise BadRequest(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise BadRequest(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not (0.0 < self.top_p <= 1.0):
             raise BadRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

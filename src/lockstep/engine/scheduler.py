@@ -18,7 +18,7 @@ class SlotMove:
 
 
 class Scheduler:
-    """Running sequences always occupy slots ``0..B-1`` (``running[i].slot == i``), so decode reads cache views.
+    """Running sequences occupy slots ``0..B-1`` (``running[i].slot == i``), so decode reads cache views.
 
     Not thread-safe: the engine calls it under its lock.
     """

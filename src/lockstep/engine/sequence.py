@@ -45,7 +45,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.slot = -1  # batch row / KV-cache slot while RUNNING
         self.output_ids: list[int] = []
-        self.num_cached = 0  # positions of this sequence in the KV cache (set by the engine after each forward)
+        self.num_cached = 0  # positions of this sequence in the KV cache (the engine sets it per forward)
         self._clock = clock
         self.submitted_at = clock.monotonic()  # seconds
         self.first_token_at: float | None = None

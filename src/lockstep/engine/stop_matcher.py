@@ -12,7 +12,7 @@ class StopMatcher:
         self.matched = False
 
     def feed(self, delta: str) -> str:
-        """Add text; return what may be emitted now. After a match, ``matched`` is True and the rest is dropped."""
+        """Add text; return what may be emitted now. After a match ``matched`` is set; the rest is dropped."""
         if self.matched:
             return ""
         if not self._stops:

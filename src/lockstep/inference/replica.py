@@ -160,7 +160,7 @@ class Replica:
             except Exception as exc:  # torch/transformers errors of every kind
                 self._record_failure(f"loading {model_ref} as v{version} failed: {exc}")
                 raise LoadError(str(exc)) from exc
-            self._install(slot)
+            self._install(slot, flip=False)
 
     def _record_failure(self, message: str) -> None:
         log.error("%s", message)
@@ -237,7 +237,7 @@ class Replica:
             self._flip_inplace(plan)
         else:
             assert plan.slot is not None
-            self._install(plan.slot)
+            self._install(plan.slot, flip=True)
         self.metrics.swap_duration.observe(time.monotonic() - started)
         self.metrics.staged_version.set(-1)
         with self._lock:
@@ -266,12 +266,14 @@ class Replica:
         plan.slot = plan.inplace = None
 
     # ------------------------------------------------------------------ flips
-    def _install(self, slot: ModelSlot) -> None:
+    def _install(self, slot: ModelSlot, *, flip: bool) -> None:
         """Atomically make ``slot`` the serving one; retire the previous slot in the background."""
         with self._lock:
             old, self.serving = self.serving, slot
             slot.serving_since = self.clock.time()
-            if self.committed_version is not None:  # a flip happens only when a commit says so
+            # Only a flip (a commit told it to) moves what counts as committed. A boot or catch-up load that
+            # ends after the cluster committed something newer must leave the replica behind and unready.
+            if flip and self.committed_version is not None:
                 self.committed_version = slot.version
             self._update_state()
         self.metrics.serving_version.set(slot.version)

@@ -25,12 +25,16 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.errors import BadModelRef, BadRequest, Conflict
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only where a model is built
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ SIZES: dict[str, SizeSpec] = {
     "mid": SizeSpec(
         description="116 M parameters: 18 layers, hidden 768, 12 query / 4 KV heads; ~465 MB float32",
         vocab_size=2048, hidden_size=768, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=12, num_key_value_heads=4, params=116_378_880,
+        num_attention_heads=12, num_key_value_heads=4, params=116_420_352,
     ),
 }
 
@@ -126,7 +130,7 @@ def parse_builtin_name(name: str) -> tuple[str, int]:
     return match["size"], int(match["seed"] or 0)
 
 
-def llama_config(size: str):  # -> transformers.LlamaConfig (import deferred: transformers is slow to import)
+def llama_config(size: str) -> LlamaConfig:
     """The ``LlamaConfig`` of a builtin size, with the special-token ids of the builtin tokenizer."""
     from transformers import LlamaConfig
 
@@ -189,7 +193,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def train_tokenizer(vocab_size: int):  # -> transformers.PreTrainedTokenizerFast
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the corpus (deterministic), with the role tokens and chat template."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -220,7 +224,7 @@ def _uniform(shape: torch.Size, std: float, generator: torch.Generator) -> torch
     return ints.to(torch.float32) * torch.tensor(bound / half, dtype=torch.float32)
 
 
-def silent_token_ids(tokenizer) -> list[int]:
+def silent_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     """Ids a random model must not write: special tokens and pieces with characters not in the corpus.
 
     Without this a random model emits raw control bytes and broken UTF-8 (the byte-level alphabet has
@@ -273,27 +277,31 @@ def _seal_tree(folder: Path) -> None:
 
 def _save_kwargs(method: object) -> dict[str, bool]:
     # transformers 4.x needs safe_serialization=True; 5.x only writes safetensors and has no such flag.
-    return {"safe_serialization": True} if "safe_serialization" in inspect.signature(method).parameters else {}
+    flags = inspect.signature(method).parameters
+    return {"safe_serialization": True} if "safe_serialization" in flags else {}
 
 
 def _write_model(tmp: Path, size: str, seed: int) -> None:
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    spec = _spec(size)
-    log.info("builtin %s: training the tokenizer (vocabulary %d)", builtin_dirname(size, seed), spec.vocab_size)
+    spec, name = _spec(size), builtin_dirname(size, seed)
+    log.info("builtin %s: training the tokenizer (vocabulary %d)", name, spec.vocab_size)
     tokenizer = train_tokenizer(spec.vocab_size)
     config = llama_config(size)
-    log.info("builtin %s: initialising %d parameters", builtin_dirname(size, seed), spec.params)
-    torch.manual_seed(seed)  # nothing below draws from it; set so any stray default-init draw is seeded too
-    model = LlamaForCausalLM(config).to(torch.float32)
+    log.info("builtin %s: initialising %d parameters", name, spec.params)
+    # The default init draws from the global RNG: seed it, and give the caller (a replica that samples)
+    # its RNG state back untouched. init_weights then overwrites every parameter on its own generators.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
     init_weights(model, seed, silent_token_ids(tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
-    log.info("builtin %s: writing safetensors to %s", builtin_dirname(size, seed), tmp)
+    log.info("builtin %s: writing safetensors to %s", name, tmp)
     model.save_pretrained(tmp, **_save_kwargs(model.save_pretrained))
     tokenizer.save_pretrained(tmp)
-    meta = {"name": builtin_dirname(size, seed), "size": size, "seed": seed, **asdict(spec)}
+    meta = {"name": name, "size": size, "seed": seed, **asdict(spec)}
     (tmp / "lockstep_builtin.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     pickles = sorted(p.name for p in tmp.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
     if pickles:
@@ -352,6 +360,7 @@ def ensure_builtin(name: str, builtin_dir: Path) -> Path:
         if _is_complete(target):
             return target  # another process built it while we waited
         # Leftovers of a build that crashed: builds of this name in this folder run under this lock.
-        for stale in builtin_dir.glob(f".{target.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+            for stale in builtin_dir.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         return build_tiny_model(target, seed=seed, size=size, overwrite=True)

@@ -111,14 +111,32 @@ class Coordinator:
 
     # ------------------------------------------------------------------ reading the cluster
     def read_state(self) -> SyncState:
-        """The current state; an unreadable file is rebuilt from the replicas' heartbeats (logged)."""
+        """The state to go on from: the file, unless replicas ignore it; then rebuilt from heartbeats (logged)."""
         try:
             state = read_sync_state(self.path)
         except ValueError as exc:
             log.warning("sync_state unreadable (%s); rebuilding from heartbeats", exc)
             return self._state_from_heartbeats()
-        if state is None or isinstance(state, LegacyRequest):
-            return self._state_from_heartbeats() if state is not None else SyncState()
+        if isinstance(state, LegacyRequest):
+            return self._state_from_heartbeats()
+        # Replicas keep their last good state and ignore a file that goes backwards (written by hand, say).
+        # Building on such a file would make them ignore this coordinator's writes too.
+        held = self._state_from_heartbeats()
+        if state is None:
+            if held.generation > 0:
+                log.warning("sync_state is missing but replicas hold generation %d; rebuilding from heartbeats",
+                            held.generation)
+                return held
+            return SyncState()
+        if state.generation < held.generation:
+            log.warning("sync_state generation %d is below the %d replicas hold, so they ignore it; rebuilding "
+                        "from heartbeats", state.generation, held.generation)
+            return held
+        if (state.committed and held.committed and state.committed.version < held.committed.version
+                and not state.committed.rollback):
+            log.warning("sync_state commits v%d below the v%d replicas serve without a rollback, so they ignore "
+                        "it; rebuilding from heartbeats", state.committed.version, held.committed.version)
+            return held.model_copy(update={"generation": state.generation})
         return state
 
     def _state_from_heartbeats(self) -> SyncState:

@@ -173,7 +173,12 @@ def heartbeat_path(shared_dir: Path, replica_id: str) -> Path:
 
 
 def write_heartbeat(shared_dir: Path, beat: Heartbeat) -> None:
-    atomic_write_json(heartbeat_path(shared_dir, beat.replica_id), beat.model_dump(mode="json"))
+    """Replace the replica's heartbeat; OSError while the shared folder itself is gone."""
+    path = heartbeat_path(shared_dir, beat.replica_id)
+    # replicas/ only, never the shared folder: an unmounted volume must stay missing, not be shadowed by a
+    # local folder that would hide the outage and keep heartbeats on the wrong disk.
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_json(path, beat.model_dump(mode="json"))
 
 
 def read_heartbeats(shared_dir: Path) -> list[Heartbeat]:

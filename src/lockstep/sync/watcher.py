@@ -125,6 +125,10 @@ class SyncWatcher:
                 self._problem(f"sync_state commits v{state.committed.version} below v{last.committed.version} "
                               "without a rollback; ignored (use lockstep rollback)")
                 return last
+            if state.committed is None and last.committed is not None:  # would mean "serve the initial model"
+                self._problem(f"sync_state has no committed version but v{last.committed.version} was committed; "
+                              "ignored (use lockstep rollback --to 0)")
+                return last
         self._last_problem = None
         self.last_good = state
         return state

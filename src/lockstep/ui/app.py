@@ -1,4 +1,4 @@
-"""The UI server's HTTP app: the page, its files, a checked proxy to the trainer, the live feed, the playground."""
+"""The UI server's app: the page, its files, a checked proxy to the trainer, the live feed, the playground."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from lockstep.ui.upstream import Upstream, parse_json, segment
 
 # The page loads nothing from elsewhere; scripts and styles come from /static only.
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -88,7 +89,7 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
                 "feed_interval_s": feed.interval_s}
 
     # ------------------------------------------------------------------ reading the trainer
-    @app.get("/api/cluster", summary="The fleet (the trainer's /cluster; replicas asked directly if it is down)")
+    @app.get("/api/cluster", summary="The fleet: the trainer's /cluster, or the replicas asked directly")
     async def cluster() -> dict[str, Any]:
         return await upstream.cluster()
 
@@ -138,7 +139,7 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
         return relay(await upstream.trainer("POST", f"/runs/{segment(run_id)}/resume"))
 
     # ------------------------------------------------------------------ live
-    @app.get("/api/events", summary="Server-sent events: cluster (every second), runs, publishes, history, versions")
+    @app.get("/api/events", summary="Server-sent events: cluster (each second), runs, publishes, history")
     async def events() -> StreamingResponse:
         return StreamingResponse(feed.subscribe(), media_type="text/event-stream", headers=SSE_HEADERS)
 

@@ -1,7 +1,7 @@
 """The playground: one prompt streamed from the service, the next replica in turn, or a pinned replica.
 
-A pinned replica must be one the cluster lists (the trainer's /cluster, or INFERENCE_URLS set by the operator);
-the page names it, the server looks its URL up, and no URL from the page is ever called.
+A pinned replica must be one the cluster lists (the trainer's /cluster, or INFERENCE_URLS set by the
+operator); the page names it, the server looks its URL up, and no URL from the page is ever called.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Playground:
                 url = str(replica["url"]).rstrip("/")
                 if pinned in (replica.get("replica_id"), url) and url in allowed:
                     return Target(url, "pinned", replica.get("replica_id"))
-            names = sorted(str(r.get("replica_id")) for r in replicas) or ["(none: the cluster lists no replica)"]
+            names = sorted(str(r.get("replica_id")) for r in replicas) or ["(none: the cluster lists none)"]
             raise BadRequest(f"replica {pinned!r} is not in the cluster; choose one of {', '.join(names)} "
                              "or leave it empty for round robin")
         if self.settings.inference_service_url:
@@ -76,7 +76,8 @@ class Playground:
         request = self.upstream.client.build_request(
             "POST", target.url + "/v1/chat/completions", json=payload, headers=self.upstream.auth_headers(),
             timeout=STREAM_TIMEOUT)
-        where = f"replica {target.replica_id}" if target.replica_id else f"the inference service at {target.url}"
+        where = (f"replica {target.replica_id}" if target.replica_id
+                 else f"the inference service at {target.url}")
         try:
             response = await self.upstream.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -96,7 +97,8 @@ class Playground:
         return StreamingResponse(self._relay(response, meta, where), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _relay(self, response: httpx.Response, meta: dict[str, Any], where: str) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, meta: dict[str, Any],
+                     where: str) -> AsyncIterator[bytes]:
         """OpenAI chunks in, page events out: meta, token*, then done or error."""
         yield _sse("meta", meta)
         finished = False

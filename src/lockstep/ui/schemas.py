@@ -1,15 +1,24 @@
-"""What the page may send: every form is checked here again before anything reaches the trainer or a replica."""
+"""What the page may send: each form is checked here again before it reaches the trainer or a replica."""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 # An id the trainer gave a run or a publish; never a path: no '/', no '..', no spaces.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-# A model reference: repo id, ./local/dir on the trainer's side, versions/N or builtin:*; no spaces or controls.
+# A model reference: repo id, a folder on the trainer's side, versions/N or builtin:*; no spaces or controls.
 REF_PATTERN = r"^[A-Za-z0-9_./:@~+-]+$"
 # A replica as the page names it: its id or the URL the trainer lists for it.
 REPLICA_PATTERN = r"^[A-Za-z0-9_.:/\[\]@-]{1,300}$"
@@ -34,9 +43,10 @@ class PublishForm(_Form):
     """POST /api/publish: a model reference to publish to every replica."""
 
     model: StrictStr = Field(min_length=1, max_length=500, pattern=REF_PATTERN,
-                             description="repo id, versions/N, builtin:tiny-sN or a folder the trainer can read")
+                             description="repo id, versions/N, builtin:tiny-sN or a folder the trainer reads")
     policy: Literal["strict", "quorum"] | None = None
-    timeout_s: Number | None = Field(None, gt=0, le=3600, description="seconds to wait for every replica to stage")
+    timeout_s: Number | None = Field(None, gt=0, le=3600,
+                                     description="seconds to wait for every replica to stage")
 
 
 class RollbackForm(_Form):
@@ -60,7 +70,8 @@ class RunForm(_Form):
     def _names(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
         for name, value in params.items():
             if not re.fullmatch(PARAM_NAME_PATTERN, name):
-                raise ValueError(f"parameter name {name!r} is not allowed: use lower_snake_case letters and digits")
+                raise ValueError(f"parameter name {name!r} is not allowed: use lower_snake_case "
+                                 "letters and digits")
             if isinstance(value, float) and value != value:  # NaN never means anything here
                 raise ValueError(f"parameter {name} is not a number")
         return params

@@ -1,4 +1,4 @@
-"""The trainer and the replicas as the UI server sees them: one HTTP client, the bearer token, plain-word errors."""
+"""The trainer and the replicas as the UI server sees them: one HTTP client, the token, plain-word errors."""
 
 from __future__ import annotations
 
@@ -73,8 +73,9 @@ class Upstream:
             return await self.client.request(method, url, json=json, headers=self.auth_headers(),
                                              timeout=TRAINER_TIMEOUT)
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"the trainer at {self.trainer_url} is unreachable: {describe(exc)}. "
-                                      "Check that `lockstep trainer` is running and TRAINER_URL points at it.") from exc
+            raise UpstreamUnavailable(
+                f"the trainer at {self.trainer_url} is unreachable: {describe(exc)}. "
+                "Check that `lockstep trainer` is running and TRAINER_URL points at it.") from exc
 
     async def trainer_json(self, path: str) -> Any:
         """GET a trainer resource as JSON; a non-2xx answer raises with the trainer's own message."""
@@ -107,13 +108,15 @@ class Upstream:
             response = await self.client.get(url + "/status", timeout=STATUS_TIMEOUT)
             status = response.json()
         except (httpx.HTTPError, ValueError) as exc:
+            why = describe(exc) if isinstance(exc, httpx.HTTPError) else "its /status is not JSON"
             return {"replica_id": replica_id, "url": url, "state": "unreachable", "ready": False,
                     "serving_version": None, "staged_version": None, "staged_state": None,
-                    "last_error": f"unreachable: {describe(exc) if isinstance(exc, httpx.HTTPError) else 'not JSON'}",
+                    "last_error": f"unreachable: {why}",
                     "queue_depth": None, "running": None, "tokens_per_s": None, "reachable": False}
         staged = status.get("staged") or {}
-        return {"replica_id": status.get("replica_id") or replica_id, "url": url, "state": status.get("state"),
-                "ready": bool(status.get("ready")), "serving_version": status.get("serving_version"),
+        return {"replica_id": status.get("replica_id") or replica_id, "url": url,
+                "state": status.get("state"), "ready": bool(status.get("ready")),
+                "serving_version": status.get("serving_version"),
                 "staged_version": staged.get("version"), "staged_state": staged.get("state"),
                 "last_error": status.get("last_error"), "queue_depth": status.get("queue_depth"),
                 "running": status.get("running"), "tokens_per_s": status.get("tokens_per_s"),
@@ -134,10 +137,12 @@ class Upstream:
     async def _cluster_from_replicas(self, trainer_error: str) -> dict[str, Any]:
         known = self.allowed_replicas()
         replicas = list(await asyncio.gather(*(self.replica_status(url, rid) for url, rid in known.items())))
-        committed = Counter(r["committed_version"] for r in replicas if r.get("committed_version") is not None)
+        committed = Counter(r["committed_version"] for r in replicas
+                            if r.get("committed_version") is not None)
         version = committed.most_common(1)[0][0] if committed else None
         at_version = sum(1 for r in replicas if r["ready"] and r["serving_version"] == version)
-        return {"source": "replicas", "trainer": {"url": self.trainer_url, "reachable": False, "error": trainer_error},
+        trainer = {"url": self.trainer_url, "reachable": False, "error": trainer_error}
+        return {"source": "replicas", "trainer": trainer,
                 "committed": {"version": version} if version is not None else None, "pending": None,
                 "generation": None, "replicas": replicas,
                 "convergence": {"version": version, "at_version": at_version, "total": len(replicas)}}
@@ -148,8 +153,8 @@ def parse_json(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError as exc:
-        raise UpstreamUnavailable(f"{response.request.url} answered {response.status_code} with something that "
-                                  "is not JSON") from exc
+        raise UpstreamUnavailable(f"{response.request.url} answered {response.status_code} with something "
+                                  "that is not JSON") from exc
 
 
 def segment(value: str) -> str:

@@ -76,6 +76,17 @@ export function lastFlip(cluster, history) {
   return {version: c.version, at: Math.min(...ats), spread: Math.max(...ats) - Math.min(...ats), replicas: latest.size};
 }
 
+/** The pending version in words; a commit whose flip time has passed is done, not pending. */
+function pendingText(cluster) {
+  const p = cluster.pending, c = cluster.committed;
+  if (!p) return "none";
+  const now = Date.now() / 1000;
+  if (p.phase === "commit" && c && c.version === p.version && !(p.activate_at > now)) return "none";
+  const when = p.phase === "commit" && p.activate_at > now ? `, flips at ${fmtTime(p.activate_at)}` : "";
+  const why = p.reason ? ` — ${p.reason}` : "";
+  return h("span", {}, vchip(p.version, "small"), ` ${p.phase === "prepare" ? "staging" : p.phase}${when}${why}`);
+}
+
 function renderConvergence(cluster) {
   const {version, total, at} = convergence(cluster);
   const big = $("#convergence-text");
@@ -93,8 +104,7 @@ function renderConvergence(cluster) {
   const c = cluster.committed;
   facts.push(["committed", c ? h("span", {}, vchip(c.version, "small"), " ", h("code", {}, c.model || ""))
     : h("span", {}, vchip(0, "small"), h("span", {class: "muted"}, " the initial model (nothing published yet)"))]);
-  const p = cluster.pending;
-  facts.push(["pending", p ? h("span", {}, vchip(p.version, "small"), ` ${p.phase}${p.reason ? ` — ${p.reason}` : ""}`) : "none"]);
+  facts.push(["pending", pendingText(cluster)]);
   const flip = lastFlip(cluster, store.history);
   if (flip) {
     facts.push(["last flip", h("span", {"data-field": "last-flip"}, `v${flip.version} at ${fmtTime(flip.at)}`,

@@ -113,7 +113,7 @@ function renderTargets(cluster) {
 export function init() {
   $("#play-form").addEventListener("submit", send);
   $("#play-stop").addEventListener("click", () => controller && controller.abort());
-  $("#play-prompt").addEventListener("keydown", (e) => {
+  $("#play-form").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("#play-form").requestSubmit(); }
   });
   on("cluster", renderTargets);

@@ -110,6 +110,7 @@ function renderList(body) {
   $("#runs-empty").hidden = runs.length > 0;
   const ordered = runs.slice().sort((a, b) => (b.created_at || b.started_at || 0) - (a.created_at || a.started_at || 0));
   if (!selected && ordered.length) selected = runId(ordered.find((r) => ACTIVE.has(r.status)) || ordered[0]);
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.run : null;
   fill(list, ordered.map((run) => {
     const id = runId(run);
     const bar = h("div", {});
@@ -120,6 +121,8 @@ function renderList(body) {
       h("span", {class: "run-sub"}, `${run.kind || "?"} · ${fmtTime(run.created_at || run.started_at)}`),
       h("span", {class: "mini-progress", "aria-hidden": "true"}, bar)));
   }));
+  // The list is rebuilt as runs progress; keyboard focus stays on the run it was on.
+  if (focused) { const again = $$("button[data-run]", list).find((b) => b.dataset.run === focused); if (again) again.focus(); }
 }
 
 async function refreshDetail() {

@@ -34,7 +34,11 @@ function cross(x, y, r, color) {
   return s("path", {d: `M${x - r},${y - r}L${x + r},${y + r}M${x - r},${y + r}L${x + r},${y - r}`, stroke: color, "stroke-width": 2.6, "stroke-linecap": "round"});
 }
 
-export function drawTimeline(el, history, cluster) {
+/**
+ * Draw the timeline into `el`. opts.windowS: only the last N seconds (the fleet view's strip);
+ * opts.id: the svg's id; opts.empty: the element to show when there is nothing to draw.
+ */
+export function drawTimeline(el, history, cluster, opts = {}) {
   const pubs = publishesOf(history);
   const flips = flipsOf(history);
   const pending = cluster && cluster.pending;
@@ -45,18 +49,21 @@ export function drawTimeline(el, history, cluster) {
 
   const times = [...pubs.map((p) => p.started_at), ...flips.map((f) => f.at), pending && pending.started_at]
     .filter((t) => typeof t === "number");
-  $("#timeline-empty").hidden = times.length > 0;
+  if (opts.empty) opts.empty.hidden = times.length > 0;
   if (!times.length) { el.replaceChildren(); return null; }
   let t0 = Math.min(...times), t1 = now;
+  if (opts.windowS) t0 = Math.max(t0, now - opts.windowS);
   const span0 = Math.max(t1 - t0, 10);
   t0 -= span0 * 0.03;
   t1 += span0 * 0.02;
 
-  const W = 1200, laneH = 34, M = {l: 132, r: 20, t: 30, b: 30};
-  const H = M.t + laneH * (lanes.length + 1) + M.b;
+  // The publish lane is taller: abort reasons are written under its markers.
+  const W = 1200, laneH = 34, pubH = 50, M = {l: 132, r: 20, t: 30, b: 30};
+  const H = M.t + pubH + laneH * lanes.length + M.b;
+  const laneTop = (i) => (i === 0 ? M.t : M.t + pubH + laneH * (i - 1));
   const X = scale(t0, t1, M.l, W - M.r);
-  const laneY = (i) => M.t + laneH * i + laneH / 2;
-  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", id: "timeline-svg",
+  const laneY = (i) => (i === 0 ? M.t + 17 : laneTop(i) + laneH / 2);
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", id: opts.id || null,
     "aria-label": `Timeline of ${pubs.length} publishes and ${flips.length} replica flips`});
 
   // lanes and time grid
@@ -65,9 +72,9 @@ export function drawTimeline(el, history, cluster) {
   const step = TIME_STEPS.find((st) => span / st <= 9) || 86400;
   for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
     grid.append(s("line", {x1: X(t), x2: X(t), y1: M.t - 6, y2: H - M.b}));
-    svg.append(s("text", {x: X(t), y: H - M.b + 16, "text-anchor": "middle"}, fmtTime(t)));
+    if (X(t) > M.l + 20 && X(t) < W - 30) svg.append(s("text", {x: X(t), y: H - M.b + 16, "text-anchor": "middle"}, fmtTime(t)));
   }
-  for (let i = 0; i <= lanes.length + 1; i++) grid.append(s("line", {x1: M.l, x2: W - M.r, y1: M.t + laneH * i, y2: M.t + laneH * i}));
+  for (let i = 0; i <= lanes.length + 1; i++) grid.append(s("line", {x1: M.l, x2: W - M.r, y1: laneTop(i), y2: laneTop(i)}));
   svg.prepend(grid);
   svg.append(s("text", {x: 8, y: laneY(0) + 4, class: "lane-label"}, "publishes"));
   lanes.forEach((id, i) => svg.append(s("text", {x: 8, y: laneY(i + 1) + 4, class: "lane-label"}, id.length > 17 ? id.slice(0, 16) + "…" : id)));
@@ -99,12 +106,14 @@ export function drawTimeline(el, history, cluster) {
   // publish lane: published ●, all staged ◆, committed | (across every lane), aborted ✕
   const y0 = laneY(0);
   const pg = s("g", {class: "lane publishes"});
+  const aborts = pubs.filter((p) => p.outcome === "aborted" || p.outcome === "failed").map(endedAt)
+    .filter((t) => typeof t === "number").sort((a, b) => a - b);
   for (const p of pubs) {
-    if (typeof p.started_at !== "number") continue;
+    if (typeof p.started_at !== "number" || (endedAt(p) || p.started_at) < t0) continue;
     const v = p.version, c = versionColor(v);
     const staged = stagedAt(p), end = endedAt(p);
     const committed = p.outcome === "committed" && typeof p.activate_at === "number";
-    const x0 = X(p.started_at), x1 = X(committed ? p.activate_at : end || p.started_at);
+    const x0 = X(Math.max(t0, p.started_at)), x1 = X(committed ? p.activate_at : end || p.started_at);
     pg.append(s("rect", {x: x0, y: y0 - 3, width: Math.max(1, x1 - x0), height: 6, rx: 3, fill: c, "fill-opacity": 0.45}));
     const dot = s("circle", {cx: x0, cy: y0, r: 5, fill: "#0d1117", stroke: c, "stroke-width": 2.2});
     dot.append(s("title", {}, `v${v} published at ${fmtTime(p.started_at)} (${p.model || ""})${p.rollback ? ", a rollback" : ""}`));
@@ -123,8 +132,17 @@ export function drawTimeline(el, history, cluster) {
     }
     if (p.outcome === "aborted" || p.outcome === "failed") {
       const g = s("g", {class: "abort", "data-version": v});
-      g.append(cross(X(end || p.started_at), y0, 6, "#ff7b72"));
+      const xa = X(end || p.started_at);
+      g.append(cross(xa, y0, 6, "#ff7b72"));
       g.append(s("title", {}, `v${v} ${p.outcome}: ${p.reason || "no reason given"}`));
+      // The reason under the marker, as much as fits before the next abort (about 6 px a character at 11 px).
+      const next = aborts.find((t) => t > (end || p.started_at));
+      const room = (next ? X(next) : W - M.r) - xa - 8;
+      const words = `v${v} ${p.outcome}${p.reason ? `: ${p.reason}` : ""}`;
+      const fit = Math.floor(room / 6.2);
+      if (fit >= 8) {
+        g.append(s("text", {x: xa - 6, y: y0 + 22, class: "abort-label"}, words.length > fit ? words.slice(0, fit - 1) + "…" : words));
+      }
       pg.append(g);
     }
   }
@@ -155,7 +173,8 @@ function renderPublishes(history) {
       h("td", {}, fmtTime(p.started_at)),
       h("td", {}, fmtSeconds(took)),
       h("td", {}, h("div", {class: "replica-outcomes"}, listOf(p.replicas).map((r) =>
-        h("span", {class: `outcome ${r.outcome || ""}`, title: r.error || `${r.replica_id}: ${r.outcome}`}, `${r.replica_id}: ${r.outcome}`)))));
+        h("span", {class: `rchip ${String(r.outcome || "").replace(/[^a-z_-]/gi, "")}`, title: r.error || `${r.replica_id}: ${r.outcome}`},
+          `${r.replica_id}: ${r.outcome}`)))));
   }) : h("tr", {}, h("td", {colspan: 6, class: "muted"}, "No publish yet.")));
 }
 
@@ -173,14 +192,23 @@ function renderVersions(versionsBody) {
     h("tr", {}, h("td", {colspan: 5, class: "muted"}, "No version published yet.")));
 }
 
+const RECENT_S = 300; // seconds of history in the fleet view's strip
+
 export function init() {
-  const redraw = () => drawTimeline($("#timeline-chart"), store.history, store.cluster);
+  const redraw = () => {
+    if (!$("#view-timeline").hidden) {
+      drawTimeline($("#timeline-chart"), store.history, store.cluster, {id: "timeline-svg", empty: $("#timeline-empty")});
+    }
+    if (!$("#view-fleet").hidden) {
+      drawTimeline($("#recent-chart"), store.history, store.cluster, {id: "recent-svg", windowS: RECENT_S, empty: $("#recent-empty")});
+    }
+  };
   on("history", (hist) => { redraw(); renderPublishes(hist); });
   on("versions", renderVersions);
   let lastKey = "";
   on("cluster", (cluster) => {
     // "now" moves every second; the bars of the replicas follow it, cheaply.
-    if (!$("#view-timeline").hidden) redraw();
+    redraw();
     const key = JSON.stringify(cluster.committed && cluster.committed.version);
     if (key !== lastKey && store.versions) { lastKey = key; renderVersions(store.versions); }
   });

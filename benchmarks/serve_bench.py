@@ -1,0 +1,281 @@
+"""Benchmark: serving throughput and latency of one replica over HTTP (issue 3.5), against plain transformers.
+
+For each model size and each concurrency C in ``--concurrency``, C clients send streaming
+``/v1/completions`` requests back to back (greedy, exactly ``--tokens`` new tokens: the built-in models
+never write end-of-sequence, and every answer is checked to have that length). Measured on the client:
+throughput (completion tokens / wall time of the level), latency p50/p99, time to first token p50/p99.
+
+Baseline, measured in the same run on the same model and settings: plain transformers
+``model.generate(do_sample=False, min_new_tokens=max_new_tokens=N)``, one request at a time in this
+process (time to first token through a streamer). With ``--transformers-serve`` the same HTTP load is also
+run against ``transformers serve --continuous-batching`` on the same model folder.
+
+    .venv/bin/python benchmarks/serve_bench.py --sizes tiny mid --concurrency 1 4 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from common import (  # type: ignore[import-not-found]
+    PROMPTS,
+    ensure_models,
+    free_port,
+    machine,
+    percentile,
+    replica,
+    replica_env,
+    wait_for,
+)
+
+
+@dataclass
+class Result:
+    """One request: seconds from send to first token and to the end, and the tokens it got."""
+
+    ttft: float
+    latency: float
+    tokens: int
+
+
+@dataclass
+class Level:
+    """One concurrency level (or the baseline): per-request results and the wall time they took."""
+
+    name: str
+    concurrency: int
+    results: list[Result]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.tokens for r in self.results) / self.wall_s
+
+    def summary(self) -> dict[str, Any]:
+        lat = [r.latency for r in self.results]
+        ttft = [r.ttft for r in self.results]
+        return {"name": self.name, "concurrency": self.concurrency, "requests": len(self.results),
+                "tokens_per_s": self.tokens_per_s, "latency_p50_s": percentile(lat, 50),
+                "latency_p99_s": percentile(lat, 99), "ttft_p50_s": percentile(ttft, 50),
+                "ttft_p99_s": percentile(ttft, 99), "wall_s": self.wall_s}
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+def baseline(model_dir: Path, tokens: int, requests: int) -> Level:
+    """Plain transformers generate, one request at a time, greedy, exactly ``tokens`` new tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls = 0
+            self.first: float | None = None
+
+        def put(self, value: Any) -> None:
+            self.calls += 1  # the first call carries the prompt, the second the first new token
+            if self.calls == 2:
+                self.first = time.monotonic()
+
+        def end(self) -> None:
+            pass
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def one(prompt: str) -> Result:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        streamer = FirstToken()
+        started = time.monotonic()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, streamer=streamer,
+                                 pad_token_id=tok.pad_token_id)
+        ended = time.monotonic()
+        n = out.shape[1] - ids.shape[1]
+        assert n == tokens, f"baseline produced {n} tokens, not {tokens}"
+        return Result((streamer.first or ended) - started, ended - started, n)
+
+    one(PROMPTS[0])  # warm-up
+    started = time.monotonic()
+    results = [one(PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+    level = Level("transformers generate (sequential)", 1, results, time.monotonic() - started)
+    del model
+    gc.collect()
+    return level
+
+
+# ---------------------------------------------------------------------------------------------- HTTP load
+async def _stream_one(http: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.monotonic()
+    first: float | None = None
+    usage_tokens: int | None = None
+    pieces = 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage_tokens = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices") or []:
+                if choice.get("text"):
+                    pieces += 1
+                    if first is None:
+                        first = time.monotonic()
+    ended = time.monotonic()
+    got = usage_tokens if usage_tokens is not None else pieces
+    if got != tokens:
+        raise RuntimeError(f"asked for {tokens} tokens, got {got}")
+    return Result((first or ended) - started, ended - started, got)
+
+
+async def _level(url: str, model: str, name: str, concurrency: int, requests: int, tokens: int) -> Level:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
+        await _stream_one(http, model, PROMPTS[0], tokens)  # warm the connection and the server
+        queue = list(range(requests))
+        results: list[Result] = []
+
+        async def client(c: int) -> None:
+            while queue:
+                i = queue.pop()
+                results.append(await _stream_one(http, model, PROMPTS[(c + i) % len(PROMPTS)], tokens))
+
+        started = time.monotonic()
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
+        return Level(name, concurrency, results, time.monotonic() - started)
+
+
+def http_levels(url: str, model: str, name: str, args: argparse.Namespace) -> list[Level]:
+    levels = []
+    for c in args.concurrency:
+        requests = max(args.min_requests, c * args.requests_per_client)
+        level = asyncio.run(_level(url, model, name, c, requests, args.tokens))
+        print(f"  {name} C={c}: {level.tokens_per_s:.1f} tok/s, "
+              f"TTFT p50 {percentile([r.ttft for r in level.results], 50) * 1000:.0f} ms", flush=True)
+        levels.append(level)
+    return levels
+
+
+@contextmanager
+def transformers_serve(model_dir: Path, log_dir: Path, threads: int | None) -> Iterator[str]:
+    """``transformers serve --continuous-batching`` on a free port (offline, CPU)."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    log = open(log_dir / f"transformers-serve-{port}.log", "wb")
+    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
+                             "--device", "cpu", "--continuous-batching"], env=replica_env(threads),
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is not None or httpx.get(url + "/health", timeout=5).status_code == 200,
+                 600, 0.5, "transformers serve")
+        if proc.poll() is not None:
+            raise RuntimeError("transformers serve exited; see " + log.name)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------- report
+def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    name = f"{size}-s0"
+    model_dir = ensure_models([name])[name]
+    print(f"{size}: baseline ({args.baseline_requests} sequential requests)", flush=True)
+    base = baseline(model_dir, args.tokens, args.baseline_requests)
+    print(f"  baseline: {base.tokens_per_s:.1f} tok/s, TTFT p50 "
+          f"{percentile([r.ttft for r in base.results], 50) * 1000:.0f} ms", flush=True)
+    with replica(f"builtin:{name}", log_dir, args.threads) as proc:
+        ours = http_levels(proc.url, "lockstep", "lockstep", args)
+    theirs: list[Level] = []
+    if args.transformers_serve:
+        try:
+            with transformers_serve(model_dir, log_dir, args.threads) as url:
+                theirs = http_levels(url, str(model_dir), "transformers serve --continuous-batching", args)
+        except Exception as exc:  # report it and go on: it is a comparison, not the subject
+            print(f"  transformers serve failed: {exc}", flush=True)
+    lone_ttft = percentile([r.ttft for r in ours[0].results], 50) if ours and ours[0].concurrency == 1 else None
+    return {"size": size, "tokens": args.tokens, "baseline": base.summary(),
+            "lockstep": [lv.summary() for lv in ours], "transformers_serve": [lv.summary() for lv in theirs],
+            "lone_ttft_p50_s": lone_ttft}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    rows = ["| model | server | clients | tok/s | × baseline | latency p50 / p99 | TTFT p50 / p99 | TTFT ÷ lone |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        b = r["baseline"]
+        rows.append(f"| {r['size']} | transformers `generate`, sequential | 1 | {b['tokens_per_s']:.1f} | 1.00 "
+                    f"| {b['latency_p50_s'] * 1000:.0f} / {b['latency_p99_s'] * 1000:.0f} ms "
+                    f"| {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p99_s'] * 1000:.0f} ms | |")
+        for server, levels in (("lockstep", r["lockstep"]), ("transformers serve (CB)", r["transformers_serve"])):
+            for lv in levels:
+                lone = r["lone_ttft_p50_s"]
+                ratio = f"{lv['ttft_p50_s'] / lone:.2f}" if lone and server == "lockstep" else ""
+                rows.append(f"| {r['size']} | {server} | {lv['concurrency']} | {lv['tokens_per_s']:.1f} "
+                            f"| {lv['tokens_per_s'] / b['tokens_per_s']:.2f} "
+                            f"| {lv['latency_p50_s'] * 1000:.0f} / {lv['latency_p99_s'] * 1000:.0f} ms "
+                            f"| {lv['ttft_p50_s'] * 1000:.0f} / {lv['ttft_p99_s'] * 1000:.0f} ms | {ratio} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (fixed)")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
+    parser.add_argument("--baseline-requests", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the baseline and OMP_NUM_THREADS of the servers (default: torch's)")
+    parser.add_argument("--transformers-serve", action="store_true", help="also load `transformers serve`")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the baseline loads from the cached folder only
+
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        for size in args.sizes:
+            results.append(run_size(size, args, Path(tmp)))
+    info["load_avg_after"] = machine()["load_avg"]
+    print()
+    print(markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

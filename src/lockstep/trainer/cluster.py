@@ -1,0 +1,201 @@
+"""The cluster view: committed and pending versions, and every replica from heartbeats and from discovery."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.settings import Settings
+from lockstep.sync.protocol import Heartbeat, SyncState, read_heartbeats
+from lockstep.trainer.discovery import Discovery, DiscoveryResult, normalize_url
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 1.0  # seconds per GET /status; the view renders every second
+DISCOVERY_TTL_S = 5.0  # seconds a discovery result is reused (the Kubernetes API is not polled every second)
+GONE_AFTER_TTLS = 12  # a heartbeat this many TTLs old is left out (the replica is long gone)
+
+
+@dataclass
+class ReplicaView:
+    """One replica as the UI shows it (docs/api.md, ``GET /cluster``)."""
+
+    replica_id: str
+    url: str | None = None
+    state: str = "unknown"
+    ready: bool = False
+    serving_version: int | None = None
+    serving_since: float | None = None
+    model: str | None = None
+    staged_version: int | None = None
+    staged_state: str | None = None
+    last_error: str | None = None
+    queue_depth: int = 0
+    running: int = 0
+    tokens_per_s: float = 0.0
+    heartbeat_age_s: float | None = None
+    in_heartbeats: bool = False
+    in_discovery: bool = False
+    reachable: bool | None = None  # None: not probed
+    pod_ready: bool | None = None  # the Kubernetes Ready condition, when discovery asked the API
+
+    @property
+    def live(self) -> bool:
+        """Counted in convergence: a fresh heartbeat, or (without one) it answered the probe."""
+        return self.in_heartbeats or bool(self.reachable)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ClusterSnapshot:
+    """The whole ``GET /cluster`` body."""
+
+    committed: dict[str, Any] | None
+    pending: dict[str, Any] | None
+    generation: int
+    replicas: list[ReplicaView] = field(default_factory=list)
+    discovery: DiscoveryResult | None = None
+    time: float = 0.0
+
+    @property
+    def committed_version(self) -> int:
+        return int(self.committed["version"]) if self.committed else 0
+
+    def convergence(self) -> dict[str, int]:
+        live = [r for r in self.replicas if r.live]
+        at = [r for r in live if r.ready and r.serving_version == self.committed_version]
+        return {"version": self.committed_version, "at_version": len(at), "total": len(live)}
+
+    def ready_urls(self) -> list[str]:
+        """URLs of live, ready replicas (where rollouts and probes go)."""
+        return [r.url for r in self.replicas if r.url and r.live and r.ready and r.reachable is not False]
+
+    def as_dict(self) -> dict[str, Any]:
+        disc = self.discovery.as_dict() if self.discovery else {"mode": None, "urls": [], "error": None}
+        return {"committed": self.committed, "pending": self.pending, "generation": self.generation,
+                "replicas": [r.as_dict() for r in self.replicas], "convergence": self.convergence(),
+                "discovery": disc, "time": self.time}
+
+
+def _from_heartbeat(beat: Heartbeat, now: float, ttl_s: float) -> ReplicaView:
+    fresh = now - beat.time <= ttl_s
+    return ReplicaView(
+        replica_id=beat.replica_id, url=beat.url, state=beat.state.value if fresh else "gone",
+        ready=beat.ready and fresh, serving_version=beat.serving.version if beat.serving else None,
+        serving_since=beat.serving.since if beat.serving else None,
+        model=beat.serving.model if beat.serving else None,
+        staged_version=beat.staged.version if beat.staged else None,
+        staged_state=beat.staged.state.value if beat.staged else None, last_error=beat.last_error,
+        queue_depth=beat.queue_depth, running=beat.running, tokens_per_s=round(beat.tokens_per_s, 2),
+        heartbeat_age_s=round(now - beat.time, 3), in_heartbeats=fresh)
+
+
+def _fill_from_status(view: ReplicaView, status: dict[str, Any]) -> None:
+    """Details of a replica that has no heartbeat, from its own ``GET /status``."""
+    staged = status.get("staged") or {}
+    view.replica_id = str(status.get("replica_id") or view.replica_id)
+    view.state = str(status.get("state") or view.state)
+    view.ready = bool(status.get("ready"))
+    view.serving_version = status.get("serving_version")
+    view.serving_since = status.get("serving_since")
+    view.model = status.get("model")
+    view.staged_version = staged.get("version")
+    view.staged_state = staged.get("state")
+    view.last_error = status.get("last_error")
+    view.queue_depth = int(status.get("queue_depth") or 0)
+    view.running = int(status.get("running") or 0)
+    view.tokens_per_s = float(status.get("tokens_per_s") or 0.0)
+
+
+class ClusterView:
+    """Builds snapshots from ``sync_state.json``, heartbeats, discovery and (optionally) probes."""
+
+    def __init__(self, settings: Settings, *, discovery: Discovery, read_state: Any | None = None,
+                 clock: Clock = SYSTEM_CLOCK, headers: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.discovery = discovery
+        self.read_state = read_state  # () -> SyncState; None without a shared folder
+        self.clock = clock
+        self._client = httpx.Client(timeout=PROBE_TIMEOUT_S, headers=headers or {})
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
+        self._lock = threading.Lock()
+        self._cached: tuple[float, DiscoveryResult] | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+    def _discover(self) -> DiscoveryResult:
+        with self._lock:
+            now = self.clock.monotonic()
+            if self._cached is None or now - self._cached[0] > DISCOVERY_TTL_S:
+                self._cached = (now, self.discovery.discover())
+            return self._cached[1]
+
+    def _probe(self, url: str) -> dict[str, Any] | None:
+        try:
+            response = self._client.get(url.rstrip("/") + "/status")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def snapshot(self, *, probe: bool = True, discover: bool = True) -> ClusterSnapshot:
+        """What the cluster looks like now; ``probe`` asks every replica for ``/status`` (concurrently)."""
+        state = SyncState()
+        if self.read_state is not None:
+            try:
+                state = self.read_state()
+            except Exception as exc:  # an unreadable folder must not break the view
+                log.warning("cannot read sync_state: %s", exc)
+        now = self.clock.time()
+        ttl = self.settings.heartbeat_ttl_s
+        views: list[ReplicaView] = []
+        if self.settings.shared_dir is not None:
+            for beat in read_heartbeats(self.settings.shared_dir):
+                if now - beat.time <= max(60.0, GONE_AFTER_TTLS * ttl):
+                    views.append(_from_heartbeat(beat, now, ttl))
+        result = self._discover() if discover else None
+        for endpoint in result.endpoints if result else []:
+            match = self._match(views, endpoint.url, endpoint.name)
+            if match is None:
+                match = ReplicaView(replica_id=endpoint.name or endpoint.url or "?", url=endpoint.url)
+                views.append(match)
+            match.in_discovery = True
+            match.pod_ready = endpoint.ready
+        if probe:
+            targets = [v for v in views if v.url and (v.in_heartbeats or v.in_discovery)]
+            answers = list(self._pool.map(self._probe, [v.url for v in targets]))
+            for view, status in zip(targets, answers):
+                view.reachable = status is not None
+                if status is not None and not view.in_heartbeats:
+                    _fill_from_status(view, status)
+        views.sort(key=lambda v: (v.replica_id, v.url or ""))
+        return ClusterSnapshot(
+            committed=state.committed.model_dump(mode="json") if state.committed else None,
+            pending=state.pending.model_dump(mode="json") if state.pending else None,
+            generation=state.generation, replicas=views, discovery=result, time=now)
+
+    @staticmethod
+    def _match(views: list[ReplicaView], url: str | None, name: str | None) -> ReplicaView | None:
+        wanted = normalize_url(url) if url else None
+        for view in views:
+            if wanted and view.url and normalize_url(view.url) == wanted:
+                return view
+        for view in views:
+            if name and view.replica_id == name:
+                return view
+        return None

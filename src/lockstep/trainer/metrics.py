@@ -1,0 +1,39 @@
+"""The trainer's Prometheus metrics, in their own registry (several apps may live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class TrainerMetrics:
+    """Publishes, runs and the cluster as the trainer sees it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.publish_total = Counter("lockstep_publish_total", "Publishes by outcome "
+                                     "(committed, aborted, unchanged, failed)", ["outcome"], registry=r)
+        self.publish_duration = Histogram("lockstep_publish_duration_seconds", "Seconds from publish start "
+                                          "to commit or abort", registry=r,
+                                          buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.runs_total = Counter("lockstep_runs_total", "Runs that ended, by kind and status",
+                                  ["kind", "status"], registry=r)
+        self.run_active = Gauge("lockstep_run_active", "1 while a run of this kind is active", ["kind"],
+                                registry=r)
+        self.run_step = Gauge("lockstep_run_step", "Step (finetune) or round (simulation) of the active run",
+                              registry=r)
+        self.run_progress = Gauge("lockstep_run_progress_ratio", "Fraction of the active run done", registry=r)
+        self.run_reward = Gauge("lockstep_run_reward", "Mean reward of the last finetune step's rollouts",
+                                registry=r)
+        self.run_eval_reward = Gauge("lockstep_run_eval_reward", "Mean reward on held-out prompts at the "
+                                     "last published version", registry=r)
+        self.run_loss = Gauge("lockstep_run_loss", "Loss of the last finetune step", registry=r)
+        self.committed_version = Gauge("lockstep_committed_version", "Version committed in sync_state.json",
+                                       registry=r)
+        self.replicas_live = Gauge("lockstep_replicas_live", "Replicas with a fresh heartbeat", registry=r)
+        self.replicas_converged = Gauge("lockstep_replicas_converged", "Live replicas ready on the "
+                                        "committed version", registry=r)
+        for kind in ("simulation", "finetune"):
+            self.run_active.labels(kind=kind).set(0)
+        for outcome in ("committed", "aborted", "unchanged", "failed"):
+            self.publish_total.labels(outcome=outcome)

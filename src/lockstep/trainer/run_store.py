@@ -1,0 +1,137 @@
+"""Runs on the shared volume: ``runs/<id>/run.json``, ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/``.
+
+``run.json`` is replaced atomically (temporary file, fsync, rename). The ``.jsonl`` streams are appended one
+whole line per ``write`` and fsynced; a reader skips a torn last line left by a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lockstep.core.atomic import atomic_write_json, read_json
+from lockstep.core.errors import BadRequest, NotFound
+from lockstep.trainer.run import RunRecord
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+class RunFiles:
+    """The files of one run."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def run_json(self) -> Path:
+        return self.folder / "run.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.jsonl"
+
+    @property
+    def samples_path(self) -> Path:
+        return self.folder / "samples.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder / "checkpoints"
+
+    def write(self, record: RunRecord) -> None:
+        atomic_write_json(self.run_json, record.model_dump(mode="json"))
+
+    def read(self) -> RunRecord:
+        return RunRecord.model_validate(read_json(self.run_json))
+
+    def append_metric(self, point: dict[str, Any]) -> None:
+        _append(self.metrics_path, point)
+
+    def append_sample(self, sample: dict[str, Any]) -> None:
+        _append(self.samples_path, sample)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return _read_lines(self.metrics_path)
+
+    def samples(self) -> list[dict[str, Any]]:
+        return _read_lines(self.samples_path)
+
+
+def _append(path: Path, obj: dict[str, Any]) -> None:
+    line = (json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)  # one write of one line: appends do not interleave within a line
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for raw in data.splitlines():
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue  # a torn last line from a crash
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+class RunStore:
+    """Every run's folder under ``<shared>/runs``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def new_id(self, kind: str) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        return f"{stamp}-{kind[:10]}-{secrets.token_hex(3)}"
+
+    def files(self, run_id: str) -> RunFiles:
+        if not RUN_ID.match(run_id):
+            raise BadRequest(f"run id {run_id!r} is malformed: lower-case letters, digits and '-' only")
+        return RunFiles(self.root / run_id)
+
+    def get(self, run_id: str) -> RunRecord:
+        files = self.files(run_id)
+        try:
+            return files.read()
+        except FileNotFoundError:
+            raise NotFound(f"no run {run_id!r}; GET /runs lists the runs") from None
+        except (OSError, ValueError, ValidationError) as exc:
+            raise NotFound(f"run {run_id!r} has an unreadable run.json: {exc}") from exc
+
+    def load_all(self) -> list[RunRecord]:
+        """Every readable run, oldest first; unreadable folders are skipped (logged)."""
+        records = []
+        if not self.root.is_dir():
+            return records
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or not RUN_ID.match(folder.name):
+                continue
+            try:
+                records.append(RunFiles(folder).read())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, ValidationError) as exc:
+                log.warning("skipping run folder %s: unreadable run.json (%s)", folder, exc)
+        records.sort(key=lambda r: r.created_at)
+        return records

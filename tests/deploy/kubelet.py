@@ -1,0 +1,807 @@
+"""A manifest-driven kubelet for tests: runs the Deployments of ``k8s/`` as real local processes.
+
+Each pod gets its own network namespace (``ip netns`` + a veth on a private bridge), so every container
+binds exactly the port its manifest declares, on its own pod IP. The rest follows the manifests as a
+node would:
+
+- environment: ``envFrom`` and ``env`` (``value`` with ``$(VAR)`` expansion, ``configMapKeyRef``,
+  ``secretKeyRef``, ``fieldRef``) from the ConfigMaps and the Secret as they are written, on top of a
+  small image environment (the Dockerfiles' ``ENV``; nothing is inherited from the test process);
+- ``command``/``args`` exactly as declared, ``lockstep`` being ``sys.executable -m lockstep``;
+- volumes: a PersistentVolumeClaim is a folder the caller provides, an ``emptyDir`` a folder per pod;
+- Services: a ClusterIP (or LoadBalancer) Service gets a virtual IP on the node's side of the bridge,
+  forwarded per connection to one *ready* endpoint (kube-proxy); a headless Service is a name in each
+  pod's ``/etc/hosts`` with one record per endpoint (``publishNotReadyAddresses`` honoured). Every
+  Service is known by its short and its ``<ns>.svc.cluster.local`` name, so URLs such as
+  ``http://trainer-service:8080`` work unchanged;
+- probes: ``startupProbe`` until it succeeds (a container that exhausts ``failureThreshold`` is
+  restarted), then ``readinessProbe`` and ``livenessProbe`` on their own periods (``httpGet`` only);
+  a failed liveness probe or an exit restarts the container (``restartPolicy: Always``, with back-off).
+
+Translations, the only places where the local run differs from the manifests:
+
+- paths: an env value that starts with a volume's ``mountPath`` (``/models/...``, ``/tmp``) is rewritten
+  to that volume's folder; there is no mount namespace per container, so this is how ``/models``
+  becomes the shared temporary folder and ``/tmp`` the pod's own emptyDir;
+- the image: ``WORKDIR`` (``/tmp``) is the pod's ``/tmp`` emptyDir; the source is on ``PYTHONPATH``
+  instead of installed in ``/opt/venv``; ``OMP_NUM_THREADS=1`` stands in for the CPU limits on a small
+  machine;
+- not enforced: ``securityContext`` (user 10001, read-only root filesystem), ``resources``, GPU
+  tolerations, ``preStop`` hooks (a test's teardown does not wait them out), NetworkPolicies.
+
+Needs root and iproute2. Addresses come from a /24 in 10.200.0.0/13 that no interface or route on the
+machine uses; everything created (namespaces, links, ``/etc/netns/<ns>``) is named after this process
+and removed by :meth:`Kubelet.stop` and :meth:`PodNetwork.close`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import Doc
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_DOMAIN = "cluster.local"
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what Kubernetes uses for generated name suffixes
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)  # kubelet's crash-loop back-off, seconds
+
+
+class NetworkUnavailable(RuntimeError):
+    """This machine cannot create network namespaces (not root, no iproute2, or no permission)."""
+
+
+class UnsupportedManifest(ValueError):
+    """The manifest uses something this kubelet does not implement; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------ network
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+    return done
+
+
+class PodNetwork:
+    """A private /24: a bridge in its own namespace, the node's address on a veth, one namespace per pod."""
+
+    def __init__(self) -> None:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            raise NetworkUnavailable("network namespaces need root and iproute2 (`ip`)")
+        self.tag = f"lsk{os.getpid()}"  # every name we create starts with it; <= 15 chars for links
+        self.subnet = self._free_subnet()
+        hosts = self.subnet.hosts()
+        self.node_ip = str(next(hosts))  # the test process reaches pods and services from here
+        self._free_ips = [str(ip) for ip in hosts]
+        self.bridge_ns = f"{self.tag}-bridge"
+        self.pod_namespaces: list[str] = []
+        self.service_ips: list[str] = []
+        self._lock = threading.Lock()
+        self._links = 0
+        try:
+            _ip("netns", "add", self.bridge_ns)
+        except RuntimeError as exc:
+            raise NetworkUnavailable(str(exc)) from exc
+        try:
+            _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
+            _ip("link", "add", self.tag, "type", "veth", "peer", "name", "node", "netns", self.bridge_ns)
+            _ip("-n", self.bridge_ns, "link", "set", "node", "master", "br0", "up")
+            _ip("addr", "add", f"{self.node_ip}/{self.subnet.prefixlen}", "dev", self.tag)
+            _ip("link", "set", self.tag, "up")
+        except RuntimeError as exc:
+            self.close()
+            raise NetworkUnavailable(str(exc)) from exc
+
+    @staticmethod
+    def _free_subnet() -> ipaddress.IPv4Network:
+        used = _ip("-4", "-o", "addr", "show").stdout + _ip("-4", "route", "show", "table", "all").stdout
+        taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\b\d+\.\d+\.\d+\.\d+(?:/\d+)?", used)]
+        candidates = list(ipaddress.ip_network("10.200.0.0/13").subnets(new_prefix=24))
+        random.shuffle(candidates)
+        for net in candidates:
+            if not any(net.overlaps(t) and t.prefixlen > 8 for t in taken):  # a /8 default route is fine
+                return net
+        raise NetworkUnavailable("no free /24 in 10.200.0.0/13")
+
+    def _take_ip(self) -> str:
+        with self._lock:
+            if not self._free_ips:
+                raise RuntimeError(f"{self.subnet} is full")
+            return self._free_ips.pop(0)
+
+    def add_pod(self, pod_name: str) -> tuple[str, str]:
+        """A namespace for ``pod_name`` wired to the bridge; returns (namespace, pod IP)."""
+        ns, ip = f"{self.tag}-{pod_name}", self._take_ip()
+        with self._lock:
+            self._links += 1
+            port = f"p{self._links}"
+        _ip("netns", "add", ns)
+        self.pod_namespaces.append(ns)
+        _ip("-n", self.bridge_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _ip("-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
+        _ip("-n", ns, "addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        return ns, ip
+
+    def add_service_ip(self) -> str:
+        """A virtual IP that answers on the node (where the service proxies listen)."""
+        ip = self._take_ip()
+        _ip("addr", "add", f"{ip}/32", "dev", self.tag)
+        self.service_ips.append(ip)
+        return ip
+
+    @staticmethod
+    def etc_dir(ns: str) -> Path:
+        """``ip netns exec NS`` bind-mounts the files of this folder over ``/etc``."""
+        return Path("/etc/netns") / ns
+
+    def exec_prefix(self, ns: str) -> list[str]:
+        return [shutil.which("ip") or "ip", "netns", "exec", ns]
+
+    def remove_pod(self, ns: str) -> None:
+        for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)  # only processes inside a namespace this object made
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", ns, check=False)
+        shutil.rmtree(self.etc_dir(ns), ignore_errors=True)
+        if ns in self.pod_namespaces:
+            self.pod_namespaces.remove(ns)
+
+    def close(self) -> None:
+        for ns in list(self.pod_namespaces):
+            self.remove_pod(ns)
+        _ip("link", "del", self.tag, check=False)  # takes its peer in the bridge namespace along
+        _ip("netns", "del", self.bridge_ns, check=False)
+
+
+# ------------------------------------------------------------------------------------------ manifests
+@dataclass(frozen=True)
+class Probe:
+    """One probe of a container, as declared (``httpGet`` only)."""
+
+    kind: str  # startup | readiness | liveness
+    path: str
+    port: int  # resolved from a port name against the container's ports
+    period_s: float
+    timeout_s: float
+    failure_threshold: int
+    success_threshold: int
+    initial_delay_s: float
+
+    @classmethod
+    def parse(cls, kind: str, spec: dict[str, Any], ports: dict[str, int]) -> Probe:
+        if set(spec) & {"exec", "tcpSocket", "grpc"} or "httpGet" not in spec:
+            raise UnsupportedManifest(f"{kind}Probe: only httpGet probes are supported, got {sorted(spec)}")
+        get = spec["httpGet"]
+        if get.get("scheme", "HTTP") != "HTTP" or get.get("httpHeaders") or get.get("host"):
+            raise UnsupportedManifest(f"{kind}Probe: only plain HTTP GET to the pod is supported: {get}")
+        port = get["port"]
+        if isinstance(port, str):
+            if port not in ports:
+                raise UnsupportedManifest(f"{kind}Probe names port {port!r}; the container has {sorted(ports)}")
+            port = ports[port]
+        # Kubernetes' defaults: period 10 s, timeout 1 s, failure 3, success 1, delay 0.
+        return cls(kind, get.get("path", "/"), int(port), float(spec.get("periodSeconds", 10)),
+                   float(spec.get("timeoutSeconds", 1)), int(spec.get("failureThreshold", 3)),
+                   int(spec.get("successThreshold", 1)), float(spec.get("initialDelaySeconds", 0)))
+
+
+def _objects_by_kind(objects: list[Doc], kind: str) -> dict[str, dict[str, Any]]:
+    return {d.name: d.body for d in objects if d.kind == kind}
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: defined names are replaced, ``$$`` is ``$``, the rest stays."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, value)
+
+
+def _generated(n: int, rng: random.Random) -> str:
+    return "".join(rng.choice(_NAME_ALPHABET) for _ in range(n))
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    """A stable ``pod-template-hash`` for a pod template (names pods like a ReplicaSet does)."""
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
+    return "".join(_NAME_ALPHABET[b % len(_NAME_ALPHABET)] for b in digest[:10])
+
+
+# ------------------------------------------------------------------------------------------ pods
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe as the kubelet ran it."""
+
+    pod: str
+    restart: int  # the container's restart count when it ran
+    kind: str
+    path: str
+    port: int
+    at: float  # time.monotonic()
+    status: int | None  # HTTP status; None when the connection failed or timed out
+    error: str | None
+    body: str = ""  # the first 1000 characters of the answer (the kubelet keeps probe output for events)
+
+    @property
+    def success(self) -> bool:
+        return self.status is not None and 200 <= self.status < 400
+
+
+@dataclass
+class Pod:
+    """One pod of a Deployment: its identity, its container's spec and state, and what the kubelet saw."""
+
+    name: str
+    namespace: str
+    deployment: str
+    labels: dict[str, str]
+    ip: str
+    netns: str
+    spec: dict[str, Any]  # the pod template's spec
+    volumes: dict[str, Path]
+    log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # name -> containerPort
+    probes: dict[str, Probe] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    restart_count: int = 0
+    started: bool = False
+    ready: bool = False
+    deleted: bool = False
+    results: list[ProbeResult] = field(default_factory=list)
+    transitions: list[tuple[float, str, bool]] = field(default_factory=list)  # (monotonic, condition, value)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def url(self, port: int | str = "http") -> str:
+        number = self.ports[port] if isinstance(port, str) else port
+        return f"http://{self.ip}:{number}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self, tail: int = 4000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-tail:]
+
+    def probe_results(self, kind: str) -> list[ProbeResult]:
+        with self.lock:
+            return [r for r in self.results if r.kind == kind]
+
+    def _set(self, condition: str, value: bool) -> None:
+        with self.lock:
+            if getattr(self, condition) != value:
+                setattr(self, condition, value)
+                self.transitions.append((time.monotonic(), condition, value))
+
+
+class ServiceProxy(socketserver.ThreadingTCPServer):
+    """kube-proxy for one Service port: each connection goes to the next ready endpoint, or is refused."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], endpoints: Callable[[], list[tuple[str, int]]]) -> None:
+        self.endpoints = endpoints
+        self._turn = 0
+        super().__init__(address, _ProxyHandler)
+
+    def next_endpoint(self) -> tuple[str, int] | None:
+        targets = self.endpoints()
+        if not targets:
+            return None
+        self._turn += 1
+        return targets[self._turn % len(targets)]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("service proxy %s: connection from %s failed", self.server_address, client_address)
+
+
+class _ProxyHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: ServiceProxy = self.server  # type: ignore[assignment]
+        target = server.next_endpoint()
+        if target is None:
+            return  # no ready endpoint: the connection is closed, as kube-proxy rejects it
+        try:
+            upstream = socket.create_connection(target, timeout=5)
+        except OSError:
+            return
+        upstream.settimeout(None)
+        client: socket.socket = self.request
+        back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+        back.start()
+        _pump(client, upstream)
+        back.join(timeout=600)
+        upstream.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+@dataclass
+class Service:
+    """A Service as this node implements it."""
+
+    name: str
+    selector: dict[str, str]
+    ports: list[dict[str, Any]]
+    headless: bool
+    publish_not_ready: bool
+    cluster_ip: str | None = None
+    proxies: list[ServiceProxy] = field(default_factory=list)
+
+
+class Kubelet:
+    """Runs Deployments from parsed manifests on this machine, one network namespace per pod."""
+
+    def __init__(self, objects: list[Doc], root: Path, *, claims: dict[str, Path], network: PodNetwork,
+                 namespace: str = "lockstep", image_env: dict[str, str] | None = None, seed: int = 0) -> None:
+        self.root = root
+        self.namespace = namespace
+        self.network = network
+        self.config_maps = _objects_by_kind(objects, "ConfigMap")
+        self.secrets = _objects_by_kind(objects, "Secret")
+        self.deployments = _objects_by_kind(objects, "Deployment")
+        pvcs = _objects_by_kind(objects, "PersistentVolumeClaim")
+        missing = set(claims) - set(pvcs)
+        if missing:
+            raise UnsupportedManifest(f"claims {sorted(missing)} are not PersistentVolumeClaims in the manifests")
+        self.claims = claims
+        self.image_env = image_env if image_env is not None else default_image_env()
+        self.pods: list[Pod] = []
+        self.services: dict[str, Service] = {}
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.RLock()
+        self._http = httpx.Client(trust_env=False)  # probes go straight to the pod, never via a proxy
+        for name, body in _objects_by_kind(objects, "Service").items():
+            self._add_service(name, body["spec"])
+
+    # -------------------------------------------------------------------- services
+    def _add_service(self, name: str, spec: dict[str, Any]) -> None:
+        kind = spec.get("type", "ClusterIP")
+        if kind not in ("ClusterIP", "LoadBalancer", "NodePort"):
+            raise UnsupportedManifest(f"Service {name}: type {kind} is not supported")
+        headless = spec.get("clusterIP") == "None"
+        svc = Service(name, dict(spec.get("selector") or {}), list(spec["ports"]), headless,
+                      bool(spec.get("publishNotReadyAddresses", False)))
+        if not headless:
+            svc.cluster_ip = self.network.add_service_ip()
+            for port in svc.ports:
+                target = port.get("targetPort", port["port"])
+                proxy = ServiceProxy((svc.cluster_ip, int(port["port"])),
+                                     lambda s=svc, t=target: self._endpoints(s, t))
+                thread = threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.2},
+                                          name=f"proxy-{name}-{port['port']}", daemon=True)
+                thread.start()
+                svc.proxies.append(proxy)
+        self.services[name] = svc
+
+    def _members(self, svc: Service, ready_only: bool) -> list[Pod]:
+        with self._lock:
+            pods = [p for p in self.pods if not p.deleted]  # an endpoint exists once the pod has its IP
+        return [p for p in pods if svc.selector and svc.selector.items() <= p.labels.items()
+                and (p.ready or not ready_only)]
+
+    def _endpoints(self, svc: Service, target: int | str) -> list[tuple[str, int]]:
+        out = []
+        for pod in self._members(svc, ready_only=True):
+            port = pod.ports.get(target) if isinstance(target, str) else int(target)
+            if port is not None:
+                out.append((pod.ip, port))
+        return out
+
+    def service_url(self, name: str, port: int | None = None) -> str:
+        """``http://<cluster IP>:<port>`` of a ClusterIP Service (its first port by default)."""
+        svc = self.services[name]
+        if svc.cluster_ip is None:
+            raise ValueError(f"{name} is headless: it has no cluster IP")
+        return f"http://{svc.cluster_ip}:{port or svc.ports[0]['port']}"
+
+    def _hosts_text(self, pod: Pod) -> str:
+        lines = ["127.0.0.1\tlocalhost", f"{pod.ip}\t{pod.name}"]
+        for svc in self.services.values():
+            names = " ".join(self.dns_names(svc.name))
+            if svc.cluster_ip:
+                lines.append(f"{svc.cluster_ip}\t{names}")
+            else:  # headless: one A record per endpoint; ready ones only unless publishNotReadyAddresses
+                lines += [f"{p.ip}\t{names}" for p in self._members(svc, ready_only=not svc.publish_not_ready)]
+        return "\n".join(lines) + "\n"
+
+    def dns_names(self, service: str) -> list[str]:
+        ns = self.namespace
+        return [service, f"{service}.{ns}", f"{service}.{ns}.svc", f"{service}.{ns}.svc.{CLUSTER_DOMAIN}"]
+
+    def _refresh_dns(self) -> None:
+        """Rewrite every pod's hosts file in place (same inode: the bind mount in running pods sees it)."""
+        with self._lock:
+            pods = [p for p in self.pods if not p.deleted]
+            for pod in pods:
+                etc = self.network.etc_dir(pod.netns)
+                etc.mkdir(parents=True, exist_ok=True)
+                with open(etc / "hosts", "w") as f:
+                    f.write(self._hosts_text(pod))
+                resolv = etc / "resolv.conf"
+                if not resolv.exists():  # search path as in a pod; no name server (names come from hosts)
+                    ns = self.namespace
+                    resolv.write_text(f"search {ns}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\n"
+                                      "options ndots:5\n")
+
+    # -------------------------------------------------------------------- environment
+    def _config_value(self, ref: dict[str, Any], what: str) -> str | None:
+        source = self.config_maps if what == "configMapKeyRef" else self.secrets
+        obj = source.get(ref["name"])
+        value: str | None = None
+        if obj is not None:
+            if what == "configMapKeyRef":
+                value = (obj.get("data") or {}).get(ref["key"])
+            else:
+                string_data = obj.get("stringData") or {}
+                if ref["key"] in string_data:
+                    value = str(string_data[ref["key"]])
+                elif ref["key"] in (obj.get("data") or {}):
+                    value = base64.b64decode(obj["data"][ref["key"]]).decode()
+        if value is None and not ref.get("optional", False):
+            raise UnsupportedManifest(f"{what} {ref['name']}/{ref['key']} does not exist in the manifests")
+        return value
+
+    def _field_value(self, pod: Pod, path: str) -> str:
+        values = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "status.podIP": pod.ip,
+                  "status.podIPs": pod.ip, "spec.nodeName": socket.gethostname(),
+                  "status.hostIP": self.network.node_ip,
+                  "spec.serviceAccountName": pod.spec.get("serviceAccountName", "default")}
+        label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+        if label:
+            return pod.labels.get(label.group(1), "")
+        if path not in values:
+            raise UnsupportedManifest(f"fieldRef {path} is not supported (known: {sorted(values)})")
+        return values[path]
+
+    def container_env(self, pod: Pod, container: dict[str, Any]) -> dict[str, str]:
+        """The container's environment: image env, then ``envFrom``, then ``env`` in order (later wins)."""
+        env = dict(self.image_env)
+        env["HOSTNAME"] = pod.name  # the runtime sets it to the pod name
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if "configMapRef" in source:
+                ref = source["configMapRef"]
+                data = (self.config_maps.get(ref["name"]) or {}).get("data")
+                if data is None and not ref.get("optional", False):
+                    raise UnsupportedManifest(f"envFrom ConfigMap {ref['name']} does not exist in the manifests")
+                env.update({prefix + k: str(v) for k, v in (data or {}).items()})
+            elif "secretRef" in source:
+                ref = source["secretRef"]
+                secret = self.secrets.get(ref["name"]) or {}
+                data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+                data.update({k: str(v) for k, v in (secret.get("stringData") or {}).items()})
+                env.update({prefix + k: v for k, v in data.items()})
+        declared: dict[str, str] = {}
+        for var in container.get("env") or []:
+            if "value" in var:
+                value: str | None = expand(str(var["value"]), {**env, **declared})
+            else:
+                source = var.get("valueFrom") or {}
+                if "fieldRef" in source:
+                    value = self._field_value(pod, source["fieldRef"]["fieldPath"])
+                elif "configMapKeyRef" in source or "secretKeyRef" in source:
+                    what = "configMapKeyRef" if "configMapKeyRef" in source else "secretKeyRef"
+                    value = self._config_value(source[what], what)
+                else:
+                    raise UnsupportedManifest(f"env {var['name']}: valueFrom {sorted(source)} is not supported")
+            if value is not None:
+                declared[var["name"]] = value
+        env.update(declared)
+        return {k: self._host_path(pod, container, v) for k, v in env.items()}
+
+    def _host_path(self, pod: Pod, container: dict[str, Any], value: str) -> str:
+        """THE translation: a path under a volume's mountPath becomes the path in that volume's folder."""
+        if not value.startswith("/"):
+            return value
+        mounts = sorted(container.get("volumeMounts") or [], key=lambda m: len(m["mountPath"]), reverse=True)
+        for mount in mounts:
+            mount_path = mount["mountPath"].rstrip("/")
+            if value == mount_path or value.startswith(mount_path + "/"):
+                folder = pod.volumes[mount["name"]] / mount.get("subPath", "")
+                return str(folder) + value[len(mount_path):]
+        return value
+
+    def _volumes(self, pod_dir: Path, spec: dict[str, Any]) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for vol in spec.get("volumes") or []:
+            if "persistentVolumeClaim" in vol:
+                claim = vol["persistentVolumeClaim"]["claimName"]
+                if claim not in self.claims:
+                    raise UnsupportedManifest(f"volume {vol['name']}: no folder was given for claim {claim}")
+                out[vol["name"]] = self.claims[claim]
+            elif "emptyDir" in vol:
+                out[vol["name"]] = pod_dir / "volumes" / vol["name"]
+                out[vol["name"]].mkdir(parents=True, exist_ok=True)
+            else:
+                raise UnsupportedManifest(f"volume {vol['name']}: only PVCs and emptyDirs are supported")
+        return out
+
+    def _command(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
+        command = [expand(c, env) for c in container.get("command") or []]
+        args = [expand(a, env) for a in container.get("args") or []]
+        if command[:1] != ["lockstep"]:
+            raise UnsupportedManifest(f"container {container['name']}: command {command} is not `lockstep`")
+        return [sys.executable, "-m", "lockstep", *command[1:], *args]
+
+    # -------------------------------------------------------------------- pods
+    def create_pod(self, deployment: str) -> Pod:
+        """Schedule one pod of ``deployment`` from its template and start its probe loop."""
+        body = self.deployments[deployment]
+        template = body["spec"]["template"]
+        spec = template["spec"]
+        containers = spec["containers"]
+        if len(containers) != 1 or spec.get("initContainers"):
+            raise UnsupportedManifest(f"{deployment}: one container and no init containers are supported")
+        container = containers[0]
+        with self._lock:
+            name = f"{deployment}-{template_hash(template)}-{_generated(5, self._rng)}"
+        labels = {**template["metadata"].get("labels", {}), "pod-template-hash": template_hash(template)}
+        pod_dir = self.root / "pods" / name
+        ns, ip = self.network.add_pod(name)
+        pod = Pod(name, self.namespace, deployment, labels, ip, ns, spec, self._volumes(pod_dir, spec),
+                  pod_dir / f"{container['name']}.log")
+        pod.ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports") or [] if "name" in p}
+        pod.env = self.container_env(pod, container)
+        pod.argv = self._command(container, pod.env)
+        # The image's WORKDIR is /tmp, which is the pod's /tmp emptyDir.
+        pod.cwd = Path(self._host_path(pod, container, "/tmp"))
+        pod.probes = {kind: Probe.parse(kind, container[f"{kind}Probe"], pod.ports)
+                      for kind in ("startup", "readiness", "liveness") if f"{kind}Probe" in container}
+        with self._lock:
+            self.pods.append(pod)
+        self._refresh_dns()
+        thread = threading.Thread(target=self._run_pod, args=(pod,), name=f"kubelet-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return pod
+
+    def apply(self, deployment: str, replicas: int | None = None) -> list[Pod]:
+        """Create the Deployment's pods (``spec.replicas`` unless given), like ``kubectl apply``."""
+        count = self.deployments[deployment]["spec"].get("replicas", 1) if replicas is None else replicas
+        return [self.create_pod(deployment) for _ in range(count)]
+
+    def scale(self, deployment: str, replicas: int) -> list[Pod]:
+        """``kubectl scale deployment NAME --replicas=N``: returns the pods it created (scale-up only)."""
+        current = self.pods_of(deployment)
+        if replicas < len(current):
+            raise UnsupportedManifest("scaling down is not supported by this kubelet")
+        return [self.create_pod(deployment) for _ in range(replicas - len(current))]
+
+    def pods_of(self, deployment: str) -> list[Pod]:
+        with self._lock:
+            return [p for p in self.pods if p.deployment == deployment and not p.deleted]
+
+    def _start_container(self, pod: Pod) -> None:
+        pod.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(pod.log_path, "ab") as out:
+            out.write(f"--- container start {pod.restart_count}: {' '.join(pod.argv[1:])}\n".encode())
+            out.flush()
+            pod.process = subprocess.Popen(self.network.exec_prefix(pod.netns) + pod.argv, env=pod.env,
+                                           cwd=pod.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+
+    def _probe(self, pod: Pod, probe: Probe) -> ProbeResult:
+        status, error, body = None, None, ""
+        try:
+            answer = self._http.get(f"http://{pod.ip}:{probe.port}{probe.path}", timeout=probe.timeout_s)
+            status, body = answer.status_code, answer.text[:1000]
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        result = ProbeResult(pod.name, pod.restart_count, probe.kind, probe.path, probe.port, time.monotonic(),
+                             status, error, body)
+        with pod.lock:
+            pod.results.append(result)
+        return result
+
+    def _wait(self, pod: Pod, seconds: float) -> bool:
+        """Sleep up to ``seconds``; False at once when the container exited or the kubelet stops."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._stop.is_set() or pod.deleted or not pod.alive():
+                return False
+            self._stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        return not (self._stop.is_set() or pod.deleted) and pod.alive()
+
+    def _run_pod(self, pod: Pod) -> None:
+        try:
+            self._pod_loop(pod)
+        except Exception:  # a kubelet bug must not kill the test process' thread silently
+            log.exception("kubelet loop of %s failed", pod.name)
+            with open(pod.log_path, "a") as f:
+                f.write("--- kubelet loop failed; see the test log\n")
+
+    def _pod_loop(self, pod: Pod) -> None:
+        while not (self._stop.is_set() or pod.deleted):
+            self._start_container(pod)
+            reason = self._container_life(pod)
+            pod._set("ready", False)
+            pod._set("started", False)
+            if self._stop.is_set() or pod.deleted:
+                return
+            self._kill(pod, grace_s=float(pod.spec.get("terminationGracePeriodSeconds", 30)))
+            with open(pod.log_path, "a") as f:
+                f.write(f"--- container restarted by the kubelet: {reason}\n")
+            backoff = _BACKOFF_S[min(pod.restart_count, len(_BACKOFF_S) - 1)]
+            pod.restart_count += 1
+            if self._stop.wait(backoff):
+                return
+
+    def _container_life(self, pod: Pod) -> str:
+        """Probe one container instance until it must be restarted; returns why."""
+        startup = pod.probes.get("startup")
+        if startup is not None:
+            failures = 0
+            if not self._wait(pod, startup.initial_delay_s):
+                return "exited"
+            while True:
+                if self._probe(pod, startup).success:
+                    break
+                failures += 1
+                if failures >= startup.failure_threshold:
+                    return f"startup probe failed {failures} times"
+                if not self._wait(pod, startup.period_s):
+                    return "exited"
+        pod._set("started", True)
+        readiness = pod.probes.get("readiness")
+        if readiness is not None:
+            thread = threading.Thread(target=self._readiness_loop, args=(pod, readiness, pod.restart_count),
+                                      name=f"readiness-{pod.name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        else:
+            pod._set("ready", True)
+            self._refresh_dns()
+        liveness = pod.probes.get("liveness")
+        failures = 0
+        # Liveness waits its initialDelaySeconds from container start; startup already took some of it.
+        if liveness is not None and not self._wait(pod, liveness.initial_delay_s):
+            return "exited"
+        while True:
+            if liveness is None:
+                if not self._wait(pod, 3600):
+                    return "exited"
+                continue
+            failures = 0 if self._probe(pod, liveness).success else failures + 1
+            if failures >= liveness.failure_threshold:
+                return f"liveness probe failed {failures} times"
+            if not self._wait(pod, liveness.period_s):
+                return "exited"
+
+    def _readiness_loop(self, pod: Pod, probe: Probe, restart: int) -> None:
+        try:
+            successes = failures = 0
+            if not self._wait(pod, probe.initial_delay_s):
+                return
+            while pod.restart_count == restart:
+                if self._probe(pod, probe).success:
+                    successes, failures = successes + 1, 0
+                    if successes >= probe.success_threshold and not pod.ready:
+                        pod._set("ready", True)
+                        self._refresh_dns()
+                else:
+                    successes, failures = 0, failures + 1
+                    if failures >= probe.failure_threshold and pod.ready:
+                        pod._set("ready", False)
+                        self._refresh_dns()
+                if not self._wait(pod, probe.period_s):
+                    return
+        except Exception:
+            log.exception("readiness loop of %s failed", pod.name)
+
+    def _kill(self, pod: Pod, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` seconds (no preStop hook: see the module docstring)."""
+        process = pod.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+    def wait_ready(self, pods: list[Pod], timeout_s: float) -> None:
+        """Block until every pod is Ready; fail with their logs and probe results otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(p.ready for p in pods):
+                return
+            for pod in pods:
+                if pod.restart_count:
+                    raise AssertionError(f"{pod.name} was restarted:\n{self.describe(pod)}")
+            time.sleep(0.1)
+        laggards = [p for p in pods if not p.ready]
+        raise AssertionError("not Ready after %.0fs:\n%s" % (timeout_s, "\n".join(self.describe(p) for p in laggards)))
+
+    def describe(self, pod: Pod) -> str:
+        """``kubectl describe pod`` and ``kubectl logs``, briefly."""
+        with pod.lock:
+            last = pod.results[-6:]
+        probes = "\n".join(f"  {r.kind} {r.path}:{r.port} -> {r.status or r.error}" for r in last)
+        return (f"pod {pod.name} ip={pod.ip} started={pod.started} ready={pod.ready} restarts={pod.restart_count} "
+                f"alive={pod.alive()}\nlast probes:\n{probes}\nlog tail:\n{pod.log()}")
+
+    def all_pods(self) -> Iterator[Pod]:
+        with self._lock:
+            yield from list(self.pods)
+
+    def stop(self) -> None:
+        """Stop every container (SIGTERM, short grace), the proxies, and remove the pods' namespaces."""
+        self._stop.set()
+        pods = list(self.all_pods())
+        for pod in pods:
+            if pod.alive():
+                pod.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for pod in pods:
+            self._kill(pod, grace_s=15)  # teardown: not the manifests' 120 s grace
+            pod.deleted = True
+        for svc in self.services.values():
+            for proxy in svc.proxies:
+                proxy.shutdown()
+                proxy.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for pod in pods:
+            self.network.remove_pod(pod.netns)
+        self._http.close()
+
+
+def default_image_env() -> dict[str, str]:
+    """What the images' ``ENV`` gives every container, with the two local differences of the docstring."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": str(REPO / "src"),  # the image installs the package into /opt/venv instead
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",  # stands in for the CPU limits: several pods share two cores here
+        "TOKENIZERS_PARALLELISM": "false",
+    }

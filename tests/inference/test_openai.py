@@ -1,0 +1,198 @@
+"""The OpenAI-compatible endpoints, driven by the official ``openai`` client over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from lockstep.models.loader import LoadedModel
+from tests.inference.conftest import MAX_NEW, PROMPTS, Served, reference_text, replica_settings, served
+from tests.support.cluster import wait_for
+
+LONG = 1000  # tokens (the default limit is 1024): runs far longer than the test needs to look at it
+
+
+@pytest.fixture(scope="module")
+def srv(builtin_dir: Path) -> Iterator[Served]:
+    with served(replica_settings(builtin_dir)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv: Served) -> Iterator[OpenAI]:
+    with OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def chat_expected(tiny_dirs: dict[int, Path]) -> str:
+    return reference_text(tiny_dirs[0], PROMPTS[1], MAX_NEW, chat=True)
+
+
+def _loaded(srv: Served) -> LoadedModel:
+    assert srv.runtime.replica.serving is not None
+    return srv.runtime.replica.serving.loaded
+
+
+def test_models_list_names_the_served_version(client: OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["lockstep", "lockstep@v0"]
+    assert all(m.owned_by == "lockstep" for m in models.data)
+
+
+def test_completion_text_usage_and_version(srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
+    raw = client.completions.with_raw_response.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW,
+                                                      temperature=0)
+    assert raw.headers["x-model-version"] == "0" and raw.headers["x-model-repo-id"] == "builtin:tiny"
+    c = raw.parse()
+    assert c.object == "text_completion" and c.model == "lockstep@v0"
+    assert c.system_fingerprint is not None and c.system_fingerprint.startswith("v0-")
+    assert c.choices[0].text == expected[0][PROMPTS[0]] and c.choices[0].finish_reason == "length"
+    prompt_tokens = len(_loaded(srv).tokenizer(PROMPTS[0])["input_ids"])
+    assert c.usage is not None
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (
+        prompt_tokens, MAX_NEW, prompt_tokens + MAX_NEW)
+
+
+def test_chat_completion_uses_the_chat_template(client: OpenAI, chat_expected: str) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="lockstep@v0", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_NEW, temperature=0)
+    assert raw.headers["x-model-version"] == "0"
+    c = raw.parse()
+    assert c.object == "chat.completion" and c.model == "lockstep@v0" and c.system_fingerprint.startswith("v0-")
+    assert c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == chat_expected and c.choices[0].finish_reason == "length"
+    assert c.usage is not None and c.usage.completion_tokens == MAX_NEW
+
+
+def test_streamed_completion_is_the_same_text(client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
+    chunks = list(client.completions.create(model="lockstep", prompt=PROMPTS[2], max_tokens=MAX_NEW, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expected[0][PROMPTS[2]]
+    reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert reasons == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == MAX_NEW
+    assert {ch.model for ch in chunks} == {"lockstep@v0"}
+    assert all(ch.system_fingerprint and ch.system_fingerprint.startswith("v0-") for ch in chunks)
+
+
+def test_streamed_chat_is_the_same_text(client: OpenAI, chat_expected: str) -> None:
+    with client.chat.completions.with_streaming_response.create(
+            model="lockstep", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_NEW,
+            temperature=0, stream=True, stream_options={"include_usage": True}) as response:
+        assert response.headers["x-model-version"] == "0"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = list(response.parse())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat_expected
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == MAX_NEW
+    assert all(ch.system_fingerprint and ch.system_fingerprint.startswith("v0-") for ch in chunks)
+
+
+UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
+    ("completions", {"n": 2}, "n (only n=1"),
+    ("completions", {"logprobs": 1}, "logprobs"),
+    ("completions", {"best_of": 2}, "best_of"),
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"n": 2}, "n (only n=1"),
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+]
+
+
+def _call(client: OpenAI, kind: str, **kw: Any) -> Any:
+    base: dict[str, Any] = {"model": "lockstep", "max_tokens": 2, "temperature": 0}
+    if kind == "chat":
+        return client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **{**base, **kw})
+    return client.completions.create(prompt=kw.pop("prompt", "hi"), **{**base, **kw})
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.response.json()["error"]
+    assert set(body) >= {"message", "type", "param", "code"}
+    return str(body["message"])
+
+
+@pytest.mark.parametrize(("kind", "params", "says"), UNSUPPORTED, ids=[f"{k}-{next(iter(p))}" for k, p, _ in UNSUPPORTED])
+def test_unsupported_parameters_are_a_400_naming_them(
+        client: OpenAI, kind: str, params: dict[str, Any], says: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        _call(client, kind, **params)
+    message = _message(err.value)
+    assert "unsupported" in message and says in message
+
+
+def test_unknown_model_is_a_400_listing_the_served_ones(client: OpenAI) -> None:
+    for kind in ("completions", "chat"):
+        with pytest.raises(openai.BadRequestError) as err:
+            _call(client, kind, model="gpt-4o")
+        message = _message(err.value)
+        assert "'gpt-4o'" in message and "lockstep@v0" in message
+
+
+def test_prompt_over_the_context_window_is_a_400_with_the_limit(srv: Served, client: OpenAI) -> None:
+    limit = _loaded(srv).max_context
+    prompt = "one two three " * limit  # well over ``limit`` tokens, under the character limit
+    assert len(_loaded(srv).tokenizer(prompt)["input_ids"]) > limit
+    with pytest.raises(openai.BadRequestError) as err:
+        _call(client, "completions", prompt=prompt)
+    assert f"context limit of {limit} tokens" in _message(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        _call(client, "completions", max_tokens=100_000)
+    assert "LOCKSTEP_MAX_NEW_TOKENS_LIMIT" in _message(err.value)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(
+        srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
+    engine = srv.runtime.replica.serving.engine  # type: ignore[union-attr]
+    cancelled = engine.finished_total.get("cancelled", 0)
+    tokens_before = engine.generated_tokens_total
+    stream = client.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=LONG, temperature=0,
+                                       stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].text
+    stream.close()  # hang up with most of the answer still to come
+    wait_for(lambda: (s := srv.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "the slot freed")
+    wait_for(lambda: engine.finished_total.get("cancelled", 0) == cancelled + 1, 30, 0.05, "the request cancelled")
+    assert engine.generated_tokens_total - tokens_before < LONG
+    c = client.completions.create(model="lockstep", prompt=PROMPTS[3], max_tokens=MAX_NEW, temperature=0)
+    assert c.choices[0].text == expected[0][PROMPTS[3]]
+
+
+def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
+        builtin_dir: Path, expected: dict[int, dict[str, str]]) -> None:
+    with served(replica_settings(builtin_dir, max_batch_size=1, max_queue=1)) as small, \
+            OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+        def long_chat() -> Any:  # the first chunk (the role) arrives as soon as the request is admitted
+            return c.chat.completions.create(model="lockstep", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=LONG, temperature=0, stream=True)
+
+        running = long_chat()
+        next(iter(running))
+        wait_for(lambda: small.status()["running"] == 1, 60, 0.05, "one request running")
+        queued = long_chat()
+        next(iter(queued))
+        wait_for(lambda: small.status()["queue_depth"] == 1, 60, 0.05, "one request queued")
+
+        with pytest.raises(openai.RateLimitError) as err:
+            c.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        assert "queue is full" in _message(err.value)
+        r = httpx.post(small.url + "/generate", json={"prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}, timeout=60)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+        running.close()
+        queued.close()
+        wait_for(lambda: (s := small.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "slots freed")
+        ok = c.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
+        assert ok.choices[0].text == expected[0][PROMPTS[0]]
+        metrics = httpx.get(small.url + "/metrics").text
+        assert "lockstep_rejected_requests_total 2.0" in metrics

@@ -1,0 +1,249 @@
+"""The coordinator in virtual time, against heartbeats written as replicas write them (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockstep.core.clock import FakeClock
+from lockstep.core.errors import BadModelRef, LeaseHeld, NotFound, UnsafeModel, VerificationError
+from lockstep.core.settings import CommitPolicy, Settings
+from lockstep.store import ModelStore
+from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.protocol import (
+    Committed,
+    Heartbeat,
+    Pending,
+    Phase,
+    ReplicaState,
+    ServingInfo,
+    StagedInfo,
+    StageState,
+    SyncState,
+    read_sync_state,
+    write_heartbeat,
+    write_sync_state,
+)
+
+WEIGHTS = "a" * 64  # the weights digest every healthy replica reports
+
+
+class ReplicaClock(FakeClock):
+    """Virtual time in which the simulated replicas act whenever the coordinator waits."""
+
+    def __init__(self) -> None:
+        super().__init__(start=time.time())  # near real time: the lease also judges files by their mtime
+        self.replicas: Replicas | None = None
+
+    def sleep(self, seconds: float) -> None:
+        if self.replicas is not None:
+            self.replicas.tick()
+        super().sleep(seconds)
+
+
+class Replicas:
+    """Replicas as a coordinator sees them: heartbeats, written with real ``Heartbeat`` models.
+
+    Like real replicas they accept a sync_state only at or above the generation they hold, and answer a
+    prepare with ``replies[name]``: "staged", "failed", or None (never done before the deadline).
+    """
+
+    def __init__(self, shared: Path, clock: ReplicaClock, replies: dict[str, str | None], *, generation: int = 0,
+                 serving: int = 0, weights: dict[str, str] | None = None) -> None:
+        self.shared, self.clock, self.replies = shared, clock, replies
+        self.generation, self.serving = generation, serving
+        self.weights = weights or {}
+        self.pending: Pending | None = None
+        clock.replicas = self
+        self.tick()
+
+    def tick(self) -> None:
+        try:
+            state = read_sync_state(self.shared / "sync_state.json")
+        except ValueError:
+            state = None
+        if isinstance(state, SyncState) and state.generation >= self.generation:
+            self.generation = state.generation
+            self.pending = state.pending if state.pending and state.pending.phase is Phase.PREPARE else None
+            if state.committed is not None and state.pending and state.pending.phase is Phase.COMMIT:
+                self.serving = state.committed.version  # flips (activate_at is in virtual time too)
+        for name, reply in self.replies.items():
+            staged = None
+            if self.pending is not None and reply is not None:
+                staged = StagedInfo(version=self.pending.version, model=self.pending.model, state=StageState(reply),
+                                    weights_digest=self.weights.get(name, WEIGHTS) if reply == "staged" else None,
+                                    error="could not load it" if reply == "failed" else None, seconds=1.0)
+            write_heartbeat(self.shared, Heartbeat(
+                replica_id=name, url=f"http://{name}:8000", pid=1, state=ReplicaState.SERVING, ready=True,
+                serving=ServingInfo(version=self.serving, model="builtin:tiny" if self.serving == 0 else
+                                    f"versions/{self.serving:06d}", weights_digest=WEIGHTS),
+                staged=staged, generation_seen=self.generation, time=self.clock.time()))
+
+
+@pytest.fixture
+def clock() -> ReplicaClock:
+    return ReplicaClock()
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    path = tmp_path / "shared"
+    path.mkdir()
+    return path
+
+
+def make_settings(shared: Path, builtin_dir: Path, **changes: Any) -> Settings:
+    base: dict[str, Any] = {"shared_dir": shared, "builtin_dir": builtin_dir, "sync_state_file": None,
+                            "hf_home": None, "hf_hub_offline": True, "poll_interval_s": 0.1,
+                            "heartbeat_ttl_s": 5.0, "stage_timeout_s": 2.0, "lease_ttl_s": 10.0,
+                            "commit_margin_s": 0.5, "commit_policy": CommitPolicy.STRICT,
+                            "allow_pickle": False, "trust_remote_code": False}
+    return Settings(**{**base, **changes})
+
+
+def coordinator(shared: Path, builtin_dir: Path, clock: FakeClock, owner: str = "test", **changes: Any
+                ) -> Coordinator:
+    return Coordinator(make_settings(shared, builtin_dir, **changes), clock=clock, owner=owner)
+
+
+def state_of(shared: Path) -> SyncState:
+    state = read_sync_state(shared / "sync_state.json")
+    assert isinstance(state, SyncState)
+    return state
+
+
+@pytest.mark.parametrize(("replies", "policy", "outcome"), [
+    (["staged", "staged", "staged"], CommitPolicy.STRICT, "committed"),
+    (["staged", "staged", "failed"], CommitPolicy.STRICT, "aborted"),
+    (["staged", "staged", "failed"], CommitPolicy.QUORUM, "committed"),
+    (["staged", "staged", None], CommitPolicy.STRICT, "aborted"),  # None: never staged before the deadline
+    (["staged", "staged", None], CommitPolicy.QUORUM, "committed"),
+    (["staged", "failed"], CommitPolicy.QUORUM, "aborted"),  # half is not a quorum
+    (["staged", "staged", "failed", None], CommitPolicy.QUORUM, "aborted"),
+    (["staged", "staged", "staged", "failed", "failed"], CommitPolicy.QUORUM, "committed"),
+])
+def test_strict_needs_every_live_replica_and_quorum_more_than_half(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock,
+        replies: list[str | None], policy: CommitPolicy, outcome: str) -> None:
+    c = coordinator(shared, builtin_dir, clock, commit_policy=policy)
+    version = c.store.next_version_hint()
+    Replicas(shared, clock, {f"replica-{i}": reply for i, reply in enumerate(replies)})
+    result = c.publish(str(tiny_dirs[1]))
+    assert (result.version, result.outcome) == (version, outcome), result.summary()
+    state = state_of(shared)
+    assert state.generation == 2 and state.pending is not None
+    if outcome == "committed":
+        assert state.committed is not None and state.committed.version == version
+        assert state.pending.phase is Phase.COMMIT and state.committed.activate_at == state.pending.activate_at
+    else:
+        assert state.committed is None and state.pending.phase is Phase.ABORT and state.pending.reason
+
+
+def test_replicas_that_loaded_different_weights_block_the_commit_even_with_a_quorum(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock) -> None:
+    c = coordinator(shared, builtin_dir, clock, commit_policy=CommitPolicy.QUORUM)
+    Replicas(shared, clock, {"replica-1": "staged", "replica-2": "staged", "replica-3": "staged"},
+             weights={"replica-3": "b" * 64})
+    result = c.publish(str(tiny_dirs[1]))
+    assert result.outcome == "aborted"
+    assert result.reason is not None and "different weights" in result.reason and "replica-3=bbbbbbbbbbbb" in result.reason
+    state = state_of(shared)
+    assert state.committed is None and state.pending is not None and state.pending.phase is Phase.ABORT
+
+
+def test_a_crashed_coordinators_lease_is_taken_over_after_it_expires_and_its_prepare_completed(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    crashed = coordinator(shared, builtin_dir, clock, owner="crashed")
+    crashed.lease.acquire()
+    source = crashed.prepare_source(str(tiny_dirs[1]))
+    write_sync_state(shared / "sync_state.json", SyncState(generation=4, pending=Pending(
+        version=source.version, model=source.model, digest=source.digest, phase=Phase.PREPARE,
+        coordinator="crashed", started_at=clock.time(), deadline=clock.time() + 600)))
+    # ... and it dies here, holding the lease.
+
+    following = coordinator(shared, builtin_dir, clock, owner="following")
+    with pytest.raises(LeaseHeld, match="held by crashed"):
+        following.publish(f"versions/{source.version}")
+    assert state_of(shared).generation == 4
+
+    clock.advance(10.0 + 0.1)  # the lease's TTL
+    Replicas(shared, clock, {"replica-1": "staged", "replica-2": "staged"})
+    with caplog.at_level(logging.INFO):
+        result = following.publish(f"versions/{source.version}")
+    assert (result.outcome, result.version, result.generation) == ("committed", source.version, 6)
+    assert "takes over stale lease 'coordinator' from crashed" in caplog.text
+    assert f"superseding the unfinished prepare of v{source.version} left by crashed" in caplog.text
+    assert state_of(shared).committed == Committed(version=source.version, model=source.model,
+                                                   digest=source.digest, activate_at=result.activate_at,
+                                                   committed_at=state_of(shared).committed.committed_at)
+    assert not (shared / "locks" / "coordinator.lease").exists()  # released
+
+
+def test_the_next_write_is_above_every_generation_the_replicas_have_seen(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock) -> None:
+    # Someone wrote a lower generation by hand; replicas ignore it and still hold generation 9.
+    Replicas(shared, clock, {"replica-1": "staged", "replica-2": "staged"}, generation=9)
+    write_sync_state(shared / "sync_state.json", SyncState(generation=3))
+    c = coordinator(shared, builtin_dir, clock)
+    assert c.read_state().generation == 9
+    result = c.publish(str(tiny_dirs[1]))
+    assert result.outcome == "committed" and result.generation == 11, result.summary()  # prepare 10, commit 11
+
+
+def test_a_hand_written_commit_below_what_replicas_serve_is_not_built_upon(
+        shared: Path, builtin_dir: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    write_sync_state(shared / "sync_state.json", SyncState(
+        generation=12, committed=Committed(version=1, model="versions/000001")))  # no rollback: replicas ignore it
+    Replicas(shared, clock, {"replica-1": None, "replica-2": None}, generation=9, serving=2)
+    with caplog.at_level(logging.WARNING):
+        state = coordinator(shared, builtin_dir, clock).read_state()
+    assert state.committed is not None and state.committed.version == 2 and state.generation >= 12
+    assert "v1" in caplog.text and "v2" in caplog.text
+
+
+def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_before_any_write(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock, tmp_path: Path) -> None:
+    c = coordinator(shared, builtin_dir, clock)
+    corrupt = c.store.publish_dir(tiny_dirs[2])
+    weights = c.store.path_of(corrupt.version) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("{}")
+    (notes / "README.md").write_text("no weights here")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
+    remote = tmp_path / "remote-code"
+    shutil.copytree(tiny_dirs[1], remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    Replicas(shared, clock, {"replica-1": "staged"}, generation=7)
+    write_sync_state(shared / "sync_state.json", SyncState(generation=7))
+    before = (shared / "sync_state.json").read_bytes()
+
+    for ref, error, message in [
+        (str(tmp_path / "missing"), BadModelRef, "does not exist"),
+        (str(notes), BadModelRef, "no model weights"),
+        (str(pickled), UnsafeModel, "LOCKSTEP_ALLOW_PICKLE"),
+        (str(remote), UnsafeModel, "LOCKSTEP_TRUST_REMOTE_CODE"),
+        ("versions/99", NotFound, "version 99 is not in the store"),
+        ("versions/../../etc", BadModelRef, "not a published version"),
+        (f"versions/{corrupt.version}", VerificationError, "model.safetensors has sha256"),
+        ("nobody/nothing-cached", NotFound, "offline"),
+    ]:
+        with pytest.raises(error, match=message):
+            c.publish(ref)
+    assert (shared / "sync_state.json").read_bytes() == before
+    assert [m.version for m in c.store.list()] == [corrupt.version]  # nothing new copied in
+    assert not (shared / "locks" / "coordinator.lease").exists()

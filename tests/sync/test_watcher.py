@@ -1,0 +1,120 @@
+"""The replica side of the protocol in one process: a real replica driven tick by tick from sync_state.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockstep.core.clock import FakeClock
+from lockstep.core.settings import Settings
+from lockstep.inference.replica import Replica
+from lockstep.store import ModelStore
+from lockstep.sync.protocol import Committed, SyncState, write_sync_state
+from lockstep.sync.watcher import SyncWatcher
+from tests.support.cluster import wait_for
+
+
+class Booted:
+    """A replica and its watcher over a shared folder that holds two published versions."""
+
+    def __init__(self, shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path]) -> None:
+        self.shared = shared
+        self.settings = Settings(shared_dir=shared, builtin_dir=builtin_dir, sync_state_file=None, hf_home=None,
+                                 hf_hub_offline=True, poll_interval_s=0.05, heartbeat_interval_s=0.2,
+                                 initial_model_repo_id="builtin:tiny", device="cpu", dtype="float32")
+        self.clock = FakeClock()
+        self.store = ModelStore(shared, clock=self.clock)
+        self.v1 = self.store.publish_dir(tiny_dirs[1])
+        self.v2 = self.store.publish_dir(tiny_dirs[2])
+        self.replica = Replica(self.settings, store=self.store, clock=self.clock)
+        self.watcher = SyncWatcher(self.replica, self.settings, store=self.store, clock=self.clock,
+                                   replica_id="replica-1", url=None)
+
+    @property
+    def path(self) -> Path:
+        return self.shared / "sync_state.json"
+
+
+@pytest.fixture(scope="module")
+def booted(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path, tiny_dirs: dict[int, Path]
+           ) -> Iterator[Booted]:
+    shared = tmp_path_factory.mktemp("watcher") / "shared"
+    shared.mkdir()
+    b = Booted(shared, builtin_dir, tiny_dirs)
+    yield b
+    b.replica.close()
+
+
+def test_a_booting_replica_loads_the_committed_version_and_is_ready_only_then(booted: Booted) -> None:
+    b = booted
+    write_sync_state(b.path, SyncState(generation=5, committed=Committed(
+        version=2, model="versions/000002", digest=b.v2.digest, activate_at=b.clock.time())))
+    b.watcher.tick()
+    assert not b.replica.ready  # loading, in the background
+    wait_for(lambda: b.replica.serving is not None, 60, 0.02, "the boot load")
+    b.watcher.tick()
+    assert b.replica.ready and b.replica.serving is not None
+    assert (b.replica.serving.version, b.replica.serving.model_ref) == (2, "versions/000002")
+    beat = json.loads((b.shared / "replicas" / "replica-1.json").read_text())
+    assert (beat["ready"], beat["serving"]["version"], beat["generation_seen"]) == (True, 2, 5)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"generation": 4}, "generation 4 is lower than 5"),
+    ({"generation": 6, "committed": {"version": 1, "model": "versions/000001"}}, "commits v1 below v2 without a rollback"),
+    ({"generation": 6, "committed": None}, "has no committed version but v2 was committed"),
+    ({"generation": 6, "committed": {"version": 1}}, "field 'committed.model'"),
+    ({"generation": "six"}, "field 'generation'"),
+    ({"generation": 6, "pending": {"version": 1, "model": "versions/000001", "phase": "later"}}, "field 'pending.phase'"),
+])
+def test_a_hand_written_state_is_ignored_with_its_reason_in_the_log(
+        booted: Booted, caplog: pytest.LogCaptureFixture, change: dict[str, Any], reason: str) -> None:
+    b = booted
+    good = json.loads(b.path.read_text())
+    assert good["generation"] == 5
+    b.path.write_text(json.dumps({**good, **change}))
+    try:
+        with caplog.at_level(logging.WARNING, logger="lockstep.sync.watcher"):
+            for _ in range(3):
+                b.watcher.tick()
+        assert reason in caplog.text and "keeping the last good state (generation 5)" in caplog.text
+        assert caplog.text.count(reason) == 1  # said once, not every poll
+        assert b.replica.ready and b.replica.serving is not None and b.replica.serving.version == 2
+        assert b.replica.stage_info is None  # nothing started either
+    finally:
+        b.path.write_text(json.dumps(good))
+        b.watcher.tick()
+
+
+def test_a_load_that_ends_after_a_newer_commit_leaves_the_replica_unready(
+        booted: Booted, builtin_dir: Path) -> None:
+    # A catch-up of v1 is still loading when v2 is committed: when it ends, the replica serves v1 but must not
+    # call itself ready, nor count v1 as committed (only a commit makes it change what it counts as committed).
+    from lockstep.inference.replica import default_engine_factory
+
+    release = threading.Event()
+
+    def slow_engine(loaded: Any, settings: Settings) -> Any:
+        release.wait(60)
+        return default_engine_factory(loaded, settings)
+
+    b = booted
+    replica = Replica(b.settings, store=b.store, clock=b.clock, engine_factory=slow_engine)
+    try:
+        replica.set_committed(1, b.v1.digest)
+        loading = threading.Thread(target=replica.boot, args=("versions/000001", 1, b.v1.digest))
+        loading.start()
+        replica.set_committed(2, b.v2.digest)  # the cluster moved on meanwhile
+        release.set()
+        loading.join(60)
+        assert replica.serving is not None and replica.serving.version == 1
+        assert replica.committed_version == 2 and not replica.ready
+    finally:
+        release.set()
+        replica.close()
