@@ -42,10 +42,17 @@ def machine() -> dict[str, Any]:
                 ram_kib = int(line.split()[1])
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(ram_kib / 2**20, 1),
-            "load_avg": [round(x, 2) for x in os.getloadavg()],
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram_kib / 2**20, 1),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+    }
 
 
 def ensure_models(names: Sequence[str]) -> dict[str, Path]:
@@ -64,9 +71,17 @@ def ensure_models(names: Sequence[str]) -> dict[str, Path]:
 
 def replica_env(threads: int | None, **extra: str) -> dict[str, str]:
     """The environment of a benchmarked replica: cached models, offline, no shared folder."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCKSTEP_", "INFERENCE_URLS", "SYNC_STATE"))}
-    env.update({"LOCKSTEP_BUILTIN_DIR": str(BENCH_MODELS), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LOCKSTEP_", "INFERENCE_URLS", "SYNC_STATE"))
+    }
+    env.update(
+        {
+            "LOCKSTEP_BUILTIN_DIR": str(BENCH_MODELS),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.update(extra)
@@ -77,8 +92,13 @@ def replica_env(threads: int | None, **extra: str) -> dict[str, str]:
 def replica(model: str, log_dir: Path, threads: int | None = None, **env: str) -> Iterator[Proc]:
     """``python -m lockstep serve --model MODEL`` on a free port; ready on yield, stopped on exit."""
     port = free_port()
-    proc = spawn(f"replica-{port}", ["--log-level", "warning", "serve", "--port", str(port), "--model", model],
-                 replica_env(threads, **env), log_dir, port)
+    proc = spawn(
+        f"replica-{port}",
+        ["--log-level", "warning", "serve", "--port", str(port), "--model", model],
+        replica_env(threads, **env),
+        log_dir,
+        port,
+    )
     try:
         wait_for(lambda: proc.ready() or not proc.alive(), 600, 0.2, f"replica serving {model}")
         if not proc.alive():

@@ -83,11 +83,11 @@ class FirstTokenTimer:
         pass
 
 
-def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int) -> Row:
-    """One request at a time through model.generate (greedy, fixed length)."""
+def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int, first: int = 0) -> Row:
+    """Requests ``first..first+n_requests-1``, one at a time through model.generate (greedy, fixed length)."""
     samples = []
     start = time.perf_counter()
-    for i in range(n_requests):
+    for i in range(first, first + n_requests):
         ids = torch.tensor([prompts[i % len(prompts)]], device=model.device)
         n = length(n_new, i)
         timer = FirstTokenTimer()
@@ -147,7 +147,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "llama", "hf"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads for both paths (0: torch's default). On a CPU shared "
+                        "with other busy processes, 1 avoids OpenMP barrier stalls that were measured to "
+                        "slow generate() 10-20x")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,15 +167,18 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens per request (mean)",
           flush=True)
 
-    in_thread(baseline, model, prompts, 4, 1)  # warm-up
+    in_thread(baseline, model, prompts, args.max_new_tokens, 2)  # warm-up (first calls pay one-time costs)
     # Half the baseline runs before the engine and half after, so a change in machine load during the
     # run (shared CPUs) does not favour either side.
     half = max(1, args.baseline_requests // 2)
     before = in_thread(baseline, model, prompts, args.max_new_tokens, half)
     print(f"baseline (first half) done: {before.tokens_per_s:.1f} tokens/s", flush=True)
     rows: list[Row] = []
+    # The KV cache is preallocated: size its context to this workload, not the model's maximum.
+    context = max(len(p) for p in prompts) + max(length(args.max_new_tokens, i) for i in range(8))
     engine = Engine(model, tokenizer, max_batch_size=max(levels), max_queue=max(256, max(levels)),
-                    backend=args.backend).start()
+                    max_context=context, backend=args.backend).start()
+    print(f"engine: backend {engine.backend}, KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", flush=True)
     try:
         engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
         spread = 0.0  # one lone request's latency once measured: arrivals spread over a request's lifetime
@@ -181,14 +190,14 @@ def main() -> None:
             print(f"concurrency {c} done: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
     finally:
         engine.close()
-    after = in_thread(baseline, model, prompts, args.max_new_tokens, half)
+    after = in_thread(baseline, model, prompts, args.max_new_tokens, half, half)
     print(f"baseline (second half) done: {after.tokens_per_s:.1f} tokens/s", flush=True)
     rows.insert(0, Row(before.mode, 1, before.samples + after.samples, before.wall_s + after.wall_s))
 
     base_tps = rows[0].tokens_per_s
     lone = [r for r in rows[1:] if r.concurrency == 1]
     lone_ttft = statistics.median(s.ttft_s for s in lone[0].samples) if lone else None
-    print(f"\nengine backend: {engine.backend}\n")
+    print()
     print("| path | concurrency | requests | tokens/s | speedup | p50 latency s | p99 latency s "
           "| p50 TTFT s | p99 TTFT s | TTFT p50 / lone |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

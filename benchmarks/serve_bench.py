@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from common import (  # type: ignore[import-not-found]
     PROMPTS,
     ensure_models,
@@ -69,10 +68,17 @@ class Level:
     def summary(self) -> dict[str, Any]:
         lat = [r.latency for r in self.results]
         ttft = [r.ttft for r in self.results]
-        return {"name": self.name, "concurrency": self.concurrency, "requests": len(self.results),
-                "tokens_per_s": self.tokens_per_s, "latency_p50_s": percentile(lat, 50),
-                "latency_p99_s": percentile(lat, 99), "ttft_p50_s": percentile(ttft, 50),
-                "ttft_p99_s": percentile(ttft, 99), "wall_s": self.wall_s}
+        return {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "requests": len(self.results),
+            "tokens_per_s": self.tokens_per_s,
+            "latency_p50_s": percentile(lat, 50),
+            "latency_p99_s": percentile(lat, 99),
+            "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99),
+            "wall_s": self.wall_s,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -103,9 +109,15 @@ def baseline(model_dir: Path, tokens: int, requests: int) -> Level:
         streamer = FirstToken()
         started = time.monotonic()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                 min_new_tokens=tokens, do_sample=False, streamer=streamer,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=tok.pad_token_id,
+            )
         ended = time.monotonic()
         n = out.shape[1] - ids.shape[1]
         assert n == tokens, f"baseline produced {n} tokens, not {tokens}"
@@ -114,16 +126,19 @@ def baseline(model_dir: Path, tokens: int, requests: int) -> Level:
     one(PROMPTS[0])  # warm-up
     started = time.monotonic()
     results = [one(PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
-    level = Level("transformers generate (sequential)", 1, results, time.monotonic() - started)
-    del model
-    gc.collect()
-    return level
+    return Level("transformers generate (sequential)", 1, results, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------------------------- HTTP load
 async def _stream_one(http: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.monotonic()
     first: float | None = None
     usage_tokens: int | None = None
@@ -171,8 +186,11 @@ def http_levels(url: str, model: str, name: str, args: argparse.Namespace) -> li
     for c in args.concurrency:
         requests = max(args.min_requests, c * args.requests_per_client)
         level = asyncio.run(_level(url, model, name, c, requests, args.tokens))
-        print(f"  {name} C={c}: {level.tokens_per_s:.1f} tok/s, "
-              f"TTFT p50 {percentile([r.ttft for r in level.results], 50) * 1000:.0f} ms", flush=True)
+        print(
+            f"  {name} C={c}: {level.tokens_per_s:.1f} tok/s, "
+            f"TTFT p50 {percentile([r.ttft for r in level.results], 50) * 1000:.0f} ms",
+            flush=True,
+        )
         levels.append(level)
     return levels
 
@@ -183,13 +201,31 @@ def transformers_serve(model_dir: Path, log_dir: Path, threads: int | None) -> I
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     log = open(log_dir / f"transformers-serve-{port}.log", "wb")
-    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1",
-                             "--device", "cpu", "--continuous-batching"], env=replica_env(threads),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--device",
+            "cpu",
+            "--continuous-batching",
+        ],
+        env=replica_env(threads),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: proc.poll() is not None or httpx.get(url + "/health", timeout=5).status_code == 200,
-                 600, 0.5, "transformers serve")
+        wait_for(
+            lambda: proc.poll() is not None or httpx.get(url + "/health", timeout=5).status_code == 200,
+            600,
+            0.5,
+            "transformers serve",
+        )
         if proc.poll() is not None:
             raise RuntimeError("transformers serve exited; see " + log.name)
         yield url
@@ -208,8 +244,12 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
     model_dir = ensure_models([name])[name]
     print(f"{size}: baseline ({args.baseline_requests} sequential requests)", flush=True)
     base = baseline(model_dir, args.tokens, args.baseline_requests)
-    print(f"  baseline: {base.tokens_per_s:.1f} tok/s, TTFT p50 "
-          f"{percentile([r.ttft for r in base.results], 50) * 1000:.0f} ms", flush=True)
+    gc.collect()  # the baseline's model goes before the servers start
+    print(
+        f"  baseline: {base.tokens_per_s:.1f} tok/s, TTFT p50 "
+        f"{percentile([r.ttft for r in base.results], 50) * 1000:.0f} ms",
+        flush=True,
+    )
     with replica(f"builtin:{name}", log_dir, args.threads) as proc:
         ours = http_levels(proc.url, "lockstep", "lockstep", args)
     theirs: list[Level] = []
@@ -219,44 +259,75 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
                 theirs = http_levels(url, str(model_dir), "transformers serve --continuous-batching", args)
         except Exception as exc:  # report it and go on: it is a comparison, not the subject
             print(f"  transformers serve failed: {exc}", flush=True)
-    lone_ttft = percentile([r.ttft for r in ours[0].results], 50) if ours and ours[0].concurrency == 1 else None
-    return {"size": size, "tokens": args.tokens, "baseline": base.summary(),
-            "lockstep": [lv.summary() for lv in ours], "transformers_serve": [lv.summary() for lv in theirs],
-            "lone_ttft_p50_s": lone_ttft}
+    lone_ttft = (
+        percentile([r.ttft for r in ours[0].results], 50) if ours and ours[0].concurrency == 1 else None
+    )
+    return {
+        "size": size,
+        "tokens": args.tokens,
+        "baseline": base.summary(),
+        "lockstep": [lv.summary() for lv in ours],
+        "transformers_serve": [lv.summary() for lv in theirs],
+        "lone_ttft_p50_s": lone_ttft,
+    }
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    rows = ["| model | server | clients | tok/s | × baseline | latency p50 / p99 | TTFT p50 / p99 | TTFT ÷ lone |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | server | clients | tok/s | × baseline | latency p50 / p99 | TTFT p50 / p99 "
+        "| TTFT ÷ lone |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         b = r["baseline"]
-        rows.append(f"| {r['size']} | transformers `generate`, sequential | 1 | {b['tokens_per_s']:.1f} | 1.00 "
-                    f"| {b['latency_p50_s'] * 1000:.0f} / {b['latency_p99_s'] * 1000:.0f} ms "
-                    f"| {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p99_s'] * 1000:.0f} ms | |")
-        for server, levels in (("lockstep", r["lockstep"]), ("transformers serve (CB)", r["transformers_serve"])):
+        rows.append(
+            f"| {r['size']} | transformers `generate`, sequential | 1 | {b['tokens_per_s']:.1f} | 1.00 "
+            f"| {b['latency_p50_s'] * 1000:.0f} / {b['latency_p99_s'] * 1000:.0f} ms "
+            f"| {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p99_s'] * 1000:.0f} ms | |"
+        )
+        for server, levels in (
+            ("lockstep", r["lockstep"]),
+            ("transformers serve (CB)", r["transformers_serve"]),
+        ):
             for lv in levels:
                 lone = r["lone_ttft_p50_s"]
                 ratio = f"{lv['ttft_p50_s'] / lone:.2f}" if lone and server == "lockstep" else ""
-                rows.append(f"| {r['size']} | {server} | {lv['concurrency']} | {lv['tokens_per_s']:.1f} "
-                            f"| {lv['tokens_per_s'] / b['tokens_per_s']:.2f} "
-                            f"| {lv['latency_p50_s'] * 1000:.0f} / {lv['latency_p99_s'] * 1000:.0f} ms "
-                            f"| {lv['ttft_p50_s'] * 1000:.0f} / {lv['ttft_p99_s'] * 1000:.0f} ms | {ratio} |")
+                rows.append(
+                    f"| {r['size']} | {server} | {lv['concurrency']} | {lv['tokens_per_s']:.1f} "
+                    f"| {lv['tokens_per_s'] / b['tokens_per_s']:.2f} "
+                    f"| {lv['latency_p50_s'] * 1000:.0f} / {lv['latency_p99_s'] * 1000:.0f} ms "
+                    f"| {lv['ttft_p50_s'] * 1000:.0f} / {lv['ttft_p99_s'] * 1000:.0f} ms | {ratio} |"
+                )
     return "\n".join(rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request (fixed)")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
     parser.add_argument("--baseline-requests", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the baseline and OMP_NUM_THREADS of the servers (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the baseline and OMP_NUM_THREADS of the servers (default: torch's)",
+    )
     parser.add_argument("--transformers-serve", action="store_true", help="also load `transformers serve`")
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every process measured ('' = the library's default, ACTIVE-ish); "
+        "PASSIVE keeps idle OpenMP threads from spinning, which on a shared machine costs 10-25x",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch loads OpenMP; children inherit it
     if args.threads:
         import torch
 
@@ -273,8 +344,13 @@ def main() -> None:
     print()
     print(markdown(results))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results},
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ sending greedy ``POST /generate`` requests back to back, and swap the model ``--
 Reported per size: failed requests; mislabelled answers (text not what the model named in the headers
 writes, or headers ≠ body); the longest gap between two successful answers before and during the swaps;
 p50/p99 latency of requests before the swaps vs requests in flight while a swap loads and flips; and the
-load time (``lockstep_model_load_duration_seconds``) against the flip itself (``lockstep_swap_duration_seconds``).
+load time (``lockstep_model_load_duration_seconds``) against the flip itself
+(``lockstep_swap_duration_seconds``).
 
     .venv/bin/python benchmarks/swap_bench.py --sizes tiny mid --swaps 10
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from common import (  # type: ignore[import-not-found]
     BENCH_MODELS,
     PROMPTS,
@@ -77,6 +78,17 @@ class Load:
         for t in self._threads:
             t.join(timeout=600)
 
+    def wait_answers(self, since: float, count: int, at_least_s: float = 0.0, timeout: float = 900) -> float:
+        """Block until ``count`` successful answers ended after ``since`` and ``at_least_s`` passed; now."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                done = sum(1 for r in self.records if r.ok and r.end >= since)
+            if done >= count and time.monotonic() >= since + at_least_s:
+                break
+            time.sleep(0.05)
+        return time.monotonic()
+
     def _run(self, client: int) -> None:
         n = 0
         with httpx.Client(base_url=self.url, timeout=600) as http:
@@ -85,17 +97,27 @@ class Load:
                 n += 1
                 start = time.monotonic()
                 try:
-                    r = http.post("/generate", json={"prompt": prompt, "max_new_tokens": self.max_new_tokens,
-                                                     "temperature": 0})
+                    r = http.post(
+                        "/generate",
+                        json={"prompt": prompt, "max_new_tokens": self.max_new_tokens, "temperature": 0},
+                    )
                 except httpx.HTTPError as exc:
                     rec = Record(start, time.monotonic(), prompt, False, error=repr(exc))
                 else:
                     end = time.monotonic()
                     if r.status_code == 200:
                         body = r.json()
-                        rec = Record(start, end, prompt, True, int(r.headers["x-model-version"]),
-                                     r.headers["x-model-repo-id"], body["model_version"], body["model_repo_id"],
-                                     body["text"])
+                        rec = Record(
+                            start,
+                            end,
+                            prompt,
+                            True,
+                            int(r.headers["x-model-version"]),
+                            r.headers["x-model-repo-id"],
+                            body["model_version"],
+                            body["model_repo_id"],
+                            body["text"],
+                        )
                     else:
                         rec = Record(start, end, prompt, False, error=f"{r.status_code} {r.text[:200]}")
                 with self._lock:
@@ -125,7 +147,7 @@ def wait_version(url: str, version: int, timeout: float = 900) -> None:
 def longest_gap(ends: list[float], start: float, stop: float) -> float:
     """Longest time without a successful answer inside [start, stop]."""
     points = [start] + sorted(e for e in ends if start <= e <= stop) + [stop]
-    return max(b - a for a, b in zip(points, points[1:]))
+    return max(b - a for a, b in zip(points, points[1:], strict=False))
 
 
 def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -139,7 +161,8 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
         load = Load(proc.url, args.clients, n)
         t_load = time.monotonic()
         load.start()
-        time.sleep(args.warmup_s + args.before_s)
+        warm = load.wait_answers(t_load, args.clients)  # every client past its first (cold) answer
+        load.wait_answers(warm, args.before_requests, args.before_s)
         before = metric_totals(proc.url)
         t_swaps = time.monotonic()
         swaps: list[Swap] = []
@@ -153,7 +176,7 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
             wait_version(proc.url, version)
             swaps.append(Swap(version, model, posted, time.monotonic()))
             print(f"  {size}: v{version} ({model}) served {swaps[-1].seen - posted:.1f}s after the POST")
-            time.sleep(args.settle_s)
+            load.wait_answers(swaps[-1].seen, args.clients, args.settle_s)  # serve a while before the next
         t_end = time.monotonic()
         after = metric_totals(proc.url)
         load.stop()
@@ -161,10 +184,15 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
     recs = load.records
     ok = [r for r in recs if r.ok]
     failed = [r for r in recs if not r.ok]
-    mislabelled = [r for r in ok if r.version != r.body_version or r.model != r.body_model
-                   or r.version not in models or models[r.version] != r.model
-                   or expected[r.model or ""][r.prompt] != r.text]
-    warm = t_load + args.warmup_s
+    mislabelled = [
+        r
+        for r in ok
+        if r.version != r.body_version
+        or r.model != r.body_model
+        or r.version not in models
+        or models[r.version] != r.model
+        or expected[r.model or ""][r.prompt] != r.text
+    ]
     lat_before = [r.end - r.start for r in ok if r.start >= warm and r.end <= t_swaps]
     in_swap = [r.end - r.start for r in ok if any(r.start < s.seen and r.end > s.posted for s in swaps)]
     ends = [r.end for r in ok]
@@ -174,14 +202,23 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
         return (after.get(f"{name}_sum", 0) - before.get(f"{name}_sum", 0)) / count if count else float("nan")
 
     return {
-        "size": size, "clients": args.clients, "max_new_tokens": n, "swaps": len(swaps),
-        "requests": len(recs), "failed": len(failed), "mislabelled": len(mislabelled),
-        "failed_examples": [asdict(r) for r in failed[:3]], "mislabelled_examples": [asdict(r) for r in mislabelled[:3]],
+        "size": size,
+        "clients": args.clients,
+        "max_new_tokens": n,
+        "swaps": len(swaps),
+        "requests": len(recs),
+        "failed": len(failed),
+        "mislabelled": len(mislabelled),
+        "failed_examples": [asdict(r) for r in failed[:3]],
+        "mislabelled_examples": [asdict(r) for r in mislabelled[:3]],
         "longest_gap_before_s": longest_gap(ends, warm, t_swaps),
         "longest_gap_during_s": longest_gap(ends, t_swaps, t_end),
-        "latency_before_p50_s": percentile(lat_before, 50), "latency_before_p99_s": percentile(lat_before, 99),
-        "latency_in_swap_p50_s": percentile(in_swap, 50), "latency_in_swap_p99_s": percentile(in_swap, 99),
-        "requests_before": len(lat_before), "requests_in_swap": len(in_swap),
+        "latency_before_p50_s": percentile(lat_before, 50),
+        "latency_before_p99_s": percentile(lat_before, 99),
+        "latency_in_swap_p50_s": percentile(in_swap, 50),
+        "latency_in_swap_p99_s": percentile(in_swap, 99),
+        "requests_before": len(lat_before),
+        "requests_in_swap": len(in_swap),
         "load_mean_s": delta_mean("lockstep_model_load_duration_seconds"),
         "flip_mean_s": delta_mean("lockstep_swap_duration_seconds"),
         "post_to_served_mean_s": sum(s.seen - s.posted for s in swaps) / len(swaps),
@@ -190,9 +227,11 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    rows = ["| model | requests | failed | mislabelled | longest gap before / during | p50 before / in swap "
-            "| p99 before / in swap | load (mean) | flip (mean) | POST → served (mean / max) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | requests | failed | mislabelled | longest gap before / during | p50 before / in swap "
+        "| p99 before / in swap | load (mean) | flip (mean) | POST → served (mean / max) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rows.append(
             f"| {r['size']} | {r['requests']} | {r['failed']} | {r['mislabelled']} "
@@ -200,22 +239,37 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {fmt_ms(r['latency_before_p50_s'])} / {fmt_ms(r['latency_in_swap_p50_s'])} "
             f"| {fmt_ms(r['latency_before_p99_s'])} / {fmt_ms(r['latency_in_swap_p99_s'])} "
             f"| {r['load_mean_s']:.2f} s | {r['flip_mean_s'] * 1000:.2f} ms "
-            f"| {r['post_to_served_mean_s']:.2f} s / {r['post_to_served_max_s']:.2f} s |")
+            f"| {r['post_to_served_mean_s']:.2f} s / {r['post_to_served_max_s']:.2f} s |"
+        )
     return "\n".join(rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, each back to back")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--warmup-s", type=float, default=3.0, help="load before measuring (seconds)")
-    parser.add_argument("--before-s", type=float, default=10.0, help="measured load before the first swap")
-    parser.add_argument("--settle-s", type=float, default=2.0, help="load between a flip and the next swap")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the replica (default: torch's)")
+    parser.add_argument("--before-requests", type=int, default=32, help="answers measured before the swaps")
+    parser.add_argument("--before-s", type=float, default=10.0, help="and at least this long (seconds)")
+    parser.add_argument(
+        "--settle-s", type=float, default=2.0, help="after a flip: CLIENTS answers and at least this long"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS of the replica (default: torch's)"
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of every process measured ('' = the library's default, ACTIVE-ish); "
+        "PASSIVE keeps idle OpenMP threads from spinning, which on a shared machine costs 10-25x",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch loads OpenMP; children inherit it
 
     info = machine()
     print(f"machine: {info}")
@@ -228,8 +282,13 @@ def main() -> None:
     print()
     print(markdown(results))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results},
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ class PodNetwork:
     @staticmethod
     def _free_subnet() -> ipaddress.IPv4Network:
         used = _ip("-4", "-o", "addr", "show").stdout + _ip("-4", "route", "show", "table", "all").stdout
-        taken = [ipaddress.ip_network(m, strict=False) for m in re.findall(r"\b\d+\.\d+\.\d+\.\d+(?:/\d+)?", used)]
+        found = re.findall(r"\b\d+\.\d+\.\d+\.\d+(?:/\d+)?", used)
+        taken = [ipaddress.ip_network(m, strict=False) for m in found]
         candidates = list(ipaddress.ip_network("10.200.0.0/13").subnets(new_prefix=24))
         random.shuffle(candidates)
         for net in candidates:
@@ -206,7 +207,8 @@ class Probe:
         port = get["port"]
         if isinstance(port, str):
             if port not in ports:
-                raise UnsupportedManifest(f"{kind}Probe names port {port!r}; the container has {sorted(ports)}")
+                raise UnsupportedManifest(f"{kind}Probe names port {port!r}; the container has "
+                                          f"{sorted(ports)}")
             port = ports[port]
         # Kubernetes' defaults: period 10 s, timeout 1 s, failure 3, success 1, delay 0.
         return cls(kind, get.get("path", "/"), int(port), float(spec.get("periodSeconds", 10)),
@@ -378,8 +380,11 @@ class Kubelet:
     """Runs Deployments from parsed manifests on this machine, one network namespace per pod."""
 
     def __init__(self, objects: list[Doc], root: Path, *, claims: dict[str, Path], network: PodNetwork,
-                 namespace: str = "lockstep", image_env: dict[str, str] | None = None, seed: int = 0) -> None:
+                 namespace: str = "lockstep", image_env: dict[str, str] | None = None,
+                 env_overrides: dict[str, dict[str, str]] | None = None, seed: int = 0) -> None:
         self.root = root
+        # Deployment -> variables set after the manifest's own: each one is a translation the caller states.
+        self.env_overrides = env_overrides or {}
         self.namespace = namespace
         self.network = network
         self.config_maps = _objects_by_kind(objects, "ConfigMap")
@@ -388,7 +393,8 @@ class Kubelet:
         pvcs = _objects_by_kind(objects, "PersistentVolumeClaim")
         missing = set(claims) - set(pvcs)
         if missing:
-            raise UnsupportedManifest(f"claims {sorted(missing)} are not PersistentVolumeClaims in the manifests")
+            raise UnsupportedManifest(f"claims {sorted(missing)} are not PersistentVolumeClaims in the "
+                                      "manifests")
         self.claims = claims
         self.image_env = image_env if image_env is not None else default_image_env()
         self.pods: list[Pod] = []
@@ -449,7 +455,8 @@ class Kubelet:
             if svc.cluster_ip:
                 lines.append(f"{svc.cluster_ip}\t{names}")
             else:  # headless: one A record per endpoint; ready ones only unless publishNotReadyAddresses
-                lines += [f"{p.ip}\t{names}" for p in self._members(svc, ready_only=not svc.publish_not_ready)]
+                members = self._members(svc, ready_only=not svc.publish_not_ready)
+                lines += [f"{p.ip}\t{names}" for p in members]
         return "\n".join(lines) + "\n"
 
     def dns_names(self, service: str) -> list[str]:
@@ -467,9 +474,8 @@ class Kubelet:
                     f.write(self._hosts_text(pod))
                 resolv = etc / "resolv.conf"
                 if not resolv.exists():  # search path as in a pod; no name server (names come from hosts)
-                    ns = self.namespace
-                    resolv.write_text(f"search {ns}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\n"
-                                      "options ndots:5\n")
+                    ns, domain = self.namespace, CLUSTER_DOMAIN
+                    resolv.write_text(f"search {ns}.svc.{domain} svc.{domain} {domain}\noptions ndots:5\n")
 
     # -------------------------------------------------------------------- environment
     def _config_value(self, ref: dict[str, Any], what: str) -> str | None:
@@ -511,7 +517,7 @@ class Kubelet:
                 ref = source["configMapRef"]
                 data = (self.config_maps.get(ref["name"]) or {}).get("data")
                 if data is None and not ref.get("optional", False):
-                    raise UnsupportedManifest(f"envFrom ConfigMap {ref['name']} does not exist in the manifests")
+                    raise UnsupportedManifest(f"envFrom ConfigMap {ref['name']} is not in the manifests")
                 env.update({prefix + k: str(v) for k, v in (data or {}).items()})
             elif "secretRef" in source:
                 ref = source["secretRef"]
@@ -531,7 +537,7 @@ class Kubelet:
                     what = "configMapKeyRef" if "configMapKeyRef" in source else "secretKeyRef"
                     value = self._config_value(source[what], what)
                 else:
-                    raise UnsupportedManifest(f"env {var['name']}: valueFrom {sorted(source)} is not supported")
+                    raise UnsupportedManifest(f"env {var['name']}: valueFrom {sorted(source)} is unsupported")
             if value is not None:
                 declared[var["name"]] = value
         env.update(declared)
@@ -589,7 +595,7 @@ class Kubelet:
         pod = Pod(name, self.namespace, deployment, labels, ip, ns, spec, self._volumes(pod_dir, spec),
                   pod_dir / f"{container['name']}.log")
         pod.ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports") or [] if "name" in p}
-        pod.env = self.container_env(pod, container)
+        pod.env = {**self.container_env(pod, container), **self.env_overrides.get(deployment, {})}
         pod.argv = self._command(container, pod.env)
         # The image's WORKDIR is /tmp, which is the pod's /tmp emptyDir.
         pod.cwd = Path(self._host_path(pod, container, "/tmp"))
@@ -635,8 +641,8 @@ class Kubelet:
             status, body = answer.status_code, answer.text[:1000]
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
-        result = ProbeResult(pod.name, pod.restart_count, probe.kind, probe.path, probe.port, time.monotonic(),
-                             status, error, body)
+        result = ProbeResult(pod.name, pod.restart_count, probe.kind, probe.path, probe.port,
+                             time.monotonic(), status, error, body)
         with pod.lock:
             pod.results.append(result)
         return result
@@ -759,15 +765,17 @@ class Kubelet:
                     raise AssertionError(f"{pod.name} was restarted:\n{self.describe(pod)}")
             time.sleep(0.1)
         laggards = [p for p in pods if not p.ready]
-        raise AssertionError("not Ready after %.0fs:\n%s" % (timeout_s, "\n".join(self.describe(p) for p in laggards)))
+        details = "\n".join(self.describe(p) for p in laggards)
+        raise AssertionError(f"not Ready after {timeout_s:.0f}s:\n{details}")
 
     def describe(self, pod: Pod) -> str:
         """``kubectl describe pod`` and ``kubectl logs``, briefly."""
         with pod.lock:
             last = pod.results[-6:]
         probes = "\n".join(f"  {r.kind} {r.path}:{r.port} -> {r.status or r.error}" for r in last)
-        return (f"pod {pod.name} ip={pod.ip} started={pod.started} ready={pod.ready} restarts={pod.restart_count} "
-                f"alive={pod.alive()}\nlast probes:\n{probes}\nlog tail:\n{pod.log()}")
+        return (f"pod {pod.name} ip={pod.ip} started={pod.started} ready={pod.ready} "
+                f"restarts={pod.restart_count} alive={pod.alive()}\nlast probes:\n{probes}\n"
+                f"log tail:\n{pod.log()}")
 
     def all_pods(self) -> Iterator[Pod]:
         with self._lock:

@@ -34,8 +34,9 @@ def reference_text(model_dir: Path, prompt: str, n: int = MAX_NEW, chat: bool = 
     forward pass (whole sequence each step, no cache, no batching), decoded with its tokenizer."""
     model, tok = _model(model_dir)
     if chat:
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True)
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
     else:
         ids = list(tok(prompt)["input_ids"])
@@ -68,8 +69,14 @@ def builtin_seed(model_ref: str) -> int:
 
 def replica_settings(builtin_dir: Path, **overrides: Any) -> Settings:
     """Settings of an in-process replica: the session's built-in models, offline, CPU, no shared folder."""
-    base: dict[str, Any] = {"builtin_dir": builtin_dir, "hf_hub_offline": True, "device": "cpu",
-                            "shared_dir": None, "replica_id": "test-replica", "api_token": None}
+    base: dict[str, Any] = {
+        "builtin_dir": builtin_dir,
+        "hf_hub_offline": True,
+        "device": "cpu",
+        "shared_dir": None,
+        "replica_id": "test-replica",
+        "api_token": None,
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -89,7 +96,9 @@ class Served:
 
 
 @contextmanager
-def served(settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready: bool = True) -> Iterator[Served]:
+def served(
+    settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready: bool = True
+) -> Iterator[Served]:
     """Run ``create_app(settings)`` under uvicorn in a thread; stop it (and its engines) on exit.
 
     Torch runs one thread meanwhile, as child replicas do (OMP_NUM_THREADS=1 in ``base_env``): a tiny model
@@ -99,8 +108,9 @@ def served(settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready
     torch.set_num_threads(1)
     port = free_port()
     app = create_app(settings, runtime=runtime)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     srv = Served(f"http://127.0.0.1:{port}", app)
@@ -116,7 +126,9 @@ def served(settings: Settings, runtime: ReplicaRuntime | None = None, wait_ready
 
 
 def wait_ready_200(url: str, timeout: float = BOOT_S) -> None:
-    wait_for(lambda: httpx.get(url + "/ready", timeout=5).status_code == 200, timeout, 0.05, f"{url}/ready 200")
+    wait_for(
+        lambda: httpx.get(url + "/ready", timeout=5).status_code == 200, timeout, 0.05, f"{url}/ready 200"
+    )
 
 
 def wait_serving(url: str, version: int, timeout: float = SWAP_S) -> dict[str, Any]:
@@ -138,13 +150,16 @@ def wait_stage_failed(url: str, timeout: float = SWAP_S) -> dict[str, Any]:
 
 
 def generate(url: str, prompt: str, n: int = MAX_NEW, **extra: Any) -> httpx.Response:
-    return httpx.post(url + "/generate", json={"prompt": prompt, "max_new_tokens": n, "temperature": 0, **extra},
-                      timeout=120)
+    return httpx.post(
+        url + "/generate",
+        json={"prompt": prompt, "max_new_tokens": n, "temperature": 0, **extra},
+        timeout=120,
+    )
 
 
 @contextmanager
 def replica_process(builtin_dir: Path, log_dir: Path, **env: str) -> Iterator[Proc]:
-    """``python -m lockstep serve`` with the session's built-in models and no shared folder; ready on yield."""
+    """``python -m lockstep serve`` with the session's built-in models, no shared folder; ready on yield."""
     port = free_port()
     proc = spawn("replica", ["serve", "--port", str(port)], base_env(builtin_dir, **env), log_dir, port)
     try:

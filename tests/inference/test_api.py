@@ -1,4 +1,4 @@
-"""The replica's seed-compatible HTTP API: refusals that say what is wrong, probes, /status, auth, /metrics."""
+"""The replica's seed-compatible HTTP API: refusals that say what is wrong, probes, status, auth, metrics."""
 
 from __future__ import annotations
 
@@ -61,16 +61,38 @@ BAD_GENERATE: list[tuple[str, Any, tuple[str, ...]]] = [
     ("missing prompt", {"max_new_tokens": 4}, ("prompt is required",)),
     ("prompt not a string", {"prompt": 5}, ("prompt", "string")),
     ("empty prompt", {"prompt": ""}, ("prompt", "at least 1 character")),
-    ("prompt over the limit", {"prompt": "a" * (PROMPT_LIMIT + 1)},
-     (f"{PROMPT_LIMIT + 1} characters", f"limit is {PROMPT_LIMIT}", "LOCKSTEP_MAX_PROMPT_CHARS")),
+    (
+        "prompt over the limit",
+        {"prompt": "a" * (PROMPT_LIMIT + 1)},
+        (f"{PROMPT_LIMIT + 1} characters", f"limit is {PROMPT_LIMIT}", "LOCKSTEP_MAX_PROMPT_CHARS"),
+    ),
     ("max_new_tokens a string", {"prompt": "hi", "max_new_tokens": "8"}, ("max_new_tokens", "integer")),
     ("max_new_tokens a float", {"prompt": "hi", "max_new_tokens": 8.5}, ("max_new_tokens", "integer")),
-    ("negative max_new_tokens", {"prompt": "hi", "max_new_tokens": -1}, ("max_new_tokens", "greater than or equal to 1")),
-    ("zero max_new_tokens", {"prompt": "hi", "max_new_tokens": 0}, ("max_new_tokens", "greater than or equal to 1")),
-    ("oversized max_new_tokens", {"prompt": "hi", "max_new_tokens": 5000},
-     ("max_new_tokens=5000", "1024", "LOCKSTEP_MAX_NEW_TOKENS_LIMIT")),
-    ("temperature too high", {"prompt": "hi", "temperature": 2.5}, ("temperature", "less than or equal to 2")),
-    ("negative temperature", {"prompt": "hi", "temperature": -0.1}, ("temperature", "greater than or equal to 0")),
+    (
+        "negative max_new_tokens",
+        {"prompt": "hi", "max_new_tokens": -1},
+        ("max_new_tokens", "greater than or equal to 1"),
+    ),
+    (
+        "zero max_new_tokens",
+        {"prompt": "hi", "max_new_tokens": 0},
+        ("max_new_tokens", "greater than or equal to 1"),
+    ),
+    (
+        "oversized max_new_tokens",
+        {"prompt": "hi", "max_new_tokens": 5000},
+        ("max_new_tokens=5000", "1024", "LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
+    ),
+    (
+        "temperature too high",
+        {"prompt": "hi", "temperature": 2.5},
+        ("temperature", "less than or equal to 2"),
+    ),
+    (
+        "negative temperature",
+        {"prompt": "hi", "temperature": -0.1},
+        ("temperature", "greater than or equal to 0"),
+    ),
     ("boolean temperature", {"prompt": "hi", "temperature": True}, ("temperature", "not a boolean")),
     ("top_p out of range", {"prompt": "hi", "top_p": 0}, ("top_p", "greater than 0")),
     ("unknown field", {"prompt": "hi", "max_tokens": 4}, ("max_tokens is not a supported field",)),
@@ -80,7 +102,8 @@ BAD_GENERATE: list[tuple[str, Any, tuple[str, ...]]] = [
 
 @pytest.mark.parametrize(("case", "body", "says"), BAD_GENERATE, ids=[c[0] for c in BAD_GENERATE])
 def test_bad_generate_input_is_a_400_that_says_what_is_wrong(
-        api: Served, expected: dict[int, dict[str, str]], case: str, body: Any, says: tuple[str, ...]) -> None:
+    api: Served, expected: dict[int, dict[str, str]], case: str, body: Any, says: tuple[str, ...]
+) -> None:
     if isinstance(body, bytes):
         r = httpx.post(api.url + "/generate", content=body, headers={"content-type": "application/json"})
     else:
@@ -92,7 +115,8 @@ def test_bad_generate_input_is_a_400_that_says_what_is_wrong(
 
 
 def test_generate_answers_with_the_version_in_headers_and_body(
-        api: Served, expected: dict[int, dict[str, str]]) -> None:
+    api: Served, expected: dict[int, dict[str, str]]
+) -> None:
     r = generate(api.url, PROMPTS[1])
     assert r.status_code == 200
     body = r.json()
@@ -123,7 +147,8 @@ BAD_REFS: list[tuple[str, str, tuple[str, ...]]] = [
 
 @pytest.mark.parametrize(("case", "ref", "says"), BAD_REFS, ids=[c[0] for c in BAD_REFS])
 def test_bad_model_reference_is_refused_before_anything_loads(
-        api: Served, expected: dict[int, dict[str, str]], case: str, ref: str, says: tuple[str, ...]) -> None:
+    api: Served, expected: dict[int, dict[str, str]], case: str, ref: str, says: tuple[str, ...]
+) -> None:
     message = error_of(httpx.post(api.url + "/update-model", json={"model_repo_id": ref}), 400)
     for part in says:
         assert part in message, f"{case}: {message!r} does not say {part!r}"
@@ -132,15 +157,21 @@ def test_bad_model_reference_is_refused_before_anything_loads(
     still_serves(api, expected)
 
 
-@pytest.mark.parametrize(("body", "says"), [({}, "model_repo_id is required"),
-                                            ({"model_repo_id": ""}, "model_repo_id"),
-                                            ({"model_repo_id": 7}, "model_repo_id")])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({}, "model_repo_id is required"),
+        ({"model_repo_id": ""}, "model_repo_id"),
+        ({"model_repo_id": 7}, "model_repo_id"),
+    ],
+)
 def test_update_model_body_is_validated(api: Served, body: dict[str, Any], says: str) -> None:
     assert says in error_of(httpx.post(api.url + "/update-model", json=body), 400)
 
 
 def test_pickle_only_model_is_refused_with_how_to_opt_in(
-        api: Served, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]) -> None:
+    api: Served, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
+) -> None:
     folder = _model_dir(tiny_dirs[1], tmp_path / "pickled")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     message = error_of(httpx.post(api.url + "/update-model", json={"model_repo_id": str(folder)}), 400)
@@ -149,7 +180,8 @@ def test_pickle_only_model_is_refused_with_how_to_opt_in(
 
 
 def test_remote_code_model_is_refused_with_how_to_opt_in(
-        api: Served, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]) -> None:
+    api: Served, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
+) -> None:
     folder = _model_dir(tiny_dirs[1], tmp_path / "remote")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
@@ -160,12 +192,19 @@ def test_remote_code_model_is_refused_with_how_to_opt_in(
 
 
 def test_repo_missing_from_the_offline_cache_fails_in_status_and_keeps_serving(
-        api: Served, expected: dict[int, dict[str, str]]) -> None:
+    api: Served, expected: dict[int, dict[str, str]]
+) -> None:
     before = api.status()
     r = httpx.post(api.url + "/update-model", json={"model_repo_id": "org/absent-model"})
-    assert r.status_code == 202, r.text  # whether a repo exists is known only once the (background) download runs
-    st = wait_for(lambda: (s := api.status())["staged"] and s["staged"]["state"] == "failed" and s, 60, 0.05,
-                  "the stage to fail")
+    assert r.status_code == 202, (
+        r.text
+    )  # whether a repo exists is known only once the (background) download runs
+    st = wait_for(
+        lambda: (s := api.status())["staged"] and s["staged"]["state"] == "failed" and s,
+        60,
+        0.05,
+        "the stage to fail",
+    )
     assert "org/absent-model" in st["last_error"] and "offline" in st["last_error"]
     assert st["serving_version"] == before["serving_version"] and st["ready"] and not st["updating"]
     still_serves(api, expected)
@@ -206,9 +245,12 @@ def test_healthz_and_ready_while_the_model_loads(builtin_dir: Path) -> None:
 def test_mutating_endpoints_need_the_bearer_token(builtin_dir: Path) -> None:
     token = "s3cret-token"
     with served(replica_settings(builtin_dir, api_token=token)) as srv:
-        for path, body in (("/update-model", {"model_repo_id": "builtin:tiny-s1"}),
-                           ("/admin/stage", {"model": "builtin:tiny-s1", "version": 5}),
-                           ("/admin/commit", {"version": 5}), ("/admin/abort", {})):
+        for path, body in (
+            ("/update-model", {"model_repo_id": "builtin:tiny-s1"}),
+            ("/admin/stage", {"model": "builtin:tiny-s1", "version": 5}),
+            ("/admin/commit", {"version": 5}),
+            ("/admin/abort", {}),
+        ):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
                 r = httpx.post(srv.url + path, json=body, headers=headers)
                 assert "LOCKSTEP_API_TOKEN" in error_of(r, 401), (path, headers)
@@ -216,8 +258,11 @@ def test_mutating_endpoints_need_the_bearer_token(builtin_dir: Path) -> None:
         assert srv.status()["staged"] is None and srv.status()["serving_version"] == 0
         # Reading and generating need no token.
         assert generate(srv.url, PROMPTS[0], n=1).status_code == 200
-        r = httpx.post(srv.url + "/update-model", json={"model_repo_id": "builtin:tiny-s1"},
-                       headers={"Authorization": f"Bearer {token}"})
+        r = httpx.post(
+            srv.url + "/update-model",
+            json={"model_repo_id": "builtin:tiny-s1"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert r.status_code == 202 and r.json()["version"] == 1
         wait_serving(srv.url, 1)
 
@@ -256,10 +301,32 @@ def test_metrics_parse_and_count_what_happened(api: Served) -> None:
     assert delta("lockstep_request_latency_seconds_sum", endpoint="/generate") > 0
     assert delta("lockstep_time_to_first_token_seconds_count") == requests
     assert _value(after, "lockstep_serving_version") == 0
-    assert _value(after, "lockstep_staged_version") == -1 and _value(after, "lockstep_committed_version") == -1
+    assert (
+        _value(after, "lockstep_staged_version") == -1 and _value(after, "lockstep_committed_version") == -1
+    )
     assert _value(after, "lockstep_ready") == 1
     assert _value(after, "lockstep_queue_capacity") == QUEUE
     assert _value(after, "lockstep_queue_depth") == 0 and _value(after, "lockstep_running_batch_size") == 0
     assert _value(after, "lockstep_tokens_per_second") > 0
     assert _value(after, "lockstep_model_load_duration_seconds_count") >= 1
     assert _value(after, "lockstep_rejected_requests_total") == 0
+
+
+def test_failed_boot_is_reported_and_an_update_recovers(
+    builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
+) -> None:
+    corrupt = _model_dir(tiny_dirs[1], tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x00not safetensors" * 8)
+    with served(replica_settings(builtin_dir, initial_model_repo_id=str(corrupt)), wait_ready=False) as srv:
+        st = wait_for(lambda: (s := srv.status())["state"] == "failed" and s, 60, 0.05, "the boot to fail")
+        assert not st["ready"] and not st["loading"] and st["serving_version"] is None
+        assert str(corrupt) in st["last_error"] and "could not load" in st["last_error"]
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        assert generate(srv.url, PROMPTS[0]).status_code == 503
+        r = httpx.post(srv.url + "/update-model", json={"model_repo_id": "builtin:tiny"})
+        assert r.status_code == 202, r.text
+        wait_ready_200(srv.url)
+        r = generate(srv.url, PROMPTS[0])
+        assert r.headers["x-model-version"] == str(r.json()["model_version"]) == "1"
+        assert r.json()["text"] == expected[0][PROMPTS[0]]

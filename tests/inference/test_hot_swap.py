@@ -60,16 +60,25 @@ def client_loop(url: str, client: int, stop: threading.Event) -> list[Answer]:
                 break
             prompt = PROMPTS[(client + seq) % len(PROMPTS)]
             try:
-                r = http.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW, "temperature": 0})
+                r = http.post(
+                    "/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW, "temperature": 0}
+                )
             except httpx.HTTPError as exc:
                 answers.append(Answer(client, seq, prompt, 0, error=repr(exc)))
                 continue
             version = r.headers.get("x-model-version")
-            answers.append(Answer(client, seq, prompt, r.status_code,
-                                  header_version=int(version) if version is not None else None,
-                                  header_ref=r.headers.get("x-model-repo-id"),
-                                  body=r.json() if r.status_code == 200 else None,
-                                  error=None if r.status_code == 200 else r.text))
+            answers.append(
+                Answer(
+                    client,
+                    seq,
+                    prompt,
+                    r.status_code,
+                    header_version=int(version) if version is not None else None,
+                    header_ref=r.headers.get("x-model-repo-id"),
+                    body=r.json() if r.status_code == 200 else None,
+                    error=None if r.status_code == 200 else r.text,
+                )
+            )
     return answers
 
 
@@ -79,7 +88,8 @@ def update(url: str, model: str) -> httpx.Response:
 
 @pytest.mark.e2e
 def test_swaps_under_load_fail_nothing_and_label_every_answer(
-        builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]) -> None:
+    builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
+) -> None:
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_dirs[2], corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 8)
@@ -133,7 +143,9 @@ def test_swaps_under_load_fail_nothing_and_label_every_answer(
     for a in answers:
         assert a.body is not None and a.header_version is not None and a.header_ref is not None
         assert a.body["model_version"] == a.header_version and a.body["model_repo_id"] == a.header_ref, a
-        assert models[a.header_version] == a.header_ref, f"v{a.header_version} is {models[a.header_version]}: {a}"
+        assert models[a.header_version] == a.header_ref, (
+            f"v{a.header_version} is {models[a.header_version]}: {a}"
+        )
         assert a.body["text"] == expected[builtin_seed(a.header_ref)][a.prompt], f"mislabelled answer {a}"
     for client in range(CLIENTS):
         seen = [a.header_version for a in sorted(answers, key=lambda a: a.seq) if a.client == client]
@@ -157,12 +169,15 @@ def _collected(ref: Callable[[], Any]) -> bool:
 
 
 def test_old_model_lives_until_its_last_request_then_is_freed(
-        builtin_dir: Path, expected: dict[int, dict[str, str]]) -> None:
+    builtin_dir: Path, expected: dict[int, dict[str, str]]
+) -> None:
     with served(replica_settings(builtin_dir, max_batch_size=2)) as srv:
         replica = srv.runtime.replica
         with replica.pinned() as slot:  # a request admitted on v0 just before the flip
             old_model = weakref.ref(slot.loaded.model)
-            handle = slot.engine.submit(slot.tokenizer(PROMPTS[1])["input_ids"], SamplingParams(max_new_tokens=MAX_NEW))
+            handle = slot.engine.submit(
+                slot.tokenizer(PROMPTS[1])["input_ids"], SamplingParams(max_new_tokens=MAX_NEW)
+            )
             assert update(srv.url, "builtin:tiny-s1").status_code == 202
             wait_serving(srv.url, 1)
             r = generate(srv.url, PROMPTS[0])  # new requests already get v1
@@ -176,7 +191,8 @@ def test_old_model_lives_until_its_last_request_then_is_freed(
 
 
 def test_ten_swaps_free_every_old_model_and_memory_stays_flat(
-        builtin_dir: Path, expected: dict[int, dict[str, str]]) -> None:
+    builtin_dir: Path, expected: dict[int, dict[str, str]]
+) -> None:
     with served(replica_settings(builtin_dir, max_batch_size=2)) as srv:
         replica = srv.runtime.replica
         assert replica.serving is not None
@@ -190,9 +206,14 @@ def test_ten_swaps_free_every_old_model_and_memory_stays_flat(
             assert update(srv.url, f"builtin:tiny-s{seed}").status_code == 202
             wait_serving(srv.url, version)
             r = generate(srv.url, PROMPTS[3])
-            assert r.headers["x-model-version"] == str(version) and r.json()["text"] == expected[seed][PROMPTS[3]]
+            assert (
+                r.headers["x-model-version"] == str(version)
+                and r.json()["text"] == expected[seed][PROMPTS[3]]
+            )
             if version in (3, 10):
                 wait_for(lambda: all(_collected(m) for m in old_models), 60, 0.05, "old models freed")
                 rss[version] = _rss_bytes()
         # One leaked slot per swap would add 7 slots between swap 3 and swap 10.
-        assert rss[10] - rss[3] < 3 * slot_bytes, f"RSS grew {(rss[10] - rss[3]) / 2**20:.0f} MiB over 7 swaps"
+        assert rss[10] - rss[3] < 3 * slot_bytes, (
+            f"RSS grew {(rss[10] - rss[3]) / 2**20:.0f} MiB over 7 swaps"
+        )

@@ -39,13 +39,18 @@ def srv(builtin_dir: Path) -> Iterator[Served]:
 
 def _pauses(url: str) -> tuple[float, float]:
     """(count, sum in seconds) of lockstep_inplace_pause_seconds."""
-    samples = {s.name: s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-               for s in f.samples if s.name.startswith("lockstep_inplace_pause_seconds")}
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        for s in f.samples
+        if s.name.startswith("lockstep_inplace_pause_seconds")
+    }
     return samples["lockstep_inplace_pause_seconds_count"], samples["lockstep_inplace_pause_seconds_sum"]
 
 
 def test_inplace_updates_under_load_label_every_answer(
-        srv: Served, builtin_dir: Path, expected: dict[int, dict[str, str]]) -> None:
+    srv: Served, builtin_dir: Path, expected: dict[int, dict[str, str]]
+) -> None:
     replica = srv.runtime.replica
     assert replica.serving is not None
     live = replica.serving.loaded
@@ -67,7 +72,11 @@ def test_inplace_updates_under_load_label_every_answer(
     assert answers and all(a.status == 200 for a in answers), [a for a in answers if a.status != 200][:3]
     assert len({a.header_version for a in answers}) >= 3, "the load did not span several updates"
     for a in answers:
-        assert a.body is not None and a.body["model_version"] == a.header_version and models[a.header_version] == a.header_ref
+        assert (
+            a.body is not None
+            and a.body["model_version"] == a.header_version
+            and models[a.header_version] == a.header_ref
+        )
         assert a.body["text"] == expected[builtin_seed(a.header_ref)][a.prompt], f"mislabelled answer {a}"
     for client in range(3):
         seen = [a.header_version for a in sorted(answers, key=lambda a: a.seq) if a.client == client]
@@ -75,7 +84,9 @@ def test_inplace_updates_under_load_label_every_answer(
 
     count, seconds = _pauses(srv.url)
     assert count == len(UPDATES) and seconds > 0
-    assert replica.serving is not None and replica.serving.loaded is live  # the same model object: no second copy
+    assert (
+        replica.serving is not None and replica.serving.loaded is live
+    )  # the same model object: no second copy
     settings = replica_settings(builtin_dir)
     fresh = loader.load(loader.resolve("builtin:tiny", settings), settings)
     assert srv.status()["weights_digest"] == fresh.weights_digest  # the copied weights are exactly tiny-s0's
@@ -97,19 +108,31 @@ def _other_architecture(dest: Path, tokenizer_from: Path, **changes: Any) -> Pat
     return dest
 
 
-@pytest.mark.parametrize("changes", [{"hidden_size": 128, "intermediate_size": 344}, {"num_hidden_layers": 5},
-                                     {"rms_norm_eps": 1e-3}], ids=["hidden-size", "more-layers", "norm-eps"])
+@pytest.mark.parametrize(
+    "changes",
+    [{"hidden_size": 128, "intermediate_size": 344}, {"num_hidden_layers": 5}, {"rms_norm_eps": 1e-3}],
+    ids=["hidden-size", "more-layers", "norm-eps"],
+)
 def test_other_architecture_is_refused_naming_swap_mode(
-        srv: Served, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]],
-        changes: dict[str, Any]) -> None:
+    srv: Served,
+    tiny_dirs: dict[int, Path],
+    tmp_path: Path,
+    expected: dict[int, dict[str, str]],
+    changes: dict[str, Any],
+) -> None:
     before = srv.status()
     folder = _other_architecture(tmp_path / "other", tiny_dirs[0], **changes)
     r = httpx.post(srv.url + "/update-model", json={"model_repo_id": str(folder)})
     assert r.status_code == 202, r.text
     st = wait_stage_failed(srv.url)
-    assert "same architecture" in st["staged"]["error"] and "LOCKSTEP_UPDATE_MODE=swap" in st["staged"]["error"]
+    assert (
+        "same architecture" in st["staged"]["error"] and "LOCKSTEP_UPDATE_MODE=swap" in st["staged"]["error"]
+    )
     assert "LOCKSTEP_UPDATE_MODE=swap" in st["last_error"]
-    assert st["serving_version"] == before["serving_version"] and st["weights_digest"] == before["weights_digest"]
+    assert (
+        st["serving_version"] == before["serving_version"]
+        and st["weights_digest"] == before["weights_digest"]
+    )
     assert st["ready"] and not st["updating"]
     r = generate(srv.url, PROMPTS[1])
     assert r.headers["x-model-version"] == str(before["serving_version"])

@@ -46,9 +46,12 @@ def test_models_list_names_the_served_version(client: OpenAI) -> None:
     assert all(m.owned_by == "lockstep" for m in models.data)
 
 
-def test_completion_text_usage_and_version(srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
-    raw = client.completions.with_raw_response.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW,
-                                                      temperature=0)
+def test_completion_text_usage_and_version(
+    srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]
+) -> None:
+    raw = client.completions.with_raw_response.create(
+        model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0
+    )
     assert raw.headers["x-model-version"] == "0" and raw.headers["x-model-repo-id"] == "builtin:tiny"
     c = raw.parse()
     assert c.object == "text_completion" and c.model == "lockstep@v0"
@@ -57,23 +60,40 @@ def test_completion_text_usage_and_version(srv: Served, client: OpenAI, expected
     prompt_tokens = len(_loaded(srv).tokenizer(PROMPTS[0])["input_ids"])
     assert c.usage is not None
     assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (
-        prompt_tokens, MAX_NEW, prompt_tokens + MAX_NEW)
+        prompt_tokens,
+        MAX_NEW,
+        prompt_tokens + MAX_NEW,
+    )
 
 
 def test_chat_completion_uses_the_chat_template(client: OpenAI, chat_expected: str) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model="lockstep@v0", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_NEW, temperature=0)
+        model="lockstep@v0",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=MAX_NEW,
+        temperature=0,
+    )
     assert raw.headers["x-model-version"] == "0"
     c = raw.parse()
-    assert c.object == "chat.completion" and c.model == "lockstep@v0" and c.system_fingerprint.startswith("v0-")
+    assert (
+        c.object == "chat.completion" and c.model == "lockstep@v0" and c.system_fingerprint.startswith("v0-")
+    )
     assert c.choices[0].message.role == "assistant"
     assert c.choices[0].message.content == chat_expected and c.choices[0].finish_reason == "length"
     assert c.usage is not None and c.usage.completion_tokens == MAX_NEW
 
 
 def test_streamed_completion_is_the_same_text(client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
-    chunks = list(client.completions.create(model="lockstep", prompt=PROMPTS[2], max_tokens=MAX_NEW, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="lockstep",
+            prompt=PROMPTS[2],
+            max_tokens=MAX_NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expected[0][PROMPTS[2]]
     reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert reasons == ["length"]
@@ -84,14 +104,21 @@ def test_streamed_completion_is_the_same_text(client: OpenAI, expected: dict[int
 
 def test_streamed_chat_is_the_same_text(client: OpenAI, chat_expected: str) -> None:
     with client.chat.completions.with_streaming_response.create(
-            model="lockstep", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_NEW,
-            temperature=0, stream=True, stream_options={"include_usage": True}) as response:
+        model="lockstep",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=MAX_NEW,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
         assert response.headers["x-model-version"] == "0"
         assert response.headers["content-type"].startswith("text/event-stream")
         chunks = list(response.parse())
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat_expected
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        "length"
+    ]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == MAX_NEW
     assert all(ch.system_fingerprint and ch.system_fingerprint.startswith("v0-") for ch in chunks)
 
@@ -121,9 +148,12 @@ def _message(exc: openai.APIStatusError) -> str:
     return str(body["message"])
 
 
-@pytest.mark.parametrize(("kind", "params", "says"), UNSUPPORTED, ids=[f"{k}-{next(iter(p))}" for k, p, _ in UNSUPPORTED])
+@pytest.mark.parametrize(
+    ("kind", "params", "says"), UNSUPPORTED, ids=[f"{k}-{next(iter(p))}" for k, p, _ in UNSUPPORTED]
+)
 def test_unsupported_parameters_are_a_400_naming_them(
-        client: OpenAI, kind: str, params: dict[str, Any], says: str) -> None:
+    client: OpenAI, kind: str, params: dict[str, Any], says: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         _call(client, kind, **params)
     message = _message(err.value)
@@ -151,29 +181,44 @@ def test_prompt_over_the_context_window_is_a_400_with_the_limit(srv: Served, cli
 
 
 def test_client_that_disconnects_mid_stream_frees_its_slot(
-        srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]) -> None:
+    srv: Served, client: OpenAI, expected: dict[int, dict[str, str]]
+) -> None:
     engine = srv.runtime.replica.serving.engine  # type: ignore[union-attr]
     cancelled = engine.finished_total.get("cancelled", 0)
     tokens_before = engine.generated_tokens_total
-    stream = client.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=LONG, temperature=0,
-                                       stream=True)
+    stream = client.completions.create(
+        model="lockstep", prompt=PROMPTS[0], max_tokens=LONG, temperature=0, stream=True
+    )
     first = next(iter(stream))
     assert first.choices[0].text
     stream.close()  # hang up with most of the answer still to come
-    wait_for(lambda: (s := srv.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "the slot freed")
-    wait_for(lambda: engine.finished_total.get("cancelled", 0) == cancelled + 1, 30, 0.05, "the request cancelled")
+    wait_for(
+        lambda: (s := srv.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "the slot freed"
+    )
+    wait_for(
+        lambda: engine.finished_total.get("cancelled", 0) == cancelled + 1, 30, 0.05, "the request cancelled"
+    )
     assert engine.generated_tokens_total - tokens_before < LONG
     c = client.completions.create(model="lockstep", prompt=PROMPTS[3], max_tokens=MAX_NEW, temperature=0)
     assert c.choices[0].text == expected[0][PROMPTS[3]]
 
 
 def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
-        builtin_dir: Path, expected: dict[int, dict[str, str]]) -> None:
-    with served(replica_settings(builtin_dir, max_batch_size=1, max_queue=1)) as small, \
-            OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:
+    builtin_dir: Path, expected: dict[int, dict[str, str]]
+) -> None:
+    with (
+        served(replica_settings(builtin_dir, max_batch_size=1, max_queue=1)) as small,
+        OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0, timeout=120) as c,
+    ):
+
         def long_chat() -> Any:  # the first chunk (the role) arrives as soon as the request is admitted
-            return c.chat.completions.create(model="lockstep", messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=LONG, temperature=0, stream=True)
+            return c.chat.completions.create(
+                model="lockstep",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=LONG,
+                temperature=0,
+                stream=True,
+            )
 
         running = long_chat()
         next(iter(running))
@@ -186,12 +231,16 @@ def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
             c.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
         assert int(err.value.response.headers["retry-after"]) >= 1
         assert "queue is full" in _message(err.value)
-        r = httpx.post(small.url + "/generate", json={"prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}, timeout=60)
+        r = httpx.post(
+            small.url + "/generate", json={"prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}, timeout=60
+        )
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
 
         running.close()
         queued.close()
-        wait_for(lambda: (s := small.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "slots freed")
+        wait_for(
+            lambda: (s := small.status())["running"] == 0 and s["queue_depth"] == 0, 60, 0.05, "slots freed"
+        )
         ok = c.completions.create(model="lockstep", prompt=PROMPTS[0], max_tokens=MAX_NEW, temperature=0)
         assert ok.choices[0].text == expected[0][PROMPTS[0]]
         metrics = httpx.get(small.url + "/metrics").text

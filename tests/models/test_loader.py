@@ -1,4 +1,4 @@
-"""Resolving references to files (built-ins, folders, a local Hugging Face cache offline) and loading them safely."""
+"""Resolving references to files (built-ins, folders, an offline Hugging Face cache) and loading them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the snapshot a cached rep
 
 
 def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"hf_hub_offline": True, "device": "cpu", "dtype": "auto", "shared_dir": None,
-                            "allow_pickle": False, "trust_remote_code": False}
+    base: dict[str, Any] = {
+        "hf_hub_offline": True,
+        "device": "cpu",
+        "dtype": "auto",
+        "shared_dir": None,
+        "allow_pickle": False,
+        "trust_remote_code": False,
+    }
     return Settings(**{**base, **overrides})
 
 
@@ -106,8 +112,10 @@ def test_remote_code_is_refused_unless_opted_in(tmp_path: Path, tiny_dirs: dict[
     loader.check_safe_files(folder, settings(trust_remote_code=True))
 
 
-@pytest.mark.parametrize(("damage", "says"), [("weights", "no model weights"), ("config", "no config.json"),
-                                              ("json", "not valid JSON")])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [("weights", "no model weights"), ("config", "no config.json"), ("json", "not valid JSON")],
+)
 def test_not_a_model_folder(tmp_path: Path, tiny_dirs: dict[int, Path], damage: str, says: str) -> None:
     folder = copy_model(tiny_dirs[0], tmp_path / "m")
     if damage == "weights":
@@ -128,8 +136,9 @@ def test_device_and_dtype_auto_on_this_machine() -> None:
     assert loader.pick_dtype("auto", torch.device("cpu")) is torch.float32
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("float32", torch.float32), ("float16", torch.float16),
-                                             ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+)
 def test_dtype_override(name: str, dtype: torch.dtype) -> None:
     assert loader.pick_dtype(name, torch.device("cpu")) is dtype
 

@@ -1,4 +1,4 @@
-"""Model references: every allowed form parses to its kind; malformed or escaping ones are refused with the forms."""
+"""Model references: each allowed form parses to its kind; malformed or escaping ones are refused."""
 
 from __future__ import annotations
 
@@ -10,17 +10,32 @@ from lockstep.core.errors import BadModelRef
 from lockstep.models.refs import ALLOWED_FORMS, ModelRef, RefKind, parse_ref
 
 
-@pytest.mark.parametrize(("raw", "builtin"), [("builtin:tiny", "tiny-s0"), ("builtin:tiny-s1", "tiny-s1"),
-                                              ("builtin:mid", "mid-s0"), ("builtin:mid-s42", "mid-s42")])
+@pytest.mark.parametrize(
+    ("raw", "builtin"),
+    [
+        ("builtin:tiny", "tiny-s0"),
+        ("builtin:tiny-s1", "tiny-s1"),
+        ("builtin:mid", "mid-s0"),
+        ("builtin:mid-s42", "mid-s42"),
+    ],
+)
 def test_builtin(raw: str, builtin: str) -> None:
     ref = parse_ref(raw)
     assert (ref.kind, ref.builtin, ref.raw, str(ref)) == (RefKind.BUILTIN, builtin, raw, raw)
 
 
-@pytest.mark.parametrize(("raw", "repo", "revision"), [
-    ("org/name", "org/name", None), ("gpt2", "gpt2", None), ("Org_1/Name.v2-x", "Org_1/Name.v2-x", None),
-    ("org/name@main", "org/name", "main"), ("org/name@" + "a" * 40, "org/name", "a" * 40),
-    ("org/name@refs/pr/1", "org/name", "refs/pr/1"), ("  org/name  ", "org/name", None)])
+@pytest.mark.parametrize(
+    ("raw", "repo", "revision"),
+    [
+        ("org/name", "org/name", None),
+        ("gpt2", "gpt2", None),
+        ("Org_1/Name.v2-x", "Org_1/Name.v2-x", None),
+        ("org/name@main", "org/name", "main"),
+        ("org/name@" + "a" * 40, "org/name", "a" * 40),
+        ("org/name@refs/pr/1", "org/name", "refs/pr/1"),
+        ("  org/name  ", "org/name", None),
+    ],
+)
 def test_repo_id(raw: str, repo: str, revision: str | None) -> None:
     ref = parse_ref(raw)
     assert (ref.kind, ref.repo_id, ref.revision) == (RefKind.REPO, repo, revision)
@@ -34,8 +49,9 @@ def test_published_version(raw: str, version: int) -> None:
 
 def test_directory_absolute_and_dot_slash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "model").mkdir()
-    assert parse_ref(str(tmp_path / "model")) == ModelRef(raw=str(tmp_path / "model"), kind=RefKind.DIRECTORY,
-                                                          path=(tmp_path / "model").resolve())
+    assert parse_ref(str(tmp_path / "model")) == ModelRef(
+        raw=str(tmp_path / "model"), kind=RefKind.DIRECTORY, path=(tmp_path / "model").resolve()
+    )
     monkeypatch.chdir(tmp_path)
     ref = parse_ref("./model")
     assert ref.kind is RefKind.DIRECTORY and ref.path == (tmp_path / "model").resolve()
@@ -46,29 +62,32 @@ def test_directories_can_be_disallowed(tmp_path: Path) -> None:
         parse_ref(str(tmp_path), allow_directories=False)
 
 
-@pytest.mark.parametrize(("raw", "says"), [
-    ("", "empty model reference"),
-    ("   ", "empty model reference"),
-    ("x" * 1025, "too long"),
-    ("org/na\x00me", "malformed"),
-    ("builtin:huge", "unknown built-in model"),
-    ("builtin:tiny-sX", "unknown built-in model"),
-    ("versions/../../etc", "versions/N"),
-    ("versions/abc", "versions/N"),
-    ("versions/1/../2", "versions/N"),
-    ("versions\\..\\x", "versions/N"),
-    ("../x", "'..' is not allowed"),
-    ("./a/../../b", "'..' is not allowed"),
-    ("/nonexistent/lockstep/model", "does not exist"),
-    ("org/../name", "not a valid model reference"),
-    ("org/a--b", "not a valid model reference"),
-    ("a/b/c", "not a valid model reference"),
-    ("has space", "not a valid model reference"),
-    ("-leading", "not a valid model reference"),
-    ("org/" + "n" * 97, "not a valid model reference"),
-    ("org/name@bad rev", "revision"),
-    ("org/name@" + "r" * 129, "revision"),
-])
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("", "empty model reference"),
+        ("   ", "empty model reference"),
+        ("x" * 1025, "too long"),
+        ("org/na\x00me", "malformed"),
+        ("builtin:huge", "unknown built-in model"),
+        ("builtin:tiny-sX", "unknown built-in model"),
+        ("versions/../../etc", "versions/N"),
+        ("versions/abc", "versions/N"),
+        ("versions/1/../2", "versions/N"),
+        ("versions\\..\\x", "versions/N"),
+        ("../x", "'..' is not allowed"),
+        ("./a/../../b", "'..' is not allowed"),
+        ("/nonexistent/lockstep/model", "does not exist"),
+        ("org/../name", "not a valid model reference"),
+        ("org/a--b", "not a valid model reference"),
+        ("a/b/c", "not a valid model reference"),
+        ("has space", "not a valid model reference"),
+        ("-leading", "not a valid model reference"),
+        ("org/" + "n" * 97, "not a valid model reference"),
+        ("org/name@bad rev", "revision"),
+        ("org/name@" + "r" * 129, "revision"),
+    ],
+)
 def test_refusals_say_what_is_wrong(raw: str, says: str) -> None:
     with pytest.raises(BadModelRef) as err:
         parse_ref(raw)

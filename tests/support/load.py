@@ -65,8 +65,9 @@ class GenerationLoad:
         self.remove(name)
         stop = threading.Event()
         self._stops[name] = stop
-        self._threads[name] = [threading.Thread(target=self._run, args=(name, url, stop, i), daemon=True,
-                                                name=f"load-{name}-{i}") for i in range(self.threads_per_replica)]
+        self._threads[name] = [
+            threading.Thread(target=self._run, args=(name, url, stop, i), daemon=True,
+                             name=f"load-{name}-{i}") for i in range(self.threads_per_replica)]
         for t in self._threads[name]:
             t.start()
 
@@ -104,7 +105,8 @@ class GenerationLoad:
                     r = client.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW_TOKENS,
                                                        "temperature": 0})
                     received = time.time()
-                    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                    is_json = r.headers.get("content-type", "").startswith("application/json")
+                    body = r.json() if is_json else {}
                     header = r.headers.get("X-Model-Version")
                     answer = Answer(name, prompt, sent, received, r.status_code,
                                     int(header) if header is not None else None, body.get("model_version"),
@@ -126,9 +128,12 @@ class Commit:
 
 @dataclass(frozen=True)
 class ReadySample:
+    """One ``GET /ready``; the answer shows the replica at a moment between ``sent`` and ``received``."""
+
     replica: str
-    sent: float  # wall clock before the request left
-    status: int
+    sent: float  # wall clock
+    received: float
+    status: int  # 0 when the connection failed
     serving_version: int | None
 
 
@@ -159,7 +164,8 @@ class ReadyWatch:
             self._stops[name].set()
         stop = threading.Event()
         self._stops[name] = stop
-        t = threading.Thread(target=self._watch_ready, args=(name, url, stop), daemon=True, name=f"ready-{name}")
+        t = threading.Thread(target=self._watch_ready, args=(name, url, stop), daemon=True,
+                             name=f"ready-{name}")
         t.start()
         self._threads.append(t)
 
@@ -177,10 +183,9 @@ class ReadyWatch:
         self.stop()
 
     def _read_state(self) -> bool:
-        """Record a new commit; only valid states with a higher generation and an activate_at count.
-
-        Hand-written states (lower generation, no activate_at, torn) are what replicas must ignore too.
-        """
+        """Record a new commit; True when the file held a state that counts."""
+        # Only a higher generation with an activate_at counts: hand-written states (lower generation, no
+        # activate_at, torn) are what replicas must ignore too. The first one read may lack activate_at.
         try:
             raw = json.loads(self.sync_state.read_bytes())
             generation = int(raw["generation"])
@@ -208,29 +213,36 @@ class ReadyWatch:
                 sent = time.time()
                 try:
                     r = client.get("/ready")
-                    sample = ReadySample(name, sent, r.status_code, r.json().get("serving_version"))
+                    serving = r.json().get("serving_version")
+                    sample = ReadySample(name, sent, time.time(), r.status_code, serving)
                 except (httpx.HTTPError, ValueError):
-                    sample = ReadySample(name, sent, 0, None)
+                    sample = ReadySample(name, sent, time.time(), 0, None)
                 with self._lock:
                     self.samples.append(sample)
                 stop.wait(self.interval_s)
 
-    def ready_seen(self, replica: str) -> list[ReadySample]:
+    def snapshot(self) -> tuple[list[Commit], list[ReadySample]]:
+        """The commits and samples recorded so far."""
         with self._lock:
-            return [s for s in self.samples if s.replica == replica and s.status == 200]
+            return list(self.commits), list(self.samples)
+
+    def samples_of(self, replica: str) -> list[ReadySample]:
+        with self._lock:
+            return [s for s in self.samples if s.replica == replica]
 
 
 def stale_ready(watch: ReadyWatch, grace_s: float = 0.25) -> list[str]:
     """200 on ``/ready`` while serving a version other than the one committed more than ``grace_s`` ago."""
-    with watch._lock:
-        commits, samples = list(watch.commits), list(watch.samples)
+    commits, samples = watch.snapshot()
     found = []
     for s in samples:
         if s.status != 200:
             continue
         settled = [i for i, c in enumerate(commits) if c.activate_at + grace_s <= s.sent]
         last = settled[-1] if settled else 0
-        allowed = {c.version for c in commits[last:]}  # the settled commit, or one still flipping
+        # The settled commit, or a later one whose flip may have happened before the answer left.
+        allowed = {commits[last].version}
+        allowed |= {c.version for c in commits[last + 1:] if c.activate_at <= s.received}
         if s.serving_version not in allowed:
             c = commits[last]
             found.append(f"{s.replica} answered /ready 200 serving v{s.serving_version} at {s.sent:.3f}, "
@@ -249,8 +261,8 @@ def check_answers(answers: list[Answer], expected: dict[int, dict[str, str]]) ->
         elif a.body_version not in expected:
             found.append(f"{a.replica}: answered as v{a.body_version}, which the test never committed")
         elif a.text != expected[a.body_version][a.prompt]:
-            found.append(f"{a.replica}: v{a.body_version} answered {a.text!r} to {a.prompt!r}; that version's "
-                         f"greedy text is {expected[a.body_version][a.prompt]!r}")
+            found.append(f"{a.replica}: v{a.body_version} answered {a.text!r} to {a.prompt!r}; that "
+                         f"version's greedy text is {expected[a.body_version][a.prompt]!r}")
     return found
 
 
@@ -263,7 +275,8 @@ def check_no_flip_flop(answers: list[Answer], commits: list[Commit]) -> list[str
     order = [c.version for c in commits]
     found = []
     for replica in sorted({a.replica for a in answers}):
-        mine = sorted((a for a in answers if a.replica == replica and a.status == 200), key=lambda a: a.received)
+        mine = sorted((a for a in answers if a.replica == replica and a.status == 200),
+                      key=lambda a: a.received)
         pos, since = 0, None  # position in the history reached, and the answer that reached it
         for a in mine:
             later = [i for i in range(pos, len(order)) if order[i] == a.body_version]
@@ -304,9 +317,9 @@ def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> dict[str,
     return {p: _TEXTS[key][p] for p in prompts}
 
 
-# ---------------------------------------------------------------------------------------------------- scenario
+# ------------------------------------------------------------------------------------------------ scenario
 class UpdateScenario:
-    """A local cluster under load with its readiness watched; ``finish`` checks invariants 1–4 of DESIGN.md §3."""
+    """A local cluster under load, its readiness watched; ``finish`` checks invariants 1–4 of DESIGN.md §3."""
 
     def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25) -> None:
         self.cluster = cluster
@@ -343,15 +356,19 @@ class UpdateScenario:
         return wait_for(check, timeout, interval, what)  # type: ignore[no-any-return]
 
     def committed_version(self) -> int:
+        """The committed version in sync_state.json; 0 before the first publish."""
+        if not self.sync_path.exists():
+            return 0
         return int(self.state()["committed"]["version"])
 
     def settings(self, **overrides: Any) -> Settings:
-        """Settings of a coordinator in this process, as ``lockstep publish`` in the cluster's env would read them."""
+        """Settings of a coordinator here, as ``lockstep publish`` in the cluster's env reads them."""
         base: dict[str, Any] = {"shared_dir": self.cluster.shared, "builtin_dir": self.cluster.builtin_dir,
                                 "hf_hub_offline": True, "poll_interval_s": 0.05, "heartbeat_interval_s": 0.2,
                                 "heartbeat_ttl_s": 3.0, "commit_policy": CommitPolicy.STRICT,
                                 "stage_timeout_s": 60.0, "lease_ttl_s": 30.0, "commit_margin_s": 0.5,
-                                "sync_state_file": None, "hf_home": None, "initial_model_repo_id": "builtin:tiny"}
+                                "sync_state_file": None, "hf_home": None,
+                                "initial_model_repo_id": "builtin:tiny"}
         return Settings(**{**base, **overrides})
 
     def coordinator(self, **overrides: Any) -> Coordinator:
@@ -388,7 +405,8 @@ class UpdateScenario:
         """The folder version ``version`` was published from (the oracle reads the source, not the copy)."""
         if version == 0:
             return self.cluster.builtin_dir / "tiny-s0"
-        manifest = json.loads((self.cluster.shared / "versions" / f"{version:06d}" / "MANIFEST.json").read_text())
+        folder = self.cluster.shared / "versions" / f"{version:06d}"
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
         source = str(manifest["source"])
         return self.cluster.builtin_dir / source.removeprefix("builtin:") if source.startswith("builtin:") \
             else Path(source)
@@ -399,7 +417,7 @@ class UpdateScenario:
         self.watch.stop()
 
     def finish(self) -> None:
-        """Stop the load and the watch; assert no failure, true labels and texts, no stale ready, no flip-flop."""
+        """Stop load and watch; assert no failure, true labels and texts, no stale ready, no flip-flop."""
         self.close()
         answers = self.load.answers
         assert answers, "the load generator sent nothing"
@@ -407,5 +425,6 @@ class UpdateScenario:
         expected = {v: greedy_texts(self.model_dir(v)) for v in versions}
         problems = check_answers(answers, expected)
         problems += stale_ready(self.watch, self.grace_s)
-        problems += check_no_flip_flop(answers, self.watch.commits)
-        assert not problems, f"{len(problems)} problems in {len(answers)} answers:\n" + "\n".join(problems[:20])
+        problems += check_no_flip_flop(answers, self.watch.snapshot()[0])
+        summary = f"{len(problems)} problems in {len(answers)} answers:\n"
+        assert not problems, summary + "\n".join(problems[:20])

@@ -14,7 +14,7 @@ from tests.support.load import UpdateScenario
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[LocalCluster]:
-    """Two replicas sharing a folder, for every test of a module; each test leaves it serving its committed version."""
+    """Two replicas sharing a folder for a module's tests; each leaves it serving a committed version."""
     with local_cluster(tmp_path_factory.mktemp("cluster"), builtin_dir, replicas=2) as c:
         yield c
 

@@ -14,7 +14,6 @@ import pytest
 from lockstep.core.clock import FakeClock
 from lockstep.core.errors import BadModelRef, LeaseHeld, NotFound, UnsafeModel, VerificationError
 from lockstep.core.settings import CommitPolicy, Settings
-from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.protocol import (
     Committed,
@@ -54,8 +53,8 @@ class Replicas:
     prepare with ``replies[name]``: "staged", "failed", or None (never done before the deadline).
     """
 
-    def __init__(self, shared: Path, clock: ReplicaClock, replies: dict[str, str | None], *, generation: int = 0,
-                 serving: int = 0, weights: dict[str, str] | None = None) -> None:
+    def __init__(self, shared: Path, clock: ReplicaClock, replies: dict[str, str | None], *,
+                 generation: int = 0, serving: int = 0, weights: dict[str, str] | None = None) -> None:
         self.shared, self.clock, self.replies = shared, clock, replies
         self.generation, self.serving = generation, serving
         self.weights = weights or {}
@@ -76,8 +75,10 @@ class Replicas:
         for name, reply in self.replies.items():
             staged = None
             if self.pending is not None and reply is not None:
-                staged = StagedInfo(version=self.pending.version, model=self.pending.model, state=StageState(reply),
-                                    weights_digest=self.weights.get(name, WEIGHTS) if reply == "staged" else None,
+                staged = StagedInfo(version=self.pending.version, model=self.pending.model,
+                                    state=StageState(reply),
+                                    weights_digest=self.weights.get(name, WEIGHTS) if reply == "staged"
+                                    else None,
                                     error="could not load it" if reply == "failed" else None, seconds=1.0)
             write_heartbeat(self.shared, Heartbeat(
                 replica_id=name, url=f"http://{name}:8000", pid=1, state=ReplicaState.SERVING, ready=True,
@@ -140,7 +141,8 @@ def test_strict_needs_every_live_replica_and_quorum_more_than_half(
     assert state.generation == 2 and state.pending is not None
     if outcome == "committed":
         assert state.committed is not None and state.committed.version == version
-        assert state.pending.phase is Phase.COMMIT and state.committed.activate_at == state.pending.activate_at
+        assert state.pending.phase is Phase.COMMIT
+        assert state.committed.activate_at == state.pending.activate_at
     else:
         assert state.committed is None and state.pending.phase is Phase.ABORT and state.pending.reason
 
@@ -152,7 +154,8 @@ def test_replicas_that_loaded_different_weights_block_the_commit_even_with_a_quo
              weights={"replica-3": "b" * 64})
     result = c.publish(str(tiny_dirs[1]))
     assert result.outcome == "aborted"
-    assert result.reason is not None and "different weights" in result.reason and "replica-3=bbbbbbbbbbbb" in result.reason
+    assert result.reason is not None and "different weights" in result.reason
+    assert "replica-3=bbbbbbbbbbbb" in result.reason
     state = state_of(shared)
     assert state.committed is None and state.pending is not None and state.pending.phase is Phase.ABORT
 
@@ -194,13 +197,13 @@ def test_the_next_write_is_above_every_generation_the_replicas_have_seen(
     c = coordinator(shared, builtin_dir, clock)
     assert c.read_state().generation == 9
     result = c.publish(str(tiny_dirs[1]))
-    assert result.outcome == "committed" and result.generation == 11, result.summary()  # prepare 10, commit 11
+    assert (result.outcome, result.generation) == ("committed", 11), result.summary()  # prepare 10, commit 11
 
 
 def test_a_hand_written_commit_below_what_replicas_serve_is_not_built_upon(
         shared: Path, builtin_dir: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     write_sync_state(shared / "sync_state.json", SyncState(
-        generation=12, committed=Committed(version=1, model="versions/000001")))  # no rollback: replicas ignore it
+        generation=12, committed=Committed(version=1, model="versions/000001")))  # no rollback: ignored
     Replicas(shared, clock, {"replica-1": None, "replica-2": None}, generation=9, serving=2)
     with caplog.at_level(logging.WARNING):
         state = coordinator(shared, builtin_dir, clock).read_state()
@@ -209,7 +212,8 @@ def test_a_hand_written_commit_below_what_replicas_serve_is_not_built_upon(
 
 
 def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_before_any_write(
-        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock, tmp_path: Path) -> None:
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock, tmp_path: Path
+) -> None:
     c = coordinator(shared, builtin_dir, clock)
     corrupt = c.store.publish_dir(tiny_dirs[2])
     weights = c.store.path_of(corrupt.version) / "model.safetensors"
@@ -227,7 +231,8 @@ def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_be
     remote = tmp_path / "remote-code"
     shutil.copytree(tiny_dirs[1], remote)
     config = json.loads((remote / "config.json").read_text())
-    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    config["auto_map"] = {"AutoModelForCausalLM": "x.Model"}
+    (remote / "config.json").write_text(json.dumps(config))
     Replicas(shared, clock, {"replica-1": "staged"}, generation=7)
     write_sync_state(shared / "sync_state.json", SyncState(generation=7))
     before = (shared / "sync_state.json").read_bytes()

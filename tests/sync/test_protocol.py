@@ -70,14 +70,16 @@ def test_a_wrong_type_or_missing_field_is_refused_naming_the_field(raw: object, 
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n", b'{"generation": 3, "comm', b"\x00\xff garbage"])
-def test_a_torn_empty_or_garbage_file_is_an_error_for_the_reader_to_survive(tmp_path: Path, content: bytes) -> None:
+def test_a_torn_empty_or_garbage_file_is_an_error_for_the_reader_to_survive(
+        tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "sync_state.json"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="unreadable or not JSON"):
         read_sync_state(path)
 
 
-def test_a_missing_file_reads_as_none_and_a_written_one_round_trips_with_the_full_schema(tmp_path: Path) -> None:
+def test_a_missing_file_reads_as_none_and_a_written_one_round_trips_with_the_full_schema(
+        tmp_path: Path) -> None:
     path = tmp_path / "sync_state.json"
     assert read_sync_state(path) is None
     state = SyncState.model_validate(STATE)
@@ -91,7 +93,8 @@ def test_a_missing_file_reads_as_none_and_a_written_one_round_trips_with_the_ful
 
 def _beat(replica_id: str, **changes: object) -> Heartbeat:
     beat = Heartbeat(replica_id=replica_id, url="http://127.0.0.1:1", pid=1, state=ReplicaState.SERVING,
-                     ready=True, serving=ServingInfo(version=2, model="versions/000002", weights_digest="w" * 64),
+                     ready=True,
+                     serving=ServingInfo(version=2, model="versions/000002", weights_digest="w" * 64),
                      staged=StagedInfo(version=3, model="versions/000003", state=StageState.STAGED),
                      generation_seen=5, time=100.0)
     return beat.model_copy(update=changes)
@@ -103,7 +106,8 @@ def test_heartbeats_round_trip_and_unreadable_ones_are_skipped(tmp_path: Path) -
     folder = tmp_path / "replicas"
     (folder / "torn.json").write_text('{"replica_id": "x", "sta')
     (folder / "foreign.json").write_text('{"hello": "world"}')
-    (folder / "newer.json").write_text(json.dumps({**_beat("replica-3").model_dump(mode="json"), "gpu": "H100"}))
+    newer = {**_beat("replica-3").model_dump(mode="json"), "gpu": "H100"}  # a field this reader does not know
+    (folder / "newer.json").write_text(json.dumps(newer))
     beats = {b.replica_id: b for b in read_heartbeats(tmp_path)}
     assert sorted(beats) == ["replica-1", "replica-2", "replica-3"]
     assert beats["replica-1"] == _beat("replica-1")

@@ -1,4 +1,4 @@
-"""The replica side of the protocol in one process: a real replica driven tick by tick from sync_state.json."""
+"""The replica side of the protocol in-process: a real replica driven tick by tick from sync_state.json."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from lockstep.core.clock import FakeClock
-from lockstep.core.settings import Settings
+from lockstep.core.settings import Settings, UpdateMode
 from lockstep.inference.replica import Replica
 from lockstep.store import ModelStore
-from lockstep.sync.protocol import Committed, SyncState, write_sync_state
+from lockstep.sync.protocol import Committed, StageState, SyncState, write_sync_state
 from lockstep.sync.watcher import SyncWatcher
 from tests.support.cluster import wait_for
 
@@ -25,7 +25,8 @@ class Booted:
 
     def __init__(self, shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path]) -> None:
         self.shared = shared
-        self.settings = Settings(shared_dir=shared, builtin_dir=builtin_dir, sync_state_file=None, hf_home=None,
+        self.settings = Settings(shared_dir=shared, builtin_dir=builtin_dir, sync_state_file=None,
+                                 hf_home=None,
                                  hf_hub_offline=True, poll_interval_s=0.05, heartbeat_interval_s=0.2,
                                  initial_model_repo_id="builtin:tiny", device="cpu", dtype="float32")
         self.clock = FakeClock()
@@ -67,11 +68,13 @@ def test_a_booting_replica_loads_the_committed_version_and_is_ready_only_then(bo
 
 @pytest.mark.parametrize(("change", "reason"), [
     ({"generation": 4}, "generation 4 is lower than 5"),
-    ({"generation": 6, "committed": {"version": 1, "model": "versions/000001"}}, "commits v1 below v2 without a rollback"),
+    ({"generation": 6, "committed": {"version": 1, "model": "versions/000001"}},
+     "commits v1 below v2 without a rollback"),
     ({"generation": 6, "committed": None}, "has no committed version but v2 was committed"),
     ({"generation": 6, "committed": {"version": 1}}, "field 'committed.model'"),
     ({"generation": "six"}, "field 'generation'"),
-    ({"generation": 6, "pending": {"version": 1, "model": "versions/000001", "phase": "later"}}, "field 'pending.phase'"),
+    ({"generation": 6, "pending": {"version": 1, "model": "versions/000001", "phase": "later"}},
+     "field 'pending.phase'"),
 ])
 def test_a_hand_written_state_is_ignored_with_its_reason_in_the_log(
         booted: Booted, caplog: pytest.LogCaptureFixture, change: dict[str, Any], reason: str) -> None:
@@ -94,8 +97,8 @@ def test_a_hand_written_state_is_ignored_with_its_reason_in_the_log(
 
 def test_a_load_that_ends_after_a_newer_commit_leaves_the_replica_unready(
         booted: Booted, builtin_dir: Path) -> None:
-    # A catch-up of v1 is still loading when v2 is committed: when it ends, the replica serves v1 but must not
-    # call itself ready, nor count v1 as committed (only a commit makes it change what it counts as committed).
+    # A catch-up of v1 is still loading when v2 is committed: when it ends, the replica serves v1 but must
+    # not call itself ready, nor count v1 as committed (only a commit changes what it counts as committed).
     from lockstep.inference.replica import default_engine_factory
 
     release = threading.Event()
@@ -117,4 +120,24 @@ def test_a_load_that_ends_after_a_newer_commit_leaves_the_replica_unready(
         assert replica.committed_version == 2 and not replica.ready
     finally:
         release.set()
+        replica.close()
+
+
+def test_an_in_place_flip_is_unready_while_it_drains_the_old_version(booted: Booted) -> None:
+    b = booted
+    settings = b.settings.model_copy(update={"update_mode": UpdateMode.INPLACE})
+    replica = Replica(settings, store=b.store, clock=b.clock)
+    try:
+        replica.set_committed(1, b.v1.digest)
+        replica.boot("versions/000001", 1, b.v1.digest)
+        assert replica.stage("versions/000002", 2, b.v2.digest).state is StageState.STAGED
+        assert replica.ready
+        with replica.pinned():  # a request admitted on v1 is still running at activate_at
+            flipping = threading.Thread(target=replica.flip, args=(2,))
+            flipping.start()
+            wait_for(lambda: not replica.admission_open(), 30, 0.005, "the in-place pause")
+            assert not replica.ready  # admits nothing, and what runs is v1, no longer committed
+        flipping.join(60)
+        assert replica.ready and replica.serving is not None and replica.serving.version == 2
+    finally:
         replica.close()

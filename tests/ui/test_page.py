@@ -48,10 +48,6 @@ def system(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Itera
         port = free_port()
         trainer = spawn("trainer", ["trainer", "--port", str(port), "--shared", str(cluster.shared)], cluster.env(),
                         root / "logs", port)
-        if os.environ.get("DEV_TRAINER"):  # TEMP-DEV
-            import subprocess, sys  # TEMP-DEV
-            trainer.process.kill()  # TEMP-DEV
-            trainer = Proc("trainer", trainer.url, port, subprocess.Popen([sys.executable, os.environ["DEV_TRAINER"], str(port)], env=cluster.env(), stdout=open(root / "trainer.log", "wb"), stderr=subprocess.STDOUT), root / "trainer.log")  # TEMP-DEV
         cluster.others.append(trainer)
         wait_for(lambda: _healthy(trainer), 120, 0.1, "the trainer to answer")
         port = free_port()
@@ -198,9 +194,11 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
     page.fill("#param-steps", "")
     page.click("#run-start")
     expect(page.locator("#param-steps-error")).to_contain_text("Enter steps")
-    page.fill("#param-steps", "6")
-    page.fill("#param-publish_every", "3")
+    page.fill("#param-steps", "4")
+    page.fill("#param-publish_every", "2")
     page.fill("#param-batch_size", "2")
+    page.fill("#param-group_size", "2")
+    page.fill("#param-max_new_tokens", "8")
     page.click("#run-start")
     expect(page.locator("#run-title")).to_contain_text("Run ", timeout=WAIT_MS)
     curve = page.locator('#reward-chart path.series[data-series="reward"]')

@@ -14,7 +14,6 @@ from lockstep.core.errors import Conflict
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 
-
 # Config fields that change what a model computes without changing any tensor's shape.
 _SHAPELESS_CONFIG = ("model_type", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",

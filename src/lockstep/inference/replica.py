@@ -96,9 +96,13 @@ class Replica:
     # ------------------------------------------------------------------ serving
     @property
     def ready(self) -> bool:
-        """Serving the committed version (or, without a cluster, serving anything)."""
+        """Serving the committed version (or, without a cluster, serving anything), and admitting requests."""
         with self._lock:
             if self.serving is None or self.state in (ReplicaState.STARTING, ReplicaState.FAILED):
+                return False
+            if not self._admission.is_set():
+                # An in-place flip is draining the old version and copying in the new one (it began at
+                # activate_at): nothing is admitted, and what still runs is the version no longer committed.
                 return False
             return self.committed_version is None or self.serving.version == self.committed_version
 

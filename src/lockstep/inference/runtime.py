@@ -16,7 +16,7 @@ from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
 from lockstep.models.loader import check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
-from lockstep.sync.protocol import StageState
+from lockstep.sync.protocol import ReplicaState, StageState
 from lockstep.sync.watcher import SyncWatcher, sleep_until
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class ReplicaRuntime:
             "serving_since": serving.since if serving else None,
             "committed_version": r.committed_version,
             "staged": staged.model_dump(mode="json") if staged else None,
-            "loading": bool(staged and staged.state is StageState.STAGING) or r.serving is None,
+            "loading": bool(staged and staged.state is StageState.STAGING) or r.state is ReplicaState.STARTING,
             "updating": bool(staged and staged.state in (StageState.STAGING, StageState.STAGED)),
             "last_error": r.last_error,
             "update_mode": self.settings.update_mode.value,

@@ -179,7 +179,7 @@ class ClusterView:
         if probe:
             targets = [v for v in views if v.url and (v.in_heartbeats or v.in_discovery)]
             answers = list(self._pool.map(self._probe, [v.url for v in targets]))
-            for view, status in zip(targets, answers):
+            for view, status in zip(targets, answers, strict=True):
                 view.reachable = status is not None
                 if status is not None and not view.in_heartbeats:
                     _fill_from_status(view, status)

@@ -1,4 +1,5 @@
-"""Finding individual replicas: static URLs, the headless service's DNS records, the Kubernetes API, heartbeats.
+"""Finding individual replicas: static URLs, the headless service's DNS records, the Kubernetes API or
+heartbeats.
 
 ``auto`` picks Kubernetes when running in a cluster, DNS when a headless service is named, static when
 ``INFERENCE_URLS`` is set, else the heartbeats on the shared volume. The cluster view then checks what
@@ -12,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ K8S_TIMEOUT_S = 5.0  # seconds for one pod list call
 Resolver = Callable[..., list[tuple[Any, ...]]]  # socket.getaddrinfo's signature
 
 
-class DiscoveryMode(str, Enum):
+class DiscoveryMode(StrEnum):
     """Where replica addresses come from."""
 
     AUTO = "auto"
@@ -179,7 +180,8 @@ class Discovery:
 
         api_client = self._k8s_client()
         if api_client is None:
-            raise BadRequest("kubernetes discovery needs the in-cluster service account (not running in a pod?)")
+            raise BadRequest("kubernetes discovery needs the in-cluster service account (not running in a "
+                             "pod?)")
         pods = client.CoreV1Api(api_client).list_namespaced_pod(
             self.namespace(), label_selector=self.settings.k8s_label_selector, _request_timeout=K8S_TIMEOUT_S)
         endpoints = []
@@ -199,5 +201,6 @@ class Discovery:
         if self.settings.shared_dir is None:
             return []
         now = self.clock.time()
-        return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in read_heartbeats(self.settings.shared_dir)
+        beats = read_heartbeats(self.settings.shared_dir)
+        return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in beats
                 if b.url and now - b.time <= self.settings.heartbeat_ttl_s]

@@ -22,7 +22,8 @@ class TrainerMetrics:
                                 registry=r)
         self.run_step = Gauge("lockstep_run_step", "Step (finetune) or round (simulation) of the active run",
                               registry=r)
-        self.run_progress = Gauge("lockstep_run_progress_ratio", "Fraction of the active run done", registry=r)
+        self.run_progress = Gauge("lockstep_run_progress_ratio", "Fraction of the active run done",
+                                  registry=r)
         self.run_reward = Gauge("lockstep_run_reward", "Mean reward of the last finetune step's rollouts",
                                 registry=r)
         self.run_eval_reward = Gauge("lockstep_run_eval_reward", "Mean reward on held-out prompts at the "

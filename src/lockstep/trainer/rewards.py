@@ -34,7 +34,8 @@ def load_reward(spec: str, allowed: str) -> RewardFn:
     """Import ``package.module:function``; BadRequest says what is wrong (format, not allowed, not found)."""
     match = _SPEC.match(spec.strip())
     if match is None:
-        raise BadRequest(f"reward {spec!r} is not a plug-in path; write 'package.module:function' (a function "
+        raise BadRequest(f"reward {spec!r} is not a plug-in path; write 'package.module:function' (a "
+                         "function "
                          "taking (prompt, completion) and returning a float)")
     module_name, attr = match["module"], match["attr"]
     prefixes = allowed_prefixes(allowed)
@@ -51,7 +52,8 @@ def load_reward(spec: str, allowed: str) -> RewardFn:
             raise BadRequest(f"reward module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise BadRequest(f"reward {spec!r} is not callable; it must be a function (prompt, completion) -> float")
+        raise BadRequest(f"reward {spec!r} is not callable; it must be a function (prompt, completion) -> "
+                         "float")
     return obj  # type: ignore[no-any-return]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lockstep.core.errors import Conflict
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """Where a run is in its life."""
 
     QUEUED = "queued"

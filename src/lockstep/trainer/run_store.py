@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 class RunFiles:
     """The files of one run."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, cache: LineCache | None = None) -> None:
         self.folder = folder
+        self.cache = cache or LineCache()
 
     @property
     def run_json(self) -> Path:
@@ -61,10 +63,10 @@ class RunFiles:
         _append(self.samples_path, sample)
 
     def metrics(self) -> list[dict[str, Any]]:
-        return _read_lines(self.metrics_path)
+        return self.cache.read(self.metrics_path)
 
     def samples(self) -> list[dict[str, Any]]:
-        return _read_lines(self.samples_path)
+        return self.cache.read(self.samples_path)
 
 
 def _append(path: Path, obj: dict[str, Any]) -> None:
@@ -78,12 +80,42 @@ def _append(path: Path, obj: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
+class LineCache:
+    """Parsed ``.jsonl`` files, reparsed only when they changed (GET /runs reads every run each second).
+
+    Only this trainer appends to these files, so its own view of their size and mtime tells when they changed.
+    """
+
+    def __init__(self, max_files: int = 256) -> None:
+        self.max_files = max_files
+        self._entries: dict[Path, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, path: Path) -> list[dict[str, Any]]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return []
+        key = (st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._entries.get(path)
+        if cached is not None and cached[0] == key:
+            return list(cached[1])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        out = _parse_lines(data)
+        with self._lock:
+            if len(self._entries) >= self.max_files:
+                self._entries.pop(next(iter(self._entries)))
+            # A file that grew while it was read is reread next time.
+            self._entries[path] = (key if len(data) == st.st_size else (-1, -1), out)
+        return list(out)
+
+
+def _parse_lines(data: bytes) -> list[dict[str, Any]]:
     out = []
     for raw in data.splitlines():
         try:
@@ -100,6 +132,7 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.cache = LineCache()
 
     def new_id(self, kind: str) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -108,7 +141,7 @@ class RunStore:
     def files(self, run_id: str) -> RunFiles:
         if not RUN_ID.match(run_id):
             raise BadRequest(f"run id {run_id!r} is malformed: lower-case letters, digits and '-' only")
-        return RunFiles(self.root / run_id)
+        return RunFiles(self.root / run_id, self.cache)
 
     def get(self, run_id: str) -> RunRecord:
         files = self.files(run_id)
@@ -128,7 +161,7 @@ class RunStore:
             if not folder.is_dir() or not RUN_ID.match(folder.name):
                 continue
             try:
-                records.append(RunFiles(folder).read())
+                records.append(RunFiles(folder, self.cache).read())
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, ValidationError) as exc:

@@ -5,17 +5,28 @@ import {api} from "./api.js";
 import {lineChart} from "./charts.js";
 import {on, store} from "./store.js";
 
-/** The main parameters of each kind of run; the trainer has defaults for everything else. */
+/** The main parameters of each kind of run (bounds as the trainer checks them); it has defaults for the rest. */
 export const PARAMS = {
   finetune: [
+    {name: "task", label: "Task", type: "choice", options: ["digits", "target_word"], value: "digits",
+      help: "what the reward scores"},
+    {name: "algorithm", label: "Algorithm", type: "choice", options: ["grpo", "reinforce", "sft_best"], value: "grpo"},
     {name: "steps", label: "Steps", type: "int", min: 1, max: 100000, value: 30, help: "optimizer steps in all"},
-    {name: "publish_every", label: "Publish every (steps)", type: "int", min: 1, max: 100000, value: 10, help: "a new version every N steps"},
-    {name: "learning_rate", label: "Learning rate", type: "float", min: 1e-7, max: 1, value: 0.001, step: "any"},
-    {name: "batch_size", label: "Batch size", type: "int", min: 1, max: 1024, value: 8},
+    {name: "publish_every", label: "Publish every (steps)", type: "int", min: 1, max: 100000, value: 3,
+      help: "a new version every N steps"},
+    {name: "batch_size", label: "Prompts per step", type: "int", min: 1, max: 1024, value: 8},
+    {name: "group_size", label: "Samples per prompt", type: "int", min: 2, max: 64, value: 4},
+    {name: "learning_rate", label: "Learning rate", type: "float", min: 1e-9, max: 1, value: 0.003},
+    {name: "max_new_tokens", label: "Max new tokens", type: "int", min: 1, max: 1024, value: 16},
   ],
   simulation: [
-    {name: "rounds", label: "Swap rounds", type: "int", min: 1, max: 1000, value: 3, help: "publishes, alternating two models"},
-    {name: "interval_s", label: "Seconds between rounds", type: "float", min: 0, max: 3600, value: 5, step: "any"},
+    {name: "rounds", label: "Swap rounds", type: "int", min: 1, max: 1000, value: 4,
+      help: "publishes, alternating two models"},
+    {name: "interval_s", label: "Seconds between rounds", type: "float", min: 0, max: 3600, value: 0},
+    {name: "requests_per_replica", label: "Checks per replica", type: "int", min: 0, max: 1000, value: 4,
+      help: "requests after each switch"},
+    {name: "max_new_tokens", label: "Max new tokens", type: "int", min: 1, max: 1024, value: 8},
+    {name: "background_load", label: "Load during each switch", type: "bool", value: true},
   ],
 };
 const ACTIVE = new Set(["queued", "running", "starting", "stopping"]);
@@ -41,22 +52,34 @@ export function fraction(run) {
 
 function kindOf() { return ($("input[name=kind]:checked") || {}).value || "finetune"; }
 
-function renderParamFields() {
-  const kind = kindOf();
-  fill($("#run-params"), PARAMS[kind].map((p) => h("div", {class: "field"},
-    h("label", {for: `param-${p.name}`}, p.label),
-    h("input", {id: `param-${p.name}`, name: p.name, type: "number", min: p.min, max: p.max, step: p.step || (p.type === "int" ? 1 : "any"),
-      value: p.value, required: true, inputmode: p.type === "int" ? "numeric" : "decimal", "aria-describedby": `param-${p.name}-error`}),
-    p.help ? h("small", {class: "help"}, p.help) : null,
-    h("small", {class: "field-error", id: `param-${p.name}-error`, "aria-live": "polite"}))));
+function paramField(p) {
+  const id = `param-${p.name}`;
+  const error = h("small", {class: "field-error", id: `${id}-error`, "aria-live": "polite"});
+  const help = p.help ? h("small", {class: "help"}, p.help) : null;
+  if (p.type === "bool") {
+    return h("div", {class: "field check"},
+      h("label", {for: id}, h("input", {id, name: p.name, type: "checkbox", checked: p.value}), ` ${p.label}`), help, error);
+  }
+  const control = p.type === "choice"
+    ? h("select", {id, name: p.name}, p.options.map((o) => h("option", {value: o, selected: o === p.value}, o.replace("_", " "))))
+    : h("input", {id, name: p.name, type: "number", min: p.min, max: p.max, step: p.type === "int" ? 1 : "any", value: p.value,
+      required: true, inputmode: p.type === "int" ? "numeric" : "decimal", "aria-describedby": `${id}-error`});
+  return h("div", {class: "field"}, h("label", {for: id}, p.label), control, help, error);
 }
 
+function renderParamFields() {
+  fill($("#run-params"), PARAMS[kindOf()].map(paramField));
+}
+
+/** The form's parameters, checked as the trainer will check them; null (and the first bad field focused) if not. */
 function readParams() {
   const kind = kindOf();
   const params = {};
   let firstBad = null;
   for (const p of PARAMS[kind]) {
     const input = $(`#param-${p.name}`);
+    if (p.type === "bool") { params[p.name] = input.checked; continue; }
+    if (p.type === "choice") { params[p.name] = input.value; continue; }
     const raw = input.value.trim();
     const value = Number(raw);
     let message = "";
@@ -151,14 +174,25 @@ function versionMarks(points) {
   return marks;
 }
 
+const ROUND_COLUMNS = [
+  ["round", "round", (r) => r.round],
+  ["switch", "switch", (r) => `v${r.from_version ?? "?"} → v${r.version ?? "?"}`],
+  ["outcome", "outcome", (r) => outcome(r.outcome)],
+  ["converged", "converged", (r) => (r.converged ? "yes" : "no")],
+  ["propagation", "propagation", (r) => fmtSeconds(r.propagation_s)],
+  ["skew", "flip skew", (r) => fmtSeconds(r.skew_s)],
+  ["requests", "requests", (r) => r.requests ?? "–"],
+  ["failed", "failed", (r) => r.failed ?? "–"],
+  ["mislabeled", "mislabeled", (r) => r.mislabeled ?? "–"],
+];
+
 function renderRounds(rounds) {
   const box = $("#rounds-box");
   box.hidden = !rounds.length;
   if (!rounds.length) return;
-  const keys = [...new Set(rounds.flatMap((r) => Object.keys(r)))].filter((k) => typeof rounds[0][k] !== "object").slice(0, 8);
-  fill($("#rounds-table thead"), h("tr", {}, keys.map((k) => h("th", {scope: "col"}, k.replaceAll("_", " ")))));
-  fill($("#rounds-table tbody"), rounds.map((r) => h("tr", {}, keys.map((k) => h("td", {},
-    typeof r[k] === "number" ? (k.endsWith("_at") || k === "time" ? fmtTime(r[k]) : k.endsWith("_s") ? fmtSeconds(r[k]) : fmtNum(r[k])) : String(r[k] ?? ""))))));
+  fill($("#rounds-table thead"), h("tr", {}, ROUND_COLUMNS.map(([, label]) => h("th", {scope: "col"}, label))));
+  fill($("#rounds-table tbody"), rounds.slice().reverse().map((r) => h("tr", {class: r.failed || r.mislabeled ? "aborted" : ""},
+    ROUND_COLUMNS.map(([key, , cell]) => h("td", {"data-col": key}, cell(r))))));
 }
 
 function renderSamples(samples) {
@@ -176,6 +210,17 @@ function renderSamples(samples) {
       h("div", {class: "q"}, smp.prompt || ""),
       h("div", {class: "a"}, smp.answer || smp.text || ""))))) :
     h("p", {class: "empty"}, "Sample answers appear here as versions are published."));
+}
+
+/** One of the two charts of a run, with its caption and last value. */
+function chart(el, captionEl, lastEl, caption, name, color, points, marks, xLabel, id, extra = null) {
+  const pts = points.filter((p) => typeof p.y === "number" && typeof p.x === "number");
+  const series = [{name, color, points: pts}];
+  if (extra) series.push(extra);
+  $(captionEl).textContent = extra ? `${caption} · ${extra.name}` : caption;
+  const last = pts[pts.length - 1];
+  $(lastEl).textContent = last ? `${fmtNum(last.y, 4)}${extra && extra.points.length ? ` · ${extra.name} ${fmtNum(extra.points[extra.points.length - 1].y, 3)}` : ""}` : "";
+  lineChart($(el), {series, marks, xLabel, label: `${caption} of run ${id} over ${pts.length} ${xLabel}s`, empty: `no ${name} yet`});
 }
 
 function renderDetail() {
@@ -196,25 +241,40 @@ function renderDetail() {
   $(".progress-fill", bar).style.width = `${(frac * 100).toFixed(1)}%`;
 
   const points = listOf(run.metrics, "points").filter((p) => p && typeof p.step === "number");
-  const last = points[points.length - 1] || {};
-  const versions = [...new Set(points.map((p) => p.version).filter((v) => v !== undefined && v !== null))];
+  const rounds = listOf(run.rounds, "rounds");
+  const versions = Array.isArray(run.versions) && run.versions.length ? run.versions
+    : [...new Set(points.map((p) => p.version).filter((v) => v !== undefined && v !== null))];
+  const p = run.progress && typeof run.progress === "object" ? run.progress : {};
+  const fact = (label, value) => h("div", {}, h("span", {}, label), h("b", {}, value));
   fill($("#run-summary"),
-    h("div", {}, h("span", {}, "kind"), h("b", {}, run.kind || "?")),
-    h("div", {}, h("span", {}, "progress"), h("b", {}, `${Math.round(frac * 100)}%`)),
-    h("div", {}, h("span", {}, "step"), h("b", {}, last.step ?? "–")),
-    h("div", {}, h("span", {}, "loss"), h("b", {}, fmtNum(last.loss, 4))),
-    h("div", {}, h("span", {}, "reward"), h("b", {}, fmtNum(last.reward, 4))),
-    h("div", {}, h("span", {}, "versions"), h("b", {}, versions.length ? versions.map((v) => `v${v}`).join(" ") : "–")),
-    h("div", {}, h("span", {}, "started"), h("b", {}, fmtTime(run.started_at || run.created_at))));
+    fact("kind", run.kind || "?"),
+    fact("progress", `${Math.round(frac * 100)}%`),
+    run.kind === "simulation" ? fact("rounds", `${rounds.length}${p.total ? ` of ${p.total}` : ""}`)
+      : fact("step", `${p.step ?? (points.length ? points[points.length - 1].step : 0)}${p.total ? ` of ${p.total}` : ""}`),
+    fact("published", versions.length ? h("span", {class: "vlist"}, versions.slice(-6).map((v) => vchip(v, "small"))) : "–"),
+    fact("started", fmtTime(run.started_at || run.created_at)),
+    p.message ? h("div", {class: "now"}, h("span", {}, "now"), h("b", {class: "small-b"}, p.message)) : null);
   const err = $("#run-error");
   err.hidden = !run.error;
   err.textContent = run.error ? `This run failed: ${run.error}` : "";
 
   const marks = versionMarks(points);
-  lineChart($("#loss-chart"), {series: [{name: "loss", color: "#f0883e", points: points.filter((p) => typeof p.loss === "number").map((p) => ({x: p.step, y: p.loss, version: p.version}))}],
-    marks, xLabel: "step", label: `Loss of run ${id} over ${points.length} steps`, empty: run.kind === "simulation" ? "a simulation has no loss" : "no loss yet"});
-  lineChart($("#reward-chart"), {series: [{name: "reward", color: "#3fb950", points: points.filter((p) => typeof p.reward === "number").map((p) => ({x: p.step, y: p.reward, version: p.version}))}],
-    marks, xLabel: "step", label: `Reward of run ${id} over ${points.length} steps`, empty: "no reward yet"});
+  if (run.kind === "simulation") {
+    // A simulation has no loss: its pictures are how long each switch took and how far apart replicas flipped.
+    const rounds = listOf(run.rounds, "rounds");
+    const rmarks = rounds.filter((r) => typeof r.version === "number").map((r) => ({x: r.round, version: r.version}));
+    chart("#loss-chart", "#left-caption", "#left-last", "Propagation (s)", "propagation", "#58a6ff",
+      rounds.map((r) => ({x: r.round, y: r.propagation_s, version: r.version})), rmarks, "round", id);
+    chart("#reward-chart", "#right-caption", "#right-last", "Flip skew (ms)", "skew", "#d2a8ff",
+      rounds.map((r) => ({x: r.round, y: typeof r.skew_s === "number" ? r.skew_s * 1000 : null, version: r.version})), rmarks, "round", id);
+  } else {
+    chart("#loss-chart", "#left-caption", "#left-last", "Loss", "loss", "#f0883e",
+      points.map((p) => ({x: p.step, y: p.loss, version: p.version})), marks, "step", id);
+    const evals = listOf(run.evals, "evals").map((e) => ({x: e.step, y: e.reward, version: e.version}));
+    chart("#reward-chart", "#right-caption", "#right-last", "Reward", "reward", "#3fb950",
+      points.map((p) => ({x: p.step, y: p.reward, version: p.version})), marks, "step", id,
+      evals.length ? {name: "held-out", color: "#e3b341", points: evals} : null);
+  }
   renderRounds(listOf(run.rounds, "rounds"));
   renderSamples(listOf(run.samples, "samples"));
 }

@@ -1,0 +1,1 @@
+"""The trainer server: runs (simulation, finetune), discovery, publishing API and callback."""

@@ -1,0 +1,259 @@
+"""Runs: create (one active at a time; a second is refused with 409), execute in a thread, stop, resume, and
+recover after a restart (a run whose trainer process is gone becomes ``interrupted``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from lockstep.core.clock import Clock
+from lockstep.core.errors import BadRequest, Conflict, LockstepError
+from lockstep.core.settings import Settings
+from lockstep.store import ModelStore
+from lockstep.sync.coordinator import Coordinator
+from lockstep.trainer.cluster import ClusterView
+from lockstep.trainer.context import RunContext, RunStopped
+from lockstep.trainer.events import EventBus
+from lockstep.trainer.finetune import FinetuneKind
+from lockstep.trainer.metrics import TrainerMetrics
+from lockstep.trainer.publishes import Publisher
+from lockstep.trainer.rewards import RewardError
+from lockstep.trainer.run import RESUMABLE, Owner, RunRecord, RunStatus
+from lockstep.trainer.run_store import RunFiles, RunStore
+from lockstep.trainer.simulation import SimulationKind
+
+log = logging.getLogger(__name__)
+
+FOREIGN_STALE_S = 120.0  # seconds without an update before a run owned by another host counts as interrupted
+SAMPLES_IN_LIST = 8  # samples per run in GET /runs (GET /runs/{id} has them all)
+
+
+class RunKind(Protocol):
+    name: str
+    params_model: type[BaseModel]
+
+    def check(self, params: Any, settings: Settings, store: ModelStore) -> None: ...
+
+    def execute(self, ctx: RunContext, params: Any) -> None: ...
+
+
+KINDS: dict[str, RunKind] = {k.name: k for k in (SimulationKind(), FinetuneKind())}
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "params"
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"params.{where} is not a parameter of this run kind")
+        else:
+            parts.append(f"params.{where}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _owner_gone(owner: Owner | None, updated_at: float | None, now: float, instance: str) -> bool:
+    """Whether the process that ran a run is gone (so the run was interrupted)."""
+    if owner is None or owner.instance == instance:
+        return owner is None
+    if owner.host != socket.gethostname():
+        return now - (updated_at or 0.0) > FOREIGN_STALE_S
+    if owner.pid == os.getpid():
+        return True  # our pid, another instance: a restarted container reuses pids
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class RunManager:
+    """Owns the runs of this trainer."""
+
+    def __init__(self, settings: Settings, *, runs: RunStore, coordinator: Coordinator, publisher: Publisher,
+                 cluster: ClusterView, events: EventBus, metrics: TrainerMetrics, clock: Clock) -> None:
+        self.settings = settings
+        self.runs = runs
+        self.coordinator = coordinator
+        self.publisher = publisher
+        self.cluster = cluster
+        self.events = events
+        self.metrics = metrics
+        self.clock = clock
+        self.instance = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._active: tuple[RunContext, threading.Thread] | None = None
+        self._shutting_down = False
+
+    # ------------------------------------------------------------------ startup and shutdown
+    def recover(self) -> list[str]:
+        """Mark runs whose trainer process is gone as interrupted; returns their ids."""
+        marked = []
+        now = self.clock.time()
+        for record in self.runs.load_all():
+            if record.status.active and _owner_gone(record.owner, record.updated_at, now, self.instance):
+                who = f"{record.owner.host} pid {record.owner.pid}" if record.owner else "no process"
+                record.move(RunStatus.INTERRUPTED, now, error=f"interrupted: the trainer running it ({who}) "
+                            f"went away; POST /runs/{record.id}/resume continues from its last checkpoint")
+                self.runs.files(record.id).write(record)
+                marked.append(record.id)
+                log.warning("run %s was %s when its trainer went away: marked interrupted", record.id,
+                            record.kind)
+        return marked
+
+    def shutdown(self, wait_s: float = 30.0) -> None:
+        """Stop the active run at its next check; it ends as interrupted (resumable), not stopped."""
+        with self._lock:
+            self._shutting_down = True
+            active = self._active
+        if active is not None:
+            active[0].stop_event.set()
+            active[1].join(timeout=wait_s)
+
+    # ------------------------------------------------------------------ commands
+    def active(self) -> RunRecord | None:
+        with self._lock:
+            return self._active[0].record if self._active else None
+
+    def _refuse_if_active(self) -> None:
+        """Conflict while a run is active; the caller holds ``self._lock``."""
+        active = self._active[0].record if self._active else None
+        if active is not None:
+            raise Conflict(f"run {active.id} ({active.kind}) is {active.status.value}; one run at a time: "
+                           f"stop it (POST /runs/{active.id}/stop) or wait for it to finish. Runs are "
+                           "refused, not queued")
+
+    def _validate(self, kind_name: str, params: dict[str, Any]) -> tuple[RunKind, BaseModel]:
+        kind = KINDS.get(kind_name)
+        if kind is None:
+            raise BadRequest(f"unknown run kind {kind_name!r}; allowed: {', '.join(sorted(KINDS))}")
+        try:
+            parsed = kind.params_model.model_validate(params)
+        except ValidationError as exc:
+            raise BadRequest(_describe(exc)) from None
+        kind.check(parsed, self.settings, self.coordinator.store)
+        return kind, parsed
+
+    def create(self, kind_name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Validate and start a run; 400 for bad parameters, 409 while another run is active."""
+        kind, parsed = self._validate(kind_name, params)
+        with self._lock:
+            if self._shutting_down:
+                raise Conflict("the trainer is shutting down; start the run on the restarted trainer")
+            self._refuse_if_active()
+            record = RunRecord(id=self.runs.new_id(kind.name), kind=kind.name,
+                               params=parsed.model_dump(mode="json"), created_at=self.clock.time())
+            self._launch(kind, parsed, record, resume=False)
+        return self.view(record)
+
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Continue an interrupted or stopped run from its last checkpoint (409 when it cannot be)."""
+        record = self.runs.get(run_id)
+        if record.status not in RESUMABLE:
+            raise Conflict(f"run {run_id} is {record.status.value}; only an interrupted or stopped run can "
+                           "be resumed")
+        kind, parsed = self._validate(record.kind, record.params)
+        with self._lock:
+            self._refuse_if_active()
+            record.resumes += 1
+            self._launch(kind, parsed, record, resume=True)
+        return self.view(record)
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        """Ask the active run to stop at its next check (between steps or rounds)."""
+        record = self.runs.get(run_id)
+        with self._lock:
+            active = self._active
+        if active is None or active[0].record.id != run_id:
+            raise Conflict(f"run {run_id} is {record.status.value}, not active; nothing to stop")
+        active[0].stop_event.set()
+        active[0].record.set_progress(active[0].record.progress.step, active[0].record.progress.total,
+                                      "stopping at the next step", self.clock.time())
+        active[0].save()
+        return self.view(active[0].record)
+
+    # ------------------------------------------------------------------ execution
+    def _launch(self, kind: RunKind, params: BaseModel, record: RunRecord, *, resume: bool) -> None:
+        if record.status is not RunStatus.QUEUED:
+            record.move(RunStatus.QUEUED, self.clock.time())
+        files = self.runs.files(record.id)
+        ctx = RunContext(record=record, files=files, settings=self.settings, clock=self.clock,
+                         coordinator=self.coordinator, publisher=self.publisher, cluster=self.cluster,
+                         events=self.events, metrics=self.metrics, resume=resume)
+        ctx.save()
+        thread = threading.Thread(target=self._execute, args=(kind, params, ctx), name=f"run-{record.id}",
+                                  daemon=True)
+        self._active = (ctx, thread)
+        thread.start()
+
+    def _execute(self, kind: RunKind, params: BaseModel, ctx: RunContext) -> None:
+        record = ctx.record
+        record.owner = Owner.current(self.instance)
+        record.move(RunStatus.RUNNING, self.clock.time())
+        ctx.save()
+        self.metrics.run_active.labels(kind=kind.name).set(1)
+        final, error = RunStatus.SUCCEEDED, None
+        try:
+            kind.execute(ctx, params)
+        except RunStopped:
+            final = RunStatus.INTERRUPTED if self._shutting_down else RunStatus.STOPPED
+            error = "interrupted: the trainer shut down" if self._shutting_down else None
+        except (RewardError, LockstepError) as exc:
+            final, error = RunStatus.FAILED, str(exc)
+            log.warning("run %s failed: %s", record.id, exc)
+        except Exception as exc:  # a bug or a library error: recorded, the trainer keeps serving
+            final, error = RunStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("run %s failed", record.id)
+        finally:
+            record.move(final, self.clock.time(), error=error)
+            if final is RunStatus.SUCCEEDED:
+                record.set_progress(record.progress.total, record.progress.total, "done", self.clock.time())
+            ctx.save()
+            self.metrics.run_active.labels(kind=kind.name).set(0)
+            self.metrics.runs_total.labels(kind=kind.name, status=final.value).inc()
+            with self._lock:
+                if self._active is not None and self._active[0] is ctx:
+                    self._active = None
+            log.info("run %s %s%s", record.id, final.value, f": {error}" if error else "")
+
+    # ------------------------------------------------------------------ views
+    def _record(self, run_id: str) -> RunRecord:
+        with self._lock:
+            if self._active is not None and self._active[0].record.id == run_id:
+                return self._active[0].record
+        return self.runs.get(run_id)
+
+    def view(self, record: RunRecord, *, samples: int | None = None) -> dict[str, Any]:
+        """A run as the API shows it: the record plus its metric points, evaluations, rounds and samples."""
+        files: RunFiles = self.runs.files(record.id)
+        lines = files.metrics()
+        steps: dict[int, dict[str, Any]] = {}
+        for point in lines:
+            if point.get("type") == "step":
+                # A resumed run redoes the steps after its checkpoint: the last point of a step wins.
+                steps[int(point["step"])] = point
+        all_samples = files.samples()
+        return {**record.model_dump(mode="json"),
+                "metrics": [steps[k] for k in sorted(steps)],
+                "evals": [p for p in lines if p.get("type") == "eval"],
+                "rounds": [p for p in lines if p.get("type") == "round"],
+                "samples": all_samples if samples is None else all_samples[-samples:],
+                "active": record.status.active}
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        return self.view(self._record(run_id))
+
+    def list(self) -> list[dict[str, Any]]:
+        records = {r.id: r for r in self.runs.load_all()}
+        with self._lock:
+            if self._active is not None:
+                records[self._active[0].record.id] = self._active[0].record
+        ordered = sorted(records.values(), key=lambda r: r.created_at, reverse=True)
+        return [self.view(r, samples=SAMPLES_IN_LIST) for r in ordered]

@@ -1,0 +1,214 @@
+"""Publish jobs: every publish the trainer coordinates (HTTP, rollback, or a run's checkpoint), with progress.
+
+A job runs the coordinator's two phases, reports each step on the event stream, counts the outcome in the
+metrics and keeps the result for ``GET /publishes/{id}``. When another coordinator holds the lease (a replica
+handling ``POST /update-model``, say), the job waits for it instead of failing at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lockstep.core.clock import Clock
+from lockstep.core.errors import LeaseHeld, LockstepError, NotFound
+from lockstep.core.settings import CommitPolicy, Settings
+from lockstep.models import loader
+from lockstep.models.refs import RefKind, parse_ref
+from lockstep.store import ModelStore
+from lockstep.sync.coordinator import Coordinator, PublishResult, Source
+from lockstep.trainer.events import EventBus
+from lockstep.trainer.metrics import TrainerMetrics
+
+log = logging.getLogger(__name__)
+
+KEEP_JOBS = 200  # finished jobs kept in memory for GET /publishes (the shared history keeps every publish)
+LEASE_WAIT_S = 60.0  # seconds a job waits for another coordinator's lease before failing
+
+
+def check_ref(ref: str, settings: Settings, store: ModelStore) -> None:
+    """Refuse a reference that is malformed or names nothing, before anything starts (400/404).
+
+    Repo ids are checked when the job resolves them (a download can take minutes); offline, a repo id
+    missing from the cache is refused here.
+    """
+    parsed = parse_ref(ref)
+    if parsed.kind is RefKind.VERSION:
+        assert parsed.version is not None
+        if parsed.version != 0:
+            store.get(parsed.version)
+    elif parsed.kind is RefKind.DIRECTORY:
+        assert parsed.path is not None
+        loader.check_safe_files(parsed.path, settings)
+    elif parsed.kind is RefKind.REPO and settings.hf_hub_offline:
+        loader.resolve(parsed, settings, store)
+
+
+@dataclass
+class PublishJob:
+    """One publish and what became of it."""
+
+    id: str
+    kind: str  # publish | rollback | run
+    model: str
+    status: str = "running"  # running | done | failed
+    phase: str = "queued"  # the coordinator's last progress event
+    progress: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    run_id: str | None = None
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "publish_id": self.id, "kind": self.kind, "model": self.model,
+                "status": self.status, "phase": self.phase, "progress": self.progress, "result": self.result,
+                "error": self.error, "run_id": self.run_id, "started_at": self.started_at,
+                "finished_at": self.finished_at}
+
+
+class Publisher:
+    """Runs publish jobs through one ``Coordinator`` (one at a time in this process)."""
+
+    def __init__(self, coordinator: Coordinator, *, events: EventBus, metrics: TrainerMetrics,
+                 clock: Clock) -> None:
+        self.coordinator = coordinator
+        self.store: ModelStore = coordinator.store
+        self.events = events
+        self.metrics = metrics
+        self.clock = clock
+        self._jobs: OrderedDict[str, PublishJob] = OrderedDict()
+        self._lock = threading.Lock()
+        self._busy = threading.Lock()  # one publish at a time from this trainer
+
+    # ------------------------------------------------------------------ jobs
+    def jobs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [j.as_dict() for j in reversed(self._jobs.values())]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no publish {job_id!r}; GET /publishes lists them")
+        return job.as_dict()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy.locked()
+
+    def _new_job(self, kind: str, model: str, run_id: str | None) -> PublishJob:
+        job = PublishJob(id=f"pub-{secrets.token_hex(4)}", kind=kind, model=model, run_id=run_id,
+                         started_at=self.clock.time())
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > KEEP_JOBS:
+                oldest = next(iter(self._jobs))
+                if self._jobs[oldest].status == "running":
+                    break
+                self._jobs.popitem(last=False)
+        self.events.publish("publish", job.as_dict())
+        return job
+
+    def _progress(self, job: PublishJob) -> Any:
+        def report(event: str, details: dict[str, Any]) -> None:
+            job.phase = event
+            if event == "staging":
+                job.progress = dict(details)
+            self.events.publish("publish", job.as_dict())
+
+        return report
+
+    # ------------------------------------------------------------------ running
+    def submit(self, model: str, *, kind: str = "publish", rollback_to: int | None = None,
+               policy: CommitPolicy | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        """Start a publish (or rollback) in the background; the job's id comes back at once."""
+        job = self._new_job(kind, model, None)
+
+        def work() -> None:
+            try:
+                self._execute(job, lambda progress: self._publish_or_rollback(
+                    model, rollback_to, kind, policy, timeout_s, progress))
+            except Exception:  # recorded in the job; logged there
+                pass
+
+        threading.Thread(target=work, name=f"publish-{job.id}", daemon=True).start()
+        return job.as_dict()
+
+    def _publish_or_rollback(self, model: str, rollback_to: int | None, kind: str,
+                             policy: CommitPolicy | None, timeout_s: float | None,
+                             progress: Any) -> PublishResult:
+        if kind == "rollback":
+            return self._with_lease_wait(lambda: self.coordinator.rollback(
+                rollback_to, policy=policy, timeout_s=timeout_s, progress=progress))
+        source = self.coordinator.prepare_source(model, progress=progress)
+        return self._with_lease_wait(lambda: self.coordinator.publish(
+            model, source=source, policy=policy, timeout_s=timeout_s, progress=progress))
+
+    def publish_dir(self, path: Path, *, label: str, metadata: dict[str, Any], run_id: str | None = None,
+                    policy: CommitPolicy | None = None, timeout_s: float | None = None) -> PublishResult:
+        """Copy a model folder in as the next version and publish it; blocks until committed or aborted."""
+        job = self._new_job("run" if run_id else "publish", label, run_id)
+
+        def work(progress: Any) -> PublishResult:
+            state = self.coordinator.read_state()
+            parent = state.committed.version if state.committed else 0
+            manifest = self.store.publish_dir(path, source=label, parent=parent, metadata=metadata,
+                                              allow_pickle=self.coordinator.settings.allow_pickle)
+            source = Source(manifest.version, ModelStore.ref(manifest.version), manifest.digest)
+            return self._with_lease_wait(lambda: self.coordinator.publish(
+                ModelStore.ref(manifest.version), source=source, policy=policy, timeout_s=timeout_s,
+                progress=progress))
+
+        return self._execute(job, work)
+
+    def publish_ref(self, model: str, *, run_id: str | None = None, policy: CommitPolicy | None = None,
+                    timeout_s: float | None = None, metadata: dict[str, Any] | None = None) -> PublishResult:
+        """Publish any model reference; blocks until committed or aborted."""
+        job = self._new_job("run" if run_id else "publish", model, run_id)
+
+        def work(progress: Any) -> PublishResult:
+            source = self.coordinator.prepare_source(model, metadata=metadata, progress=progress)
+            return self._with_lease_wait(lambda: self.coordinator.publish(
+                model, source=source, policy=policy, timeout_s=timeout_s, progress=progress))
+
+        return self._execute(job, work)
+
+    def _with_lease_wait(self, attempt: Any) -> PublishResult:
+        deadline = self.clock.monotonic() + LEASE_WAIT_S
+        while True:
+            try:
+                return attempt()  # type: ignore[no-any-return]
+            except LeaseHeld as exc:
+                if self.clock.monotonic() >= deadline:
+                    raise
+                log.info("waiting for the coordinator lease: %s", exc)
+                self.clock.sleep(0.5)
+
+    def _execute(self, job: PublishJob, work: Any) -> PublishResult:
+        with self._busy:
+            try:
+                result: PublishResult = work(self._progress(job))
+            except Exception as exc:
+                job.status, job.error, job.finished_at = "failed", str(exc), self.clock.time()
+                job.phase = "failed"
+                self.metrics.publish_total.labels(outcome="failed").inc()
+                self.events.publish("publish", job.as_dict())
+                if not isinstance(exc, LockstepError):
+                    log.exception("publish %s of %s failed", job.id, job.model)
+                else:
+                    log.warning("publish %s of %s failed: %s", job.id, job.model, exc)
+                raise
+        job.status, job.result, job.finished_at = "done", result.as_dict(), self.clock.time()
+        job.phase = result.outcome
+        self.metrics.publish_total.labels(outcome=result.outcome).inc()
+        if result.outcome != "unchanged":
+            self.metrics.publish_duration.observe(result.total_s)
+        self.events.publish("publish", job.as_dict())
+        log.info("publish %s: %s", job.id, result.summary())
+        return result

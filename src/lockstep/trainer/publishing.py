@@ -1,0 +1,137 @@
+"""Publishing from your own training code: a model folder or an in-memory model becomes the next version,
+and every replica flips to it together.
+
+    from lockstep.trainer.publishing import publish, wait_until_serving
+
+    result = publish(model, tokenizer, shared_dir="/models", metadata={"step": 100, "loss": 1.9})
+    if result.ok:
+        wait_until_serving(result.version, shared_dir="/models")
+
+Only model files are published (config, safetensors weights, tokenizer files); a Trainer checkpoint's
+optimizer and RNG state (pickles) stay behind. Weights must be safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
+from lockstep.core.errors import BadModelRef, BadRequest, LeaseHeld
+from lockstep.core.settings import CommitPolicy, Settings, load_settings
+from lockstep.store import ModelStore
+from lockstep.sync import coordinator as coord
+from lockstep.sync.coordinator import Coordinator, PublishResult, Source
+from lockstep.sync.protocol import Heartbeat
+from lockstep.trainer.policy import save_kwargs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PublishResult", "model_files", "publish", "wait_until_serving"]
+
+LEASE_WAIT_S = 60.0  # seconds to wait while another coordinator publishes
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                    "chat_template.jinja", "chat_template.json")
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def _settings(shared_dir: str | Path | None, settings: Settings | None) -> Settings:
+    if settings is None:
+        settings = load_settings(shared_dir=Path(shared_dir) if shared_dir is not None else None)
+    elif shared_dir is not None:
+        settings = settings.model_copy(update={"shared_dir": Path(shared_dir)})
+    if settings.shared_dir is None:
+        raise BadRequest("publishing needs the shared folder: pass shared_dir= or set LOCKSTEP_SHARED_DIR")
+    return settings
+
+
+def model_files(folder: Path) -> list[str]:
+    """The top-level files of ``folder`` a replica needs: config, safetensors weights, tokenizer."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    return [n for n in names if n in _MODEL_FILES or n in _TOKENIZER_FILES or n.endswith(".safetensors")
+            or n.endswith(".safetensors.index.json")]
+
+
+def _stage_folder(path_or_model: Any, tokenizer: Any, tmp: Path) -> Path:
+    """A folder holding only what gets published (weights, config, tokenizer)."""
+    if hasattr(path_or_model, "save_pretrained") and not isinstance(path_or_model, (str, Path)):
+        path_or_model.save_pretrained(tmp, **save_kwargs(path_or_model.save_pretrained))
+    else:
+        src = Path(path_or_model)
+        if not src.is_dir():
+            raise BadModelRef(f"{src} is not a model folder")
+        files = model_files(src)
+        if not any(f.endswith(".safetensors") for f in files):
+            raise BadModelRef(f"{src} has no *.safetensors weights (only safetensors are published; with "
+                              "transformers < 5 set save_safetensors=True)")
+        for name in files:
+            shutil.copy2(src / name, tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if not any((tmp / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise BadRequest("the model has no tokenizer files, and replicas need them: pass tokenizer= (or give "
+                         "the Trainer a processing_class so checkpoints include it)")
+    # Files the replicas must not load: anything written by save_pretrained that is not a model file.
+    for extra in set(p.name for p in tmp.iterdir()) - set(model_files(tmp)):
+        path = tmp / extra
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return tmp
+
+
+def _with_lease_wait(attempt: Any, clock: Clock, wait_s: float) -> PublishResult:
+    deadline = clock.monotonic() + wait_s
+    while True:
+        try:
+            return attempt()  # type: ignore[no-any-return]
+        except LeaseHeld as exc:
+            if clock.monotonic() >= deadline:
+                raise
+            log.info("waiting for the coordinator lease: %s", exc)
+            clock.sleep(0.5)
+
+
+def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_dir: str | Path | None = None,
+            metadata: dict[str, Any] | None = None, settings: Settings | None = None,
+            policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
+            clock: Clock = SYSTEM_CLOCK) -> PublishResult:
+    """Publish a model folder (or a ``PreTrainedModel`` + tokenizer) as the next version, in two phases.
+
+    Blocks until every live replica staged it and it was committed (``result.outcome == "committed"``), or
+    it was aborted (``result.reason`` says why; the cluster keeps its committed version). ``metadata`` goes
+    into the version's MANIFEST.json (step, loss, reward...).
+    """
+    settings = _settings(shared_dir, settings)
+    owner = f"publish-api@{socket.gethostname()}:{os.getpid()}"
+    coordinator = Coordinator(settings, clock=clock, owner=owner)
+    origin = label or (str(Path(path_or_model).resolve()) if isinstance(path_or_model, (str, Path))
+                       else f"{type(path_or_model).__name__} from {owner}")
+    with tempfile.TemporaryDirectory(prefix="lockstep-publish-") as tmp:
+        folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
+        state = coordinator.read_state()
+        parent = state.committed.version if state.committed else 0
+        meta = {"parent": parent, **(metadata or {})}
+        manifest = coordinator.store.publish_dir(folder, source=origin, parent=parent, metadata=meta,
+                                                 allow_pickle=settings.allow_pickle)
+    ref = ModelStore.ref(manifest.version)
+    source = Source(manifest.version, ref, manifest.digest)
+    def attempt() -> PublishResult:
+        return coordinator.publish(ref, source=source, policy=policy, timeout_s=timeout_s)
+
+    result = _with_lease_wait(attempt, clock, LEASE_WAIT_S)
+    log.info("published %s: %s", origin, result.summary())
+    return result
+
+
+def wait_until_serving(version: int, *, shared_dir: str | Path | None = None,
+                       settings: Settings | None = None, timeout_s: float = 60.0, min_replicas: int = 1,
+                       clock: Clock = SYSTEM_CLOCK) -> list[Heartbeat]:
+    """Block until every live replica (at least ``min_replicas``) serves ``version``; else Conflict."""
+    settings = _settings(shared_dir, settings)
+    return coord.wait_until_serving(settings, version, clock=clock, timeout_s=timeout_s,
+                                    min_replicas=min_replicas)

@@ -1,0 +1,144 @@
+"""Rollouts from the inference service: ``POST /generate`` to the replicas, round robin, with the version that
+produced each answer (``X-Model-Version``, checked against the body)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 120.0  # seconds for one generation; a loaded CPU replica can be slow
+CONCURRENCY = 32  # requests in flight at once (replicas batch them)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation to ask for."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    seed: int | None = None
+    top_k: int = 0
+    group: int = 0  # which prompt group it belongs to (GRPO baseline)
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
+                                "temperature": self.temperature, "top_k": self.top_k}
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+
+@dataclass
+class Rollout:
+    """An answer and where it came from; ``error`` is set (and the rest may be empty) when it failed."""
+
+    request: GenRequest
+    url: str
+    text: str = ""
+    version: int | None = None  # from X-Model-Version
+    body_version: int | None = None  # model_version in the body
+    replica_id: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    token_ids: list[int] | None = None  # when the replica returns them
+    latency_s: float = 0.0
+    started_at: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def mislabeled(self) -> bool:
+        """The header and the body disagree on the version (or one is missing)."""
+        return self.ok and (self.version is None or self.version != self.body_version)
+
+
+def parse_answer(rollout: Rollout, response: httpx.Response) -> None:
+    """Fill ``rollout`` from a ``/generate`` answer."""
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        rollout.error = f"HTTP {response.status_code}: {message}"
+        return
+    body = response.json()
+    header = response.headers.get("x-model-version")
+    rollout.version = int(header) if header is not None and header.strip().isdigit() else None
+    rollout.body_version = body.get("model_version")
+    rollout.text = str(body.get("text") or "")
+    rollout.replica_id = body.get("replica_id") or response.headers.get("x-replica-id")
+    rollout.finish_reason = body.get("finish_reason")
+    rollout.completion_tokens = body.get("completion_tokens")
+    ids = body.get("completion_token_ids", body.get("token_ids"))
+    rollout.token_ids = [int(i) for i in ids] if isinstance(ids, list) else None
+
+
+class RolloutClient:
+    """Sends generations to the replicas ``urls()`` returns, spreading them round robin."""
+
+    def __init__(self, urls: Callable[[], list[str]], *, timeout_s: float = REQUEST_TIMEOUT_S,
+                 concurrency: int = CONCURRENCY) -> None:
+        self.urls = urls
+        self._client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency))
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollout")
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def one(self, url: str, request: GenRequest) -> Rollout:
+        """One generation on one replica (no retry)."""
+        rollout = Rollout(request, url, started_at=time.time())
+        started = time.monotonic()
+        try:
+            response = self._client.post(url.rstrip("/") + "/generate", json=request.body())
+            parse_answer(rollout, response)
+        except (httpx.HTTPError, ValueError) as exc:
+            rollout.error = f"{type(exc).__name__}: {exc}"
+        rollout.latency_s = time.monotonic() - started
+        return rollout
+
+    def _round_robin(self, request: GenRequest, urls: list[str]) -> Rollout:
+        with self._lock:
+            start = next(self._turn)
+        rollout = Rollout(request, "", error="no replica to ask")
+        # A replica that is unreachable or not ready (503) is skipped: the next one is asked.
+        for attempt in range(len(urls)):
+            rollout = self.one(urls[(start + attempt) % len(urls)], request)
+            if rollout.ok or not _retryable(rollout.error):
+                return rollout
+        return rollout
+
+    def generate(self, requests: list[GenRequest]) -> list[Rollout]:
+        """Every request, concurrently, round robin over the ready replicas; failures carry ``error``."""
+        urls = self.urls()
+        if not urls:
+            return [Rollout(r, "", error="no ready replica was found (see GET /cluster)") for r in requests]
+        return list(self._pool.map(lambda r: self._round_robin(r, urls), requests))
+
+    def on_each(self, urls: list[str], requests: list[GenRequest]) -> list[Rollout]:
+        """Every request on every replica in ``urls`` (the simulation asks each one)."""
+        pairs = [(u, r) for u in urls for r in requests]
+        return list(self._pool.map(lambda pair: self.one(*pair), pairs))
+
+
+def _retryable(error: str | None) -> bool:
+    if error is None:
+        return False
+    return not error.startswith("HTTP 4") or error.startswith(("HTTP 408", "HTTP 429"))

@@ -1,0 +1,82 @@
+"""The cluster view: heartbeats and discovery merged, disagreements shown, convergence counted."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lockstep.core.settings import load_settings
+from lockstep.sync.protocol import Heartbeat, ReplicaState, ServingInfo, write_heartbeat
+from lockstep.trainer.cluster import ClusterSnapshot, ClusterView
+from lockstep.trainer.discovery import Discovery
+from tests.support.cluster import LocalCluster, wait_for
+from tests.trainer.k8s_api import fake_api_server
+
+
+def beat(replica_id: str, url: str | None, version: int, *, age_s: float = 0.0, ready: bool = True) -> Heartbeat:
+    return Heartbeat(replica_id=replica_id, url=url, state=ReplicaState.SERVING if ready else ReplicaState.BEHIND,
+                     ready=ready, serving=ServingInfo(version=version, model=f"versions/{version:06d}",
+                                                      since=time.time() - 30), time=time.time() - age_s)
+
+
+def test_pods_match_heartbeats_by_name_and_each_side_shows_what_the_other_lacks(tmp_path: Path) -> None:
+    write_heartbeat(tmp_path, beat("replica-1", "http://10.9.9.9:8000", 4))  # URL differs from the pod IP
+    write_heartbeat(tmp_path, beat("lonely", "http://10.2.0.1:8000", 3, ready=False))
+    write_heartbeat(tmp_path, beat("gone", "http://10.2.0.2:8000", 4, age_s=30))  # TTL 5 s: stale
+    settings = load_settings(shared_dir=tmp_path, discovery="kubernetes", k8s_namespace="lockstep")
+    with fake_api_server() as server:
+        api = server.api_client()
+        view = ClusterView(settings, discovery=Discovery(settings, api_client=api))
+        try:
+            snap = view.snapshot(probe=False)
+        finally:
+            view.close()
+            api.close()
+    replicas = {r.replica_id: r for r in snap.replicas}
+    assert replicas["replica-1"].in_heartbeats and replicas["replica-1"].in_discovery
+    assert replicas["replica-1"].pod_ready is True and replicas["replica-1"].serving_version == 4
+    assert replicas["lonely"].in_heartbeats and not replicas["lonely"].in_discovery
+    assert replicas["replica-2"].in_discovery and not replicas["replica-2"].in_heartbeats
+    assert replicas["replica-3"].url is None and replicas["replica-3"].in_discovery
+    assert replicas["gone"].state == "gone" and not replicas["gone"].in_heartbeats and not replicas["gone"].ready
+    # Live = fresh heartbeat; sync_state is missing, so the committed version is 0.
+    assert snap.as_dict()["convergence"] == {"version": 0, "at_version": 0, "total": 2}
+    assert snap.as_dict()["discovery"]["mode"] == "kubernetes"
+
+
+def test_real_replicas_found_statically_and_by_dns_agree_with_their_heartbeats(cluster: LocalCluster,
+                                                                              ghost_url: str) -> None:
+    urls = ",".join([r.url for r in cluster.replicas] + [ghost_url])
+    settings = cluster_settings(cluster, discovery="static", inference_urls=urls)
+    view = ClusterView(settings, discovery=Discovery(settings))
+    try:
+        def both_ready() -> ClusterSnapshot | None:
+            snap = view.snapshot()
+            return snap if sum(1 for r in snap.replicas if r.ready) == 2 else None
+
+        snap = wait_for(both_ready, 60, 0.2, "both replicas ready in the view")
+        by_url = {r.url: r for r in snap.replicas}
+        for proc in cluster.replicas:
+            r = by_url[proc.url]
+            assert r.in_heartbeats and r.in_discovery and r.reachable and r.replica_id == proc.name
+        ghost = by_url[ghost_url]
+        assert ghost.in_discovery and not ghost.in_heartbeats and ghost.reachable is False
+        assert snap.convergence()["total"] == 2
+        assert sorted(snap.ready_urls()) == sorted(p.url for p in cluster.replicas)
+    finally:
+        view.close()
+
+    first = cluster.replicas[0]
+    settings = cluster_settings(cluster, discovery="dns", headless_service="localhost", replica_port=first.port)
+    view = ClusterView(settings, discovery=Discovery(settings))
+    try:
+        snap = view.snapshot()
+    finally:
+        view.close()
+    flags = {r.replica_id: (r.in_heartbeats, r.in_discovery) for r in snap.replicas if r.in_heartbeats}
+    assert flags[first.name] == (True, True)
+    assert flags[cluster.replicas[1].name] == (True, False)
+
+
+def cluster_settings(cluster: LocalCluster, **overrides: object):  # -> Settings
+    return load_settings(shared_dir=cluster.shared, heartbeat_ttl_s=3.0, **overrides)

@@ -1,0 +1,89 @@
+"""Discovery: static URLs, DNS (``localhost``), and the Kubernetes API through a real ``ApiClient`` talking to a
+tiny local HTTP server that serves a pod list."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockstep.core.errors import BadRequest
+from lockstep.core.settings import Settings, load_settings
+from lockstep.trainer.discovery import Discovery, DiscoveryMode, normalize_url
+from tests.trainer.k8s_api import FakeApiServer, fake_api_server
+
+@pytest.fixture
+def api_server() -> Iterator[FakeApiServer]:
+    with fake_api_server() as server:
+        yield server
+
+
+def test_kubernetes_discovery_lists_pods_by_label_with_their_ready_condition(api_server: FakeApiServer) -> None:
+    settings = load_settings(discovery="kubernetes", k8s_namespace="lockstep",
+                             k8s_label_selector="app=inference-server", replica_port=8000)
+    api = api_server.api_client()
+    try:
+        result = Discovery(settings, api_client=api).discover()
+    finally:
+        api.close()
+    assert result.error is None and result.mode is DiscoveryMode.KUBERNETES
+    path, query = api_server.requests[-1]
+    assert path == "/api/v1/namespaces/lockstep/pods" and query["labelSelector"] == ["app=inference-server"]
+    by_name = {e.name: e for e in result.endpoints}
+    assert set(by_name) == {"replica-1", "replica-2", "replica-3"}  # the finished pod serves nothing
+    assert by_name["replica-1"].url == "http://10.1.0.5:8000" and by_name["replica-1"].ready is True
+    assert by_name["replica-2"].url == "http://[fd00::7]:8000" and by_name["replica-2"].ready is False
+    assert by_name["replica-3"].url is None  # pending: no IP yet
+    assert result.urls == ["http://10.1.0.5:8000", "http://[fd00::7]:8000"]
+
+
+def test_a_refused_pod_list_is_reported_not_raised(api_server: FakeApiServer, tmp_path: Path) -> None:
+    api_server.status = 403
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("from-the-service-account\n")
+    api = api_server.api_client()
+    try:
+        result = Discovery(load_settings(discovery="kubernetes"), api_client=api,
+                           namespace_file=namespace_file).discover()
+    finally:
+        api.close()
+    assert result.endpoints == [] and "403" in (result.error or "")
+    assert api_server.requests[-1][0] == "/api/v1/namespaces/from-the-service-account/pods"
+
+
+def test_dns_discovery_finds_every_address_behind_the_name() -> None:
+    result = Discovery(load_settings(discovery="dns", headless_service="localhost", replica_port=8123)).discover()
+    assert result.error is None and "http://127.0.0.1:8123" in result.urls
+    assert all(e.source == "dns" for e in result.endpoints)
+    assert len(result.urls) == len(set(result.urls))
+
+
+def test_dns_discovery_reports_a_name_that_does_not_resolve() -> None:
+    settings = load_settings(discovery="dns", headless_service="no-such-host.invalid")
+    result = Discovery(settings).discover()
+    assert result.endpoints == [] and "no-such-host.invalid" in (result.error or "")
+    assert "LOCKSTEP_HEADLESS_SERVICE" in (Discovery(load_settings(discovery="dns")).discover().error or "")
+
+
+def test_auto_picks_kubernetes_then_dns_then_static_then_heartbeats(api_server: FakeApiServer) -> None:
+    api = api_server.api_client()
+    try:
+        assert Discovery(load_settings(), api_client=api).mode is DiscoveryMode.KUBERNETES
+    finally:
+        api.close()
+    # Outside a pod there is no service account, so auto falls through to the other sources.
+    def auto(**fields: object) -> Discovery:
+        base: dict[str, object] = {"discovery": "auto", "headless_service": None, "inference_urls": ""}
+        return Discovery(Settings(**{**base, **fields}))  # type: ignore[arg-type]
+
+    assert auto(headless_service="svc", inference_urls="http://a:1").mode is DiscoveryMode.DNS
+    assert auto(inference_urls="http://a:1, http://b:2/").mode is DiscoveryMode.STATIC
+    assert auto(inference_urls="http://a:1, http://b:2/").discover().urls == ["http://a:1", "http://b:2"]
+    assert auto().mode is DiscoveryMode.HEARTBEATS
+    with pytest.raises(BadRequest, match="allowed: auto"):
+        Discovery(load_settings(discovery="consul"))
+
+
+def test_urls_compare_without_trailing_slash_or_host_case() -> None:
+    assert normalize_url("HTTP://Host:80/") == normalize_url("http://host:80")

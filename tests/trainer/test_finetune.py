@@ -1,0 +1,110 @@
+"""Real fine-tuning against two real replicas: versions published, reward up, every replica on each version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.cluster import LocalCluster, Proc, wait_for
+from tests.trainer.conftest import wait_run
+
+pytestmark = pytest.mark.e2e
+
+PARAMS = {"steps": 9, "publish_every": 3, "batch_size": 8, "group_size": 4, "learning_rate": 3e-3,
+          "max_new_tokens": 16, "eval_prompts": 16, "seed": 0}
+
+
+def committed(proc: Proc) -> int:
+    return int(proc.get("/cluster").json()["convergence"]["version"])
+
+
+def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(cluster: LocalCluster,
+                                                                          trainer: Proc) -> None:
+    start = committed(trainer)
+    created = trainer.post("/runs", json={"kind": "finetune", "params": PARAMS})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+
+    # One run at a time: a second one is refused, not queued.
+    second = trainer.post("/runs", json={"kind": "simulation", "params": {"rounds": 1}})
+    assert second.status_code == 409 and run_id in second.json()["error"]["message"]
+
+    run = wait_run(trainer, run_id)
+    assert run["status"] == "succeeded", run["error"]
+    versions = run["versions"]
+    assert len(versions) >= 3 and versions == sorted(versions) and versions[0] > start
+    assert run["progress"]["fraction"] == 1.0
+
+    evals = {e["version"]: e for e in run["evals"]}
+    assert set(evals) == {start, *versions}
+    first, last = evals[start]["reward"], evals[versions[-1]]["reward"]
+    assert last > first + 0.1, [(v, e["reward"]) for v, e in evals.items()]
+    # Every held-out prompt was answered by the version under evaluation, by both replicas together.
+    names = sorted(r.name for r in cluster.replicas)
+    for version in versions:
+        assert evals[version]["answered"] == evals[version]["asked"] == PARAMS["eval_prompts"]
+        assert evals[version]["serving"] == {n: version for n in names}
+        assert evals[version]["replicas"] == names
+
+    # Each version was committed with every replica serving it (the publish reports of this run).
+    jobs = [j for j in trainer.get("/publishes").json()["publishes"] if j["run_id"] == run_id]
+    assert sorted(j["result"]["version"] for j in jobs) == versions
+    for job in jobs:
+        assert job["result"]["outcome"] == "committed"
+        assert sorted(r["replica_id"] for r in job["result"]["replicas"]) == names
+        assert {r["outcome"] for r in job["result"]["replicas"]} == {"serving"}
+
+    # The MANIFEST records the training, and the replicas' answers changed with the versions.
+    manifests = {m["version"]: m for m in trainer.get("/versions").json()["versions"]}
+    meta = manifests[versions[-1]]["metadata"]
+    assert meta["run_id"] == run_id and meta["step"] == PARAMS["steps"] and meta["parent"] == versions[-2]
+    assert {"loss", "reward"} <= set(meta)
+    answers = {s["version"]: s["answer"] for s in run["samples"]}
+    assert answers[start] != answers[versions[-1]]
+    steps = [m["step"] for m in run["metrics"]]
+    assert steps == list(range(1, PARAMS["steps"] + 1))
+    assert all(m["stale"] == 0 and m["mislabeled"] == 0 for m in run["metrics"])
+
+    for proc in cluster.replicas:
+        answer = proc.post("/generate", json={"prompt": "Numbers for lamp:", "max_new_tokens": 4,
+                                              "temperature": 0})
+        assert answer.headers["X-Model-Version"] == str(versions[-1])
+
+
+def test_a_reward_plug_in_that_fails_during_the_run_fails_it_and_the_cluster_keeps_serving(
+        cluster: LocalCluster, trainer: Proc) -> None:
+    before = committed(trainer)
+    created = trainer.post("/runs", json={"kind": "finetune", "params": {
+        "reward": "tests.trainer.plugins:raises_after_first_call", "steps": 3}})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "failed"
+    assert "RuntimeError: the reward service is unreachable" in run["error"]
+    assert run["versions"] == []
+    assert committed(trainer) == before
+    for proc in cluster.replicas:
+        assert proc.ready() and proc.status()["serving_version"] == before
+
+
+def test_the_event_stream_reports_the_cluster_and_publishes(trainer: Proc) -> None:
+    seen: dict[str, Any] = {}
+    with httpx.stream("GET", trainer.url + "/events", timeout=30) as stream:
+        published = False
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                seen.setdefault(kind, line[6:])
+                if "cluster" in seen and not published:
+                    job = trainer.post("/publish", json={"model": "builtin:tiny-s2"})
+                    assert job.status_code == 202, job.text
+                    published = True
+                if {"cluster", "publish", "version"} <= set(seen):
+                    break
+    assert '"convergence"' in seen["cluster"] and '"publish_id"' in seen["publish"]
+    wait_for(lambda: trainer.get("/publishes").json()["publishes"][0]["status"] != "running", 60, 0.2,
+             "the publish to end")
+    metrics = trainer.get("/metrics").text
+    assert 'lockstep_publish_total{outcome="committed"}' in metrics
