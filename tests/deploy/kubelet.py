@@ -26,8 +26,11 @@ Translations, the only places where the local run differs from the manifests:
 - the image: ``WORKDIR`` (``/tmp``) is the pod's ``/tmp`` emptyDir; the source is on ``PYTHONPATH``
   instead of installed in ``/opt/venv``; ``OMP_NUM_THREADS=1`` stands in for the CPU limits on a small
   machine;
+- a caller may set variables on top of a Deployment's (``env_overrides``): each is a translation it
+  states, e.g. pod discovery without a Kubernetes API server;
 - not enforced: ``securityContext`` (user 10001, read-only root filesystem), ``resources``, GPU
-  tolerations, ``preStop`` hooks (a test's teardown does not wait them out), NetworkPolicies.
+  tolerations, ``preStop`` hooks (a test's teardown does not wait them out), NetworkPolicies, the
+  service-account token (there is no API server).
 
 Needs root and iproute2. Addresses come from a /24 in 10.200.0.0/13 that no interface or route on the
 machine uses; everything created (namespaces, links, ``/etc/netns/<ns>``) is named after this process
@@ -92,6 +95,7 @@ class PodNetwork:
     def __init__(self) -> None:
         if os.geteuid() != 0 or shutil.which("ip") is None:
             raise NetworkUnavailable("network namespaces need root and iproute2 (`ip`)")
+        _reap_stale()
         self.tag = f"lsk{os.getpid()}"  # every name we create starts with it; <= 15 chars for links
         self.subnet = self._free_subnet()
         hosts = self.subnet.hosts()
@@ -181,6 +185,33 @@ class PodNetwork:
             self.remove_pod(ns)
         _ip("link", "del", self.tag, check=False)  # takes its peer in the bridge namespace along
         _ip("netns", "del", self.bridge_ns, check=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_stale() -> None:
+    """Remove what an earlier PodNetwork left behind when its process was killed (names carry its pid)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        m = re.match(r"(lsk(\d+)-\S+)", line)
+        if m and not _pid_alive(int(m.group(2))):
+            for pid in _ip("netns", "pids", m.group(1), check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("netns", "del", m.group(1), check=False)
+            shutil.rmtree(PodNetwork.etc_dir(m.group(1)), ignore_errors=True)
+    for m in re.finditer(r"^\d+: (lsk(\d+))@", _ip("-o", "link", "show", check=False).stdout, re.MULTILINE):
+        if not _pid_alive(int(m.group(2))):
+            _ip("link", "del", m.group(1), check=False)
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -509,8 +540,7 @@ class Kubelet:
 
     def container_env(self, pod: Pod, container: dict[str, Any]) -> dict[str, str]:
         """The container's environment: image env, then ``envFrom``, then ``env`` in order (later wins)."""
-        env = dict(self.image_env)
-        env["HOSTNAME"] = pod.name  # the runtime sets it to the pod name
+        env = {"HOSTNAME": pod.name}  # the runtime sets it to the pod name
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "configMapRef" in source:
@@ -528,7 +558,7 @@ class Kubelet:
         declared: dict[str, str] = {}
         for var in container.get("env") or []:
             if "value" in var:
-                value: str | None = expand(str(var["value"]), {**env, **declared})
+                value: str | None = expand(str(var["value"]), {**self.image_env, **env, **declared})
             else:
                 source = var.get("valueFrom") or {}
                 if "fieldRef" in source:
@@ -541,7 +571,8 @@ class Kubelet:
             if value is not None:
                 declared[var["name"]] = value
         env.update(declared)
-        return {k: self._host_path(pod, container, v) for k, v in env.items()}
+        # Only what the manifests declare is translated; the image's own paths are this machine's already.
+        return {**self.image_env, **{k: self._host_path(pod, container, v) for k, v in env.items()}}
 
     def _host_path(self, pod: Pod, container: dict[str, Any], value: str) -> str:
         """THE translation: a path under a volume's mountPath becomes the path in that volume's folder."""

@@ -28,7 +28,7 @@ import pytest
 from tests.support.cluster import wait_for
 
 from . import Doc, base_objects, find
-from .kubelet import Kubelet, NetworkUnavailable, Pod, PodNetwork
+from .kubelet import Kubelet, NetworkUnavailable, Pod, PodNetwork, Probe, expand
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
@@ -291,3 +291,19 @@ def check_run_clean(run: dict[str, Any]) -> None:
     summary = run["summary"]
     assert summary["failed"] == 0 and summary["mislabeled"] == 0, summary
     assert summary["converged"] == SIMULATION["rounds"], summary
+
+
+# ------------------------------------------------------------------------------------------ kubelet parsing
+def test_dependent_variables_expand_as_kubernetes_does() -> None:
+    env = {"POD_IP": "10.0.0.7"}
+    assert expand("http://$(POD_IP):8000", env) == "http://10.0.0.7:8000"
+    assert expand("$$(POD_IP) $(UNSET) $$", env) == "$(POD_IP) $(UNSET) $"  # escaped; unknown: as written
+
+
+def test_probes_resolve_named_ports_and_take_kubernetes_defaults() -> None:
+    probe = Probe.parse("readiness", {"httpGet": {"path": "/ready", "port": "http"}}, {"http": 8000})
+    defaults = (probe.period_s, probe.timeout_s, probe.failure_threshold, probe.success_threshold)
+    assert probe.port == 8000 and defaults == (10.0, 1.0, 3, 1)
+    declared = find(base_objects(), "Deployment", INFERENCE).body["spec"]["template"]["spec"]["containers"][0]
+    startup = Probe.parse("startup", declared["startupProbe"], {"http": 8000})
+    assert startup.path == "/healthz" and startup.port == 8000

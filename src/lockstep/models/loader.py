@@ -14,14 +14,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from filelock import FileLock
 
 from lockstep.core.errors import BadModelRef, LoadError, NotFound, UnsafeModel, VerificationError
 from lockstep.core.settings import Settings
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's publish/status never need it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class LoadedModel:
 
 def pick_device(setting: str) -> torch.device:
     """auto → CUDA when present, else CPU."""
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -77,6 +81,8 @@ def pick_device(setting: str) -> torch.device:
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     """auto → bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
+    import torch
+
     if setting == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -180,6 +186,8 @@ def resolve(ref: ModelRef | str, settings: Settings, store: Any = None) -> Resol
 
 def digest_named_tensors(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
     """sha256 over (name, dtype, shape, bytes) of each tensor, in the order given."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in pairs:
         t = tensor.detach().to("cpu").contiguous()

@@ -130,6 +130,7 @@ class SyncWatcher:
                               "ignored (use lockstep rollback --to 0)")
                 return last
         self._last_problem = None
+        self._legacy_seen = None  # a legacy line written again later is a new request
         self.last_good = state
         return state
 

@@ -15,8 +15,10 @@ from lockstep.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# seconds; the trainer answers from memory, so a slow answer means it is stuck or gone
+# seconds; the trainer answers reads from memory, so a slow answer means it is stuck or gone
 TRAINER_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+# seconds; starting a run or a publish checks its model reference first (reads the store, maybe the hub cache)
+MUTATE_TIMEOUT = httpx.Timeout(60.0, connect=2.0)
 # seconds; a replica's /status is cheap, and a fleet view must not stall on one dead replica
 STATUS_TIMEOUT = httpx.Timeout(2.0, connect=1.0)
 
@@ -71,7 +73,7 @@ class Upstream:
         url = self.trainer_url + path
         try:
             return await self.client.request(method, url, json=json, headers=self.auth_headers(),
-                                             timeout=TRAINER_TIMEOUT)
+                                             timeout=TRAINER_TIMEOUT if method == "GET" else MUTATE_TIMEOUT)
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(
                 f"the trainer at {self.trainer_url} is unreachable: {describe(exc)}. "

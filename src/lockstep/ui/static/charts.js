@@ -13,6 +13,13 @@ export function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
+/** A tick label with just the decimals its spacing needs (0.025, not 0.0250). */
+export function tickLabel(v, ticks) {
+  const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : 1;
+  const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(step) + 1e-9)));
+  return (Object.is(v, -0) ? 0 : v).toFixed(step >= 1 && Number.isInteger(step) ? 0 : decimals + (String(step).includes("25") ? 1 : 0));
+}
+
 /** Linear map from [d0, d1] to [r0, r1]. */
 export function scale(d0, d1, r0, r1) {
   const span = d1 - d0 || 1;
@@ -39,7 +46,10 @@ export function lineChart(el, opts) {
   let y0 = Math.min(...all.map((p) => p.y)), y1 = Math.max(...all.map((p) => p.y));
   const pad = (y1 - y0) * 0.08 || Math.abs(y0) * 0.1 || 1;
   y0 -= pad; y1 += pad;
-  const yt = niceTicks(y0, y1, 4), xt = niceTicks(x0, x1, 6).filter((v) => v >= x0 && v <= x1);
+  // Steps and rounds are whole numbers: no tick between two of them.
+  const wholeX = all.every((p) => Number.isInteger(p.x));
+  const yt = niceTicks(y0, y1, 4);
+  const xt = niceTicks(x0, x1, 6).filter((v) => v >= x0 && v <= x1 && (!wholeX || Number.isInteger(v)));
   y0 = Math.min(y0, yt[0]); y1 = Math.max(y1, yt[yt.length - 1]);
   const X = scale(x0, x1, M.l, W - M.r), Y = scale(y0, y1, H - M.b, M.t);
 
@@ -49,10 +59,10 @@ export function lineChart(el, opts) {
 
   const axis = s("g", {class: "axis"});
   axis.append(s("line", {x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b}));
-  for (const v of yt) axis.append(s("text", {x: M.l - 6, y: Y(v) + 3.5, "text-anchor": "end"}, fmtNum(v, 3)));
+  for (const v of yt) axis.append(s("text", {x: M.l - 6, y: Y(v) + 3.5, "text-anchor": "end"}, tickLabel(v, yt)));
   for (const v of xt) {
     axis.append(s("line", {x1: X(v), x2: X(v), y1: H - M.b, y2: H - M.b + 4}));
-    axis.append(s("text", {x: X(v), y: H - M.b + 16, "text-anchor": "middle"}, fmtNum(v, 4)));
+    axis.append(s("text", {x: X(v), y: H - M.b + 16, "text-anchor": "middle"}, tickLabel(v, xt)));
   }
   if (opts.xLabel) axis.append(s("text", {x: W - M.r, y: H - 2, "text-anchor": "end"}, opts.xLabel));
   svg.append(axis);
@@ -64,7 +74,8 @@ export function lineChart(el, opts) {
     const c = versionColor(mk.version);
     const g = s("g", {class: "vmark"});
     g.append(s("line", {x1: X(mk.x), x2: X(mk.x), y1: M.t - 4, y2: H - M.b, stroke: c}));
-    g.append(s("text", {x: X(mk.x) + 3, y: M.t - 8, fill: c}, `v${mk.version}`));
+    const nearRight = X(mk.x) > W - M.r - 30;
+    g.append(s("text", {x: X(mk.x) + (nearRight ? -3 : 3), y: M.t - 8, fill: c, "text-anchor": nearRight ? "end" : "start"}, `v${mk.version}`));
     g.append(s("title", {}, `version ${mk.version} from ${opts.xLabel || "x"} ${fmtNum(mk.x)}`));
     marks.append(g);
   }

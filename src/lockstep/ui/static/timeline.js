@@ -39,7 +39,7 @@ function cross(x, y, r, color) {
  * opts.id: the svg's id; opts.empty: the element to show when there is nothing to draw.
  */
 export function drawTimeline(el, history, cluster, opts = {}) {
-  const pubs = publishesOf(history);
+  const pubs = publishesOf(history).slice();
   const flips = flipsOf(history);
   const pending = cluster && cluster.pending;
   const ids = new Set((cluster && cluster.replicas || []).map((r) => String(r.replica_id)));
@@ -96,6 +96,7 @@ export function drawTimeline(el, history, cluster, opts = {}) {
       if (w > 30) g.append(s("text", {x: x + 6, y: y + 4, class: "seg-label"}, `v${v}`));
     }
     for (const f of mine) {
+      if (f.at < t0) continue;
       const tick = s("path", {d: `M${X(f.at)},${y - 14}L${X(f.at)},${y + 14}`, stroke: "#e6edf3", "stroke-width": 2});
       tick.append(s("title", {}, `${id} flipped to v${f.version} at ${new Date(f.at * 1000).toLocaleTimeString()}.${String(Math.round((f.at % 1) * 1000)).padStart(3, "0")}`));
       g.append(tick);
@@ -106,10 +107,14 @@ export function drawTimeline(el, history, cluster, opts = {}) {
   // publish lane: published ●, all staged ◆, committed | (across every lane), aborted ✕
   const y0 = laneY(0);
   const pg = s("g", {class: "lane publishes"});
+  let lastLabelX = -Infinity;
+  const byCommit = (a, b) => (a.activate_at || a.started_at || 0) - (b.activate_at || b.started_at || 0);
+  pubs.sort(byCommit);
   const aborts = pubs.filter((p) => p.outcome === "aborted" || p.outcome === "failed").map(endedAt)
     .filter((t) => typeof t === "number").sort((a, b) => a - b);
   for (const p of pubs) {
     if (typeof p.started_at !== "number" || (endedAt(p) || p.started_at) < t0) continue;
+    if (p.activate_at && p.activate_at < t0) continue;
     const v = p.version, c = versionColor(v);
     const staged = stagedAt(p), end = endedAt(p);
     const committed = p.outcome === "committed" && typeof p.activate_at === "number";
@@ -126,7 +131,11 @@ export function drawTimeline(el, history, cluster, opts = {}) {
     if (committed) {
       const line = s("g", {class: "commit", "data-version": v});
       line.append(s("line", {x1: X(p.activate_at), x2: X(p.activate_at), y1: M.t - 8, y2: H - M.b, stroke: c, "stroke-width": 1.6, "stroke-opacity": 0.9}));
-      line.append(s("text", {x: X(p.activate_at) + 3, y: M.t - 12, fill: c, "font-weight": 700}, `v${v}${p.rollback ? " ↩" : ""}`));
+      // Labels closer than one label's width would overlap: the later one is left out (its line keeps a title).
+      if (X(p.activate_at) - lastLabelX >= 30) {
+        line.append(s("text", {x: X(p.activate_at) + 3, y: M.t - 12, fill: c, "font-weight": 700}, `v${v}${p.rollback ? " ↩" : ""}`));
+        lastLabelX = X(p.activate_at);
+      }
       line.append(s("title", {}, `v${v} committed: every replica flips at ${fmtTime(p.activate_at)}`));
       svg.append(line);
     }
@@ -168,10 +177,10 @@ function renderPublishes(history) {
       : typeof p.activate_at === "number" && typeof p.started_at === "number" ? p.activate_at - p.started_at : null;
     return h("tr", {class: p.outcome === "aborted" ? "aborted" : ""},
       h("td", {}, vchip(p.version, "small"), p.rollback ? h("span", {class: "muted small"}, " rollback") : null),
-      h("td", {class: "mono"}, p.model || ""),
+      h("td", {class: "mono clip", title: p.model || ""}, p.model || ""),
       h("td", {}, outcome(p.outcome || "running"), p.reason ? h("span", {class: "reason"}, p.reason) : null),
-      h("td", {}, fmtTime(p.started_at)),
-      h("td", {}, fmtSeconds(took)),
+      h("td", {class: "nowrap"}, fmtTime(p.started_at)),
+      h("td", {class: "nowrap"}, fmtSeconds(took)),
       h("td", {}, h("div", {class: "replica-outcomes"}, listOf(p.replicas).map((r) =>
         h("span", {class: `rchip ${String(r.outcome || "").replace(/[^a-z_-]/gi, "")}`, title: r.error || `${r.replica_id}: ${r.outcome}`},
           `${r.replica_id}: ${r.outcome}`)))));
@@ -185,7 +194,7 @@ function renderVersions(versionsBody) {
   fill(body, versions.length ? versions.map((v) => h("tr", {},
     h("td", {}, vchip(v.version, "small"), v.version === committed ? h("span", {class: "muted small"}, " committed") : null),
     h("td", {}, fmtTime(v.created_at)),
-    h("td", {class: "mono"}, v.source || ""),
+    h("td", {class: "mono clip", title: v.source || ""}, v.source || ""),
     h("td", {class: "mono"}, (v.digest || "").slice(0, 12)),
     h("td", {}, h("button", {type: "button", class: "link", disabled: v.version === committed,
       "aria-label": `Roll back to version ${v.version}`, onclick: () => rollbackTo(v.version)}, "Roll back")))) :
@@ -197,7 +206,8 @@ const RECENT_S = 300; // seconds of history in the fleet view's strip
 export function init() {
   const redraw = () => {
     if (!$("#view-timeline").hidden) {
-      drawTimeline($("#timeline-chart"), store.history, store.cluster, {id: "timeline-svg", empty: $("#timeline-empty")});
+      const windowS = Number($("#timeline-window").value) || 0;
+      drawTimeline($("#timeline-chart"), store.history, store.cluster, {id: "timeline-svg", windowS, empty: $("#timeline-empty")});
     }
     if (!$("#view-fleet").hidden) {
       drawTimeline($("#recent-chart"), store.history, store.cluster, {id: "recent-svg", windowS: RECENT_S, empty: $("#recent-empty")});
@@ -213,4 +223,5 @@ export function init() {
     if (key !== lastKey && store.versions) { lastKey = key; renderVersions(store.versions); }
   });
   window.addEventListener("hashchange", redraw);
+  $("#timeline-window").addEventListener("change", redraw);
 }

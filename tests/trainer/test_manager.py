@@ -1,0 +1,69 @@
+"""Durability: a run whose trainer process is killed is reported as interrupted after a restart, and it can be
+resumed from its last checkpoint."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lockstep.trainer.manager import _owner_gone
+from lockstep.trainer.run import Owner
+from tests.support.cluster import LocalCluster, wait_for
+from tests.trainer.conftest import RUN_S, start_trainer, wait_run
+
+
+def test_a_run_owner_is_gone_when_its_process_is(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    assert _owner_gone(Owner(host=host, pid=dead.pid, instance="old"), 0.0, 100.0, "new")
+    assert not _owner_gone(Owner(host=host, pid=os.getppid(), instance="old"), 0.0, 100.0, "new")
+    assert _owner_gone(Owner(host=host, pid=os.getpid(), instance="old"), 0.0, 100.0, "new")  # pid reused
+    assert not _owner_gone(Owner(host=host, pid=os.getpid(), instance="me"), 0.0, 100.0, "me")
+    assert _owner_gone(Owner(host="elsewhere", pid=1, instance="x"), 0.0, 1000.0, "new")
+    assert not _owner_gone(Owner(host="elsewhere", pid=1, instance="x"), 990.0, 1000.0, "new")
+    assert _owner_gone(None, None, 0.0, "new")
+
+
+@pytest.mark.e2e
+def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkpoint(
+        cluster: LocalCluster) -> None:
+    first = start_trainer(cluster, "trainer-killed")
+    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 60, "publish_every": 2,
+                                                                       "eval_prompts": 4}})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    checkpointed = wait_for(lambda: (r := first.get(f"/runs/{run_id}").json())["checkpoint"] and r, RUN_S, 0.2,
+                            "the first checkpoint")
+    assert checkpointed["status"] == "running"
+    first.kill()  # SIGKILL: no chance to record anything
+
+    second = start_trainer(cluster, "trainer-restarted")
+    try:
+        run = second.get(f"/runs/{run_id}").json()
+        assert run["status"] == "interrupted" and "went away" in run["error"]
+        checkpoint = run["checkpoint"]
+        # The cluster kept serving a committed version meanwhile.
+        serving = {p.status()["serving_version"] for p in cluster.replicas}
+        assert len(serving) == 1 and all(p.ready() for p in cluster.replicas)
+        assert serving.pop() in run["versions"]
+
+        resumed = second.post(f"/runs/{run_id}/resume")
+        assert resumed.status_code == 202, resumed.text
+        assert second.post(f"/runs/{run_id}/resume").status_code == 409  # already running again
+        wait_for(lambda: len(second.get(f"/runs/{run_id}").json()["versions"]) > len(run["versions"]), RUN_S,
+                 0.5, "a version published after the resume")
+        assert second.post(f"/runs/{run_id}/stop").status_code == 202
+        done = wait_run(second, run_id)
+        assert done["status"] == "stopped" and done["resumes"] == 1
+        assert done["checkpoint"]["step"] > checkpoint["step"]
+        steps = [m["step"] for m in done["metrics"]]
+        assert steps == list(range(1, steps[-1] + 1))  # steps redone after the checkpoint appear once
+    finally:
+        second.process.terminate()
+        second.process.wait(timeout=30)

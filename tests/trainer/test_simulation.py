@@ -1,0 +1,39 @@
+"""The seed's simulation, end to end: rounds of switching between two models, each checked on every replica."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.cluster import LocalCluster, Proc
+from tests.trainer.conftest import wait_run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_simulation_switches_models_and_every_round_converges_without_failures(cluster: LocalCluster,
+                                                                               trainer: Proc) -> None:
+    created = trainer.post("/runs", json={"kind": "simulation", "params": {
+        "rounds": 2, "initial_model": "builtin:tiny", "substitute_model": "builtin:tiny-s1",
+        "requests_per_replica": 2, "max_new_tokens": 4}})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    rounds = run["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["model"] for r in rounds] == ["builtin:tiny-s1", "builtin:tiny"]
+    for r in rounds:
+        assert r["outcome"] == "committed" and r["converged"], r
+        assert r["failed"] == 0 and r["mislabeled"] == 0 and r["errors"] == [], r
+        assert r["replicas"] == 2 and r["requests"] >= 2 * 2
+        assert r["skew_s"] is not None and r["skew_s"] >= 0 and r["propagation_s"] > 0
+        assert r["version"] > r["from_version"]
+    assert run["versions"] == [r["version"] for r in rounds]
+    assert run["summary"]["converged"] == 2 and run["summary"]["failed"] == 0
+    # The check answers after each round came from every replica, under that round's version.
+    by_version: dict[int, set[str]] = {}
+    for sample in run["samples"]:
+        by_version.setdefault(sample["version"], set()).add(sample["replica_id"])
+    for r in rounds:
+        assert by_version[r["version"]] == {p.name for p in cluster.replicas}
+    for proc in cluster.replicas:
+        assert proc.status()["serving_version"] == rounds[-1]["version"]
