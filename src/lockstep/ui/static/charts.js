@@ -13,11 +13,11 @@ export function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
-/** A tick label with just the decimals its spacing needs (0.025, not 0.0250). */
+/** A tick label with just the decimals its spacing needs (0.025, not 0.0250; 2, not 2.000). */
 export function tickLabel(v, ticks) {
   const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : 1;
-  const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(step) + 1e-9)));
-  return (Object.is(v, -0) ? 0 : v).toFixed(step >= 1 && Number.isInteger(step) ? 0 : decimals + (String(step).includes("25") ? 1 : 0));
+  const digits = step.toFixed(10).replace(/0+$/, "").split(".")[1] || "";
+  return (Object.is(v, -0) ? 0 : v).toFixed(Math.min(10, digits.length));
 }
 
 /** Linear map from [d0, d1] to [r0, r1]. */
