@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv model up test test-fast lint system-deps bench clean
+.PHONY: venv model up test lint system-deps bench ui-screenshots clean
 
 # Quick when nothing changed: the stamp is newer than pyproject.toml.
 venv: $(STAMP)
@@ -38,6 +38,10 @@ lint: venv
 
 bench: venv model
 	$(PY) benchmarks/swap_bench.py
+
+# Refresh docs/screenshots/ from a real local cluster in headless Chromium.
+ui-screenshots: venv model system-deps
+	LOCKSTEP_UI_SCREENSHOT_DIR=docs/screenshots $(PY) -m pytest -q tests/ui/test_page.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

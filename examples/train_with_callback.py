@@ -43,7 +43,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", required=True, help="the cluster's shared folder")
     parser.add_argument("--model", default="builtin:tiny", help="model reference to start from")
-    parser.add_argument("--output", default=None, help="checkpoint folder (default: <shared>/../callback-run)")
+    parser.add_argument("--output", default=None, help="checkpoints (default: <shared>/../callback-run)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

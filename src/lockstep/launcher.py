@@ -90,7 +90,7 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
             children.append(_spawn("trainer", ["trainer", "--port", str(trainer_port)], env, trainer_url,
                                    "/healthz"))
         if with_ui and importlib.util.find_spec("lockstep.ui.app") is not None:
-            ui_env = {**env, "TRAINER_URL": trainer_url, "LOCKSTEP_INFERENCE_SERVICE_URL": urls[0]}
+            ui_env = {**env, "TRAINER_URL": trainer_url}  # no service URL: the UI round-robins over ready replicas
             children.append(_spawn("ui", ["ui", "--port", str(ui_port)], ui_env, f"http://127.0.0.1:{ui_port}",
                                    "/healthz"))
         _wait_ready(children, timeout_s=600)

@@ -22,7 +22,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iter
 
 
 def start_trainer(cluster: LocalCluster, name: str, *, extra_urls: tuple[str, ...] = (), **env: str) -> Proc:
-    """``python -m lockstep trainer`` on the cluster's folder, static discovery of its replicas (+ extra URLs)."""
+    """``python -m lockstep trainer`` on the cluster's folder; static discovery of its replicas (+ extras)."""
     port = free_port()
     urls = ",".join([r.url for r in cluster.replicas] + list(extra_urls))
     proc = spawn(name, ["trainer", "--port", str(port)],
@@ -30,7 +30,8 @@ def start_trainer(cluster: LocalCluster, name: str, *, extra_urls: tuple[str, ..
                              LOCKSTEP_TRAINER_THREADS="1", LOCKSTEP_DISCOVERY="static", **env),
                  cluster.root / "logs", port)
     cluster.others.append(proc)
-    wait_for(lambda: proc.get("/ready").status_code == 200, READY_S, 0.2, f"{name} ready (log: {proc.log()[-2000:]})")
+    wait_for(lambda: proc.get("/ready").status_code == 200, READY_S, 0.2,
+             f"{name} ready (log: {proc.log()[-2000:]})")
     return proc
 
 
@@ -56,5 +57,6 @@ def wait_run(trainer: Proc, run_id: str, timeout: float = RUN_S) -> dict[str, An
         body: dict[str, Any] = trainer.get(f"/runs/{run_id}").json()
         return None if body["active"] else body
 
-    result: dict[str, Any] = wait_for(done, timeout, 0.5, f"run {run_id} to end (log: {trainer.log()[-3000:]})")
+    result: dict[str, Any] = wait_for(done, timeout, 0.5,
+                                      f"run {run_id} to end (log: {trainer.log()[-3000:]})")
     return result

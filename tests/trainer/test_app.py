@@ -68,7 +68,7 @@ def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
     ({"kind": "simulation", "params": {"rounds": 0}}, 400, "params.rounds"),
     ({"kind": "simulation", "params": {"rounds": 5000}}, 400, "params.rounds"),
     ({"kind": "simulation", "params": {"substitute_model": "versions/7"}}, 404, "version 7"),
-    ({"kind": "simulation", "params": {"substitute_model": "not a model!"}}, 400, "not a valid model reference"),
+    ({"kind": "simulation", "params": {"substitute_model": "not a model!"}}, 400, "not a valid model"),
     ({"params": {}}, 400, "kind is required"),
 ])
 def test_bad_runs_are_refused_with_what_is_wrong(api: TestClient, body: dict[str, Any], status: int,

@@ -1,4 +1,5 @@
-"""The callback example: transformers' Trainer on the tiny model publishes each checkpoint, replicas serve it."""
+"""The callback example: transformers' Trainer on the tiny model publishes each checkpoint; replicas serve
+it."""
 
 from __future__ import annotations
 

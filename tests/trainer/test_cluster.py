@@ -13,8 +13,10 @@ from tests.support.cluster import LocalCluster, wait_for
 from tests.trainer.k8s_api import fake_api_server
 
 
-def beat(replica_id: str, url: str | None, version: int, *, age_s: float = 0.0, ready: bool = True) -> Heartbeat:
-    return Heartbeat(replica_id=replica_id, url=url, state=ReplicaState.SERVING if ready else ReplicaState.BEHIND,
+def beat(replica_id: str, url: str | None, version: int, *, age_s: float = 0.0,
+         ready: bool = True) -> Heartbeat:
+    state = ReplicaState.SERVING if ready else ReplicaState.BEHIND
+    return Heartbeat(replica_id=replica_id, url=url, state=state,
                      ready=ready, serving=ServingInfo(version=version, model=f"versions/{version:06d}",
                                                       since=time.time() - 30), time=time.time() - age_s)
 
@@ -38,7 +40,8 @@ def test_pods_match_heartbeats_by_name_and_each_side_shows_what_the_other_lacks(
     assert replicas["lonely"].in_heartbeats and not replicas["lonely"].in_discovery
     assert replicas["replica-2"].in_discovery and not replicas["replica-2"].in_heartbeats
     assert replicas["replica-3"].url is None and replicas["replica-3"].in_discovery
-    assert replicas["gone"].state == "gone" and not replicas["gone"].in_heartbeats and not replicas["gone"].ready
+    gone = replicas["gone"]
+    assert gone.state == "gone" and not gone.in_heartbeats and not gone.ready
     # Live = fresh heartbeat; sync_state is missing, so the committed version is 0.
     assert snap.as_dict()["convergence"] == {"version": 0, "at_version": 0, "total": 2}
     assert snap.as_dict()["discovery"]["mode"] == "kubernetes"
@@ -67,7 +70,8 @@ def test_real_replicas_found_statically_and_by_dns_agree_with_their_heartbeats(c
         view.close()
 
     first = cluster.replicas[0]
-    settings = cluster_settings(cluster, discovery="dns", headless_service="localhost", replica_port=first.port)
+    settings = cluster_settings(cluster, discovery="dns", headless_service="localhost",
+                                replica_port=first.port)
     view = ClusterView(settings, discovery=Discovery(settings))
     try:
         snap = view.snapshot()

@@ -1,5 +1,5 @@
-"""Discovery: static URLs, DNS (``localhost``), and the Kubernetes API through a real ``ApiClient`` talking to a
-tiny local HTTP server that serves a pod list."""
+"""Discovery: static URLs, DNS (``localhost``), and the Kubernetes API through a real ``ApiClient`` talking to
+a tiny local HTTP server that serves a pod list."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from lockstep.core.settings import Settings, load_settings
 from lockstep.trainer.discovery import Discovery, DiscoveryMode, normalize_url
 from tests.trainer.k8s_api import FakeApiServer, fake_api_server
 
+
 @pytest.fixture
 def api_server() -> Iterator[FakeApiServer]:
     with fake_api_server() as server:
         yield server
 
 
-def test_kubernetes_discovery_lists_pods_by_label_with_their_ready_condition(api_server: FakeApiServer) -> None:
+def test_kubernetes_discovery_lists_pods_by_label_with_their_ready_condition(
+        api_server: FakeApiServer) -> None:
     settings = load_settings(discovery="kubernetes", k8s_namespace="lockstep",
                              k8s_label_selector="app=inference-server", replica_port=8000)
     api = api_server.api_client()
@@ -53,7 +55,8 @@ def test_a_refused_pod_list_is_reported_not_raised(api_server: FakeApiServer, tm
 
 
 def test_dns_discovery_finds_every_address_behind_the_name() -> None:
-    result = Discovery(load_settings(discovery="dns", headless_service="localhost", replica_port=8123)).discover()
+    settings = load_settings(discovery="dns", headless_service="localhost", replica_port=8123)
+    result = Discovery(settings).discover()
     assert result.error is None and "http://127.0.0.1:8123" in result.urls
     assert all(e.source == "dns" for e in result.endpoints)
     assert len(result.urls) == len(set(result.urls))

@@ -1,4 +1,5 @@
-"""Real fine-tuning against two real replicas: versions published, reward up, every replica on each version."""
+"""Real fine-tuning against two real replicas: versions published, reward up, every replica on each
+version."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from tests.trainer.conftest import wait_run
 
 pytestmark = pytest.mark.e2e
 
-PARAMS = {"steps": 9, "publish_every": 3, "batch_size": 8, "group_size": 4, "learning_rate": 3e-3,
-          "max_new_tokens": 16, "eval_prompts": 16, "seed": 0}
+# From the random built-in model (published first, whatever the cluster served before): seed 0 measured
+# 0.02 → 0.55 → 0.55 → 1.0 held-out reward over these three versions (docs/training.md).
+PARAMS = {"model": "builtin:tiny", "steps": 9, "publish_every": 3, "batch_size": 8, "group_size": 4,
+          "learning_rate": 3e-3, "max_new_tokens": 16, "eval_prompts": 16, "seed": 0}
 
 
 def committed(proc: Proc) -> int:
@@ -22,7 +25,7 @@ def committed(proc: Proc) -> int:
 
 def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(cluster: LocalCluster,
                                                                           trainer: Proc) -> None:
-    start = committed(trainer)
+    before = committed(trainer)
     created = trainer.post("/runs", json={"kind": "finetune", "params": PARAMS})
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
@@ -34,6 +37,8 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     run = wait_run(trainer, run_id)
     assert run["status"] == "succeeded", run["error"]
     versions = run["versions"]
+    start = run["start_version"]
+    assert start >= before  # the start model is published first, so rollouts come from it
     assert len(versions) >= 3 and versions == sorted(versions) and versions[0] > start
     assert run["progress"]["fraction"] == 1.0
 
@@ -50,8 +55,11 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
 
     # Each version was committed with every replica serving it (the publish reports of this run).
     jobs = [j for j in trainer.get("/publishes").json()["publishes"] if j["run_id"] == run_id]
-    assert sorted(j["result"]["version"] for j in jobs) == versions
+    assert sorted(j["result"]["version"] for j in jobs) in (versions, [start, *versions])  # + the start model
     for job in jobs:
+        if job["result"]["outcome"] == "unchanged":  # the cluster already served the start model
+            assert job["result"]["version"] == start
+            continue
         assert job["result"]["outcome"] == "committed"
         assert sorted(r["replica_id"] for r in job["result"]["replicas"]) == names
         assert {r["outcome"] for r in job["result"]["replicas"]} == {"serving"}

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,8 +39,11 @@ def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkp
                                                                        "eval_prompts": 4}})
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
-    checkpointed = wait_for(lambda: (r := first.get(f"/runs/{run_id}").json())["checkpoint"] and r, RUN_S, 0.2,
-                            "the first checkpoint")
+    def with_checkpoint() -> dict[str, Any] | None:
+        run: dict[str, Any] = first.get(f"/runs/{run_id}").json()
+        return run if run["checkpoint"] else None
+
+    checkpointed = wait_for(with_checkpoint, RUN_S, 0.2, "the first checkpoint")
     assert checkpointed["status"] == "running"
     first.kill()  # SIGKILL: no chance to record anything
 

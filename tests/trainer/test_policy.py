@@ -48,7 +48,8 @@ def test_prompt_and_completion_tokens_follow_what_the_replica_generated(policy: 
     assert stopped[-1] == policy.tokenizer.eos_token_id  # choosing to stop is part of the sample
     given, matches = policy.completion_ids(scored(1.0, completion="ignored", token_ids=[7, 8, 9]))
     assert given == [7, 8, 9] and matches
-    assert policy.prompt_ids("Numbers for cat dog:") == list(policy.tokenizer("Numbers for cat dog:")["input_ids"])
+    prompt = "Numbers for cat dog:"
+    assert policy.prompt_ids(prompt) == list(policy.tokenizer(prompt)["input_ids"])
 
 
 def _mean_logprob(policy: Policy, s: Scored) -> float:

@@ -14,7 +14,8 @@ from lockstep.trainer.publishing import model_files, publish, wait_until_serving
 from tests.support.cluster import LocalCluster
 
 
-def test_only_model_files_are_taken_from_a_checkpoint_folder(tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+def test_only_model_files_are_taken_from_a_checkpoint_folder(tiny_dirs: dict[int, Path],
+                                                              tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint-10"
     shutil.copytree(tiny_dirs[1], folder)
     for junk in ("optimizer.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
@@ -24,7 +25,8 @@ def test_only_model_files_are_taken_from_a_checkpoint_folder(tiny_dirs: dict[int
     assert chosen.isdisjoint({"optimizer.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"})
 
 
-def test_folders_without_safetensors_or_tokenizer_are_refused(tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+def test_folders_without_safetensors_or_tokenizer_are_refused(tiny_dirs: dict[int, Path],
+                                                               tmp_path: Path) -> None:
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_dirs[1], no_weights)
     (no_weights / "model.safetensors").rename(no_weights / "pytorch_model.bin")
@@ -48,7 +50,8 @@ def test_a_folder_and_an_in_memory_model_are_published_and_served(cluster: Local
     assert result.outcome == "committed", result.summary()
     beats = wait_until_serving(result.version, shared_dir=cluster.shared, timeout_s=60, min_replicas=2)
     assert sorted(b.replica_id for b in beats) == sorted(p.name for p in cluster.replicas)
-    manifest = json.loads((cluster.shared / "versions" / f"{result.version:06d}" / "MANIFEST.json").read_text())
+    folder = cluster.shared / "versions" / f"{result.version:06d}"
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
     assert manifest["metadata"]["step"] == 5 and manifest["metadata"]["parent"] == manifest["parent"]
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[1])

@@ -1,4 +1,5 @@
-"""Reward plug-ins: only allowed modules are imported; a failing plug-in is reported with what it failed on."""
+"""Reward plug-ins: only allowed modules are imported; a failing plug-in is reported with what it failed
+on."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from lockstep.trainer.run_store import RunStore
 def test_records_round_trip_and_are_listed_oldest_first(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
     for i, rid in enumerate(["b-run", "a-run"]):
-        store.files(rid).write(RunRecord(id=rid, kind="simulation", params={"rounds": i}, created_at=10.0 + i))
+        record = RunRecord(id=rid, kind="simulation", params={"rounds": i}, created_at=10.0 + i)
+        store.files(rid).write(record)
     assert [r.id for r in store.load_all()] == ["b-run", "a-run"]
     assert store.get("a-run").params == {"rounds": 1}
     assert not [p for p in (tmp_path / "a-run").iterdir() if p.name.endswith(".tmp")]

@@ -1,4 +1,5 @@
-"""The seed's simulation, end to end: rounds of switching between two models, each checked on every replica."""
+"""The seed's simulation, end to end: rounds of switching between two models, each checked on every
+replica."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def test_a_simulation_switches_models_and_every_round_converges_without_failures
     assert run["status"] == "succeeded", run["error"]
     rounds = run["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert [r["model"] for r in rounds] == ["builtin:tiny-s1", "builtin:tiny"]
+    # Every round is a real switch, alternating (round 1 goes to the model the cluster does not serve).
+    assert sorted(r["model"] for r in rounds) == ["builtin:tiny", "builtin:tiny-s1"]
     for r in rounds:
         assert r["outcome"] == "committed" and r["converged"], r
         assert r["failed"] == 0 and r["mislabeled"] == 0 and r["errors"] == [], r

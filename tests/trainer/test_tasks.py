@@ -13,7 +13,8 @@ from lockstep.trainer.tasks import TASKS, digits_reward, get_task, target_word_r
 @pytest.mark.parametrize(("completion", "expected"), [
     ("", 0.0), ("   ", 0.0), ("abc", 0.0), ("123", 1.0), (" 12 34 ", 1.0), ("a1", 0.5), ("x 9 y z", 0.25),
 ])
-def test_digits_reward_is_the_share_of_digits_among_non_space_characters(completion: str, expected: float) -> None:
+def test_digits_reward_is_the_share_of_digits_among_non_space_characters(completion: str,
+                                                                         expected: float) -> None:
     assert digits_reward("any prompt", completion) == pytest.approx(expected)
 
 

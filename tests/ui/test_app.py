@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import pytest
 from fastapi.testclient import TestClient
 
-from lockstep.core.settings import Settings
+from lockstep.core.settings import load_settings
 from lockstep.ui.app import create_app
 from lockstep.ui.assets import Assets
 from tests.support.cluster import free_port
+
+MakeClient = Callable[..., TestClient]
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +24,20 @@ def dead_url() -> str:
 
 
 @pytest.fixture
-def make_client(dead_url: str) -> Iterator[object]:
-    """Factory: a TestClient for a UI whose trainer (and, by default, replicas) are unreachable."""
-    clients: list[TestClient] = []
+def make_client(dead_url: str) -> Iterator[MakeClient]:
+    """Factory: a UI whose trainer is unreachable, with these settings on top."""
+    with ExitStack() as stack:
+        def make(**overrides: object) -> TestClient:
+            app = create_app(load_settings(**{"trainer_url": dead_url, **overrides}))
+            return stack.enter_context(TestClient(app))
 
-    def make(**overrides: object) -> TestClient:
-        settings = Settings(**{"trainer_url": dead_url, **overrides})
-        client = TestClient(create_app(settings))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+        yield make
 
 
 @pytest.fixture(scope="module")
 def client(dead_url: str) -> Iterator[TestClient]:
     """One UI for the tests that only read: its trainer is unreachable and it knows no replica."""
-    with TestClient(create_app(Settings(trainer_url=dead_url))) as shared:
+    with TestClient(create_app(load_settings(trainer_url=dead_url))) as shared:
         yield shared
 
 
@@ -167,9 +164,9 @@ def test_unreachable_trainer_is_a_502_in_plain_words(client: TestClient, dead_ur
     assert "TRAINER_URL" in message
 
 
-def test_cluster_without_trainer_asks_the_configured_replicas(make_client: object, dead_url: str) -> None:
+def test_cluster_without_trainer_asks_the_configured_replicas(make_client: MakeClient, dead_url: str) -> None:
     replica = f"http://127.0.0.1:{free_port()}"
-    client = make_client(inference_urls=replica)  # type: ignore[operator]
+    client = make_client(inference_urls=replica)
     body = client.get("/api/cluster").json()
     assert body["source"] == "replicas"
     assert body["trainer"] == {"url": dead_url, "reachable": False, "error": body["trainer"]["error"]}
@@ -191,16 +188,16 @@ def test_no_ready_replica_for_round_robin_is_a_503(client: TestClient) -> None:
     assert "no replica is ready" in response.json()["error"]["message"]
 
 
-def test_unreachable_service_is_a_502_naming_it(make_client: object) -> None:
+def test_unreachable_service_is_a_502_naming_it(make_client: MakeClient) -> None:
     service = f"http://127.0.0.1:{free_port()}"
-    client = make_client(inference_service_url=service)  # type: ignore[operator]
+    client = make_client(inference_service_url=service)
     response = client.post("/api/playground", json={"prompt": "hi"})
     assert response.status_code == 502
     assert f"the inference service at {service} is unreachable" in response.json()["error"]["message"]
 
 
-def test_config_says_where_things_are_but_not_the_token(make_client: object, dead_url: str) -> None:
-    client = make_client(api_token="s3cret-token")  # type: ignore[operator]
+def test_config_says_where_things_are_but_not_the_token(make_client: MakeClient, dead_url: str) -> None:
+    client = make_client(api_token="s3cret-token")
     body = client.get("/api/config").json()
     assert body["trainer_url"] == dead_url and body["token_configured"] is True
     assert "s3cret-token" not in client.get("/api/config").text

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lockstep.core.settings import Settings
+from lockstep.core.settings import load_settings
 from lockstep.ui.feed import Event, Feed
 from lockstep.ui.upstream import Upstream
 from tests.support.cluster import free_port
@@ -37,7 +37,7 @@ async def next_event(stream: AsyncIterator[bytes]) -> tuple[str, Any]:
 async def feed() -> AsyncIterator[Feed]:
     dead_trainer, dead_replica = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     async with httpx.AsyncClient() as client:
-        upstream = Upstream(Settings(trainer_url=dead_trainer, inference_urls=dead_replica), client)
+        upstream = Upstream(load_settings(trainer_url=dead_trainer, inference_urls=dead_replica), client)
         feed = Feed(upstream, interval_s=0.02)
         yield feed
         await feed.close()

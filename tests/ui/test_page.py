@@ -27,6 +27,7 @@ from playwright.sync_api import Page, expect  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 WAIT_MS = 60_000  # the longest the page may take to show something the cluster did (loads on a busy CPU)
+TOKEN = "ui-test-token-7f3a"  # every process requires it on mutating calls; only the UI server may hold it
 
 
 @dataclass
@@ -44,10 +45,10 @@ def _healthy(proc: Proc) -> bool:
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[System]:
     root = tmp_path_factory.mktemp("ui-page")
-    with local_cluster(root, builtin_dir, replicas=2) as cluster:
+    with local_cluster(root, builtin_dir, replicas=2, LOCKSTEP_API_TOKEN=TOKEN) as cluster:
         port = free_port()
-        trainer = spawn("trainer", ["trainer", "--port", str(port), "--shared", str(cluster.shared)], cluster.env(),
-                        root / "logs", port)
+        trainer = spawn("trainer", ["trainer", "--port", str(port), "--shared", str(cluster.shared)],
+                        cluster.env(), root / "logs", port)
         cluster.others.append(trainer)
         wait_for(lambda: _healthy(trainer), 120, 0.1, "the trainer to answer")
         port = free_port()
@@ -94,6 +95,15 @@ def card(page: Page, replica: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- fleet
+def test_the_token_stays_on_the_server(page: Page, system: System) -> None:
+    refused = system.trainer.post("/publish", json={"model": "builtin:tiny-s1"})
+    assert refused.status_code == 401, "the trainer wants it: the page's publishes prove the UI adds it"
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    assert TOKEN not in page.content()
+    assert TOKEN not in system.ui.get("/api/config").text
+    assert TOKEN not in system.ui.get("/static/app.js").text
+
+
 def test_fleet_shows_both_replicas_live(page: Page, system: System) -> None:
     version = committed(system)
     expect(page.locator("#replicas .replica")).to_have_count(2)
@@ -154,7 +164,7 @@ def test_a_failed_publish_says_why(page: Page) -> None:
     expect(box).to_contain_text("999")
 
 
-def test_publish_from_the_page_flips_both_replicas(page: Page, system: System, tmp_path: Path) -> None:
+def test_publish_from_the_page_flips_both_replicas(page: Page, system: System) -> None:
     before = committed(system)
     for replica in ("replica-1", "replica-2"):
         expect(card(page, replica).locator('[data-field="serving"]')).to_contain_text(f"v{before}")
@@ -171,21 +181,6 @@ def test_publish_from_the_page_flips_both_replicas(page: Page, system: System, t
     expect(page.locator("#operation")).to_contain_text(f"v{version} committed", timeout=WAIT_MS)
     expect(page.locator('[data-field="last-flip"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
     assert system.cluster.replicas[0].status()["serving_version"] == version
-    screenshot(page, "fleet", tmp_path)
-
-
-def test_timeline_draws_publishes_and_flips(page: Page, system: System, tmp_path: Path) -> None:
-    version = committed(system)
-    assert version >= 1, "runs after a publish"
-    page.click("#tab-timeline")
-    expect(page.locator("#view-timeline")).to_be_visible()
-    commit_line = page.locator(f'#timeline-svg g.commit[data-version="{version}"]')
-    expect(commit_line).to_have_count(1, timeout=WAIT_MS)
-    for replica in ("replica-1", "replica-2"):
-        expect(page.locator(f'#timeline-svg g.lane[data-replica="{replica}"] rect').first).to_be_visible()
-    expect(page.locator("#publishes-table tbody tr").first).to_contain_text("committed")
-    expect(page.locator("#versions-table tbody")).to_contain_text(f"v{version}")
-    screenshot(page, "timeline", tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -212,6 +207,44 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
     expect(page.locator("#run-stop")).to_be_hidden()
     assert int(curve.get_attribute("data-points") or 0) == 6, "one reward point per step"
     screenshot(page, "runs", tmp_path)
+
+
+def test_rollback_to_a_chosen_version_from_the_page(page: Page, system: System, tmp_path: Path) -> None:
+    wait_for(lambda: system.trainer.get("/cluster").json()["convergence"]["at_version"] == 2, 120, 0.2,
+             "the fleet to converge after the run")
+    before = committed(system)
+    assert before >= 2, "a publish and a run came before"
+    expect(page.locator('#rollback-to option[value="1"]')).to_have_count(1, timeout=WAIT_MS)
+    page.select_option("#rollback-to", "1")
+    page.click("#rollback-button")
+    expect(page.locator("#confirm-title")).to_have_text("Roll back to v1?")
+    page.click("#confirm-ok")
+    for replica in ("replica-1", "replica-2"):
+        serving = card(page, replica).locator('[data-field="serving"]')
+        expect(serving).to_contain_text("v1", timeout=WAIT_MS)
+    expect(page.locator("#operation")).to_contain_text("v1 committed", timeout=WAIT_MS)
+    assert committed(system) == 1
+    for replica in ("replica-1", "replica-2"):  # the flip back is drawn on the fleet's strip
+        segments = page.locator(f'#recent-svg g.lane[data-replica="{replica}"] text.seg-label')
+        expect(segments.last).to_have_text("v1", timeout=WAIT_MS)
+    screenshot(page, "fleet", tmp_path)
+
+
+def test_timeline_draws_publishes_and_flips(page: Page, system: System, tmp_path: Path) -> None:
+    history = system.trainer.get("/history").json()
+    committed_versions = {p["version"] for p in history["publishes"] if p["outcome"] == "committed"}
+    assert len(committed_versions) >= 3, "a publish, a run's versions and a rollback came before"
+    page.click("#tab-timeline")
+    expect(page.locator("#view-timeline")).to_be_visible()
+    for version in committed_versions:
+        commit_line = page.locator(f'#timeline-svg g.commit[data-version="{version}"]')
+        expect(commit_line.first).to_be_attached(timeout=WAIT_MS)
+    for replica in ("replica-1", "replica-2"):
+        expect(page.locator(f'#timeline-svg g.lane[data-replica="{replica}"] rect').first).to_be_visible()
+    expect(page.locator("#publishes-table tbody tr").first).to_contain_text("rollback")
+    published = system.trainer.get("/versions").json()["versions"]
+    expect(page.locator("#versions-table tbody tr")).to_have_count(len(published))
+    screenshot(page, "timeline", tmp_path)
 
 
 # --------------------------------------------------------------------------------------- playground
@@ -260,3 +293,10 @@ def test_a_trainer_that_goes_away_shows_and_the_page_keeps_working(page: Page, s
     page.click("#publish-button")
     page.click("#confirm-ok")
     expect(page.locator("#operation")).to_contain_text("unreachable", timeout=WAIT_MS)
+
+    system.cluster.replicas[1].kill()  # replica-2 goes away too: its card says so, the other one stays
+    state = card(page, "replica-2").locator('[data-field="state"]')
+    expect(state).to_have_text("unreachable", timeout=WAIT_MS)
+    expect(card(page, "replica-2")).to_contain_text("unreachable:")
+    expect(card(page, "replica-1").locator('[data-field="ready"]')).to_have_text("ready")
+    expect(page.locator("#convergence-badge")).to_contain_text("1/2 replicas")

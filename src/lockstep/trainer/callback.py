@@ -51,7 +51,7 @@ class LockstepPublishCallback(TrainerCallback):  # type: ignore[misc]
                 **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return  # one process publishes
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        checkpoint = Path(args.output_dir or ".") / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not checkpoint.is_dir():
             log.warning("no checkpoint folder at %s; nothing published", checkpoint)
             return

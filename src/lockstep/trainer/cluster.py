@@ -155,7 +155,7 @@ class ClusterView:
 
     def snapshot(self, *, probe: bool = True, discover: bool = True) -> ClusterSnapshot:
         """What the cluster looks like now; ``probe`` asks every replica for ``/status`` (concurrently)."""
-        state = SyncState()
+        state = SyncState(generation=0)
         if self.read_state is not None:
             try:
                 state = self.read_state()

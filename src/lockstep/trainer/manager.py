@@ -35,8 +35,13 @@ SAMPLES_IN_LIST = 8  # samples per run in GET /runs (GET /runs/{id} has them all
 
 
 class RunKind(Protocol):
-    name: str
-    params_model: type[BaseModel]
+    """What a kind of run provides: its parameters, a check before it starts, and the work."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params_model(self) -> type[BaseModel]: ...
 
     def check(self, params: Any, settings: Settings, store: ModelStore) -> None: ...
 

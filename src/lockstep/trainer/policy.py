@@ -140,8 +140,8 @@ class Policy:
         for start in range(0, len(rows), MICRO_BATCH):
             chunk = rows[start:start + MICRO_BATCH]
             mean_logps = self._mean_logprobs(chunk)
-            w = torch.tensor([c[2] for c in chunk], device=self.device)
-            loss = -(w * mean_logps).sum() * scale
+            chunk_weights = torch.tensor([c[2] for c in chunk], device=self.device)
+            loss = -(chunk_weights * mean_logps).sum() * scale
             loss.backward()
             total_loss += float(loss.detach())
             nll_sum += float(-mean_logps.detach().sum())

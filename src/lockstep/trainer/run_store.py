@@ -154,7 +154,7 @@ class RunStore:
 
     def load_all(self) -> list[RunRecord]:
         """Every readable run, oldest first; unreadable folders are skipped (logged)."""
-        records = []
+        records: list[RunRecord] = []
         if not self.root.is_dir():
             return records
         for folder in sorted(self.root.iterdir()):

@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from lockstep.core.settings import Settings
-from lockstep.store import ModelStore
+from lockstep.models import loader
+from lockstep.store import ModelStore, content_digest, scan_dir
 from lockstep.sync.protocol import Heartbeat
 from lockstep.trainer.context import RunContext
 from lockstep.trainer.publishes import check_ref
@@ -73,8 +74,8 @@ class SimulationKind:
         check_ref(params.substitute_model or settings.substitute_model, settings, store)
 
     def execute(self, ctx: RunContext, params: SimulationParams) -> None:
-        models = (params.initial_model or ctx.settings.initial_model,
-                  params.substitute_model or ctx.settings.substitute_model)
+        models = self._order(ctx, params.initial_model or ctx.settings.initial_model,
+                             params.substitute_model or ctx.settings.substitute_model)
         done = [m for m in ctx.files.metrics() if m.get("type") == "round"]
         first = max((int(m["round"]) for m in done), default=0) + 1  # a resumed run goes on after it
         client = RolloutClient(lambda: [])
@@ -84,7 +85,7 @@ class SimulationKind:
         try:
             for rnd in range(first, params.rounds + 1):
                 ctx.check_stop()
-                target = models[rnd % 2]  # round 1 switches to the substitute, round 2 back, ...
+                target = models[(rnd - first) % 2]
                 ctx.progress(rnd - 1, params.rounds, f"round {rnd}/{params.rounds}: switching to {target}")
                 row = self._round(ctx, params, client, rnd, target)
                 ctx.metric(row)
@@ -106,6 +107,17 @@ class SimulationKind:
         ctx.record.summary = {**totals, "rounds": params.rounds, "max_skew_s": max(skews, default=None),
                               "mean_propagation_s": (sum(propagations) / len(propagations)) if propagations
                               else None, "versions": list(ctx.record.versions)}
+
+    @staticmethod
+    def _order(ctx: RunContext, initial: str, substitute: str) -> tuple[str, str]:
+        """Round 1 switches to the substitute, round 2 back, ...; when the cluster already serves the
+        substitute's content, round 1 switches to the initial model instead (every round is a real switch)."""
+        committed = ctx.coordinator.read_state().committed
+        if committed is None or committed.digest is None:
+            return substitute, initial
+        path = loader.resolve(substitute, ctx.settings, ctx.coordinator.store).path
+        same = content_digest(scan_dir(path)) == committed.digest
+        return (initial, substitute) if same else (substitute, initial)
 
     def _round(self, ctx: RunContext, p: SimulationParams, client: RolloutClient, rnd: int,
                target: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,9 @@ from lockstep.ui.upstream import Upstream, UpstreamUnavailable
 log = logging.getLogger(__name__)
 
 SLOW_EVERY = 5  # ticks; history and versions are also refetched this often even when nothing seems to change
+# ticks; after the fleet changed, history is refetched this many times: the trainer records a flip on its own
+# once-a-second tick, so the first refetch may come before the flip is in /history
+AFTER_CHANGE = 3
 KEEPALIVE_S = 15.0  # seconds between comments on an idle stream, so proxies keep it open
 QUEUE_SIZE = 32  # events per subscriber; a page that falls this far behind loses the oldest
 
@@ -53,8 +56,9 @@ class Feed:
         self._task: asyncio.Task[None] | None = None
         self._tick = 0
         self._last_key: str | None = None
+        self._refetches = 0  # slow refetches still due after the last change
 
-    async def subscribe(self) -> AsyncIterator[bytes]:
+    async def subscribe(self) -> AsyncGenerator[bytes, None]:
         """The event stream of one page: the latest state at once, then every change; keepalives when idle."""
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._subscribers.add(queue)
@@ -114,7 +118,9 @@ class Feed:
         if not cluster["trainer"]["reachable"]:
             return
         key = _change_key(cluster)
-        slow_due = key != self._last_key or self._tick % SLOW_EVERY == 0 or "history" not in self._latest
+        if key != self._last_key:
+            self._last_key, self._refetches = key, AFTER_CHANGE
+        slow_due = self._refetches > 0 or self._tick % SLOW_EVERY == 0 or "history" not in self._latest
         names = ["runs", "publishes"] + (["history", "versions"] if slow_due else [])
         results = await asyncio.gather(*(self.upstream.trainer_json("/" + name) for name in names),
                                        return_exceptions=True)
@@ -126,4 +132,4 @@ class Feed:
             else:
                 self._publish(Event(name, result), only_if_changed=True)
         if slow_due and not any(isinstance(r, BaseException) for r in results):
-            self._last_key = key
+            self._refetches = max(0, self._refetches - 1)

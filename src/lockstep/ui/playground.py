@@ -23,6 +23,7 @@ from lockstep.ui.upstream import Upstream, UpstreamUnavailable, describe, error_
 
 # seconds; connect fast, but a long answer on a busy CPU replica may take a while between tokens
 STREAM_TIMEOUT = httpx.Timeout(120.0, connect=3.0)
+FLEET_MAX_AGE_S = 2.0  # a fleet snapshot this old still picks the target (the feed refreshes it every second)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Playground:
 
     async def choose(self, pinned: str | None) -> Target:
         """The target for one prompt; a pinned replica must be listed by the cluster."""
-        cluster = await self.upstream.cluster()  # fresh: a replica that just went away is not chosen
+        cluster = await self.upstream.cluster(max_age_s=FLEET_MAX_AGE_S)
         replicas = [r for r in cluster.get("replicas") or [] if isinstance(r, dict) and r.get("url")]
         if pinned is not None:
             allowed = self.upstream.allowed_replicas()
@@ -61,7 +62,8 @@ class Playground:
                              "or leave it empty for round robin")
         if self.settings.inference_service_url:
             return Target(self.settings.inference_service_url.rstrip("/"), "service")
-        ready = [r for r in replicas if r.get("ready") and r.get("reachable", True)]
+        # reachable None means "not probed", which is no reason to skip it
+        ready = [r for r in replicas if r.get("ready") and r.get("reachable") is not False]
         if not ready:
             raise NotReady("no replica is ready to answer right now; wait for the fleet to converge, "
                            "or pin a replica")

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import httpx
 
+from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import LockstepError
 from lockstep.core.settings import Settings
 
@@ -47,21 +48,22 @@ def error_message(body: Any, fallback: str) -> str:
     """The message of an OpenAI-shaped error body, or ``fallback``."""
     if isinstance(body, dict):
         err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-        if isinstance(body.get("detail"), str):
-            return body["detail"]
+        message = err.get("message") if isinstance(err, dict) else body.get("detail")
+        if isinstance(message, str):
+            return message
     return fallback
 
 
 class Upstream:
     """Calls to the trainer and to replicas; the token is added here and never reaches the page."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, client: httpx.AsyncClient, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
         self.client = client
+        self.clock = clock
         self.trainer_url = settings.trainer_url.rstrip("/")
         self._known_replicas: dict[str, str] = {}  # url → replica_id, from the trainer's last /cluster
+        self._last: tuple[float, dict[str, Any]] | None = None  # (monotonic s, the last fleet snapshot)
 
     def auth_headers(self) -> dict[str, str]:
         token = self.settings.api_token
@@ -125,16 +127,25 @@ class Upstream:
                 "committed_version": status.get("committed_version"), "reachable": True}
 
     # ------------------------------------------------------------------ the fleet
-    async def cluster(self) -> dict[str, Any]:
-        """The trainer's /cluster; when the trainer is down, the replicas it last listed, asked directly."""
+    async def cluster(self, max_age_s: float = 0.0) -> dict[str, Any]:
+        """The trainer's /cluster; when the trainer is down, the replicas it last listed, asked directly.
+
+        ``max_age_s``: a snapshot taken this recently (by the feed, every second) is good enough.
+        """
+        if self._last is not None and self.clock.monotonic() - self._last[0] <= max_age_s:
+            return self._last[1]
         try:
             cluster = await self.trainer_json("/cluster")
             if not isinstance(cluster, dict):
                 raise UpstreamUnavailable("the trainer's /cluster answer is not a JSON object")
         except UpstreamUnavailable as exc:
-            return await self._cluster_from_replicas(str(exc))
-        self.remember(cluster)
-        return {**cluster, "source": "trainer", "trainer": {"url": self.trainer_url, "reachable": True}}
+            snapshot = await self._cluster_from_replicas(str(exc))
+        else:
+            self.remember(cluster)
+            trainer = {"url": self.trainer_url, "reachable": True}
+            snapshot = {**cluster, "source": "trainer", "trainer": trainer}
+        self._last = (self.clock.monotonic(), snapshot)
+        return snapshot
 
     async def _cluster_from_replicas(self, trainer_error: str) -> dict[str, Any]:
         known = self.allowed_replicas()

@@ -180,6 +180,7 @@ export function init() {
     renderConvergence(cluster);
     renderReplicas(cluster);
   });
+  on("history", () => { if (store.cluster) renderConvergence(store.cluster); }); // the last flip
   // A page left open shows when its data stops arriving.
   setInterval(() => {
     if (store.receivedAt && Date.now() - store.receivedAt > 5000) {

@@ -217,7 +217,8 @@ function chart(el, captionEl, lastEl, caption, name, color, points, marks, xLabe
   const pts = points.filter((p) => typeof p.y === "number" && typeof p.x === "number");
   const series = [{name, color, points: pts}];
   if (extra) series.push(extra);
-  $(captionEl).textContent = extra ? `${caption} · ${extra.name}` : caption;
+  const key = (c, text) => { const sw = h("i", {class: "key", "aria-hidden": "true"}); sw.style.background = c; return h("span", {}, sw, text); };
+  fill($(captionEl), key(color, caption), extra ? key(extra.color, extra.name) : null);
   const last = pts[pts.length - 1];
   $(lastEl).textContent = last ? `${fmtNum(last.y, 4)}${extra && extra.points.length ? ` · ${extra.name} ${fmtNum(extra.points[extra.points.length - 1].y, 3)}` : ""}` : "";
   lineChart($(el), {series, marks, xLabel, label: `${caption} of run ${id} over ${pts.length} ${xLabel}s`, empty: `no ${name} yet`});
@@ -229,12 +230,13 @@ function renderDetail() {
   if (!run) {
     $("#run-title").textContent = "No run selected";
     stop.hidden = resume.hidden = true;
+    for (const el of ["#loss-chart", "#reward-chart"]) lineChart($(el), {series: [], empty: "start a run to see its curves"});
     return;
   }
   const id = runId(run);
   fill($("#run-title"), `Run ${id} `, outcome(run.status));
   stop.hidden = !ACTIVE.has(run.status);
-  resume.hidden = run.status !== "interrupted";
+  resume.hidden = !["interrupted", "stopped"].includes(run.status); // the trainer resumes both from a checkpoint
   const frac = fraction(run);
   const bar = $("#run-progress");
   bar.setAttribute("aria-valuenow", String(Math.round(frac * 100)));
