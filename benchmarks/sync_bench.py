@@ -154,8 +154,11 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
                 version = i + 1
                 t0 = time.time()
                 atomic_write_json(shared / "sync_state.json", {"desired_model_repo_id": model})
-            statuses = wait_for(lambda v=version: (lambda s: s if all(x["serving_version"] == v for x in s) else None)(
-                [r.status() for r in replicas]), 600, 0.05, f"all replicas at v{version}")
+            def all_serving(v: int = version) -> list[dict[str, object]] | None:
+                statuses = [r.status() for r in replicas]
+                return statuses if all(x["serving_version"] == v for x in statuses) else None
+
+            statuses = wait_for(all_serving, 600, 0.05, f"all replicas at v{version}")
             since = [s["serving_since"] for s in statuses]
             skews.append(max(since) - min(since))
             propagations.append(max(since) - t0)
@@ -216,7 +219,7 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
         "skew_ms": {"p50": 1000 * pct(skews, 0.5), "p99": 1000 * pct(skews, 0.99), "max": 1000 * max(skews)},
         "propagation_s": {"p50": pct(propagations, 0.5), "max": max(propagations)},
         "load_s": {"p50": pct(load_times, 0.5), "max": max(load_times)},
-        "propagation_minus_load_s_max": max(p - lt for p, lt in zip(propagations, load_times)),
+        "propagation_minus_load_s_max": max(p - lt for p, lt in zip(propagations, load_times, strict=True)),
         "mixed_window_ms": {"p50": 1000 * pct(windows, 0.5), "max": 1000 * max(windows, default=0.0)},
         "polling_cpu_pct_per_replica": round(statistics.mean(polling_pct), 3),
     }

@@ -48,4 +48,5 @@ def test_settings_are_frozen() -> None:
 
 
 def test_configuration_reference_is_current() -> None:
-    assert DOC.read_text() == reference_markdown(), "regenerate: python -m lockstep.core.settings > docs/configuration.md"
+    hint = "regenerate: python -m lockstep.core.settings > docs/configuration.md"
+    assert DOC.read_text() == reference_markdown(), hint

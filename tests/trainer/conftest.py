@@ -27,7 +27,7 @@ def start_trainer(cluster: LocalCluster, name: str, *, extra_urls: tuple[str, ..
     urls = ",".join([r.url for r in cluster.replicas] + list(extra_urls))
     proc = spawn(name, ["trainer", "--port", str(port)],
                  cluster.env(INFERENCE_URLS=urls, LOCKSTEP_REWARD_PLUGINS="tests.trainer.plugins",
-                             LOCKSTEP_TRAINER_THREADS="1", LOCKSTEP_DISCOVERY="static", **env),
+                             LOCKSTEP_DISCOVERY="static", **env),
                  cluster.root / "logs", port)
     cluster.others.append(proc)
     wait_for(lambda: proc.get("/ready").status_code == 200, READY_S, 0.2,

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from lockstep.core.settings import Settings, load_settings
+from lockstep.core.settings import load_settings
 from lockstep.trainer.app import create_app
 
 TOKEN = "s3cret"
@@ -86,6 +86,7 @@ def test_bad_publishes_rollbacks_and_run_ids(api: TestClient) -> None:
     assert api.post("/publish", json={"model": "builtin:tiny", "timeout_s": -1}).status_code == 400
     assert api.post("/publish", json={"model": "builtin:tiny", "policy": "sometimes"}).status_code == 400
     assert api.post("/rollback", json={"to": 4}).status_code == 404
+    assert "nothing to roll back" in error(api.post("/rollback", json={}))
     assert api.post("/rollback", json={"to": -1}).status_code == 400
     assert api.get("/runs/NOT..valid").status_code == 400
     assert api.get("/runs/no-such-run").status_code == 404
@@ -99,7 +100,7 @@ def test_the_cluster_view_and_versions_work_on_an_empty_folder(api: TestClient) 
     assert cluster["committed"] is None and cluster["replicas"] == []
     assert cluster["convergence"] == {"version": 0, "at_version": 0, "total": 0}
     assert cluster["discovery"]["mode"] == "static"
-    assert api.get("/versions").json()["versions"] == []
+    assert api.get("/versions").json() == {"committed": 0, "versions": []}
     assert api.get("/history").json() == {"publishes": [], "flips": []}
 
 
@@ -107,4 +108,4 @@ def test_the_trainer_refuses_to_start_without_a_shared_folder() -> None:
     from lockstep.core.errors import BadRequest
 
     with pytest.raises(BadRequest, match="LOCKSTEP_SHARED_DIR"):
-        create_app(Settings(shared_dir=None))
+        create_app(load_settings().model_copy(update={"shared_dir": None}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lockstep.core.errors import BadRequest
-from lockstep.core.settings import Settings, load_settings
+from lockstep.core.settings import load_settings
 from lockstep.trainer.discovery import Discovery, DiscoveryMode, normalize_url
 from tests.trainer.k8s_api import FakeApiServer, fake_api_server
 
@@ -78,7 +78,7 @@ def test_auto_picks_kubernetes_then_dns_then_static_then_heartbeats(api_server: 
     # Outside a pod there is no service account, so auto falls through to the other sources.
     def auto(**fields: object) -> Discovery:
         base: dict[str, object] = {"discovery": "auto", "headless_service": None, "inference_urls": ""}
-        return Discovery(Settings(**{**base, **fields}))  # type: ignore[arg-type]
+        return Discovery(load_settings().model_copy(update={**base, **fields}))
 
     assert auto(headless_service="svc", inference_urls="http://a:1").mode is DiscoveryMode.DNS
     assert auto(inference_urls="http://a:1, http://b:2/").mode is DiscoveryMode.STATIC

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.e2e
 
 # From the random built-in model (published first, whatever the cluster served before): seed 0 measured
 # 0.02 → 0.55 → 0.55 → 1.0 held-out reward over these three versions (docs/training.md).
-PARAMS = {"model": "builtin:tiny", "steps": 9, "publish_every": 3, "batch_size": 8, "group_size": 4,
-          "learning_rate": 3e-3, "max_new_tokens": 16, "eval_prompts": 16, "seed": 0}
+PARAMS: dict[str, Any] = {"model": "builtin:tiny", "steps": 9, "publish_every": 3, "batch_size": 8,
+                          "group_size": 4, "learning_rate": 3e-3, "max_new_tokens": 16, "eval_prompts": 16,
+                          "seed": 0}
 
 
 def committed(proc: Proc) -> int:
@@ -50,7 +51,7 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     names = sorted(r.name for r in cluster.replicas)
     for version in versions:
         assert evals[version]["answered"] == evals[version]["asked"] == PARAMS["eval_prompts"]
-        assert evals[version]["serving"] == {n: version for n in names}
+        assert evals[version]["serving"] == {n: version for n in names} and evals[version]["converged"]
         assert evals[version]["replicas"] == names
 
     # Each version was committed with every replica serving it (the publish reports of this run).
@@ -97,20 +98,33 @@ def test_a_reward_plug_in_that_fails_during_the_run_fails_it_and_the_cluster_kee
 
 
 def test_the_event_stream_reports_the_cluster_and_publishes(trainer: Proc) -> None:
-    seen: dict[str, Any] = {}
-    with httpx.stream("GET", trainer.url + "/events", timeout=30) as stream:
-        published = False
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                seen.setdefault(kind, line[6:])
-                if "cluster" in seen and not published:
-                    job = trainer.post("/publish", json={"model": "builtin:tiny-s2"})
-                    assert job.status_code == 202, job.text
-                    published = True
-                if {"cluster", "publish", "version"} <= set(seen):
-                    break
+    seen: dict[str, str] = {}
+    last_id: str | None = None
+    published = False
+    versions = trainer.get("/versions").json()
+    sources = {v["version"]: v["source"] for v in versions["versions"]}
+    served_s2 = sources.get(versions["committed"]) == "builtin:tiny-s2"
+    model = "builtin:tiny-s1" if served_s2 else "builtin:tiny-s2"  # a real change, so a version event follows
+    for _ in range(20):  # each stream lasts 15 s; reconnect like EventSource does, resuming after the last id
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        with httpx.stream("GET", trainer.url + "/events", headers=headers, timeout=30) as stream:
+            kind = ""
+            for line in stream.iter_lines():
+                if line.startswith("id: "):
+                    last_id = line[4:]
+                elif line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    seen.setdefault(kind, line[6:])
+                    if "cluster" in seen and not published:
+                        job = trainer.post("/publish", json={"model": model})
+                        assert job.status_code == 202, job.text
+                        published = True
+                    if {"cluster", "publish", "version"} <= set(seen):
+                        break
+        if {"cluster", "publish", "version"} <= set(seen):
+            break
+    assert {"cluster", "publish", "version"} <= set(seen), sorted(seen)
     assert '"convergence"' in seen["cluster"] and '"publish_id"' in seen["publish"]
     wait_for(lambda: trainer.get("/publishes").json()["publishes"][0]["status"] != "running", 60, 0.2,
              "the publish to end")

@@ -130,9 +130,6 @@ class Settings(BaseSettings):
     reward_plugins: str = Field("", validation_alias=_env("LOCKSTEP_REWARD_PLUGINS"),
                                 description="Comma-separated module prefixes a finetune run may import a reward "
                                 "plug-in (package.module:function) from; '*' allows any; empty: none.")
-    trainer_threads: int | None = Field(None, ge=1, le=1024, validation_alias=_env("LOCKSTEP_TRAINER_THREADS"),
-                                        description="torch CPU threads for training; default: torch's choice. "
-                                        "Set 1 when replicas share the trainer's cores (spin-waits).")
 
     @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", mode="before")
     @classmethod

@@ -20,13 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, Conflict
+from lockstep.core.errors import BadRequest, Conflict, NotFound
 from lockstep.core.http import check_bearer, install_error_handlers
 from lockstep.core.settings import Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.trainer.cluster import ClusterView
 from lockstep.trainer.discovery import Discovery
-from lockstep.trainer.events import EventBus
+from lockstep.trainer.events import STREAM_S, EventBus
 from lockstep.trainer.manager import RunManager
 from lockstep.trainer.metrics import TrainerMetrics
 from lockstep.trainer.monitor import Monitor
@@ -84,8 +84,8 @@ class Trainer:
 
     def versions(self) -> dict[str, Any]:
         manifests = self.coordinator.store.list()
-        snap = self.monitor.latest
-        return {"committed": snap.committed_version if snap else None,
+        committed = self.coordinator.read_state().committed
+        return {"committed": committed.version if committed else 0,
                 "versions": [{**m.model_dump(mode="json", exclude={"files"}), "size": m.total_size,
                               "files": len(m.files)} for m in manifests]}
 
@@ -93,7 +93,7 @@ class Trainer:
 def _sse_stream(bus: EventBus, last_id: int | None) -> AsyncIterator[bytes]:
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"  # milliseconds before a browser reconnects
-        async for event in bus.subscribe(last_id):
+        async for event in bus.subscribe(last_id, max_s=STREAM_S):
             yield b": keepalive\n\n" if event is None else event.sse()
 
     return stream()
@@ -181,6 +181,10 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         refuse_during_run()
         if body.to is not None and body.to != 0:
             await asyncio.to_thread(trainer.coordinator.store.get, body.to)  # 404 names what is published
+        if body.to is None:
+            committed = (await asyncio.to_thread(trainer.coordinator.read_state)).committed
+            if committed is None or committed.version == 0:
+                raise NotFound("nothing to roll back to: no version was committed after the initial model")
         label = f"versions/{body.to}" if body.to is not None else "the version before the committed one"
         return trainer.publisher.submit(label, kind="rollback", rollback_to=body.to, policy=body.policy,
                                         timeout_s=body.timeout_s)

@@ -8,13 +8,16 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 REPLAY = 256  # events kept for subscribers that reconnect with Last-Event-ID
 QUEUE_MAX = 1024  # events buffered per subscriber; a consumer this far behind loses the oldest
 KEEPALIVE_S = 15.0  # seconds between comment lines that keep proxies from closing an idle stream
+# Seconds a stream stays open. uvicorn waits for open responses before it exits, and nothing tells a stream
+# that the server is stopping, so streams end by themselves; EventSource reconnects (with Last-Event-ID).
+STREAM_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,12 @@ class EventBus:
                 self._subscribers.discard((loop, queue))
         return event
 
-    async def subscribe(self, last_event_id: int | None = None) -> AsyncIterator[Event | None]:
-        """Events as they come (replaying those after ``last_event_id``); None every KEEPALIVE_S of quiet."""
+    async def subscribe(self, last_event_id: int | None = None,
+                        max_s: float | None = None) -> AsyncGenerator[Event | None, None]:
+        """Events as they come (replaying those after ``last_event_id``); None every KEEPALIVE_S of quiet.
+
+        With ``max_s`` the stream ends after that many seconds.
+        """
         queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=QUEUE_MAX)
         entry = (asyncio.get_running_loop(), queue)
         with self._lock:
@@ -67,11 +74,15 @@ class EventBus:
         try:
             for event in backlog:
                 yield event
-            while True:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + max_s if max_s is not None else None
+            while end is None or loop.time() < end:
+                wait = KEEPALIVE_S if end is None else max(0.0, min(KEEPALIVE_S, end - loop.time()))
                 try:
-                    yield await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_S)
+                    yield await asyncio.wait_for(queue.get(), timeout=wait)
                 except TimeoutError:
-                    yield None
+                    if end is None or loop.time() < end:
+                        yield None
         finally:
             with self._lock:
                 self._subscribers.discard(entry)

@@ -9,13 +9,10 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from lockstep.core.errors import BadRequest, Conflict, LockstepError
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import wait_until_serving
-from lockstep.sync.protocol import read_heartbeats
 from lockstep.trainer.checkpoint import MODEL_DIR, restore_optimizer, write_checkpoint
 from lockstep.trainer.context import RunContext
 from lockstep.trainer.policy import Policy, Scored
@@ -75,8 +72,6 @@ class FinetuneKind:
                              f"({params.eval_prompts})")
 
     def execute(self, ctx: RunContext, params: FinetuneParams) -> None:
-        if ctx.settings.trainer_threads:
-            torch.set_num_threads(ctx.settings.trainer_threads)
         loop = _Loop(ctx, params)
         try:
             loop.run()
@@ -137,9 +132,8 @@ class _Loop:
             self.step = record.checkpoint.step
             self.known = [v for v in [record.start_version, *record.versions] if v is not None]
             committed, _ = self._served_model()
-            if record.checkpoint.version is not None and committed == record.checkpoint.version:
-                self.latest = committed
-            else:  # someone published meanwhile: put the checkpoint back in front of the replicas
+            self.latest = record.checkpoint.version if record.checkpoint.version is not None else committed
+            if committed != self.latest:  # someone published meanwhile: put the checkpoint back in front
                 self._publish(folder / MODEL_DIR, note="resumed checkpoint")
             evals = [m["reward"] for m in ctx.files.metrics()
                      if m.get("type") == "eval" and m.get("reward") is not None]
@@ -166,8 +160,7 @@ class _Loop:
         self.known = [version]
         record.start_version = version
         ctx.save()
-        self._converge(version)
-        self._evaluate()
+        self._evaluate(converged=self._converge(version))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -263,8 +256,7 @@ class _Loop:
         ctx.record.checkpoint = Checkpoint(step=self.step, path=str(folder.relative_to(ctx.files.folder)),
                                            version=self.latest)
         ctx.save()
-        self._converge(self.latest)
-        self._evaluate()
+        self._evaluate(converged=self._converge(self.latest))
 
     def _publish(self, model_dir: Any, note: str) -> None:
         ctx = self.ctx
@@ -294,7 +286,7 @@ class _Loop:
             log.warning("run %s: %s", self.ctx.run_id, exc)
             return False
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, *, converged: bool) -> None:
         """Greedy answers of the replicas to the held-out prompts: the reward of the version they serve."""
         ctx, p = self.ctx, self.p
         seconds = round(time.monotonic() - self.version_started, 3)
@@ -309,12 +301,13 @@ class _Loop:
         rewards = [score(self.reward, r.request.prompt, r.text, self.reward_name) for r in answered]
         mean = sum(rewards) / len(rewards) if rewards else None
         replicas = sorted({r.replica_id or r.url for r in answered})
-        beats = {b.replica_id: b.serving.version if b.serving else None
-                 for b in read_heartbeats(ctx.settings.shared_dir)} if ctx.settings.shared_dir else {}
+        serving = {b.replica_id: b.serving.version if b.serving else None
+                   for b in ctx.coordinator.live_replicas()}
         ctx.metric({"type": "eval", "step": self.step, "version": self.latest, "reward": mean,
+                    "converged": converged,
                     "answered": len(answered), "asked": len(prompts), "replicas": replicas,
                     "other_version": sum(1 for r in rollouts if r.ok and r.version != self.latest),
-                    "errors": sum(1 for r in rollouts if not r.ok), "seconds": seconds, "serving": beats})
+                    "errors": sum(1 for r in rollouts if not r.ok), "seconds": seconds, "serving": serving})
         for r, value in list(zip(answered, rewards, strict=True))[: p.samples_per_version]:
             ctx.sample({"version": self.latest, "step": self.step, "prompt": r.request.prompt,
                         "answer": r.text, "reward": value, "replica_id": r.replica_id})
