@@ -110,7 +110,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
             text=final.text, model_version=admitted.version, model_repo_id=admitted.model_ref,
             model_digest=admitted.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
             prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
-            latency_s=final.latency_s, ttft_s=final.ttft_s)
+            latency_s=final.latency_s, ttft_s=final.ttft_s, completion_token_ids=list(final.token_ids))
         return JSONResponse(answer.model_dump(), headers=version_headers(admitted, rt.replica_id))
 
     @app.post("/update-model", status_code=202, summary="Replace the model (cluster-wide with a shared folder)")

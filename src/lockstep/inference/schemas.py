@@ -43,6 +43,7 @@ class GenerateResponse(BaseModel):
     completion_tokens: int
     latency_s: float
     ttft_s: float | None
+    completion_token_ids: list[int]  # exactly the tokens generated (a trainer computes log-probs on them)
 
 
 class UpdateModelRequest(BaseModel):
