@@ -64,13 +64,17 @@ def test_inplace_updates_under_load_label_every_answer(
                 r = httpx.post(srv.url + "/update-model", json={"model_repo_id": model})
                 assert r.status_code == 202, r.text
                 models[r.json()["version"]] = model
-                wait_serving(srv.url, r.json()["version"])
+                version = r.json()["version"]
+                wait_serving(srv.url, version)
+                own = generate(srv.url, PROMPTS[0])  # after the pause: the new weights, labelled as such
+                assert own.headers["x-model-version"] == str(version)
+                assert own.json()["text"] == expected[builtin_seed(model)][PROMPTS[0]]
         finally:
             stop.set()
         answers = [a for f in futures for a in f.result(timeout=300)]
 
     assert answers and all(a.status == 200 for a in answers), [a for a in answers if a.status != 200][:3]
-    assert len({a.header_version for a in answers}) >= 3, "the load did not span several updates"
+    assert len({a.header_version for a in answers}) >= 2, "the load did not span the updates"
     for a in answers:
         assert (
             a.body is not None

@@ -16,6 +16,7 @@ from tests.inference.conftest import MAX_NEW, PROMPTS, Served, reference_text, r
 from tests.support.cluster import wait_for
 
 LONG = 1000  # tokens (the default limit is 1024): runs far longer than the test needs to look at it
+LONGEST = 1900  # tokens: a short chat prompt plus this still fits the 2048-token context
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,9 @@ def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
     builtin_dir: Path, expected: dict[int, dict[str, str]]
 ) -> None:
     with (
-        served(replica_settings(builtin_dir, max_batch_size=1, max_queue=1)) as small,
+        served(
+            replica_settings(builtin_dir, max_batch_size=1, max_queue=1, max_new_tokens_limit=LONGEST)
+        ) as small,
         OpenAI(base_url=small.url + "/v1", api_key="x", max_retries=0, timeout=120) as c,
     ):
 
@@ -215,7 +218,7 @@ def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
             return c.chat.completions.create(
                 model="lockstep",
                 messages=[{"role": "user", "content": "hi"}],
-                max_tokens=LONG,
+                max_tokens=LONGEST,
                 temperature=0,
                 stream=True,
             )

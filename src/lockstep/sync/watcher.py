@@ -60,6 +60,7 @@ class SyncWatcher:
         self._attempted: set[tuple[int, str, int]] = set()  # (version, model, generation) prepares tried
         self._flip_scheduled: int | None = None
         self._behind_scheduled: int | None = None
+        self._early_stage: int | None = None  # a committed version this replica tried to stage before activate_at
         self._catch_up_failed_at: float | None = None
         self._legacy_seen: str | None = None
         self._publish_thread: threading.Thread | None = None
@@ -178,6 +179,14 @@ class SyncWatcher:
         if self._busy("stage", target.version) or self._busy("catch-up", target.version):
             if replica.committed_version != target.version:
                 self._schedule_behind(target.version, target.digest, activate_at)  # unready from activate_at
+            return
+        if serving is not None and now < activate_at:
+            # Committed but not staged here (a quorum commit, or this replica joined late). Until activate_at
+            # the served version stays right: stage beside it once, flip at activate_at if that worked in time.
+            if self._early_stage != target.version:
+                self._early_stage = target.version
+                self._start_work("stage", target.version, target.model, target.digest)
+            self._schedule_behind(target.version, target.digest, activate_at)
             return
         # Not staged and not loading: go unready and load it (the boot path is the same operation).
         if self._catch_up_failed_at is not None and now - self._catch_up_failed_at < CATCH_UP_RETRY_S:
