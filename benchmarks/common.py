@@ -162,3 +162,22 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def fmt_ms(seconds: float) -> str:
     return "n/a" if seconds != seconds else f"{seconds * 1000:.0f} ms"
+
+
+def run_sizes(args: Any, run_size: Any, markdown: Any, prefix: str) -> None:
+    """Run ``run_size`` for every ``args.sizes``, print the markdown table, write ``args.json`` if asked."""
+    import json
+    import tempfile
+
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for size in args.sizes:
+            results.append(run_size(size, args, Path(tmp)))
+    info["load_avg_after"] = machine()["load_avg"]
+    print()
+    print(markdown(results))
+    if args.json:
+        body = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results}
+        args.json.write_text(json.dumps(body, indent=2, default=str))

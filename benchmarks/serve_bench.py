@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,10 +36,10 @@ from common import (  # type: ignore[import-not-found]
     PROMPTS,
     ensure_models,
     free_port,
-    machine,
     percentile,
     replica,
     replica_env,
+    run_sizes,
     wait_for,
 )
 
@@ -345,24 +344,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the baseline loads from the cached folder only
 
-    info = machine()
-    print(f"machine: {info}", flush=True)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        for size in args.sizes:
-            results.append(run_size(size, args, Path(tmp)))
-    info["load_avg_after"] = machine()["load_avg"]
-    print()
-    print(markdown(results))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results},
-                indent=2,
-                default=str,
-            )
-        )
-
+    run_sizes(args, run_size, markdown, "serve-bench-")
 
 if __name__ == "__main__":
     main()

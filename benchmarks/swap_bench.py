@@ -16,9 +16,7 @@ load time (``lockstep_model_load_duration_seconds``) against the flip itself
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,11 +29,11 @@ from common import (  # type: ignore[import-not-found]
     PROMPTS,
     ensure_models,
     fmt_ms,
-    machine,
     metric_totals,
     percentile,
     reference_texts,
     replica,
+    run_sizes,
 )
 
 
@@ -271,25 +269,8 @@ def main() -> None:
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch loads OpenMP; children inherit it
 
-    info = machine()
-    print(f"machine: {info}")
     print(f"models cached in {BENCH_MODELS}")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="swap-bench-") as tmp:
-        for size in args.sizes:
-            results.append(run_size(size, args, Path(tmp)))
-    info["load_avg_after"] = machine()["load_avg"]
-    print()
-    print(markdown(results))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results},
-                indent=2,
-                default=str,
-            )
-        )
-
+    run_sizes(args, run_size, markdown, "swap-bench-")
 
 if __name__ == "__main__":
     main()
