@@ -6,6 +6,7 @@ writers are strict (always the full schema, replaced atomically).
 
 from __future__ import annotations
 
+import json
 import logging
 from enum import Enum
 from pathlib import Path
@@ -152,15 +153,32 @@ def parse_sync_state(raw: Any) -> SyncState | LegacyRequest:
         raise ValueError(f"sync_state field {where!r}: {first['msg']}") from exc
 
 
-def read_sync_state(path: Path) -> SyncState | LegacyRequest | None:
+def read_sync_state_bytes(path: Path) -> bytes | None:
     """Open and read (never stat() alone: NFS caches attributes). None if the file does not exist."""
     try:
-        raw = read_json(path)
+        with open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
+
+
+def decode_sync_state(data: bytes, path: Path) -> SyncState | LegacyRequest:
+    """Parse the bytes of ``sync_state.json``; ``ValueError`` names what is wrong."""
+    if not data.strip():
+        raise ValueError(f"{path} is unreadable or not JSON: it is empty")
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
         raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
     return parse_sync_state(raw)
+
+
+def read_sync_state(path: Path) -> SyncState | LegacyRequest | None:
+    """The parsed file, or None if it does not exist; ``ValueError`` when it is unreadable or invalid."""
+    data = read_sync_state_bytes(path)
+    return None if data is None else decode_sync_state(data, path)
 
 
 def write_sync_state(path: Path, state: SyncState) -> None:

@@ -21,7 +21,8 @@ from lockstep.sync.protocol import (
     Phase,
     StageState,
     SyncState,
-    read_sync_state,
+    decode_sync_state,
+    read_sync_state_bytes,
     write_heartbeat,
 )
 
@@ -60,7 +61,8 @@ class SyncWatcher:
         self._attempted: set[tuple[int, str, int]] = set()  # (version, model, generation) prepares tried
         self._flip_scheduled: int | None = None
         self._behind_scheduled: int | None = None
-        self._early_stage: int | None = None  # a committed version this replica tried to stage before activate_at
+        self._early_stage: int | None = None  # a committed version tried to stage before activate_at
+        self._last_bytes: bytes | None = None  # the file as last read
         self._catch_up_failed_at: float | None = None
         self._legacy_seen: str | None = None
         self._publish_thread: threading.Thread | None = None
@@ -104,13 +106,20 @@ class SyncWatcher:
 
     def _read(self) -> SyncState | None:
         try:
-            state = read_sync_state(self.path)
-        except (ValueError, OSError) as exc:
+            data = read_sync_state_bytes(self.path)
+        except ValueError as exc:
             self._problem(str(exc))
             return self.last_good
-        if state is None:
+        if data is None or data == self._last_bytes:
+            return self.last_good  # unchanged since the last poll: already handled (parsing costs CPU)
+        self._last_bytes = data
+        try:
+            state = decode_sync_state(data, self.path)
+        except ValueError as exc:
+            self._problem(str(exc))
             return self.last_good
         if isinstance(state, LegacyRequest):
+            self._last_bytes = None  # handled on every poll until a coordinator replaces it
             if self.settings.sync_mode == "naive":
                 self._naive_update(state.desired_model_repo_id)
             else:
