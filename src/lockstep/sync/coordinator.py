@@ -95,6 +95,24 @@ def _short(digest: str | None) -> str:
     return (digest or "none")[:12]
 
 
+def commit_refusal(reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
+    """Why a staged version must not be committed (different weights, or too few staged), or None."""
+    staged = [r for r in reports if r.outcome == "staged"]
+    bad = [r for r in reports if r.outcome != "staged"]
+    digests = {r.weights_digest for r in staged if r.weights_digest}
+    if len(digests) > 1:
+        detail = ", ".join(f"{r.replica_id}={_short(r.weights_digest)}" for r in staged)
+        return f"replicas loaded different weights ({detail}); refusing to commit"
+    if not bad:
+        return None
+    detail = "; ".join(f"{r.replica_id}: {r.outcome}{' — ' + r.error if r.error else ''}" for r in bad)
+    if policy is CommitPolicy.STRICT:
+        return f"{len(bad)} of {len(reports)} replicas did not stage ({detail})"
+    if len(staged) * 2 <= len(reports):
+        return f"quorum not reached: {len(staged)} of {len(reports)} staged ({detail})"
+    return None
+
+
 class Coordinator:
     """Publishes versions to every replica sharing the folder."""
 
@@ -283,7 +301,7 @@ class Coordinator:
         result = PublishResult(source.version, source.model, "aborted", started_at=started,
                                prepare_s=self.clock.time() - now, generation=state.generation,
                                rollback=source.rollback, replicas=reports)
-        reason = self._commit_refusal(reports, policy)
+        reason = commit_refusal(reports, policy)
         if reason is not None:
             state = self._write(state, pending=pending.model_copy(update={"phase": Phase.ABORT, "reason": reason}))
             result.reason, result.generation = reason, state.generation
@@ -338,23 +356,6 @@ class Coordinator:
                 self.lease.renew()
                 renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
             self.clock.sleep(self.settings.poll_interval_s)
-
-    def _commit_refusal(self, reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
-        """Why this version must not be committed, or None."""
-        staged = [r for r in reports if r.outcome == "staged"]
-        bad = [r for r in reports if r.outcome != "staged"]
-        digests = {r.weights_digest for r in staged if r.weights_digest}
-        if len(digests) > 1:
-            detail = ", ".join(f"{r.replica_id}={_short(r.weights_digest)}" for r in staged)
-            return f"replicas loaded different weights ({detail}); refusing to commit"
-        if not bad:
-            return None
-        detail = "; ".join(f"{r.replica_id}: {r.outcome}{' — ' + r.error if r.error else ''}" for r in bad)
-        if policy is CommitPolicy.STRICT:
-            return f"{len(bad)} of {len(reports)} replicas did not stage ({detail})"
-        if len(staged) * 2 <= len(reports):
-            return f"quorum not reached: {len(staged)} of {len(reports)} staged ({detail})"
-        return None
 
     def _wait_serving(self, result: PublishResult) -> None:
         """After a commit, note which replicas serve it (for the report); never blocks past a few seconds."""

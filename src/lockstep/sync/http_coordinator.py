@@ -11,7 +11,7 @@ from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models.refs import RefKind, parse_ref
-from lockstep.sync.coordinator import PublishResult, ReplicaReport
+from lockstep.sync.coordinator import PublishResult, ReplicaReport, commit_refusal
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,7 @@ class HttpCoordinator:
         result = PublishResult(version, ref.raw, "aborted", started_at=started, replicas=ordered,
                                prepare_s=self.clock.time() - started)
         staged = [r for r in ordered if r.outcome == "staged"]
-        digests = {r.weights_digest for r in staged if r.weights_digest}
-        if len(digests) > 1:
-            result.reason = "replicas loaded different weights; refusing to commit"
-        elif len(staged) < len(ordered) and (policy is CommitPolicy.STRICT or 2 * len(staged) <= len(ordered)):
-            result.reason = f"{len(ordered) - len(staged)} of {len(ordered)} replicas did not stage"
+        result.reason = commit_refusal(ordered, policy)
         if result.reason:
             for url in self.urls:
                 try:
