@@ -27,7 +27,7 @@ from lockstep.sync.protocol import (
     Phase,
     StageState,
     SyncState,
-    read_heartbeats,
+    live_heartbeats,
     read_sync_state,
     write_sync_state,
 )
@@ -170,7 +170,7 @@ class Coordinator:
     def live_replicas(self) -> list[Heartbeat]:
         """Replicas whose heartbeat is fresh."""
         now = self.clock.time()
-        return [b for b in read_heartbeats(self.shared_dir) if now - b.time <= self.settings.heartbeat_ttl_s]
+        return live_heartbeats(self.shared_dir, self.settings.heartbeat_ttl_s, now)
 
     def check_free(self) -> None:
         """Raise ``LeaseHeld`` when another coordinator is publishing right now."""
@@ -394,7 +394,7 @@ def wait_until_serving(settings: Settings, version: int, *, clock: Clock, timeou
     deadline = time.monotonic() + timeout_s
     while True:
         now = clock.time()
-        live = [b for b in read_heartbeats(settings.shared_dir) if now - b.time <= settings.heartbeat_ttl_s]
+        live = live_heartbeats(settings.shared_dir, settings.heartbeat_ttl_s, now)
         if len(live) >= min_replicas and all(b.ready and b.serving and b.serving.version == version for b in live):
             return live
         if time.monotonic() >= deadline:

@@ -211,3 +211,8 @@ def read_heartbeats(shared_dir: Path) -> list[Heartbeat]:
         except (OSError, ValueError, ValidationError) as exc:
             log.debug("skipping heartbeat %s: %s", path, exc)
     return beats
+
+
+def live_heartbeats(shared_dir: Path, ttl_s: float, now: float) -> list[Heartbeat]:
+    """The heartbeats written within ``ttl_s`` seconds of ``now``: the replicas that are alive."""
+    return [b for b in read_heartbeats(shared_dir) if now - b.time <= ttl_s]

@@ -20,7 +20,7 @@ from typing import Any
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import read_heartbeats
+from lockstep.sync.protocol import live_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,5 @@ class Discovery:
     def _heartbeats(self) -> list[Endpoint]:
         if self.settings.shared_dir is None:
             return []
-        now = self.clock.time()
-        beats = read_heartbeats(self.settings.shared_dir)
-        return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in beats
-                if b.url and now - b.time <= self.settings.heartbeat_ttl_s]
+        beats = live_heartbeats(self.settings.shared_dir, self.settings.heartbeat_ttl_s, self.clock.time())
+        return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in beats if b.url]
