@@ -394,3 +394,107 @@ def test_generic_backend_matches_llama_backend(model: Any) -> None:
             assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), 10)
     finally:
         eng.close()
+
+
+class ArrivalsDuringSteps:
+    """Wraps an engine's runner so that requests arrive at the first interleave point of decode steps.
+
+    ``plan`` holds (prompt, params) to submit, one per step; ``inside`` records, per arrival, how many
+    tokens the engine generated during the interleave call that followed it (1: the newcomer's first
+    token came inside the step, before the running batch's tokens).
+    """
+
+    def __init__(self, eng: Engine, plan: list[tuple[list[int], SamplingParams]]) -> None:
+        self.eng, self.plan = eng, list(plan)
+        self.handles: list[Any] = []
+        self.inside: list[int] = []
+        self.interleave_given: list[bool] = []
+        runner = eng._runner
+        assert runner is not None
+        self._decode = runner.decode
+        runner.decode = self._wrapped  # type: ignore[method-assign]
+
+    def _wrapped(self, tokens: list[int], positions: list[int], interleave: Any = None) -> torch.Tensor:
+        self.interleave_given.append(interleave is not None)
+        if not self.plan or interleave is None:
+            return self._decode(tokens, positions, interleave)
+        prompt, params = self.plan.pop(0)
+        pending = [True]
+
+        def arrive_then_interleave() -> None:
+            if pending:
+                pending.clear()
+                self.handles.append(self.eng.submit(prompt, params))
+                before = self.eng.generated_tokens_total
+                interleave()
+                self.inside.append(self.eng.generated_tokens_total - before)
+            else:
+                interleave()
+
+        return self._decode(tokens, positions, arrive_then_interleave)
+
+
+@pytest.mark.parametrize("backend", ["llama", "hf"])
+def test_arrivals_are_prefilled_inside_a_running_step_and_stay_exact(model: Any, backend: str) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, backend=backend)
+    try:
+        # Lengths include 1 (ends inside the step it joined: its slot goes to another newcomer) and short
+        # ones that leave while long ones run, so slots are compacted around the newcomers.
+        lengths = [1, 9, 2, 17, 1, 5]
+        plan = [(encode(t), SamplingParams(max_new_tokens=n)) for t, n in zip(PROMPTS[2:], lengths, strict=True)]
+        arrivals = ArrivalsDuringSteps(eng, plan)
+        # Two running requests: the generic backend's interleave points lie between sequences.
+        running = [eng.submit(encode(t), SamplingParams(max_new_tokens=40)) for t in PROMPTS[:2]]
+        eng.start()
+        for text, handle in zip(PROMPTS[:2], running, strict=True):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), 40)
+        assert arrivals.inside == [1] * len(lengths)  # each first token came before its step ended
+        for (prompt, params), handle in zip(plan, arrivals.handles, strict=True):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, prompt, params.max_new_tokens)
+        assert eng.wait_idle(TIMEOUT) and eng.running == 0
+    finally:
+        eng.close()
+
+
+def test_interleaving_can_be_turned_off(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4, max_context=256, interleave_prefill=False)
+    try:
+        arrivals = ArrivalsDuringSteps(eng, [])
+        eng.start()
+        eng.generate(encode(PROMPTS[0]), SamplingParams(max_new_tokens=6), timeout=TIMEOUT)
+        assert arrivals.interleave_given and not any(arrivals.interleave_given)
+    finally:
+        eng.close()
+
+
+def test_a_burst_joins_a_running_batch_in_waves_within_the_step_budget(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, step_prefill_tokens=8)
+    runner = eng._runner
+    assert runner is not None
+    waves: list[int] = []
+    real_prefill = runner.prefill
+
+    def recording_prefill(prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        waves.append(len(prompts))
+        return real_prefill(prompts, slots)
+
+    runner.prefill = recording_prefill  # type: ignore[method-assign]
+    burst = [[5 + i, 9, 11, 13] for i in range(6)]  # 4 tokens each: two fit in a step's 8
+    try:
+        idle = [eng.submit(p, SamplingParams(max_new_tokens=3)) for p in burst[:4]]
+        eng.start()
+        for handle in idle:
+            handle.result(TIMEOUT)
+        assert waves == [4]  # an idle engine takes everything waiting (within prefill_token_budget)
+        waves.clear()
+        gate = Gate(model)
+        long = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=30))
+        assert gate.entered.wait(TIMEOUT)  # the engine is inside long's prefill: the burst queues up
+        handles = [eng.submit(p, SamplingParams(max_new_tokens=5)) for p in burst]
+        gate.remove()
+        for prompt, handle in zip(burst, handles, strict=True):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, prompt, 5)
+        assert list(long.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 30)
+        assert waves == [1, 2, 2, 2]  # long alone, then the burst two per step beside it
+    finally:
+        eng.close()

@@ -37,6 +37,18 @@ def test_prefill_budget_counts_padded_tokens_but_admits_at_least_one() -> None:
     assert [s.request_id for s in sched.admit()] == [3, 4]
 
 
+def test_an_explicit_budget_and_no_minimum_for_later_waves_of_a_step() -> None:
+    sched = Scheduler(max_batch_size=8, max_queue=10, prefill_token_budget=1000)
+    for i, n in enumerate([6, 6, 6, 40, 6]):
+        sched.add(seq(i, n))
+    first = sched.admit(13)
+    assert [s.request_id for s in first] == [0, 1] and Scheduler.padded_tokens(first) == 12
+    assert sched.admit(1, at_least_one=False) == []  # 6 tokens do not fit in what is left of the step
+    assert [s.request_id for s in sched.admit(32)] == [2]  # the 40-token prompt would pad the wave to 80
+    assert [s.request_id for s in sched.admit(32)] == [3]  # alone over budget: the first wave takes it
+    assert Scheduler.padded_tokens([]) == 0
+
+
 def test_release_moves_the_last_sequence_into_the_hole() -> None:
     sched = Scheduler(max_batch_size=4, max_queue=10, prefill_token_budget=1000)
     seqs = [seq(i, 3) for i in range(3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,10 +41,15 @@ class HFRunner:
             rows.append(logits)
         return torch.stack(rows)
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per slot ``0..B-1``, each through its own cache; return logits [B, V]."""
+    def decode(self, tokens: list[int], positions: list[int],
+               interleave: Callable[[], None] | None = None) -> torch.Tensor:
+        """One token per slot ``0..B-1``, each through its own cache; return logits [B, V].
+
+        ``interleave`` runs before each sequence (it may fill slots ``>= B``, which this step never reads)."""
         rows = []
         for slot, token in enumerate(tokens):
+            if interleave is not None:
+                interleave()
             logits, self._caches[slot] = self._forward([token], self._caches[slot])
             rows.append(logits)
         return torch.stack(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -89,13 +90,18 @@ class LlamaRunner:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` gives the K/V to attend to."""
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any, mask: torch.Tensor | None,
+                interleave: Callable[[], None] | None = None) -> torch.Tensor:
+        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` gives the K/V to attend to.
+
+        ``interleave`` is called before each layer: the state of this pass is just ``h``, so other slots'
+        work can run there without disturbing it."""
         inner = self._model.model
         cos, sin = inner.rotary_emb(h, pos)
         b, n, _ = h.shape
         for i, layer in enumerate(inner.layers):
+            if interleave is not None:
+                interleave()
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(b, n, -1, self._head_dim)
@@ -148,8 +154,12 @@ class LlamaRunner:
         last = h[torch.arange(n, device=self.device), lens_t - 1]
         return self._logits(last)
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One step for slots ``0..B-1``: feed ``tokens[b]`` at ``positions[b]``; return logits [B, V]."""
+    def decode(self, tokens: list[int], positions: list[int],
+               interleave: Callable[[], None] | None = None) -> torch.Tensor:
+        """One step for slots ``0..B-1``: feed ``tokens[b]`` at ``positions[b]``; return logits [B, V].
+
+        ``interleave`` runs before each layer; it may prefill slots ``>= B`` (this step reads and writes only
+        rows ``< B`` of the cache)."""
         b = len(tokens)
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device).unsqueeze(1)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
@@ -164,7 +174,7 @@ class LlamaRunner:
             vc[rows, :, pos] = v[:, :, 0]
             return kc[:b, :, :width], vc[:b, :, :width]
 
-        h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask)
+        h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask, interleave)
         return self._logits(h[:, 0])
 
     def move(self, src: int, dst: int, length: int) -> None:

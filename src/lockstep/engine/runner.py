@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -23,8 +24,12 @@ class Runner(Protocol):
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Cache the prompts in their slots; float32 logits of each prompt's last token [N, V]."""
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Advance slots ``0..B-1`` by one token at the given positions; float32 logits [B, V]."""
+    def decode(self, tokens: list[int], positions: list[int],
+               interleave: Callable[[], None] | None = None) -> torch.Tensor:
+        """Advance slots ``0..B-1`` by one token at the given positions; float32 logits [B, V].
+
+        ``interleave`` is called at points inside the step (before each layer or sequence) where work on
+        slots ``>= B`` may run, e.g. prefilling requests that arrived after the step began."""
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Move the first ``length`` cached positions from slot ``src`` to slot ``dst``."""

@@ -46,14 +46,17 @@ class Scheduler:
             return False
         return True
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots, FIFO, within the prefill token budget (at least one)."""
+    def admit(self, token_budget: int | None = None, at_least_one: bool = True) -> list[Sequence]:
+        """Move waiting sequences into free slots, FIFO, within ``token_budget`` padded prompt tokens
+        (default: the prefill budget); with ``at_least_one`` the head of the queue goes in even when its
+        prompt alone is over the budget, so a long prompt is never starved."""
+        budget = self.prefill_token_budget if token_budget is None else token_budget
         admitted: list[Sequence] = []
         width = 0
         while self.waiting and len(self.running) < self.max_batch_size:
             nxt = self.waiting[0]
             new_width = max(width, len(nxt.prompt_ids))
-            if admitted and new_width * (len(admitted) + 1) > self.prefill_token_budget:
+            if (admitted or not at_least_one) and new_width * (len(admitted) + 1) > budget:
                 break
             self.waiting.popleft()
             width = new_width
@@ -62,6 +65,11 @@ class Scheduler:
             self.running.append(nxt)
             admitted.append(nxt)
         return admitted
+
+    @staticmethod
+    def padded_tokens(seqs: list[Sequence]) -> int:
+        """Tokens one prefill forward over ``seqs`` processes (prompts are right-padded to the longest)."""
+        return max((len(s.prompt_ids) for s in seqs), default=0) * len(seqs)
 
     def release(self, seq: Sequence) -> SlotMove | None:
         """Take a running sequence out; fill its slot with the last one. Returns the cache move to make."""

@@ -37,7 +37,8 @@ def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> An
     from lockstep.engine import Engine
 
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size,
-                    max_queue=settings.max_queue, max_context=loaded.max_context)
+                    max_queue=settings.max_queue, max_context=loaded.max_context,
+                    step_prefill_tokens=settings.step_prefill_tokens or None)
     engine.start()
     return engine
 
