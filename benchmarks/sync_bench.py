@@ -8,8 +8,13 @@ load of greedy ``POST /generate`` requests on every replica, and publish 20 vers
   loads and flips on its own as soon as its load finishes (``LOCKSTEP_SYNC_MODE=naive``).
 
 Reported: failed and mislabeled responses, flip skew (first to last replica serving the new version,
-from each replica's ``serving_since``) p50/p99/max, propagation (prepare → all serving) against the staging
-load time, the mixed-version window seen by clients, and the polling cost of an idle replica (% of a core).
+from each replica's ``serving_since``) p50/p99/max, propagation (publish call → last replica serving) against
+the staging load time (the slowest replica's own stage time: resolve, verify, load, canary, engine), the
+mixed-version window seen by clients, and the polling cost of an idle replica (% of a core, whole process,
+over ``--idle-window`` seconds once every replica is ready and settled). For two-phase publishes,
+propagation − load is broken down into: waiting for stage reports beyond the load (prepare seen one poll
+later, replicas starting at different times, the coordinator noticing), the commit margin (commit →
+``activate_at``), and flip lateness (``activate_at`` → last replica serving).
 
     .venv/bin/python benchmarks/sync_bench.py --sizes tiny mid --replicas 2 4 --publishes 20
 """
@@ -114,7 +119,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir: Path) -> dict[str, object]:
+def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir: Path,
+             idle_window: float = 30.0) -> dict[str, object]:
     root = Path(tempfile.mkdtemp(prefix=f"lockstep-bench-{size}-{n_replicas}-{mode}-"))
     shared = root / "shared"
     shared.mkdir()
@@ -129,8 +135,7 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
     try:
         for r in replicas:
             wait_for(r.ready, 600, 0.2, f"{r.name} ready")
-        time.sleep(2)
-        idle_window = 10.0
+        time.sleep(5)  # boot leftovers (freeing the loader's buffers, first heartbeats) are not polling
         before = {r.name: cpu_seconds(r.process.pid) for r in replicas}
         time.sleep(idle_window)
         polling_pct = [100 * (cpu_seconds(r.process.pid) - before[r.name]) / idle_window for r in replicas]
@@ -141,6 +146,7 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
         load.start()
         time.sleep(2)
         skews, propagations, load_times, publish_marks = [], [], [], []
+        waits, margins, lateness = [], [], []  # two-phase: where propagation − load goes
         for i in range(publishes):
             model = f"builtin:{size}-s{1 if i % 2 == 0 else 0}"
             if mode == "two-phase":
@@ -164,6 +170,12 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
             propagations.append(max(since) - t0)
             if mode == "naive":
                 load_times.append(max(since) - t0)
+            else:
+                assert result.activate_at is not None
+                committed_at = json.loads((shared / "sync_state.json").read_text())["committed"]["committed_at"]
+                waits.append(committed_at - t0 - load_times[-1])
+                margins.append(result.activate_at - committed_at)
+                lateness.append(max(since) - result.activate_at)
             publish_marks.append((t0, version))
             time.sleep(1.0)
         load.stop()
@@ -222,6 +234,12 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
         "propagation_minus_load_s_max": max(p - lt for p, lt in zip(propagations, load_times, strict=True)),
         "mixed_window_ms": {"p50": 1000 * pct(windows, 0.5), "max": 1000 * max(windows, default=0.0)},
         "polling_cpu_pct_per_replica": round(statistics.mean(polling_pct), 3),
+        "polling_cpu_pct_max": round(max(polling_pct), 3),
+        "idle_window_s": idle_window,
+        "breakdown_s": {name: {"p50": pct(values, 0.5), "max": max(values)}
+                        for name, values in (("wait_beyond_load", waits), ("commit_margin", margins),
+                                             ("flip_lateness", lateness)) if values},
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -231,6 +249,7 @@ def main() -> None:
     parser.add_argument("--replicas", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--modes", nargs="+", default=["two-phase", "naive"])
     parser.add_argument("--publishes", type=int, default=20)
+    parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measurement")
     parser.add_argument("--builtin-dir", default=str(REPO / "var" / "bench-models" / "builtin"))
     parser.add_argument("--out", default=str(REPO / "var" / "sync_bench.json"))
     args = parser.parse_args()
@@ -243,7 +262,7 @@ def main() -> None:
         for n in args.replicas:
             for mode in args.modes:
                 print(f"== {size} × {n} replicas, {mode}", flush=True)
-                result = run_case(size, n, mode, args.publishes, builtin_dir)
+                result = run_case(size, n, mode, args.publishes, builtin_dir, args.idle_window)
                 print(json.dumps(result), flush=True)
                 results.append(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +278,11 @@ def main() -> None:
               f"{s['p50']:.1f} / {s['p99']:.1f} / {s['max']:.1f} | {p['p50']:.2f} / {p['max']:.2f} | "
               f"{lt['p50']:.2f} | {r['propagation_minus_load_s_max']:.2f} | {w['max']:.0f} | "
               f"{r['polling_cpu_pct_per_replica']:.2f} |")
+    for r in results:
+        if r.get("breakdown_s"):
+            parts = ", ".join(f"{name.replace('_', ' ')} {b['p50']:.3f} / {b['max']:.3f}"
+                              for name, b in r["breakdown_s"].items())
+            print(f"{r['size']} × {r['replicas']}: propagation − load, p50 / max (s): {parts}")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,37 @@ def _shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- serve
-def cmd_serve(args: argparse.Namespace) -> int:
+def _run_quiet_server(app: Any, host: str, port: int) -> None:
+    """``uvicorn.run``, but its housekeeping tick (Date header, exit check) runs at 1 Hz instead of 10 Hz.
+
+    Ten wake-ups a second were a third of an idle replica's CPU. A signal still stops it at once: the handler
+    wakes the loop instead of waiting for the next tick.
+    """
+    import asyncio
+    import contextlib
+
     import uvicorn
 
+    class QuietServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+        _exit: asyncio.Event | None = None
+
+        async def main_loop(self) -> None:
+            self._loop, self._exit = asyncio.get_running_loop(), asyncio.Event()
+            while not await self.on_tick(0):  # counter 0: every tick refreshes the Date header
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exit.wait(), 1.0)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if self._loop is not None and self._exit is not None:
+                self._loop.call_soon_threadsafe(self._exit.set)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    QuietServer(config).run()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from lockstep.inference.app import create_app
 
     base = load_settings(**_shared_overrides(args), initial_model_repo_id=args.model)
@@ -53,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                        "advertise_url": _advertise(args.host, args.port, base)})
     _setup_logging(args.log_level, replica_id)
     log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    _run_quiet_server(create_app(settings), args.host, args.port)
     return 0
 
 

@@ -50,14 +50,17 @@ class Replicas:
     """Replicas as a coordinator sees them: heartbeats, written with real ``Heartbeat`` models.
 
     Like real replicas they accept a sync_state only at or above the generation they hold, and answer a
-    prepare with ``replies[name]``: "staged", "failed", or None (never done before the deadline).
+    prepare with ``replies[name]``: "staged", "failed", or None (never done before the deadline). Once
+    staged, a replica in ``fast_poll`` says it polls every 20 ms for that many more seconds.
     """
 
     def __init__(self, shared: Path, clock: ReplicaClock, replies: dict[str, str | None], *,
-                 generation: int = 0, serving: int = 0, weights: dict[str, str] | None = None) -> None:
+                 generation: int = 0, serving: int = 0, weights: dict[str, str] | None = None,
+                 fast_poll: dict[str, float] | None = None) -> None:
         self.shared, self.clock, self.replies = shared, clock, replies
         self.generation, self.serving = generation, serving
         self.weights = weights or {}
+        self.fast_poll = fast_poll or {}
         self.pending: Pending | None = None
         clock.replicas = self
         self.tick()
@@ -74,6 +77,7 @@ class Replicas:
                 self.serving = state.committed.version  # flips (activate_at is in virtual time too)
         for name, reply in self.replies.items():
             staged = None
+            fast = self.fast_poll.get(name) if self.pending is not None and reply == "staged" else None
             if self.pending is not None and reply is not None:
                 staged = StagedInfo(version=self.pending.version, model=self.pending.model,
                                     state=StageState(reply),
@@ -84,7 +88,9 @@ class Replicas:
                 replica_id=name, url=f"http://{name}:8000", pid=1, state=ReplicaState.SERVING, ready=True,
                 serving=ServingInfo(version=self.serving, model="builtin:tiny" if self.serving == 0 else
                                     f"versions/{self.serving:06d}", weights_digest=WEIGHTS),
-                staged=staged, generation_seen=self.generation, time=self.clock.time()))
+                staged=staged, generation_seen=self.generation, time=self.clock.time(),
+                commit_poll_s=None if fast is None else 0.02,
+                commit_poll_until=None if fast is None else self.clock.time() + fast))
 
 
 @pytest.fixture
@@ -145,6 +151,34 @@ def test_strict_needs_every_live_replica_and_quorum_more_than_half(
         assert state.committed.activate_at == state.pending.activate_at
     else:
         assert state.committed is None and state.pending.phase is Phase.ABORT and state.pending.reason
+
+
+@pytest.mark.parametrize(("fast_poll", "setting", "margin"), [
+    ({"replica-1": 15.0, "replica-2": 15.0}, 0.1, 0.1),  # both read every 20 ms: 2 polls + 50 ms fit in 0.1 s
+    ({"replica-1": 15.0, "replica-2": 15.0}, 0.5, 0.5),  # the setting is the least margin
+    ({"replica-1": 15.0}, 0.1, 0.25),  # replica-2 polls every 100 ms: 2 polls + 50 ms
+    ({"replica-1": 15.0, "replica-2": 0.3}, 0.1, 0.25),  # replica-2 slows down before activate_at
+])
+def test_the_commit_margin_covers_two_polls_of_the_slowest_staged_replica(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock,
+        fast_poll: dict[str, float], setting: float, margin: float) -> None:
+    c = coordinator(shared, builtin_dir, clock, commit_margin_s=setting, commit_poll_interval_s=0.02)
+    Replicas(shared, clock, {"replica-1": "staged", "replica-2": "staged"}, fast_poll=fast_poll)
+    result = c.publish(str(tiny_dirs[1]))
+    committed = state_of(shared).committed
+    assert result.outcome == "committed" and committed is not None and result.activate_at is not None
+    assert committed.committed_at is not None
+    assert result.activate_at - committed.committed_at == pytest.approx(margin)
+
+
+def test_a_slow_write_of_sync_state_lengthens_the_commit_margin_by_as_much(
+        shared: Path, builtin_dir: Path, clock: FakeClock) -> None:
+    c = coordinator(shared, builtin_dir, clock, commit_margin_s=0.1, commit_poll_interval_s=0.02)
+    beat = Heartbeat(replica_id="replica-1", state=ReplicaState.SERVING, ready=True, time=clock.time(),
+                     commit_poll_s=0.02, commit_poll_until=clock.time() + 15)
+    assert c.commit_margin([beat]) == pytest.approx(0.1)
+    c.last_write_s = 0.2  # an fsync that waited for a busy disk or an NFS server: the commit shows up late
+    assert c.commit_margin([beat]) == pytest.approx(2 * 0.02 + 0.05 + 0.2)
 
 
 def test_replicas_that_loaded_different_weights_block_the_commit_even_with_a_quorum(

@@ -114,6 +114,14 @@ def test_heartbeats_round_trip_and_unreadable_ones_are_skipped(tmp_path: Path) -
     assert beats["replica-2"].state is ReplicaState.BEHIND and not beats["replica-2"].ready
 
 
+def test_a_heartbeat_is_replaced_whole_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    write_heartbeat(tmp_path, _beat("replica-1"))
+    fast = _beat("replica-1", time=101.0, commit_poll_s=0.02, commit_poll_until=115.0)
+    write_heartbeat(tmp_path, fast)
+    assert [p.name for p in (tmp_path / "replicas").iterdir()] == ["replica-1.json"]
+    assert read_heartbeats(tmp_path) == [fast]
+
+
 def test_a_replica_name_cannot_put_its_heartbeat_outside_the_replicas_folder(tmp_path: Path) -> None:
     path = heartbeat_path(tmp_path, "../../etc/passwd")
     assert path.parent == tmp_path / "replicas" and "/" not in path.name

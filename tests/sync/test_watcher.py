@@ -15,8 +15,8 @@ from lockstep.core.clock import FakeClock
 from lockstep.core.settings import Settings, UpdateMode
 from lockstep.inference.replica import Replica
 from lockstep.store import ModelStore
-from lockstep.sync.protocol import Committed, StageState, SyncState, write_sync_state
-from lockstep.sync.watcher import SyncWatcher
+from lockstep.sync.protocol import Committed, Pending, Phase, StageState, SyncState, write_sync_state
+from lockstep.sync.watcher import COMMIT_POLL_WINDOW_S, Doorbell, SyncWatcher
 from tests.support.cluster import wait_for
 
 
@@ -141,3 +141,48 @@ def test_an_in_place_flip_is_unready_while_it_drains_the_old_version(booted: Boo
         assert replica.ready and replica.serving is not None and replica.serving.version == 2
     finally:
         replica.close()
+
+
+def test_a_rung_doorbell_wakes_one_wait_and_many_rings_make_one_wake() -> None:
+    bell = Doorbell()
+    assert not bell.wait(0)  # nothing rang: a plain poll interval
+    bell.set()
+    bell.set()  # a second ring before the thread answered the first
+    assert bell.wait(0)
+    assert not bell.wait(0)
+
+
+def test_a_replica_that_staged_polls_fast_until_the_prepare_ends_and_says_so_in_its_heartbeat(
+        booted: Booted) -> None:
+    b = booted
+    good = json.loads(b.path.read_text())
+    committed = Committed.model_validate(good["committed"])
+    heartbeat = b.shared / "replicas" / "replica-1.json"
+
+    def beat_after_tick() -> dict[str, Any]:
+        b.watcher.tick()
+        return json.loads(heartbeat.read_text())  # type: ignore[no-any-return]
+
+    assert b.watcher._poll_interval() == b.settings.poll_interval_s
+    assert beat_after_tick()["commit_poll_s"] is None
+    prepare = Pending(version=1, model="versions/000001", digest=b.v1.digest, phase=Phase.PREPARE,
+                      deadline=b.clock.time() + 60, rollback=True)
+    write_sync_state(b.path, SyncState(generation=good["generation"] + 1, committed=committed, pending=prepare))
+    try:
+        beat = wait_for(lambda: (lambda hb: hb if hb["commit_poll_s"] is not None else None)(beat_after_tick()),
+                        60, 0.02, "the staged heartbeat")
+        assert beat["staged"]["state"] == "staged" and beat["staged"]["version"] == 1
+        assert beat["commit_poll_s"] == b.settings.commit_poll_interval_s < b.settings.poll_interval_s
+        assert beat["commit_poll_until"] == b.clock.time() + COMMIT_POLL_WINDOW_S
+        assert b.watcher._poll_interval() == b.settings.commit_poll_interval_s
+
+        aborted = prepare.model_copy(update={"phase": Phase.ABORT, "reason": "test"})
+        write_sync_state(b.path, SyncState(generation=good["generation"] + 2, committed=committed, pending=aborted))
+        beat = wait_for(lambda: (lambda hb: hb if hb["staged"] is None else None)(beat_after_tick()),
+                        60, 0.02, "the abort")
+        assert (beat["commit_poll_s"], beat["commit_poll_until"]) == (None, None)
+        assert b.watcher._poll_interval() == b.settings.poll_interval_s
+        assert b.replica.serving is not None and b.replica.serving.version == 2 and b.replica.ready
+    finally:
+        write_sync_state(b.path, SyncState(generation=good["generation"] + 3, committed=committed))
+        b.watcher.tick()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,55 @@ def test_the_cluster_view_and_versions_work_on_an_empty_folder(api: TestClient) 
     assert api.get("/history").json() == {"publishes": [], "flips": []}
 
 
-def test_the_trainer_refuses_to_start_without_a_shared_folder() -> None:
+def _finished(client: TestClient, job_id: str) -> dict[str, Any]:
+    for _ in range(600):  # bounded: 60 s
+        job: dict[str, Any] = client.get(f"/publishes/{job_id}").json()
+        if job["status"] != "running":
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"publish {job_id} did not end")
+
+
+def test_without_a_shared_folder_the_trainer_keeps_everything_in_its_data_folder(tmp_path: Path,
+                                                                                builtin_dir: Path) -> None:
+    settings = load_settings(builtin_dir=builtin_dir, api_token=TOKEN, discovery="static",
+                             trainer_data_dir=tmp_path / "data").model_copy(update={"shared_dir": None})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_app(settings), headers=auth) as api:
+        assert api.get("/ready").status_code == 200
+        assert api.get("/sync/committed").json() == {"committed": None, "generation": 0}
+        job = api.post("/publish", json={"model": "builtin:tiny-s1"}).json()
+        job = _finished(api, job["id"])
+        # The version went into the trainer's own store; with no replica answering, nothing was committed.
+        assert job["result"]["outcome"] == "aborted" and "no live replicas" in job["result"]["reason"]
+        version = job["result"]["version"]
+        assert (tmp_path / "data" / "versions" / f"{version:06d}" / "MANIFEST.json").is_file()
+        manifest = api.get(f"/store/versions/{version}/manifest").json()
+        assert manifest["version"] == version and manifest["kind"] == "directory"
+        assert api.get(f"/store/versions/{version}/manifest", headers={"Authorization": ""}).status_code == 401
+        config = api.get(f"/store/versions/{version}/files/config.json")
+        assert config.status_code == 200 and config.json()["model_type"]
+        assert api.get(f"/store/versions/{version}/files/MANIFEST.json").status_code == 404  # not a listed file
+        assert api.get("/store/versions/99/manifest").status_code == 404
+    # A restarted trainer on the same folder finds its versions and history again.
+    with TestClient(create_app(settings), headers=auth) as api:
+        assert [v["version"] for v in api.get("/versions").json()["versions"]] == [version]
+        assert [p["outcome"] for p in api.get("/history").json()["publishes"]] == ["aborted"]
+
+
+def test_without_a_shared_folder_heartbeat_discovery_says_what_to_set_instead(tmp_path: Path) -> None:
+    settings = load_settings(discovery="heartbeats", trainer_data_dir=tmp_path / "data").model_copy(
+        update={"shared_dir": None})
+    with TestClient(create_app(settings)) as api:
+        discovery = api.get("/cluster").json()["discovery"]
+        assert discovery["urls"] == [] and "INFERENCE_URLS" in discovery["error"]
+
+
+def test_an_unwritable_data_folder_is_refused_with_what_to_do(tmp_path: Path) -> None:
     from lockstep.core.errors import BadRequest
 
-    with pytest.raises(BadRequest, match="LOCKSTEP_SHARED_DIR"):
-        create_app(load_settings().model_copy(update={"shared_dir": None}))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    settings = load_settings(trainer_data_dir=blocker / "data").model_copy(update={"shared_dir": None})
+    with pytest.raises(BadRequest, match="LOCKSTEP_TRAINER_DATA_DIR"):
+        create_app(settings)

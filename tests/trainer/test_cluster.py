@@ -8,7 +8,7 @@ from pathlib import Path
 from lockstep.core.settings import load_settings
 from lockstep.sync.protocol import Heartbeat, ReplicaState, ServingInfo, write_heartbeat
 from lockstep.trainer.cluster import ClusterSnapshot, ClusterView
-from lockstep.trainer.discovery import Discovery
+from lockstep.trainer.discovery import Discovery, DiscoveryMode, DiscoveryResult, Endpoint
 from tests.support.cluster import LocalCluster, wait_for
 from tests.trainer.k8s_api import fake_api_server
 
@@ -84,3 +84,26 @@ def test_real_replicas_found_statically_and_by_dns_agree_with_their_heartbeats(c
 
 def cluster_settings(cluster: LocalCluster, **overrides: object):  # -> Settings
     return load_settings(shared_dir=cluster.shared, heartbeat_ttl_s=3.0, **overrides)
+
+
+class _HeadlessDns:
+    """What DNS discovery returns for a headless Service: every address under the Service's one name."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+
+    def discover(self) -> DiscoveryResult:
+        return DiscoveryResult(DiscoveryMode.DNS, [Endpoint(url, "dns", name="inference-headless")
+                                                   for url in self.urls])
+
+
+def test_endpoints_sharing_a_name_stay_separate_replicas(tmp_path: Path) -> None:
+    urls = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]  # closed: probes fail fast
+    settings = load_settings(shared_dir=None, trainer_data_dir=tmp_path, discovery="dns")
+    view = ClusterView(settings, discovery=_HeadlessDns(urls))  # type: ignore[arg-type]
+    try:
+        snap = view.snapshot(probe=False)
+    finally:
+        view.close()
+    assert sorted(r.url for r in snap.replicas) == urls
+    assert sorted(r.replica_id for r in snap.replicas) == urls  # named by URL until /status names them

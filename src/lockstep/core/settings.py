@@ -70,6 +70,10 @@ class Settings(BaseSettings):
                                          description="Default <shared>/sync_state.json.")
     poll_interval_s: float = Field(0.1, gt=0, le=60, validation_alias=_env("LOCKSTEP_POLL_INTERVAL_S"),
                                    description="Seconds between reads of sync_state.json.")
+    commit_poll_interval_s: float = Field(
+        0.02, gt=0, le=60, validation_alias=_env("LOCKSTEP_COMMIT_POLL_INTERVAL_S"),
+        description="Seconds between reads of sync_state.json while a replica that staged waits for the commit "
+        "(at most 15 s); lets the coordinator use a shorter commit margin. Set it to the poll interval to turn it off.")
     heartbeat_interval_s: float = Field(0.5, gt=0, le=60, validation_alias=_env("LOCKSTEP_HEARTBEAT_INTERVAL_S"),
                                         description="Seconds between heartbeat writes.")
     heartbeat_ttl_s: float = Field(5.0, gt=0, validation_alias=_env("LOCKSTEP_HEARTBEAT_TTL_S"),
@@ -83,12 +87,24 @@ class Settings(BaseSettings):
                            "its own when its load finishes; a benchmark baseline, not for production).")
     stage_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("LOCKSTEP_STAGE_TIMEOUT_S"),
                                    description="Seconds a coordinator waits for every replica to stage.")
-    commit_margin_s: float = Field(0.3, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
-                                   description="activate_at = now + this (seconds); at least 2 poll intervals.")
+    commit_margin_s: float = Field(
+        0.1, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
+        description="activate_at = commit + this (seconds), raised to 2 polls + 50 ms of the slowest-polling staged "
+        "replica (the commit poll interval while it waits, else the poll interval).")
     lease_ttl_s: float = Field(30.0, gt=0, validation_alias=_env("LOCKSTEP_LEASE_TTL_S"),
                                description="Coordinator lease lifetime in seconds; a stale lease is taken over.")
     keep_versions: int = Field(5, ge=1, validation_alias=_env("LOCKSTEP_KEEP_VERSIONS"),
                                description="Garbage collection keeps the committed, served and N newest versions.")
+    coordinator_url: str | None = Field(
+        None, validation_alias=_env("LOCKSTEP_COORDINATOR_URL"),
+        description="Replica without a shared folder: the trainer URL it asks for the committed version at boot "
+        "(unready until it serves it) and downloads published versions/N from (into <HF_HOME>/lockstep-versions).",
+    )
+    trainer_data_dir: Path | None = Field(
+        None, validation_alias=_env("LOCKSTEP_TRAINER_DATA_DIR"),
+        description="Trainer without a shared folder: its runs, versions, publish history and committed state; "
+        "default ~/.local/share/lockstep/trainer. Put it on a volume to keep them across restarts.",
+    )
 
     # --- replica -------------------------------------------------------------------------------------
     replica_id: str | None = Field(None, validation_alias=AliasChoices("LOCKSTEP_REPLICA_ID", "POD_NAME", "HOSTNAME"),
@@ -101,6 +117,10 @@ class Settings(BaseSettings):
                                 description="Sequences decoded together in one forward pass.")
     max_queue: int = Field(256, ge=1, validation_alias=_env("LOCKSTEP_MAX_QUEUE"),
                            description="Requests waiting for a batch slot; beyond it 429.")
+    step_prefill_tokens: int = Field(0, ge=0, validation_alias=_env("LOCKSTEP_STEP_PREFILL_TOKENS"),
+                                     description="Prompt tokens prefilled per decode step while a batch runs "
+                                     "(0: 32 on CPU, 2048 on GPU); larger admits bursts faster, smaller keeps "
+                                     "running streams steadier.")
     max_new_tokens_limit: int = Field(1024, ge=1, validation_alias=_env("LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
                                       description="Upper bound a request may ask for.")
     max_prompt_chars: int = Field(32_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_PROMPT_CHARS"),
@@ -131,7 +151,8 @@ class Settings(BaseSettings):
                                 description="Comma-separated module prefixes a finetune run may import a reward "
                                 "plug-in (package.module:function) from; '*' allows any; empty: none.")
 
-    @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", mode="before")
+    @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", "trainer_data_dir", "coordinator_url",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -158,6 +179,12 @@ class Settings(BaseSettings):
         if self.shared_dir is not None:
             return self.shared_dir / "builtin"
         return Path.home() / ".cache" / "lockstep" / "builtin"
+
+    @property
+    def trainer_data_path(self) -> Path:
+        if self.trainer_data_dir is not None:
+            return self.trainer_data_dir
+        return Path.home() / ".local" / "share" / "lockstep" / "trainer"
 
     @property
     def inference_url_list(self) -> list[str]:

@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+import httpx
+
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadModelRef, BadRequest, Conflict
 from lockstep.core.settings import Settings
@@ -35,11 +37,17 @@ class ReplicaRuntime:
                  engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.store = None
+        self.store: Any = None
         if settings.shared_dir is not None:
             from lockstep.store import ModelStore
 
             self.store = ModelStore(settings.shared_dir, clock=clock)
+        elif settings.coordinator_url:
+            # No shared volume: versions/N come from the trainer, downloaded and verified into a local cache.
+            from lockstep.store.remote import RemoteStore
+
+            self.store = RemoteStore(settings.coordinator_url, settings.hf_home_path / "lockstep-versions",
+                                     token=settings.api_token, keep=settings.keep_versions)
         self.replica = replica or Replica(settings, store=self.store, clock=clock, engine_factory=engine_factory)
         self.replica_id = settings.replica_id or default_replica_id(settings)
         self.url = settings.advertise_url
@@ -51,6 +59,7 @@ class ReplicaRuntime:
         if settings.shared_dir is not None:
             self.watcher = SyncWatcher(self.replica, settings, store=self.store, clock=clock,
                                        replica_id=self.replica_id, url=self.url, token_rate=self.token_rate)
+        self._stopping = threading.Event()
         self.started_at = clock.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -62,12 +71,45 @@ class ReplicaRuntime:
             threading.Thread(target=self._boot_standalone, name="boot", daemon=True).start()
 
     def _boot_standalone(self) -> None:
+        model, version, digest = self.settings.initial_model_repo_id, 0, None
+        if self.settings.coordinator_url:
+            committed = self._ask_committed()
+            if committed is None:
+                return  # stopped before the trainer answered
+            if committed.get("version"):
+                model, version, digest = str(committed["model"]), int(committed["version"]), committed.get("digest")
+            self.replica.set_committed(version, digest)  # unready until it serves exactly this
         try:
-            self.replica.boot(self.settings.initial_model_repo_id, 0)
+            self.replica.boot(model, version, digest)
         except Exception as exc:  # recorded in /status; the process stays up to report it
             log.error("boot failed: %s", exc)
 
+    def _ask_committed(self) -> dict[str, Any] | None:
+        """The trainer's committed version (GET /sync/committed); retried, unready, until it answers."""
+        url = f"{str(self.settings.coordinator_url).rstrip('/')}/sync/committed"
+        headers = {"Authorization": f"Bearer {self.settings.api_token}"} if self.settings.api_token else {}
+        wait = 0.5
+        while not self._stopping.is_set():
+            try:
+                response = httpx.get(url, headers=headers, timeout=10.0)
+                if response.status_code == 200:
+                    body: dict[str, Any] = response.json().get("committed") or {}
+                    self.replica.last_error = None
+                    log.info("the trainer's committed version: v%s (%s)", body.get("version", 0),
+                             body.get("model") or "the initial model")
+                    return body
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:
+                problem = str(exc)
+            self.replica.last_error = (f"waiting for the trainer at {self.settings.coordinator_url} to say which "
+                                       f"version is committed: {problem}")
+            log.warning("%s; unready, retrying in %.1fs", self.replica.last_error, wait)
+            self._stopping.wait(wait)
+            wait = min(5.0, wait * 2)
+        return None
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.watcher is not None:
             self.watcher.stop()
         self.replica.close()
@@ -97,7 +139,8 @@ class ReplicaRuntime:
         ref = parse_ref(model_ref)
         if ref.kind is RefKind.VERSION and self.store is None:
             raise BadModelRef(f"{ref.raw!r} names a published version but this replica has no shared folder "
-                              "(LOCKSTEP_SHARED_DIR); name a repo id, a directory or a builtin model instead")
+                              "(LOCKSTEP_SHARED_DIR) and no trainer to download it from (LOCKSTEP_COORDINATOR_URL); "
+                              "name a repo id, a directory or a builtin model instead")
         if ref.kind is RefKind.DIRECTORY:
             assert ref.path is not None
             check_safe_files(ref.path, self.settings)  # pickle-only or remote code: refused with how to opt in
@@ -118,10 +161,17 @@ class ReplicaRuntime:
     def schedule_commit(self, version: int, activate_at: float) -> dict[str, Any]:
         """POST /admin/commit: flip at ``activate_at`` (wall clock)."""
         info = self.replica.stage_info
-        if info is None or info.version != version:
-            raise Conflict(f"v{version} is not staged on {self.replica_id}; stage it first")
-        if info.state is not StageState.STAGED:
-            raise Conflict(f"v{version} is {info.state.value} on {self.replica_id}, not staged")
+        serving = self.replica.serving
+        if serving is not None and serving.version == version and (info is None or info.version != version):
+            self.replica.set_committed(version, serving.digest)  # already serving it: nothing to flip
+            return {"status": "serving", "version": version, "replica_id": self.replica_id}
+        if info is None or info.version != version or info.state is not StageState.STAGED:
+            # The cluster committed a version this replica does not have: it must not take traffic until it
+            # catches up (the trainer stages and commits it again), so it goes unready now.
+            self.replica.set_committed(version)
+            have = "nothing" if info is None or info.version != version else info.state.value
+            raise Conflict(f"v{version} is not staged on {self.replica_id} ({have} for it); unready until it is "
+                           "staged and committed")
 
         def flip_at() -> None:
             sleep_until(self.clock, activate_at)

@@ -170,8 +170,9 @@ def resolve(ref: ModelRef | str, settings: Settings, store: Any = None) -> Resol
         return ResolvedModel(ref=ref, path=path, revision=revision)
     # A published version: verify every file against its MANIFEST before anyone loads it.
     if store is None:
-        raise BadModelRef(f"{ref.raw!r} names a published version but no shared folder is configured "
-                          "(set LOCKSTEP_SHARED_DIR or --shared)")
+        raise BadModelRef(f"{ref.raw!r} names a published version but no shared folder is configured (set "
+                          "LOCKSTEP_SHARED_DIR or --shared) and no trainer to download it from "
+                          "(LOCKSTEP_COORDINATOR_URL)")
     assert ref.version is not None
     manifest = store.get(ref.version)
     if manifest.kind == "repo":

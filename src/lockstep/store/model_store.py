@@ -85,6 +85,9 @@ class ModelStore:
         self.root = Path(root)
         self.clock = clock
         self._warned: set[str] = set()  # log an unreadable version once per store object, not per poll
+        # Lowest number the next publish may take: a trainer whose data folder was lost sets it above what the
+        # replicas still serve, so a new version never reuses a number they know with other content.
+        self.min_next = 0
 
     @property
     def versions_dir(self) -> Path:
@@ -174,7 +177,7 @@ class ModelStore:
     def _claim(self, start: int = 1) -> int:
         """Reserve the next version number by creating ``.partial-<N>`` (atomic: one creator wins)."""
         listing = self._scan()
-        n = max([start, *(m + 1 for m in listing.published), *(m + 1 for m in listing.partials)])
+        n = max([start, self.min_next, *(m + 1 for m in listing.published), *(m + 1 for m in listing.partials)])
         for _ in range(_MAX_CLAIM_TRIES):
             try:
                 os.mkdir(self._partial_path(n))

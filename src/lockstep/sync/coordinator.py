@@ -126,6 +126,7 @@ class Coordinator:
         self.clock = clock
         self.owner = owner
         self.lease = Lease(self.shared_dir / "locks", owner=owner, ttl_s=settings.lease_ttl_s, clock=clock)
+        self.last_write_s = 0.0  # how long the last write of sync_state.json took (fsync included)
 
     # ------------------------------------------------------------------ reading the cluster
     def read_state(self) -> SyncState:
@@ -281,7 +282,9 @@ class Coordinator:
     def _write(self, state: SyncState, **changes: Any) -> SyncState:
         new = state.model_copy(update={"generation": state.generation + 1, "updated_at": self.clock.time(),
                                        "writer": self.owner, "format": 1, **changes})
+        began = self.clock.monotonic()
         write_sync_state(self.path, new)
+        self.last_write_s = self.clock.monotonic() - began
         return new
 
     def _two_phases(self, source: Source, policy: CommitPolicy, timeout_s: float, started: float,
@@ -297,7 +300,7 @@ class Coordinator:
         log.info("prepare v%d (%s), generation %d", source.version, source.model, state.generation)
         if progress:
             progress("prepare", {"version": source.version, "generation": state.generation})
-        reports = self._wait_staged(source, state.generation, now + timeout_s, policy, progress)
+        reports, beats = self._wait_staged(source, state.generation, now + timeout_s, policy, progress)
         result = PublishResult(source.version, source.model, "aborted", started_at=started,
                                prepare_s=self.clock.time() - now, generation=state.generation,
                                rollback=source.rollback, replicas=reports)
@@ -307,7 +310,8 @@ class Coordinator:
             result.reason, result.generation = reason, state.generation
             log.warning("abort v%d: %s", source.version, reason)
         else:
-            margin = max(self.settings.commit_margin_s, 2 * self.settings.poll_interval_s + 0.05)
+            staged = {r.replica_id for r in reports if r.outcome == "staged"}
+            margin = self.commit_margin([b for b in beats if b.replica_id in staged])
             activate_at = self.clock.time() + margin
             committed = Committed(version=source.version, model=source.model, digest=source.digest,
                                   activate_at=activate_at, committed_at=self.clock.time(), rollback=source.rollback)
@@ -322,9 +326,34 @@ class Coordinator:
         self._record(result)
         return result
 
+    def commit_margin(self, staged: list[Heartbeat]) -> float:
+        """Seconds from the commit to ``activate_at``: enough for every staged replica to read the commit first.
+
+        The commit is visible once written (about as long as the prepare's write took: fsync, NFS), and a
+        replica reads it within one of its polls; two polls and 50 ms leave room for a slow tick. A replica that
+        staged polls fast while it waits (its heartbeat says until when); otherwise, or when its heartbeat does
+        not say, it polls every ``poll_interval_s``.
+        """
+        base = self.settings.commit_margin_s
+        write = self.last_write_s
+        slow = max(base, 2 * self.settings.poll_interval_s + 0.05 + write)
+        fast = [(b.commit_poll_s, b.commit_poll_until) for b in staged
+                if b.commit_poll_s is not None and b.commit_poll_until is not None]
+        if not staged or len(fast) < len(staged):
+            return slow
+        margin = max(base, 2 * max(poll for poll, _ in fast) + 0.05 + write)
+        # Each must still poll fast at activate_at, with slack for its clock and for this decision.
+        if min(until for _, until in fast) < self.clock.time() + margin + 0.5:
+            return slow
+        return margin
+
     def _wait_staged(self, source: Source, generation: int, deadline: float, policy: CommitPolicy,
-                     progress: ProgressFn | None) -> list[ReplicaReport]:
-        """Poll heartbeats until every live replica staged the version, failed, or the deadline passed."""
+                     progress: ProgressFn | None) -> tuple[list[ReplicaReport], list[Heartbeat]]:
+        """Poll heartbeats until every live replica staged the version, failed, or the deadline passed.
+
+        Polls every ``commit_poll_interval_s``: the commit follows the last report, and every poll of delay
+        here is propagation time.
+        """
         renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
         while True:
             live = self.live_replicas()
@@ -351,11 +380,11 @@ class Coordinator:
                 progress("staging", {"staged": len(reports) - len(waiting) - len(failed), "failed": len(failed),
                                      "live": len(reports)})
             if not waiting or (failed and policy is CommitPolicy.STRICT) or self.clock.time() >= deadline:
-                return reports
+                return reports, live
             if self.clock.time() >= renew_at:
                 self.lease.renew()
                 renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
-            self.clock.sleep(self.settings.poll_interval_s)
+            self.clock.sleep(min(self.settings.commit_poll_interval_s, self.settings.poll_interval_s))
 
     def _wait_serving(self, result: PublishResult) -> None:
         """After a commit, note which replicas serve it (for the report); never blocks past a few seconds."""

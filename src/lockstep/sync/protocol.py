@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,10 @@ class Heartbeat(_Tolerant):
     tokens_per_s: float = 0.0
     time: float
     started_at: float | None = None
+    # A replica that staged the pending version polls every ``commit_poll_s`` until ``commit_poll_until``
+    # (wall clock) while it waits for the commit; the coordinator sizes the commit margin from these.
+    commit_poll_s: float | None = None
+    commit_poll_until: float | None = None
 
 
 def parse_sync_state(raw: Any) -> SyncState | LegacyRequest:
@@ -154,14 +160,26 @@ def parse_sync_state(raw: Any) -> SyncState | LegacyRequest:
 
 
 def read_sync_state_bytes(path: Path) -> bytes | None:
-    """Open and read (never stat() alone: NFS caches attributes). None if the file does not exist."""
+    """Open and read (never stat() alone: NFS caches attributes). None if the file does not exist.
+
+    Plain os.open/os.read: replicas call this ten times a second, and the buffered file object costs more
+    system calls and allocations than the read itself.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def decode_sync_state(data: bytes, path: Path) -> SyncState | LegacyRequest:
@@ -191,12 +209,34 @@ def heartbeat_path(shared_dir: Path, replica_id: str) -> Path:
 
 
 def write_heartbeat(shared_dir: Path, beat: Heartbeat) -> None:
-    """Replace the replica's heartbeat; OSError while the shared folder itself is gone."""
+    """Replace the replica's heartbeat (write a temporary file, rename); OSError while the shared folder is gone.
+
+    No fsync: a heartbeat only matters while it is fresh, and readers skip a torn one. Two fsyncs per beat
+    doubled an idle replica's wake-ups and CPU in the sync thread (and can stall for a busy disk or NFS).
+    """
     path = heartbeat_path(shared_dir, beat.replica_id)
-    # replicas/ only, never the shared folder: an unmounted volume must stay missing, not be shadowed by a
-    # local folder that would hide the outage and keep heartbeats on the wrong disk.
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_json(path, beat.model_dump(mode="json"))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    data = beat.model_dump_json().encode()
+    try:
+        _write_replace(tmp, path, data)
+    except FileNotFoundError:
+        # replicas/ only, never the shared folder: an unmounted volume must stay missing, not be shadowed by a
+        # local folder that would hide the outage and keep heartbeats on the wrong disk.
+        path.parent.mkdir(exist_ok=True)
+        _write_replace(tmp, path, data)
+
+
+def _write_replace(tmp: Path, path: Path, data: bytes) -> None:
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_heartbeats(shared_dir: Path) -> list[Heartbeat]:

@@ -29,6 +29,32 @@ from lockstep.sync.protocol import (
 log = logging.getLogger(__name__)
 
 CATCH_UP_RETRY_S = 5.0  # seconds between attempts to load a committed version that failed to load
+# After staging, poll at ``commit_poll_interval_s`` for this long while the commit is expected: long enough
+# for the other replicas to finish their loads, short enough that a coordinator that died after prepare
+# does not leave every replica reading the shared folder fifty times a second until the deadline.
+COMMIT_POLL_WINDOW_S = 15.0
+
+
+class Doorbell:
+    """Cuts the sync thread's wait short when something changed (a load ended, a flip happened).
+
+    A bare lock instead of ``threading.Event``: the thread waits ten times a second, and Event's wait builds
+    a Condition round (a new lock, four acquisitions) each time. Rung = released; the waiter takes it back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already rung, not yet answered
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """True when rung (the ring is consumed), False after ``timeout`` seconds."""
+        return self._lock.acquire(timeout=timeout)
 
 
 def sleep_until(clock: Clock, wall_time: float) -> None:
@@ -67,7 +93,10 @@ class SyncWatcher:
         self._legacy_seen: str | None = None
         self._publish_thread: threading.Thread | None = None
         self._beat_due = 0.0
-        self._wake = threading.Event()
+        self._wake = Doorbell()
+        self._initial = Committed(version=0, model=settings.initial_model_repo_id)
+        self._commit_poll_until: float | None = None  # fast polling: staged, waiting for the commit
+        self._commit_poll_version: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -86,14 +115,31 @@ class SyncWatcher:
                 self.tick()
             except Exception:  # the watcher must outlive any one bad tick
                 log.exception("sync tick failed on %s", self.replica_id)
-            self._wake.wait(self.settings.poll_interval_s)
-            self._wake.clear()
+            self._wake.wait(self._poll_interval())
+
+    def _poll_interval(self) -> float:
+        """The normal interval, or the fast one while this replica has staged a prepare and waits for its commit."""
+        if self._commit_poll_until is not None:
+            return min(self.settings.commit_poll_interval_s, self.settings.poll_interval_s)
+        return self.settings.poll_interval_s
+
+    def _end_commit_poll(self) -> None:
+        """Back to the normal interval once the prepare is committed, aborted or superseded, or the window ends."""
+        until = self._commit_poll_until
+        if until is None:
+            return
+        pending = self.last_good.pending if self.last_good else None
+        if (self.clock.time() >= until or pending is None or pending.phase is not Phase.PREPARE
+                or pending.version != self._commit_poll_version):
+            self._commit_poll_until = None
+            self._beat_due = 0.0  # say so now: the coordinator sizes the commit margin from it
 
     # ------------------------------------------------------------------ one poll
     def tick(self) -> None:
         state = self._read()
         if self.settings.sync_mode != "naive" or self.replica.serving is None:
             self._apply(state)  # naive mode (benchmark baseline) only boots through it
+        self._end_commit_poll()
         now = self.clock.time()
         if now >= self._beat_due:
             self.beat()
@@ -148,7 +194,7 @@ class SyncWatcher:
         """What this replica must serve: the committed version, or the initial model as version 0."""
         if state is not None and state.committed is not None:
             return state.committed
-        return Committed(version=0, model=self.settings.initial_model_repo_id)
+        return self._initial
 
     def _apply(self, state: SyncState | None) -> None:
         replica = self.replica
@@ -164,6 +210,8 @@ class SyncWatcher:
                 # A replica that is still booting loads the committed version first, then stages.
                 if key not in self._attempted and not already and serving is not None:
                     self._attempted.add(key)
+                    log.info("%s saw the prepare of v%d (generation %d); staging %s", self.replica_id,
+                             pending.version, key[2], pending.model)
                     self._start_work("stage", pending.version, pending.model, pending.digest)
             elif pending.phase is Phase.ABORT or (pending.phase is Phase.PREPARE and expired):
                 if info is not None and info.version == pending.version and not self._busy("stage", pending.version):
@@ -183,6 +231,12 @@ class SyncWatcher:
             return
         activate_at = target.activate_at or now
         if replica.staged_plan_version() == target.version:
+            if target.activate_at is not None:
+                # Seen after activate_at means a late flip: the commit margin is too short for this replica's polls.
+                early = target.activate_at - now
+                (log.info if early > 0 else log.warning)("%s saw the commit of v%d %.0f ms %s activate_at",
+                                                         self.replica_id, target.version, abs(early) * 1000,
+                                                         "before" if early > 0 else "after")
             self._schedule_flip(target.version, activate_at)
             return
         if self._busy("stage", target.version) or self._busy("catch-up", target.version):
@@ -222,6 +276,9 @@ class SyncWatcher:
                 if kind == "stage":
                     info = self.replica.stage(model, version, digest)
                     log.info("%s stage v%d: %s", self.replica_id, version, info.state.value)
+                    if info.state is StageState.STAGED:  # the commit may come any moment now: watch closely
+                        self._commit_poll_version = version
+                        self._commit_poll_until = self.clock.time() + COMMIT_POLL_WINDOW_S
                 else:
                     self.replica.boot(model, version, digest)
                     self._catch_up_failed_at = None
@@ -275,13 +332,16 @@ class SyncWatcher:
     def beat(self) -> None:
         r = self.replica
         queued, running = r.engine_load()
+        fast_until = self._commit_poll_until
         beat = Heartbeat(
             replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
             serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
             generation_seen=self.last_good.generation if self.last_good else None,
             update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
             tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
-            started_at=r.started_at,
+            started_at=r.started_at, commit_poll_until=fast_until,
+            commit_poll_s=None if fast_until is None else min(self.settings.commit_poll_interval_s,
+                                                              self.settings.poll_interval_s),
         )
         try:
             write_heartbeat(self.shared_dir, beat)

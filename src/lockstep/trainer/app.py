@@ -12,21 +12,23 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, Conflict, NotFound
+from lockstep.core.errors import Conflict, NotFound
 from lockstep.core.http import check_bearer, install_error_handlers
 from lockstep.core.settings import Settings
-from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.trainer.cluster import ClusterView
 from lockstep.trainer.discovery import Discovery
 from lockstep.trainer.events import STREAM_S, EventBus
+from lockstep.trainer.http_cluster import CatchUpLoop, HttpClusterCoordinator
 from lockstep.trainer.manager import RunManager
 from lockstep.trainer.metrics import TrainerMetrics
 from lockstep.trainer.monitor import Monitor
@@ -51,28 +53,48 @@ class Trainer:
     cluster: ClusterView
     monitor: Monitor
     runs: RunManager
+    catch_up: CatchUpLoop | None = None
     ready: bool = False
 
     @classmethod
     def build(cls, settings: Settings, *, clock: Clock, discovery: Discovery | None = None) -> Trainer:
-        if settings.shared_dir is None:
-            raise BadRequest("the trainer needs the shared folder: set LOCKSTEP_SHARED_DIR or pass "
-                             "--shared DIR")
-        coordinator = Coordinator(settings, clock=clock, owner=f"trainer@{socket.gethostname()}")
+        """With a shared folder, the coordinator writes sync_state.json; without one, it drives replicas over
+        HTTP and keeps its store, runs and state in its own data folder (LOCKSTEP_TRAINER_DATA_DIR)."""
+        owner = f"trainer@{socket.gethostname()}"
         events = EventBus()
         metrics = TrainerMetrics()
+        discovery = discovery or Discovery(settings, clock=clock)
+        coordinator: Coordinator
+        if settings.shared_dir is None:
+            box: dict[str, ClusterView] = {}
+            coordinator = HttpClusterCoordinator(settings, urls=lambda: box["cluster"].discovered_urls(),
+                                                 clock=clock, owner=owner)
+            cluster = ClusterView(settings, discovery=discovery, read_state=coordinator.read_state, clock=clock)
+            box["cluster"] = cluster
+        else:
+            coordinator = Coordinator(settings, clock=clock, owner=owner)
+            cluster = ClusterView(settings, discovery=discovery, read_state=coordinator.read_state, clock=clock)
         publisher = Publisher(coordinator, events=events, metrics=metrics, clock=clock)
-        cluster = ClusterView(settings, discovery=discovery or Discovery(settings, clock=clock),
-                              read_state=coordinator.read_state, clock=clock)
         monitor = Monitor(cluster, events=events, metrics=metrics, clock=clock)
-        runs = RunManager(settings, runs=RunStore(settings.shared_dir / "runs"), coordinator=coordinator,
+        runs = RunManager(settings, runs=RunStore(coordinator.shared_dir / "runs"), coordinator=coordinator,
                           publisher=publisher, cluster=cluster, events=events, metrics=metrics, clock=clock)
-        return cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs)
+        trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs)
+        if isinstance(coordinator, HttpClusterCoordinator):
+            trainer.catch_up = CatchUpLoop(coordinator, trainer._caught_up)
+        return trainer
+
+    @property
+    def data_dir(self) -> Path:
+        """The shared folder, or (without one) the trainer's own data folder."""
+        return self.coordinator.shared_dir
+
+    def _caught_up(self, url: str, report: ReplicaReport, version: int) -> None:
+        self.events.publish("version", {"what": "catch-up", "replica_id": report.replica_id, "url": url,
+                                        "version": version, "outcome": report.outcome, "error": report.error})
 
     def history(self) -> dict[str, Any]:
         """Publishes recorded in ``<shared>/history`` (by every coordinator) and the replica flips seen."""
-        assert self.settings.shared_dir is not None
-        folder = self.settings.shared_dir / "history"
+        folder = self.data_dir / "history"
         publishes = []
         names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
         for name in names[-HISTORY_LIMIT:]:
@@ -101,7 +123,7 @@ def _sse_stream(bus: EventBus, last_id: int | None) -> AsyncIterator[bytes]:
 
 def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
                discovery: Discovery | None = None) -> FastAPI:
-    """The trainer app; fails at once (BadRequest) without a shared folder."""
+    """The trainer app, over the shared folder, or (without one) over HTTP with its own data folder."""
     trainer = Trainer.build(settings, clock=clock, discovery=discovery)
 
     @contextlib.asynccontextmanager
@@ -109,17 +131,26 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         interrupted = await asyncio.to_thread(trainer.runs.recover)
         if interrupted:
             log.warning("runs interrupted by the last shutdown: %s", ", ".join(interrupted))
+        if isinstance(trainer.coordinator, HttpClusterCoordinator):
+            await asyncio.to_thread(trainer.coordinator.recover)
         trainer.monitor.start()
+        if trainer.catch_up is not None:
+            trainer.catch_up.start()
         trainer.ready = True
-        log.info("trainer ready (shared folder %s, discovery %s)", settings.shared_dir,
-                 trainer.cluster.discovery.configured.value)
+        where = (f"shared folder {settings.shared_dir}" if settings.shared_dir is not None else
+                 f"no shared folder: data in {trainer.data_dir}, replicas driven over HTTP")
+        log.info("trainer ready (%s, discovery %s)", where, trainer.cluster.discovery.configured.value)
         try:
             yield
         finally:
             trainer.ready = False
+            if trainer.catch_up is not None:
+                trainer.catch_up.stop()
             await asyncio.to_thread(trainer.runs.shutdown)
             trainer.monitor.stop()
             trainer.cluster.close()
+            if isinstance(trainer.coordinator, HttpClusterCoordinator):
+                trainer.coordinator.close()
 
     app = FastAPI(title="Lockstep trainer", version="1", lifespan=lifespan)
     app.state.trainer = trainer
@@ -220,6 +251,32 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     async def resume_run(run_id: str, request: Request) -> dict[str, Any]:
         mutate(request)
         return await asyncio.to_thread(trainer.runs.resume, run_id)
+
+    # ------------------------------------------------------------------ replicas without a shared volume
+    store = trainer.coordinator.store
+
+    @app.get("/sync/committed", summary="The committed version (a replica asks at boot, without a shared folder)")
+    async def sync_committed() -> dict[str, Any]:
+        state = await asyncio.to_thread(trainer.coordinator.read_state)
+        return {"committed": state.committed.model_dump(mode="json") if state.committed else None,
+                "generation": state.generation}
+
+    @app.get("/store/versions/{version}/manifest", summary="A published version's MANIFEST.json (token)")
+    async def store_manifest(version: int, request: Request) -> Response:
+        check_bearer(request, settings.api_token)
+        manifest = await asyncio.to_thread(store.get, version)
+        return Response(manifest.to_json(), media_type="application/json")
+
+    @app.get("/store/versions/{version}/files/{path:path}", summary="One file of a published version (token)")
+    async def store_file(version: int, path: str, request: Request) -> FileResponse:
+        check_bearer(request, settings.api_token)
+        manifest = await asyncio.to_thread(store.get, version)
+        if manifest.kind == "repo":
+            raise NotFound(f"version {version} records repo {manifest.repo_id}@{manifest.revision}; replicas "
+                           "download its files from the Hugging Face Hub")
+        if path not in {f.path for f in manifest.files}:  # only listed files, never a path of the caller's making
+            raise NotFound(f"version {version} has no file {path!r} in its MANIFEST.json")
+        return FileResponse(store.path_of(version) / path, media_type="application/octet-stream")
 
     # ------------------------------------------------------------------ events
     @app.get("/events", summary="Server-sent events: cluster (every second), run, publish, version")

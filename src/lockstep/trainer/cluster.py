@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,15 @@ class ClusterView:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
+    @property
+    def uses_heartbeats(self) -> bool:
+        """Replicas write heartbeats only to a shared folder; without one, what they say is probed over HTTP."""
+        return self.settings.shared_dir is not None
+
+    def discovered_urls(self) -> list[str]:
+        """Replica URLs from discovery (a result is reused for a few seconds)."""
+        return self._discover().urls
+
     def _discover(self) -> DiscoveryResult:
         with self._lock:
             now = self.clock.monotonic()
@@ -154,7 +164,12 @@ class ClusterView:
         return body if isinstance(body, dict) else None
 
     def snapshot(self, *, probe: bool = True, discover: bool = True) -> ClusterSnapshot:
-        """What the cluster looks like now; ``probe`` asks every replica for ``/status`` (concurrently)."""
+        """What the cluster looks like now; ``probe`` asks every replica for ``/status`` (concurrently).
+
+        Without a shared folder there are no heartbeats: discovery and probes are the only view, so both happen.
+        """
+        if not self.uses_heartbeats:
+            probe = discover = True
         state = SyncState(generation=0)
         if self.read_state is not None:
             try:
@@ -169,10 +184,15 @@ class ClusterView:
                 if now - beat.time <= max(60.0, GONE_AFTER_TTLS * ttl):
                     views.append(_from_heartbeat(beat, now, ttl))
         result = self._discover() if discover else None
-        for endpoint in result.endpoints if result else []:
-            match = self._match(views, endpoint.url, endpoint.name)
+        endpoints = result.endpoints if result else []
+        # A name shared by several endpoints (DNS gives every address the headless Service's name) says
+        # nothing about which replica it is: such endpoints are matched and named by URL only.
+        counts = Counter(e.name for e in endpoints if e.name)
+        for endpoint in endpoints:
+            name = endpoint.name if endpoint.name and counts[endpoint.name] == 1 else None
+            match = self._match(views, endpoint.url, name)
             if match is None:
-                match = ReplicaView(replica_id=endpoint.name or endpoint.url or "?", url=endpoint.url)
+                match = ReplicaView(replica_id=name or endpoint.url or endpoint.name or "?", url=endpoint.url)
                 views.append(match)
             match.in_discovery = True
             match.pod_ready = endpoint.ready

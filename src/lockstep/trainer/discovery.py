@@ -199,6 +199,7 @@ class Discovery:
 
     def _heartbeats(self) -> list[Endpoint]:
         if self.settings.shared_dir is None:
-            return []
+            raise BadRequest("heartbeats discovery needs the shared folder; without one, name the replicas with "
+                             "INFERENCE_URLS, LOCKSTEP_HEADLESS_SERVICE, or run in Kubernetes")
         beats = live_heartbeats(self.settings.shared_dir, self.settings.heartbeat_ttl_s, self.clock.time())
         return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in beats if b.url]

@@ -12,7 +12,6 @@ from typing import Any
 from lockstep.core.errors import BadRequest, Conflict, LockstepError
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
-from lockstep.sync.coordinator import wait_until_serving
 from lockstep.trainer.checkpoint import MODEL_DIR, restore_optimizer, write_checkpoint
 from lockstep.trainer.context import RunContext
 from lockstep.trainer.policy import Policy, Scored
@@ -280,7 +279,7 @@ class _Loop:
     def _converge(self, version: int) -> bool:
         """Wait until every live replica serves ``version``; False (logged) when they do not in time."""
         try:
-            wait_until_serving(self.ctx.settings, version, clock=self.ctx.clock, timeout_s=CONVERGE_TIMEOUT_S)
+            self.ctx.wait_until_serving(version, CONVERGE_TIMEOUT_S)
             return True
         except Conflict as exc:
             log.warning("run %s: %s", self.ctx.run_id, exc)

@@ -57,16 +57,15 @@ class Monitor:
         self.latest = snap
         conv = snap.convergence()
         self.metrics.committed_version.set(snap.committed_version)
-        self.metrics.replicas_live.set(sum(1 for r in snap.replicas if r.in_heartbeats))
+        tracked = [r for r in snap.replicas if (r.in_heartbeats if self.cluster.uses_heartbeats else r.reachable)]
+        self.metrics.replicas_live.set(len(tracked))
         self.metrics.replicas_converged.set(conv["at_version"])
         if self._committed != snap.committed_version:
             if self._committed is not None:
                 self.events.publish("version", {"what": "commit", "version": snap.committed_version,
                                                 "previous": self._committed, "committed": snap.committed})
             self._committed = snap.committed_version
-        for replica in snap.replicas:
-            if not replica.in_heartbeats:
-                continue
+        for replica in tracked:
             seen = self._serving.get(replica.replica_id, -1)
             if replica.serving_version is not None and replica.serving_version != seen:
                 flip = {"replica_id": replica.replica_id, "version": replica.serving_version,

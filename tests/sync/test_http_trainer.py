@@ -1,0 +1,287 @@
+"""The trainer without a shared volume: its own data folder, replicas driven over HTTP, versions downloaded.
+
+Real processes: one trainer (no LOCKSTEP_SHARED_DIR) and replicas that know only the trainer's URL, each with
+its own cache folder. The tests run in order on one cluster and build on the versions the previous ones left.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from lockstep.store import ModelStore
+from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READY_S = 120.0
+
+
+@dataclass
+class HttpCluster:
+    """A trainer with its data folder, the replicas it drives, and one replica URL not started yet."""
+
+    root: Path
+    builtin_dir: Path
+    trainer: Proc
+    replicas: list[Proc]
+    late_port: int
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "trainer-data"
+
+    def replica_env(self, name: str) -> dict[str, str]:
+        return base_env(self.builtin_dir, LOCKSTEP_REPLICA_ID=name, LOCKSTEP_API_TOKEN=TOKEN,
+                        LOCKSTEP_COORDINATOR_URL=self.trainer.url, HF_HOME=str(self.root / f"hf-{name}"))
+
+    def start_replica(self, name: str, port: int) -> Proc:
+        proc = spawn(name, ["serve", "--port", str(port)], self.replica_env(name), self.root / "logs", port)
+        self.replicas.append(proc)
+        return proc
+
+    def publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /publish and wait for the job; returns the finished job."""
+        started = self.trainer.post("/publish", json=body, headers=AUTH)
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+
+        def done() -> dict[str, Any] | None:
+            job: dict[str, Any] = self.trainer.get(f"/publishes/{job_id}").json()
+            return job if job["status"] != "running" else None
+
+        finished: dict[str, Any] = wait_for(done, 180, 0.2, f"publish {job_id} (log: {self.trainer.log()[-3000:]})")
+        return finished
+
+    def committed(self) -> int:
+        return int((self.trainer.get("/sync/committed").json()["committed"] or {}).get("version") or 0)
+
+
+@pytest.fixture(scope="module")
+def http_cluster(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[HttpCluster]:
+    root = tmp_path_factory.mktemp("http-trainer")
+    ports = [free_port() for _ in range(3)]
+    urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)  # the third answers only once started later
+    trainer_port = free_port()
+    env = base_env(builtin_dir, LOCKSTEP_TRAINER_DATA_DIR=str(root / "trainer-data"), INFERENCE_URLS=urls,
+                   LOCKSTEP_DISCOVERY="static", LOCKSTEP_API_TOKEN=TOKEN, HF_HOME=str(root / "hf-trainer"))
+    trainer = spawn("trainer", ["trainer", "--port", str(trainer_port)], env, root / "logs", trainer_port)
+    cluster = HttpCluster(root, builtin_dir, trainer, [], ports[2])
+    try:
+        wait_for(lambda: trainer.get("/ready").status_code == 200, READY_S, 0.2,
+                 f"trainer ready (log: {trainer.log()[-2000:]})")
+        for i, port in enumerate(ports[:2]):
+            cluster.start_replica(f"h{i}", port)
+        for proc in cluster.replicas:
+            wait_for(proc.ready, READY_S, 0.1, f"{proc.name} ready (log: {proc.log()[-2000:]})")
+        yield cluster
+    finally:
+        for proc in [trainer, *cluster.replicas]:
+            proc.kill()
+
+
+def serving(proc: Proc) -> tuple[int | None, bool]:
+    status = proc.status()
+    return status["serving_version"], bool(status["ready"])
+
+
+def test_the_trainer_runs_without_a_shared_folder_and_keeps_its_data_in_its_own(http_cluster: HttpCluster) -> None:
+    body = http_cluster.trainer.get("/cluster").json()
+    assert body["discovery"]["mode"] == "static"
+    live = [r for r in body["replicas"] if r["reachable"]]
+    assert sorted(r["replica_id"] for r in live) == ["h0", "h1"]
+    assert all(r["ready"] and r["serving_version"] == 0 for r in live)
+    assert http_cluster.data_dir.is_dir()
+
+
+def test_a_simulation_run_flips_both_replicas_to_the_same_version(http_cluster: HttpCluster) -> None:
+    trainer = http_cluster.trainer
+    created = trainer.post("/runs", headers=AUTH, json={"kind": "simulation", "params": {
+        "rounds": 2, "requests_per_replica": 2, "max_new_tokens": 4, "timeout_s": 120}})
+    assert created.status_code == 201, created.text
+
+    def ended() -> dict[str, Any] | None:
+        run: dict[str, Any] = trainer.get(f"/runs/{created.json()['id']}").json()
+        return None if run["active"] else run
+
+    run = wait_for(ended, 300, 0.5, f"simulation to end (log: {trainer.log()[-3000:]})")
+    assert run["status"] == "succeeded", run["error"]
+    rounds = run["rounds"]
+    assert [r["model"] for r in rounds] == ["builtin:tiny-s1", "builtin:tiny"]
+    for r in rounds:
+        assert r["outcome"] == "committed" and r["converged"], r
+        assert r["failed"] == 0 and r["mislabeled"] == 0 and r["errors"] == [], r
+        assert r["replicas"] == 2 and r["version"] > r["from_version"]
+    last = rounds[-1]["version"]
+    assert [serving(p) for p in http_cluster.replicas] == [(last, True), (last, True)]
+    assert http_cluster.committed() == last
+    # The trainer's history and versions come from its data folder, as they would from the shared one.
+    history = trainer.get("/history").json()
+    assert [p["version"] for p in history["publishes"]] == [r["version"] for r in rounds]
+
+    def flips_recorded() -> set[str] | None:  # the trainer's monitor notes flips on its next look (1 s)
+        flips = {f["replica_id"] for f in trainer.get("/history").json()["flips"] if f["version"] == last}
+        return flips if flips == {"h0", "h1"} else None
+
+    wait_for(flips_recorded, 30, 0.2, "the trainer recording both replicas' flips to the last version")
+    assert [v["version"] for v in trainer.get("/versions").json()["versions"]] == [r["version"] for r in rounds]
+    assert (http_cluster.data_dir / "sync_state.json").is_file()
+
+
+def test_a_published_directory_is_downloaded_verified_and_served(http_cluster: HttpCluster,
+                                                                 tiny_dirs: dict[int, Path]) -> None:
+    job = http_cluster.publish({"model": str(tiny_dirs[2])})
+    result = job["result"]
+    assert job["status"] == "done" and result["outcome"] == "committed", job
+    version = result["version"]
+    assert {r["replica_id"]: r["outcome"] for r in result["replicas"]} == {"h0": "serving", "h1": "serving"}
+    assert len({r["weights_digest"] for r in result["replicas"]}) == 1
+    for proc in http_cluster.replicas:
+        cached = http_cluster.root / f"hf-{proc.name}" / "lockstep-versions" / f"{version:06d}"
+        assert (cached / "MANIFEST.json").is_file() and list(cached.glob("*.safetensors"))
+        assert f"downloaded version {version}" in proc.log() and "every file verified" in proc.log()
+        answer = proc.post("/generate", json={"prompt": "The cat", "max_new_tokens": 4, "temperature": 0})
+        assert answer.headers["x-model-version"] == str(version)
+        assert answer.headers["x-model-repo-id"] == f"versions/{version:06d}"
+
+
+def test_a_corrupted_file_in_the_trainers_store_fails_the_stage_and_aborts_a_strict_publish(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
+    before = http_cluster.committed()
+    # Written into the trainer's store beside it (the store takes concurrent publishers), then damaged with its
+    # size kept: only the replicas' sha256 check can notice.
+    manifest = ModelStore(http_cluster.data_dir).publish_dir(tiny_dirs[1], source="test")
+    weights = http_cluster.data_dir / "versions" / f"{manifest.version:06d}" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    job = http_cluster.publish({"model": f"versions/{manifest.version}", "policy": "strict"})
+    result = job["result"]
+    assert result["outcome"] == "aborted", job
+    assert "did not stage" in result["reason"] and "model.safetensors has sha256" in result["reason"], result
+    assert {r["outcome"] for r in result["replicas"]} <= {"failed", "timeout"}
+    assert any("download is refused" in (r["error"] or "") for r in result["replicas"]), result
+    assert http_cluster.committed() == before
+    for proc in http_cluster.replicas:
+        assert serving(proc) == (before, True)
+        assert not (http_cluster.root / f"hf-{proc.name}" / "lockstep-versions" / f"{manifest.version:06d}").exists()
+    state = http_cluster.trainer.get("/cluster").json()
+    assert state["pending"]["phase"] == "abort" and state["committed"]["version"] == before
+
+
+def test_downloads_and_stages_need_the_token(http_cluster: HttpCluster) -> None:
+    version = http_cluster.committed()
+    trainer, replica = http_cluster.trainer, http_cluster.replicas[0]
+    manifest_path = f"/store/versions/{version}/manifest"
+    assert trainer.get(manifest_path).status_code == 401
+    assert trainer.get(manifest_path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert trainer.get(f"/store/versions/{version}/files/config.json").status_code == 401
+    assert trainer.get(manifest_path, headers=AUTH).json()["version"] == version
+    assert trainer.get(f"/store/versions/{version}/files/config.json", headers=AUTH).status_code == 200
+    assert trainer.get(f"/store/versions/{version}/files/..%2Fsync_state.json", headers=AUTH).status_code == 404
+    stage = {"model": f"versions/{version}", "version": version + 100}
+    assert httpx.post(replica.url + "/admin/stage", json=stage).status_code == 401
+    assert httpx.post(replica.url + "/admin/commit", json={"version": version}).status_code == 401
+
+
+def test_a_replica_started_later_boots_into_the_committed_version_and_is_unready_before(
+        http_cluster: HttpCluster) -> None:
+    committed = http_cluster.committed()
+    assert committed > 0
+    late = http_cluster.start_replica("h2", http_cluster.late_port)
+    seen: list[tuple[int | None, bool]] = []
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        try:
+            status = late.get("/status", timeout=2).json()
+            ready = late.get("/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            time.sleep(0.05)
+            continue
+        seen.append((status["serving_version"], ready))
+        if ready and status["serving_version"] == committed:
+            break
+        time.sleep(0.05)
+    assert seen and seen[-1] == (committed, True), f"{seen[-5:]} (log: {late.log()[-2000:]})"
+    assert all(version == committed for version, _ in seen if version is not None), seen  # never v0 first
+    assert all(not ready for version, ready in seen if version != committed), seen
+    # The trainer sees it, and the next publish goes to all three.
+    wait_for(lambda: http_cluster.trainer.get("/cluster").json()["convergence"]["at_version"] == 3, 30, 0.2,
+             "the trainer to count three replicas at the committed version")
+
+
+def test_a_replica_that_missed_a_commit_is_made_unready_and_caught_up_by_the_trainer(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
+    late = next(p for p in http_cluster.replicas if p.name == "h2")
+    before = http_cluster.committed()
+    assert serving(late) == (before, True)
+    late.process.send_signal(signal.SIGSTOP)  # unreachable: the publish goes to the live replicas only
+    try:
+        job = http_cluster.publish({"model": str(tiny_dirs[0])})
+    finally:
+        late.process.send_signal(signal.SIGCONT)
+    result = job["result"]
+    assert result["outcome"] == "committed" and {r["replica_id"] for r in result["replicas"]} == {"h0", "h1"}
+    version = result["version"]
+    # Back, it still serves the old version; the trainer tells it (unready at once), stages and commits it.
+    seen: list[tuple[int | None, bool]] = []
+
+    def caught_up() -> bool:
+        seen.append(serving(late))
+        return seen[-1] == (version, True)
+
+    wait_for(caught_up, 60, 0.05, f"h2 caught up to v{version} (trainer log: {http_cluster.trainer.log()[-2000:]})")
+    told = seen.index((before, False))  # made unready while it still served the old version
+    assert (before, True) not in seen[told:], seen
+    # The trainer logs the end of a catch-up once its commit call returns, which may be after h2 serves.
+    wait_for(lambda: f"replica h2 caught up: serving v{version}" in http_cluster.trainer.log(), 30, 0.1,
+             "the trainer to log the catch-up")
+    assert f"replica h2 serves v{before} but v{version} is committed: catching it up" in http_cluster.trainer.log()
+
+
+def test_a_finetune_run_publishes_checkpoints_that_every_replica_downloads_and_serves(
+        http_cluster: HttpCluster) -> None:
+    trainer = http_cluster.trainer
+    created = trainer.post("/runs", headers=AUTH, json={"kind": "finetune", "params": {
+        "steps": 2, "publish_every": 1, "batch_size": 2, "group_size": 2, "max_new_tokens": 4,
+        "eval_prompts": 2, "samples_per_version": 1, "timeout_s": 120}})
+    assert created.status_code == 201, created.text
+
+    def ended() -> dict[str, Any] | None:
+        run: dict[str, Any] = trainer.get(f"/runs/{created.json()['id']}").json()
+        return None if run["active"] else run
+
+    run = wait_for(ended, 300, 0.5, f"finetune to end (log: {trainer.log()[-3000:]})")
+    assert run["status"] == "succeeded", run["error"]
+    versions = run["versions"]
+    assert len(versions) == 2 and versions == sorted(versions)
+    for version in versions:
+        manifest = trainer.get(f"/store/versions/{version}/manifest", headers=AUTH).json()
+        assert manifest["metadata"]["run_id"] == run["id"]
+    evals = {e["version"]: e for e in run["evals"]}
+    assert all(evals[v]["converged"] and evals[v]["serving"] == {"h0": v, "h1": v, "h2": v} for v in versions)
+    for proc in http_cluster.replicas:
+        assert serving(proc) == (versions[-1], True)
+        assert f"downloaded version {versions[-1]}" in proc.log()
+
+
+def test_a_rollback_commits_an_earlier_version_again_on_every_replica(http_cluster: HttpCluster) -> None:
+    started = http_cluster.trainer.post("/rollback", json={"to": 1}, headers=AUTH)
+    assert started.status_code == 202, started.text
+    job_id = started.json()["id"]
+    job = wait_for(lambda: (j := http_cluster.trainer.get(f"/publishes/{job_id}").json())["status"] != "running"
+                   and j, 120, 0.2, "the rollback to end")
+    result = job["result"]
+    assert result["outcome"] == "committed" and result["rollback"] and result["version"] == 1, job
+    assert {r["outcome"] for r in result["replicas"]} == {"serving"} and len(result["replicas"]) == 3
+    assert [serving(p) for p in http_cluster.replicas] == [(1, True)] * 3
+    assert http_cluster.committed() == 1
