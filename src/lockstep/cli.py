@@ -155,8 +155,22 @@ def _progress_printer() -> Any:
     return show
 
 
+def _trainer_client(args: argparse.Namespace) -> Any:
+    """A client for ``--trainer URL``, or None: then the command acts on the shared folder (or replica URLs)."""
+    if not args.trainer:
+        return None
+    from lockstep.trainer.client import TrainerClient
+
+    return TrainerClient(args.trainer, token=load_settings().api_token)
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "publish")
+    trainer = _trainer_client(args)
+    if trainer is not None:
+        result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout)
+        _print_result(result)
+        return 0 if result.ok else 1
     settings = load_settings(**_shared_overrides(args))
     urls = [u.strip() for u in args.urls.split(",") if u.strip()] if args.urls else []
     if urls or (settings.shared_dir is None and settings.inference_url_list):
@@ -177,6 +191,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "rollback")
+    trainer = _trainer_client(args)
+    if trainer is not None:
+        result = trainer.rollback(args.to)
+        _print_result(result)
+        return 0 if result.ok else 1
     coordinator = _coordinator(args)
     result = coordinator.rollback(args.to, policy=CommitPolicy(args.policy) if args.policy else None,
                                   timeout_s=args.timeout, progress=_progress_printer())
@@ -193,6 +212,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from lockstep.sync.protocol import read_heartbeats
 
+    trainer = _trainer_client(args)
+    if trainer is not None:
+        _print_cluster(trainer.cluster())
+        return 0
     coordinator = _coordinator(args)
     state = coordinator.read_state()
     console = Console()
@@ -213,6 +236,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_cluster(cluster: dict[str, Any]) -> None:
+    """``lockstep status --trainer``: the trainer's view (replicas it discovered and probed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    committed, pending = cluster.get("committed"), cluster.get("pending")
+    conv = cluster.get("convergence") or {}
+    head = f"v{committed['version']} ({committed['model']})" if committed else "none"
+    console.print(f"committed: {head}   generation {cluster.get('generation', 0)}"
+                  + (f"   pending v{pending['version']} {pending['phase']}" if pending else "")
+                  + f"   {conv.get('at_version', 0)}/{conv.get('total', 0)} replicas at the committed version",
+                  soft_wrap=True)
+    table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
+    for r in cluster.get("replicas") or []:
+        staged = f"v{r['staged_version']} {r.get('staged_state') or ''}" if r.get("staged_version") is not None else ""
+        age = r.get("heartbeat_age_s")
+        seen = f"{age:.1f}s ago" if age is not None else ("answers" if r.get("reachable") else "unreachable")
+        serving = f"v{r['serving_version']}" if r.get("serving_version") is not None else "-"
+        table.add_row(r["replica_id"], r.get("state") or "", serving, staged, "yes" if r.get("ready") else "no",
+                      seen, (r.get("last_error") or "")[:60])
+    console.print(table)
+
+
 # ---------------------------------------------------------------------------------------------------- models
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from lockstep.models.tiny import build_tiny_model, ensure_builtin
@@ -229,6 +276,9 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
         return 0
     print(build_tiny_model(out, seed=args.seed, size=args.size, overwrite=args.overwrite))
     return 0
+
+
+TRAINER_HELP = "act through the trainer at URL (clusters without a shared folder; token: LOCKSTEP_API_TOKEN)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)
         p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every replica to stage")
         p.add_argument("--shared", default=None)
+        p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
         p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="what every replica serves")
     p.add_argument("--shared", default=None)
+    p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("tiny-model", help="build a built-in tiny model offline")

@@ -202,8 +202,10 @@ def test_a_replica_started_later_boots_into_the_committed_version_and_is_unready
     deadline = time.monotonic() + READY_S
     while time.monotonic() < deadline:
         try:
-            status = late.get("/status", timeout=2).json()
+            # /ready first: a replica that flips between two reads then shows (committed, False), never a
+            # (stale version, True) that it did not report at one instant.
             ready = late.get("/ready", timeout=2).status_code == 200
+            status = late.get("/status", timeout=2).json()
         except httpx.HTTPError:
             time.sleep(0.05)
             continue
@@ -285,3 +287,32 @@ def test_a_rollback_commits_an_earlier_version_again_on_every_replica(http_clust
     assert {r["outcome"] for r in result["replicas"]} == {"serving"} and len(result["replicas"]) == 3
     assert [serving(p) for p in http_cluster.replicas] == [(1, True)] * 3
     assert http_cluster.committed() == 1
+
+
+def test_the_cli_publishes_rolls_back_and_shows_status_through_the_trainer(http_cluster: HttpCluster,
+                                                                           tiny_dirs: dict[int, Path]) -> None:
+    import subprocess
+    import sys
+
+    def lockstep(*args: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+        env = base_env(http_cluster.builtin_dir, LOCKSTEP_API_TOKEN=token)
+        return subprocess.run([sys.executable, "-m", "lockstep", *args, "--trainer", http_cluster.trainer.url],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    before = http_cluster.committed()
+    published = lockstep("publish", str(tiny_dirs[2]))
+    assert published.returncode == 0, published.stderr
+    version = http_cluster.committed()
+    assert version > before and f"v{version} committed" in published.stdout
+    assert [serving(p) for p in http_cluster.replicas] == [(version, True)] * 3
+    status = lockstep("status")
+    assert status.returncode == 0, status.stderr
+    assert f"committed: v{version}" in status.stdout and "3/3 replicas at the committed version" in status.stdout
+    assert all(name in status.stdout for name in ("h0", "h1", "h2"))
+    rolled = lockstep("rollback", "--to", str(before))
+    assert rolled.returncode == 0, rolled.stderr
+    assert http_cluster.committed() == before
+    assert [serving(p) for p in http_cluster.replicas] == [(before, True)] * 3
+    refused = lockstep("publish", str(tiny_dirs[2]), token="wrong")
+    assert refused.returncode == 2 and "401" in refused.stderr, refused.stderr
+    assert http_cluster.committed() == before
