@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from lockstep.core.clock import SYSTEM_CLOCK
+from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.http_coordinator import HttpCoordinator
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
@@ -47,8 +48,10 @@ def test_stage_then_commit_flips_every_replica_to_the_same_version(replicas: lis
 
 def test_a_replica_that_cannot_stage_aborts_a_strict_publish_for_all(replicas: list[Proc], tmp_path: Path) -> None:
     before = [p.status()["serving_version"] for p in replicas]
-    missing = tmp_path / "not-a-model"
-    missing.mkdir()  # exists (so the reference parses) but holds no weights: staging fails on every replica
+    missing = tmp_path / "broken-model"
+    missing.mkdir()  # looks like a model (so the check before staging passes) but its weights do not load
+    (missing / "config.json").write_text('{"model_type": "llama"}')
+    (missing / "model.safetensors").write_bytes(b"not a safetensors file")
     settings = Settings(poll_interval_s=0.05, stage_timeout_s=60, commit_policy=CommitPolicy.STRICT)
     result = HttpCoordinator(settings, [p.url for p in replicas], clock=SYSTEM_CLOCK).publish(str(missing))
     assert result.outcome == "aborted" and result.reason and "did not stage" in result.reason
@@ -69,3 +72,26 @@ def test_stage_and_commit_need_the_token_when_one_is_configured(builtin_dir: Pat
         assert ok.status_code == 202
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("missing folder", "does not exist"),
+                                              ("not a model", "refused before staging.*no model weights"),
+                                              ("unknown repo id", "refused before staging.*not in the cache")])
+def test_a_reference_that_is_not_there_is_refused_before_any_replica_stages(replicas: list[Proc], tmp_path: Path,
+                                                                            kind: str, reason: str) -> None:
+    if kind == "missing folder":
+        ref = str(tmp_path / "nowhere")
+    elif kind == "not a model":
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "README.md").write_text("no weights here")
+        ref = str(tmp_path / "notes")
+    else:
+        ref = "no-such-org/no-such-model"  # offline in tests: not in the replica's cache
+    before = [p.status() for p in replicas]
+    settings = Settings(poll_interval_s=0.05, stage_timeout_s=60)
+    with pytest.raises(BadRequest, match=reason):
+        HttpCoordinator(settings, [p.url for p in replicas], clock=SYSTEM_CLOCK).publish(ref)
+    after = [p.status() for p in replicas]
+    assert [a["staged"] for a in after] == [b["staged"] for b in before]  # no replica was asked to stage
+    assert [a["serving_version"] for a in after] == [b["serving_version"] for b in before]
+    assert all(p.ready() for p in replicas)

@@ -122,6 +122,8 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
     @app.post("/admin/stage", status_code=202, summary="Stage a version beside the serving one (two-phase, HTTP)")
     async def admin_stage(body: StageRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
+        if body.check_only:
+            return await asyncio.to_thread(rt_of(request).check_model, body.model)
         return rt_of(request).start_stage(body.model, body.version, body.digest)
 
     @app.post("/admin/commit", summary="Flip to the staged version at activate_at")

@@ -16,7 +16,7 @@ from lockstep.core.errors import BadModelRef, BadRequest, Conflict
 from lockstep.core.settings import Settings
 from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
-from lockstep.models.loader import check_safe_files
+from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
 from lockstep.sync.protocol import ReplicaState, StageState
 from lockstep.sync.watcher import SyncWatcher, sleep_until
@@ -150,6 +150,12 @@ class ReplicaRuntime:
         info = self.replica.stage(model_ref, version)
         if info.state is StageState.STAGED:
             self.replica.flip(version)
+
+    def check_model(self, model_ref: str) -> dict[str, Any]:
+        """POST /admin/stage with ``check_only``: would this replica find and accept the model? (no download)"""
+        ref = self._precheck(model_ref)
+        check_available(ref, self.settings, self.store)
+        return {"status": "ok", "model": model_ref, "replica_id": self.replica_id}
 
     def start_stage(self, model_ref: str, version: int, digest: str | None) -> dict[str, Any]:
         """POST /admin/stage: stage in the background; poll GET /status for the outcome."""

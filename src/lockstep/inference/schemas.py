@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 def _no_bool(value: Any) -> Any:
@@ -62,6 +62,7 @@ class StageRequest(BaseModel):
     model: StrictStr = Field(min_length=1, max_length=1024)
     version: StrictInt = Field(ge=0)
     digest: StrictStr | None = None
+    check_only: StrictBool = False  # only say whether the model exists and may be loaded here (no staging)
 
 
 class CommitRequest(BaseModel):

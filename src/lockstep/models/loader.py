@@ -153,6 +153,45 @@ def _download_repo(ref: ModelRef, settings: Settings) -> tuple[Path, str]:
     return path, path.name  # snapshot folders are named by the resolved commit hash
 
 
+def check_available(ref: ModelRef, settings: Settings, store: Any = None) -> None:
+    """Whether ``resolve`` would find ``ref``, without downloading or loading anything.
+
+    Raises BadModelRef/UnsafeModel (not a model, unsafe), NotFound (no such repo, revision, version or
+    folder) or LoadError (the Hub could not be asked, so nothing is known either way).
+    """
+    if ref.kind is RefKind.BUILTIN:
+        return  # any well-formed builtin name is built on demand
+    if ref.kind is RefKind.DIRECTORY:
+        assert ref.path is not None
+        if not ref.path.is_dir():
+            raise NotFound(f"{ref.path} does not exist (or is not a directory) on this replica")
+        check_safe_files(ref.path, settings)
+        return
+    if ref.kind is RefKind.VERSION:
+        if store is None:
+            raise BadModelRef(f"{ref.raw!r} names a published version but this replica has no store to read it from")
+        assert ref.version is not None
+        store.get(ref.version)  # NotFound when the version does not exist
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    assert ref.repo_id is not None
+    cached = try_to_load_from_cache(ref.repo_id, "config.json", cache_dir=str(settings.hf_home_path / "hub"),
+                                    revision=ref.revision)
+    if isinstance(cached, str):
+        return
+    if settings.hf_hub_offline:
+        raise NotFound(f"model {ref.raw!r} is not in the cache {settings.hf_home_path / 'hub'} and offline mode is "
+                       "on (HF_HUB_OFFLINE=1); download it once with network access")
+    try:
+        HfApi().model_info(ref.repo_id, revision=ref.revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise NotFound(f"model {ref.raw!r} was not found on the Hugging Face Hub: {exc}") from exc
+    except Exception as exc:  # network errors: unknown, not refused
+        raise LoadError(f"could not ask the Hugging Face Hub about {ref.raw!r}: {exc}") from exc
+
+
 def resolve(ref: ModelRef | str, settings: Settings, store: Any = None) -> ResolvedModel:
     """Turn a reference into a verified directory of files."""
     if isinstance(ref, str):

@@ -83,6 +83,21 @@ class HttpCoordinator:
         """POST ``body`` to ``path`` on every URL at once; per URL None (done) or why it failed."""
         return self._each(lambda u: self._post(u, path, body), urls)
 
+    def _check(self, model: str) -> None:
+        """Ask one replica whether ``model`` exists and may be loaded, before any replica is asked to stage.
+
+        BadRequest with the replica's reason when it says no (4xx); when none can answer, staging reports it.
+        """
+        for url in self.urls:
+            try:
+                response = self.client.post(f"{url}/admin/stage", json={"model": model, "version": 0,
+                                                                        "check_only": True})
+            except httpx.HTTPError:
+                continue
+            if response.is_success or response.status_code in (401, 403) or response.status_code >= 500:
+                return  # accepted; or the replica cannot judge (auth is reported by the stage itself)
+            raise BadRequest(f"{model!r} refused before staging ({url} checked it): {error_text(response)}")
+
     # ------------------------------------------------------------------ the two phases
     def publish(self, model: str, *, version: int | None = None, digest: str | None = None,
                 policy: CommitPolicy | None = None, timeout_s: float | None = None,
@@ -100,6 +115,8 @@ class HttpCoordinator:
         if ref.kind is RefKind.VERSION and version is None:
             raise BadRequest("versions/N lives in a store the replicas cannot see from here; publish it through "
                              "the trainer (POST /publish), or publish a repo id, builtin or directory")
+        if ref.kind is not RefKind.VERSION and not activate_now:
+            self._check(ref.raw)
         policy = policy or self.settings.commit_policy
         timeout_s = timeout_s or self.settings.stage_timeout_s
         started = self.clock.time()
