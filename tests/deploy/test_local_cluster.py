@@ -18,6 +18,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,9 @@ class Cluster:
         return "\n\n".join(self.kubelet.describe(p) for p in self.kubelet.all_pods())
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
-    objects = base_objects()
+@contextmanager
+def run_objects(objects: list[Doc], tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
+    """Run ``objects`` as pods, each in its own network namespace, ``model-storage`` on a prefilled folder."""
     pvc = tmp_path / "pvc-model-storage"
     _prefill(pvc, builtin_dir)
     try:
@@ -109,6 +110,12 @@ def cluster(tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
             kubelet.stop()
     finally:
         network.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
+    with run_objects(base_objects(), tmp_path, builtin_dir) as running:
+        yield running
 
 
 # ------------------------------------------------------------------------------------------ checks

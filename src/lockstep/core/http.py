@@ -63,6 +63,11 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=getattr(exc, "headers", None))
 
 
+def bearer_headers(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header ``check_bearer`` accepts; none without a token."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def check_bearer(request: Request, token: str | None) -> None:
     """Require ``Authorization: Bearer <token>`` when a token is configured."""
     if not token:

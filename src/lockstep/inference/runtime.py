@@ -13,6 +13,7 @@ import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadModelRef, BadRequest, Conflict
+from lockstep.core.http import bearer_headers
 from lockstep.core.settings import Settings
 from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
@@ -87,7 +88,7 @@ class ReplicaRuntime:
     def _ask_committed(self) -> dict[str, Any] | None:
         """The trainer's committed version (GET /sync/committed); retried, unready, until it answers."""
         url = f"{str(self.settings.coordinator_url).rstrip('/')}/sync/committed"
-        headers = {"Authorization": f"Bearer {self.settings.api_token}"} if self.settings.api_token else {}
+        headers = bearer_headers(self.settings.api_token)
         wait = 0.5
         while not self._stopping.is_set():
             try:

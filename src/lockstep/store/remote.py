@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.errors import LoadError, NotFound, Unauthorized, VerificationError
+from lockstep.core.http import bearer_headers
 from lockstep.store.manifest import CHUNK_BYTES, MANIFEST_NAME, Manifest, content_digest, verify_dir
 from lockstep.store.model_store import version_name
 
@@ -47,8 +48,7 @@ class RemoteStore:
         self.base_url = base_url.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.keep = max(1, keep)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = client or httpx.Client(timeout=TIMEOUT, headers=headers, follow_redirects=False)
+        self.client = client or httpx.Client(timeout=TIMEOUT, headers=bearer_headers(token), follow_redirects=False)
         self._lock = threading.Lock()  # one download at a time (loads are serialized anyway)
         self._file_lock = FileLock(str(self.cache_dir.parent / f".{self.cache_dir.name}.lock"))  # and per host
         self._fresh: set[int] = set()  # verified while downloading in this process: verify() need not rehash

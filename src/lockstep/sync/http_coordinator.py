@@ -17,6 +17,7 @@ import httpx
 
 from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest
+from lockstep.core.http import bearer_headers
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models.refs import RefKind, parse_ref
 from lockstep.sync.coordinator import ProgressFn, PublishResult, ReplicaReport, commit_refusal
@@ -25,10 +26,6 @@ log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 3.0  # seconds per GET /status: an unreachable replica must not stall the others
 SERVING_GRACE_S = 5.0  # seconds after activate_at to see every committed replica serve the version
-
-
-def bearer_headers(settings: Settings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
 
 
 def error_text(response: httpx.Response) -> str:
@@ -49,7 +46,7 @@ class HttpCoordinator:
         self.settings = settings
         self.urls = [u.rstrip("/") for u in urls]
         self.clock = clock
-        self.client = client or httpx.Client(timeout=10.0, headers=bearer_headers(settings))
+        self.client = client or httpx.Client(timeout=10.0, headers=bearer_headers(settings.api_token))
 
     # ------------------------------------------------------------------ requests to every replica at once
     def _each(self, fn: Callable[[str], Any], urls: list[str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from lockstep.core.errors import LockstepError, NotReady
+from lockstep.core.http import bearer_headers
 from lockstep.sync.coordinator import PublishResult, ReplicaReport
 
 POLL_S = 0.5  # seconds between looks at a running publish job
@@ -18,8 +19,7 @@ class TrainerClient:
 
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._http = httpx.Client(base_url=self.url, headers=bearer_headers(token), timeout=timeout_s)
 
     def close(self) -> None:
         self._http.close()

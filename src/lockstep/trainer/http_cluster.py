@@ -26,10 +26,11 @@ import httpx
 
 from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest, VerificationError
+from lockstep.core.http import bearer_headers
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.store import Manifest
 from lockstep.sync.coordinator import Coordinator, ProgressFn, PublishResult, ReplicaReport, Source
-from lockstep.sync.http_coordinator import HttpCoordinator, bearer_headers
+from lockstep.sync.http_coordinator import HttpCoordinator
 from lockstep.sync.protocol import (
     Committed,
     Heartbeat,
@@ -95,7 +96,7 @@ class HttpClusterCoordinator(Coordinator):
         super().__init__(local_settings(settings), clock=clock, owner=owner)
         self.data_dir: Path = data
         self.urls = urls
-        self.client = httpx.Client(timeout=10.0, headers=bearer_headers(settings))
+        self.client = httpx.Client(timeout=10.0, headers=bearer_headers(settings.api_token))
         self.drive_lock = threading.Lock()  # one set of stage/commit requests at a time: a publish or a catch-up
         self._rebuilt: tuple[float, SyncState] | None = None
         self._retry: dict[str, tuple[float, float]] = {}  # url → (monotonic time of the next try, backoff)

@@ -12,6 +12,7 @@ import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import LockstepError
+from lockstep.core.http import bearer_headers
 from lockstep.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ class Upstream:
         self._last: tuple[float, dict[str, Any]] | None = None  # (monotonic s, the last fleet snapshot)
 
     def auth_headers(self) -> dict[str, str]:
-        token = self.settings.api_token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return bearer_headers(self.settings.api_token)
 
     # ------------------------------------------------------------------ trainer
     async def trainer(self, method: str, path: str, json: Any = None) -> httpx.Response:
