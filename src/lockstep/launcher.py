@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,9 +69,17 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
             child.process.wait()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_port: int, ui_port: int,
                       model: str | None, with_trainer: bool, with_ui: bool) -> int:
     """Start N replicas (+ trainer and UI when present) sharing ``shared``; block until Ctrl-C."""
+    # The children run in their own sessions (so a terminal's Ctrl-C reaches only this process): a kill,
+    # a closed terminal or a service manager's stop must end them too, not leave them holding the ports.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     shared = shared.resolve()
     shared.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -1,0 +1,74 @@
+"""``lockstep up``: every process starts on loopback and every one stops, on Ctrl-C and on a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.cluster import base_env, free_port, wait_for
+
+BOOT_S = 180.0  # seconds until every process answers (a hang, not a speed check)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_up_starts_every_process_and_one_signal_stops_them_all(builtin_dir: Path, tmp_path: Path,
+                                                               stop_signal: signal.Signals) -> None:
+    ports = {"base": free_port(), "trainer": free_port(), "ui": free_port()}
+    second = ports["base"] + 1
+    cmd = [sys.executable, "-m", "lockstep", "up", "--replicas", "2", "--shared", str(tmp_path / "shared"),
+           "--base-port", str(ports["base"]), "--trainer-port", str(ports["trainer"]), "--ui-port", str(ports["ui"])]
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(cmd, env=base_env(builtin_dir), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        urls = [f"http://127.0.0.1:{ports['base']}/ready", f"http://127.0.0.1:{second}/ready",
+                f"http://127.0.0.1:{ports['trainer']}/healthz", f"http://127.0.0.1:{ports['ui']}/healthz"]
+
+        def all_answer() -> bool:
+            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            try:
+                return all(httpx.get(u, timeout=2).status_code == 200 for u in urls)
+            except httpx.HTTPError:
+                return False
+
+        wait_for(all_answer, BOOT_S, 0.5, "every process of `lockstep up` answering")
+        children = _children(up.pid)
+        assert len(children) == 4, children  # two replicas, the trainer, the UI
+        up.send_signal(stop_signal)
+        assert up.wait(timeout=60) == 0
+        assert [c for c in children if _alive(c)] == []
+        for url in urls:
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(url, timeout=2)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        log.close()
