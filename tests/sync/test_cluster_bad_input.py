@@ -165,7 +165,13 @@ def test_references_that_are_missing_corrupt_or_not_models_are_refused_before_an
     def refused(r: Proc) -> bool:
         error = r.status()["last_error"] or ""
         return f"as v{source.version} failed" in error and "sha256" in error
-    wait_for(lambda: all(refused(r) for r in _live(cluster)), 60, 0.1, "every replica to refuse it")
+
+    def settled(r: Proc) -> bool:  # refused it, or the abort came before it started staging
+        staged = r.status()["staged"]
+        return refused(r) or staged is None or staged.get("version") != source.version
+
+    wait_for(lambda: all(settled(r) for r in _live(cluster)), 60, 0.1, "every replica to refuse or drop it")
+    assert any(refused(r) for r in _live(cluster))
     _still_serving(cluster, version)
     s.finish()
 
