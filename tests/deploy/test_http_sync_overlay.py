@@ -9,8 +9,6 @@ real processes with ``tests/deploy/kubelet.py`` (root only), reusing ``test_loca
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,7 +50,6 @@ from .test_local_cluster import (
     TRAINER,
     UI,
     Cluster,
-    Sample,
     _committed,
     _finished,
     _http,
@@ -61,7 +58,7 @@ from .test_local_cluster import (
     check_readiness_bodies,
     check_run_clean,
     run_objects,
-    watch_join,
+    scale_in_a_replica,
 )
 
 HTTP_SYNC = K8S / "http-sync"
@@ -316,26 +313,7 @@ def test_the_overlay_runs_a_simulation_over_http_and_a_scaled_replica_joins_at_t
 
     # kubectl scale deployment inference-server --replicas=3: the new pod asks the trainer, downloads the
     # committed version into its own emptyDir, and is Ready only once it serves it.
-    (joiner,) = kubelet.scale(INFERENCE, 3)
-    samples: list[Sample] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch_join, args=(joiner, data, stop, samples), daemon=True)
-    watcher.start()
-    try:
-        kubelet.wait_ready([joiner], BOOT_TIMEOUT_S)
-        time.sleep(0.2)  # a few samples after the kubelet turned it Ready
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-
-    answered = [s for s in samples if s.ready_status is not None]
-    assert answered, f"the new pod never answered /ready\n{kubelet.describe(joiner)}"
-    first_ready = next((i for i, s in enumerate(answered) if s.ready_status == 200), None)
-    assert first_ready is not None, answered[-5:]
-    assert any(s.ready_status == 503 for s in answered[:first_ready]), answered[:5]
-    assert all(s.committed == committed for s in samples)  # nothing published meanwhile
-    assert {s.serving_version for s in answered} <= {None, committed}, answered
-    assert all(s.serving_version == committed for s in answered if s.ready_status == 200 or s.kubelet_ready)
+    joiner = scale_in_a_replica(cluster, data, committed)
     check_readiness_bodies(cluster, joiner)
     assert "loaded builtin:tiny " not in joiner.log(tail=10**6)
     assert all((folder / "MANIFEST.json").is_file() for folder in _downloaded(cluster, committed))

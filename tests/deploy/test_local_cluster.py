@@ -160,6 +160,34 @@ class Sample:
     kubelet_ready: bool
 
 
+def scale_in_a_replica(cluster: Cluster, committed_at: Path, committed: int) -> Pod:
+    """Scale the replicas to 3 and watch the new pod: 503 while it loads, Ready only at ``committed``, and
+    never serving anything else (not the initial model, not a version in between). ``committed_at`` is the
+    folder whose sync_state.json names the committed version."""
+    kubelet = cluster.kubelet
+    (joiner,) = kubelet.scale(INFERENCE, 3)
+    samples: list[Sample] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_join, args=(joiner, committed_at, stop, samples), daemon=True)
+    watcher.start()
+    try:
+        kubelet.wait_ready([joiner], BOOT_TIMEOUT_S)
+        time.sleep(0.2)  # a few samples after the kubelet turned it Ready
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+    answered = [s for s in samples if s.ready_status is not None]
+    assert answered, f"the new pod never answered /ready\n{kubelet.describe(joiner)}"
+    first_ready = next((i for i, s in enumerate(answered) if s.ready_status == 200), None)
+    assert first_ready is not None, answered[-5:]
+    assert any(s.ready_status == 503 for s in answered[:first_ready]), answered[:5]  # 503 while it loads
+    assert all(s.committed == committed for s in samples)  # nothing published meanwhile
+    assert {s.serving_version for s in answered} <= {None, committed}, answered
+    assert all(s.serving_version == committed for s in answered if s.ready_status == 200 or s.kubelet_ready)
+    return joiner
+
+
 def watch_join(pod: Pod, pvc: Path, stop: threading.Event, out: list[Sample]) -> None:
     """Sample the joining pod as fast as it answers until ``stop`` (bounded by the caller's deadline)."""
     with _http() as http:
@@ -215,27 +243,7 @@ def test_the_manifests_run_a_simulation_and_a_scaled_replica_joins_at_the_commit
         wait_for(lambda p=pod: _serving(p) == (committed, 200), 30, 0.1, f"{pod.name} serving v{committed}")
 
     # kubectl scale deployment inference-server --replicas=3
-    (joiner,) = kubelet.scale(INFERENCE, 3)
-    samples: list[Sample] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=watch_join, args=(joiner, cluster.pvc, stop, samples), daemon=True)
-    watcher.start()
-    try:
-        kubelet.wait_ready([joiner], BOOT_TIMEOUT_S)
-        time.sleep(0.2)  # a few samples after the kubelet turned it Ready
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-
-    answered = [s for s in samples if s.ready_status is not None]
-    assert answered, f"the new pod never answered /ready\n{kubelet.describe(joiner)}"
-    first_ready = next((i for i, s in enumerate(answered) if s.ready_status == 200), None)
-    assert first_ready is not None, answered[-5:]
-    assert any(s.ready_status == 503 for s in answered[:first_ready]), answered[:5]  # 503 while it loads
-    assert all(s.committed == committed for s in samples)  # nothing published meanwhile
-    # It never served anything but the committed version: not the initial model, not a version in between.
-    assert {s.serving_version for s in answered} <= {None, committed}, answered
-    assert all(s.serving_version == committed for s in answered if s.ready_status == 200 or s.kubelet_ready)
+    joiner = scale_in_a_replica(cluster, cluster.pvc, committed)
     check_readiness_bodies(cluster, joiner)
     assert all(json.loads(r.body)["serving_version"] == committed
                for r in joiner.probe_results("readiness") if r.status == 200)
