@@ -62,6 +62,18 @@ class HttpCluster:
         finished: dict[str, Any] = wait_for(done, 180, 0.2, f"publish {job_id} (log: {self.trainer.log()[-3000:]})")
         return finished
 
+    def run(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """POST /runs and wait until the run is no longer active; returns the run."""
+        created = self.trainer.post("/runs", headers=AUTH, json={"kind": kind, "params": params})
+        assert created.status_code == 201, created.text
+
+        def ended() -> dict[str, Any] | None:
+            run: dict[str, Any] = self.trainer.get(f"/runs/{created.json()['id']}").json()
+            return None if run["active"] else run
+
+        finished: dict[str, Any] = wait_for(ended, 300, 0.5, f"{kind} to end (log: {self.trainer.log()[-3000:]})")
+        return finished
+
     def committed(self) -> int:
         return int((self.trainer.get("/sync/committed").json()["committed"] or {}).get("version") or 0)
 
@@ -105,15 +117,8 @@ def test_the_trainer_runs_without_a_shared_folder_and_keeps_its_data_in_its_own(
 
 def test_a_simulation_run_flips_both_replicas_to_the_same_version(http_cluster: HttpCluster) -> None:
     trainer = http_cluster.trainer
-    created = trainer.post("/runs", headers=AUTH, json={"kind": "simulation", "params": {
-        "rounds": 2, "requests_per_replica": 2, "max_new_tokens": 4, "timeout_s": 120}})
-    assert created.status_code == 201, created.text
-
-    def ended() -> dict[str, Any] | None:
-        run: dict[str, Any] = trainer.get(f"/runs/{created.json()['id']}").json()
-        return None if run["active"] else run
-
-    run = wait_for(ended, 300, 0.5, f"simulation to end (log: {trainer.log()[-3000:]})")
+    run = http_cluster.run("simulation", {"rounds": 2, "requests_per_replica": 2, "max_new_tokens": 4,
+                                          "timeout_s": 120})
     assert run["status"] == "succeeded", run["error"]
     rounds = run["rounds"]
     assert [r["model"] for r in rounds] == ["builtin:tiny-s1", "builtin:tiny"]
@@ -253,16 +258,9 @@ def test_a_replica_that_missed_a_commit_is_made_unready_and_caught_up_by_the_tra
 def test_a_finetune_run_publishes_checkpoints_that_every_replica_downloads_and_serves(
         http_cluster: HttpCluster) -> None:
     trainer = http_cluster.trainer
-    created = trainer.post("/runs", headers=AUTH, json={"kind": "finetune", "params": {
-        "steps": 2, "publish_every": 1, "batch_size": 2, "group_size": 2, "max_new_tokens": 4,
-        "eval_prompts": 2, "samples_per_version": 1, "timeout_s": 120}})
-    assert created.status_code == 201, created.text
-
-    def ended() -> dict[str, Any] | None:
-        run: dict[str, Any] = trainer.get(f"/runs/{created.json()['id']}").json()
-        return None if run["active"] else run
-
-    run = wait_for(ended, 300, 0.5, f"finetune to end (log: {trainer.log()[-3000:]})")
+    run = http_cluster.run("finetune", {"steps": 2, "publish_every": 1, "batch_size": 2, "group_size": 2,
+                                        "max_new_tokens": 4, "eval_prompts": 2, "samples_per_version": 1,
+                                        "timeout_s": 120})
     assert run["status"] == "succeeded", run["error"]
     versions = run["versions"]
     assert len(versions) == 2 and versions == sorted(versions)
