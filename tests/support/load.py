@@ -266,27 +266,29 @@ def check_answers(answers: list[Answer], expected: dict[int, dict[str, str]]) ->
     return found
 
 
-def check_no_flip_flop(answers: list[Answer], commits: list[Commit]) -> list[str]:
+def check_no_flip_flop(answers: list[Answer], commits: list[Commit], clock_slack_s: float = 0.05) -> list[str]:
     """A replica moves only forward along the commit history: never back to what it served before.
 
     Answers overlapping in time may finish in either order, so only an answer *sent after* another
-    finished is held to come from the same or a later commit.
+    finished is held to come from the same or a later commit. A version committed twice (a rollback)
+    matches its later commit only for answers that finished after that commit's ``activate_at``: an
+    old request that drained on the first one is not the rollback.
     """
-    order = [c.version for c in commits]
     found = []
     for replica in sorted({a.replica for a in answers}):
         mine = sorted((a for a in answers if a.replica == replica and a.status == 200),
                       key=lambda a: a.received)
         pos, since = 0, None  # position in the history reached, and the answer that reached it
         for a in mine:
-            later = [i for i in range(pos, len(order)) if order[i] == a.body_version]
+            later = [i for i in range(pos, len(commits)) if commits[i].version == a.body_version
+                     and commits[i].activate_at <= a.received + clock_slack_s]
             if later:
-                if later[0] > pos:
-                    pos, since = later[0], a
+                if later[-1] > pos:
+                    pos, since = later[-1], a
                 continue
             if since is not None and a.sent > since.received:
                 found.append(f"{replica} answered v{a.body_version} at {a.sent:.3f} after it had served "
-                             f"v{since.body_version} (commit order {order})")
+                             f"v{since.body_version} (commit order {[c.version for c in commits]})")
     return found
 
 
