@@ -6,6 +6,11 @@ becomes the next version, and every replica flips to it before training goes on.
     lockstep up --shared var/shared &                 # or any replicas sharing var/shared
     python examples/train_with_callback.py --shared var/shared --steps 20 --save-steps 10
 
+Without access to the shared folder (another machine, a cluster without ReadWriteMany storage), name the
+trainer instead; each checkpoint is uploaded to it (token: LOCKSTEP_API_TOKEN):
+
+    python examples/train_with_callback.py --trainer http://127.0.0.1:8090 --steps 20 --save-steps 10
+
 Swap ``--model`` for any model reference (``versions/N``, a local folder, a repo id).
 """
 
@@ -41,9 +46,12 @@ class CorpusBlocks(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shared", required=True, help="the cluster's shared folder")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--shared", help="the cluster's shared folder")
+    where.add_argument("--trainer", metavar="URL", help="publish through the trainer at URL (files uploaded)")
     parser.add_argument("--model", default="builtin:tiny", help="model reference to start from")
-    parser.add_argument("--output", default=None, help="checkpoints (default: <shared>/../callback-run)")
+    parser.add_argument("--output", default=None,
+                        help="checkpoints (default: <shared>/../callback-run, or ./callback-run with --trainer)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -51,18 +59,20 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    settings = load_settings(shared_dir=Path(args.shared))
+    settings = load_settings(shared_dir=Path(args.shared) if args.shared else None)
     files = loader.resolve(args.model, settings).path  # builds builtin:* offline on first use
     tokenizer = AutoTokenizer.from_pretrained(files)
     model = AutoModelForCausalLM.from_pretrained(files, dtype=torch.float32)
-    output = Path(args.output) if args.output else Path(args.shared).resolve().parent / "callback-run"
+    default_output = Path(args.shared).resolve().parent / "callback-run" if args.shared else Path("callback-run")
+    output = Path(args.output) if args.output else default_output
 
     training = TrainingArguments(
         output_dir=str(output), max_steps=args.steps, save_strategy="steps", save_steps=args.save_steps,
         per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, logging_steps=1,
         report_to="none", use_cpu=True, dataloader_num_workers=0, save_total_limit=2,
     )
-    callback = LockstepPublishCallback(settings=settings, metadata={"example": "train_with_callback"})
+    callback = LockstepPublishCallback(settings=settings, metadata={"example": "train_with_callback"},
+                                       trainer_url=args.trainer, token=settings.api_token)
     trainer = Trainer(model=model, args=training, train_dataset=CorpusBlocks(tokenizer, 64),
                       processing_class=tokenizer, callbacks=[callback])
     trainer.train()

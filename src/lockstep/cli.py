@@ -155,6 +155,14 @@ def _progress_printer() -> Any:
     return show
 
 
+def _upload_printer(folder: str) -> Any:
+    def show(sent: int, total: int) -> None:
+        print(f"\r  uploading {folder} to the trainer: {sent / 2**20:.1f} / {total / 2**20:.1f} MiB", end="",
+              flush=True, file=sys.stderr)
+
+    return show
+
+
 def _trainer_client(args: argparse.Namespace) -> Any:
     """A client for ``--trainer URL``, or None: then the command acts on the shared folder (or replica URLs)."""
     if not args.trainer:
@@ -168,7 +176,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "publish")
     trainer = _trainer_client(args)
     if trainer is not None:
-        result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout)
+        if Path(args.ref).is_dir():  # a folder here: the trainer may not see it, so it is uploaded
+            result = trainer.publish_folder(args.ref, policy=args.policy, timeout_s=args.timeout,
+                                            progress=_upload_printer(args.ref))
+            print(file=sys.stderr)
+        else:
+            result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout)
         _print_result(result)
         return 0 if result.ok else 1
     settings = load_settings(**_shared_overrides(args))
@@ -320,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("rollback", cmd_rollback, "commit an earlier version again")):
         p = sub.add_parser(name, help=helptext)
         if name == "publish":
-            p.add_argument("ref", help="repo id, ./local/dir, versions/N or builtin:tiny-sN")
+            p.add_argument("ref", help="repo id, ./local/dir, versions/N or builtin:tiny-sN (with --trainer, a "
+                                       "folder here is uploaded to the trainer)")
             p.add_argument("--urls", default=None,
                            help="comma-separated replica URLs: publish over HTTP (no shared folder)")
         else:

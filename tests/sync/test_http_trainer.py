@@ -6,6 +6,7 @@ its own cache folder. The tests run in order on one cluster and build on the ver
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from collections.abc import Iterator
@@ -300,6 +301,7 @@ def test_the_cli_publishes_rolls_back_and_shows_status_through_the_trainer(http_
     before = http_cluster.committed()
     published = lockstep("publish", str(tiny_dirs[2]))
     assert published.returncode == 0, published.stderr
+    assert "uploading" in published.stderr  # a folder here, which a trainer elsewhere could not read
     version = http_cluster.committed()
     assert version > before and f"v{version} committed" in published.stdout
     assert [serving(p) for p in http_cluster.replicas] == [(version, True)] * 3
@@ -314,3 +316,86 @@ def test_the_cli_publishes_rolls_back_and_shows_status_through_the_trainer(http_
     refused = lockstep("publish", str(tiny_dirs[2]), token="wrong")
     assert refused.returncode == 2 and "401" in refused.stderr, refused.stderr
     assert http_cluster.committed() == before
+
+
+def test_a_model_uploaded_from_elsewhere_is_published_with_its_metadata_then_the_upload_removed(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
+    from lockstep.store.manifest import hash_file
+    from lockstep.trainer.publishing import model_files, publish, wait_until_serving
+    from tests.support.load import MAX_NEW_TOKENS, PROMPTS, greedy_texts
+
+    url = http_cluster.trainer.url
+    before = http_cluster.committed()
+    result = publish(tiny_dirs[1], trainer_url=url, token=TOKEN, metadata={"step": 7}, label="run-42 step 7")
+    assert result.outcome == "committed" and result.version > before, result.summary()
+    replicas = wait_until_serving(result.version, trainer_url=url, token=TOKEN, min_replicas=3)
+    assert sorted(r["replica_id"] for r in replicas) == ["h0", "h1", "h2"]
+    manifest = ModelStore(http_cluster.data_dir).get(result.version)
+    assert manifest.source == "run-42 step 7" and manifest.metadata["step"] == 7
+    sent = {name: hash_file(tiny_dirs[1] / name) for name in model_files(tiny_dirs[1])}
+    assert {f.path: f.sha256 for f in manifest.files} == sent  # exactly the model files, byte for byte
+    assert list((http_cluster.data_dir / "uploads").iterdir()) == []
+    prompt = PROMPTS[0]
+    expected = greedy_texts(tiny_dirs[1], [prompt])[prompt]
+    for proc in http_cluster.replicas:
+        answer = proc.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW_TOKENS,
+                                              "temperature": 0}).json()
+        assert answer["model_version"] == result.version and answer["text"] == expected
+
+
+def test_uploads_refuse_bad_paths_wrong_digests_missing_tokens_and_folders_that_are_not_models(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
+    trainer, before = http_cluster.trainer, http_cluster.committed()
+    uploads = http_cluster.data_dir / "uploads"
+    assert trainer.post("/store/uploads").status_code == 401
+    upload_id = trainer.post("/store/uploads", headers=AUTH).json()["upload_id"]
+
+    def put(path: str, data: bytes, **headers: str) -> httpx.Response:
+        return httpx.put(f"{trainer.url}/store/uploads/{upload_id}/files/{path}", content=data,
+                         headers={**AUTH, **headers}, timeout=30)
+
+    assert httpx.put(f"{trainer.url}/store/uploads/{upload_id}/files/config.json", content=b"{}").status_code == 401
+    for bad in ("..%2Fescape.json", ".hidden", "a/..%2F..%2Fb.json", "config.json.partial", "a/b/c/d/e.json"):
+        refused = put(bad, b"{}")
+        assert refused.status_code == 400 and "bad upload path" in refused.json()["error"]["message"], bad
+    assert not (uploads / "escape.json").exists() and not (http_cluster.data_dir / "b.json").exists()
+    weights = (tiny_dirs[0] / "model.safetensors").read_bytes()
+    wrong = put("model.safetensors", weights, **{"X-Content-SHA256": "0" * 64})
+    assert wrong.status_code == 400 and "corrupted in transit" in wrong.json()["error"]["message"]
+    assert put("model.safetensors", weights, **{"X-Content-SHA256": "not-hex"}).status_code == 400
+    assert list((uploads / upload_id).iterdir()) == []  # nothing kept of a refused file
+    ok = put("model.safetensors", weights, **{"X-Content-SHA256": hashlib.sha256(weights).hexdigest()})
+    assert ok.status_code == 200 and ok.json()["size"] == len(weights)
+    # Weights without config.json are not a model: refused before anything starts; the upload stays open.
+    not_a_model = trainer.post(f"/store/uploads/{upload_id}/publish", json={}, headers=AUTH)
+    assert not_a_model.status_code == 400 and "config.json" in not_a_model.json()["error"]["message"]
+    assert put("config.json", (tiny_dirs[0] / "config.json").read_bytes()).status_code == 200
+    bad_policy = trainer.post(f"/store/uploads/{upload_id}/publish", json={"policy": "sometimes"}, headers=AUTH)
+    assert bad_policy.status_code == 400 and "policy" in bad_policy.text
+    assert httpx.delete(f"{trainer.url}/store/uploads/{upload_id}", headers=AUTH).status_code == 204
+    assert not (uploads / upload_id).exists()
+    assert put("config.json", b"{}").status_code == 404
+    assert trainer.post(f"/store/uploads/{upload_id}/publish", json={}, headers=AUTH).status_code == 404
+    assert trainer.post("/store/uploads/up-nope/publish", json={}, headers=AUTH).status_code == 404
+    assert http_cluster.committed() == before  # nothing was published
+
+
+def test_the_callback_example_uploads_each_checkpoint_to_the_trainer(http_cluster: HttpCluster) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.cluster import REPO
+
+    before = http_cluster.committed()
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "train_with_callback.py"),
+                           "--trainer", http_cluster.trainer.url, "--output", str(http_cluster.root / "callback"),
+                           "--steps", "2", "--save-steps", "2", "--batch-size", "4"],
+                          env=base_env(http_cluster.builtin_dir, LOCKSTEP_API_TOKEN=TOKEN), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    version = http_cluster.committed()
+    assert version == before + 1 and f"v{version} committed" in done.stdout
+    assert [serving(p) for p in http_cluster.replicas] == [(version, True)] * 3  # the callback waited for it
+    published = {f.path for f in ModelStore(http_cluster.data_dir).get(version).files}
+    assert "model.safetensors" in published and "tokenizer.json" in published
+    assert not [n for n in published if n.endswith((".pt", ".pth", ".bin"))]  # no optimizer pickles

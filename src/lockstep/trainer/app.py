@@ -24,6 +24,8 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, NotFound
 from lockstep.core.http import check_bearer, install_error_handlers
 from lockstep.core.settings import Settings
+from lockstep.models import loader
+from lockstep.store.manifest import check_model_dir
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.trainer.cluster import ClusterView
 from lockstep.trainer.discovery import Discovery
@@ -34,7 +36,8 @@ from lockstep.trainer.metrics import TrainerMetrics
 from lockstep.trainer.monitor import Monitor
 from lockstep.trainer.publishes import Publisher, check_ref
 from lockstep.trainer.run_store import RunStore
-from lockstep.trainer.schemas import PublishRequest, RollbackRequest, RunRequest
+from lockstep.trainer.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
+from lockstep.trainer.uploads import UploadStore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Trainer:
     cluster: ClusterView
     monitor: Monitor
     runs: RunManager
+    uploads: UploadStore
     catch_up: CatchUpLoop | None = None
     ready: bool = False
 
@@ -78,7 +82,8 @@ class Trainer:
         monitor = Monitor(cluster, events=events, metrics=metrics, clock=clock)
         runs = RunManager(settings, runs=RunStore(coordinator.shared_dir / "runs"), coordinator=coordinator,
                           publisher=publisher, cluster=cluster, events=events, metrics=metrics, clock=clock)
-        trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs)
+        uploads = UploadStore(coordinator.shared_dir / "uploads", clock)
+        trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs, uploads)
         if isinstance(coordinator, HttpClusterCoordinator):
             trainer.catch_up = CatchUpLoop(coordinator, trainer._caught_up)
         return trainer
@@ -277,6 +282,40 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         if path not in {f.path for f in manifest.files}:  # only listed files, never a path of the caller's making
             raise NotFound(f"version {version} has no file {path!r} in its MANIFEST.json")
         return FileResponse(store.path_of(version) / path, media_type="application/octet-stream")
+
+    # ------------------------------------------------------------------ uploads (publishing from elsewhere)
+    @app.post("/store/uploads", status_code=201, summary="Start uploading a model folder to publish (token)")
+    async def create_upload(request: Request) -> dict[str, Any]:
+        mutate(request)
+        return {"upload_id": await asyncio.to_thread(trainer.uploads.create)}
+
+    @app.put("/store/uploads/{upload_id}/files/{path:path}", summary="One file of an upload (token; sha256 header)")
+    async def upload_file(upload_id: str, path: str, request: Request) -> dict[str, Any]:
+        mutate(request)
+        return await trainer.uploads.receive(upload_id, path, request.stream(),
+                                             request.headers.get("x-content-sha256"))
+
+    @app.post("/store/uploads/{upload_id}/publish", status_code=202,
+              summary="Publish an upload as the next version (two phases); the upload is removed after")
+    async def publish_upload(upload_id: str, body: UploadPublishRequest, request: Request) -> dict[str, Any]:
+        mutate(request)
+        refuse_during_run()
+        folder = trainer.uploads.seal(upload_id)
+        try:
+            await asyncio.to_thread(check_model_dir, folder, settings.allow_pickle)  # what the store would refuse
+            await asyncio.to_thread(loader.check_safe_files, folder, settings)  # remote code
+        except Exception:
+            trainer.uploads.unseal(upload_id)  # the client may add what is missing and try again
+            raise
+        return trainer.publisher.submit_dir(folder, label=body.label or f"upload {upload_id}",
+                                            metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
+                                            then=lambda: trainer.uploads.release(upload_id))
+
+    @app.delete("/store/uploads/{upload_id}", status_code=204, summary="Drop an upload (token)")
+    async def delete_upload(upload_id: str, request: Request) -> Response:
+        mutate(request)
+        await asyncio.to_thread(trainer.uploads.discard, upload_id)
+        return Response(status_code=204)
 
     # ------------------------------------------------------------------ events
     @app.get("/events", summary="Server-sent events: cluster (every second), run, publish, version")

@@ -3,6 +3,9 @@
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       callbacks=[LockstepPublishCallback(shared_dir="/models")])
 
+Without the shared folder, ``LockstepPublishCallback(trainer_url="http://trainer:8090", token=...)`` uploads
+each checkpoint to the trainer, which publishes it.
+
 Each ``on_save`` publishes ``<output_dir>/checkpoint-<step>`` (its safetensors weights, config and tokenizer)
 as the next version with ``step``, ``epoch`` and the last logged ``loss`` in its MANIFEST, then (by default)
 waits until every replica serves it. A publish that is aborted leaves the cluster on its committed version;
@@ -34,8 +37,11 @@ class LockstepPublishCallback(TrainerCallback):  # type: ignore[misc]
                  settings: Settings | None = None, metadata: dict[str, Any] | None = None,
                  wait_serving: bool = True, serving_timeout_s: float = 120.0,
                  policy: CommitPolicy | None = None, timeout_s: float | None = None,
-                 raise_on_failure: bool = False, clock: Clock = SYSTEM_CLOCK) -> None:
+                 raise_on_failure: bool = False, trainer_url: str | None = None, token: str | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.shared_dir = shared_dir
+        self.trainer_url = trainer_url
+        self.token = token
         self.tokenizer = tokenizer
         self.settings = settings
         self.metadata = dict(metadata or {})
@@ -63,7 +69,7 @@ class LockstepPublishCallback(TrainerCallback):  # type: ignore[misc]
             result = publish(checkpoint, tokenizer, shared_dir=self.shared_dir, settings=self.settings,
                              metadata=metadata, policy=self.policy, timeout_s=self.timeout_s,
                              label=f"{checkpoint} (transformers.Trainer step {state.global_step})",
-                             clock=self.clock)
+                             trainer_url=self.trainer_url, token=self.token, clock=self.clock)
         except LockstepError as exc:
             log.error("publishing %s failed: %s", checkpoint, exc)
             if self.raise_on_failure:
@@ -78,4 +84,5 @@ class LockstepPublishCallback(TrainerCallback):  # type: ignore[misc]
         log.info("checkpoint %s is v%d (%s)", checkpoint, result.version, result.outcome)
         if self.wait_serving and result.outcome == "committed":
             wait_until_serving(result.version, shared_dir=self.shared_dir, settings=self.settings,
-                               timeout_s=self.serving_timeout_s, clock=self.clock)
+                               timeout_s=self.serving_timeout_s, trainer_url=self.trainer_url, token=self.token,
+                               clock=self.clock)

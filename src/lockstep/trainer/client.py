@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from lockstep.core.errors import LockstepError, NotReady
+from lockstep.core.errors import BadModelRef, Conflict, LockstepError, NotReady
 from lockstep.core.http import bearer_headers
+from lockstep.store.manifest import Progress, hash_file
 from lockstep.sync.coordinator import PublishResult, ReplicaReport
 
 POLL_S = 0.5  # seconds between looks at a running publish job
+CHUNK = 1 << 20  # bytes per read while uploading
 
 
 class TrainerClient:
@@ -48,6 +53,58 @@ class TrainerClient:
         body = {k: v for k, v in {"model": model, "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
         return self._wait(self._call("POST", "/publish", json=body)["publish_id"])
 
+    def publish_folder(self, folder: str | Path, *, files: list[str] | None = None, label: str | None = None,
+                       metadata: dict[str, Any] | None = None, policy: str | None = None,
+                       timeout_s: float | None = None, progress: Progress | None = None) -> PublishResult:
+        """Upload a local model folder (``files`` in it, default all) and publish it as the next version.
+
+        For a trainer that cannot see the folder: another machine, no shared volume. The trainer checks each
+        file's sha256, copies the upload into its store and removes it; ``progress(sent, total)`` follows
+        the upload."""
+        upload_id = self.upload(folder, files=files, progress=progress)
+        body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
+                                  "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
+        return self._wait(self._call("POST", f"/store/uploads/{upload_id}/publish", json=body)["publish_id"])
+
+    def upload(self, folder: str | Path, *, files: list[str] | None = None,
+               progress: Progress | None = None) -> str:
+        """Send ``files`` of ``folder`` (default: every file in it) to the trainer; the upload's id."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BadModelRef(f"{folder} is not a folder")
+        names = files if files is not None else sorted(p.relative_to(folder).as_posix()
+                                                       for p in folder.rglob("*") if p.is_file())
+        total = sum((folder / n).stat().st_size for n in names)
+        upload_id: str = self._call("POST", "/store/uploads")["upload_id"]
+        sent = 0
+        try:
+            for name in names:
+                path = folder / name
+                digest = hash_file(path)
+                self._call("PUT", f"/store/uploads/{upload_id}/files/{name}",
+                           content=_read(path, progress, sent, total),
+                           headers={"X-Content-SHA256": digest, "Content-Type": "application/octet-stream"})
+                sent += path.stat().st_size
+        except BaseException:
+            with contextlib.suppress(LockstepError):
+                self._call("DELETE", f"/store/uploads/{upload_id}")
+            raise
+        return upload_id
+
+    def wait_until_serving(self, version: int, *, timeout_s: float = 60.0,
+                           min_replicas: int = 1) -> list[dict[str, Any]]:
+        """Block until every live replica the trainer sees (at least ``min_replicas``) serves ``version``
+        and is ready; their views from ``GET /cluster``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = [r for r in self.cluster()["replicas"] if r["live"]]
+            if len(live) >= min_replicas and all(r["ready"] and r["serving_version"] == version for r in live):
+                return live
+            if time.monotonic() >= deadline:
+                have = ", ".join(f"{r['replica_id']}=v{r['serving_version']}" for r in live) or "none"
+                raise Conflict(f"replicas did not all serve v{version} within {timeout_s:.0f}s (live: {have})")
+            time.sleep(POLL_S / 5)
+
     def rollback(self, to: int | None = None) -> PublishResult:
         """Commit an earlier version again (default: the one before the committed one) and wait."""
         return self._wait(self._call("POST", "/rollback", json={"to": to} if to is not None else {})["publish_id"])
@@ -60,6 +117,17 @@ class TrainerClient:
             if job["status"] == "done":
                 return result_from_dict(job["result"])
             time.sleep(POLL_S)
+
+
+def _read(path: Path, progress: Progress | None, before: int, total: int) -> Iterator[bytes]:
+    """The file in chunks, reporting bytes sent so far (of every file) to ``progress``."""
+    done = before
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            done += len(chunk)
+            yield chunk
+            if progress is not None:
+                progress(done, total)
 
 
 def result_from_dict(data: dict[str, Any]) -> PublishResult:

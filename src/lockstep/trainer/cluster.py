@@ -52,7 +52,7 @@ class ReplicaView:
         return self.in_heartbeats or bool(self.reachable)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "live": self.live}
 
 
 @dataclass

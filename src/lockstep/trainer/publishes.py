@@ -11,6 +11,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,16 +130,8 @@ class Publisher:
                policy: CommitPolicy | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """Start a publish (or rollback) in the background; the job's id comes back at once."""
         job = self._new_job(kind, model, None)
-
-        def work() -> None:
-            try:
-                self._execute(job, lambda progress: self._publish_or_rollback(
-                    model, rollback_to, kind, policy, timeout_s, progress))
-            except Exception:  # recorded in the job; logged there
-                pass
-
-        threading.Thread(target=work, name=f"publish-{job.id}", daemon=True).start()
-        return job.as_dict()
+        return self._start(job, lambda progress: self._publish_or_rollback(
+            model, rollback_to, kind, policy, timeout_s, progress))
 
     def _publish_or_rollback(self, model: str, rollback_to: int | None, kind: str,
                              policy: CommitPolicy | None, timeout_s: float | None,
@@ -154,7 +147,30 @@ class Publisher:
                     policy: CommitPolicy | None = None, timeout_s: float | None = None) -> PublishResult:
         """Copy a model folder in as the next version and publish it; blocks until committed or aborted."""
         job = self._new_job("run" if run_id else "publish", label, run_id)
+        return self._execute(job, self._dir_work(path, label, metadata, policy, timeout_s))
 
+    def submit_dir(self, path: Path, *, label: str, metadata: dict[str, Any], policy: CommitPolicy | None = None,
+                   timeout_s: float | None = None, then: Callable[[], None] | None = None) -> dict[str, Any]:
+        """``publish_dir`` in the background (an uploaded folder); ``then`` runs when the job ends."""
+        job = self._new_job("publish", label, None)
+        return self._start(job, self._dir_work(path, label, metadata, policy, timeout_s), then)
+
+    def _start(self, job: PublishJob, work: Callable[[Any], PublishResult],
+               then: Callable[[], None] | None = None) -> dict[str, Any]:
+        def run() -> None:
+            try:
+                self._execute(job, work)
+            except Exception:  # recorded in the job; logged there
+                pass
+            finally:
+                if then is not None:
+                    then()
+
+        threading.Thread(target=run, name=f"publish-{job.id}", daemon=True).start()
+        return job.as_dict()
+
+    def _dir_work(self, path: Path, label: str, metadata: dict[str, Any], policy: CommitPolicy | None,
+                  timeout_s: float | None) -> Callable[[Any], PublishResult]:
         def work(progress: Any) -> PublishResult:
             state = self.coordinator.read_state()
             parent = state.committed.version if state.committed else 0
@@ -165,7 +181,7 @@ class Publisher:
                 ModelStore.ref(manifest.version), source=source, policy=policy, timeout_s=timeout_s,
                 progress=progress))
 
-        return self._execute(job, work)
+        return work
 
     def publish_ref(self, model: str, *, run_id: str | None = None, policy: CommitPolicy | None = None,
                     timeout_s: float | None = None, metadata: dict[str, Any] | None = None) -> PublishResult:

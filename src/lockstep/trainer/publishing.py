@@ -7,6 +7,10 @@ and every replica flips to it together.
     if result.ok:
         wait_until_serving(result.version, shared_dir="/models")
 
+Without the shared folder (another machine, a cluster without ReadWriteMany storage), pass
+``trainer_url="http://trainer:8090"`` (and ``token=`` when the trainer has one) to both instead: the files
+are uploaded to the trainer, which publishes them.
+
 Only model files are published (config, safetensors weights, tokenizer files); a Trainer checkpoint's
 optimizer and RNG state (pickles) stay behind. Weights must be safetensors.
 """
@@ -28,6 +32,7 @@ from lockstep.store import ModelStore
 from lockstep.sync import coordinator as coord
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source
 from lockstep.sync.protocol import Heartbeat
+from lockstep.trainer.client import TrainerClient
 from lockstep.trainer.policy import save_kwargs
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,8 @@ def _settings(shared_dir: str | Path | None, settings: Settings | None) -> Setti
     elif shared_dir is not None:
         settings = settings.model_copy(update={"shared_dir": Path(shared_dir)})
     if settings.shared_dir is None:
-        raise BadRequest("publishing needs the shared folder: pass shared_dir= or set LOCKSTEP_SHARED_DIR")
+        raise BadRequest("publishing needs the shared folder (pass shared_dir= or set LOCKSTEP_SHARED_DIR) or "
+                         "the trainer (pass trainer_url=)")
     return settings
 
 
@@ -99,18 +105,31 @@ def _with_lease_wait(attempt: Any, clock: Clock, wait_s: float) -> PublishResult
 def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_dir: str | Path | None = None,
             metadata: dict[str, Any] | None = None, settings: Settings | None = None,
             policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
+            trainer_url: str | None = None, token: str | None = None,
             clock: Clock = SYSTEM_CLOCK) -> PublishResult:
     """Publish a model folder (or a ``PreTrainedModel`` + tokenizer) as the next version, in two phases.
 
     Blocks until every live replica staged it and it was committed (``result.outcome == "committed"``), or
     it was aborted (``result.reason`` says why; the cluster keeps its committed version). ``metadata`` goes
-    into the version's MANIFEST.json (step, loss, reward...).
+    into the version's MANIFEST.json (step, loss, reward...). With ``trainer_url`` the files are uploaded to
+    that trainer (``token``: its LOCKSTEP_API_TOKEN), which publishes them; no shared folder is needed.
     """
-    settings = _settings(shared_dir, settings)
     owner = f"publish-api@{socket.gethostname()}:{os.getpid()}"
-    coordinator = Coordinator(settings, clock=clock, owner=owner)
     origin = label or (str(Path(path_or_model).resolve()) if isinstance(path_or_model, (str, Path))
                        else f"{type(path_or_model).__name__} from {owner}")
+    if trainer_url is not None:
+        with tempfile.TemporaryDirectory(prefix="lockstep-publish-") as tmp:
+            folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
+            client = TrainerClient(trainer_url, token=token)
+            try:
+                result = client.publish_folder(folder, label=origin, metadata=metadata, policy=policy,
+                                               timeout_s=timeout_s)
+            finally:
+                client.close()
+        log.info("published %s through %s: %s", origin, trainer_url, result.summary())
+        return result
+    settings = _settings(shared_dir, settings)
+    coordinator = Coordinator(settings, clock=clock, owner=owner)
     with tempfile.TemporaryDirectory(prefix="lockstep-publish-") as tmp:
         folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
         state = coordinator.read_state()
@@ -130,8 +149,17 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
 
 def wait_until_serving(version: int, *, shared_dir: str | Path | None = None,
                        settings: Settings | None = None, timeout_s: float = 60.0, min_replicas: int = 1,
-                       clock: Clock = SYSTEM_CLOCK) -> list[Heartbeat]:
-    """Block until every live replica (at least ``min_replicas``) serves ``version``; else Conflict."""
+                       trainer_url: str | None = None, token: str | None = None,
+                       clock: Clock = SYSTEM_CLOCK) -> list[Heartbeat] | list[dict[str, Any]]:
+    """Block until every live replica (at least ``min_replicas``) serves ``version``; else Conflict.
+
+    Reads the heartbeats in the shared folder, or (with ``trainer_url``) the trainer's ``GET /cluster``."""
+    if trainer_url is not None:
+        client = TrainerClient(trainer_url, token=token)
+        try:
+            return client.wait_until_serving(version, timeout_s=timeout_s, min_replicas=min_replicas)
+        finally:
+            client.close()
     settings = _settings(shared_dir, settings)
     return coord.wait_until_serving(settings, version, clock=clock, timeout_s=timeout_s,
                                     min_replicas=min_replicas)

@@ -40,6 +40,15 @@ class PublishRequest(_Strict):
     timeout_s: TimeoutS | None = None
 
 
+class UploadPublishRequest(_Strict):
+    """``POST /store/uploads/{id}/publish``: the uploaded folder becomes the next version."""
+
+    label: StrictStr | None = Field(None, min_length=1, max_length=1024)  # MANIFEST "source" (default: the upload)
+    metadata: dict[str, Any] = Field(default_factory=dict)  # into MANIFEST.json: step, loss, reward...
+    policy: CommitPolicy | None = None
+    timeout_s: TimeoutS | None = None
+
+
 class RollbackRequest(_Strict):
     """``POST /rollback``: ``to`` a published version (default: the one before the committed version)."""
 
