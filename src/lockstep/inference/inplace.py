@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lockstep.core.errors import Conflict
+from lockstep.core.errors import Conflict, VerificationError
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 
@@ -80,8 +80,21 @@ class InplaceWeights:
                                f"{resolved.ref.raw!r} but {tuple(live_t.shape)} in the live model; "
                                "set LOCKSTEP_UPDATE_MODE=swap for this update")
         weights.weights_digest = loader.digest_named_tensors(
-            (name, weights._read(name).to(live_t.dtype)) for name, live_t in sorted(state.items()))
+            (name, weights._finite(name, live_t.dtype)) for name, live_t in sorted(state.items()))
         return weights
+
+    def _finite(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor as the live model would hold it, refused when any value is NaN or inf.
+
+        The in-place stand-in for the canary generation a swap runs: there is no second model to run, but
+        non-finite weights (corrupt, or overflowing the live dtype) are what would make its logits non-finite.
+        """
+        tensor = self._read(name).to(dtype)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise VerificationError(f"{self.resolved.ref.raw!r}: {name} holds non-finite values (NaN or inf) as "
+                                    f"{str(dtype).removeprefix('torch.')}; the weights are corrupt or overflow "
+                                    "in this dtype")
+        return tensor
 
     def _read(self, name: str) -> torch.Tensor:
         source = self.aliases[name]
