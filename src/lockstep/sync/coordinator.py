@@ -416,6 +416,23 @@ class Coordinator:
             log.warning("could not record publish history: %s", exc)
 
 
+LEASE_WAIT_S = 60.0  # seconds a publish waits while another coordinator holds the lease
+
+
+def with_lease_wait(attempt: Callable[[], PublishResult], clock: Clock,
+                    wait_s: float = LEASE_WAIT_S) -> PublishResult:
+    """``attempt()``, tried again every 0.5 s for up to ``wait_s`` while another coordinator holds the lease."""
+    deadline = clock.monotonic() + wait_s
+    while True:
+        try:
+            return attempt()
+        except LeaseHeld as exc:
+            if clock.monotonic() >= deadline:
+                raise
+            log.info("waiting for the coordinator lease: %s", exc)
+            clock.sleep(0.5)
+
+
 def wait_until_serving(settings: Settings, version: int, *, clock: Clock, timeout_s: float = 60.0,
                        min_replicas: int = 1) -> list[Heartbeat]:
     """Block until every live replica (at least ``min_replicas``) serves ``version`` and is ready."""

@@ -29,6 +29,12 @@ class TrainerClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
@@ -53,27 +59,25 @@ class TrainerClient:
         body = {k: v for k, v in {"model": model, "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
         return self._wait(self._call("POST", "/publish", json=body)["publish_id"])
 
-    def publish_folder(self, folder: str | Path, *, files: list[str] | None = None, label: str | None = None,
-                       metadata: dict[str, Any] | None = None, policy: str | None = None,
-                       timeout_s: float | None = None, progress: Progress | None = None) -> PublishResult:
-        """Upload a local model folder (``files`` in it, default all) and publish it as the next version.
+    def publish_folder(self, folder: str | Path, *, label: str | None = None, metadata: dict[str, Any] | None = None,
+                       policy: str | None = None, timeout_s: float | None = None,
+                       progress: Progress | None = None) -> PublishResult:
+        """Upload every file of a local model folder and publish it as the next version.
 
         For a trainer that cannot see the folder: another machine, no shared volume. The trainer checks each
         file's sha256, copies the upload into its store and removes it; ``progress(sent, total)`` follows
         the upload."""
-        upload_id = self.upload(folder, files=files, progress=progress)
+        upload_id = self.upload(folder, progress=progress)
         body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
                                   "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
         return self._wait(self._call("POST", f"/store/uploads/{upload_id}/publish", json=body)["publish_id"])
 
-    def upload(self, folder: str | Path, *, files: list[str] | None = None,
-               progress: Progress | None = None) -> str:
-        """Send ``files`` of ``folder`` (default: every file in it) to the trainer; the upload's id."""
+    def upload(self, folder: str | Path, *, progress: Progress | None = None) -> str:
+        """Send every file of ``folder`` to the trainer; the upload's id."""
         folder = Path(folder)
         if not folder.is_dir():
             raise BadModelRef(f"{folder} is not a folder")
-        names = files if files is not None else sorted(p.relative_to(folder).as_posix()
-                                                       for p in folder.rglob("*") if p.is_file())
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         total = sum((folder / n).stat().st_size for n in names)
         upload_id: str = self._call("POST", "/store/uploads")["upload_id"]
         sent = 0

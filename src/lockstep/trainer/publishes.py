@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.core.clock import Clock
-from lockstep.core.errors import LeaseHeld, LockstepError, NotFound
+from lockstep.core.errors import LockstepError, NotFound
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models import loader
 from lockstep.models.refs import RefKind, parse_ref
 from lockstep.store import ModelStore
-from lockstep.sync.coordinator import Coordinator, PublishResult, Source
+from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
 from lockstep.trainer.events import EventBus
 from lockstep.trainer.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 200  # finished jobs kept in memory for GET /publishes (the shared history keeps every publish)
-LEASE_WAIT_S = 60.0  # seconds a job waits for another coordinator's lease before failing
 
 
 def check_ref(ref: str, settings: Settings, store: ModelStore) -> None:
@@ -195,16 +194,8 @@ class Publisher:
 
         return self._execute(job, work)
 
-    def _with_lease_wait(self, attempt: Any) -> PublishResult:
-        deadline = self.clock.monotonic() + LEASE_WAIT_S
-        while True:
-            try:
-                return attempt()  # type: ignore[no-any-return]
-            except LeaseHeld as exc:
-                if self.clock.monotonic() >= deadline:
-                    raise
-                log.info("waiting for the coordinator lease: %s", exc)
-                self.clock.sleep(0.5)
+    def _with_lease_wait(self, attempt: Callable[[], PublishResult]) -> PublishResult:
+        return with_lease_wait(attempt, self.clock)
 
     def _execute(self, job: PublishJob, work: Any) -> PublishResult:
         with self._busy:

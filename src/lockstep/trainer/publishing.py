@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadModelRef, BadRequest, LeaseHeld
+from lockstep.core.errors import BadModelRef, BadRequest
 from lockstep.core.settings import CommitPolicy, Settings, load_settings
 from lockstep.store import ModelStore
 from lockstep.sync import coordinator as coord
-from lockstep.sync.coordinator import Coordinator, PublishResult, Source
+from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
 from lockstep.sync.protocol import Heartbeat
 from lockstep.trainer.client import TrainerClient
 from lockstep.trainer.policy import save_kwargs
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PublishResult", "model_files", "publish", "wait_until_serving"]
 
-LEASE_WAIT_S = 60.0  # seconds to wait while another coordinator publishes
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
                     "chat_template.jinja", "chat_template.json")
@@ -90,18 +89,6 @@ def _stage_folder(path_or_model: Any, tokenizer: Any, tmp: Path) -> Path:
     return tmp
 
 
-def _with_lease_wait(attempt: Any, clock: Clock, wait_s: float) -> PublishResult:
-    deadline = clock.monotonic() + wait_s
-    while True:
-        try:
-            return attempt()  # type: ignore[no-any-return]
-        except LeaseHeld as exc:
-            if clock.monotonic() >= deadline:
-                raise
-            log.info("waiting for the coordinator lease: %s", exc)
-            clock.sleep(0.5)
-
-
 def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_dir: str | Path | None = None,
             metadata: dict[str, Any] | None = None, settings: Settings | None = None,
             policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
@@ -117,32 +104,25 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
     owner = f"publish-api@{socket.gethostname()}:{os.getpid()}"
     origin = label or (str(Path(path_or_model).resolve()) if isinstance(path_or_model, (str, Path))
                        else f"{type(path_or_model).__name__} from {owner}")
-    if trainer_url is not None:
-        with tempfile.TemporaryDirectory(prefix="lockstep-publish-") as tmp:
-            folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
-            client = TrainerClient(trainer_url, token=token)
-            try:
-                result = client.publish_folder(folder, label=origin, metadata=metadata, policy=policy,
-                                               timeout_s=timeout_s)
-            finally:
-                client.close()
-        log.info("published %s through %s: %s", origin, trainer_url, result.summary())
-        return result
-    settings = _settings(shared_dir, settings)
-    coordinator = Coordinator(settings, clock=clock, owner=owner)
+    coordinator = None if trainer_url else Coordinator(_settings(shared_dir, settings), clock=clock, owner=owner)
     with tempfile.TemporaryDirectory(prefix="lockstep-publish-") as tmp:
         folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
+        if coordinator is None:
+            assert trainer_url is not None
+            with TrainerClient(trainer_url, token=token) as client:
+                result = client.publish_folder(folder, label=origin, metadata=metadata, policy=policy,
+                                               timeout_s=timeout_s)
+            log.info("published %s through %s: %s", origin, trainer_url, result.summary())
+            return result
         state = coordinator.read_state()
         parent = state.committed.version if state.committed else 0
         meta = {"parent": parent, **(metadata or {})}
         manifest = coordinator.store.publish_dir(folder, source=origin, parent=parent, metadata=meta,
-                                                 allow_pickle=settings.allow_pickle)
+                                                 allow_pickle=coordinator.settings.allow_pickle)
     ref = ModelStore.ref(manifest.version)
     source = Source(manifest.version, ref, manifest.digest)
-    def attempt() -> PublishResult:
-        return coordinator.publish(ref, source=source, policy=policy, timeout_s=timeout_s)
-
-    result = _with_lease_wait(attempt, clock, LEASE_WAIT_S)
+    result = with_lease_wait(lambda: coordinator.publish(ref, source=source, policy=policy, timeout_s=timeout_s),
+                             clock)
     log.info("published %s: %s", origin, result.summary())
     return result
 
@@ -155,11 +135,8 @@ def wait_until_serving(version: int, *, shared_dir: str | Path | None = None,
 
     Reads the heartbeats in the shared folder, or (with ``trainer_url``) the trainer's ``GET /cluster``."""
     if trainer_url is not None:
-        client = TrainerClient(trainer_url, token=token)
-        try:
+        with TrainerClient(trainer_url, token=token) as client:
             return client.wait_until_serving(version, timeout_s=timeout_s, min_replicas=min_replicas)
-        finally:
-            client.close()
     settings = _settings(shared_dir, settings)
     return coord.wait_until_serving(settings, version, clock=clock, timeout_s=timeout_s,
                                     min_replicas=min_replicas)
