@@ -325,18 +325,22 @@ def test_a_model_uploaded_from_elsewhere_is_published_with_its_metadata_then_the
     from tests.support.load import MAX_NEW_TOKENS, PROMPTS, greedy_texts
 
     url = http_cluster.trainer.url
-    before = http_cluster.committed()
-    result = publish(tiny_dirs[1], trainer_url=url, token=TOKEN, metadata={"step": 7}, label="run-42 step 7")
+    before = http_cluster.committed()  # tiny-s1's content, after the rollbacks above
+    result = publish(tiny_dirs[0], trainer_url=url, token=TOKEN, metadata={"step": 7}, label="run-42 step 7")
     assert result.outcome == "committed" and result.version > before, result.summary()
     replicas = wait_until_serving(result.version, trainer_url=url, token=TOKEN, min_replicas=3)
     assert sorted(r["replica_id"] for r in replicas) == ["h0", "h1", "h2"]
     manifest = ModelStore(http_cluster.data_dir).get(result.version)
     assert manifest.source == "run-42 step 7" and manifest.metadata["step"] == 7
-    sent = {name: hash_file(tiny_dirs[1] / name) for name in model_files(tiny_dirs[1])}
+    sent = {name: hash_file(tiny_dirs[0] / name) for name in model_files(tiny_dirs[0])}
     assert {f.path: f.sha256 for f in manifest.files} == sent  # exactly the model files, byte for byte
     assert list((http_cluster.data_dir / "uploads").iterdir()) == []
+    again = publish(tiny_dirs[0], trainer_url=url, token=TOKEN, label="run-42 step 7, once more")
+    assert again.outcome == "unchanged" and again.version == result.version, again.summary()
+    assert ModelStore(http_cluster.data_dir).latest().version == result.version  # no copy of the same content
+    assert list((http_cluster.data_dir / "uploads").iterdir()) == []
     prompt = PROMPTS[0]
-    expected = greedy_texts(tiny_dirs[1], [prompt])[prompt]
+    expected = greedy_texts(tiny_dirs[0], [prompt])[prompt]
     for proc in http_cluster.replicas:
         answer = proc.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW_TOKENS,
                                               "temperature": 0}).json()

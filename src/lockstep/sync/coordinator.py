@@ -192,9 +192,11 @@ class Coordinator:
             assert ref.path is not None
             loader.check_safe_files(ref.path, self.settings)
 
-    def prepare_source(self, ref_text: str, *, metadata: dict[str, Any] | None = None,
+    def prepare_source(self, ref_text: str, *, metadata: dict[str, Any] | None = None, label: str | None = None,
                        progress: ProgressFn | None = None) -> Source:
-        """Check the reference and put its files in the store; refuse bad ones before any replica stages."""
+        """Check the reference and put its files in the store; refuse bad ones before any replica stages.
+
+        ``label`` is the MANIFEST ``source`` of a copied folder (default: the reference as given)."""
         ref = parse_ref(ref_text)
         state = self.read_state()
         committed = state.committed
@@ -224,7 +226,7 @@ class Coordinator:
                                                revision=resolved.revision or "", parent=parent, metadata=meta,
                                                allow_pickle=self.settings.allow_pickle)
         else:
-            manifest = self.store.publish_dir(resolved.path, source=ref.raw, parent=parent, metadata=meta,
+            manifest = self.store.publish_dir(resolved.path, source=label or ref.raw, parent=parent, metadata=meta,
                                               allow_pickle=self.settings.allow_pickle)
         return Source(manifest.version, self._model_name(manifest.version), manifest.digest)
 

@@ -307,9 +307,9 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         except Exception:
             trainer.uploads.unseal(upload_id)  # the client may add what is missing and try again
             raise
-        return trainer.publisher.submit_dir(folder, label=body.label or f"upload {upload_id}",
-                                            metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
-                                            then=lambda: trainer.uploads.release(upload_id))
+        return trainer.publisher.submit(str(folder), label=body.label or f"upload {upload_id}",
+                                        metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
+                                        then=lambda: trainer.uploads.release(upload_id))
 
     @app.delete("/store/uploads/{upload_id}", status_code=204, summary="Drop an upload (token)")
     async def delete_upload(upload_id: str, request: Request) -> Response:

@@ -126,36 +126,20 @@ class Publisher:
 
     # ------------------------------------------------------------------ running
     def submit(self, model: str, *, kind: str = "publish", rollback_to: int | None = None,
-               policy: CommitPolicy | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        """Start a publish (or rollback) in the background; the job's id comes back at once."""
-        job = self._new_job(kind, model, None)
-        return self._start(job, lambda progress: self._publish_or_rollback(
-            model, rollback_to, kind, policy, timeout_s, progress))
+               policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
+               metadata: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Start a publish (or rollback) in the background; the job's id comes back at once.
 
-    def _publish_or_rollback(self, model: str, rollback_to: int | None, kind: str,
-                             policy: CommitPolicy | None, timeout_s: float | None,
-                             progress: Any) -> PublishResult:
+        ``label`` names the job and the new version's MANIFEST ``source`` (default: ``model``); ``then`` runs
+        when the job ends, however it ends."""
+        job = self._new_job(kind, label or model, None)
         if kind == "rollback":
-            return self._with_lease_wait(lambda: self.coordinator.rollback(
-                rollback_to, policy=policy, timeout_s=timeout_s, progress=progress))
-        source = self.coordinator.prepare_source(model, progress=progress)
-        return self._with_lease_wait(lambda: self.coordinator.publish(
-            model, source=source, policy=policy, timeout_s=timeout_s, progress=progress))
+            def work(progress: Any) -> PublishResult:
+                return self._with_lease_wait(lambda: self.coordinator.rollback(
+                    rollback_to, policy=policy, timeout_s=timeout_s, progress=progress))
+        else:
+            work = self._ref_work(model, label, metadata, policy, timeout_s)
 
-    def publish_dir(self, path: Path, *, label: str, metadata: dict[str, Any], run_id: str | None = None,
-                    policy: CommitPolicy | None = None, timeout_s: float | None = None) -> PublishResult:
-        """Copy a model folder in as the next version and publish it; blocks until committed or aborted."""
-        job = self._new_job("run" if run_id else "publish", label, run_id)
-        return self._execute(job, self._dir_work(path, label, metadata, policy, timeout_s))
-
-    def submit_dir(self, path: Path, *, label: str, metadata: dict[str, Any], policy: CommitPolicy | None = None,
-                   timeout_s: float | None = None, then: Callable[[], None] | None = None) -> dict[str, Any]:
-        """``publish_dir`` in the background (an uploaded folder); ``then`` runs when the job ends."""
-        job = self._new_job("publish", label, None)
-        return self._start(job, self._dir_work(path, label, metadata, policy, timeout_s), then)
-
-    def _start(self, job: PublishJob, work: Callable[[Any], PublishResult],
-               then: Callable[[], None] | None = None) -> dict[str, Any]:
         def run() -> None:
             try:
                 self._execute(job, work)
@@ -168,8 +152,11 @@ class Publisher:
         threading.Thread(target=run, name=f"publish-{job.id}", daemon=True).start()
         return job.as_dict()
 
-    def _dir_work(self, path: Path, label: str, metadata: dict[str, Any], policy: CommitPolicy | None,
-                  timeout_s: float | None) -> Callable[[Any], PublishResult]:
+    def publish_dir(self, path: Path, *, label: str, metadata: dict[str, Any], run_id: str | None = None,
+                    policy: CommitPolicy | None = None, timeout_s: float | None = None) -> PublishResult:
+        """Copy a model folder in as the next version and publish it; blocks until committed or aborted."""
+        job = self._new_job("run" if run_id else "publish", label, run_id)
+
         def work(progress: Any) -> PublishResult:
             state = self.coordinator.read_state()
             parent = state.committed.version if state.committed else 0
@@ -180,19 +167,23 @@ class Publisher:
                 ModelStore.ref(manifest.version), source=source, policy=policy, timeout_s=timeout_s,
                 progress=progress))
 
-        return work
+        return self._execute(job, work)
 
     def publish_ref(self, model: str, *, run_id: str | None = None, policy: CommitPolicy | None = None,
                     timeout_s: float | None = None, metadata: dict[str, Any] | None = None) -> PublishResult:
         """Publish any model reference; blocks until committed or aborted."""
         job = self._new_job("run" if run_id else "publish", model, run_id)
+        return self._execute(job, self._ref_work(model, None, metadata, policy, timeout_s))
 
+    def _ref_work(self, model: str, label: str | None, metadata: dict[str, Any] | None,
+                  policy: CommitPolicy | None, timeout_s: float | None) -> Callable[[Any], PublishResult]:
+        """Both phases for a reference: its files into the store (unless the committed version has them)."""
         def work(progress: Any) -> PublishResult:
-            source = self.coordinator.prepare_source(model, metadata=metadata, progress=progress)
+            source = self.coordinator.prepare_source(model, metadata=metadata, label=label, progress=progress)
             return self._with_lease_wait(lambda: self.coordinator.publish(
                 model, source=source, policy=policy, timeout_s=timeout_s, progress=progress))
 
-        return self._execute(job, work)
+        return work
 
     def _with_lease_wait(self, attempt: Callable[[], PublishResult]) -> PublishResult:
         return with_lease_wait(attempt, self.clock)
