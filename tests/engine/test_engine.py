@@ -16,7 +16,7 @@ import torch
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
 from lockstep.engine import Engine, FinalEvent, FinishReason, SamplingParams, TokenEvent
 
-from . import encode, hf_greedy, llama, tokenizer
+from . import CORPUS, encode, hf_greedy, llama, tokenizer
 
 PROMPTS = [
     "The quick brown fox",
@@ -496,5 +496,94 @@ def test_a_burst_joins_a_running_batch_in_waves_within_the_step_budget(model: An
             assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, prompt, 5)
         assert list(long.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 30)
         assert waves == [1, 2, 2, 2]  # long alone, then the burst two per step beside it
+    finally:
+        eng.close()
+
+
+class ChunkLog:
+    """Records each ``prefill_chunk`` call: (start, tokens, tokens generated so far by the engine)."""
+
+    def __init__(self, eng: Engine, after_first: Any = None) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        runner = eng._runner
+        assert runner is not None
+        real = runner.prefill_chunk
+
+        def recording(tokens: list[int], slot: int, start: int) -> torch.Tensor:
+            self.calls.append((start, len(tokens), eng.generated_tokens_total))
+            logits = real(tokens, slot, start)
+            if after_first is not None and len(self.calls) == 1:
+                after_first()
+            return logits
+
+        runner.prefill_chunk = recording  # type: ignore[method-assign]
+
+
+LONG_TEXT = " ".join(CORPUS[:4])  # about 100 tokens: several 16-token chunks
+
+
+@pytest.mark.parametrize("backend", ["llama", "hf"])
+def test_long_prompts_are_prefilled_in_chunks_while_the_batch_decodes_and_stay_exact(
+        model: Any, backend: str) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=4, max_context=256, backend=backend, prefill_chunk_tokens=16)
+    chunks = ChunkLog(eng)
+    long_a, long_b = encode(LONG_TEXT), encode(" ".join(CORPUS[2:4]))
+    assert len(long_a) > 3 * 16 and len(long_b) > 16
+    try:
+        eng.start()
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=120))
+        first_token(running)
+        # Two long prompts (one at a time in the chunk slot, FIFO) and a short one queued behind them; B ends
+        # on its first token, right after it joins.
+        handles = [(long_a, 12, eng.submit(long_a, SamplingParams(max_new_tokens=12))),
+                   (long_b, 1, eng.submit(long_b, SamplingParams(max_new_tokens=1))),
+                   (encode(PROMPTS[2]), 6, eng.submit(encode(PROMPTS[2]), SamplingParams(max_new_tokens=6)))]
+        for prompt, n, handle in handles:
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, prompt, n)
+        assert list(running.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 120)
+        starts = [start for start, _, _ in chunks.calls]
+        assert starts == list(range(0, len(long_a), 16)) + list(range(0, len(long_b), 16))
+        assert sum(n for _, n, _ in chunks.calls) == len(long_a) + len(long_b)
+        generated = [g for _, _, g in chunks.calls[: len(range(0, len(long_a), 16))]]
+        assert generated == sorted(set(generated))  # the batch decoded between every two chunks
+        assert eng.wait_idle(TIMEOUT) and eng.running == 0
+    finally:
+        eng.close()
+
+
+def test_an_idle_engine_prefills_a_long_prompt_whole_and_zero_turns_chunking_off(model: Any) -> None:
+    for chunk_tokens in (16, 0):
+        eng = Engine(model, tokenizer(), max_batch_size=4, max_context=256, prefill_chunk_tokens=chunk_tokens)
+        chunks = ChunkLog(eng)
+        try:
+            eng.start()
+            alone = eng.generate(encode(LONG_TEXT), SamplingParams(max_new_tokens=4), timeout=TIMEOUT)
+            assert list(alone.token_ids) == hf_greedy(model, encode(LONG_TEXT), 4)
+            assert chunks.calls == []  # nobody was decoding: nothing to keep waiting
+            running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=40))
+            first_token(running)
+            beside = eng.generate(encode(LONG_TEXT), SamplingParams(max_new_tokens=4), timeout=TIMEOUT)
+            assert list(beside.token_ids) == hf_greedy(model, encode(LONG_TEXT), 4)
+            assert bool(chunks.calls) == bool(chunk_tokens), chunk_tokens
+            running.result(TIMEOUT)
+        finally:
+            eng.close()
+
+
+def test_a_long_prompt_cancelled_between_chunks_frees_its_slot(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=2, max_context=256, prefill_chunk_tokens=16)
+    handles: list[Any] = []
+    ChunkLog(eng, after_first=lambda: handles[0].cancel())
+    try:
+        eng.start()
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=60))
+        first_token(running)
+        handles.append(eng.submit(encode(LONG_TEXT), SamplingParams(max_new_tokens=8)))
+        assert handles[0].result(TIMEOUT).finish_reason == FinishReason.CANCELLED
+        # The slot is free again: with batch 2, the next long prompt can only be prefilled in it.
+        again = eng.submit(encode(LONG_TEXT), SamplingParams(max_new_tokens=8))
+        assert list(again.result(TIMEOUT).token_ids) == hf_greedy(model, encode(LONG_TEXT), 8)
+        assert list(running.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 60)
+        assert eng.wait_idle(TIMEOUT) and eng.running == 0
     finally:
         eng.close()

@@ -71,3 +71,30 @@ def test_queue_full_and_remove_waiting() -> None:
     assert sched.queue_full
     assert sched.remove_waiting(a) and not sched.remove_waiting(a)
     assert list(sched.waiting) == [b]
+
+
+def test_a_long_prompt_takes_the_last_slot_and_joins_the_batch_once_prefilled() -> None:
+    sched = Scheduler(max_batch_size=3, max_queue=10, prefill_token_budget=1000)
+    short, long, behind = seq(0, 4), seq(1, 50), seq(2, 4)
+    for s in (short, long, behind):
+        sched.add(s)
+    assert sched.admit(longest=16) == [short]  # the long head stops admission: FIFO
+    assert sched.start_prefilling(longer_than=16) is long and long.slot == 2
+    assert sched.capacity == 2 and sched.start_prefilling(longer_than=16) is None
+    assert sched.admit(longest=16) == [behind] and behind.slot == 1
+    assert sched.admit() == []  # slot 2 is the chunked prompt's
+    long.num_cached = 50
+    assert sched.join_prefilled(long) == SlotMove(src=2, dst=2, length=50)
+    assert sched.running == [short, behind, long] and sched.prefilling is None and sched.capacity == 3
+
+
+def test_no_chunk_slot_while_every_slot_decodes_or_for_a_short_head() -> None:
+    sched = Scheduler(max_batch_size=2, max_queue=10, prefill_token_budget=1000)
+    for i in range(2):
+        sched.add(seq(i, 4))
+    sched.admit()
+    sched.add(seq(2, 50))
+    assert sched.start_prefilling(longer_than=16) is None  # both slots decode
+    sched.release(sched.running[0])
+    assert sched.start_prefilling(longer_than=60) is None  # 50 tokens is not long here
+    assert sched.start_prefilling(longer_than=16) is not None and sched.prefilling is not None

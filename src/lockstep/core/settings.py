@@ -121,6 +121,10 @@ class Settings(BaseSettings):
                                      description="Prompt tokens prefilled per decode step while a batch runs "
                                      "(0: 32 on CPU, 2048 on GPU); larger admits bursts faster, smaller keeps "
                                      "running streams steadier.")
+    prefill_chunk_tokens: int = Field(0, ge=-1, validation_alias=_env("LOCKSTEP_PREFILL_CHUNK_TOKENS"),
+                                      description="A prompt longer than this is prefilled this many tokens per "
+                                      "decode step while a batch runs, instead of stalling one step for all of it "
+                                      "(0: 256 on CPU, 2048 on GPU; -1: off).")
     max_new_tokens_limit: int = Field(1024, ge=1, validation_alias=_env("LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
                                       description="Upper bound a request may ask for.")
     max_prompt_chars: int = Field(32_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_PROMPT_CHARS"),

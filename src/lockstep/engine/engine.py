@@ -28,6 +28,9 @@ DEFAULT_MAX_CONTEXT = 2048  # tokens; caps the KV cache when the model allows mo
 # 65 ms + 1.3 ms per token for the 116 M mid model against 80 ms for a 16-sequence decode step, so 32 tokens
 # at most double a step; a GPU prefills thousands of tokens in the time of one memory-bound decode step.
 STEP_PREFILL_TOKENS = {"cpu": 32, "cuda": 2048}
+# A prompt longer than this is prefilled this many tokens per decode step while a batch runs, so it delays
+# each step a little instead of stalling one step for its whole prefill (on a CPU, 1.3 ms per token).
+PREFILL_CHUNK_TOKENS = {"cpu": 256, "cuda": 2048}
 _LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest request in the latency average behind Retry-After
 
 
@@ -62,6 +65,7 @@ class Engine:
         prefill_token_budget: int = 2048,
         interleave_prefill: bool = True,
         step_prefill_tokens: int | None = None,
+        prefill_chunk_tokens: int | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         cfg = model.config
@@ -85,6 +89,10 @@ class Engine:
         # finishes (and comes back) all at once. An idle engine admits up to prefill_token_budget at once.
         self.step_prefill_tokens = step_prefill_tokens
         self._step_prefill_left = 0
+        if prefill_chunk_tokens is None:
+            prefill_chunk_tokens = PREFILL_CHUNK_TOKENS.get(self._device.type, PREFILL_CHUNK_TOKENS["cuda"])
+        if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 0:
+            raise BadRequest(f"prefill_chunk_tokens must be an integer >= 0 (0: off), got {prefill_chunk_tokens!r}")
         # Prefill arrivals between the layers of a running decode step, so their first token does not
         # wait for the whole step (which for a full batch on a CPU costs more than the prefill itself).
         self.interleave_prefill = interleave_prefill
@@ -96,6 +104,7 @@ class Engine:
         with torch.inference_mode():
             self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
         self.backend = self._runner.name
+        self.prefill_chunk_tokens = prefill_chunk_tokens if max_batch_size > 1 else 0  # needs a spare slot
         self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget)
         self._cond = threading.Condition()  # guards the scheduler's queues, flags and counters
         self._thread: threading.Thread | None = None
@@ -223,7 +232,8 @@ class Engine:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is running; False after ``timeout`` seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._scheduler.running, timeout=timeout)
+            return self._cond.wait_for(lambda: not self._scheduler.running and self._scheduler.prefilling is None,
+                                       timeout=timeout)
 
     # --- observability ---------------------------------------------------------------------------------
     @property
@@ -233,8 +243,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Requests holding a batch slot (the current batch size)."""
-        return len(self._scheduler.running)
+        """Requests holding a batch slot (the current batch size, with a long prompt being prefilled)."""
+        return len(self._scheduler.running) + (self._scheduler.prefilling is not None)
 
     @property
     def generated_tokens_total(self) -> int:
@@ -291,7 +301,8 @@ class Engine:
 
     def _has_work(self) -> bool:
         s = self._scheduler
-        return self._abort or bool(s.running) or (bool(s.waiting) and not self._paused)
+        return (self._abort or bool(s.running) or s.prefilling is not None
+                or (bool(s.waiting) and not self._paused))
 
     def _step(self) -> bool:
         """One iteration: admit + prefill, then one batched decode step. False when the engine should exit."""
@@ -311,9 +322,14 @@ class Engine:
         for seq in list(self._scheduler.running):
             if seq.handle.cancel_requested:
                 self._end(seq, FinishReason.CANCELLED)
+        chunked = self._scheduler.prefilling
+        if chunked is not None and chunked.handle.cancel_requested:
+            self._end_prefilling(chunked, FinishReason.CANCELLED)
         admitted = [s for s in admitted if s.status is SequenceStatus.RUNNING]
         if admitted:
             self._prefill(admitted)
+        if self._scheduler.prefilling is not None:
+            self._prefill_chunk(whole=not self._scheduler.running)  # idle: nobody to keep waiting
         batch = list(self._scheduler.running)
         if batch:
             self._decode(batch)
@@ -343,11 +359,47 @@ class Engine:
         self._step_prefill_left = self.step_prefill_tokens
         if not s.running:
             return s.admit()
+        if self.prefill_chunk_tokens:
+            s.start_prefilling(self.prefill_chunk_tokens)
         if self.interleave_prefill:
             return []
-        admitted = s.admit(self.step_prefill_tokens)
+        admitted = s.admit(self.step_prefill_tokens, longest=self.prefill_chunk_tokens or None)
         self._step_prefill_left -= s.padded_tokens(admitted)
         return admitted
+
+    def _prefill_chunk(self, whole: bool) -> None:
+        """The next chunk of the long prompt in the last slot (all of it when ``whole``); once the prompt is
+        cached, the sequence moves into the batch's next slot and gets its first token."""
+        assert self._runner is not None
+        seq = self._scheduler.prefilling
+        assert seq is not None
+        start = seq.num_cached
+        end = len(seq.prompt_ids) if whole else min(len(seq.prompt_ids), start + self.prefill_chunk_tokens)
+        try:
+            logits = self._runner.prefill_chunk(seq.prompt_ids[start:end], seq.slot, start)
+        except Exception as exc:
+            log.exception("chunked prefill failed for request %d", seq.request_id)
+            self._end_prefilling(seq, FinishReason.ERROR, f"prefill failed: {type(exc).__name__}: {exc}", dirty=True)
+            return
+        seq.num_cached = end
+        if end < len(seq.prompt_ids):
+            return
+        with self._cond:
+            move = self._scheduler.join_prefilled(seq)
+        self._runner.move(move.src, move.dst, move.length)
+        self._sample([seq], logits)
+
+    def _end_prefilling(self, seq: Sequence, reason: FinishReason, error: str | None = None,
+                        dirty: bool = False) -> None:
+        """Finish the sequence being prefilled in chunks (cancelled, or its forward failed)."""
+        assert self._runner is not None
+        seq.finish(reason, error)
+        self._runner.release(seq.slot, dirty)
+        with self._cond:
+            self._scheduler.prefilling = None
+            seq.slot = -1
+            self._record_finish(seq)
+            self._cond.notify_all()
 
     def _prefill_arrivals(self) -> None:
         """Inside a decode step: admit and prefill what arrived since it began (slots after the step's batch).
@@ -358,13 +410,14 @@ class Engine:
         s = self._scheduler
         left = self._step_prefill_left
         if (left <= 0 or not s.waiting or self._paused or self._abort
-                or len(s.running) >= s.max_batch_size):
+                or len(s.running) >= s.capacity):
             return  # the common case, read without the lock: a stale answer only defers to the next step
         with self._cond:
             if self._paused or self._abort:
                 return
             # The first wave of a step may exceed the budget with one long prompt (never starved).
-            admitted = s.admit(left, at_least_one=left == self.step_prefill_tokens)
+            admitted = s.admit(left, at_least_one=left == self.step_prefill_tokens,
+                               longest=self.prefill_chunk_tokens or None)
             self._step_prefill_left = left - s.padded_tokens(admitted)
         if admitted:
             self._prefill(admitted)
@@ -448,9 +501,11 @@ class Engine:
     def _cancel_all(self, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None) -> None:
         """End every queued and running request (stop without drain, or a crashed loop)."""
         with self._cond:
-            victims = list(self._scheduler.waiting) + list(self._scheduler.running)
-            self._scheduler.waiting.clear()
-            self._scheduler.running.clear()
+            s = self._scheduler
+            victims = list(s.waiting) + list(s.running) + ([s.prefilling] if s.prefilling is not None else [])
+            s.waiting.clear()
+            s.running.clear()
+            s.prefilling = None
             for seq in victims:
                 seq.finish(reason, error)
                 self._record_finish(seq)

@@ -33,6 +33,11 @@ class HFRunner:
             new_cache = out.get("past_key_values", None)
         return out.logits[0, -1].float(), new_cache
 
+    def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """Continue ``slot``'s cache (``start`` tokens in it) with ``tokens``; logits of the last [1, V]."""
+        logits, self._caches[slot] = self._forward(tokens, self._caches[slot] if start else None)
+        return logits.unsqueeze(0)
+
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Run each prompt alone; keep its cache in its slot; return last-token logits [N, V]."""
         rows = []

@@ -154,6 +154,24 @@ class LlamaRunner:
         last = h[torch.arange(n, device=self.device), lens_t - 1]
         return self._logits(last)
 
+    def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """Extend ``slot``'s cached prompt by ``tokens`` at positions ``start..``; logits of the last [1, V]."""
+        n = len(tokens)
+        end = start + n
+        ids = torch.tensor([tokens], dtype=torch.long).to(self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+        # Query i (position start + i) sees every cached position and the chunk's own up to itself.
+        mask = (torch.arange(end, device=self.device)[None, :] <= pos[0, :, None])[None, None]  # [1, 1, n, end]
+        cache = self.cache
+
+        def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cache.k[i][slot, :, start:end] = k[0]
+            cache.v[i][slot, :, start:end] = v[0]
+            return cache.k[i][slot : slot + 1, :, :end], cache.v[i][slot : slot + 1, :, :end]
+
+        h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
+        return self._logits(h[:, -1])
+
     def decode(self, tokens: list[int], positions: list[int],
                interleave: Callable[[], None] | None = None) -> torch.Tensor:
         """One step for slots ``0..B-1``: feed ``tokens[b]`` at ``positions[b]``; return logits [B, V].

@@ -24,6 +24,10 @@ class Runner(Protocol):
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Cache the prompts in their slots; float32 logits of each prompt's last token [N, V]."""
 
+    def prefill_chunk(self, tokens: list[int], slot: int, start: int) -> torch.Tensor:
+        """Cache ``tokens`` at positions ``start..`` of ``slot``, after the ``start`` already cached there;
+        float32 logits of the last one [1, V]."""
+
     def decode(self, tokens: list[int], positions: list[int],
                interleave: Callable[[], None] | None = None) -> torch.Tensor:
         """Advance slots ``0..B-1`` by one token at the given positions; float32 logits [B, V].

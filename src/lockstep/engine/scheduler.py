@@ -29,6 +29,8 @@ class Scheduler:
         self.prefill_token_budget = prefill_token_budget  # padded prompt tokens per prefill forward
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # A long prompt prefilled a chunk per step, in the last slot (kept out of the decode batch until done).
+        self.prefilling: Sequence | None = None
 
     @property
     def queue_full(self) -> bool:
@@ -46,15 +48,24 @@ class Scheduler:
             return False
         return True
 
-    def admit(self, token_budget: int | None = None, at_least_one: bool = True) -> list[Sequence]:
+    @property
+    def capacity(self) -> int:
+        """Slots the decode batch may use: all but the one a chunked prefill holds."""
+        return self.max_batch_size - (self.prefilling is not None)
+
+    def admit(self, token_budget: int | None = None, at_least_one: bool = True,
+              longest: int | None = None) -> list[Sequence]:
         """Move waiting sequences into free slots, FIFO, within ``token_budget`` padded prompt tokens
         (default: the prefill budget); with ``at_least_one`` the head of the queue goes in even when its
-        prompt alone is over the budget, so a long prompt is never starved."""
+        prompt alone is over the budget, so a long prompt is never starved. A prompt over ``longest`` tokens
+        stops admission (it waits for ``start_prefilling``)."""
         budget = self.prefill_token_budget if token_budget is None else token_budget
         admitted: list[Sequence] = []
         width = 0
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.capacity:
             nxt = self.waiting[0]
+            if longest is not None and len(nxt.prompt_ids) > longest:
+                break
             new_width = max(width, len(nxt.prompt_ids))
             if (admitted or not at_least_one) and new_width * (len(admitted) + 1) > budget:
                 break
@@ -65,6 +76,28 @@ class Scheduler:
             self.running.append(nxt)
             admitted.append(nxt)
         return admitted
+
+    def start_prefilling(self, longer_than: int) -> Sequence | None:
+        """Give the last slot to the queue's head when its prompt is over ``longer_than`` tokens, the slot is
+        free and the batch does not need it; that sequence is then prefilled a chunk at a time."""
+        if self.prefilling is not None or not self.waiting or len(self.waiting[0].prompt_ids) <= longer_than:
+            return None
+        if len(self.running) >= self.max_batch_size:
+            return None  # every slot decodes: the last one is not free
+        seq = self.waiting.popleft()
+        seq.slot = self.max_batch_size - 1
+        seq.status = SequenceStatus.RUNNING
+        self.prefilling = seq
+        return seq
+
+    def join_prefilled(self, seq: Sequence) -> SlotMove:
+        """The chunked sequence's prompt is cached: it joins the batch in the next slot."""
+        assert self.prefilling is seq, "prefilling bookkeeping out of sync"
+        self.prefilling = None
+        move = SlotMove(src=seq.slot, dst=len(self.running), length=seq.num_cached)
+        seq.slot = move.dst
+        self.running.append(seq)
+        return move
 
     @staticmethod
     def padded_tokens(seqs: list[Sequence]) -> int:

@@ -36,9 +36,11 @@ def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> An
     """A started batching engine for one loaded model."""
     from lockstep.engine import Engine
 
+    chunk = settings.prefill_chunk_tokens
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size,
                     max_queue=settings.max_queue, max_context=loaded.max_context,
-                    step_prefill_tokens=settings.step_prefill_tokens or None)
+                    step_prefill_tokens=settings.step_prefill_tokens or None,
+                    prefill_chunk_tokens=None if chunk == 0 else max(chunk, 0))  # 0: by device; -1: off
     engine.start()
     return engine
 
