@@ -315,6 +315,9 @@ def test_the_cli_publishes_rolls_back_and_shows_status_through_the_trainer(http_
     assert [serving(p) for p in http_cluster.replicas] == [(before, True)] * 3
     refused = lockstep("publish", str(tiny_dirs[2]), token="wrong")
     assert refused.returncode == 2 and "401" in refused.stderr, refused.stderr
+    not_a_model = lockstep("publish", str(http_cluster.root / "logs"))  # a folder here, but no model
+    assert not_a_model.returncode == 2 and "config.json" in not_a_model.stderr, not_a_model.stderr
+    assert "uploading" not in not_a_model.stderr  # refused before any byte was sent
     assert http_cluster.committed() == before
 
 

@@ -12,7 +12,7 @@ import httpx
 
 from lockstep.core.errors import BadModelRef, Conflict, LockstepError, NotReady
 from lockstep.core.http import bearer_headers
-from lockstep.store.manifest import Progress, hash_file
+from lockstep.store.manifest import Progress, check_model_dir, hash_file
 from lockstep.sync.coordinator import PublishResult, ReplicaReport
 
 POLL_S = 0.5  # seconds between looks at a running publish job
@@ -67,6 +67,7 @@ class TrainerClient:
         For a trainer that cannot see the folder: another machine, no shared volume. The trainer checks each
         file's sha256, copies the upload into its store and removes it; ``progress(sent, total)`` follows
         the upload."""
+        check_model_dir(Path(folder), allow_pickle=True)  # not a model: refused before any byte is sent
         upload_id = self.upload(folder, progress=progress)
         body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
                                   "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
