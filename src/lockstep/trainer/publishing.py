@@ -17,11 +17,13 @@ optimizer and RNG state (pickles) stay behind. Weights must be safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,20 @@ def _stage_folder(path_or_model: Any, tokenizer: Any, tmp: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def _upload_bar(trainer_url: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (when it is a terminal) for an upload: ``progress(sent, total)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"uploading to {trainer_url}", total=None)
+        yield lambda sent, total: bar.update(task, completed=sent, total=total)
+
+
 def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_dir: str | Path | None = None,
             metadata: dict[str, Any] | None = None, settings: Settings | None = None,
             policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
@@ -109,9 +125,9 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
         folder = _stage_folder(path_or_model, tokenizer, Path(tmp))
         if coordinator is None:
             assert trainer_url is not None
-            with TrainerClient(trainer_url, token=token) as client:
+            with TrainerClient(trainer_url, token=token) as client, _upload_bar(trainer_url) as progress:
                 result = client.publish_folder(folder, label=origin, metadata=metadata, policy=policy,
-                                               timeout_s=timeout_s)
+                                               timeout_s=timeout_s, progress=progress)
             log.info("published %s through %s: %s", origin, trainer_url, result.summary())
             return result
         state = coordinator.read_state()
