@@ -45,19 +45,16 @@ from .test_k8s_wiring import (
 from .test_local_cluster import (
     BOOT_TIMEOUT_S,
     INFERENCE,
-    RUN_TIMEOUT_S,
-    SIMULATION,
     TRAINER,
     UI,
     Cluster,
     _committed,
-    _finished,
     _http,
     _serving,
     check_probes,
     check_readiness_bodies,
-    check_run_clean,
     run_objects,
+    run_simulation,
     scale_in_a_replica,
 )
 
@@ -291,14 +288,7 @@ def test_the_overlay_runs_a_simulation_over_http_and_a_scaled_replica_joins_at_t
     assert len(homes) == 2 and not any(h.is_relative_to(cluster.pvc) for h in homes), homes  # each its own
 
     with _http() as http:
-        run = http.post(cluster.trainer() + "/runs", json={"kind": "simulation", "params": SIMULATION},
-                        headers={"Authorization": f"Bearer {cluster.token}"}, timeout=120)
-        assert run.status_code == 201, run.text
-        run_id = run.json()["id"]
-        done = wait_for(lambda: _finished(http, cluster.trainer(), run_id), RUN_TIMEOUT_S, 0.5,
-                        f"run {run_id} to finish\n{cluster.explain()}")
-        assert done["status"] == "succeeded", done
-        check_run_clean(done)  # both replicas flipped every round, under load, no answer lost or mislabelled
+        run_simulation(http, cluster)
         committed = _committed(data)
         assert committed >= 1, "the simulation run committed no version"
         answer = http.get(cluster.trainer() + "/sync/committed").json()

@@ -227,15 +227,7 @@ def test_the_manifests_run_a_simulation_and_a_scaled_replica_joins_at_the_commit
         view = wait_for(lambda: _trainer_view(http, ui, 2), 60, 0.5, "the UI showing the trainer's view")
         assert {r["replica_id"] for r in view["replicas"]} == {p.name for p in cluster.pods(INFERENCE)}
 
-        # A simulation run through trainer-service, authenticated with the Secret's token.
-        run = http.post(cluster.trainer() + "/runs", json={"kind": "simulation", "params": SIMULATION},
-                        headers={"Authorization": f"Bearer {cluster.token}"}, timeout=120)
-        assert run.status_code == 201, run.text
-        run_id = run.json()["id"]
-        done = wait_for(lambda: _finished(http, cluster.trainer(), run_id), RUN_TIMEOUT_S, 0.5,
-                        f"run {run_id} to finish\n{cluster.explain()}")
-        assert done["status"] == "succeeded", done
-        check_run_clean(done)
+        run_simulation(http, cluster)  # through trainer-service, authenticated with the Secret's token
 
     committed = _committed(cluster.pvc)
     assert committed >= 1, "the simulation run committed no version"
@@ -282,6 +274,19 @@ def _trainer_view(http: httpx.Client, ui: str, replicas: int) -> dict[str, Any] 
     if len(view["discovery"]["urls"]) != replicas or view["convergence"]["at_version"] != replicas:
         return None  # discovery is cached for a few seconds; the new replica's heartbeat comes every 0.5 s
     return view  # type: ignore[no-any-return]
+
+
+def run_simulation(http: httpx.Client, cluster: Cluster) -> dict[str, Any]:
+    """A simulation run through trainer-service (the Secret's token); asserts it ran clean, returns it."""
+    run = http.post(cluster.trainer() + "/runs", json={"kind": "simulation", "params": SIMULATION},
+                    headers={"Authorization": f"Bearer {cluster.token}"}, timeout=120)
+    assert run.status_code == 201, run.text
+    run_id = run.json()["id"]
+    done: dict[str, Any] = wait_for(lambda: _finished(http, cluster.trainer(), run_id), RUN_TIMEOUT_S, 0.5,
+                                    f"run {run_id} to finish\n{cluster.explain()}")
+    assert done["status"] == "succeeded", done
+    check_run_clean(done)  # both replicas flipped every round, under load, no answer lost or mislabelled
+    return done
 
 
 def _finished(http: httpx.Client, trainer: str, run_id: str) -> dict[str, Any] | None:
