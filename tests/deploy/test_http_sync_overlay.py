@@ -53,6 +53,7 @@ from .test_local_cluster import (
     _serving,
     check_probes,
     check_readiness_bodies,
+    check_service_reaches_all_at,
     run_objects,
     run_simulation,
     scale_in_a_replica,
@@ -309,15 +310,7 @@ def test_the_overlay_runs_a_simulation_over_http_and_a_scaled_replica_joins_at_t
     assert all((folder / "MANIFEST.json").is_file() for folder in _downloaded(cluster, committed))
 
     with _http() as http:
-        digests = {http.get(p.url() + "/status").json()["weights_digest"] for p in cluster.pods(INFERENCE)}
-        assert len(digests) == 1, digests
-        names = {p.name for p in cluster.pods(INFERENCE)}
-        answers = [http.post(kubelet.service_url("inference-service") + "/generate", timeout=120,
-                             json={"prompt": "Once upon a time", "max_new_tokens": 4, "temperature": 0})
-                   for _ in range(3)]
-        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
-        assert {a.headers["x-model-version"] for a in answers} == {str(committed)}
-        assert {a.headers["x-replica-id"] for a in answers} == names
+        check_service_reaches_all_at(http, cluster, committed)
         # The trainer finds all three through the headless Service's records (there are no heartbeats).
         urls = {f"http://{p.ip}:{p.ports['http']}" for p in cluster.pods(INFERENCE)}
         discovery = wait_for(lambda: _discovery(http, cluster.trainer(), urls), 60, 0.5,

@@ -240,19 +240,8 @@ def test_the_manifests_run_a_simulation_and_a_scaled_replica_joins_at_the_commit
     assert all(json.loads(r.body)["serving_version"] == committed
                for r in joiner.probe_results("readiness") if r.status == 200)
     assert "loaded builtin:tiny " not in joiner.log(tail=10**6)
-    with _http() as http:  # the committed weights, not the initial model's
-        digests = {http.get(p.url() + "/status").json()["weights_digest"] for p in cluster.pods(INFERENCE)}
-    assert len(digests) == 1, digests
-
-    # It is an endpoint of inference-service now: three requests over fresh connections reach all three.
-    names = {p.name for p in cluster.pods(INFERENCE)}
     with _http() as http:
-        answers = [http.post(kubelet.service_url("inference-service") + "/generate", timeout=120,
-                             json={"prompt": "Once upon a time", "max_new_tokens": 4, "temperature": 0})
-                   for _ in range(3)]
-        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
-        assert {a.headers["x-model-version"] for a in answers} == {str(committed)}
-        assert {a.headers["x-replica-id"] for a in answers} == names
+        check_service_reaches_all_at(http, cluster, committed)
         # ... and the trainer finds all three through the headless Service's records, in sync.
         view = wait_for(lambda: _trainer_view(http, kubelet.service_url("ui-service"), 3), 60, 0.5,
                         "the trainer listing three replicas, all at the committed version")
@@ -287,6 +276,20 @@ def run_simulation(http: httpx.Client, cluster: Cluster) -> dict[str, Any]:
     assert done["status"] == "succeeded", done
     check_run_clean(done)  # both replicas flipped every round, under load, no answer lost or mislabelled
     return done
+
+
+def check_service_reaches_all_at(http: httpx.Client, cluster: Cluster, committed: int) -> None:
+    """Every replica holds the same (committed) weights, and inference-service reaches each of them: three
+    requests over fresh connections, all answered at the committed version by three different pods."""
+    digests = {http.get(p.url() + "/status").json()["weights_digest"] for p in cluster.pods(INFERENCE)}
+    assert len(digests) == 1, digests
+    names = {p.name for p in cluster.pods(INFERENCE)}
+    answers = [http.post(cluster.kubelet.service_url("inference-service") + "/generate", timeout=120,
+                         json={"prompt": "Once upon a time", "max_new_tokens": 4, "temperature": 0})
+               for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert {a.headers["x-model-version"] for a in answers} == {str(committed)}
+    assert {a.headers["x-replica-id"] for a in answers} == names
 
 
 def _finished(http: httpx.Client, trainer: str, run_id: str) -> dict[str, Any] | None:
