@@ -41,6 +41,15 @@ def _shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"shared_dir": Path(args.shared) if getattr(args, "shared", None) else None}
 
 
+def _guarded(settings: Settings, host: str, server: str) -> Settings:
+    """Refuse an unsafe exposure (no token off loopback, a placeholder token); fix the Host allow-list."""
+    from lockstep.core.guards import check_exposure, effective_allowed_hosts
+
+    check_exposure(host, settings.api_token, allow_unauthenticated=settings.allow_unauthenticated, server=server)
+    hosts = effective_allowed_hosts(settings.allowed_host_list, host)
+    return settings.model_copy(update={"allowed_hosts": ",".join(hosts)})
+
+
 # ---------------------------------------------------------------------------------------------------- serve
 def _run_quiet_server(app: Any, host: str, port: int) -> None:
     """``uvicorn.run``, but its housekeeping tick (Date header, exit check) runs at 1 Hz instead of 10 Hz.
@@ -79,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     replica_id = base.replica_id or f"{socket.gethostname()}-{args.port}"
     settings = base.model_copy(update={"replica_id": replica_id,
                                        "advertise_url": _advertise(args.host, args.port, base)})
+    settings = _guarded(settings, args.host, "lockstep serve")
     _setup_logging(args.log_level, replica_id)
     log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
     _run_quiet_server(create_app(settings), args.host, args.port)
@@ -90,7 +100,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
     from lockstep.trainer.app import create_app
 
-    settings = load_settings(**_shared_overrides(args))
+    settings = _guarded(load_settings(**_shared_overrides(args)), args.host, "lockstep trainer")
     _setup_logging(args.log_level, "trainer")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
@@ -104,7 +114,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.trainer_url:
         overrides["trainer_url"] = args.trainer_url
-    settings = load_settings(**overrides)
+    settings = _guarded(load_settings(**overrides), args.host, "lockstep ui")
     _setup_logging(args.log_level, "ui")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

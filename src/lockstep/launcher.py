@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
             child.process.wait()
 
 
+def local_token(path: Path) -> str:
+    """The local cluster's API token: read from ``path``, or made once (random, mode 0600) and kept there."""
+    try:
+        token = path.read_text().strip()
+        if len(token) >= 32:
+            return token
+    except OSError:
+        pass
+    token = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -84,6 +100,8 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
     shared.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["LOCKSTEP_SHARED_DIR"] = str(shared)
+    if not env.get("LOCKSTEP_API_TOKEN"):
+        env["LOCKSTEP_API_TOKEN"] = local_token(shared / "api-token")
     if model:
         env["INITIAL_MODEL_REPO_ID"] = model
     urls = [f"http://127.0.0.1:{base_port + i}" for i in range(replicas)]
@@ -106,7 +124,9 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
         print("\nLockstep is up (Ctrl-C stops everything):", flush=True)
         for child in children:
             print(f"  {child.name:<10} {child.url}", flush=True)
-        print(f"  shared     {shared}\n", flush=True)
+        print(f"  shared     {shared}", flush=True)
+        print(f"  token      LOCKSTEP_API_TOKEN in {shared / 'api-token'} (the UI's login; "
+              f"`export LOCKSTEP_API_TOKEN=$(cat {shared / 'api-token'})` for the CLI)\n", flush=True)
         while all(c.process.poll() is None for c in children):
             time.sleep(0.5)
         dead = [c.name for c in children if c.process.poll() is not None]

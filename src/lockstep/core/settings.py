@@ -134,6 +134,41 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, validation_alias=_env("LOCKSTEP_API_TOKEN"),
                                   description="Bearer token required by mutating endpoints when set.")
 
+    # --- hardening: who may call, and how much one request may ask for --------------------------------
+    allow_unauthenticated: bool = Field(
+        False, validation_alias=_env("LOCKSTEP_ALLOW_UNAUTHENTICATED"),
+        description="Let serve/trainer/ui start without LOCKSTEP_API_TOKEN on a non-loopback address (anyone who "
+        "reaches them can then publish, roll back and start runs).")
+    allowed_hosts: str = Field(
+        "", validation_alias=_env("LOCKSTEP_ALLOWED_HOSTS"),
+        description="Comma-separated Host header names a server answers (other Hosts get 400: defeats DNS "
+        "rebinding); '*' any. Empty: loopback names when bound to loopback, else any.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30, validation_alias=_env("LOCKSTEP_MAX_BODY_BYTES"),
+                                description="Largest request body in bytes (413 above it, checked before parsing); "
+                                "upload file bodies have their own limit.")
+    max_chat_messages: int = Field(256, ge=1, le=100_000, validation_alias=_env("LOCKSTEP_MAX_CHAT_MESSAGES"),
+                                   description="Most messages in one chat request; their total characters are "
+                                   "bounded by LOCKSTEP_MAX_PROMPT_CHARS.")
+    max_upload_bytes: int = Field(64 << 30, ge=1, validation_alias=_env("LOCKSTEP_MAX_UPLOAD_BYTES"),
+                                  description="Largest upload in bytes, all its files together (413 above it).")
+    max_upload_files: int = Field(10_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_UPLOAD_FILES"),
+                                  description="Most files in one upload.")
+    max_open_uploads: int = Field(8, ge=1, validation_alias=_env("LOCKSTEP_MAX_OPEN_UPLOADS"),
+                                  description="Uploads open at once (not yet published or expired); beyond it 429.")
+    gc_grace_s: float = Field(3600.0, ge=0, validation_alias=_env("LOCKSTEP_GC_GRACE_S"),
+                              description="Seconds an aborted or partial version folder is kept before garbage "
+                              "collection removes it.")
+    clock_skew_s: float = Field(2.0, ge=0, le=300, validation_alias=_env("LOCKSTEP_CLOCK_SKEW_S"),
+                                description="Seconds a heartbeat or report may be stamped in the future; beyond it "
+                                "the reader ignores it.")
+    ui_public_reads: bool = Field(False, validation_alias=_env("LOCKSTEP_UI_PUBLIC_READS"),
+                                  description="Let the UI's read-only views (cluster, versions, runs) be seen without "
+                                  "logging in; changes always need a login.")
+    ui_trusted_user_header: str | None = Field(
+        None, validation_alias=_env("LOCKSTEP_UI_TRUSTED_USER_HEADER"),
+        description="Header set by an authenticating reverse proxy (e.g. X-Forwarded-User for oauth2-proxy) that "
+        "the UI takes as a login. Only set it when every request reaches the UI through that proxy.")
+
     # --- trainer and UI ------------------------------------------------------------------------------
     inference_urls: str = Field("", validation_alias=_env("INFERENCE_URLS"),
                                 description="Comma-separated replica URLs (static discovery).")
@@ -156,7 +191,7 @@ class Settings(BaseSettings):
                                 "plug-in (package.module:function) from; '*' allows any; empty: none.")
 
     @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", "trainer_data_dir", "coordinator_url",
-                     mode="before")
+                     "api_token", "ui_trusted_user_header", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -189,6 +224,12 @@ class Settings(BaseSettings):
         if self.trainer_data_dir is not None:
             return self.trainer_data_dir
         return Path.home() / ".local" / "share" / "lockstep" / "trainer"
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """Host names (no port) from LOCKSTEP_ALLOWED_HOSTS; empty means any."""
+        names = [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+        return [] if "*" in names else names
 
     @property
     def inference_url_list(self) -> list[str]:

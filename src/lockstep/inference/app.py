@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.errors import BadRequest
+from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, install_error_handlers
 from lockstep.core.settings import Settings
 from lockstep.engine import SamplingParams
@@ -49,6 +50,14 @@ def plain_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
+
+
+def is_generation(method: str, path: str) -> bool:
+    """Requests anyone who reaches the replica may send: they read the model, they change nothing."""
+    return method == "POST" and path in GENERATION_PATHS
+
+
 def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> FastAPI:
     """The replica app; tests pass a prepared runtime, the CLI lets the lifespan build one."""
 
@@ -64,6 +73,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
 
     app = FastAPI(title="Lockstep inference replica", version="1", lifespan=lifespan)
     install_error_handlers(app)
+    install_guard(app, settings, public=is_generation)
 
     def rt_of(request: Request) -> ReplicaRuntime:
         return request.app.state.runtime  # type: ignore[no-any-return]

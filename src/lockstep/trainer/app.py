@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, NotFound
+from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, install_error_handlers
 from lockstep.core.settings import Settings
 from lockstep.models import loader
@@ -126,6 +127,11 @@ def _sse_stream(bus: EventBus, last_id: int | None) -> AsyncIterator[bytes]:
     return stream()
 
 
+def is_upload_file(method: str, path: str) -> bool:
+    """PUT /store/uploads/{id}/files/{path}: bounded while streamed to disk (LOCKSTEP_MAX_UPLOAD_BYTES)."""
+    return method == "PUT" and path.startswith("/store/uploads/") and "/files/" in path
+
+
 def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
                discovery: Discovery | None = None) -> FastAPI:
     """The trainer app, over the shared folder, or (without one) over HTTP with its own data folder."""
@@ -160,6 +166,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     app = FastAPI(title="Lockstep trainer", version="1", lifespan=lifespan)
     app.state.trainer = trainer
     install_error_handlers(app)
+    install_guard(app, settings, unbounded=is_upload_file)
 
     def mutate(request: Request) -> None:
         check_bearer(request, settings.api_token)
