@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lockstep.core.guards import MIN_TOKEN_CHARS, check_exposure
+from lockstep.launcher import local_token
 from tests.support.cluster import base_env, free_port, wait_for
 
 BOOT_S = 180.0  # seconds until every process answers (a hang, not a speed check)
@@ -60,6 +62,7 @@ def test_up_starts_every_process_and_one_signal_stops_them_all(builtin_dir: Path
                 return False
 
         wait_for(all_answer, BOOT_S, 0.5, "every process of `lockstep up` answering")
+        check_the_token_guards_every_door(tmp_path / "shared" / "api-token", ports)
         children = _children(up.pid)
         assert len(children) == 4, children  # two replicas, the trainer, the UI
         up.send_signal(stop_signal)
@@ -72,3 +75,40 @@ def test_up_starts_every_process_and_one_signal_stops_them_all(builtin_dir: Path
         if up.poll() is None:
             up.kill()
         log.close()
+
+
+def check_the_token_guards_every_door(token_file: Path, ports: dict[str, int]) -> None:
+    """`up` made a private random token; the trainer and the UI want it, and the UI only answers its own name."""
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    trainer, ui = f"http://127.0.0.1:{ports['trainer']}", f"http://127.0.0.1:{ports['ui']}"
+    assert httpx.post(trainer + "/rollback", json={}, timeout=10).status_code == 401
+    assert httpx.get(ui + "/api/cluster", timeout=10).status_code == 401
+    assert httpx.get(ui + "/healthz", headers={"Host": "evil.example"}, timeout=10).status_code == 400
+    with httpx.Client(base_url=ui, timeout=10) as browser:
+        assert browser.post("/api/login", json={"token": token + "x"}).status_code == 401
+        assert browser.post("/api/login", json={"token": token}).status_code == 200
+        assert browser.get("/api/cluster").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------- the token
+def test_up_makes_a_random_private_token_once(tmp_path: Path) -> None:
+    path = tmp_path / "api-token"
+    token = local_token(path)
+    assert len(token) == 64 and int(token, 16) >= 0, "64 hex digits from secrets"
+    assert path.stat().st_mode & 0o777 == 0o600, "only the operator may read it"
+    assert path.read_text() == token + "\n"
+    assert local_token(path) == token, "kept across restarts: open pages and the CLI keep working"
+    assert local_token(tmp_path / "other") != token
+    check_exposure("127.0.0.1", token, allow_unauthenticated=False, server="up")  # long enough, no placeholder
+    assert len(token) >= MIN_TOKEN_CHARS
+
+
+@pytest.mark.parametrize("content", ["", "short\n", "replace-me\n"])
+def test_a_missing_or_weak_token_file_is_replaced(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "api-token"
+    path.write_text(content)
+    path.chmod(0o644)
+    token = local_token(path)
+    assert len(token) == 64 and token not in content
+    assert path.stat().st_mode & 0o777 == 0o600, "a rewritten file is private again"

@@ -1,4 +1,4 @@
-"""The ``lockstep`` command: serve | trainer | ui | up | publish | status | rollback | tiny-model."""
+"""The ``lockstep`` command: serve | trainer | ui | up | publish | status | rollback | gc | tiny-model."""
 
 from __future__ import annotations
 
@@ -259,6 +259,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from lockstep.sync import retention
+
+    _setup_logging(args.log_level, "gc")
+    if load_settings(**_shared_overrides(args)).shared_dir is None:
+        print("error: gc needs the store's folder: --shared DIR or LOCKSTEP_SHARED_DIR (for a trainer without a "
+              "shared folder, its LOCKSTEP_TRAINER_DATA_DIR)", file=sys.stderr)
+        return 2
+    plan = retention.collect(_coordinator(args), dry_run=args.dry_run)
+    for entry in plan.entries:
+        action = ("would remove" if args.dry_run else "removed") if entry.remove else "keep"
+        size = f"{entry.size / 2**20:.1f} MiB" if entry.remove and entry.size is not None else ""
+        print(f"{action:<12}  {entry.name:<24}  {size:>11}  {entry.reason}")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(plan.removals)} entries ({plan.freed_bytes / 2**20:.1f} MiB); "
+          f"versions kept: {', '.join(str(v) for v in plan.kept_versions) or 'none'}")
+    return 0
+
+
 def _print_cluster(cluster: dict[str, Any]) -> None:
     """``lockstep status --trainer``: the trainer's view (replicas it discovered and probed)."""
     from rich.console import Console
@@ -359,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", default=None)
     p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("gc", help="remove old, aborted and unfinished versions from the store (what stays: "
+                                  "docs/operations.md, Storage)")
+    p.add_argument("--dry-run", action="store_true", help="only show what would go and why")
+    p.add_argument("--shared", default=None, help="the store's folder (default LOCKSTEP_SHARED_DIR)")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("tiny-model", help="build a built-in tiny model offline")
     p.add_argument("out", nargs="?", default=None, help="output dir (default: build the built-ins)")

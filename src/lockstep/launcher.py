@@ -80,6 +80,7 @@ def local_token(path: Path) -> str:
         pass
     token = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a new file; an old one may be world-readable
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token

@@ -274,7 +274,8 @@ def test_service_ports_follow_the_seed() -> None:
         service = find(docs, "Service", name)
         assert [p["port"] for p in service.body["spec"]["ports"]] == [port], name
         assert target_container_port(service, port, docs) == container_port, name
-    assert find(docs, "Service", "ui-service").body["spec"]["type"] == "LoadBalancer"
+    # The UI drives the fleet: cluster-internal, reached by port-forward or an Ingress (never a bare public address).
+    assert find(docs, "Service", "ui-service").body["spec"].get("type", "ClusterIP") == "ClusterIP"
     headless = find(docs, "Service", "inference-headless").body["spec"]
     assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
     statefulset = find(load_file(STATEFULSET), "StatefulSet", "inference-server").body["spec"]
@@ -425,6 +426,25 @@ def test_ui_settings_from_the_manifests(monkeypatch: pytest.MonkeyPatch) -> None
     assert trainer.name == "trainer-service" and port == 8080
     inference, _ = service_port(docs, s.inference_service_url or "")
     assert inference.name == "inference-service"
+
+
+@pytest.mark.parametrize("workload", ["inference-server", "trainer-server", "ui-server"])
+def test_the_shipped_placeholder_token_is_refused_and_a_real_one_accepted(workload: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every server binds 0.0.0.0 in the pod; the Secret as shipped must stop it, the operator's real one not.
+    from lockstep.core.guards import UnsafeExposure, check_exposure
+
+    args = containers(find(base_objects(), "Deployment", workload))[0]["args"]
+    host = args[args.index("--host") + 1]
+    assert host == "0.0.0.0", f"{workload} binds {host}: is the exposure check still the one that matters?"
+    s = component_settings(workload, monkeypatch)
+    assert s.api_token == secrets(base_objects())["lockstep-api-token"]["token"]
+    assert not s.allow_unauthenticated, f"{workload} opts out of authentication"
+    with pytest.raises(UnsafeExposure, match="placeholder"):
+        check_exposure(host, s.api_token, allow_unauthenticated=False, server=workload)
+    check_exposure(host, "f" * 8 + "0123456789abcdef" * 3, allow_unauthenticated=False, server=workload)
+    with pytest.raises(UnsafeExposure, match="LOCKSTEP_ALLOW_UNAUTHENTICATED"):
+        check_exposure(host, None, allow_unauthenticated=False, server=workload)
 
 
 def test_coordinator_and_replicas_agree_on_shared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -658,6 +678,8 @@ def _pod(name: str) -> Peer:
 PROMETHEUS = Peer({"app.kubernetes.io/name": "prometheus"}, MONITORING_NS)
 KUBE_DNS = Peer({"k8s-app": "kube-dns"}, KUBE_SYSTEM_NS)
 OUTSIDER = Peer({"app": "something-else"})
+INGRESS_CONTROLLER = Peer({"app.kubernetes.io/name": "ingress-nginx"}, {"kubernetes.io/metadata.name": "ingress-nginx"})
+UI_PROXY = Peer({"app": "oauth2-proxy", "lockstep.io/ui-client": "true"})
 INTERNET = Peer(ip="203.0.113.7")
 API_SERVER = Peer(ip="10.0.0.1")  # the kubernetes Service's endpoint: not a pod
 
@@ -673,7 +695,8 @@ def test_network_policy_allows_every_flow_the_system_needs() -> None:
         ("prometheus", PROMETHEUS, "inference", inference, 8000),
         ("prometheus", PROMETHEUS, "trainer", trainer, 8080),
         ("labelled client", client, "inference", inference, 8000),
-        ("the load balancer", INTERNET, "ui", ui, 8080),
+        ("the ingress controller", INGRESS_CONTROLLER, "ui", ui, 8080),
+        ("an authenticating proxy", UI_PROXY, "ui", ui, 8080),
         ("trainer", trainer, "the API server", API_SERVER, 443),
         ("trainer", trainer, "the API server (kubeadm)", API_SERVER, 6443),
         ("inference", inference, "the Hugging Face Hub", Peer(ip="18.154.227.67"), 443),
@@ -695,6 +718,9 @@ def test_network_policy_refuses_everything_else() -> None:
         ("inference", inference, "trainer", trainer, 8080),
         ("inference", inference, "a private address", API_SERVER, 443),
         ("ui", ui, "the internet", INTERNET, 443),
+        ("the internet", INTERNET, "ui", ui, 8080),
+        ("an unlabelled pod", OUTSIDER, "ui", ui, 8080),
+        ("a pod in another namespace", Peer({"app": "x"}, {"kubernetes.io/metadata.name": "other"}), "ui", ui, 8080),
         ("trainer", trainer, "ssh", API_SERVER, 22),
         (
             "prometheus-like pod in the app namespace",

@@ -9,12 +9,16 @@ simulation run through ``trainer-service``, then does ``kubectl scale deployment
 Translations (see kubelet.py): paths under a ``mountPath`` in env values point into the volume's
 folder, the image is this checkout on ``PYTHONPATH``, and the trainer's pod discovery is ``dns`` (the
 headless Service, resolved from the pods' ``/etc/hosts``) instead of ``kubernetes``: there is no API
-server here. Needs root for the network namespaces; skipped otherwise.
+server here. The Secret ``lockstep-api-token`` holds a random token, as the operator creates it
+(k8s/secret.yaml ships a placeholder that every server refuses). Needs root for the network namespaces;
+skipped otherwise.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +60,25 @@ def _token(objects: list[Doc]) -> str:
     return str(find(objects, "Secret", "lockstep-api-token").body["stringData"]["token"])
 
 
+def with_real_token(objects: list[Doc], token: str) -> list[Doc]:
+    """The objects with the Secret's placeholder replaced by ``token``, as `kubectl create secret` would
+    (the manifests are parsed once and shared: the Secret is copied, never changed in place)."""
+    secret = find(objects, "Secret", "lockstep-api-token")
+    body = copy.deepcopy(secret.body)
+    body["stringData"]["token"] = token
+    return [Doc(d.source, d.index, body) if d is secret else d for d in objects]
+
+
+def log_in_to_ui(http: httpx.Client, ui: str, token: str) -> None:
+    """Log ``http`` in to the UI with the token, as an operator does on the page (it keeps the cookie)."""
+    refused = http.get(ui + "/api/cluster")
+    assert refused.status_code == 401, f"the UI showed the fleet before any login: {refused.status_code}"
+    refused = http.post(ui + "/api/rollback", json={})
+    assert refused.status_code == 401, f"the UI took a change before any login: {refused.status_code}"
+    response = http.post(ui + "/api/login", json={"token": token})
+    assert response.status_code == 200, response.text
+
+
 def _committed(pvc: Path) -> int:
     """The committed version in ``/models/sync_state.json``; 0 while the cluster never published."""
     try:
@@ -95,6 +118,7 @@ class Cluster:
 @contextmanager
 def run_objects(objects: list[Doc], tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
     """Run ``objects`` as pods, each in its own network namespace, ``model-storage`` on a prefilled folder."""
+    objects = with_real_token(objects, secrets.token_hex(32))
     pvc = tmp_path / "pvc-model-storage"
     _prefill(pvc, builtin_dir)
     try:
@@ -130,10 +154,17 @@ def check_probes(cluster: Cluster, pod: Pod) -> None:
         assert all(r.path == probe.path and r.port == probe.port for r in results)
         if kind == "startup":  # refused while the process starts, then 200; never an HTTP error
             assert results[-1].status == 200 and all(r.status in (None, 200) for r in results), results
-        elif kind == "liveness":  # only after startup succeeded, and always alive
-            assert all(r.status == 200 for r in results), results
+        elif kind == "liveness":  # only after startup succeeded, and alive from its first answer on
+            first = next((i for i, r in enumerate(results) if r.status == 200), None)
+            assert first is not None, results
+            assert all(r.status == 200 for r in results[first:]), results
             if "startup" in pod.probes:
-                assert results[0].at >= pod.probe_results("startup")[-1].at
+                assert first == 0 and results[0].at >= pod.probe_results("startup")[-1].at, results
+            else:
+                # No startup probe (the UI): on a loaded machine the first probes may come before the process
+                # listens (initialDelaySeconds); refused then, never an HTTP error, and too few to restart it.
+                assert all(r.status is None for r in results[:first]), results
+                assert first < declared["livenessProbe"].get("failureThreshold", 3), results
     assert pod.restart_count == 0, cluster.kubelet.describe(pod)
 
 
@@ -221,9 +252,10 @@ def test_the_manifests_run_a_simulation_and_a_scaled_replica_joins_at_the_commit
         # Downward API + $(POD_IP) expansion: the replica advertises its pod IP on the declared port.
         assert beat["replica_id"] == pod.name and beat["url"] == f"http://{pod.ip}:8000", beat
 
-    # The UI reaches the trainer by its Service name (TRAINER_URL: http://trainer-service:8080).
+    # The UI reaches the trainer by its Service name (TRAINER_URL: http://trainer-service:8080), once logged in.
     with _http() as http:
         ui = kubelet.service_url("ui-service")
+        log_in_to_ui(http, ui, cluster.token)
         view = wait_for(lambda: _trainer_view(http, ui, 2), 60, 0.5, "the UI showing the trainer's view")
         assert {r["replica_id"] for r in view["replicas"]} == {p.name for p in cluster.pods(INFERENCE)}
 
@@ -243,6 +275,7 @@ def test_the_manifests_run_a_simulation_and_a_scaled_replica_joins_at_the_commit
     with _http() as http:
         check_service_reaches_all_at(http, cluster, committed)
         # ... and the trainer finds all three through the headless Service's records, in sync.
+        log_in_to_ui(http, kubelet.service_url("ui-service"), cluster.token)
         view = wait_for(lambda: _trainer_view(http, kubelet.service_url("ui-service"), 3), 60, 0.5,
                         "the trainer listing three replicas, all at the committed version")
         assert view["discovery"]["mode"] == "dns" and view["discovery"]["error"] is None, view["discovery"]

@@ -28,3 +28,41 @@ def test_gpt2_goes_through_the_generic_path_and_matches_generate() -> None:
             assert list(handle.result(60).token_ids) == hf_greedy(model, encode(p), n)
     finally:
         engine.close()
+
+
+def test_decode_one_after_a_step_that_failed_half_way_through_the_layers_equals_a_clean_step() -> None:
+    from lockstep.engine.hf_runner import HFRunner
+
+    from . import llama
+
+    model = llama(seed=1)
+    prompt = encode("The quick brown fox")
+    clean, torn = HFRunner(model, 2, 64), HFRunner(model, 2, 64)
+    with torch.inference_mode():
+        first = int(clean.prefill([prompt], [0])[0].argmax())
+        torn.prefill([prompt], [0])
+        expected = clean.decode([first], [len(prompt)])
+
+        calls = {"n": 0}
+
+        def fail_in_the_second_layer(module: object, args: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 2:  # layer 0 already appended this position to its cache; layer 1 has not
+                raise RuntimeError("injected failure between layers")
+
+        hooks = [layer.register_forward_pre_hook(fail_in_the_second_layer) for layer in model.model.layers]
+        try:
+            try:
+                torn.decode([first], [len(prompt)])
+            except RuntimeError:
+                pass
+            else:
+                raise AssertionError("the injected failure did not happen")
+        finally:
+            for hook in hooks:
+                hook.remove()
+        cache = torn._caches[0]
+        assert cache.get_seq_length() == len(prompt) + 1  # torn: layer 0 is a position ahead
+        again = torn.decode_one(first, len(prompt), 0)
+    torch.testing.assert_close(again, expected)
+    assert cache.get_seq_length() == len(prompt) + 1

@@ -1,11 +1,13 @@
-"""Sampling: filters keep the right tokens; each row draws from its own generator."""
+"""Sampling: filters keep the right tokens; each row draws from its own generator; rows never fail each other."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lockstep.engine import SamplingParams
 from lockstep.engine.sampler import bad_rows, filter_logits, sample
+from lockstep.engine.sampling_params import MAX_TEMPERATURE, MAX_TOP_K
 
 
 def test_top_k_keeps_the_k_best() -> None:
@@ -38,7 +40,9 @@ def test_greedy_rows_take_argmax_and_sampled_rows_follow_their_seed() -> None:
 
     def run(seed: int) -> list[int]:
         gens = [None, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)]
-        return sample(logits.clone(), [greedy, sampled, sampled], gens).tolist()
+        draws = sample(logits.clone(), [greedy, sampled, sampled], gens)
+        assert draws.errors == {}
+        return draws.tokens
 
     first = run(5)
     assert first[0] == int(logits[0].argmax())
@@ -51,3 +55,52 @@ def test_bad_rows() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [float("inf"), 0.0], [float("-inf")] * 2,
                            [float("-inf"), 0.0]])
     assert bad_rows(logits).tolist() == [False, True, True, True, False]
+
+
+# Settings valid for SamplingParams whose float32 arithmetic underflows or saturates.
+EDGE_PARAMS = [
+    SamplingParams(temperature=5e-324),  # the smallest float: 0 in float32, logits / 0
+    SamplingParams(temperature=1e-40, top_k=3),  # a float32 denormal: logits / t overflows to inf
+    SamplingParams(temperature=1.0, top_p=5e-324),  # top_p 0 in float32
+    SamplingParams(temperature=1e-30, top_p=1e-30, top_k=MAX_TOP_K),
+    SamplingParams(temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K, seed=2**63 - 1),
+]
+
+
+@pytest.mark.parametrize("edge", EDGE_PARAMS, ids=[repr(p) for p in EDGE_PARAMS])
+def test_settings_at_the_edge_of_their_range_sample_without_failing_their_neighbours(edge: SamplingParams) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50) * 30
+    normal = SamplingParams(temperature=0.8, seed=4)
+    params = [SamplingParams(), edge, normal]
+
+    def gens() -> list[torch.Generator | None]:
+        seed = edge.seed if edge.seed is not None else 1
+        return [None, torch.Generator().manual_seed(seed), torch.Generator().manual_seed(4)]
+
+    draws = sample(logits.clone(), params, gens())
+    assert draws.errors == {}
+    assert draws.tokens[0] == int(logits[0].argmax())
+    assert 0 <= draws.tokens[1] < 50
+    alone = sample(logits[2:].clone(), [normal], [torch.Generator().manual_seed(4)])
+    assert draws.tokens[2] == alone.tokens[0]  # the neighbour's draw is what it draws alone
+    if edge.temperature < 1e-20:  # the limit of a vanishing temperature is the argmax
+        assert draws.tokens[1] == int(logits[1].argmax())
+
+
+def test_a_row_whose_draw_fails_is_reported_alone() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(3, 20)
+    sampled = SamplingParams(temperature=1.0, seed=1)
+    broken: object = "not a generator"  # what a bug in one request's state looks like to torch
+    draws = sample(logits, [sampled, sampled, SamplingParams()],
+                   [torch.Generator().manual_seed(1), broken, None])  # type: ignore[list-item]
+    assert set(draws.errors) == {1} and "sampling failed" in draws.errors[1]
+    assert draws.tokens[0] == sample(logits[:1], [sampled], [torch.Generator().manual_seed(1)]).tokens[0]
+    assert draws.tokens[2] == int(logits[2].argmax())
+
+
+def test_top_p_that_underflows_keeps_the_top_token() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    probs = filter_logits(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0]))
+    assert probs[0].tolist() == [0.0, 1.0, 0.0]

@@ -93,7 +93,7 @@ BAD_GENERATE: list[tuple[str, Any, tuple[str, ...]]] = [
         {"prompt": "hi", "temperature": -0.1},
         ("temperature", "greater than or equal to 0"),
     ),
-    ("boolean temperature", {"prompt": "hi", "temperature": True}, ("temperature", "not a boolean")),
+    ("boolean temperature", {"prompt": "hi", "temperature": True}, ("temperature", "valid number")),
     ("top_p out of range", {"prompt": "hi", "top_p": 0}, ("top_p", "greater than 0")),
     ("unknown field", {"prompt": "hi", "max_tokens": 4}, ("max_tokens is not a supported field",)),
     ("system_prompt not a string", {"prompt": "hi", "system_prompt": ["x"]}, ("system_prompt", "string")),

@@ -14,6 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lockstep.inference.replica import Replica
+from lockstep.inference.runtime import ReplicaRuntime
 from lockstep.models import loader
 from lockstep.models.tiny import llama_config
 from tests.inference.conftest import (
@@ -27,6 +29,7 @@ from tests.inference.conftest import (
     wait_stage_failed,
 )
 from tests.inference.test_hot_swap import client_loop
+from tests.support.cluster import wait_for
 
 UPDATES = ("builtin:tiny-s1", "builtin:tiny-s2", "builtin:tiny")
 
@@ -141,3 +144,148 @@ def test_other_architecture_is_refused_naming_swap_mode(
     r = generate(srv.url, PROMPTS[1])
     assert r.headers["x-model-version"] == str(before["serving_version"])
     assert r.json()["text"] == expected[builtin_seed(before["model"])][PROMPTS[1]]
+
+
+# ------------------------------------------------------------------ integrity at flip time
+@pytest.fixture
+def inplace_replica(builtin_dir: Path) -> Iterator[Replica]:
+    """An in-process in-place replica serving builtin:tiny as v0 in a cluster that committed v0."""
+    replica = Replica(replica_settings(builtin_dir, update_mode="inplace"))
+    replica.set_committed(0)
+    replica.boot("builtin:tiny", 0)
+    assert replica.ready
+    yield replica
+    replica.close()
+
+
+def _live_digest(replica: Replica) -> str:
+    assert replica.serving is not None
+    return loader.weights_digest(replica.serving.loaded.model)
+
+
+def _fresh_digest(builtin_dir: Path, ref: str) -> str:
+    settings = replica_settings(builtin_dir)
+    return loader.load(loader.resolve(ref, settings), settings).weights_digest
+
+
+def _save(folder: Path, tensors: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _change_on_disk(folder: Path, how: str, tiny_dirs: dict[int, Path]) -> None:
+    """Change the staged folder's weights after the stage, as a writer of the volume could."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if how == "other-weights":
+        shutil.copy(tiny_dirs[2] / "model.safetensors", weights)
+    elif how == "nan":
+        tensors = load_file(str(weights))
+        tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+        _save(folder, tensors)
+    elif how == "other-shape":
+        tensors = load_file(str(weights))
+        name = next(k for k, v in tensors.items() if v.dim() == 2)
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+        _save(folder, tensors)
+    else:
+        weights.unlink()
+
+
+@pytest.mark.parametrize("how", ["other-weights", "nan", "other-shape", "deleted"])
+def test_the_flip_copies_exactly_what_was_staged_whatever_happens_to_the_files_meanwhile(
+        inplace_replica: Replica, builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, how: str) -> None:
+    replica = inplace_replica
+    folder = tmp_path / "tiny-s1"
+    shutil.copytree(tiny_dirs[1], folder)
+    staged = replica.stage(str(folder), 1)
+    assert staged.state.value == "staged", staged.error
+    assert staged.weights_digest == _fresh_digest(builtin_dir, "builtin:tiny-s1")
+    _change_on_disk(folder, how, tiny_dirs)
+    replica.flip(1)  # what the commit at activate_at does
+    assert replica.ready and replica.serving is not None and replica.serving.version == 1
+    assert _live_digest(replica) == staged.weights_digest == replica.serving.weights_digest
+
+
+def test_a_published_weight_file_changed_after_its_verification_is_refused_at_stage(
+        inplace_replica: Replica, tiny_dirs: dict[int, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lockstep.store import ModelStore
+
+    store = ModelStore(tmp_path / "shared")
+    manifest = store.publish_dir(tiny_dirs[1])
+    inplace_replica.store = store
+    weights = store.path_of(manifest.version) / "model.safetensors"
+    # The file changes between the store's hash check and the read that loads it: the read is checked too.
+    real_verify = store.verify
+
+    def verify_then_change(n: int, files_dir: Path | None = None) -> Any:
+        checked = real_verify(n, files_dir)
+        data = bytearray(weights.read_bytes())
+        data[-100] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        return checked
+
+    monkeypatch.setattr(store, "verify", verify_then_change)
+    before = _live_digest(inplace_replica)
+    info = inplace_replica.stage(f"versions/{manifest.version}", manifest.version, manifest.digest)
+    assert info.state.value == "failed" and "changed after it was verified" in (info.error or "")
+    assert inplace_replica.ready and _live_digest(inplace_replica) == before
+
+
+def test_a_copy_that_fails_part_way_makes_the_replica_unready_until_the_committed_version_is_reloaded(
+        inplace_replica: Replica, builtin_dir: Path) -> None:
+    import torch
+
+    from lockstep.core.errors import NotReady
+    from lockstep.inference.inplace import PartialCopy
+
+    replica = inplace_replica
+    assert replica.stage("builtin:tiny-s1", 1).state.value == "staged"
+    plan = replica._staged
+    assert plan is not None and plan.inplace is not None
+    names = sorted(plan.inplace.tensors)
+    middle = names[len(names) // 2]
+    good = plan.inplace.tensors[middle]
+    plan.inplace.tensors[middle] = torch.empty(good.shape, dtype=good.dtype, device="meta")  # cannot be copied
+    with pytest.raises(PartialCopy, match="failed after"):
+        replica.flip(1)
+    # Mixed weights are nobody's version: nothing is served, /ready says 503, /status says why.
+    assert not replica.ready and replica.serving is None and replica.state.value == "failed"
+    assert "failed part-way" in (replica.last_error or "") and replica.committed_version == 1
+    with pytest.raises(NotReady):
+        with replica.pinned(wait_s=0.1):
+            pass
+    replica.boot("builtin:tiny-s1", 1)  # the catch-up a watcher or the trainer starts
+    assert replica.ready and _live_digest(replica) == _fresh_digest(builtin_dir, "builtin:tiny-s1")
+
+
+def test_a_copy_refused_before_it_began_leaves_the_live_weights_untouched(inplace_replica: Replica) -> None:
+    import torch
+
+    from lockstep.core.errors import Conflict
+
+    replica = inplace_replica
+    before = _live_digest(replica)
+    assert replica.stage("builtin:tiny-s1", 1).state.value == "staged"
+    plan = replica._staged
+    assert plan is not None and plan.inplace is not None
+    name = sorted(plan.inplace.tensors)[-1]
+    plan.inplace.tensors[name] = torch.zeros(3, 3)  # no longer fits: checked before the first copy
+    with pytest.raises(Conflict, match="nothing was copied"):
+        replica.flip(1)
+    assert replica.serving is not None and replica.serving.version == 0 and _live_digest(replica) == before
+
+
+def test_a_commit_that_cannot_be_applied_makes_the_replica_unready_and_says_why(
+        inplace_replica: Replica, builtin_dir: Path) -> None:
+    runtime = ReplicaRuntime(replica_settings(builtin_dir, update_mode="inplace"), replica=inplace_replica)
+    assert inplace_replica.stage("builtin:tiny-s1", 1).state.value == "staged"
+    runtime.schedule_commit(1, float("nan"))  # a time that never comes: before, the flip thread died silently
+    wait_for(lambda: not runtime.status()["ready"], 30, 0.01, "the replica to go unready")
+    status = runtime.status()
+    assert status["committed_version"] == 1 and status["serving_version"] == 0
+    assert "commit of v1 failed" in status["last_error"] and "finite" in status["last_error"]

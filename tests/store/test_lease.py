@@ -207,3 +207,14 @@ def test_processes_racing_for_a_stale_lease_have_exactly_one_winner(locks: Path)
         holder = Lease(locks, f"round-{r}", owner="reader", ttl_s=60).holder()
         assert holder is not None and holder["owner"] == winners[0]
     assert sorted(p.name for p in locks.iterdir()) == sorted(f"round-{r}.lease" for r in range(rounds))
+
+
+@pytest.mark.parametrize("expires_at", ["Infinity", "NaN", "1e300", "true"])
+def test_a_lease_that_never_expires_is_treated_as_torn_and_taken_over(tmp_path, expires_at) -> None:
+    """A hand-edited or hostile lease file must not lock every coordinator out forever."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "coordinator.lease").write_text(  # a record the reader must refuse
+        '{"owner": "ghost", "token": "t", "acquired_at": 0, "expires_at": ' + expires_at + "}")
+    clock = FakeClock(start=time.time() + 3600)  # past the torn file's ttl
+    Lease(locks, owner="me", ttl_s=30.0, clock=clock).acquire()  # raises LeaseHeld if the ghost still held it

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from lockstep.core.errors import VerificationError
 from lockstep.store.manifest import (
     CHUNK_BYTES,
+    MAX_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_VERSION,
+    MAX_WALL_TIME,
     FileEntry,
     Manifest,
     content_digest,
@@ -166,3 +173,75 @@ def test_file_entries_cannot_point_outside_their_version(path: str) -> None:
 def test_file_entries_need_a_sha256_hex_digest() -> None:
     with pytest.raises(ValidationError, match="64 lowercase hex"):
         FileEntry(path="a", size=1, sha256="xyz")
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+GOOD_MANIFEST = Manifest(version=3, created_at=1_700_000_000.0, source="/data/run-7", kind="directory", parent=2,
+                         digest=content_digest([FileEntry(path="model.safetensors", size=8, sha256="a" * 64)]),
+                         files=[FileEntry(path="model.safetensors", size=8, sha256="a" * 64)],
+                         metadata={"step": 3})
+PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+_hostile = st.sampled_from([0, -1, 2**63, 10**30, MAX_VERSION + 1, 1e308, math.nan, math.inf, -math.inf, True, None,
+                            "", "../x", "/etc/passwd", "a\nb", "A" * 64, "g" * 64, [], {}])
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) | _hostile,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=3), max_leaves=10)
+
+
+def _with(doc: dict[str, object], changes: list[tuple[str, object]]) -> bytes:
+    out = json.loads(json.dumps(doc))
+    for key, value in changes:
+        if "." in key:  # files.0.<field>, while files is still a list of entries
+            files = out.get("files")
+            if isinstance(files, list) and files and isinstance(files[0], dict):
+                files[0][key.split(".")[-1]] = value
+        else:
+            out[key] = value
+    return json.dumps(out).encode()
+
+
+def _manifest_bytes() -> st.SearchStrategy[bytes]:
+    good = GOOD_MANIFEST.to_json()
+    doc = json.loads(good)
+    keys = [*doc, "files.0.path", "files.0.size", "files.0.sha256"]
+    change = st.tuples(st.sampled_from(keys), _hostile | _json)
+    return st.one_of(
+        st.binary(max_size=300),
+        st.integers(min_value=0, max_value=len(good)).map(lambda n: good[:n]),  # torn at any byte
+        *[st.lists(change, min_size=1, max_size=3).map(lambda changes: _with(doc, changes))] * 3,
+        st.integers(min_value=1, max_value=5000).map(
+            lambda d: good[:-2] + b', "metadata": ' + b"[" * d + b"]" * d + b"}"),  # deep free-form metadata
+    )
+
+
+@PROPERTY
+@given(_manifest_bytes())
+def test_any_manifest_bytes_read_as_a_bounded_manifest_or_a_value_error(data: bytes) -> None:
+    try:
+        manifest = Manifest.from_json(data)
+    except ValueError as exc:
+        assert "MANIFEST.json" in str(exc)  # says which file, and (for a field) which one
+        return
+    assert 1 <= manifest.version <= MAX_VERSION
+    assert math.isfinite(manifest.created_at) and 0 <= manifest.created_at <= MAX_WALL_TIME
+    assert manifest.parent is None or 0 <= manifest.parent <= MAX_VERSION
+    assert len(manifest.digest) == 64 and all(c in "0123456789abcdef" for c in manifest.digest)
+    for entry in manifest.files:
+        assert 0 <= entry.size <= MAX_FILE_BYTES and not entry.path.startswith("/")
+        assert ".." not in entry.path.split("/") and all(ord(c) >= 0x20 for c in entry.path)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("version", MAX_VERSION + 1), ("version", 0), ("created_at", math.nan), ("created_at", -1.0),
+    ("created_at", 1e12), ("parent", -1), ("digest", "not-hex"), ("files.0.size", -1), ("files.0.size", 2**60),
+    ("files.0.path", "a\nb"), ("files.0.path", "x" * 5000),
+])
+def test_a_manifest_with_a_field_out_of_range_is_refused_naming_the_field(field: str, value: object) -> None:
+    data = _with(json.loads(GOOD_MANIFEST.to_json()), [(field, value)])
+    with pytest.raises(ValueError, match=f"MANIFEST.json field '{field}"):
+        Manifest.from_json(data)
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_parsed() -> None:
+    with pytest.raises(ValueError, match="over the"):
+        Manifest.from_json(b" " * (MAX_MANIFEST_BYTES + 1))

@@ -365,3 +365,57 @@ def test_gc_removes_old_leftovers_only(store: ModelStore, src: Path) -> None:
     aged.gc(keep_newest=1, protect=set())
     assert not partial.parent.exists()
     assert sorted(os.listdir(store.versions_dir)) == ["000001"]
+
+
+def test_plan_gc_tells_committed_aborted_unrecorded_and_unusable_versions_apart(store: ModelStore, src: Path
+                                                                                ) -> None:
+    clock = FakeClock(start=time.time())
+    store = ModelStore(store.root, clock=clock)
+    for _ in range(6):
+        store.publish_dir(src)
+    (store.path_of(2) / MANIFEST_NAME).write_text("{torn")  # unusable
+    outcomes = {1: "committed", 3: "aborted", 4: "committed", 6: "committed"}  # 5: no outcome recorded
+    young = {e.version: e for e in store.plan_gc(1, {1: "served by r1"}, outcomes, grace_s=600).entries}
+    assert [n for n, e in young.items() if e.remove] == [4]  # within the grace period every leftover stays
+    assert "aborted, never committed" in young[3].reason and "kept for 10 min more" in young[3].reason
+    assert "no outcome recorded yet" in young[5].reason and "unusable" in young[2].reason
+
+    clock.advance(601)
+    plan = store.plan_gc(1, {1: "served by r1"}, outcomes, grace_s=600)
+    decided = {e.version: (e.remove, e.reason) for e in plan.entries}
+    assert decided[1] == (False, "served by r1")
+    assert decided[2][0] and decided[2][1].startswith("unusable: MANIFEST.json is missing or invalid")
+    assert decided[3] == (True, "aborted, never committed")
+    assert decided[4][0] and "older than the 1 newest committed" in decided[4][1]
+    assert decided[5][0]  # unrecorded past the grace period counts as committed: out of the window of 1
+    assert decided[6] == (False, "the newest version (its number is never reused); one of the 1 newest committed "
+                                 "versions (LOCKSTEP_KEEP_VERSIONS)")
+    assert plan.freed_bytes == 3 * sum(f.stat().st_size for f in src.iterdir())  # 3, 4, 5 (2's size is unknown)
+    assert store.apply_gc(plan) == [2, 3, 4, 5]
+    assert numbers(store) == [1, 6]
+
+
+def test_a_grace_period_of_zero_never_removes_a_publish_that_is_still_writing(store: ModelStore, src: Path) -> None:
+    store.publish_dir(src)
+    partial = store.versions_dir / ".partial-000002" / "content"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"being written")
+    plan = store.plan_gc(1, {}, {}, grace_s=0)
+    assert [e.name for e in plan.removals] == [] and store.apply_gc(plan) == []
+    assert partial.exists()
+
+
+def test_a_served_file_never_leads_out_of_its_version(store: ModelStore, src: Path, tmp_path: Path) -> None:
+    n = store.publish_dir(src).version
+    assert store.file_path(n, "config.json") == (store.path_of(n) / "config.json").resolve()
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (store.path_of(n) / "config.json").unlink()
+    (store.path_of(n) / "config.json").symlink_to(outside)
+    with pytest.raises(NotFound, match="outside the version's folder"):
+        store.file_path(n, "config.json")
+    with pytest.raises(NotFound, match="no file 'MANIFEST.json'"):
+        store.file_path(n, MANIFEST_NAME)
+    (store.path_of(n) / "tokenizer.json").unlink()
+    with pytest.raises(NotFound, match="missing"):
+        store.file_path(n, "tokenizer.json")

@@ -106,6 +106,27 @@ def test_the_cache_keeps_only_the_newest_versions(remote: RemoteStore, data_dir:
     assert sorted(p.name for p in remote.cache_dir.iterdir()) == [f"{n:06d}" for n in versions[-2:]]
 
 
+def test_the_cache_keeps_what_was_used_last_so_a_served_old_version_stays_and_leftovers_go(
+        remote: RemoteStore, data_dir: Path, tiny_dirs: dict[int, Path]) -> None:
+    import os
+
+    versions = [publish(data_dir, tiny_dirs[seed]) for seed in (0, 1, 2)]
+    for n in versions:
+        remote.path_of(n)
+    partial = remote.cache_dir / ".partial-000009-deadbeef"  # a download a crash cut off
+    partial.mkdir()
+    trash = remote.cache_dir / ".trash-cafebabe"  # a removal a crash cut off
+    trash.mkdir()
+    (trash / "model.safetensors").write_bytes(b"half")
+    served = versions[1]  # rolled back to: served again, then a new version comes
+    past = os.stat(remote.cache_dir / f"{versions[2]:06d}").st_mtime - 10
+    os.utime(remote.cache_dir / f"{versions[2]:06d}", (past, past))  # the newest was used before the rollback
+    assert remote.path_of(served) == remote.cache_dir / f"{served:06d}"  # a cache hit marks it used
+    fourth = publish(data_dir, tiny_dirs[0])
+    remote.path_of(fourth)  # the download prunes: the two used last stay (keep=2), whatever their numbers
+    assert sorted(p.name for p in remote.cache_dir.iterdir()) == [f"{served:06d}", f"{fourth:06d}"]
+
+
 def test_a_wrong_token_and_an_unknown_version_say_what_is_wrong(trainer: TestClient, data_dir: Path,
                                                                 tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
     n = publish(data_dir, tiny_dirs[0])

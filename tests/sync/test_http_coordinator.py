@@ -14,6 +14,8 @@ from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.http_coordinator import HttpCoordinator
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
 
+TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
+
 pytestmark = pytest.mark.e2e
 
 
@@ -61,14 +63,14 @@ def test_a_replica_that_cannot_stage_aborts_a_strict_publish_for_all(replicas: l
 
 def test_stage_and_commit_need_the_token_when_one_is_configured(builtin_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    proc = spawn("guarded", ["serve", "--port", str(port)], base_env(builtin_dir, LOCKSTEP_API_TOKEN="s3cret"),
+    proc = spawn("guarded", ["serve", "--port", str(port)], base_env(builtin_dir, LOCKSTEP_API_TOKEN=TOKEN),
                  tmp_path, port)
     try:
         wait_for(proc.ready, 120, 0.1, "guarded replica ready")
         body = {"model": "builtin:tiny-s1", "version": 1}
         assert httpx.post(proc.url + "/admin/stage", json=body).status_code == 401
         assert httpx.post(proc.url + "/admin/commit", json={"version": 1}).status_code == 401
-        ok = httpx.post(proc.url + "/admin/stage", json=body, headers={"Authorization": "Bearer s3cret"})
+        ok = httpx.post(proc.url + "/admin/stage", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 202
     finally:
         proc.kill()

@@ -22,7 +22,7 @@ from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "s3cret"
+TOKEN = "http-sync-test-token-0123456789"  # servers refuse tokens under 16 characters
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 READY_S = 120.0
 
@@ -85,8 +85,10 @@ def http_cluster(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) ->
     ports = [free_port() for _ in range(3)]
     urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)  # the third answers only once started later
     trainer_port = free_port()
+    # LOCKSTEP_KEEP_VERSIONS: the tests below roll back to version 1, so garbage collection must keep it.
     env = base_env(builtin_dir, LOCKSTEP_TRAINER_DATA_DIR=str(root / "trainer-data"), INFERENCE_URLS=urls,
-                   LOCKSTEP_DISCOVERY="static", LOCKSTEP_API_TOKEN=TOKEN, HF_HOME=str(root / "hf-trainer"))
+                   LOCKSTEP_DISCOVERY="static", LOCKSTEP_API_TOKEN=TOKEN, HF_HOME=str(root / "hf-trainer"),
+                   LOCKSTEP_KEEP_VERSIONS="50")
     trainer = spawn("trainer", ["trainer", "--port", str(trainer_port)], env, root / "logs", trainer_port)
     cluster = HttpCluster(root, builtin_dir, trainer, [], ports[2])
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,3 +187,116 @@ def test_a_replica_that_staged_polls_fast_until_the_prepare_ends_and_says_so_in_
     finally:
         write_sync_state(b.path, SyncState(generation=good["generation"] + 3, committed=committed))
         b.watcher.tick()
+
+
+# ------------------------------------------------------------------ commits a replica cannot apply
+def _settled(b: Booted) -> dict[str, Any]:
+    """The module's state (v2 committed and served, ready), booted first when this test runs alone."""
+    if not b.path.exists():
+        write_sync_state(b.path, SyncState(generation=5, committed=Committed(
+            version=2, model="versions/000002", digest=b.v2.digest, activate_at=b.clock.time())))
+        b.watcher.tick()
+        wait_for(lambda: b.replica.serving is not None, 60, 0.02, "the boot load")
+        b.watcher.tick()
+    assert b.replica.ready
+    return json.loads(b.path.read_text())  # type: ignore[no-any-return]
+
+
+def _restore(b: Booted, good: dict[str, Any], generation: int) -> None:
+    """Back to the module's committed v2, with any prepare aborted; the replica ready on it again."""
+    committed = Committed.model_validate(good["committed"])
+    staged = b.replica.stage_info.version if b.replica.stage_info else 1
+    abort = Pending(version=staged, model=f"versions/{staged:06d}", phase=Phase.ABORT, reason="test over")
+    write_sync_state(b.path, SyncState(generation=generation, committed=committed, pending=abort))
+    b.watcher.tick()
+    wait_for(lambda: b.replica.stage_info is None, 30, 0.02, "the abort")
+    assert b.replica.ready and b.replica.serving is not None and b.replica.serving.version == 2
+
+
+@pytest.mark.parametrize("activate_at", [math.nan, math.inf, 1e300], ids=["nan", "inf", "far"])
+def test_a_commit_whose_activate_at_is_no_time_is_refused_by_name_and_the_replica_goes_unready(
+        booted: Booted, caplog: pytest.LogCaptureFixture, activate_at: float) -> None:
+    b = booted
+    good = _settled(b)
+    bad = Committed(version=1, model="versions/000001", digest=b.v1.digest, activate_at=activate_at, rollback=True)
+    write_sync_state(b.path, SyncState(generation=good["generation"] + 1, committed=bad))
+    try:
+        with caplog.at_level(logging.ERROR, logger="lockstep.inference.replica"):
+            for _ in range(3):
+                b.watcher.tick()
+        assert not b.replica.ready and b.replica.committed_version == 1
+        error = b.replica.last_error or ""
+        assert "refusing the commit of v1" in error and "activate_at" in error and "unready" in error
+        assert caplog.text.count("refusing the commit of v1") == 1  # said once, not every poll
+        assert b.replica.serving is not None and b.replica.serving.version == 2 and b.replica.stage_info is None
+        beat = json.loads((b.shared / "replicas" / "replica-1.json").read_text())
+        assert beat["ready"] is False and "activate_at" in beat["last_error"]
+    finally:
+        _restore(b, good, good["generation"] + 2)
+
+
+def test_a_staged_version_committed_with_an_activate_at_that_is_no_time_is_refused_not_flipped(
+        booted: Booted) -> None:
+    # Before: the flip thread died waiting for a time that never comes, and the replica stayed ready on v2.
+    b = booted
+    good = _settled(b)
+    committed = Committed.model_validate(good["committed"])
+    prepare = Pending(version=1, model="versions/000001", digest=b.v1.digest, phase=Phase.PREPARE,
+                      deadline=b.clock.time() + 60, rollback=True)
+    write_sync_state(b.path, SyncState(generation=good["generation"] + 1, committed=committed, pending=prepare))
+    try:
+        b.watcher.tick()
+        wait_for(lambda: b.replica.staged_plan_version() == 1, 60, 0.02, "v1 staged")
+        bad = Committed(version=1, model="versions/000001", digest=b.v1.digest, activate_at=math.inf, rollback=True)
+        write_sync_state(b.path, SyncState(generation=good["generation"] + 2, committed=bad,
+                                           pending=prepare.model_copy(update={"phase": Phase.COMMIT})))
+        b.watcher.tick()
+        assert b.watcher._flip_scheduled is None  # no flip thread waiting for ever
+        assert not b.replica.ready and "activate_at" in (b.replica.last_error or "")
+        assert b.replica.serving is not None and b.replica.serving.version == 2
+    finally:
+        _restore(b, good, good["generation"] + 3)
+
+
+def test_a_commit_or_prepare_of_a_raw_path_is_refused_without_loading_it(
+        booted: Booted, tiny_dirs: dict[int, Path]) -> None:
+    b = booted
+    good = _settled(b)
+    committed = Committed.model_validate(good["committed"])
+    raw = str(tiny_dirs[1])  # a real model folder: only the reference is wrong
+    prepare = Pending(version=3, model=raw, phase=Phase.PREPARE, deadline=b.clock.time() + 60)
+    write_sync_state(b.path, SyncState(generation=good["generation"] + 1, committed=committed, pending=prepare))
+    try:
+        b.watcher.tick()
+        info = b.replica.stage_info
+        assert info is not None and info.version == 3 and info.state is StageState.FAILED  # at once: nothing loads
+        assert "published version" in (info.error or "") and info.seconds == 0.0
+        assert b.replica.ready  # v2 is still what the cluster committed
+        beat = json.loads((b.shared / "replicas" / "replica-1.json").read_text())
+        assert beat["staged"]["state"] == "failed"  # the coordinator sees the refusal and aborts
+
+        write_sync_state(b.path, SyncState(generation=good["generation"] + 2,
+                                           committed=Committed(version=3, model=raw, activate_at=b.clock.time())))
+        b.watcher.tick()
+        assert not b.replica.ready and b.replica.committed_version == 3
+        assert "published version" in (b.replica.last_error or "")
+        assert b.replica.serving is not None and b.replica.serving.version == 2
+        assert b.watcher._work_key is None or b.watcher._work_key[1] != 3  # no load of it was started
+    finally:
+        _restore(b, good, good["generation"] + 3)
+
+
+def test_the_seeds_one_line_request_may_not_name_a_folder_on_the_replicas_disk(
+        booted: Booted, tiny_dirs: dict[int, Path], caplog: pytest.LogCaptureFixture) -> None:
+    b = booted
+    good = _settled(b)
+    b.path.write_text(json.dumps({"desired_model_repo_id": str(tiny_dirs[1])}))
+    try:
+        with caplog.at_level(logging.WARNING, logger="lockstep.sync.watcher"):
+            for _ in range(3):
+                b.watcher.tick()
+        assert "does not publish from its disk" in caplog.text and "keeping the last good state" in caplog.text
+        assert b.watcher._publish_thread is None  # no publish was started from it
+        assert b.replica.ready and b.replica.serving is not None and b.replica.serving.version == 2
+    finally:
+        _restore(b, good, good["generation"] + 1)

@@ -49,7 +49,7 @@ def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
-    ({"kind": "dance"}, 400, "allowed: finetune, simulation"),
+    ({"kind": "dance"}, 400, "kind: Input should be 'simulation' or 'finetune'"),
     ({"kind": "finetune", "params": {"steps": -3}}, 400, "params.steps"),
     ({"kind": "finetune", "params": {"learning_rate": 50}}, 400, "params.learning_rate"),
     ({"kind": "finetune", "params": {"learning_rate": 0}}, 400, "params.learning_rate"),
@@ -157,3 +157,198 @@ def test_an_unwritable_data_folder_is_refused_with_what_to_do(tmp_path: Path) ->
     settings = load_settings(trainer_data_dir=blocker / "data").model_copy(update={"shared_dir": None})
     with pytest.raises(BadRequest, match="LOCKSTEP_TRAINER_DATA_DIR"):
         create_app(settings)
+
+
+def test_a_publish_while_another_runs_gets_409_naming_it_and_nothing_is_queued(api: TestClient,
+                                                                               tiny_dirs: dict[int, Path]) -> None:
+    import threading
+
+    from lockstep.sync.coordinator import PublishResult
+
+    trainer = api.app.state.trainer  # type: ignore[attr-defined]
+    gate = threading.Event()
+
+    def slow_work(model: str, *args: Any) -> Any:
+        def work(progress: Any) -> PublishResult:
+            progress("prepare", {"version": 7, "generation": 1})
+            gate.wait(timeout=60)  # bounded: the test sets it long before
+            return PublishResult(7, "versions/000007", "aborted", reason="test")
+        return work
+
+    trainer.publisher._ref_work = slow_work
+    running = api.post("/publish", json={"model": "builtin:tiny-s1"})
+    assert running.status_code == 202, running.text
+    job_id = running.json()["id"]
+    for _ in range(100):  # bounded: the job reaches prepare at once
+        if api.get(f"/publishes/{job_id}").json()["phase"] == "prepare":
+            break
+        time.sleep(0.05)
+    upload_id = api.post("/store/uploads").json()["upload_id"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        data = (tiny_dirs[2] / name).read_bytes()
+        assert api.put(f"/store/uploads/{upload_id}/files/{name}", content=data).status_code == 200
+    for path, body in (("/publish", {"model": "builtin:tiny-s2"}), ("/rollback", {"to": 0}),
+                       (f"/store/uploads/{upload_id}/publish", {}), ("/runs", {"kind": "simulation"})):
+        refused = api.post(path, json=body)
+        assert refused.status_code == 409, (path, refused.text)
+        assert job_id in error(refused) and "phase prepare" in error(refused) and "v7" in error(refused)
+        if path != "/runs":
+            assert refused.json()["running"] == {**refused.json()["running"], "id": job_id, "version": 7,
+                                                 "phase": "prepare", "model": "builtin:tiny-s1"}
+    assert [j["id"] for j in api.get("/publishes").json()["publishes"]] == [job_id]  # none queued
+    gate.set()
+    assert _finished(api, job_id)["status"] == "done"
+    # The refused upload was given back: it can be dropped (or published) now.
+    assert api.delete(f"/store/uploads/{upload_id}").status_code == 204
+    assert api.post("/rollback", json={"to": 0}).status_code == 202
+
+
+def test_uploads_are_bounded_in_bytes_and_in_how_many_are_open(tmp_path: Path, builtin_dir: Path) -> None:
+    settings = load_settings(shared_dir=tmp_path / "shared", builtin_dir=builtin_dir, api_token=TOKEN,
+                             discovery="static", max_upload_bytes=1000, max_open_uploads=2)
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        upload_id = client.post("/store/uploads").json()["upload_id"]
+        assert client.put(f"/store/uploads/{upload_id}/files/a.bin", content=b"a" * 600).status_code == 200
+        refused = client.put(f"/store/uploads/{upload_id}/files/b.bin", content=b"b" * 600)
+        assert refused.status_code == 413 and "LOCKSTEP_MAX_UPLOAD_BYTES" in error(refused)
+        chunked = client.put(f"/store/uploads/{upload_id}/files/b.bin", content=iter([b"b" * 300] * 2))
+        assert chunked.status_code == 413
+        assert client.put(f"/store/uploads/{upload_id}/files/b.bin", content=b"b" * 400).status_code == 200
+        assert client.put(f"/store/uploads/{upload_id}/files/c.bin", content=b"c",
+                          headers={"Content-Length": "x"}).status_code == 400
+        assert client.put(f"/store/uploads/{upload_id}/files/c.bin", content=b"c",
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        client.post("/store/uploads")
+        crowded = client.post("/store/uploads")
+        assert crowded.status_code == 429 and "LOCKSTEP_MAX_OPEN_UPLOADS" in error(crowded)
+        assert crowded.headers["Retry-After"]
+
+
+def test_the_trainer_never_serves_a_file_through_a_symlink_out_of_its_version(tmp_path: Path,
+                                                                             tiny_dirs: dict[int, Path]) -> None:
+    from lockstep.store import ModelStore
+
+    settings = load_settings(api_token=TOKEN, discovery="static", trainer_data_dir=tmp_path / "data").model_copy(
+        update={"shared_dir": None})
+    store = ModelStore(tmp_path / "data")
+    version = store.publish_dir(tiny_dirs[0]).version
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the trainer's private key")
+    config = store.path_of(version) / "config.json"
+    config.unlink()
+    config.symlink_to(secret)  # put there by hand (the store never makes symlinks)
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        refused = client.get(f"/store/versions/{version}/files/config.json")
+        assert refused.status_code == 404 and "outside the version's folder" in error(refused)
+        assert "private key" not in refused.text
+        served = client.get(f"/store/versions/{version}/files/tokenizer.json")
+        assert served.status_code == 200 and served.content == (tiny_dirs[0] / "tokenizer.json").read_bytes()
+        assert client.get(f"/store/versions/{10**13}/manifest").status_code == 400  # out of the schema's bounds
+
+
+def _unbounded(schema: dict[str, Any], components: dict[str, Any], where: str) -> list[str]:
+    """Numbers without both bounds and strings without a most length, anywhere in ``schema``."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return _unbounded(components[name], components, f"{where}→{name}")
+    found = []
+    kind = schema.get("type")
+    if kind in ("number", "integer"):
+        if not ({"maximum", "exclusiveMaximum"} & set(schema) and {"minimum", "exclusiveMinimum"} & set(schema)):
+            found.append(f"{where}: {kind} without both bounds")
+    if kind == "string" and "maxLength" not in schema and "enum" not in schema:
+        found.append(f"{where}: string without maxLength")
+    if kind == "object" and schema.get("additionalProperties") not in (None, False) and "maxProperties" not in schema:
+        found.append(f"{where}: object without maxProperties")
+    for key in ("anyOf", "oneOf", "allOf"):
+        for i, sub in enumerate(schema.get(key, [])):
+            found += _unbounded(sub, components, f"{where}.{key}[{i}]")
+    for name, sub in schema.get("properties", {}).items():
+        found += _unbounded(sub, components, f"{where}.{name}")
+    if isinstance(schema.get("items"), dict):
+        found += _unbounded(schema["items"], components, f"{where}[]")
+    return found
+
+
+def test_every_number_and_string_a_request_may_carry_is_bounded_in_the_openapi_schema(api: TestClient) -> None:
+    spec = api.get("/openapi.json").json()
+    components = spec["components"]["schemas"]
+    found: list[str] = []
+    checked = 0
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            for param in operation.get("parameters", []):
+                if param["in"] == "path":
+                    found += _unbounded(param["schema"], components, f"{method.upper()} {path} {param['name']}")
+                    checked += 1
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body is not None:
+                found += _unbounded(body, components, f"{method.upper()} {path}")
+                checked += 1
+    assert checked >= 15 and found == []
+    params = components["RunRequest"]["properties"]["params"]["anyOf"]
+    assert {"rounds", "learning_rate", "temperature"} <= {k for p in params for k in p["properties"]}
+
+
+@pytest.mark.parametrize(("path", "raw"), [
+    ("/publish", '{"model": "builtin:tiny", "timeout_s": NaN}'),
+    ("/publish", '{"model": "builtin:tiny", "timeout_s": Infinity}'),
+    ("/runs", '{"kind": "finetune", "params": {"temperature": NaN}}'),
+    ("/runs", '{"kind": "finetune", "params": {"learning_rate": -Infinity}}'),
+    ("/runs", '{"kind": "simulation", "params": {"interval_s": Infinity}}'),
+    ("/runs", '{"kind": "finetune", "params": {"task": "' + "d" * 65 + '"}}'),
+    ("/publish", '{"model": "' + "m" * 1025 + '"}'),
+    ("/rollback", '{"to": 10000000000000}'),
+    ("/store/uploads/up-0000000000000000/publish", '{"metadata": {"loss": NaN}}'),
+    ("/store/uploads/up-0000000000000000/publish", '{"metadata": {"loss": 1e400}}'),
+    ("/store/uploads/up-0000000000000000/publish", '{"metadata": {"deep": [[[[["too deep"]]]]]}}'),
+    ("/store/uploads/up-0000000000000000/publish", '{"label": "' + "l" * 1025 + '"}'),
+])
+def test_non_finite_numbers_and_overlong_strings_are_refused(api: TestClient, path: str, raw: str) -> None:
+    response = api.post(path, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert api.get("/publishes").json() == {"publishes": []} and api.get("/runs").json() == {"runs": []}
+
+
+def test_metadata_is_bounded_in_keys_and_size(api: TestClient) -> None:
+    many = {f"k{i}": i for i in range(65)}
+    big = {"notes": "x" * 20_000}
+    for metadata in (many, big):
+        response = api.post("/store/uploads/up-0000000000000000/publish", json={"metadata": metadata})
+        assert response.status_code == 400 and "metadata" in error(response)
+
+
+def test_garbage_collection_runs_at_trainer_start(tmp_path: Path, builtin_dir: Path,
+                                                  tiny_dirs: dict[int, Path]) -> None:
+    import json
+
+    from lockstep.store import ModelStore
+    from lockstep.sync.protocol import Committed, SyncState, write_sync_state
+
+    shared = tmp_path / "shared"
+    store = ModelStore(shared)
+    versions = [store.publish_dir(tiny_dirs[i % 3]).version for i in range(4)]
+    (shared / "history").mkdir()
+    for i, version in enumerate(versions):  # each was committed once, in turn
+        (shared / "history" / f"{1000 + i:015d}-v{version}.json").write_text(
+            json.dumps({"version": version, "outcome": "committed"}))
+    write_sync_state(shared / "sync_state.json", SyncState(generation=8, committed=Committed(
+        version=versions[-1], model=ModelStore.ref(versions[-1]))))
+    settings = load_settings(shared_dir=shared, builtin_dir=builtin_dir, api_token=TOKEN, discovery="static",
+                             keep_versions=1)
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        kept = [v["version"] for v in client.get("/versions").json()["versions"]]
+    assert kept == versions[-2:]  # the committed one, and the one a rollback goes back to
+
+
+def test_without_a_shared_folder_every_publish_collects_the_trainers_store(tmp_path: Path, builtin_dir: Path) -> None:
+    settings = load_settings(builtin_dir=builtin_dir, api_token=TOKEN, discovery="static", keep_versions=1,
+                             gc_grace_s=0, trainer_data_dir=tmp_path / "data").model_copy(update={"shared_dir": None})
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        outcomes = []
+        for model in ("builtin:tiny-s0", "builtin:tiny-s1", "builtin:tiny-s2"):
+            job = _finished(client, client.post("/publish", json={"model": model}).json()["id"])
+            outcomes.append((job["result"]["version"], job["result"]["outcome"]))
+        # No replica answers, so each aborted; aborted versions past their grace go, but never the newest.
+        assert [o for _, o in outcomes] == ["aborted"] * 3
+        assert [v["version"] for v in client.get("/versions").json()["versions"]] == [outcomes[-1][0]]

@@ -107,3 +107,41 @@ def test_endpoints_sharing_a_name_stay_separate_replicas(tmp_path: Path) -> None
         view.close()
     assert sorted(r.url for r in snap.replicas) == urls
     assert sorted(r.replica_id for r in snap.replicas) == urls  # named by URL until /status names them
+
+
+def test_the_view_lists_no_heartbeat_url_that_discovery_does_not_vouch_for(tmp_path: Path) -> None:
+    # The UI calls the URLs of the trainer's /cluster with the token: none may come from a heartbeat alone.
+    write_heartbeat(tmp_path, beat("replica-1", "http://127.0.0.1:8001", 2))
+    write_heartbeat(tmp_path, beat("planted", "http://attacker.example:8000", 2))
+    write_heartbeat(tmp_path, beat("from-the-future", "http://127.0.0.1:8003", 2, age_s=-3600))
+    settings = load_settings(shared_dir=tmp_path, discovery="static", inference_urls="http://127.0.0.1:8001")
+    view = ClusterView(settings, discovery=Discovery(settings))
+    try:
+        snap = view.snapshot(probe=False, discover=False)
+    finally:
+        view.close()
+    replicas = {r.replica_id: r for r in snap.replicas}
+    assert set(replicas) == {"replica-1", "planted"}  # a beat stamped an hour ahead would never expire
+    assert replicas["replica-1"].url == "http://127.0.0.1:8001" and replicas["replica-1"].url_ignored is None
+    planted = replicas["planted"]
+    assert planted.url is None and "attacker.example" in (planted.url_ignored or "")
+    assert planted.in_heartbeats and planted.ready  # still shown, just never called
+    assert snap.ready_urls() == ["http://127.0.0.1:8001"]
+    assert "attacker.example:8000" not in str(snap.as_dict()["replicas"])
+
+
+def test_a_replicas_status_of_the_wrong_shape_fills_nothing_it_cannot_read() -> None:
+    from lockstep.trainer.cluster import ReplicaView, _fill_from_status
+
+    view = ReplicaView(replica_id="http://10.0.0.1:8000", url="http://10.0.0.1:8000")
+    _fill_from_status(view, {"replica_id": ["x"], "state": 3, "ready": "yes", "serving_version": "7",
+                             "serving_since": float("nan"), "staged": [1], "queue_depth": "many",
+                             "running": 1e300, "tokens_per_s": float("inf"), "last_error": {"x": 1}})
+    assert (view.replica_id, view.state, view.ready, view.serving_version) == ("http://10.0.0.1:8000", "unknown",
+                                                                             False, None)
+    assert (view.serving_since, view.staged_version, view.queue_depth, view.running, view.tokens_per_s,
+            view.last_error) == (None, None, 0, 0, 0.0, None)
+    _fill_from_status(view, {"replica_id": "replica-9", "ready": True, "serving_version": 4, "queue_depth": 2,
+                             "staged": {"version": 5, "state": "staged"}})
+    assert (view.replica_id, view.ready, view.serving_version, view.staged_version, view.queue_depth) == (
+        "replica-9", True, 4, 5, 2)

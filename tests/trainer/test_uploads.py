@@ -1,4 +1,5 @@
-"""UploadStore: files land atomically, a publish takes an upload whole, abandoned uploads expire."""
+"""UploadStore: files land atomically, one writer per path, bounded in bytes, files and open uploads; a publish
+takes an upload whole, abandoned uploads expire."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from lockstep.core.clock import FakeClock
-from lockstep.core.errors import BadRequest, Conflict, NotFound
-from lockstep.trainer.uploads import UPLOAD_TTL_S, UploadStore
+from lockstep.core.errors import BadRequest, Conflict, NotFound, Overloaded
+from lockstep.trainer.uploads import UPLOAD_TTL_S, UploadStore, UploadTooLarge
 
 
 async def _body(*chunks: bytes, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
@@ -72,3 +73,131 @@ def test_uploads_left_unpublished_expire_but_not_one_being_published(tmp_path: P
     clock.advance(UPLOAD_TTL_S + 60)
     fresh = store.create()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([publishing, fresh])
+
+
+class Body:
+    """A request body that says whether anyone read it."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+        self.read = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_second_put_of_a_path_still_arriving_gets_409_and_the_file_is_the_acknowledged_one(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock())
+    upload_id = store.create()
+    first, second = b"first " * 100, b"second" * 100
+
+    async def scenario() -> dict[str, object]:
+        gate = asyncio.Event()
+        arriving = asyncio.create_task(store.receive(upload_id, "model.safetensors",
+                                                    _body(first[:10], first[10:], gate=gate), sha(first)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Conflict, match="already arriving in another request") as refused:
+            await store.receive(upload_id, "model.safetensors", _body(second), sha(second))
+        assert refused.value.status_code == 409
+        other = await store.receive(upload_id, "config.json", _body(b"{}"), sha(b"{}"))  # another path: fine
+        assert other["size"] == 2
+        gate.set()
+        return await arriving
+
+    answer = asyncio.run(scenario())
+    on_disk = (store.folder(upload_id) / "model.safetensors").read_bytes()
+    assert on_disk == first and answer["sha256"] == sha(on_disk)
+    assert files_in(store.folder(upload_id)) == ["config.json", "model.safetensors"]  # no temporary file left
+    # Once it answered, the path can be sent again; a corrupted resend leaves the acknowledged bytes in place.
+    with pytest.raises(BadRequest, match="corrupted in transit"):
+        asyncio.run(store.receive(upload_id, "model.safetensors", _body(second), sha(first)))
+    assert (store.folder(upload_id) / "model.safetensors").read_bytes() == first
+    asyncio.run(store.receive(upload_id, "model.safetensors", _body(second), sha(second)))
+    assert (store.folder(upload_id) / "model.safetensors").read_bytes() == second
+
+
+def test_an_upload_over_its_byte_budget_is_refused_before_reading_or_while_streaming(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock(), max_bytes=100)
+    upload_id = store.create()
+    asyncio.run(store.receive(upload_id, "a.safetensors", _body(b"a" * 60), None, 60))
+
+    announced = Body(b"b" * 50)
+    with pytest.raises(UploadTooLarge, match="has 40 of its 100 bytes left") as refused:
+        asyncio.run(store.receive(upload_id, "b.safetensors", announced, None, 50))
+    assert refused.value.status_code == 413 and announced.read == 0  # refused before a byte was read
+
+    unannounced = Body(*[b"b" * 10] * 10)  # chunked: no Content-Length
+    with pytest.raises(UploadTooLarge, match="passed its 100 bytes"):
+        asyncio.run(store.receive(upload_id, "b.safetensors", unannounced, None))
+    assert unannounced.read == 5  # stopped at the chunk that went over, not at the end
+    assert files_in(store.folder(upload_id)) == ["a.safetensors"]
+
+    # Sending a file again replaces it: its old bytes do not count against the new ones.
+    asyncio.run(store.receive(upload_id, "a.safetensors", _body(b"A" * 100), None, 100))
+    assert (store.folder(upload_id) / "a.safetensors").read_bytes() == b"A" * 100
+
+
+def test_bytes_arriving_in_parallel_count_together(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock(), max_bytes=100)
+    upload_id = store.create()
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        first = asyncio.create_task(store.receive(upload_id, "one.bin", _body(b"1" * 60, b"1", gate=gate), None))
+        await asyncio.sleep(0.01)
+        with pytest.raises(UploadTooLarge):
+            await store.receive(upload_id, "two.bin", _body(b"2" * 50), None)
+        gate.set()
+        await first
+
+    asyncio.run(scenario())
+    assert files_in(store.folder(upload_id)) == ["one.bin"]
+
+
+def test_an_upload_holds_at_most_max_files_and_a_file_cannot_also_be_a_folder(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock(), max_files=2)
+    upload_id = store.create()
+    for name in ("config.json", "model.safetensors"):
+        asyncio.run(store.receive(upload_id, name, _body(b"{}"), None))
+    with pytest.raises(UploadTooLarge, match="LOCKSTEP_MAX_UPLOAD_FILES"):
+        asyncio.run(store.receive(upload_id, "tokenizer.json", _body(b"{}"), None))
+    asyncio.run(store.receive(upload_id, "config.json", _body(b"{ }"), None))  # a resend is no new file
+    other = UploadStore(tmp_path / "other", FakeClock())
+    second = other.create()
+    asyncio.run(other.receive(second, "sub", _body(b"x"), None))
+    with pytest.raises(Conflict, match="clashes with sub"):
+        asyncio.run(other.receive(second, "sub/model.safetensors", _body(b"x"), None))
+
+
+def test_at_most_max_open_uploads_at_once(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock(), max_open=2)
+    first = store.create()
+    store.create()
+    with pytest.raises(Overloaded, match="LOCKSTEP_MAX_OPEN_UPLOADS") as refused:
+        store.create()
+    assert refused.value.status_code == 429
+    store.discard(first)
+    store.create()
+
+
+def test_a_restarted_trainer_counts_the_files_already_uploaded_and_drops_cut_off_ones(tmp_path: Path) -> None:
+    store = UploadStore(tmp_path, FakeClock(), max_bytes=100)
+    upload_id = store.create()
+    asyncio.run(store.receive(upload_id, "a.bin", _body(b"a" * 80), None))
+    cut_off = store.folder(upload_id) / ".b.bin.0123456789ab.tmp"  # a PUT the restart interrupted
+    cut_off.write_bytes(b"b" * 10)
+    restarted = UploadStore(tmp_path, FakeClock(), max_bytes=100)
+    with pytest.raises(UploadTooLarge, match="has 20 of its 100 bytes left"):
+        asyncio.run(restarted.receive(upload_id, "b.bin", _body(b"b" * 30), None, 30))
+    assert not cut_off.exists()
+    assert files_in(restarted.seal(upload_id)) == ["a.bin"]

@@ -6,15 +6,18 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from lockstep.core.settings import load_settings
 from lockstep.ui.app import create_app
 from lockstep.ui.assets import Assets
+from lockstep.ui.session import CSRF_HEADER
 from tests.support.cluster import free_port
 
 MakeClient = Callable[..., TestClient]
+TOKEN = "ui-app-test-token-2b7e40"
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +26,31 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+def logged_in(client: TestClient) -> TestClient:
+    """Log ``client`` in with the token; it keeps the cookie and sends the CSRF header from now on."""
+    response = client.post("/api/login", json={"token": TOKEN})
+    assert response.status_code == 200, response.text
+    client.headers[CSRF_HEADER] = response.json()["csrf"]
+    return client
+
+
 @pytest.fixture
 def make_client(dead_url: str) -> Iterator[MakeClient]:
-    """Factory: a UI whose trainer is unreachable, with these settings on top."""
+    """Factory: a logged-in UI whose trainer is unreachable, with these settings on top."""
     with ExitStack() as stack:
-        def make(**overrides: object) -> TestClient:
-            app = create_app(load_settings(**{"trainer_url": dead_url, **overrides}))
-            return stack.enter_context(TestClient(app))
+        def make(*, http_client: httpx.AsyncClient | None = None, **overrides: object) -> TestClient:
+            app = create_app(load_settings(**{"trainer_url": dead_url, "api_token": TOKEN, **overrides}),
+                             http_client=http_client)
+            return logged_in(stack.enter_context(TestClient(app)))
 
         yield make
 
 
 @pytest.fixture(scope="module")
 def client(dead_url: str) -> Iterator[TestClient]:
-    """One UI for the tests that only read: its trainer is unreachable and it knows no replica."""
-    with TestClient(create_app(load_settings(trainer_url=dead_url))) as shared:
-        yield shared
+    """One logged-in UI for most tests: its trainer is unreachable and it knows no replica."""
+    with TestClient(create_app(load_settings(trainer_url=dead_url, api_token=TOKEN))) as shared:
+        yield logged_in(shared)
 
 
 # --------------------------------------------------------------------------------------------- page
@@ -196,8 +208,64 @@ def test_unreachable_service_is_a_502_naming_it(make_client: MakeClient) -> None
     assert f"the inference service at {service} is unreachable" in response.json()["error"]["message"]
 
 
-def test_config_says_where_things_are_but_not_the_token(make_client: MakeClient, dead_url: str) -> None:
-    client = make_client(api_token="s3cret-token")
+def test_config_says_where_things_are_but_not_the_token(client: TestClient, dead_url: str) -> None:
     body = client.get("/api/config").json()
     assert body["trainer_url"] == dead_url and body["token_configured"] is True
-    assert "s3cret-token" not in client.get("/api/config").text
+    assert TOKEN not in client.get("/api/config").text
+
+
+# ------------------------------------------------------------------------------- the trainer's refusals
+def trainer_that_answers(status: int, message: str, seen: list[httpx.Request]) -> httpx.AsyncClient:
+    """An HTTP client whose every request the 'trainer' answers with ``status`` and ``message``."""
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, json={"error": {"message": message, "code": "invalid_model_reference"}})
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+# What the trainer says of folders that exist, do not, or hold the wrong things: each tells about its filesystem.
+FOLDER_REFUSALS = [
+    (400, "model directory '/etc/nope' does not exist or is not a directory"),
+    (400, "/etc holds no model weights (*.safetensors); is it a model directory?"),
+    (400, "/srv/ckpt has only pickle weights (optimizer.pt, model.bin); pickle can run code on load."),
+    (404, "version 7 does not exist"),
+    (422, "/srv/ckpt/config.json is not valid JSON: Expecting value: line 1 column 1"),
+]
+
+
+@pytest.mark.parametrize(("path", "form"), [
+    ("/api/publish", {"model": "/etc/nope"}),
+    ("/api/publish", {"model": "./checkpoints/step-10"}),
+    ("/api/runs", {"kind": "finetune", "params": {"steps": 3, "model": "~/models/x"}}),
+])
+def test_a_refused_folder_reads_the_same_whatever_is_there(make_client: MakeClient, path: str,
+                                                           form: dict[str, object]) -> None:
+    answers = set()
+    for status, message in FOLDER_REFUSALS:
+        seen: list[httpx.Request] = []
+        client = make_client(http_client=trainer_that_answers(status, message, seen))
+        response = client.post(path, json=form)
+        assert len(seen) == 1, "the trainer was asked"
+        assert response.status_code == 400
+        body = response.json()["error"]
+        assert "/etc" not in body["message"].replace(str(form.get("model", "")), "")
+        assert "pickle" not in body["message"] and "does not exist" not in body["message"]
+        answers.add(response.text)
+    assert len(answers) == 1, answers
+
+
+def test_a_refused_repo_id_keeps_the_trainers_words(make_client: MakeClient) -> None:
+    seen: list[httpx.Request] = []
+    client = make_client(http_client=trainer_that_answers(400, "unknown built-in model 'builtin:huge'", seen))
+    response = client.post("/api/publish", json={"model": "builtin:huge"})
+    assert response.status_code == 400 and "unknown built-in model" in response.json()["error"]["message"]
+
+
+def test_the_trainer_refusing_the_ui_token_is_not_the_pages_401(make_client: MakeClient) -> None:
+    seen: list[httpx.Request] = []
+    client = make_client(http_client=trainer_that_answers(401, "this endpoint needs a bearer token", seen))
+    response = client.post("/api/rollback", json={})
+    assert response.status_code == 502
+    assert "LOCKSTEP_API_TOKEN" in response.json()["error"]["message"]
+    assert seen[0].headers["authorization"] == f"Bearer {TOKEN}", "the UI adds its token, server-side"

@@ -22,7 +22,7 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"the page tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)",
                 allow_module_level=True)
 
-from playwright.sync_api import Page, expect  # noqa: E402
+from playwright.sync_api import BrowserContext, Page, expect  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -61,9 +61,17 @@ def system(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Itera
         yield System(cluster, trainer, ui)
 
 
+def log_in(page: Page, token: str = TOKEN) -> None:
+    """What an operator does first: the token into the login form, once."""
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#login-token", token)
+    page.click("#login-submit")
+
+
 @pytest.fixture
-def page(page: Page, system: System) -> Iterator[Page]:
-    """The page, opened on the UI; a script error on it fails the test."""
+def fresh_page(context: BrowserContext, system: System) -> Iterator[Page]:
+    """The page, opened on the UI and not logged in; a script error on it fails the test."""
+    page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     # The browser also logs every HTTP error status; the page handles those, so only script errors count.
@@ -72,6 +80,15 @@ def page(page: Page, system: System) -> Iterator[Page]:
     page.goto(system.ui.url + "/")
     yield page
     assert not errors, f"errors on the page: {errors}"
+
+
+@pytest.fixture(name="page")
+def logged_in_page(fresh_page: Page) -> Page:
+    """The page after the operator logged in with the token."""
+    log_in(fresh_page)
+    expect(fresh_page.locator("#main")).to_be_visible()
+    expect(fresh_page.locator("#login")).to_be_hidden()
+    return fresh_page
 
 
 def screenshot(page: Page, name: str, tmp_path: Path) -> None:
@@ -92,6 +109,45 @@ def committed(system: System) -> int:
 
 def card(page: Page, replica: str) -> Any:
     return page.locator(f'#replicas .replica[data-replica-id="{replica}"]')
+
+
+# -------------------------------------------------------------------------------------------- login
+def test_nothing_shows_before_the_login_and_a_wrong_token_is_refused(fresh_page: Page, system: System) -> None:
+    page = fresh_page
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#main")).to_be_hidden()
+    expect(page.locator("#replicas .replica")).to_have_count(0)
+    assert system.ui.get("/api/cluster").status_code == 401
+    log_in(page, TOKEN + "-wrong")
+    expect(page.locator("#login-error")).to_contain_text("not the API token")
+    expect(page.locator("#main")).to_be_hidden()
+    log_in(page)
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    expect(page.locator("#session-user")).to_have_text("operator")
+    expect(page.locator("#login-token")).to_have_value("")
+
+
+def test_the_session_cookie_is_out_of_the_pages_reach(page: Page, system: System) -> None:
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    [cookie] = page.context.cookies()
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict", cookie
+    assert TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == "", "scripts cannot read the session"
+    # A request without the page's CSRF header (what a form on another site sends) is refused even with the cookie.
+    status = page.evaluate("""async () => (await fetch("/api/rollback", {method: "POST",
+        headers: {"Content-Type": "text/plain"}, body: "{}"})).status""")
+    assert status == 403
+
+
+def test_logging_out_shows_the_login_again(page: Page, system: System) -> None:
+    expect(page.locator("#replicas .replica")).to_have_count(2)
+    page.click("#logout-button")
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#main")).to_be_hidden()
+    expect(page.locator("#live-status")).to_have_class(re.compile(r"\boff\b"))
+    assert page.context.cookies() == []
+    page.reload()
+    expect(page.locator("#login")).to_be_visible()
 
 
 # -------------------------------------------------------------------------------------------- fleet

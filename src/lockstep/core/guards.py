@@ -24,6 +24,8 @@ Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 RouteRule = Callable[[str, str], bool]  # (method, path) → bool
 
+# Kubelet probes send the pod IP as Host; they answer "alive"/"ready" only, nothing a rebinding page could use.
+PROBE_PATHS = frozenset({"/healthz", "/ready"})
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # The value k8s/secret.yaml ships with; a server refuses to start with it.
@@ -116,7 +118,8 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         method, path = scope.get("method", "GET"), scope.get("path", "/")
-        if self.allowed_hosts and host_name(headers.get("host", "")) not in self.allowed_hosts:
+        if (self.allowed_hosts and not (method == "GET" and path in PROBE_PATHS)
+                and host_name(headers.get("host", "")) not in self.allowed_hosts):
             await _reply(send, 400, f"Host {headers.get('host', '')!r} is not served here (LOCKSTEP_ALLOWED_HOSTS)",
                          "invalid_host")
             return
@@ -134,7 +137,7 @@ class RequestGuard:
         limit = self.max_body_bytes
         too_large = f"the request body is larger than {limit} bytes (LOCKSTEP_MAX_BODY_BYTES)"
         if content_length is not None:
-            if not content_length.isdigit():
+            if not (content_length.isascii() and content_length.isdigit()):  # '²' is a digit to isdigit()
                 await _reply(send, 400, "Content-Length is not a number", "invalid_request_error")
                 return
             if int(content_length) > limit:

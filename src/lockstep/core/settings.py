@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1 << 30, validation_alias=_env("LOCKSTEP_MAX_BODY_BYTES"),
                                 description="Largest request body in bytes (413 above it, checked before parsing); "
                                 "upload file bodies have their own limit.")
-    max_chat_messages: int = Field(256, ge=1, le=100_000, validation_alias=_env("LOCKSTEP_MAX_CHAT_MESSAGES"),
+    max_chat_messages: int = Field(256, ge=1, le=4096, validation_alias=_env("LOCKSTEP_MAX_CHAT_MESSAGES"),
                                    description="Most messages in one chat request; their total characters are "
                                    "bounded by LOCKSTEP_MAX_PROMPT_CHARS.")
     max_upload_bytes: int = Field(64 << 30, ge=1, validation_alias=_env("LOCKSTEP_MAX_UPLOAD_BYTES"),

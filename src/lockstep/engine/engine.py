@@ -172,7 +172,10 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise BadRequest(f"params must be SamplingParams, got {type(params).__name__}")
-        ids = [int(t) for t in prompt_ids]
+        try:
+            ids = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"prompt token ids must be integers: {exc}") from exc
         if not ids:
             raise BadRequest("the prompt is empty; at least one token is required")
         out_of_range = [t for t in ids if not 0 <= t < self._vocab_size]
@@ -430,31 +433,65 @@ class Engine:
             logits = self._runner.decode([s.output_ids[-1] for s in batch], [s.num_cached for s in batch],
                                          interleave)
         except Exception as exc:
-            log.exception("decode step failed for %d requests", len(batch))
-            for seq in batch:
-                self._end(seq, FinishReason.ERROR, f"decode failed: {type(exc).__name__}: {exc}", dirty=True)
+            # One request may have broken the batched step, or the step failed as a whole (out of memory at this
+            # width): each sequence steps alone, so only a request whose own step fails ends.
+            log.warning("decode step failed for %d requests (%s: %s); stepping each alone", len(batch),
+                        type(exc).__name__, exc)
+            self._decode_each(batch)
             return
         for seq in batch:
             seq.num_cached += 1
         self._sample(batch, logits)
 
+    def _decode_each(self, batch: list[Sequence]) -> None:
+        """After a failed batched step: the same step for each sequence alone; one that fails again ends."""
+        assert self._runner is not None
+        stepped: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        failed: list[tuple[Sequence, str]] = []
+        for seq in batch:
+            try:
+                rows.append(self._runner.decode_one(seq.output_ids[-1], seq.num_cached, seq.slot))
+                stepped.append(seq)
+            except Exception as exc:
+                log.exception("decode failed for request %d", seq.request_id)
+                failed.append((seq, f"decode failed: {type(exc).__name__}: {exc}"))
+        for seq in stepped:
+            seq.num_cached += 1  # before ending the failed ones: a slot move copies num_cached positions
+        for seq, error in failed:
+            self._end(seq, FinishReason.ERROR, error, dirty=True)
+        if stepped:
+            self._sample(stepped, torch.cat(rows))
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Pick each sequence's next token, stream it, and end the sequences that are done."""
+        """Pick each sequence's next token, stream it, and end the sequences that are done.
+
+        A sequence whose logits are not finite, whose draw fails, or whose text cannot be decoded ends with
+        an error; every other sequence of the batch gets its token."""
         try:
             bad = bad_rows(logits)
             if bool(bad.any()):
                 logits = logits.masked_fill(bad.unsqueeze(-1), 0.0)
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
             bad_list = bad.tolist()
+            draws = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as exc:
-            log.exception("sampling failed")
-            for seq in seqs:
-                self._end(seq, FinishReason.ERROR, f"sampling failed: {type(exc).__name__}: {exc}")
+            if len(seqs) > 1:  # the batch could not be sampled as a whole: each sequence alone
+                log.warning("sampling failed for %d requests (%s: %s); sampling each alone", len(seqs),
+                            type(exc).__name__, exc)
+                for i, seq in enumerate(seqs):
+                    self._sample([seq], logits[i : i + 1])
+                return
+            log.exception("sampling failed for request %d", seqs[0].request_id)
+            self._end(seqs[0], FinishReason.ERROR, f"sampling failed: {type(exc).__name__}: {exc}")
             return
-        for seq, token, is_bad in zip(seqs, tokens, bad_list, strict=True):
+        for i, (seq, token, is_bad) in enumerate(zip(seqs, draws.tokens, bad_list, strict=True)):
             if is_bad:
                 self._end(seq, FinishReason.ERROR, "the model produced non-finite logits (NaN or inf)",
                           dirty=True)
+                continue
+            if i in draws.errors:
+                log.error("request %d: %s", seq.request_id, draws.errors[i])
+                self._end(seq, FinishReason.ERROR, draws.errors[i])
                 continue
             try:
                 done = seq.append(int(token))

@@ -59,6 +59,15 @@ class HFRunner:
             rows.append(logits)
         return torch.stack(rows)
 
+    def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
+        """``token`` at ``position`` of ``slot`` alone; logits [1, V]. A failed batched step may already have
+        appended this position to some layers of the slot's cache: cut back to ``position`` first."""
+        cache = self._caches[slot]
+        if cache is not None and int(cache.get_seq_length()) > position:  # layers run in order: layer 0 first
+            _cut_back(cache, position)
+        logits, self._caches[slot] = self._forward([token], cache)
+        return logits.unsqueeze(0)
+
     def move(self, src: int, dst: int, length: int) -> None:
         self._caches[dst], self._caches[src] = self._caches[src], None
 
@@ -68,3 +77,18 @@ class HFRunner:
     def close(self) -> None:
         self._caches = []
         self._model = None
+
+
+def _cut_back(cache: Any, position: int) -> None:
+    """Drop every cached position from ``position`` on, in each layer (a failed step appended to some)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4: crop to an absolute length, every layer
+        cache.crop(position)
+        return
+    for layer in layers:  # transformers 5: one object per layer; crop(-n) removes its last n positions
+        excess = int(layer.get_seq_length()) - position
+        if excess > 0:
+            layer.crop(-excess)
+        if int(layer.get_seq_length()) > position:
+            raise RuntimeError(f"this model's cache ({type(layer).__name__}) cannot be rolled back to position "
+                               f"{position} after a failed step")

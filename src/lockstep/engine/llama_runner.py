@@ -195,6 +195,11 @@ class LlamaRunner:
         h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask, interleave)
         return self._logits(h[:, 0])
 
+    def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
+        """``token`` at ``position`` of ``slot`` alone; logits [1, V]. It overwrites whatever a failed batched
+        step left at that position, so it may follow one."""
+        return self.prefill_chunk([token], slot, position)
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's cache from slot ``src`` to ``dst`` (compaction after a sequence leaves)."""
         self.cache.move(src, dst, length)

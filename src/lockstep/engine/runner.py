@@ -35,6 +35,10 @@ class Runner(Protocol):
         ``interleave`` is called at points inside the step (before each layer or sequence) where work on
         slots ``>= B`` may run, e.g. prefilling requests that arrived after the step began."""
 
+    def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
+        """One sequence's decode step alone, in any slot: float32 logits [1, V]. Repeatable after a failed
+        ``decode`` (it rewrites that position), so the engine can retry a failed step sequence by sequence."""
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Move the first ``length`` cached positions from slot ``src`` to slot ``dst``."""
 

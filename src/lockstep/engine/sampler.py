@@ -1,10 +1,25 @@
-"""Turn a batch of logits into next tokens: greedy rows by argmax, sampled rows with their own generator."""
+"""Turn a batch of logits into next tokens: greedy rows by argmax, sampled rows with their own generator.
+
+Rows never decide each other's token: a row whose settings drive the arithmetic out of float range (a
+temperature or top_p that underflows) takes the token those settings tend to, the argmax, and a row whose draw
+fails is reported on its own while every other row still gets its token.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lockstep.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The next token of each row, and why a row has none (row index → message)."""
+
+    tokens: list[int]
+    errors: dict[int, str]
 
 
 def bad_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -14,7 +29,9 @@ def bad_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
-    """Apply per-row temperature, top-k (0 = off) and top-p (1 = off); returns probabilities [B, V]."""
+    """Apply per-row temperature, top-k (0 = off) and top-p (1 = off); returns probabilities [B, V].
+
+    A row may come out non-finite or all zero when its temperature underflows; ``sample`` handles that row."""
     scaled = logits / temperature.unsqueeze(-1)
     vocab = scaled.shape[-1]
     if bool((top_k > 0).any()):
@@ -25,8 +42,10 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     probs = torch.softmax(scaled, dim=-1)
     if bool((top_p < 1).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        # Drop a token when the mass before it already reaches top_p. The top token always stays, even when
+        # top_p underflowed to 0 in the logits' dtype.
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p.unsqueeze(-1)
+        drop_sorted[:, 0] = False
         drop_sorted &= (top_p < 1).unsqueeze(-1)  # rows with top_p 1 keep even their rounding-error tail
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
@@ -34,22 +53,51 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return probs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token per row of ``logits`` [B, V] (float32) → LongTensor [B] on the logits' device."""
-    tokens = logits.argmax(-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
-    dev = logits.device
+def _filtered(logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> torch.Tensor:
+    """Probabilities [len(rows), V] of the given rows under their own settings."""
+    dev, vocab = logits.device, logits.shape[-1]
     idx = torch.tensor(rows, device=dev)
-    probs = filter_logits(
+    return filter_logits(
         logits.index_select(0, idx),
         torch.tensor([params[i].temperature for i in rows], device=dev, dtype=logits.dtype),
-        torch.tensor([params[i].top_k for i in rows], device=dev),
+        torch.tensor([min(params[i].top_k, vocab) for i in rows], device=dev),
         torch.tensor([params[i].top_p for i in rows], device=dev, dtype=logits.dtype),
     )
-    # One multinomial per row: each request owns its generator, so its stream does not depend on the batch.
-    picked = [torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(rows)]
-    tokens[idx] = torch.cat(picked)
-    return tokens
+
+
+def _usable(probs: torch.Tensor) -> list[bool]:
+    """Rows that are a distribution to draw from: finite, with some mass (checked before any draw: on a GPU a
+    draw from a NaN row is a device-side assert that breaks every later kernel, not an exception)."""
+    return (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()  # type: ignore[no-any-return]
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> Draws:
+    """Next token per row of ``logits`` [B, V] (float32, finite rows); a failing row is reported, not raised."""
+    tokens: list[int] = logits.argmax(-1).tolist()
+    errors: dict[int, str] = {}
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return Draws(tokens, errors)
+    try:
+        probs: torch.Tensor | None = _filtered(logits, params, rows)
+        usable = _usable(probs)
+    except Exception:  # one row's settings broke the batched filter: filter each row alone below
+        probs, usable = None, []
+    picked: dict[int, torch.Tensor] = {}
+    for j, i in enumerate(rows):
+        try:
+            if probs is not None:
+                row, ok = probs[j], usable[j]
+            else:
+                alone = _filtered(logits, params, [i])
+                row, ok = alone[0], _usable(alone)[0]
+            if ok:  # else the settings' limit (temperature or top_p -> 0) is the argmax, already in tokens
+                # Each request owns its generator, so its stream does not depend on the batch.
+                picked[i] = torch.multinomial(row, 1, generator=generators[i])
+        except Exception as exc:
+            errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+    if picked:
+        for i, token in zip(picked, torch.cat(list(picked.values())).tolist(), strict=True):
+            tokens[i] = int(token)
+    return Draws(tokens, errors)

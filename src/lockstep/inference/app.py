@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.errors import BadRequest
@@ -20,6 +19,7 @@ from lockstep.engine import SamplingParams
 from lockstep.inference import generation, openai_api
 from lockstep.inference.runtime import ReplicaRuntime
 from lockstep.inference.schemas import (
+    MAX_ACTIVATE_AHEAD_S,
     AbortRequest,
     CommitRequest,
     GenerateRequest,
@@ -95,7 +95,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
     async def status(request: Request) -> dict[str, Any]:
         return rt_of(request).status()
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         rt = rt_of(request)
         rt.refresh_gauges()
@@ -123,28 +123,38 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
             latency_s=final.latency_s, ttft_s=final.ttft_s, completion_token_ids=list(final.token_ids))
         return JSONResponse(answer.model_dump(), headers=version_headers(admitted, rt.replica_id))
 
+    # The admin handlers read the store, walk model folders or take the replica's locks: each runs in a worker
+    # thread, so a folder with a million files delays only its own answer, never /healthz.
     @app.post("/update-model", status_code=202, summary="Replace the model (cluster-wide with a shared folder)")
     async def update_model(body: UpdateModelRequest, request: Request) -> dict[str, Any]:
         rt = rt_of(request)
         check_bearer(request, settings.api_token)
-        return await asyncio.to_thread(rt.start_update, body.model_repo_id)  # may read the store
+        return await asyncio.to_thread(rt.start_update, body.model_repo_id)
 
     @app.post("/admin/stage", status_code=202, summary="Stage a version beside the serving one (two-phase, HTTP)")
     async def admin_stage(body: StageRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
+        rt = rt_of(request)
         if body.check_only:
-            return await asyncio.to_thread(rt_of(request).check_model, body.model)
-        return rt_of(request).start_stage(body.model, body.version, body.digest)
+            return await asyncio.to_thread(rt.check_model, body.model)
+        return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest)
 
     @app.post("/admin/commit", summary="Flip to the staged version at activate_at")
     async def admin_commit(body: CommitRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
-        return rt_of(request).schedule_commit(body.version, body.activate_at or time.time())
+        rt = rt_of(request)
+        now = rt.clock.time()
+        activate_at = now if body.activate_at is None else body.activate_at
+        if activate_at > now + MAX_ACTIVATE_AHEAD_S:
+            raise BadRequest(f"activate_at is {activate_at - now:.0f} s after this replica's clock; the limit is "
+                             f"{MAX_ACTIVATE_AHEAD_S:g} s. Coordinators commit a moment ahead: check the clocks "
+                             "(and that activate_at is in seconds)")
+        return await asyncio.to_thread(rt.schedule_commit, body.version, activate_at)
 
     @app.post("/admin/abort", summary="Drop what is staged")
     async def admin_abort(body: AbortRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
-        return {"aborted": rt_of(request).replica.abort(body.version)}
+        return {"aborted": await asyncio.to_thread(rt_of(request).replica.abort, body.version)}
 
     openai_api.install(app, rt_of)
     return app

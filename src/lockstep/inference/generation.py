@@ -52,9 +52,19 @@ class TokenRate:
 
 
 async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams) -> Admitted:
-    """Pin the serving slot, tokenize with *its* tokenizer and submit to *its* engine."""
-    if not replica.admission_open():
-        await asyncio.to_thread(replica.wait_admission)
+    """Pin the serving slot, tokenize with *its* tokenizer and submit to *its* engine.
+
+    All of it runs in a worker thread: tokenizing the longest allowed prompt or chat, or waiting out an in-place
+    weight copy, never holds up the event loop (and with it /healthz and every other request)."""
+    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(_cancel_orphan)  # the client left while admitting: free the slot once submitted
+        raise
+
+
+def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams) -> Admitted:
     with replica.pinned() as slot:
         ids = build_prompt(slot.tokenizer)
         try:
@@ -63,6 +73,12 @@ async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingP
             replica.metrics.rejected.inc()
             raise
     return Admitted(slot=slot, handle=handle, started=time.monotonic())
+
+
+def _cancel_orphan(work: asyncio.Future[Admitted]) -> None:
+    """Cancel a request admitted for a caller that is gone."""
+    if not work.cancelled() and work.exception() is None:
+        work.result().handle.cancel()
 
 
 async def events(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint: str

@@ -6,16 +6,32 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from lockstep.core.errors import BadRequest
 from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
 from lockstep.inference import generation
-from lockstep.inference.schemas import Number
+from lockstep.inference.schemas import (
+    FreeJson,
+    NewTokens,
+    Number,
+    Seed,
+    StopString,
+    Temperature,
+    TopK,
+    TopP,
+    at_most,
+)
+
+# Hard caps of the schema, checked before any item is validated: a 1 MiB body of tiny messages would otherwise
+# cost hundreds of milliseconds of validation, holding the GIL. LOCKSTEP_MAX_CHAT_MESSAGES (at most this) is the
+# configured limit on messages.
+MAX_CHAT_MESSAGES = 4096
+MAX_CONTENT_PARTS = 4096  # text parts over all messages of one request
 
 RuntimeOf = Callable[[Request], Any]
 
@@ -28,26 +44,31 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+Penalty = Annotated[Number, Field(ge=-2.0, le=2.0, description="only 0 is supported")]
+ShortText = Annotated[StrictStr, Field(max_length=256)]
+
+
 class _Common(BaseModel):
     """Fields shared by both endpoints; known-but-unsupported ones are refused with a 400 that says so."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: Number = Field(1.0, ge=0.0, le=2.0)
-    top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)
-    n: StrictInt = 1
+    model: ShortText
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: StrictInt = Field(1, ge=1, le=128, description="only 1 is supported")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
-    presence_penalty: Number = 0.0
-    frequency_penalty: Number = 0.0
-    logit_bias: dict[str, Any] | None = None
-    user: StrictStr | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: Annotated[dict[str, Annotated[Number, Field(ge=-100, le=100)]], at_most(300)] | None = Field(
+        None, max_length=300, description="not supported")
+    user: ShortText | None = None
 
     def unsupported(self) -> list[str]:
         bad = []
@@ -61,18 +82,16 @@ class _Common(BaseModel):
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise BadRequest("stop accepts at most 4 sequences")
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                               stop=tuple(stop))
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | list[StrictStr]
-    logprobs: StrictInt | None = None
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="not supported")
     echo: StrictBool = False
-    best_of: StrictInt | None = None
+    best_of: StrictInt | None = Field(None, ge=1, le=20, description="only 1 is supported")
     suffix: StrictStr | None = None
 
     def unsupported(self) -> list[str]:
@@ -94,29 +113,57 @@ class CompletionRequest(_Common):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: ShortText
+    text: StrictStr | None = None
+
+
 class ChatMessage(BaseModel):
+    """One message of a conversation: a known role and text (a string or text parts)."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | list[dict[str, Any]]
+    content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]  # and all together
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest("only text content parts are supported in messages")
-            parts.append(part["text"])
+            if part.type != "text" or part.text is None:
+                raise BadRequest("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported in "
+                                 "messages")
+            parts.append(part.text)
         return "".join(parts)
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES,
+                                        description="also at most LOCKSTEP_MAX_CHAT_MESSAGES")
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="not supported")
+    tools: list[FreeJson] | None = Field(None, max_length=128, description="not supported")
+    response_format: Annotated[dict[str, FreeJson], at_most(64)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_before_validation(cls, data: Any) -> Any:
+        """Count messages and content parts before validating any of them (what keeps validation cheap)."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list):
+            return data  # the field's own validation says what is wrong
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"messages holds {len(messages)} messages; at most {MAX_CHAT_MESSAGES} are accepted "
+                             "(LOCKSTEP_MAX_CHAT_MESSAGES may be lower)")
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise ValueError(f"messages hold {parts} content parts together; at most {MAX_CONTENT_PARTS} are accepted")
+        return data
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -241,8 +288,12 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
     @app.post("/v1/chat/completions", summary="OpenAI: chat completion")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         rt = rt_of(request)
+        limit = rt.settings.max_chat_messages
+        if len(body.messages) > limit:
+            raise BadRequest(f"messages holds {len(body.messages)} messages; the limit is {limit} "
+                             "(LOCKSTEP_MAX_CHAT_MESSAGES): send a shorter conversation")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        params = validate(rt, body, sum(len(m["content"]) for m in messages))
+        params = validate(rt, body, sum(len(m["content"]) for m in messages))  # all messages' characters
         admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params)
         return await respond(request, rt, admitted, body, "chat.completion", "/v1/chat/completions")

@@ -21,7 +21,7 @@ import torch
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
 from lockstep.core.settings import Settings, UpdateMode
-from lockstep.inference.inplace import InplaceWeights
+from lockstep.inference.inplace import InplaceWeights, PartialCopy
 from lockstep.inference.metrics import ReplicaMetrics
 from lockstep.inference.slot import ModelSlot
 from lockstep.models import loader
@@ -219,7 +219,7 @@ class Replica:
             started = time.monotonic()
             resolved = loader.resolve(model_ref, self.settings, self.store)
             assert self.serving is not None
-            weights = InplaceWeights.open(resolved, self.serving.loaded, self.settings)
+            weights = InplaceWeights.load(resolved, self.serving.loaded, self.settings)  # a host-RAM copy
             self.metrics.model_load.observe(time.monotonic() - started)
             plan = StagedPlan(version, model_ref, resolved.content_digest, weights.weights_digest, inplace=weights)
         else:
@@ -249,6 +249,24 @@ class Replica:
         self.metrics.staged_version.set(-1)
         with self._lock:
             self.stage_info = None
+
+    def refuse_stage(self, version: int, model_ref: str, reason: str) -> StagedInfo:
+        """Report the stage of ``version`` as failed without loading anything: the request itself was refused."""
+        self._drop_staged()
+        log.error("%s", reason)
+        self.metrics.swap_failures.inc()
+        failed = StagedInfo(version=version, model=model_ref, state=StageState.FAILED, error=reason, seconds=0.0)
+        with self._lock:
+            self.stage_info, self.last_error = failed, reason
+        return failed
+
+    def refuse_commit(self, version: int, digest: str | None, reason: str) -> None:
+        """The cluster committed ``version`` and this replica cannot apply it: unready (unless it serves it), why."""
+        log.error("%s", reason)
+        self.metrics.swap_failures.inc()
+        with self._lock:
+            self.last_error = reason
+        self.set_committed(version, digest)
 
     def abort(self, version: int | None = None) -> bool:
         """Drop what was staged (only ``version`` when given); True if something was dropped."""
@@ -289,7 +307,12 @@ class Replica:
             threading.Thread(target=self._retire, args=(old,), name=f"retire-v{old.version}", daemon=True).start()
 
     def _flip_inplace(self, plan: StagedPlan) -> None:
-        """Pause admission, let every admitted request finish, copy the weights, resume."""
+        """Pause admission, let every admitted request finish, copy the staged weights, resume.
+
+        A copy refused before it began leaves the old weights serving (the caller marks the commit refused);
+        one that failed part-way leaves weights nobody committed, so the slot is dropped: unready, FAILED,
+        ``last_error`` set, and the committed version is loaded afresh (catch-up).
+        """
         assert plan.inplace is not None
         with self._lock:
             old = self.serving
@@ -301,7 +324,19 @@ class Replica:
             old.wait_unpinned()
             while old.engine.queue_depth + old.engine.running > 0:  # drain: one response, one version
                 time.sleep(0.001)
-            plan.inplace.copy_into(old.loaded.model)
+            try:
+                plan.inplace.copy_into(old.loaded.model)
+            except PartialCopy as exc:
+                message = f"in-place flip to v{plan.version} failed part-way; the live weights are mixed: {exc}"
+                log.error("%s", message)
+                self.metrics.swap_failures.inc()
+                with self._lock:
+                    self.serving, self.last_error, self.state = None, message, ReplicaState.FAILED
+                    if self.committed_version is not None:
+                        self.committed_version = plan.version  # what it must load, afresh, to be ready
+                self.metrics.ready.set(0)
+                threading.Thread(target=self._retire, args=(old,), name=f"retire-v{old.version}", daemon=True).start()
+                raise
             old.loaded.weights_digest = plan.weights_digest
             new_slot = ModelSlot(version=plan.version, model_ref=plan.model_ref, digest=plan.digest,
                                  loaded=old.loaded, engine=old.engine)

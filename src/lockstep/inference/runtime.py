@@ -181,11 +181,12 @@ class ReplicaRuntime:
                            "staged and committed")
 
         def flip_at() -> None:
-            sleep_until(self.clock, activate_at)
             try:
+                sleep_until(self.clock, activate_at)
                 self.replica.flip(version)
-            except Conflict as exc:
-                log.error("commit of v%d failed: %s", version, exc)
+            except Exception as exc:  # never ready on the old version once the cluster committed this one
+                self.replica.refuse_commit(version, None, f"commit of v{version} failed: {exc}; unready until "
+                                           "the trainer catches this replica up")
 
         threading.Thread(target=flip_at, name=f"commit-v{version}", daemon=True).start()
         return {"status": "committing", "version": version, "activate_at": activate_at, "replica_id": self.replica_id}

@@ -1,35 +1,107 @@
-"""Request and response bodies of the replica's seed-compatible API."""
+"""Request and response bodies of the replica's seed-compatible API; every number's bounds are in the schema."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+from lockstep.engine.sampling_params import MAX_NEW_TOKENS, MAX_SEED, MAX_STOP_CHARS, MAX_TOP_K
+
+# A JSON number: finite (Python's json reads NaN and Infinity, which no field accepts), never a string or a
+# boolean; integers are accepted where a float is expected. (No BeforeValidator on numbers: it would hide their
+# bounds from /openapi.json.)
+Number = Annotated[StrictFloat, AllowInfNan(False)]
 
 
-def _no_bool(value: Any) -> Any:
-    # JSON true/false must not pass as 1/0 for numeric fields.
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
+MAX_FREE_JSON_ITEMS = 10_000  # values inside one free-form field (tools, response_format): refused beyond
+
+
+def _finite_json(value: Any) -> Any:
+    """Free-form JSON, small, with no NaN or infinity anywhere inside (what passes may be logged or forwarded)."""
+    pending = [value]
+    seen = 0
+    while pending:  # iterative: the body limit bounds the size, not the depth
+        item = pending.pop()
+        seen += 1
+        if seen > MAX_FREE_JSON_ITEMS:
+            raise ValueError(f"holds more than {MAX_FREE_JSON_ITEMS} values; this field is never that large")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("must not hold NaN or Infinity")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return value
 
 
-Number = Annotated[float, BeforeValidator(_no_bool)]
+def at_most(limit: int) -> BeforeValidator:
+    """Refuse a list or object with more than ``limit`` entries before validating any of them (cheap)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, (list, dict)) and len(value) > limit:
+            raise ValueError(f"has {len(value)} entries; at most {limit} are accepted")
+        return value
+
+    return BeforeValidator(check)
 
 
-class GenerateRequest(BaseModel):
-    """POST /generate (the seed's)."""
+FreeJson = Annotated[Any, AfterValidator(_finite_json)]
+Temperature = Annotated[Number, Field(ge=0.0, le=2.0, description="0 = greedy")]
+TopP = Annotated[Number, Field(gt=0.0, le=1.0, description="nucleus mass kept; 1 = off")]
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_K, description="tokens kept; 0 = off")]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_NEW_TOKENS,
+                                       description="also at most LOCKSTEP_MAX_NEW_TOKENS_LIMIT and the context")]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+MAX_VERSION = 2**31 - 1  # far beyond any store; keeps versions exact in every JSON reader
+Version = Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)]
+Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 content digest, lowercase hex")]
+# Unix seconds, 1970 to 2286: a wrong clock or unit (milliseconds) is refused instead of waited for.
+WallTime = Annotated[Number, Field(ge=0, le=1e10)]
+MAX_ACTIVATE_AHEAD_S = 3600.0  # the furthest in the future a commit may be scheduled (coordinators use < 1 s)
+
+
+MAX_BODY_FIELDS = 64  # top-level fields of a body; more is refused before each is looked at
+
+
+class _StrictBody(BaseModel):
+    """A request body whose unknown fields are refused, cheaply however many there are."""
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _few_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > MAX_BODY_FIELDS:
+            raise ValueError(f"the body has {len(data)} fields; the supported ones are {', '.join(cls.model_fields)}")
+        return data
+
+
+class GenerateRequest(_StrictBody):
+    """POST /generate (the seed's)."""
+
     prompt: StrictStr = Field(min_length=1)
-    max_new_tokens: StrictInt = Field(64, ge=1)
-    temperature: Number = Field(0.7, ge=0.0, le=2.0)
+    max_new_tokens: NewTokens = 64
+    temperature: Temperature = 0.7
     system_prompt: StrictStr | None = None
-    top_p: Number = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
-    stop: list[StrictStr] | None = Field(None, max_length=8)
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
+    stop: list[StopString] | None = Field(None, max_length=8)
 
 
 class GenerateResponse(BaseModel):
@@ -46,35 +118,30 @@ class GenerateResponse(BaseModel):
     completion_token_ids: list[int]  # exactly the tokens generated (a trainer computes log-probs on them)
 
 
-class UpdateModelRequest(BaseModel):
+class UpdateModelRequest(_StrictBody):
     """POST /update-model (the seed's): any model reference."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model_repo_id: StrictStr = Field(min_length=1, max_length=1024)
 
 
-class StageRequest(BaseModel):
+class StageRequest(_StrictBody):
     """POST /admin/stage: load ``model`` as ``version`` beside the serving model."""
 
-    model_config = ConfigDict(extra="forbid")
-
     model: StrictStr = Field(min_length=1, max_length=1024)
-    version: StrictInt = Field(ge=0)
-    digest: StrictStr | None = None
+    version: Version
+    digest: Digest | None = None
     check_only: StrictBool = False  # only say whether the model exists and may be loaded here (no staging)
 
 
-class CommitRequest(BaseModel):
+class CommitRequest(_StrictBody):
     """POST /admin/commit: flip to the staged ``version`` at ``activate_at`` (wall clock; now when omitted)."""
 
-    model_config = ConfigDict(extra="forbid")
+    version: Version
+    activate_at: WallTime | None = Field(None, description=f"at most {MAX_ACTIVATE_AHEAD_S:g} s after the replica's "
+                                         "clock; a time in the past flips at once")
 
-    version: StrictInt = Field(ge=0)
-    activate_at: Number | None = None
 
+class AbortRequest(_StrictBody):
+    """POST /admin/abort: drop what is staged (only ``version`` when given)."""
 
-class AbortRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    version: StrictInt | None = Field(None, ge=0)
+    version: Version | None = None

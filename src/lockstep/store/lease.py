@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -47,6 +48,10 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
+# seconds; a lease file claiming to last longer than this after its write is treated as torn
+MAX_LEASE_AHEAD_S = 86_400.0
+
+
 @dataclass(frozen=True)
 class _Seen:
     """One read of a lease file; ``record`` is None when the file was torn or unparsable."""
@@ -67,7 +72,11 @@ class _Seen:
             record = json.loads(data)
             if not (isinstance(record, dict) and isinstance(record.get("owner"), str)
                     and isinstance(record.get("token"), str)
-                    and isinstance(record.get("expires_at"), (int, float))):
+                    and isinstance(record.get("expires_at"), (int, float))
+                    and not isinstance(record.get("expires_at"), bool)
+                    # a lease that never expires (inf, NaN, years ahead) would lock every coordinator out
+                    and math.isfinite(record["expires_at"])
+                    and record["expires_at"] <= st.st_mtime + MAX_LEASE_AHEAD_S):
                 record = None
         except ValueError:
             record = None

@@ -2,7 +2,8 @@
 
 Also the file-level helpers behind it: scan, hash, copy-and-hash, verify, and what counts as a model folder.
 
-Readers are tolerant (unknown fields are ignored, so an older reader reads a newer manifest); writers are
+Readers are tolerant (unknown fields are ignored, so an older reader reads a newer manifest; a truncated,
+random or out-of-range file is a ``ValueError`` naming the field, never another exception); writers are
 strict (``Manifest.to_json`` always writes the full schema).
 
 The content digest
@@ -28,9 +29,9 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
@@ -44,6 +45,19 @@ CHUNK_BYTES = 1 << 20  # 1 MiB: large enough for throughput, small enough to str
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
+# Bounds of what shared files may say (MANIFESTs here; sync_state.json and heartbeats in lockstep.sync).
+# A value outside them is written by hand or by a broken writer, and its reader ignores it.
+MAX_VERSION = 999_999_999  # ``versions/N`` references take up to 9 digits (lockstep.models.refs)
+MAX_WALL_TIME = 4_102_444_800.0  # 2100-01-01 UTC: a later "wall-clock time" is garbage, not a schedule
+MAX_FILE_BYTES = 1 << 50  # 1 PiB: far beyond any checkpoint file
+MAX_MANIFEST_FILES = 100_000
+MAX_PATH_CHARS = 4096
+MAX_MANIFEST_BYTES = 64 << 20  # 100,000 entries take about 15 MB; nothing larger is a real MANIFEST
+
+WallTime = Annotated[float, Field(ge=0, le=MAX_WALL_TIME, allow_inf_nan=False)]
+"""Seconds since the epoch, finite, between 1970 and 2100."""
+VersionNumber = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+
 Progress = Callable[[int, int], None]
 """``progress(done_bytes, total_bytes)``, called after each chunk."""
 
@@ -53,19 +67,20 @@ class FileEntry(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    path: str
-    size: int = Field(ge=0)
+    path: str = Field(max_length=MAX_PATH_CHARS)
+    size: int = Field(ge=0, le=MAX_FILE_BYTES)
     sha256: str
 
     @field_validator("path")
     @classmethod
     def _relative_inside(cls, value: str) -> str:
-        # A manifest names files to open during verify: it must never point outside its folder.
+        # A manifest names files to open during verify: it must never point outside its folder, and a
+        # control character in a name is a hand-made file, not a model's.
         pure = PurePosixPath(value)
-        if (not value or "\\" in value or "\x00" in value or pure.is_absolute()
+        if (not value or "\\" in value or any(ord(c) < 0x20 or c == "\x7f" for c in value) or pure.is_absolute()
                 or any(part in ("", ".", "..") for part in value.split("/"))):
             raise ValueError(f"file path {value!r} must be a relative POSIX path inside the version "
-                             "(no '..', '.', empty parts, backslashes or leading '/')")
+                             "(no '..', '.', empty parts, backslashes, control characters or leading '/')")
         return value
 
     @field_validator("sha256")
@@ -82,16 +97,23 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     format: int = 1
-    version: int = Field(ge=1)
-    created_at: float  # wall-clock seconds since the epoch
-    source: str  # the reference that was published: a directory path or a repo id
+    version: int = Field(ge=1, le=MAX_VERSION)
+    created_at: WallTime  # wall-clock seconds since the epoch
+    source: str = Field(max_length=MAX_PATH_CHARS)  # the reference that was published: a directory path or a repo id
     kind: Literal["directory", "repo"]
-    repo_id: str | None = None
-    revision: str | None = None
-    parent: int | None = None
+    repo_id: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    revision: str | None = Field(None, max_length=MAX_PATH_CHARS)
+    parent: VersionNumber | None = None
     digest: str
-    files: list[FileEntry]
+    files: list[FileEntry] = Field(max_length=MAX_MANIFEST_FILES)
     metadata: dict[str, Any] = Field(default_factory=dict)  # training: step, loss, reward...
+
+    @field_validator("digest")
+    @classmethod
+    def _digest_hex(cls, value: str) -> str:
+        if not _SHA256_HEX.match(value):
+            raise ValueError(f"digest {value[:80]!r} must be 64 lowercase hex digits")
+        return value
 
     @property
     def total_size(self) -> int:
@@ -104,7 +126,17 @@ class Manifest(BaseModel):
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:
-        return cls.model_validate_json(data)
+        """Parse a MANIFEST; ``ValueError`` naming the first bad field for anything torn, random or out of range."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"MANIFEST.json is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} a reader accepts")
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the document"
+            raise ValueError(f"MANIFEST.json field {where!r}: {first['msg']}") from None
+        except RecursionError:  # nesting deeper than any parser should follow (metadata is free-form)
+            raise ValueError("MANIFEST.json is nested too deeply to be a manifest") from None
 
 
 def is_weight_file(path: str) -> bool:

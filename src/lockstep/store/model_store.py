@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 VERSIONS_DIR = "versions"
 LOCKS_DIR = "locks"
 STALE_AFTER_S = 3600.0  # seconds without any write before a crashed publisher's leftovers are removed
+# Least idle time before a publish in progress counts as crashed, whatever the grace period: a live publisher
+# writes every chunk, so this only guards against a grace period of zero deleting it under its feet.
+PARTIAL_MIN_IDLE_S = 60.0
 ALLOWED_REFS = "versions/<N> (e.g. versions/000012 or versions/12), v<N> (e.g. v12) or <N> (e.g. 12)"
 
 _PUBLISHED = re.compile(r"^\d{6,}$")
@@ -76,6 +79,48 @@ class _Listing:
     published: list[int] = field(default_factory=list)
     partials: dict[int, Path] = field(default_factory=dict)
     trash: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What garbage collection knows of one published version."""
+
+    age_s: float  # since it was published (MANIFEST created_at), or since its last write when unreadable
+    size: int | None  # bytes of its files, when its MANIFEST says
+    leftover: str | None  # why it may go once older than the grace period (aborted, unusable), or None
+    unrecorded: bool = False  # no publish outcome recorded for it
+
+
+@dataclass(frozen=True)
+class GcEntry:
+    """One entry of ``versions/`` and what garbage collection does with it, and why."""
+
+    name: str  # the folder name in versions/
+    version: int | None  # None for an unfinished deletion
+    remove: bool
+    reason: str
+    size: int | None = None  # bytes freed by removing it, when known
+
+
+@dataclass
+class GcPlan:
+    """What one garbage collection keeps and removes, entry by entry."""
+
+    entries: builtins.list[GcEntry] = field(default_factory=builtins.list)
+
+    @property
+    def removals(self) -> builtins.list[GcEntry]:
+        return [e for e in self.entries if e.remove]
+
+    @property
+    def kept_versions(self) -> builtins.list[int]:
+        """Published versions that stay (not partials or trash)."""
+        return [e.version for e in self.entries
+                if not e.remove and e.version is not None and e.name == version_name(e.version)]
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(e.size or 0 for e in self.removals)
 
 
 class ModelStore:
@@ -252,6 +297,25 @@ class ModelStore:
                            f"published: {self._published_summary()}")
         return path
 
+    def file_path(self, n: int, rel_path: str) -> Path:
+        """The real path of file ``rel_path`` of version ``n``, to serve it; never outside the version's folder.
+
+        NotFound for a file the MANIFEST does not list, one that is not a regular file, or one that a symlink
+        leads out of the folder (our writers never make symlinks; one there was put by hand)."""
+        manifest = self.get(n)
+        if rel_path not in {f.path for f in manifest.files}:  # only listed files, never a path of the caller's making
+            raise NotFound(f"version {n} has no file {rel_path!r} in its MANIFEST.json")
+        folder = self.path_of(n).resolve()
+        real = (folder / rel_path).resolve()
+        if not real.is_relative_to(folder):
+            log.warning("refusing to serve %s of version %d: a symlink leads out of its folder to %s", rel_path, n,
+                        real)
+            raise NotFound(f"version {n}: {rel_path} leads outside the version's folder; it is not served "
+                           "(publish the version again)")
+        if not real.is_file():
+            raise NotFound(f"version {n}: {rel_path} is missing from {folder}; publish the version again")
+        return real
+
     def verify(self, n: int, files_dir: Path | None = None) -> Manifest:
         """Hash-check every file of version ``n`` (in ``files_dir``: required for a repo record)."""
         manifest = self.get(n)
@@ -298,35 +362,105 @@ class ModelStore:
         return n
 
     # --- garbage collection ----------------------------------------------------------------------------
+    def plan_gc(self, keep_newest: int, pins: Mapping[int, str] | None = None,
+                outcomes: Mapping[int, str] | None = None, *, grace_s: float = STALE_AFTER_S) -> GcPlan:
+        """Decide, with a reason for each entry of ``versions/``, what garbage collection keeps and removes.
+
+        Kept: every pinned version (``pins``: version → why: committed, served by a replica...), the newest
+        version (its number must never be reused) and the ``keep_newest`` newest committed versions.
+        ``outcomes`` (version → "committed" | "aborted", from the publish history) tells committed versions
+        from aborted ones: an aborted version goes once older than ``grace_s``; one with no recorded outcome is
+        kept while younger (its publish may still be running), then counts as committed (the safe side).
+        Without ``outcomes`` every version counts as committed. A version whose MANIFEST.json is missing or
+        invalid goes after ``grace_s``, a publish in progress (``.partial-*``) after ``grace_s`` without a
+        write, an unfinished deletion (``.trash-*``) always.
+        """
+        if keep_newest < 1:
+            raise BadRequest(f"keep_newest must be at least 1, got {keep_newest}: the newest version is "
+                             "never deleted (its number must not be reused)")
+        listing = self._scan()
+        now = self.clock.time()
+        pins = dict(pins or {})
+        plan = GcPlan()
+        verdicts = {n: self._judge(n, outcomes, now) for n in listing.published}
+        counted = [n for n, v in verdicts.items()
+                   if v.leftover is None and not (v.unrecorded and v.age_s <= grace_s)]
+        window = set(counted[-keep_newest:])  # the keep_newest newest committed (or counted so)
+        for n, verdict in verdicts.items():
+            reasons = [pins[n]] if n in pins else []
+            if n == listing.published[-1]:
+                reasons.append("the newest version (its number is never reused)")
+            if n in window:
+                reasons.append(f"one of the {keep_newest} newest committed versions (LOCKSTEP_KEEP_VERSIONS)")
+            if verdict.unrecorded and verdict.age_s <= grace_s:
+                reasons.append(f"published {_age(verdict.age_s)} ago with no outcome recorded yet (its publish "
+                               "may still be running)")
+            if verdict.leftover is not None and verdict.age_s <= grace_s:
+                reasons.append(f"{verdict.leftover}, {_age(verdict.age_s)} old: kept for "
+                               f"{_age(grace_s - verdict.age_s)} more (LOCKSTEP_GC_GRACE_S)")
+            if reasons:
+                plan.entries.append(GcEntry(version_name(n), n, False, "; ".join(reasons)))
+            else:
+                why = verdict.leftover or (f"older than the {keep_newest} newest committed versions "
+                                           "(LOCKSTEP_KEEP_VERSIONS) and not pinned")
+                plan.entries.append(GcEntry(version_name(n), n, True, why, verdict.size))
+        for n, path in sorted(listing.partials.items()):
+            idle = now - _newest_mtime(path)
+            if idle > max(grace_s, PARTIAL_MIN_IDLE_S):
+                plan.entries.append(GcEntry(path.name, n, True, f"a publish of version {n} that stopped writing "
+                                            f"{_age(idle)} ago (crashed publisher)", _tree_size(path)))
+            else:
+                plan.entries.append(GcEntry(path.name, n, False, f"a publish of version {n} in progress "
+                                            f"(last write {_age(idle)} ago)"))
+        for path in listing.trash:
+            plan.entries.append(GcEntry(path.name, None, True, "an unfinished deletion", _tree_size(path)))
+        plan.entries.sort(key=lambda e: (-1 if e.version is None else e.version, e.name))
+        return plan
+
+    def apply_gc(self, plan: GcPlan) -> builtins.list[int]:
+        """Remove what ``plan`` says goes (each renamed out of sight first); return the version numbers deleted."""
+        deleted = []
+        for entry in plan.removals:
+            path = self.versions_dir / entry.name
+            if entry.name.startswith(_TRASH_PREFIX):
+                _rmtree_quiet(path)
+            elif _PARTIAL.match(entry.name):
+                log.warning("removing %s: %s", entry.name, entry.reason)
+                self._trash(path)
+            elif entry.version is not None and self._trash(path):
+                log.info("removed version %d: %s", entry.version, entry.reason)
+                deleted.append(entry.version)
+        if deleted:
+            log.info("gc deleted versions %s (kept %s)", deleted, plan.kept_versions)
+        return deleted
+
     def gc(self, keep_newest: int, protect: set[int], *,
            stale_after_s: float = STALE_AFTER_S) -> builtins.list[int]:
         """Delete versions neither protected nor among the ``keep_newest`` newest; return their numbers.
 
         Also removes leftovers of crashed publishers (``.partial-*`` with no write for ``stale_after_s``
         seconds, judged by file mtimes against the clock) and unfinished deletions (``.trash-*``).
-        The newest version is always kept, so its number is never reused.
+        The newest version is always kept, so its number is never reused. ``plan_gc`` says why.
         """
-        if keep_newest < 1:
-            raise BadRequest(f"keep_newest must be at least 1, got {keep_newest}: the newest version is "
-                             "never deleted (its number must not be reused)")
-        listing = self._scan()
-        keep = set(listing.published[-keep_newest:]) | set(protect)
-        deleted = []
-        for n in listing.published:
-            if n not in keep and self._trash(self._version_path(n)):
-                deleted.append(n)
-        now = self.clock.time()
-        for n, path in sorted(listing.partials.items()):
-            idle = now - _newest_mtime(path)
-            if idle > stale_after_s:
-                log.warning("removing %s: a publish of version %d that stopped writing %.0f s ago "
-                            "(crashed publisher)", path.name, n, idle)
-                self._trash(path)
-        for path in listing.trash:
-            _rmtree_quiet(path)
-        if deleted:
-            log.info("gc deleted versions %s (kept %s)", deleted, sorted(keep & set(listing.published)))
-        return deleted
+        pins = {n: "protected" for n in protect}
+        return self.apply_gc(self.plan_gc(keep_newest, pins, None, grace_s=stale_after_s))
+
+    def _judge(self, n: int, outcomes: Mapping[int, str] | None, now: float) -> _Verdict:
+        """What garbage collection needs to know of published version ``n``."""
+        try:
+            manifest = self._read_manifest(n)
+        except (FileNotFoundError, ValueError) as e:
+            age = now - _newest_mtime(self._version_path(n))
+            return _Verdict(age, None, f"unusable: MANIFEST.json is missing or invalid ({_short(e)})")
+        except (OSError, NotFound) as e:
+            # An I/O error may pass (NFS): such a version counts as committed, never deleted for it.
+            self._warn_once(n, e)
+            return _Verdict(0.0, None, None)
+        status = "committed" if outcomes is None else outcomes.get(n, "unrecorded")
+        age = now - manifest.created_at
+        if status == "aborted":
+            return _Verdict(age, manifest.total_size, "aborted, never committed")
+        return _Verdict(age, manifest.total_size, None, unrecorded=status == "unrecorded")
 
     def _trash(self, path: Path) -> bool:
         """Rename ``path`` out of sight, then delete it; False when it was already gone."""
@@ -426,6 +560,28 @@ def _newest_mtime(path: Path) -> float:
             except FileNotFoundError:
                 continue
     return newest
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of the files in a tree (not following symlinks); missing entries are skipped."""
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _age(seconds: float) -> str:
+    """A duration for a reason a person reads: 42 s, 12 min, 3.5 h, 2.0 d."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
 
 
 def _rmdir_quiet(path: Path) -> None:

@@ -8,6 +8,11 @@ the replica reports a failed stage and loads nothing. ``verify`` re-checks a cac
 
 The trainer is the authority: a cached copy whose MANIFEST digest differs from the trainer's (a trainer whose
 data folder was reset numbers its versions again) is replaced, never loaded.
+
+The cache is bounded: after each download it keeps the ``keep`` (LOCKSTEP_KEEP_VERSIONS) versions used most
+recently (a cache hit or a download marks a version used by touching its folder, so the order survives a
+restart), which include the one being staged and the one served, and removes the rest, the partial downloads
+of a crash and unfinished deletions.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0  # seconds between progress lines of a long download
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)  # per read: a stalled transfer fails instead of hanging a stage
 _PARTIAL = ".partial-"
+_TRASH = ".trash-"
 
 
 class RemoteStore:
@@ -109,6 +115,7 @@ class RemoteStore:
         with self._locked():
             cached = self._cached(n)
             if cached is not None and cached.digest == manifest.digest:
+                _touch(target)  # used now: the last one pruning removes
                 return target
             if cached is not None or target.exists():
                 log.warning("cached version %d (digest %s) differs from the trainer's (%s); downloading again",
@@ -200,21 +207,28 @@ class RemoteStore:
                  seconds, total / 2**20 / max(seconds, 1e-6))
 
     def _prune(self, keep_also: int) -> None:
-        """Keep the ``keep`` newest cached versions (and ``keep_also``); remove older ones and the partials of
-        downloads that died (the caller holds the locks, so no download is running)."""
+        """Keep the ``keep`` versions used most recently (and ``keep_also``); remove the others, the partials of
+        downloads that died and unfinished deletions (the caller holds the locks: no download is running)."""
         try:
             names = sorted(p.name for p in self.cache_dir.iterdir())
         except OSError:
             return
-        versions = sorted(int(name) for name in names if name.isdigit())
-        keep = set(versions[-self.keep:]) | {keep_also}
-        for v in versions:
+        used: list[tuple[float, int]] = []  # (last use, version)
+        for name in names:
+            if name.isdigit() and name == version_name(int(name)):
+                with contextlib.suppress(OSError):
+                    used.append((os.lstat(self.cache_dir / name).st_mtime, int(name)))
+        keep = {v for _, v in sorted(used)[-self.keep:]} | {keep_also}
+        for _, v in sorted(used, key=lambda u: u[1]):
             if v not in keep:
-                log.info("removing cached version %d (keeping the %d newest)", v, self.keep)
+                log.info("removing cached version %d (keeping the %d used last: LOCKSTEP_KEEP_VERSIONS)", v,
+                         self.keep)
                 _remove(self.cache_dir / version_name(v), self.cache_dir)
         for name in names:
             if name.startswith(_PARTIAL):
                 _remove(self.cache_dir / name, self.cache_dir)
+            elif name.startswith(_TRASH):
+                shutil.rmtree(self.cache_dir / name, ignore_errors=True)
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -225,9 +239,15 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
+def _touch(path: Path) -> None:
+    """Mark a cached version used now (its folder's mtime orders pruning)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 def _remove(path: Path, cache_dir: Path) -> None:
     """Rename out of sight, then delete: no half-removed version is ever seen as cached."""
-    trash = cache_dir / f".trash-{uuid.uuid4().hex[:8]}"
+    trash = cache_dir / f"{_TRASH}{uuid.uuid4().hex[:8]}"
     with contextlib.suppress(OSError):
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -19,6 +19,7 @@ from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models import loader
 from lockstep.models.refs import RefKind, parse_ref
 from lockstep.store import Lease, Manifest, ModelStore, content_digest, scan_dir
+from lockstep.sync import retention
 from lockstep.sync.protocol import (
     Committed,
     Heartbeat,
@@ -27,8 +28,10 @@ from lockstep.sync.protocol import (
     Phase,
     StageState,
     SyncState,
+    activate_at_problem,
     live_heartbeats,
     read_sync_state,
+    reference_problem,
     write_sync_state,
 )
 
@@ -151,6 +154,11 @@ class Coordinator:
             log.warning("sync_state generation %d is below the %d replicas hold, so they ignore it; rebuilding "
                         "from heartbeats", state.generation, held.generation)
             return held
+        refused = state.committed and (activate_at_problem(state.committed) or reference_problem(
+            state.committed.version, state.committed.model, self.settings.initial_model_repo_id))
+        if refused:
+            log.warning("sync_state commits something replicas refuse (%s); going on from what they serve", refused)
+            return held.model_copy(update={"generation": state.generation, "pending": state.pending})
         if (state.committed and held.committed and state.committed.version < held.committed.version
                 and not state.committed.rollback):
             log.warning("sync_state commits v%d below the v%d replicas serve without a rollback, so they ignore "
@@ -171,7 +179,7 @@ class Coordinator:
     def live_replicas(self) -> list[Heartbeat]:
         """Replicas whose heartbeat is fresh."""
         now = self.clock.time()
-        return live_heartbeats(self.shared_dir, self.settings.heartbeat_ttl_s, now)
+        return live_heartbeats(self.shared_dir, self.settings.heartbeat_ttl_s, now, self.settings.clock_skew_s)
 
     def check_free(self) -> None:
         """Raise ``LeaseHeld`` when another coordinator is publishing right now."""
@@ -251,8 +259,10 @@ class Coordinator:
             return PublishResult(source.version, source.model, "unchanged", started_at=started,
                                  reason="the committed version already has this content (same digest)")
         with self.lease:
-            return self._two_phases(source, policy or self.settings.commit_policy,
-                                    timeout_s or self.settings.stage_timeout_s, started, progress)
+            result = self._two_phases(source, policy or self.settings.commit_policy,
+                                      timeout_s or self.settings.stage_timeout_s, started, progress)
+            retention.collect_quietly(self, f"after the publish of v{result.version}")  # still under the lease
+            return result
 
     def publish_legacy(self, model: str, *, source: Source | None = None) -> PublishResult | None:
         """The seed's ``{"desired_model_repo_id": ...}``: publish it unless someone already did."""
@@ -268,8 +278,10 @@ class Coordinator:
                 state = self._state_from_heartbeats()
                 self._write(state, pending=None)
                 return PublishResult(source.version, source.model, "unchanged")
-            return self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
-                                    self.clock.time(), None)
+            result = self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
+                                      self.clock.time(), None)
+            retention.collect_quietly(self, f"after the publish of v{result.version}")
+            return result
 
     def rollback(self, to: int | None = None, **kwargs: Any) -> PublishResult:
         """Commit an earlier version again (default: the one before the committed version)."""
@@ -277,8 +289,7 @@ class Coordinator:
             state = self.read_state()
             if state.committed is None or state.committed.version == 0:
                 raise NotFound("nothing to roll back to: no version was committed after the initial model")
-            older = [m.version for m in self.store.list() if m.version < state.committed.version]
-            to = max(older) if older else 0
+            to = retention.rollback_target(self, state.committed.version)  # never a version that only aborted
         return self.publish(f"versions/{to}", **kwargs)
 
     def _write(self, state: SyncState, **changes: Any) -> SyncState:
@@ -442,7 +453,7 @@ def wait_until_serving(settings: Settings, version: int, *, clock: Clock, timeou
     deadline = time.monotonic() + timeout_s
     while True:
         now = clock.time()
-        live = live_heartbeats(settings.shared_dir, settings.heartbeat_ttl_s, now)
+        live = live_heartbeats(settings.shared_dir, settings.heartbeat_ttl_s, now, settings.clock_skew_s)
         if len(live) >= min_replicas and all(b.ready and b.serving and b.serving.version == version for b in live):
             return live
         if time.monotonic() >= deadline:

@@ -20,12 +20,25 @@ from lockstep.core.errors import BadRequest
 from lockstep.core.http import bearer_headers
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models.refs import RefKind, parse_ref
+from lockstep.store.manifest import MAX_VERSION
 from lockstep.sync.coordinator import ProgressFn, PublishResult, ReplicaReport, commit_refusal
 
 log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 3.0  # seconds per GET /status: an unreachable replica must not stall the others
 SERVING_GRACE_S = 5.0  # seconds after activate_at to see every committed replica serve the version
+
+
+def version_of(value: Any) -> int | None:
+    """A version number from a replica's answer, or None when it is not one (a string, negative, huge)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_VERSION:
+        return value
+    return None
+
+
+def _staged_of(status: dict[str, Any] | None) -> dict[str, Any]:
+    staged = (status or {}).get("staged")
+    return staged if isinstance(staged, dict) else {}
 
 
 def error_text(response: httpx.Response) -> str:
@@ -119,7 +132,7 @@ class HttpCoordinator:
         started = self.clock.time()
         if version is None:
             statuses = self.statuses()
-            version = 1 + max((s.get("serving_version") or 0 for s in statuses.values() if s), default=0)
+            version = 1 + max((version_of(s.get("serving_version")) or 0 for s in statuses.values() if s), default=0)
         if progress:
             progress("prepare", {"version": version, "replicas": len(self.urls)})
         body: dict[str, Any] = {"model": ref.raw, "version": version}
@@ -136,7 +149,7 @@ class HttpCoordinator:
             for url, status in self._each(self._status, waiting).items():
                 if status and status.get("replica_id"):
                     names[url] = str(status["replica_id"])
-                staged = (status or {}).get("staged") or {}
+                staged = _staged_of(status)
                 if staged.get("version") == version and staged.get("state") == "staged":
                     reports[url] = ReplicaReport(url, "staged", None, staged.get("seconds"),
                                                  staged.get("weights_digest"))

@@ -1,7 +1,8 @@
 """The files replicas and coordinators share: ``sync_state.json`` and heartbeats (DESIGN.md §2–§3).
 
-Readers are tolerant (unknown fields ignored; a torn or unparsable file keeps the last good state);
-writers are strict (always the full schema, replaced atomically).
+Readers are tolerant (unknown fields ignored; a torn, unparsable or out-of-range file keeps the last good
+state; a heartbeat from the future or with a malformed URL is ignored with a logged reason); writers are
+strict (always the full schema, replaced atomically).
 """
 
 from __future__ import annotations
@@ -12,15 +13,32 @@ import os
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lockstep.core.atomic import atomic_write_json, read_json
+from lockstep.core.atomic import atomic_write_json
+from lockstep.core.errors import BadModelRef
+from lockstep.models.refs import RefKind, parse_ref
+from lockstep.store.manifest import VersionNumber, WallTime
+from lockstep.sync.tolerant import DEFAULT_CLOCK_SKEW_S, ProblemLog, url_problem, wall_time_problem
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+MAX_GENERATION = 2**53 - 1  # +1 per write: never reached; beyond it JSON numbers lose precision
+MAX_STATE_BYTES = 1 << 20  # sync_state.json is a few hundred bytes; a larger one is not ours
+MAX_HEARTBEAT_BYTES = 1 << 20
+MAX_NAME_CHARS = 256
+
+# A schedule the writer chose: any float parses, so a replica can see the commit and refuse it by name
+# (unready, with the reason) instead of dropping the whole state and staying ready on the old version.
+AnyTime = float | None
+Count = Annotated[int, Field(ge=0, le=MAX_GENERATION)]
+Rate = Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+
+_skipped = ProblemLog(log)  # heartbeats skipped, each reason once a minute per file
 
 
 class Phase(str, Enum):
@@ -56,7 +74,7 @@ class _Tolerant(BaseModel):
 class VersionRef(_Tolerant):
     """A version as the cluster names it: its number, the model reference and the content digest."""
 
-    version: int = Field(ge=0)
+    version: VersionNumber
     model: str
     digest: str | None = None
 
@@ -64,8 +82,8 @@ class VersionRef(_Tolerant):
 class Committed(VersionRef):
     """The version every ready replica serves; ``activate_at`` is when replicas flip to it (wall clock)."""
 
-    activate_at: float | None = None
-    committed_at: float | None = None
+    activate_at: AnyTime = None  # checked by the replica (``activate_at_problem``), which refuses a bad one
+    committed_at: WallTime | None = None
     rollback: bool = False  # committed through a rollback: may be lower than the version before it
 
 
@@ -74,9 +92,9 @@ class Pending(VersionRef):
 
     phase: Phase
     coordinator: str | None = None
-    started_at: float | None = None
-    deadline: float | None = None  # wall-clock; a prepare past it is dropped by replicas
-    activate_at: float | None = None
+    started_at: WallTime | None = None
+    deadline: WallTime | None = None  # wall-clock; a prepare past it is dropped by replicas
+    activate_at: AnyTime = None  # informational: replicas flip at the committed one
     rollback: bool = False  # a rollback may commit a lower version than the one served
     reason: str | None = None  # why it was aborted
 
@@ -85,10 +103,10 @@ class SyncState(_Tolerant):
     """The whole of ``sync_state.json``."""
 
     format: int = FORMAT
-    generation: int = Field(0, ge=0)  # +1 on every write
+    generation: Count = 0  # +1 on every write
     committed: Committed | None = None
     pending: Pending | None = None
-    updated_at: float | None = None
+    updated_at: WallTime | None = None
     writer: str | None = None
 
 
@@ -101,45 +119,84 @@ class LegacyRequest(_Tolerant):
 class StagedInfo(_Tolerant):
     """What a replica has staged, and whether it worked."""
 
-    version: int
+    version: VersionNumber
     model: str
     state: StageState
     digest: str | None = None  # MANIFEST content digest verified before loading
     weights_digest: str | None = None  # sha256 of the weights actually in memory
     error: str | None = None
-    seconds: float | None = None
+    seconds: Seconds | None = None
 
 
 class ServingInfo(_Tolerant):
-    version: int
+    version: VersionNumber
     model: str
     digest: str | None = None
     weights_digest: str | None = None
-    since: float | None = None
+    since: WallTime | None = None
 
 
 class Heartbeat(_Tolerant):
     """``replicas/<replica>.json``: what a replica serves and stages, written every heartbeat interval."""
 
-    replica_id: str
-    url: str | None = None
-    pid: int | None = None
+    replica_id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    url: str | None = None  # checked by the reader (``url_problem``): a bad one is dropped, the beat kept
+    pid: Count | None = None
     state: ReplicaState
     ready: bool
     serving: ServingInfo | None = None
     staged: StagedInfo | None = None
     last_error: str | None = None
-    generation_seen: int | None = None
+    generation_seen: Count | None = None
     update_mode: str | None = None
-    queue_depth: int = 0
-    running: int = 0
-    tokens_per_s: float = 0.0
-    time: float
-    started_at: float | None = None
+    queue_depth: Count = 0
+    running: Count = 0
+    tokens_per_s: Rate = 0.0
+    time: WallTime
+    started_at: WallTime | None = None
     # A replica that staged the pending version polls every ``commit_poll_s`` until ``commit_poll_until``
     # (wall clock) while it waits for the commit; the coordinator sizes the commit margin from these.
-    commit_poll_s: float | None = None
-    commit_poll_until: float | None = None
+    commit_poll_s: float | None = Field(None, gt=0, le=60, allow_inf_nan=False)  # Settings' poll bounds
+    commit_poll_until: WallTime | None = None
+
+
+def activate_at_problem(committed: Committed) -> str | None:
+    """Why a replica cannot flip at ``committed.activate_at`` (not a finite wall-clock time), or None."""
+    if committed.activate_at is None:
+        return None
+    return wall_time_problem(committed.activate_at, f"the commit of v{committed.version} has activate_at")
+
+
+def reference_problem(version: int, model: str, initial_model: str) -> str | None:
+    """Why the shared folder may not name ``model`` as ``version``, or None.
+
+    Anyone who can write ``sync_state.json`` writes this, so it may only point at what the store verifies: a
+    published version (``versions/N``, whose files are checked against its MANIFEST) or, as version 0, the
+    initial model; never a raw path on the replica's disk.
+    """
+    if version == 0 and model == initial_model:
+        return None
+    try:
+        ref = parse_ref(model, allow_directories=False)
+    except BadModelRef as exc:
+        return f"v{version} names {model[:200]!r}, which is not a published version: {exc}"
+    if version == 0:
+        if ref.kind in (RefKind.REPO, RefKind.BUILTIN):
+            return None  # downloaded or built by name, like the initial model
+        return f"v0 names {model[:200]!r}; version 0 is the initial model, a repo id or a built-in"
+    if ref.kind is not RefKind.VERSION or ref.version != version:
+        return (f"v{version} names {model[:200]!r} instead of the published version versions/{version:06d}; "
+                "the shared folder may only commit published versions (with a MANIFEST)")
+    return None
+
+
+def legacy_problem(model: str) -> str | None:
+    """Why the seed's one-line request may not name ``model`` (a path on the replica's disk), or None."""
+    try:
+        parse_ref(model, allow_directories=False)
+    except BadModelRef as exc:
+        return f"the legacy sync_state names {model[:200]!r}, which a replica does not publish from its disk: {exc}"
+    return None
 
 
 def parse_sync_state(raw: Any) -> SyncState | LegacyRequest:
@@ -156,7 +213,7 @@ def parse_sync_state(raw: Any) -> SyncState | LegacyRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"sync_state field {where!r}: {first['msg']}") from exc
+        raise ValueError(f"sync_state field {where!r}: {first['msg']}") from None
 
 
 def read_sync_state_bytes(path: Path) -> bytes | None:
@@ -173,8 +230,12 @@ def read_sync_state_bytes(path: Path) -> bytes | None:
         raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
     try:
         chunks = []
+        size = 0
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_STATE_BYTES:  # not ours: never parse (or hold) an arbitrarily large file
+                raise ValueError(f"{path} is unreadable or not JSON: it is over {MAX_STATE_BYTES} bytes")
         return b"".join(chunks)
     except OSError as exc:
         raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
@@ -189,8 +250,13 @@ def decode_sync_state(data: bytes, path: Path) -> SyncState | LegacyRequest:
     try:
         raw = json.loads(data)
     except ValueError as exc:
-        raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
-    return parse_sync_state(raw)
+        raise ValueError(f"{path} is unreadable or not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is unreadable or not JSON: nested too deeply") from None
+    try:
+        return parse_sync_state(raw)
+    except RecursionError:  # deep free-form nesting in an ignored field
+        raise ValueError(f"{path} is not a sync_state: nested too deeply") from None
 
 
 def read_sync_state(path: Path) -> SyncState | LegacyRequest | None:
@@ -239,20 +305,60 @@ def _write_replace(tmp: Path, path: Path, data: bytes) -> None:
         raise
 
 
-def read_heartbeats(shared_dir: Path) -> list[Heartbeat]:
-    """Every readable heartbeat; torn or foreign files are skipped (logged at debug)."""
+def parse_heartbeat(data: bytes) -> Heartbeat:
+    """One heartbeat file's bytes; ``ValueError`` naming what is wrong (torn, foreign, out of range)."""
+    if len(data) > MAX_HEARTBEAT_BYTES:
+        raise ValueError(f"it is over {MAX_HEARTBEAT_BYTES} bytes")
+    if not data.strip():
+        raise ValueError("it is empty")
+    try:
+        return Heartbeat.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the document"
+        raise ValueError(f"field {where!r}: {first['msg']}") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:  # open+read, not stat(): close-to-open consistency on NFS
+        return f.read(limit + 1)
+
+
+def read_heartbeats(shared_dir: Path, now: float | None = None, skew_s: float = DEFAULT_CLOCK_SKEW_S,
+                    problems: ProblemLog | None = None) -> list[Heartbeat]:
+    """Every usable heartbeat; the others are skipped with a logged reason (each once a minute).
+
+    Skipped: torn, foreign or out-of-range files and, when ``now`` is given, beats stamped more than ``skew_s``
+    in the future (they would never expire). A malformed URL is dropped and the rest of the beat kept.
+    """
+    problems = problems or _skipped
     beats: list[Heartbeat] = []
     folder = shared_dir / "replicas"
     if not folder.is_dir():
         return beats
     for path in sorted(folder.glob("*.json")):
         try:
-            beats.append(Heartbeat.model_validate(read_json(path)))
-        except (OSError, ValueError, ValidationError) as exc:
-            log.debug("skipping heartbeat %s: %s", path, exc)
+            beat = parse_heartbeat(_read_bounded(path, MAX_HEARTBEAT_BYTES))
+        except FileNotFoundError:
+            continue  # removed between the listing and the read
+        except (OSError, ValueError) as exc:
+            problems.report(str(path), f"skipping heartbeat {path}: {exc}")
+            continue
+        if now is not None and beat.time > now + skew_s:
+            problems.report(str(path), f"skipping heartbeat {path} of {beat.replica_id!r}: stamped "
+                            f"{beat.time - now:.1f} s in the future, beyond the {skew_s:g} s clock skew allowed "
+                            "(LOCKSTEP_CLOCK_SKEW_S); check the clocks, or remove the file")
+            continue
+        if beat.url is not None and (why := url_problem(beat.url)) is not None:
+            problems.report(str(path), f"heartbeat {path} of {beat.replica_id!r}: ignoring its URL: {why}")
+            beat = beat.model_copy(update={"url": None})
+        beats.append(beat)
     return beats
 
 
-def live_heartbeats(shared_dir: Path, ttl_s: float, now: float) -> list[Heartbeat]:
-    """The heartbeats written within ``ttl_s`` seconds of ``now``: the replicas that are alive."""
-    return [b for b in read_heartbeats(shared_dir) if now - b.time <= ttl_s]
+def live_heartbeats(shared_dir: Path, ttl_s: float, now: float, skew_s: float = DEFAULT_CLOCK_SKEW_S,
+                    problems: ProblemLog | None = None) -> list[Heartbeat]:
+    """The heartbeats written within ``ttl_s`` seconds of ``now`` (and not from the future): live replicas."""
+    return [b for b in read_heartbeats(shared_dir, now, skew_s, problems) if now - b.time <= ttl_s]

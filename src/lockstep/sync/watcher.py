@@ -1,15 +1,20 @@
 """Replica side of the sync protocol: poll ``sync_state.json``, stage, flip at ``activate_at``, heartbeat.
 
 The shared folder may be NFS-like: the watcher opens and reads the file every poll interval (close-to-open
-consistency) instead of trusting stat(). A torn, empty or invalid file keeps the last good state.
+consistency) instead of trusting stat(). A torn, empty or invalid file keeps the last good state. A valid
+state whose commit this replica cannot apply (an ``activate_at`` that is no time, a raw path instead of a
+published version) is refused by name: the replica goes unready with the reason in ``last_error``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from typing import Any
+
+from pydantic import ValidationError
 
 from lockstep.core.clock import Clock
 from lockstep.core.errors import Conflict, LeaseHeld
@@ -21,8 +26,11 @@ from lockstep.sync.protocol import (
     Phase,
     StageState,
     SyncState,
+    activate_at_problem,
     decode_sync_state,
+    legacy_problem,
     read_sync_state_bytes,
+    reference_problem,
     write_heartbeat,
 )
 
@@ -33,6 +41,7 @@ CATCH_UP_RETRY_S = 5.0  # seconds between attempts to load a committed version t
 # for the other replicas to finish their loads, short enough that a coordinator that died after prepare
 # does not leave every replica reading the shared folder fifty times a second until the deadline.
 COMMIT_POLL_WINDOW_S = 15.0
+MAX_SLEEP_S = 60.0  # one sleep of sleep_until at most: time.sleep refuses very long waits
 
 
 class Doorbell:
@@ -58,9 +67,15 @@ class Doorbell:
 
 
 def sleep_until(clock: Clock, wall_time: float) -> None:
-    """Sleep until ``wall_time``: one coarse sleep, then 0.2 ms steps for the last 2 ms (flip skew matters)."""
-    while (remaining := wall_time - clock.time()) > 0:
-        clock.sleep(remaining - 0.002 if remaining > 0.002 else min(remaining, 0.0002))
+    """Sleep until ``wall_time``: coarse sleeps, then 0.2 ms steps for the last 2 ms (flip skew matters).
+
+    ``ValueError`` for a time that is not finite: nothing ever reaches it (and NaN would compare as "now").
+    """
+    if not math.isfinite(wall_time):
+        raise ValueError(f"cannot wait until {wall_time!r}: it is not a finite wall-clock time")
+    # Within a microsecond is there: a smaller step may not move a float clock near 1.7e9 at all.
+    while (remaining := wall_time - clock.time()) > 1e-6:
+        clock.sleep(min(MAX_SLEEP_S, remaining - 0.002) if remaining > 0.003 else min(remaining, 0.0002))
 
 
 class SyncWatcher:
@@ -97,6 +112,8 @@ class SyncWatcher:
         self._initial = Committed(version=0, model=settings.initial_model_repo_id)
         self._commit_poll_until: float | None = None  # fast polling: staged, waiting for the commit
         self._commit_poll_version: int | None = None
+        self._refused: tuple[int, int, str] | None = None  # (generation, version, model) of a refused commit
+        self._applicable_commit: Committed | None = None  # the last commit read that it could apply
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -166,29 +183,42 @@ class SyncWatcher:
             return self.last_good
         if isinstance(state, LegacyRequest):
             self._last_bytes = None  # handled on every poll until a coordinator replaces it
+            if (problem := legacy_problem(state.desired_model_repo_id)) is not None:
+                self._problem(problem)
+                return self.last_good
             if self.settings.sync_mode == "naive":
                 self._naive_update(state.desired_model_repo_id)
             else:
                 self._on_legacy(state.desired_model_repo_id)
             return self.last_good
         last = self.last_good
+        # A commit this replica refused was never served: going "back" from it is no flip-flop, so the
+        # rules below compare with the last commit it could apply.
+        applicable = self._applicable_commit
         if last is not None:
             if state.generation < last.generation:
                 self._problem(f"sync_state generation {state.generation} is lower than {last.generation}; ignored")
                 return last
-            if (state.committed and last.committed and state.committed.version < last.committed.version
+            if (state.committed and applicable and state.committed.version < applicable.version
                     and not state.committed.rollback):
-                self._problem(f"sync_state commits v{state.committed.version} below v{last.committed.version} "
+                self._problem(f"sync_state commits v{state.committed.version} below v{applicable.version} "
                               "without a rollback; ignored (use lockstep rollback)")
                 return last
-            if state.committed is None and last.committed is not None:  # would mean "serve the initial model"
-                self._problem(f"sync_state has no committed version but v{last.committed.version} was committed; "
+            if state.committed is None and applicable is not None:  # would mean "serve the initial model"
+                self._problem(f"sync_state has no committed version but v{applicable.version} was committed; "
                               "ignored (use lockstep rollback --to 0)")
                 return last
         self._last_problem = None
         self._legacy_seen = None  # a legacy line written again later is a new request
         self.last_good = state
+        if state.committed is not None and self._commit_problem(state.committed) is None:
+            self._applicable_commit = state.committed
         return state
+
+    def _commit_problem(self, committed: Committed) -> str | None:
+        """Why this replica cannot apply ``committed`` (a raw path, an activate_at that is no time), or None."""
+        return (reference_problem(committed.version, committed.model, self.settings.initial_model_repo_id)
+                or activate_at_problem(committed))
 
     def target(self, state: SyncState | None) -> Committed:
         """What this replica must serve: the committed version, or the initial model as version 0."""
@@ -210,9 +240,15 @@ class SyncWatcher:
                 # A replica that is still booting loads the committed version first, then stages.
                 if key not in self._attempted and not already and serving is not None:
                     self._attempted.add(key)
-                    log.info("%s saw the prepare of v%d (generation %d); staging %s", self.replica_id,
-                             pending.version, key[2], pending.model)
-                    self._start_work("stage", pending.version, pending.model, pending.digest)
+                    problem = reference_problem(pending.version, pending.model, self.settings.initial_model_repo_id)
+                    if problem is not None:  # reported as a failed stage: the coordinator aborts at once
+                        replica.refuse_stage(pending.version, pending.model, f"refusing the prepare of "
+                                             f"v{pending.version} in sync_state.json: {problem}")
+                        self._beat_due = 0.0
+                    else:
+                        log.info("%s saw the prepare of v%d (generation %d); staging %s", self.replica_id,
+                                 pending.version, key[2], pending.model)
+                        self._start_work("stage", pending.version, pending.model, pending.digest)
             elif pending.phase is Phase.ABORT or (pending.phase is Phase.PREPARE and expired):
                 if info is not None and info.version == pending.version and not self._busy("stage", pending.version):
                     if replica.abort(pending.version):
@@ -229,6 +265,10 @@ class SyncWatcher:
             return
         if self._flip_scheduled == target.version:
             return
+        problem = self._commit_problem(target)
+        if problem is not None:
+            self._refuse_commit(state, target, problem)
+            return
         activate_at = target.activate_at or now
         if replica.staged_plan_version() == target.version:
             if target.activate_at is not None:
@@ -237,7 +277,7 @@ class SyncWatcher:
                 (log.info if early > 0 else log.warning)("%s saw the commit of v%d %.0f ms %s activate_at",
                                                          self.replica_id, target.version, abs(early) * 1000,
                                                          "before" if early > 0 else "after")
-            self._schedule_flip(target.version, activate_at)
+            self._schedule_flip(target.version, target.digest, activate_at)
             return
         if self._busy("stage", target.version) or self._busy("catch-up", target.version):
             if replica.committed_version != target.version:
@@ -257,6 +297,16 @@ class SyncWatcher:
         replica.set_committed(target.version, target.digest)
         self._beat_due = 0.0
         self._start_work("catch-up", target.version, target.model, target.digest)
+
+    def _refuse_commit(self, state: SyncState | None, target: Committed, problem: str) -> None:
+        """A commit this replica cannot apply: unready, with the reason, until a valid state replaces it."""
+        key = (state.generation if state else 0, target.version, target.model)
+        if self._refused == key and self.replica.committed_version == target.version:
+            return  # said once; the file is read again ten times a second
+        self._refused = key
+        self.replica.refuse_commit(target.version, target.digest, f"refusing the commit of v{target.version} in "
+                                   f"sync_state.json: {problem}; unready until a valid commit replaces it")
+        self._beat_due = 0.0
 
     # ------------------------------------------------------------------ background work
     def _busy(self, kind: str, version: int) -> bool:
@@ -300,7 +350,10 @@ class SyncWatcher:
         self._behind_scheduled = version
 
         def mark() -> None:
-            sleep_until(self.clock, activate_at)
+            try:
+                sleep_until(self.clock, activate_at)
+            except ValueError as exc:  # no time to wait for: unready now rather than never
+                log.error("%s: %s", self.replica_id, exc)
             serving = self.replica.serving
             if serving is None or serving.version != version:
                 self.replica.set_committed(version, digest)
@@ -312,15 +365,16 @@ class SyncWatcher:
 
         threading.Thread(target=mark, name=f"behind-v{version}", daemon=True).start()
 
-    def _schedule_flip(self, version: int, activate_at: float) -> None:
+    def _schedule_flip(self, version: int, digest: str | None, activate_at: float) -> None:
         self._flip_scheduled = version
 
         def flip() -> None:
-            sleep_until(self.clock, activate_at)
             try:
+                sleep_until(self.clock, activate_at)
                 self.replica.flip(version)
-            except Conflict as exc:
-                log.error("%s could not flip to v%d: %s", self.replica_id, version, exc)
+            except Exception as exc:  # never ready on the old version while the cluster serves the new one
+                self.replica.refuse_commit(version, digest, f"could not flip to v{version}: {exc}; unready "
+                                           "until it catches up")
             finally:
                 self._flip_scheduled = None
                 self._beat_due = 0.0
@@ -333,18 +387,20 @@ class SyncWatcher:
         r = self.replica
         queued, running = r.engine_load()
         fast_until = self._commit_poll_until
-        beat = Heartbeat(
-            replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
-            serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
-            generation_seen=self.last_good.generation if self.last_good else None,
-            update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
-            tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
-            started_at=r.started_at, commit_poll_until=fast_until,
-            commit_poll_s=None if fast_until is None else min(self.settings.commit_poll_interval_s,
-                                                              self.settings.poll_interval_s),
-        )
         try:
+            beat = Heartbeat(
+                replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
+                serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
+                generation_seen=self.last_good.generation if self.last_good else None,
+                update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
+                tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
+                started_at=r.started_at, commit_poll_until=fast_until,
+                commit_poll_s=None if fast_until is None else min(self.settings.commit_poll_interval_s,
+                                                                  self.settings.poll_interval_s),
+            )
             write_heartbeat(self.shared_dir, beat)
+        except ValidationError as exc:  # readers would skip it anyway; say why instead of failing every tick
+            self._problem(f"cannot write heartbeat: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
         except OSError as exc:
             self._problem(f"cannot write heartbeat: {exc}")
         self._beat_due = self.clock.time() + self.settings.heartbeat_interval_s

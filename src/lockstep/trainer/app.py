@@ -13,20 +13,22 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import Conflict, NotFound
+from lockstep.core.errors import BadRequest, Conflict, NotFound
 from lockstep.core.guards import install_guard
-from lockstep.core.http import check_bearer, install_error_handlers
+from lockstep.core.http import check_bearer, error_body, install_error_handlers
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 from lockstep.store.manifest import check_model_dir
+from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.trainer.cluster import ClusterView
 from lockstep.trainer.discovery import Discovery
@@ -35,7 +37,7 @@ from lockstep.trainer.http_cluster import CatchUpLoop, HttpClusterCoordinator
 from lockstep.trainer.manager import RunManager
 from lockstep.trainer.metrics import TrainerMetrics
 from lockstep.trainer.monitor import Monitor
-from lockstep.trainer.publishes import Publisher, check_ref
+from lockstep.trainer.publishes import PublishBusy, Publisher, check_ref
 from lockstep.trainer.run_store import RunStore
 from lockstep.trainer.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
 from lockstep.trainer.uploads import UploadStore
@@ -83,7 +85,8 @@ class Trainer:
         monitor = Monitor(cluster, events=events, metrics=metrics, clock=clock)
         runs = RunManager(settings, runs=RunStore(coordinator.shared_dir / "runs"), coordinator=coordinator,
                           publisher=publisher, cluster=cluster, events=events, metrics=metrics, clock=clock)
-        uploads = UploadStore(coordinator.shared_dir / "uploads", clock)
+        uploads = UploadStore(coordinator.shared_dir / "uploads", clock, max_bytes=settings.max_upload_bytes,
+                              max_files=settings.max_upload_files, max_open=settings.max_open_uploads)
         trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs, uploads)
         if isinstance(coordinator, HttpClusterCoordinator):
             trainer.catch_up = CatchUpLoop(coordinator, trainer._caught_up)
@@ -127,6 +130,14 @@ def _sse_stream(bus: EventBus, last_id: int | None) -> AsyncIterator[bytes]:
     return stream()
 
 
+# Path parameters, bounded like the bodies (/openapi.json states it): ids are short, versions have 12 digits.
+PublishId = Annotated[str, PathParam(min_length=1, max_length=64)]
+RunId = Annotated[str, PathParam(min_length=1, max_length=128)]
+UploadId = Annotated[str, PathParam(min_length=1, max_length=64)]
+Version = Annotated[int, PathParam(ge=0, le=10**12)]
+FilePath = Annotated[str, PathParam(min_length=1, max_length=1024)]
+
+
 def is_upload_file(method: str, path: str) -> bool:
     """PUT /store/uploads/{id}/files/{path}: bounded while streamed to disk (LOCKSTEP_MAX_UPLOAD_BYTES)."""
     return method == "PUT" and path.startswith("/store/uploads/") and "/files/" in path
@@ -144,6 +155,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             log.warning("runs interrupted by the last shutdown: %s", ", ".join(interrupted))
         if isinstance(trainer.coordinator, HttpClusterCoordinator):
             await asyncio.to_thread(trainer.coordinator.recover)
+        await asyncio.to_thread(retention.collect_quietly, trainer.coordinator, "at trainer start")
         trainer.monitor.start()
         if trainer.catch_up is not None:
             trainer.catch_up.start()
@@ -168,6 +180,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     install_error_handlers(app)
     install_guard(app, settings, unbounded=is_upload_file)
 
+    @app.exception_handler(PublishBusy)
+    async def _publish_busy(request: Request, exc: PublishBusy) -> JSONResponse:
+        # The error body, plus what is running, so a client can follow it (GET /publishes/{id}).
+        return JSONResponse({**error_body(str(exc), exc.code), "running": exc.running}, status_code=409)
+
     def mutate(request: Request) -> None:
         check_bearer(request, settings.api_token)
 
@@ -182,7 +199,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         body = {"ready": trainer.ready, "active_run": active.id if active else None}
         return JSONResponse(body, status_code=200 if trainer.ready else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(trainer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -206,9 +223,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         if active is not None:
             raise Conflict(f"run {active.id} ({active.kind}) is active and publishes versions itself; "
                            f"stop it first (POST /runs/{active.id}/stop)")
-        if trainer.publisher.busy:
-            raise Conflict("a publish is already in progress; follow it on GET /publishes and retry when "
-                           "it ends")
+        trainer.publisher.check_idle()  # 409 naming the running publish; submit checks again, atomically
         trainer.coordinator.check_free()
 
     @app.post("/publish", status_code=202, summary="Publish a model reference to every replica (two phases)")
@@ -237,7 +252,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return {"publishes": trainer.publisher.jobs()}
 
     @app.get("/publishes/{publish_id}", summary="One publish job and its result")
-    async def publish_job(publish_id: str) -> dict[str, Any]:
+    async def publish_job(publish_id: PublishId) -> dict[str, Any]:
         return trainer.publisher.job(publish_id)
 
     # ------------------------------------------------------------------ runs
@@ -251,16 +266,16 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return {"runs": await asyncio.to_thread(trainer.runs.list)}
 
     @app.get("/runs/{run_id}", summary="One run with its metrics, evaluations, rounds and samples")
-    async def get_run(run_id: str) -> dict[str, Any]:
+    async def get_run(run_id: RunId) -> dict[str, Any]:
         return await asyncio.to_thread(trainer.runs.get, run_id)
 
     @app.post("/runs/{run_id}/stop", status_code=202, summary="Stop a run at its next step")
-    async def stop_run(run_id: str, request: Request) -> dict[str, Any]:
+    async def stop_run(run_id: RunId, request: Request) -> dict[str, Any]:
         mutate(request)
         return await asyncio.to_thread(trainer.runs.stop, run_id)
 
     @app.post("/runs/{run_id}/resume", status_code=202, summary="Resume a run from its last checkpoint")
-    async def resume_run(run_id: str, request: Request) -> dict[str, Any]:
+    async def resume_run(run_id: RunId, request: Request) -> dict[str, Any]:
         mutate(request)
         return await asyncio.to_thread(trainer.runs.resume, run_id)
 
@@ -274,21 +289,21 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
                 "generation": state.generation}
 
     @app.get("/store/versions/{version}/manifest", summary="A published version's MANIFEST.json (token)")
-    async def store_manifest(version: int, request: Request) -> Response:
+    async def store_manifest(version: Version, request: Request) -> Response:
         check_bearer(request, settings.api_token)
         manifest = await asyncio.to_thread(store.get, version)
         return Response(manifest.to_json(), media_type="application/json")
 
     @app.get("/store/versions/{version}/files/{path:path}", summary="One file of a published version (token)")
-    async def store_file(version: int, path: str, request: Request) -> FileResponse:
+    async def store_file(version: Version, path: FilePath, request: Request) -> FileResponse:
         check_bearer(request, settings.api_token)
         manifest = await asyncio.to_thread(store.get, version)
         if manifest.kind == "repo":
             raise NotFound(f"version {version} records repo {manifest.repo_id}@{manifest.revision}; replicas "
                            "download its files from the Hugging Face Hub")
-        if path not in {f.path for f in manifest.files}:  # only listed files, never a path of the caller's making
-            raise NotFound(f"version {version} has no file {path!r} in its MANIFEST.json")
-        return FileResponse(store.path_of(version) / path, media_type="application/octet-stream")
+        # Listed in the MANIFEST and inside the version's folder (no symlink out), or 404.
+        real = await asyncio.to_thread(store.file_path, version, path)
+        return FileResponse(real, media_type="application/octet-stream")
 
     # ------------------------------------------------------------------ uploads (publishing from elsewhere)
     @app.post("/store/uploads", status_code=201, summary="Start uploading a model folder to publish (token)")
@@ -297,29 +312,33 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return {"upload_id": await asyncio.to_thread(trainer.uploads.create)}
 
     @app.put("/store/uploads/{upload_id}/files/{path:path}", summary="One file of an upload (token; sha256 header)")
-    async def upload_file(upload_id: str, path: str, request: Request) -> dict[str, Any]:
+    async def upload_file(upload_id: UploadId, path: FilePath, request: Request) -> dict[str, Any]:
         mutate(request)
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            raise BadRequest(f"Content-Length must be a number of bytes, got {length[:40]!r}")
         return await trainer.uploads.receive(upload_id, path, request.stream(),
-                                             request.headers.get("x-content-sha256"))
+                                             request.headers.get("x-content-sha256"),
+                                             int(length) if length is not None else None)
 
     @app.post("/store/uploads/{upload_id}/publish", status_code=202,
               summary="Publish an upload as the next version (two phases); the upload is removed after")
-    async def publish_upload(upload_id: str, body: UploadPublishRequest, request: Request) -> dict[str, Any]:
+    async def publish_upload(upload_id: UploadId, body: UploadPublishRequest, request: Request) -> dict[str, Any]:
         mutate(request)
         refuse_during_run()
-        folder = trainer.uploads.seal(upload_id)
+        folder = await asyncio.to_thread(trainer.uploads.seal, upload_id)
         try:
             await asyncio.to_thread(check_model_dir, folder, settings.allow_pickle)  # what the store would refuse
             await asyncio.to_thread(loader.check_safe_files, folder, settings)  # remote code
+            return trainer.publisher.submit(str(folder), label=body.label or f"upload {upload_id}",
+                                            metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
+                                            then=lambda: trainer.uploads.release(upload_id))
         except Exception:
-            trainer.uploads.unseal(upload_id)  # the client may add what is missing and try again
+            trainer.uploads.unseal(upload_id)  # refused before it started: the client may fix it and try again
             raise
-        return trainer.publisher.submit(str(folder), label=body.label or f"upload {upload_id}",
-                                        metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
-                                        then=lambda: trainer.uploads.release(upload_id))
 
     @app.delete("/store/uploads/{upload_id}", status_code=204, summary="Drop an upload (token)")
-    async def delete_upload(upload_id: str, request: Request) -> Response:
+    async def delete_upload(upload_id: UploadId, request: Request) -> Response:
         mutate(request)
         await asyncio.to_thread(trainer.uploads.discard, upload_id)
         return Response(status_code=204)
@@ -328,7 +347,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.get("/events", summary="Server-sent events: cluster (every second), run, publish, version")
     async def events(request: Request) -> StreamingResponse:
         raw = request.headers.get("last-event-id", "")
-        last_id = int(raw) if raw.isdigit() else None
+        last_id = int(raw) if raw.isdigit() and len(raw) <= 18 else None  # an event id, never a huge number
         return StreamingResponse(_sse_stream(trainer.events, last_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

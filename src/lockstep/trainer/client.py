@@ -71,7 +71,15 @@ class TrainerClient:
         upload_id = self.upload(folder, progress=progress)
         body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
                                   "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
-        return self._wait(self._call("POST", f"/store/uploads/{upload_id}/publish", json=body)["publish_id"])
+        try:
+            job = self._call("POST", f"/store/uploads/{upload_id}/publish", json=body)
+        except LockstepError:
+            # Refused (another publish runs, say): drop the upload, which would hold one of the trainer's few
+            # open-upload places for 24 h.
+            with contextlib.suppress(LockstepError, ValueError):  # 204: no JSON body
+                self._call("DELETE", f"/store/uploads/{upload_id}")
+            raise
+        return self._wait(job["publish_id"])
 
     def upload(self, folder: str | Path, *, progress: Progress | None = None) -> str:
         """Send every file of ``folder`` to the trainer; the upload's id."""
@@ -91,7 +99,7 @@ class TrainerClient:
                            headers={"X-Content-SHA256": digest, "Content-Type": "application/octet-stream"})
                 sent += path.stat().st_size
         except BaseException:
-            with contextlib.suppress(LockstepError):
+            with contextlib.suppress(LockstepError, ValueError):  # 204: no JSON body
                 self._call("DELETE", f"/store/uploads/{upload_id}")
             raise
         return upload_id

@@ -1,8 +1,14 @@
-"""The cluster view: committed and pending versions, and every replica from heartbeats and from discovery."""
+"""The cluster view: committed and pending versions, and every replica from heartbeats and from discovery.
+
+Its URLs are the ones the trainer probes and sends rollouts to, and the UI calls with the token; so a URL a
+heartbeat names is kept only when discovery's ``UrlTrust`` vouches for its host (``url_ignored`` says why
+not), and a replica's ``/status`` fills the view only with values of the right type.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,8 +19,9 @@ import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import Heartbeat, SyncState, read_heartbeats
-from lockstep.trainer.discovery import Discovery, DiscoveryResult, normalize_url
+from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState, read_heartbeats
+from lockstep.sync.tolerant import ProblemLog
+from lockstep.trainer.discovery import Discovery, DiscoveryResult, UrlTrust, normalize_url, url_trust
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class ReplicaView:
     in_discovery: bool = False
     reachable: bool | None = None  # None: not probed
     pod_ready: bool | None = None  # the Kubernetes Ready condition, when discovery asked the API
+    url_ignored: str | None = None  # why the URL its heartbeat names is not used (no discovery vouches for it)
 
     @property
     def live(self) -> bool:
@@ -99,21 +107,40 @@ def _from_heartbeat(beat: Heartbeat, now: float, ttl_s: float) -> ReplicaView:
         heartbeat_age_s=round(now - beat.time, 3), in_heartbeats=fresh)
 
 
+def _count(value: Any) -> int | None:
+    """A non-negative integer from a replica's answer, else None (a bool, a string, NaN or a huge number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or not 0 <= value <= 2**53 or value != int(value):
+        return None
+    return int(value)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _text(value: Any, limit: int = 4096) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
 def _fill_from_status(view: ReplicaView, status: dict[str, Any]) -> None:
-    """Details of a replica that has no heartbeat, from its own ``GET /status``."""
-    staged = status.get("staged") or {}
-    view.replica_id = str(status.get("replica_id") or view.replica_id)
-    view.state = str(status.get("state") or view.state)
-    view.ready = bool(status.get("ready"))
-    view.serving_version = status.get("serving_version")
-    view.serving_since = status.get("serving_since")
-    view.model = status.get("model")
-    view.staged_version = staged.get("version")
-    view.staged_state = staged.get("state")
-    view.last_error = status.get("last_error")
-    view.queue_depth = int(status.get("queue_depth") or 0)
-    view.running = int(status.get("running") or 0)
-    view.tokens_per_s = float(status.get("tokens_per_s") or 0.0)
+    """Details of a replica that has no heartbeat, from its own ``GET /status`` (values of another type: unknown)."""
+    staged = status.get("staged") if isinstance(status.get("staged"), dict) else {}
+    view.replica_id = _text(status.get("replica_id"), MAX_NAME_CHARS) or view.replica_id
+    view.state = _text(status.get("state"), 32) or view.state
+    view.ready = status.get("ready") is True
+    view.serving_version = _count(status.get("serving_version"))
+    view.serving_since = _number(status.get("serving_since"))
+    view.model = _text(status.get("model"))
+    view.staged_version = _count(staged.get("version"))
+    view.staged_state = _text(staged.get("state"), 32)
+    view.last_error = _text(status.get("last_error"))
+    view.queue_depth = _count(status.get("queue_depth")) or 0
+    view.running = _count(status.get("running")) or 0
+    view.tokens_per_s = max(0.0, _number(status.get("tokens_per_s")) or 0.0)
 
 
 class ClusterView:
@@ -129,6 +156,7 @@ class ClusterView:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
         self._lock = threading.Lock()
         self._cached: tuple[float, DiscoveryResult] | None = None
+        self._problems = ProblemLog(log, clock=clock)  # each ignored heartbeat or URL once a minute
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -179,11 +207,13 @@ class ClusterView:
         now = self.clock.time()
         ttl = self.settings.heartbeat_ttl_s
         views: list[ReplicaView] = []
+        found = self._discover()  # also when not shown: it says which heartbeat URLs may be called
+        result = found if discover else None
         if self.settings.shared_dir is not None:
-            for beat in read_heartbeats(self.settings.shared_dir):
+            trust = found.trust or url_trust(self.settings, found.endpoints)
+            for beat in read_heartbeats(self.settings.shared_dir, now, self.settings.clock_skew_s, self._problems):
                 if now - beat.time <= max(60.0, GONE_AFTER_TTLS * ttl):
-                    views.append(_from_heartbeat(beat, now, ttl))
-        result = self._discover() if discover else None
+                    views.append(self._trusted(_from_heartbeat(beat, now, ttl), trust))
         endpoints = result.endpoints if result else []
         # A name shared by several endpoints (DNS gives every address the headless Service's name) says
         # nothing about which replica it is: such endpoints are matched and named by URL only.
@@ -196,6 +226,8 @@ class ClusterView:
                 views.append(match)
             match.in_discovery = True
             match.pod_ready = endpoint.ready
+            if match.url is None and endpoint.url:  # its heartbeat's URL was ignored: discovery's is vouched for
+                match.url = endpoint.url
         if probe:
             targets = [v for v in views if v.url and (v.in_heartbeats or v.in_discovery)]
             answers = list(self._pool.map(self._probe, [v.url for v in targets]))
@@ -208,6 +240,14 @@ class ClusterView:
             committed=state.committed.model_dump(mode="json") if state.committed else None,
             pending=state.pending.model_dump(mode="json") if state.pending else None,
             generation=state.generation, replicas=views, discovery=result, time=now)
+
+    def _trusted(self, view: ReplicaView, trust: UrlTrust) -> ReplicaView:
+        """The view without its heartbeat's URL unless discovery vouches for it (logged once a minute)."""
+        if view.url is not None and (why := trust.problem(view.url)) is not None:
+            self._problems.report(view.replica_id, f"heartbeat of {view.replica_id!r}: not calling "
+                                  f"{view.url[:200]}: {why}")
+            view.url, view.url_ignored = None, why
+        return view
 
     @staticmethod
     def _match(views: list[ReplicaView], url: str | None, name: str | None) -> ReplicaView | None:

@@ -4,6 +4,12 @@ heartbeats.
 ``auto`` picks Kubernetes when running in a cluster, DNS when a headless service is named, static when
 ``INFERENCE_URLS`` is set, else the heartbeats on the shared volume. The cluster view then checks what
 discovery found against the heartbeats, so disagreements show (``in_heartbeats`` / ``in_discovery``).
+
+A heartbeat names its own URL, and whoever can write the shared folder can write a heartbeat. So the trainer
+(and the UI, through the trainer's ``/cluster``) calls a URL from a heartbeat only when ``UrlTrust`` vouches
+for its host: one the operator configured (``INFERENCE_URLS``, the headless Service's names) or one the
+configured discovery found (pod IPs from the Kubernetes API, the Service's addresses); loopback only when
+nothing is configured (every process on one machine, a local folder as the volume).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import Settings
 from lockstep.sync.protocol import live_heartbeats
+from lockstep.sync.tolerant import ProblemLog, url_host, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,66 @@ class Endpoint:
     ready: bool | None = None  # the pod's Ready condition (Kubernetes only)
 
 
+@dataclass(frozen=True)
+class UrlTrust:
+    """The replica hosts the trainer may call with its token; every other URL a heartbeat names is ignored."""
+
+    hosts: frozenset[str] = frozenset()  # host names and IP addresses, lower-case, IPv6 compressed
+    domains: tuple[str, ...] = ()  # the headless Service's names: the name itself, or one label under it
+    loopback: bool = False  # nothing configured: replicas on this machine
+
+    def problem(self, url: str) -> str | None:
+        """Why the trainer must not call ``url`` (malformed, or a host nobody configured), or None."""
+        if (why := url_problem(url)) is not None:
+            return why
+        host = url_host(url)
+        if host in self.hosts:
+            return None
+        for domain in self.domains:
+            if host == domain or (host.endswith("." + domain) and "." not in host[: -len(domain) - 1]):
+                return None
+        if self.loopback and _is_loopback(host):
+            return None
+        return (f"its host {host!r} is not one the configured discovery vouches for ({self.describe()}); "
+                "list the replicas in INFERENCE_URLS, name their headless Service (LOCKSTEP_HEADLESS_SERVICE), or "
+                "let the trainer list pods through the Kubernetes API")
+
+    def describe(self) -> str:
+        parts = sorted(self.hosts)[:5] + [f"*.{d}" for d in self.domains[:4]] + (["loopback"] if self.loopback else [])
+        return ", ".join(parts) or "none"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def headless_domains(service: str | None, namespace: str) -> tuple[str, ...]:
+    """The names a headless Service's pods are found under (a StatefulSet's ``<pod>.<service>...``)."""
+    if not service:
+        return ()
+    name = service.strip().lower().rstrip(".")
+    if "." in name:  # already qualified: exactly that
+        return (name,)
+    qualified = f"{name}.{namespace}"
+    return (name, qualified, f"{qualified}.svc", f"{qualified}.svc.cluster.local")
+
+
+def url_trust(settings: Settings, endpoints: list[Endpoint], *, namespace: str = "default",
+              extra_hosts: frozenset[str] = frozenset(), in_kubernetes: bool = False) -> UrlTrust:
+    """What the configuration and the discovered (not heartbeat) endpoints vouch for."""
+    hosts = {url_host(u) for u in settings.inference_url_list if url_problem(u) is None}
+    hosts |= {url_host(e.url) for e in endpoints
+              if e.url and e.source != "heartbeats" and url_problem(e.url) is None}
+    configured = bool(settings.inference_url_list or settings.headless_service or in_kubernetes)
+    return UrlTrust(hosts=frozenset(hosts | extra_hosts),
+                    domains=headless_domains(settings.headless_service, namespace), loopback=not configured)
+
+
 @dataclass
 class DiscoveryResult:
     """What one discovery pass found; ``error`` says why it found nothing when it failed."""
@@ -58,6 +125,7 @@ class DiscoveryResult:
     mode: DiscoveryMode
     endpoints: list[Endpoint] = field(default_factory=list)
     error: str | None = None
+    trust: UrlTrust | None = None  # which heartbeat URLs may be called; None: judge from the settings alone
 
     @property
     def urls(self) -> list[str]:
@@ -65,7 +133,8 @@ class DiscoveryResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"mode": self.mode.value, "urls": self.urls, "error": self.error,
-                "endpoints": [e.__dict__ for e in self.endpoints]}
+                "endpoints": [e.__dict__ for e in self.endpoints],
+                "trusted_hosts": self.trust.describe() if self.trust else None}
 
 
 def normalize_url(url: str) -> str:
@@ -112,6 +181,7 @@ class Discovery:
         self.namespace_file = namespace_file
         self._api_client = api_client
         self._api_client_checked = api_client is not None
+        self._problems = ProblemLog(log, clock=clock)  # each refused heartbeat URL once a minute
 
     # ------------------------------------------------------------------ mode
     def _k8s_client(self) -> Any | None:
@@ -137,6 +207,7 @@ class Discovery:
     def discover(self) -> DiscoveryResult:
         """One pass; failures are reported in ``error`` (never raised), so the cluster view still renders."""
         mode = self.mode
+        extra: frozenset[str] = frozenset()
         try:
             if mode is DiscoveryMode.STATIC:
                 endpoints = [Endpoint(url, "static") for url in self.settings.inference_url_list]
@@ -145,11 +216,21 @@ class Discovery:
             elif mode is DiscoveryMode.KUBERNETES:
                 endpoints = self._kubernetes()
             else:
-                endpoints = self._heartbeats()
+                extra = self._vouched_hosts()
+                endpoints = self._heartbeats(self.url_trust([], extra))
         except Exception as exc:  # DNS failures, API errors, RBAC refusals: shown in the cluster view
             log.warning("%s discovery failed: %s", mode.value, exc)
-            return DiscoveryResult(mode, [], f"{mode.value} discovery failed: {exc}")
-        return DiscoveryResult(mode, endpoints)
+            return DiscoveryResult(mode, [], f"{mode.value} discovery failed: {exc}", self.url_trust([], extra))
+        return DiscoveryResult(mode, endpoints, trust=self.url_trust(endpoints, extra))
+
+    def url_trust(self, endpoints: list[Endpoint], extra_hosts: frozenset[str] = frozenset()) -> UrlTrust:
+        """Which heartbeat URLs the trainer may call, given what this pass found."""
+        # static and dns never ask the Kubernetes API; the other modes do when running in a pod
+        in_kubernetes = self.configured not in (DiscoveryMode.STATIC, DiscoveryMode.DNS) and (
+            self._k8s_client() is not None)
+        namespace = self.namespace() if self.settings.headless_service else "default"
+        return url_trust(self.settings, endpoints, namespace=namespace, extra_hosts=extra_hosts,
+                         in_kubernetes=in_kubernetes)
 
     def _dns(self) -> list[Endpoint]:
         name = self.settings.headless_service
@@ -197,9 +278,35 @@ class Discovery:
                                       name=name, ready=ready))
         return endpoints
 
-    def _heartbeats(self) -> list[Endpoint]:
+    def _vouched_hosts(self) -> frozenset[str]:
+        """For heartbeats discovery: the addresses the rest of the configuration vouches for (pods by label, the
+        headless Service's addresses); a lookup that fails vouches for nothing and is logged."""
+        hosts: set[str] = set()
+        lookups = []
+        if self.settings.headless_service:
+            lookups.append(("dns", self._dns))
+        if self._k8s_client() is not None:
+            lookups.append(("kubernetes", self._kubernetes))
+        for name, lookup in lookups:
+            try:
+                hosts |= {url_host(e.url) for e in lookup() if e.url}
+            except Exception as exc:  # DNS or API trouble: those heartbeats are not called this pass
+                self._problems.report(name, f"heartbeats discovery: cannot list addresses by {name}: {exc}")
+        return frozenset(hosts)
+
+    def _heartbeats(self, trust: UrlTrust) -> list[Endpoint]:
         if self.settings.shared_dir is None:
             raise BadRequest("heartbeats discovery needs the shared folder; without one, name the replicas with "
                              "INFERENCE_URLS, LOCKSTEP_HEADLESS_SERVICE, or run in Kubernetes")
-        beats = live_heartbeats(self.settings.shared_dir, self.settings.heartbeat_ttl_s, self.clock.time())
-        return [Endpoint(b.url, "heartbeats", name=b.replica_id) for b in beats if b.url]
+        beats = live_heartbeats(self.settings.shared_dir, self.settings.heartbeat_ttl_s, self.clock.time(),
+                                self.settings.clock_skew_s)
+        endpoints = []
+        for beat in beats:
+            if not beat.url:
+                continue
+            if (why := trust.problem(beat.url)) is not None:
+                self._problems.report(beat.replica_id, f"heartbeat of {beat.replica_id!r}: not calling "
+                                      f"{beat.url[:200]}: {why}")
+                continue
+            endpoints.append(Endpoint(beat.url, "heartbeats", name=beat.replica_id))
+        return endpoints

@@ -114,8 +114,15 @@ class HttpClusterCoordinator(Coordinator):
         if not urls:
             return []
         now = self.clock.time()
-        return [beat_from_status(url, status, now) for url, status in self._http(urls).statuses().items()
-                if status is not None]
+        beats = []
+        for url, status in self._http(urls).statuses().items():
+            if status is None:
+                continue
+            try:
+                beats.append(beat_from_status(url, status, now))
+            except (ValueError, TypeError, OverflowError) as exc:  # a /status we cannot read: not counted as live
+                log.warning("ignoring the GET /status answer of %s: %s", url, exc)
+        return beats
 
     def read_state(self) -> SyncState:
         """The trainer's own ``sync_state.json``; without one, what the replicas serve (logged)."""

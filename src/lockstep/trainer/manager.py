@@ -128,12 +128,13 @@ class RunManager:
             return self._active[0].record if self._active else None
 
     def _refuse_if_active(self) -> None:
-        """Conflict while a run is active; the caller holds ``self._lock``."""
+        """Conflict while a run is active or a publish runs; the caller holds ``self._lock``."""
         active = self._active[0].record if self._active else None
         if active is not None:
             raise Conflict(f"run {active.id} ({active.kind}) is {active.status.value}; one run at a time: "
                            f"stop it (POST /runs/{active.id}/stop) or wait for it to finish. Runs are "
                            "refused, not queued")
+        self.publisher.check_idle()  # a run publishes versions itself: not while another publish runs
 
     def _validate(self, kind_name: str, params: dict[str, Any]) -> tuple[RunKind, BaseModel]:
         kind = KINDS.get(kind_name)

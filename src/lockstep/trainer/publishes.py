@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.core.clock import Clock
-from lockstep.core.errors import LockstepError, NotFound
+from lockstep.core.errors import Conflict, LockstepError, NotFound
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.models import loader
 from lockstep.models.refs import RefKind, parse_ref
@@ -64,12 +64,31 @@ class PublishJob:
     run_id: str | None = None
     started_at: float = 0.0
     finished_at: float | None = None
+    version: int | None = None  # the version it publishes, once the coordinator named it
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "publish_id": self.id, "kind": self.kind, "model": self.model,
                 "status": self.status, "phase": self.phase, "progress": self.progress, "result": self.result,
                 "error": self.error, "run_id": self.run_id, "started_at": self.started_at,
-                "finished_at": self.finished_at}
+                "finished_at": self.finished_at, "version": self.version}
+
+    def brief(self) -> dict[str, Any]:
+        """What a refused publish is told about this one."""
+        return {"id": self.id, "kind": self.kind, "model": self.model, "version": self.version,
+                "phase": self.phase, "run_id": self.run_id, "started_at": self.started_at}
+
+
+class PublishBusy(Conflict):
+    """A publish was asked for while another runs: refused, never queued behind it."""
+
+    code = "publish_in_progress"
+
+    def __init__(self, running: PublishJob) -> None:
+        version = f" v{running.version}" if running.version is not None else ""
+        super().__init__(f"publish {running.id} ({running.kind}{version} of {running.model}) is running, phase "
+                         f"{running.phase}; one publish at a time: follow it on GET /publishes/{running.id} and "
+                         "send yours when it has ended")
+        self.running = running.brief()
 
 
 class Publisher:
@@ -85,6 +104,7 @@ class Publisher:
         self._jobs: OrderedDict[str, PublishJob] = OrderedDict()
         self._lock = threading.Lock()
         self._busy = threading.Lock()  # one publish at a time from this trainer
+        self._running: PublishJob | None = None  # the job that holds (or was promised) that one slot
 
     # ------------------------------------------------------------------ jobs
     def jobs(self) -> list[dict[str, Any]]:
@@ -100,12 +120,28 @@ class Publisher:
 
     @property
     def busy(self) -> bool:
-        return self._busy.locked()
+        return self.running() is not None or self._busy.locked()
 
-    def _new_job(self, kind: str, model: str, run_id: str | None) -> PublishJob:
+    def running(self) -> PublishJob | None:
+        """The publish job running now (or started and about to run), if any."""
+        with self._lock:
+            return self._running
+
+    def check_idle(self) -> None:
+        """``PublishBusy`` (409, naming the running job) while a publish runs."""
+        running = self.running()
+        if running is not None:
+            raise PublishBusy(running)
+
+    def _new_job(self, kind: str, model: str, run_id: str | None, *, exclusive: bool = False) -> PublishJob:
+        """Record a job; ``exclusive``: take the one publish slot now, or raise ``PublishBusy``."""
         job = PublishJob(id=f"pub-{secrets.token_hex(4)}", kind=kind, model=model, run_id=run_id,
                          started_at=self.clock.time())
         with self._lock:
+            if exclusive:
+                if self._running is not None:
+                    raise PublishBusy(self._running)
+                self._running = job
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP_JOBS:
                 oldest = next(iter(self._jobs))
@@ -115,9 +151,17 @@ class Publisher:
         self.events.publish("publish", job.as_dict())
         return job
 
+    def _free(self, job: PublishJob) -> None:
+        """Give up the publish slot ``job`` holds (another job may hold it by now: then nothing changes)."""
+        with self._lock:
+            if self._running is job:
+                self._running = None
+
     def _progress(self, job: PublishJob) -> Any:
         def report(event: str, details: dict[str, Any]) -> None:
             job.phase = event
+            if isinstance(details.get("version"), int):
+                job.version = details["version"]
             if event == "staging":
                 job.progress = dict(details)
             self.events.publish("publish", job.as_dict())
@@ -130,9 +174,12 @@ class Publisher:
                metadata: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> dict[str, Any]:
         """Start a publish (or rollback) in the background; the job's id comes back at once.
 
-        ``label`` names the job and the new version's MANIFEST ``source`` (default: ``model``); ``then`` runs
-        when the job ends, however it ends."""
-        job = self._new_job(kind, label or model, None)
+        ``PublishBusy`` (409) while another publish runs: refused, not queued. ``label`` names the job and the
+        new version's MANIFEST ``source`` (default: ``model``); ``then`` runs when the job ends, however it
+        ends (not when it was refused)."""
+        job = self._new_job(kind, label or model, None, exclusive=True)
+        if kind == "rollback" and rollback_to is not None:
+            job.version = rollback_to
         if kind == "rollback":
             def work(progress: Any) -> PublishResult:
                 return self._with_lease_wait(lambda: self.coordinator.rollback(
@@ -149,7 +196,11 @@ class Publisher:
                 if then is not None:
                     then()
 
-        threading.Thread(target=run, name=f"publish-{job.id}", daemon=True).start()
+        try:
+            threading.Thread(target=run, name=f"publish-{job.id}", daemon=True).start()
+        except BaseException:
+            self._free(job)
+            raise
         return job.as_dict()
 
     def publish_dir(self, path: Path, *, label: str, metadata: dict[str, Any], run_id: str | None = None,
@@ -190,9 +241,12 @@ class Publisher:
 
     def _execute(self, job: PublishJob, work: Any) -> PublishResult:
         with self._busy:
+            with self._lock:
+                self._running = job
             try:
                 result: PublishResult = work(self._progress(job))
             except Exception as exc:
+                self._free(job)  # before the job reads as ended: its client may send the next publish at once
                 job.status, job.error, job.finished_at = "failed", str(exc), self.clock.time()
                 job.phase = "failed"
                 self.metrics.publish_total.labels(outcome="failed").inc()
@@ -202,6 +256,8 @@ class Publisher:
                 else:
                     log.warning("publish %s of %s failed: %s", job.id, job.model, exc)
                 raise
+            finally:
+                self._free(job)
         job.status, job.result, job.finished_at = "done", result.as_dict(), self.clock.time()
         job.phase = result.outcome
         self.metrics.publish_total.labels(outcome=result.outcome).inc()

@@ -1,12 +1,34 @@
-"""Request bodies of the trainer API and the parameters of each run kind (bounds name what is allowed)."""
+"""Request bodies of the trainer API and the parameters of each run kind (bounds name what is allowed).
+
+Every number has both bounds and must be finite, every string and collection a maximum length; ``/openapi.json``
+shows them, the run kinds' parameters included.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 
 from lockstep.core.settings import CommitPolicy
+
+METADATA_KEYS = 64  # entries of a version's metadata (step, loss, reward...)
+METADATA_CHARS = 16_384  # its size as JSON
+METADATA_DEPTH = 4  # nesting of lists and objects in it
+SAFE_INT = 2**53  # larger integers lose precision in JavaScript (the UI)
 
 
 def _no_bool(value: Any) -> Any:
@@ -16,20 +38,40 @@ def _no_bool(value: Any) -> Any:
     return value
 
 
-Number = Annotated[float, BeforeValidator(_no_bool)]
+# Bounds go before the validator: placed after it, they would not show as JSON Schema bounds in /openapi.json.
+Number = Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]
 ModelRefText = Annotated[StrictStr, Field(min_length=1, max_length=1024)]
-TimeoutS = Annotated[Number, Field(gt=0, le=86_400)]  # seconds a publish waits for every replica to stage
+# seconds a publish waits for every replica to stage
+TimeoutS = Annotated[float, AllowInfNan(False), Field(gt=0, le=86_400), BeforeValidator(_no_bool)]
+
+
+def _check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata goes into MANIFEST.json as it is: plain JSON, small, finite numbers, shallow."""
+    def walk(value: Any, depth: int, where: str) -> None:
+        if depth > METADATA_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {METADATA_DEPTH} levels")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where} is {value}; only finite numbers are allowed")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > SAFE_INT:
+            raise ValueError(f"{where} is beyond ±2^53")
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            walk(child, depth + 1, f"{where}.{key}")
+
+    for key, value in metadata.items():
+        if not key or len(key) > 128:
+            raise ValueError(f"metadata key {key[:40]!r}... must be 1 to 128 characters")
+        walk(value, 1, key)
+    if len(json.dumps(metadata)) > METADATA_CHARS:
+        raise ValueError(f"metadata is over {METADATA_CHARS} characters as JSON; keep it to a few figures")
+    return metadata
+
+
+Metadata = Annotated[dict[str, Any], Field(max_length=METADATA_KEYS), AfterValidator(_check_metadata)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class RunRequest(_Strict):
-    """``POST /runs``."""
-
-    kind: StrictStr = Field(min_length=1, max_length=64)
-    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class PublishRequest(_Strict):
@@ -44,7 +86,7 @@ class UploadPublishRequest(_Strict):
     """``POST /store/uploads/{id}/publish``: the uploaded folder becomes the next version."""
 
     label: StrictStr | None = Field(None, min_length=1, max_length=1024)  # MANIFEST "source" (default: the upload)
-    metadata: dict[str, Any] = Field(default_factory=dict)  # into MANIFEST.json: step, loss, reward...
+    metadata: Metadata = Field(default_factory=dict)  # into MANIFEST.json: step, loss, reward...
     policy: CommitPolicy | None = None
     timeout_s: TimeoutS | None = None
 
@@ -52,7 +94,7 @@ class UploadPublishRequest(_Strict):
 class RollbackRequest(_Strict):
     """``POST /rollback``: ``to`` a published version (default: the one before the committed version)."""
 
-    to: StrictInt | None = Field(None, ge=0)
+    to: StrictInt | None = Field(None, ge=0, le=10**12)  # a version number (they have at most 12 digits)
     policy: CommitPolicy | None = None
     timeout_s: TimeoutS | None = None
 
@@ -75,8 +117,8 @@ class SimulationParams(_Strict):
 class FinetuneParams(_Strict):
     """Real training on the trainer's own copy, with rollouts from the replicas."""
 
-    task: StrictStr = "digits"
-    reward: StrictStr | None = Field(None, max_length=300)  # plug-in 'package.module:function'
+    task: StrictStr = Field("digits", min_length=1, max_length=64)
+    reward: StrictStr | None = Field(None, min_length=1, max_length=300)  # plug-in 'package.module:function'
     model: ModelRefText | None = None  # default: what the cluster serves
     steps: StrictInt = Field(30, ge=1, le=100_000)
     publish_every: StrictInt = Field(3, ge=1, le=100_000)
@@ -103,3 +145,38 @@ class FinetuneParams(_Strict):
             raise ValueError(f"batch_size × group_size = {total} rollouts per step; "
                              "at most 4096 are allowed")
         return self
+
+
+def _inline(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its definitions inlined: it is embedded in another model's schema."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                merged = {**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}}
+                return resolve(merged)
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = resolve(schema)
+    return inlined
+
+
+# The parameters are checked against their kind's model when the run is created (RunManager: it names the kind
+# in its errors); the schema says the same for clients and /openapi.json.
+RunParams = Annotated[dict[str, Any], WithJsonSchema({
+    "title": "Params", "description": "the parameters of the run's kind: SimulationParams for 'simulation', "
+    "FinetuneParams for 'finetune' (unset ones take their defaults)",
+    "anyOf": [_inline(SimulationParams), _inline(FinetuneParams)]})]
+
+
+class RunRequest(_Strict):
+    """``POST /runs``."""
+
+    kind: Literal["simulation", "finetune"]
+    params: RunParams = Field(default_factory=dict)

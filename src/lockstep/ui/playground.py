@@ -91,8 +91,10 @@ class Playground:
                 message = error_message(json.loads(raw), raw[:200].decode(errors="replace"))
             except ValueError:
                 message = raw[:200].decode(errors="replace")
+            # A replica's 401 is this server's token, not the page's session: never relay it as the page's 401.
+            status = 502 if response.status_code == 401 else response.status_code
             return JSONResponse(error_body(f"{where} refused the prompt ({response.status_code}): {message}",
-                                           "upstream_error"), status_code=response.status_code)
+                                           "upstream_error"), status_code=status)
         meta = {"version": _int_or_none(response.headers.get("x-model-version")),
                 "replica_id": response.headers.get("x-replica-id") or target.replica_id,
                 "model": response.headers.get("x-model-repo-id"), "via": target.via}

@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -45,14 +46,14 @@ class PublishForm(_Form):
     model: StrictStr = Field(min_length=1, max_length=500, pattern=REF_PATTERN,
                              description="repo id, versions/N, builtin:tiny-sN or a folder the trainer reads")
     policy: Literal["strict", "quorum"] | None = None
-    timeout_s: Number | None = Field(None, gt=0, le=3600,
-                                     description="seconds to wait for every replica to stage")
+    timeout_s: Annotated[float, AllowInfNan(False), Field(gt=0, le=3600), BeforeValidator(_no_bool)] | None = Field(
+        None, description="seconds to wait for every replica to stage")
 
 
 class RollbackForm(_Form):
     """POST /api/rollback: commit an earlier version again (the one before the committed one by default)."""
 
-    to: StrictInt | None = Field(None, ge=0)
+    to: Annotated[StrictInt, Field(ge=0, le=10**12)] | None = None  # a version number (at most 12 digits)
     policy: Literal["strict", "quorum"] | None = None
 
 
@@ -90,3 +91,9 @@ class PlaygroundRequest(_Form):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+
+class LoginForm(_Form):
+    """POST /api/login: the operator's API token, exchanged for a session cookie."""
+
+    token: StrictStr = Field(min_length=1, max_length=4096, description="LOCKSTEP_API_TOKEN")

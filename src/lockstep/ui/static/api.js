@@ -1,4 +1,22 @@
 // Calls to the UI server's /api. Errors come back as Error objects whose message is plain words.
+// Every change carries the CSRF value the login gave this page: a page on another site can neither read it nor
+// send the header, so it cannot act with the operator's session.
+
+export const CSRF_HEADER = "X-Lockstep-CSRF";
+let csrf = "";
+
+/** Keep the CSRF value of the current login (empty when logged out). */
+export function setCsrf(value) { csrf = value || ""; }
+
+/** The headers of a change (POST): the CSRF value, and the JSON type when there is a body. */
+export function changeHeaders(withBody) {
+  const headers = {[CSRF_HEADER]: csrf};
+  if (withBody) headers["Content-Type"] = "application/json";
+  return headers;
+}
+
+/** Tell the page the session is gone (expired, logged out elsewhere, the UI server restarted). */
+export function loggedOut() { window.dispatchEvent(new CustomEvent("lockstep:logged-out")); }
 
 export function messageOf(body) {
   if (body && typeof body === "object") {
@@ -13,14 +31,16 @@ export async function api(path, {method = "GET", body} = {}) {
   try {
     response = await fetch(path, {
       method,
-      headers: body === undefined ? {} : {"Content-Type": "application/json"},
+      headers: method === "GET" ? {} : changeHeaders(body !== undefined),
       body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "same-origin",
     });
   } catch (err) {
     throw new Error(`The UI server did not answer (${err.message}). Is \`lockstep ui\` still running?`);
   }
   let data = null;
   try { data = await response.json(); } catch { /* not JSON: the status says enough */ }
+  if (response.status === 401) loggedOut();
   if (!response.ok) {
     throw new Error(messageOf(data) || `${response.status} ${response.statusText || "error"}`);
   }

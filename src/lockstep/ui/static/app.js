@@ -1,4 +1,5 @@
-// The page: one view at a time (by #hash), one live feed from the UI server, everything else reacts to the store.
+// The page: a login first (unless reads are public), then one view at a time (by #hash), one live feed from the
+// UI server; everything else reacts to the store.
 
 import {$, $$} from "./dom.js";
 import {set, store} from "./store.js";
@@ -7,6 +8,7 @@ import * as control from "./control.js";
 import * as timeline from "./timeline.js";
 import * as runs from "./runs.js";
 import * as playground from "./playground.js";
+import * as login from "./login.js";
 
 const VIEWS = ["fleet", "timeline", "runs", "playground"];
 const FEEDS = ["cluster", "runs", "publishes", "history", "versions"];
@@ -29,11 +31,18 @@ function liveState(kind, text) {
   $(".live-text", live).textContent = text;
 }
 
+let source = null;
+
 /** The feed: EventSource reconnects by itself (the server says after 2 s) when the UI server restarts. */
 function connect() {
-  const source = new EventSource("/api/events");
+  if (source) return;
+  source = new EventSource("/api/events");
   source.addEventListener("open", () => liveState("on", "live"));
-  source.addEventListener("error", () => liveState("off", "reconnecting…"));
+  source.addEventListener("error", () => {
+    liveState("off", "reconnecting…");
+    // Closed for good: the server refused the stream (401: the session ended). Ask who we are now.
+    if (source && source.readyState === EventSource.CLOSED) { source = null; login.refresh(); }
+  });
   for (const name of FEEDS) {
     source.addEventListener(name, (event) => {
       let data;
@@ -42,7 +51,17 @@ function connect() {
       set(name, data);
     });
   }
-  return source;
+}
+
+function disconnect() {
+  if (source) { source.close(); source = null; }
+  liveState("off", "logged out");
+}
+
+/** Who is logged in changed: the feed runs only while this page may read. */
+function onSession(session) {
+  if (session.logged_in || session.public_reads) connect();
+  else disconnect();
 }
 
 function main() {
@@ -51,11 +70,13 @@ function main() {
   timeline.init();
   runs.init();
   playground.init();
+  login.init(onSession);
   window.addEventListener("hashchange", route);
+  window.addEventListener("lockstep:logged-out", () => login.refresh());
   route();
   // Moving to a view by keyboard puts the focus at its start.
   $$(".tabs a").forEach((a) => a.addEventListener("click", () => setTimeout(() => $("#main").focus({preventScroll: true}), 0)));
-  connect();
+  login.refresh();
 }
 
 main();

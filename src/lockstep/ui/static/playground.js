@@ -1,7 +1,7 @@
 // Playground: a prompt in, a streamed answer out, with the version and the replica that produced it.
 
 import {$, h, fill, vchip, fieldError} from "./dom.js";
-import {messageOf, readEvents} from "./api.js";
+import {changeHeaders, loggedOut, messageOf, readEvents} from "./api.js";
 import {on} from "./store.js";
 
 const KEEP = 12; // earlier answers kept on the page
@@ -66,8 +66,9 @@ async function send(event) {
   const started = performance.now();
   let meta = {}, text = "", tokens = 0, failed = false, finish = null;
   try {
-    const response = await fetch("/api/playground", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify(body), signal: controller.signal});
+    const response = await fetch("/api/playground", {method: "POST", headers: changeHeaders(true),
+      body: JSON.stringify(body), signal: controller.signal, credentials: "same-origin"});
+    if (response.status === 401) loggedOut();
     if (!response.ok) {
       let data = null;
       try { data = await response.json(); } catch { /* not JSON */ }

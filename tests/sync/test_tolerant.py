@@ -1,0 +1,190 @@
+"""Readers of shared state: heartbeats from the future, malformed URLs, out-of-range numbers, the problem log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockstep.core.clock import FakeClock
+from lockstep.core.settings import Settings
+from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.http_coordinator import version_of
+from lockstep.sync.protocol import (
+    Committed,
+    Heartbeat,
+    ReplicaState,
+    ServingInfo,
+    SyncState,
+    activate_at_problem,
+    live_heartbeats,
+    parse_sync_state,
+    read_heartbeats,
+    reference_problem,
+    write_heartbeat,
+)
+from lockstep.sync.tolerant import ProblemLog, url_host, url_problem, wall_time_problem
+from lockstep.sync.watcher import sleep_until
+
+NOW = 1_700_000_000.0
+log = logging.getLogger("tests.sync.tolerant")
+
+
+def beat(replica_id: str, *, time: float = NOW, url: str | None = "http://10.0.0.1:8000") -> Heartbeat:
+    return Heartbeat(replica_id=replica_id, url=url, state=ReplicaState.SERVING, ready=True,
+                     serving=ServingInfo(version=1, model="versions/000001"), time=time)
+
+
+def write_raw(shared: Path, name: str, content: dict[str, Any] | str) -> None:
+    folder = shared / "replicas"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+# ---------------------------------------------------------------------------------------------- heartbeats
+def test_a_heartbeat_from_beyond_the_clock_skew_is_not_live_and_is_logged_once_a_minute(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(NOW)
+    problems = ProblemLog(log, clock=clock)
+    write_heartbeat(tmp_path, beat("now"))
+    write_heartbeat(tmp_path, beat("skewed", time=NOW + 1.5))  # within the 2 s allowed
+    write_heartbeat(tmp_path, beat("future", time=NOW + 3600))  # would never expire
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            live = live_heartbeats(tmp_path, 5.0, clock.time(), 2.0, problems)
+            assert sorted(b.replica_id for b in live) == ["now", "skewed"]
+        assert caplog.text.count("in the future") == 1 and "LOCKSTEP_CLOCK_SKEW_S" in caplog.text
+        clock.advance(61)
+        live_heartbeats(tmp_path, 5.0, clock.time(), 2.0, problems)
+    assert caplog.text.count("in the future") == 2  # said again after a minute, not ten times a second
+    # Without a "now" (a plain listing) the beat is still readable: only liveness judges its time.
+    assert "future" in {b.replica_id for b in read_heartbeats(tmp_path)}
+
+
+def test_a_coordinator_does_not_wait_for_a_replica_whose_heartbeat_is_from_the_future(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    settings = Settings(shared_dir=tmp_path, sync_state_file=None, hf_home=None, clock_skew_s=2.0)
+    write_heartbeat(tmp_path, beat("alive"))
+    write_heartbeat(tmp_path, beat("ghost", time=NOW + 86_400))
+    coordinator = Coordinator(settings, clock=clock, owner="test")
+    assert [b.replica_id for b in coordinator.live_replicas()] == ["alive"]
+    clock.advance(10)  # the live one's beat ages out; the ghost's never counted
+    assert coordinator.live_replicas() == []
+
+
+@pytest.mark.parametrize("url", [
+    "http://user:secret@10.0.0.1:8000", "http://10.0.0.1:8000/?next=x", "http://10.0.0.1:8000/#frag",
+    "file:///etc/passwd", "gopher://10.0.0.1", "http://", "http://:8000", "http://10.0.0.1:99999",
+    "http://10.0.0.1:0", "http://exa mple:8000", "http://example\n:8000", "http://exa_mple:8000",
+    "javascript:alert(1)", "http://-bad-.example", "//10.0.0.1:8000", "http://" + "a" * 3000, "",
+])
+def test_a_malformed_url_is_dropped_from_the_heartbeat_and_the_beat_kept(tmp_path: Path, url: str) -> None:
+    assert url_problem(url) is not None
+    write_raw(tmp_path, "r1", {**beat("r1").model_dump(mode="json"), "url": url})
+    beats = read_heartbeats(tmp_path, NOW, problems=ProblemLog(log))
+    assert [(b.replica_id, b.url) for b in beats] == [("r1", None)]
+
+
+@pytest.mark.parametrize(("url", "host"), [
+    ("http://10.0.0.1:8000", "10.0.0.1"),
+    ("https://Replica-0.Inference-Headless:8443/", "replica-0.inference-headless"),
+    ("http://[FD00:0::7]:8000", "fd00::7"), ("http://127.0.0.1:8001", "127.0.0.1"),
+    ("http://localhost", "localhost"),
+])
+def test_a_well_formed_url_is_kept_and_its_host_compares_canonically(url: str, host: str) -> None:
+    assert url_problem(url) is None and url_host(url) == host
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("time", math.nan), ("time", math.inf), ("time", -1.0), ("time", 1e300), ("time", "soon"),
+    ("serving", {"version": -1, "model": "m"}), ("serving", {"version": 10**30, "model": "m"}),
+    ("queue_depth", -5), ("tokens_per_s", math.inf), ("generation_seen", 2**64), ("commit_poll_s", 3600.0),
+    ("replica_id", ""), ("state", "dancing"),
+])
+def test_a_heartbeat_with_a_value_out_of_range_is_skipped_with_its_reason(
+        tmp_path: Path, field: str, value: Any, caplog: pytest.LogCaptureFixture) -> None:
+    write_raw(tmp_path, "bad", {**beat("bad").model_dump(mode="json"), field: value})
+    write_heartbeat(tmp_path, beat("good"))
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        beats = read_heartbeats(tmp_path, NOW, problems=ProblemLog(log))
+    assert [b.replica_id for b in beats] == ["good"]
+    assert f"field '{field}" in caplog.text and "bad.json" in caplog.text
+
+
+def test_an_oversized_heartbeat_file_is_skipped_without_being_parsed(tmp_path: Path) -> None:
+    write_raw(tmp_path, "huge", '{"replica_id": "huge", "pad": "' + "x" * (2 << 20) + '"}')
+    write_heartbeat(tmp_path, beat("good"))
+    assert [b.replica_id for b in read_heartbeats(tmp_path, NOW, problems=ProblemLog(log))] == ["good"]
+
+
+# ---------------------------------------------------------------------------------------------- sync_state
+@pytest.mark.parametrize(("change", "field"), [
+    ({"generation": 2**60}, "generation"), ({"updated_at": math.nan}, "updated_at"),
+    ({"committed": {"version": 10**12, "model": "versions/1"}}, "committed.version"),
+    ({"committed": {"version": 1, "model": "versions/000001", "committed_at": -5.0}}, "committed.committed_at"),
+    ({"pending": {"version": 2, "model": "versions/000002", "phase": "prepare", "deadline": math.inf}},
+     "pending.deadline"),
+])
+def test_a_state_with_a_number_out_of_range_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"field '{field}'"):
+        parse_sync_state({"generation": 3, **change})
+
+
+@pytest.mark.parametrize("activate_at", [math.nan, math.inf, -math.inf, -1.0, 1e300])
+def test_a_commit_whose_activate_at_is_no_time_parses_so_that_replicas_can_refuse_it_by_name(
+        activate_at: float) -> None:
+    state = parse_sync_state({"generation": 3, "committed": {"version": 2, "model": "versions/000002",
+                                                             "activate_at": activate_at}})
+    assert isinstance(state, SyncState) and state.committed is not None
+    problem = activate_at_problem(state.committed)
+    assert problem is not None and "v2" in problem and "activate_at" in problem
+    assert activate_at_problem(Committed(version=2, model="versions/000002", activate_at=NOW)) is None
+
+
+def test_sleep_until_refuses_a_time_that_never_comes_instead_of_dying_or_returning_at_once() -> None:
+    clock = FakeClock(NOW)
+    for never in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="not a finite"):
+            sleep_until(clock, never)
+    sleep_until(clock, NOW + 3600.25)  # far, finite: waited in bounded sleeps, to within a microsecond
+    assert abs(clock.time() - (NOW + 3600.25)) <= 1e-6
+
+
+@pytest.mark.parametrize(("version", "model", "refused"), [
+    (3, "versions/000003", None), (3, "versions/3", None),
+    (3, "/srv/models/anything", "published version"), (3, "./here", "published version"),
+    (3, "versions/000004", "instead of the published version versions/000003"),
+    (3, "builtin:tiny-s1", "instead of the published version"), (3, "org/model", "instead of the published"),
+    (0, "builtin:tiny", None), (0, "org/model", None), (0, "/srv/initial", None),  # its own initial model
+    (0, "/tmp/elsewhere", "not a published version"), (0, "versions/000002", "version 0 is the initial model"),
+])
+def test_the_shared_folder_may_only_name_published_versions_or_the_initial_model(
+        version: int, model: str, refused: str | None) -> None:
+    problem = reference_problem(version, model, initial_model="/srv/initial")
+    if refused is None:
+        assert problem is None
+    else:
+        assert problem is not None and refused in problem
+
+
+# ---------------------------------------------------------------------------------------------- small parts
+def test_wall_times_are_finite_seconds_between_1970_and_2100() -> None:
+    assert wall_time_problem(NOW, "t") is None and wall_time_problem(0, "t") is None
+    for bad in (math.nan, math.inf, -1, 5e9, "1", True, None):
+        assert wall_time_problem(bad, "t") is not None
+
+
+def test_a_replica_status_with_a_version_of_the_wrong_type_counts_as_none() -> None:
+    assert [version_of(v) for v in (3, 0, -1, "3", 3.0, True, None, 10**12)] == [3, 0, None, None, None, None,
+                                                                               None, None]
+
+
+def test_the_problem_log_forgets_old_keys_rather_than_grow_without_bound() -> None:
+    problems = ProblemLog(log, clock=FakeClock(NOW))
+    for i in range(ProblemLog.MAX_KEYS * 3):
+        problems.report(f"file-{i}", "bad")
+    assert len(problems._last) <= ProblemLog.MAX_KEYS
