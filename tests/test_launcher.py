@@ -84,7 +84,7 @@ def check_the_token_guards_every_door(token_file: Path, ports: dict[str, int]) -
     trainer, ui = f"http://127.0.0.1:{ports['trainer']}", f"http://127.0.0.1:{ports['ui']}"
     assert httpx.post(trainer + "/rollback", json={}, timeout=10).status_code == 401
     assert httpx.get(ui + "/api/cluster", timeout=10).status_code == 401
-    assert httpx.get(ui + "/healthz", headers={"Host": "evil.example"}, timeout=10).status_code == 400
+    assert httpx.get(ui + "/api/config", headers={"Host": "evil.example"}, timeout=10).status_code == 400
     with httpx.Client(base_url=ui, timeout=10) as browser:
         assert browser.post("/api/login", json={"token": token + "x"}).status_code == 401
         assert browser.post("/api/login", json={"token": token}).status_code == 200

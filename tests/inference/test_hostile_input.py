@@ -262,8 +262,9 @@ def test_a_body_just_under_the_limit_is_parsed(srv: Served) -> None:
 
 
 def test_a_host_outside_the_allow_list_is_refused(srv: Served) -> None:
-    r = httpx.get(srv.url + "/healthz", headers={"Host": "evil.example"})
+    r = httpx.get(srv.url + "/status", headers={"Host": "evil.example"})
     assert "LOCKSTEP_ALLOWED_HOSTS" in error_of(r, 400)
+    assert httpx.get(srv.url + "/ready", headers={"Host": "evil.example"}).status_code in (200, 503)  # probes: any Host
     r = post(srv, "/generate", {"prompt": "hi", "max_new_tokens": 1}, Host="rebound.attacker.test:8001")
     assert r.status_code == 400
     port = srv.url.rsplit(":", 1)[1]

@@ -1,4 +1,4 @@
-"""Bounded background load and readiness watching for end-to-end update tests (DESIGN.md §3 invariants).
+"""Bounded background load and readiness watching for end-to-end update tests (docs/protocol.md §4).
 
 ``GenerationLoad`` keeps a few client threads calling ``POST /generate`` (greedy) on each replica and
 records every answer. ``ReadyWatch`` polls ``GET /ready`` on each replica and reads ``sync_state.json``,
@@ -321,7 +321,7 @@ def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> dict[str,
 
 # ------------------------------------------------------------------------------------------------ scenario
 class UpdateScenario:
-    """A local cluster under load, its readiness watched; ``finish`` checks invariants 1–4 of DESIGN.md §3."""
+    """A local cluster under load, its readiness watched; ``finish`` checks invariants 1–4 of docs/protocol.md §4."""
 
     def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25) -> None:
         self.cluster = cluster

@@ -1,4 +1,4 @@
-"""Bad input at the shared folder, with real replica processes under load (DESIGN.md §2–§3).
+"""Bad input at the shared folder, with real replica processes under load (docs/protocol.md §2–§3).
 
 Torn or hand-written ``sync_state.json``, the seed's legacy format, references that must be refused before any
 replica stages, corrupted weight files, and the shared folder vanishing for a moment. After each, the cluster

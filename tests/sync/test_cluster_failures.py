@@ -1,4 +1,4 @@
-"""Crashes and failures at every step of a publish (DESIGN.md §3, invariant 6), with real replicas under load.
+"""Crashes and failures at every step of a publish (docs/protocol.md §4, invariant 6), with real replicas under load.
 
 One cluster for the module; the tests run in file order and each leaves the cluster serving a committed
 version. ``finish()`` checks that no request failed, every answer is labelled and worded by the version that

@@ -1,4 +1,4 @@
-"""The coordinator in virtual time, against heartbeats written as replicas write them (DESIGN.md §3)."""
+"""The coordinator in virtual time, against heartbeats written as replicas write them (docs/protocol.md §3)."""
 
 from __future__ import annotations
 

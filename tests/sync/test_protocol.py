@@ -1,4 +1,4 @@
-"""The shared files of the sync protocol: tolerant readers, strict atomic writers (DESIGN.md §2–§3)."""
+"""The shared files of the sync protocol: tolerant readers, strict atomic writers (docs/protocol.md §2–§3)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import ExitStack
@@ -237,7 +238,9 @@ def test_the_live_feed_ends_when_the_session_does() -> None:
             seen.append(chunk)
         return seen
 
-    assert len(asyncio.run(read())) == 3
+    # Its own loop in a fresh thread: the browser tests leave one running in this thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert len(pool.submit(asyncio.run, read()).result(timeout=60)) == 3
     assert closed == [True], "the feed's own generator is closed at once (it stops queueing for the page)"
 
 

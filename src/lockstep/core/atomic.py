@@ -1,4 +1,4 @@
-"""Atomic file replacement and tolerant JSON reading (DESIGN.md §2)."""
+"""Atomic file replacement and tolerant JSON reading (docs/protocol.md §2)."""
 
 from __future__ import annotations
 

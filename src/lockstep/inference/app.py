@@ -1,4 +1,4 @@
-"""The replica's HTTP API (DESIGN.md §4): a thin layer over ``ReplicaRuntime``."""
+"""The replica's HTTP API (docs/api.md): a thin layer over ``ReplicaRuntime``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Resolve a model reference to files on disk and load it safely (safetensors, no remote code).
 
 Loads in one process are serialized: two ``from_pretrained`` calls at once are not safe (transformers
-patches process-wide torch functions while it loads; see DESIGN.md §3).
+patches process-wide torch functions while it loads; see docs/protocol.md §3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The versioned model store in the shared folder, and the coordinator lease (DESIGN.md §2)."""
+"""The versioned model store in the shared folder, and the coordinator lease (docs/protocol.md §2)."""
 
 from lockstep.store.lease import Lease
 from lockstep.store.manifest import (

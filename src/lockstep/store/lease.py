@@ -1,4 +1,4 @@
-"""Lease: the coordinator lease file in ``locks/`` (DESIGN.md §2): exclusive, expiring, taken over when stale.
+"""Lease: the coordinator lease file in ``locks/`` (docs/protocol.md §2): exclusive, expiring, taken over when stale.
 
 The file ``locks/<name>.lease`` holds ``{owner, acquired_at, expires_at, token}`` (wall-clock seconds).
 

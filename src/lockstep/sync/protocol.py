@@ -1,4 +1,4 @@
-"""The files replicas and coordinators share: ``sync_state.json`` and heartbeats (DESIGN.md §2–§3).
+"""The files replicas and coordinators share: ``sync_state.json`` and heartbeats (docs/protocol.md §2–§3).
 
 Readers are tolerant (unknown fields ignored; a torn, unparsable or out-of-range file keeps the last good
 state; a heartbeat from the future or with a malformed URL is ignored with a logged reason); writers are

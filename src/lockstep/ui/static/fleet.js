@@ -29,7 +29,7 @@ function stateWord(r) {
 export function convergence(cluster) {
   const conv = cluster.convergence || {};
   const replicas = cluster.replicas || [];
-  // Version 0 is the initial model of a cluster that never published (DESIGN.md §3).
+  // Version 0 is the initial model of a cluster that never published (docs/protocol.md §3).
   const committed = cluster.committed ? cluster.committed.version : 0;
   const version = conv.version ?? committed ?? 0;
   const total = conv.total ?? replicas.length;
