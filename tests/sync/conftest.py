@@ -28,3 +28,11 @@ def scenario(cluster: LocalCluster) -> Iterator[UpdateScenario]:
     s = UpdateScenario(cluster)
     yield s
     s.close()
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """An empty folder standing in for the shared volume."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    return path

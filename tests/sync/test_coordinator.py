@@ -98,13 +98,6 @@ def clock() -> ReplicaClock:
     return ReplicaClock()
 
 
-@pytest.fixture
-def shared(tmp_path: Path) -> Path:
-    path = tmp_path / "shared"
-    path.mkdir()
-    return path
-
-
 def make_settings(shared: Path, builtin_dir: Path, **changes: Any) -> Settings:
     base: dict[str, Any] = {"shared_dir": shared, "builtin_dir": builtin_dir, "sync_state_file": None,
                             "hf_home": None, "hf_hub_offline": True, "poll_interval_s": 0.1,

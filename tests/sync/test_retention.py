@@ -60,13 +60,6 @@ def clock() -> ReplicaClock:
     return ReplicaClock()
 
 
-@pytest.fixture
-def shared(tmp_path: Path) -> Path:
-    path = tmp_path / "shared"
-    path.mkdir()
-    return path
-
-
 def versions_in(c: Coordinator) -> set[int]:
     return {int(p.name) for p in c.store.versions_dir.iterdir() if p.name.isdigit()}
 
