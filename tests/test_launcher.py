@@ -72,8 +72,12 @@ def test_up_starts_every_process_and_one_signal_stops_them_all(builtin_dir: Path
             with pytest.raises(httpx.ConnectError):
                 httpx.get(url, timeout=2)
     finally:
-        if up.poll() is None:
-            up.kill()
+        if up.poll() is None:  # a failed check: SIGTERM lets `up` stop its children (own sessions); SIGKILL would not
+            up.terminate()
+            try:
+                up.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                up.kill()
         log.close()
 
 
