@@ -21,6 +21,14 @@ class UpdateMode(str, Enum):
     INPLACE = "inplace"
 
 
+class EngineKind(str, Enum):
+    """Which engine serves: vLLM when it is installed and supports the device (auto), or one named."""
+
+    AUTO = "auto"
+    VLLM = "vllm"
+    BUILTIN = "builtin"
+
+
 class CommitPolicy(str, Enum):
     """What a coordinator does when some replicas fail to stage."""
 
@@ -125,6 +133,29 @@ class Settings(BaseSettings):
                                       description="A prompt longer than this is prefilled this many tokens per "
                                       "decode step while a batch runs, instead of stalling one step for all of it "
                                       "(0: 256 on CPU, 2048 on GPU; -1: off).")
+    engine: EngineKind = Field(EngineKind.AUTO, validation_alias=_env("LOCKSTEP_ENGINE"),
+                               description="auto (vLLM when it is installed and supports the device, else the "
+                               "built-in engine) | vllm | builtin.")
+    vllm_kv_cache_gib: float = Field(1.0, gt=0, le=4096, validation_alias=_env("LOCKSTEP_VLLM_KV_CACHE_GIB"),
+                                     description="vLLM on CPU: KV cache per engine in GiB (swap mode holds two "
+                                     "engines while staging).")
+    vllm_gpu_memory_utilization: float = Field(
+        0.0, ge=0, le=1, validation_alias=_env("LOCKSTEP_VLLM_GPU_MEMORY_UTILIZATION"),
+        description="vLLM on GPU: share of GPU memory one engine takes, weights and KV cache (0: 0.45 in swap mode, "
+        "where two engines must fit while staging; 0.9 in inplace mode).")
+    vllm_enforce_eager: str = Field("auto", pattern="^(auto|true|false)$",
+                                    validation_alias=_env("LOCKSTEP_VLLM_ENFORCE_EAGER"),
+                                    description="auto (eager on CPU: starts in about a minute instead of several; "
+                                    "compiled with CUDA graphs on GPU) | true | false.")
+    vllm_cpu_threads_bind: str = Field("", max_length=256, validation_alias=_env("LOCKSTEP_VLLM_CPU_THREADS_BIND"),
+                                       description="vLLM on CPU: VLLM_CPU_OMP_THREADS_BIND for each engine (auto, "
+                                       "nobind, or core ids like 0-3); empty: vLLM's default.")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, validation_alias=_env("LOCKSTEP_TENSOR_PARALLEL_SIZE"),
+                                      description="vLLM: GPUs one engine shards the model across (tensor "
+                                      "parallelism); the pod must request that many GPUs.")
+    vllm_args: str = Field("", max_length=16_384, validation_alias=_env("LOCKSTEP_VLLM_ARGS"),
+                           description="vLLM: a JSON object of further AsyncEngineArgs (e.g. "
+                           "'{\"max_num_batched_tokens\": 8192}'); options vLLM rejects stop the replica at start.")
     max_new_tokens_limit: int = Field(1024, ge=1, validation_alias=_env("LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
                                       description="Upper bound a request may ask for.")
     max_prompt_chars: int = Field(32_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_PROMPT_CHARS"),
@@ -230,6 +261,27 @@ class Settings(BaseSettings):
         """Host names (no port) from LOCKSTEP_ALLOWED_HOSTS; empty means any."""
         names = [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
         return [] if "*" in names else names
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _vllm_args_is_object(cls, value: str) -> str:
+        if value.strip():
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"LOCKSTEP_VLLM_ARGS is not JSON: {exc}") from exc
+            if not isinstance(parsed, dict):
+                raise ValueError("LOCKSTEP_VLLM_ARGS must be a JSON object of AsyncEngineArgs options")
+        return value
+
+    @property
+    def vllm_extra_args(self) -> dict[str, object]:
+        """LOCKSTEP_VLLM_ARGS parsed (validated as a JSON object at start)."""
+        import json
+
+        return json.loads(self.vllm_args) if self.vllm_args.strip() else {}
 
     @property
     def inference_url_list(self) -> list[str]:
