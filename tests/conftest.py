@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests run the built-in engine (seconds to start) unless they ask for vLLM (minutes to start): tests/engine/vllm
+# and the tests parametrized by engine. Settings built in this process and child processes read this.
+os.environ["LOCKSTEP_ENGINE"] = "builtin"
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,8 @@ def base_env(builtin_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCKSTEP_", "INFERENCE_URLS", "SYNC_STATE"))}
     env.update({"LOCKSTEP_BUILTIN_DIR": str(builtin_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "LOCKSTEP_POLL_INTERVAL_S": "0.05", "LOCKSTEP_HEARTBEAT_INTERVAL_S": "0.2",
-                "LOCKSTEP_HEARTBEAT_TTL_S": "3", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+                "LOCKSTEP_HEARTBEAT_TTL_S": "3", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "LOCKSTEP_ENGINE": "builtin"})
     env.update(extra)
     return env
 

@@ -296,18 +296,18 @@ def check_no_flip_flop(answers: list[Answer], commits: list[Commit], clock_slack
 _TEXTS: dict[str, dict[str, str]] = {}
 
 
-def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> dict[str, str]:
-    """What ``model_dir`` answers to each prompt, greedily, from a standalone engine in this process.
+def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS, dtype: str = "auto") -> dict[str, str]:
+    """What ``model_dir`` answers to each prompt, greedily, from a standalone built-in engine in this process.
 
-    Cached per folder. Same device and dtype choice as a replica with default settings.
+    Cached per folder and dtype. Same device choice as a replica with default settings.
     """
-    key = str(Path(model_dir).resolve())
+    key = f"{Path(model_dir).resolve()}|{dtype}"
     if key not in _TEXTS:
         from lockstep.engine import Engine, SamplingParams
         from lockstep.models import loader
 
-        settings = Settings(device="auto", dtype="auto", trust_remote_code=False, allow_pickle=False)
-        loaded = loader.load(loader.resolve(key, settings), settings)
+        settings = Settings(device="auto", dtype=dtype, trust_remote_code=False, allow_pickle=False)
+        loaded = loader.load(loader.resolve(str(Path(model_dir).resolve()), settings), settings)
         engine = Engine(loaded.model, loaded.tokenizer, max_context=loaded.max_context).start()
         try:
             params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
@@ -323,8 +323,9 @@ def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS) -> dict[str,
 class UpdateScenario:
     """A local cluster under load, its readiness watched; ``finish`` checks invariants 1–4 of docs/protocol.md §4."""
 
-    def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25) -> None:
+    def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25, dtype: str = "auto") -> None:
         self.cluster = cluster
+        self.dtype = dtype  # the replicas' LOCKSTEP_DTYPE, for the oracle
         self.grace_s = grace_s  # the stale-ready bound past activate_at, seconds
         self.watch = ReadyWatch(self.sync_path)
         self.load = GenerationLoad()
@@ -424,7 +425,7 @@ class UpdateScenario:
         answers = self.load.answers
         assert answers, "the load generator sent nothing"
         versions = {a.body_version for a in answers if a.status == 200 and a.body_version is not None}
-        expected = {v: greedy_texts(self.model_dir(v)) for v in versions}
+        expected = {v: greedy_texts(self.model_dir(v), dtype=self.dtype) for v in versions}
         problems = check_answers(answers, expected)
         problems += stale_ready(self.watch, self.grace_s)
         problems += check_no_flip_flop(answers, self.watch.snapshot()[0])

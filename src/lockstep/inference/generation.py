@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +14,8 @@ from lockstep.core.errors import Overloaded
 from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
 from lockstep.inference.replica import Replica
 from lockstep.inference.slot import ModelSlot
+
+log = logging.getLogger(__name__)
 
 PromptBuilder = Callable[[Any], list[int]]  # tokenizer → prompt token ids
 
@@ -130,3 +133,7 @@ def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenR
     m.generated_tokens.inc(final.completion_tokens)
     m.tokens_per_request.observe(final.completion_tokens)
     rate.add(final.completion_tokens)
+    sampled_by = {version for version, _, _ in getattr(final, "weight_versions", ())}
+    if sampled_by - {str(admitted.version)}:  # the engine's own account contradicts the label
+        m.version_mismatches.inc()
+        log.error("an answer labelled v%d was sampled by weight versions %s", admitted.version, sorted(sampled_by))

@@ -28,7 +28,7 @@ from lockstep.core.settings import Settings
 from lockstep.models import loader
 
 # Config fields that change what a model computes without changing any tensor's shape.
-_SHAPELESS_CONFIG = ("model_type", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+SHAPELESS_CONFIG = ("model_type", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
                      "sliding_window", "attention_bias", "mlp_bias")
 
@@ -44,15 +44,15 @@ def _config_differences(path: Path, live_config: Any) -> list[str]:
     except (OSError, json.JSONDecodeError) as exc:
         raise Conflict(f"cannot read {path / 'config.json'} to check the architecture: {exc}") from exc
     live = live_config.to_dict()
-    return [k for k in _SHAPELESS_CONFIG if k in new and k in live and new[k] != live[k]]
+    return [k for k in SHAPELESS_CONFIG if k in new and k in live and new[k] != live[k]]
 
 
-def _swap_hint(raw: str, detail: str) -> Conflict:
+def swap_hint(raw: str, detail: str) -> Conflict:
     return Conflict(f"in-place update needs the same architecture: {raw!r} {detail}; set "
                     "LOCKSTEP_UPDATE_MODE=swap for this update")
 
 
-def _read_weight_file(path: Path, resolved: loader.ResolvedModel) -> dict[str, torch.Tensor]:
+def read_weight_file(path: Path, resolved: loader.ResolvedModel) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file, from bytes read once and checked against the MANIFEST when there is one."""
     try:
         data = path.read_bytes()
@@ -96,14 +96,14 @@ class InplaceWeights:
         loader.check_safe_files(resolved.path, settings)
         changed = _config_differences(resolved.path, live.model.config)
         if changed:
-            raise _swap_hint(raw, f"differs from the live model in {', '.join(changed)}")
+            raise swap_hint(raw, f"differs from the live model in {', '.join(changed)}")
         state = live.model.state_dict()
         # File by file, each tensor cast as soon as it is read: host memory peaks at the staged copy plus one
         # file, whatever dtype the files hold.
         tensors: dict[str, torch.Tensor] = {}
         extra: list[str] = []
         for path in sorted(resolved.path.glob("*.safetensors")):
-            for name, tensor in _read_weight_file(path, resolved).items():
+            for name, tensor in read_weight_file(path, resolved).items():
                 if name in tensors:
                     raise LoadError(f"{raw!r}: tensor {name!r} is in more than one weight file")
                 live_t = state.get(name)
@@ -111,11 +111,11 @@ class InplaceWeights:
                     extra.append(name)
                     continue
                 if tuple(tensor.shape) != tuple(live_t.shape):
-                    raise _swap_hint(raw, f"holds {name} as {tuple(tensor.shape)}, the live model as "
+                    raise swap_hint(raw, f"holds {name} as {tuple(tensor.shape)}, the live model as "
                                      f"{tuple(live_t.shape)}")
-                tensors[name] = _finite(raw, name, tensor, live_t.dtype)
+                tensors[name] = finite_cast(raw, name, tensor, live_t.dtype)
         if extra:
-            raise _swap_hint(raw, f"has {len(extra)} tensor(s) the live model lacks, e.g. {sorted(extra)[0]!r}")
+            raise swap_hint(raw, f"has {len(extra)} tensor(s) the live model lacks, e.g. {sorted(extra)[0]!r}")
         tied: dict[tuple[int, tuple[int, ...]], list[str]] = {}
         for name, t in state.items():
             tied.setdefault((t.data_ptr(), tuple(t.shape)), []).append(name)
@@ -125,7 +125,7 @@ class InplaceWeights:
             # so the digest says what the copy leaves in memory even when a file holds two different values.
             twin = next((n for n in tied[(t.data_ptr(), tuple(t.shape))] if n in tensors), None)
             if twin is None:
-                raise _swap_hint(raw, f"has no tensor {name!r}")
+                raise swap_hint(raw, f"has no tensor {name!r}")
             aliases[name] = twin
         for unused in set(tensors) - set(aliases.values()):
             del tensors[unused]
@@ -159,7 +159,7 @@ class InplaceWeights:
                                   f"{done} of {len(pairs)} tensors: {type(exc).__name__}: {exc}") from exc
 
 
-def _finite(raw: str, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def finite_cast(raw: str, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The tensor as the live model would hold it (an owned, contiguous CPU copy), refused when NaN or inf.
 
     The in-place stand-in for the canary generation a swap runs: there is no second model to run, but

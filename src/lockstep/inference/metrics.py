@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -45,5 +48,24 @@ class ReplicaMetrics:
                                     buckets=_LOAD_BUCKETS, registry=r)
         self.inplace_pause = Histogram("lockstep_inplace_pause_seconds", "Admission pause of an in-place update.",
                                        buckets=_PAUSE_BUCKETS, registry=r)
+        self.version_mismatches = Counter(
+            "lockstep_engine_version_mismatches", "Answers the engine reports as sampled (in part) by weights of "
+            "another version than their label (vLLM reports it per answer); must stay 0.", registry=r)
         for g in (self.serving_version, self.staged_version, self.committed_version):
             g.set(-1)
+
+
+class VllmMetrics:
+    """vLLM's own metric families (``vllm:*``), which it keeps in the process-wide registry, for a replica's /metrics.
+
+    vLLM labels them with ``model_name`` (LOCKSTEP_SERVED_MODEL_NAME); the version they belong to is
+    ``lockstep_serving_version`` beside them. A new engine (swap mode) replaces the old one's series.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to reserve: vLLM's names cannot clash with lockstep_*

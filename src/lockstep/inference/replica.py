@@ -20,9 +20,11 @@ import torch
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
-from lockstep.core.settings import Settings, UpdateMode
+from lockstep.core.settings import EngineKind, Settings, UpdateMode
+from lockstep.inference import engines
+from lockstep.inference.checkpoint_files import CheckpointFiles
 from lockstep.inference.inplace import InplaceWeights, PartialCopy
-from lockstep.inference.metrics import ReplicaMetrics
+from lockstep.inference.metrics import ReplicaMetrics, VllmMetrics
 from lockstep.inference.slot import ModelSlot
 from lockstep.models import loader
 from lockstep.sync.protocol import ReplicaState, ServingInfo, StagedInfo, StageState
@@ -69,7 +71,7 @@ class StagedPlan:
     digest: str | None
     weights_digest: str
     slot: ModelSlot | None = None
-    inplace: InplaceWeights | None = None
+    inplace: InplaceWeights | CheckpointFiles | None = None  # built-in engine | vLLM
 
 
 class Replica:
@@ -82,6 +84,11 @@ class Replica:
         self.clock = clock
         self.metrics = metrics or ReplicaMetrics()
         self._engine_factory = engine_factory or default_engine_factory
+        # An injected factory is a built-in engine's (tests); otherwise LOCKSTEP_ENGINE decides, once.
+        self.engine_kind = EngineKind.BUILTIN if engine_factory is not None else engines.pick_engine(settings)
+        if self.engine_kind is EngineKind.VLLM:
+            engines.check_vllm_options(settings)  # an option vLLM lacks stops the replica now, not at each load
+            self.metrics.registry.register(VllmMetrics())
         self._lock = threading.RLock()  # guards the fields below
         self._load_lock = threading.Lock()  # one model load at a time: boot, stage and catch-up are one operation
         self._admission = threading.Event()  # cleared during an in-place copy
@@ -143,9 +150,12 @@ class Replica:
         """Resolve, verify, load, canary and start an engine; the single load path of a replica."""
         started = time.monotonic()
         resolved = loader.resolve(model_ref, self.settings, self.store)
-        loaded = loader.load(resolved, self.settings)
-        canary(loaded)
-        engine = self._engine_factory(loaded, self.settings)
+        if self.engine_kind is EngineKind.VLLM:
+            loaded, engine = engines.start_vllm(resolved, self.settings, version)
+        else:
+            loaded = loader.load(resolved, self.settings)
+            canary(loaded)
+            engine = self._engine_factory(loaded, self.settings)
         self.metrics.model_load.observe(time.monotonic() - started)
         return ModelSlot(version=version, model_ref=model_ref, digest=resolved.content_digest, loaded=loaded,
                          engine=engine)
@@ -219,7 +229,13 @@ class Replica:
             started = time.monotonic()
             resolved = loader.resolve(model_ref, self.settings, self.store)
             assert self.serving is not None
-            weights = InplaceWeights.load(resolved, self.serving.loaded, self.settings)  # a host-RAM copy
+            live = self.serving.loaded
+            weights: InplaceWeights | CheckpointFiles
+            if self.engine_kind is EngineKind.VLLM:  # verified bytes in a private folder vLLM reloads from
+                loader.check_safe_files(resolved.path, self.settings)
+                weights = CheckpointFiles.read(resolved, live.dtype, like=live.extra["checkpoint"], keep_copy=True)
+            else:
+                weights = InplaceWeights.load(resolved, live, self.settings)  # a host-RAM copy
             self.metrics.model_load.observe(time.monotonic() - started)
             plan = StagedPlan(version, model_ref, resolved.content_digest, weights.weights_digest, inplace=weights)
         else:
@@ -288,6 +304,8 @@ class Replica:
     def _release_plan(self, plan: StagedPlan) -> None:
         if plan.slot is not None:
             self._retire(plan.slot)
+        if isinstance(plan.inplace, CheckpointFiles):
+            plan.inplace.release()
         plan.slot = plan.inplace = None
 
     # ------------------------------------------------------------------ flips
@@ -325,7 +343,10 @@ class Replica:
             while old.engine.queue_depth + old.engine.running > 0:  # drain: one response, one version
                 time.sleep(0.001)
             try:
-                plan.inplace.copy_into(old.loaded.model)
+                if isinstance(plan.inplace, CheckpointFiles):  # vLLM pauses too, then reloads from the copy
+                    plan.inplace.apply(old.engine, plan.version)
+                else:
+                    plan.inplace.copy_into(old.loaded.model)
             except PartialCopy as exc:
                 message = f"in-place flip to v{plan.version} failed part-way; the live weights are mixed: {exc}"
                 log.error("%s", message)
@@ -336,8 +357,15 @@ class Replica:
                         self.committed_version = plan.version  # what it must load, afresh, to be ready
                 self.metrics.ready.set(0)
                 threading.Thread(target=self._retire, args=(old,), name=f"retire-v{old.version}", daemon=True).start()
+                if isinstance(plan.inplace, CheckpointFiles):
+                    plan.inplace.release()
                 raise
             old.loaded.weights_digest = plan.weights_digest
+            if isinstance(plan.inplace, CheckpointFiles):
+                previous = old.loaded.extra.get("checkpoint")
+                old.loaded.extra["checkpoint"] = plan.inplace  # vLLM now points at this copy
+                if isinstance(previous, CheckpointFiles):
+                    previous.release()
             new_slot = ModelSlot(version=plan.version, model_ref=plan.model_ref, digest=plan.digest,
                                  loaded=old.loaded, engine=old.engine)
             with self._lock:
@@ -363,6 +391,9 @@ class Replica:
             log.exception("error while retiring v%d", slot.version)
         slot.engine = None
         slot.loaded.model = None
+        files = slot.loaded.extra.get("checkpoint")
+        if isinstance(files, CheckpointFiles):
+            files.release()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

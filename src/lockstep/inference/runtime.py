@@ -232,6 +232,7 @@ class ReplicaRuntime:
             "updating": bool(staged and staged.state in (StageState.STAGING, StageState.STAGED)),
             "last_error": r.last_error,
             "update_mode": self.settings.update_mode.value,
+            "engine": r.engine_kind.value,
             "queue_depth": queued,
             "running": running,
             "tokens_per_s": round(self.token_rate.rate(), 2),

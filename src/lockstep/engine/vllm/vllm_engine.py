@@ -18,8 +18,10 @@ processes if this one dies without shutting them down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
+import math
 import os
 import threading
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lockstep.core.errors import BadRequest, LoadError, NotReady, Overloaded
+from lockstep.core.errors import BadRequest, LoadError, NotReady, Overloaded, VerificationError
 from lockstep.engine.event import FinalEvent, FinishReason, TokenEvent
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.sampling_params import SamplingParams
@@ -59,10 +61,10 @@ class VllmConfig:
 
     model: str | Path
     dtype: str = "bfloat16"
-    max_batch_size: int = 16  # vLLM max_num_seqs
+    max_batch_size: int | None = 16  # vLLM max_num_seqs (None: vLLM's default for the device)
     max_queue: int = 256  # requests waiting for their first token before submit() answers 429
     max_context: int = 2048  # vLLM max_model_len
-    kv_cache_gib: float = 1.0  # CPU: KV cache bytes (VLLM_CPU_KVCACHE_SPACE); GPU: use gpu_memory_utilization
+    kv_cache_gib: float | None = 1.0  # KV cache GiB (CPU: always set it); None: from gpu_memory_utilization
     enforce_eager: bool = False  # True: no torch.compile (fast start; slower steps)
     omp_threads_bind: str | None = None  # CPU: VLLM_CPU_OMP_THREADS_BIND ("auto", "0-1", "nobind")
     reserved_cpus: int | None = None  # CPU: VLLM_CPU_NUM_OF_RESERVED_CPU (auto keeps 1 core for the frontend)
@@ -75,15 +77,27 @@ class VllmConfig:
         from vllm import AsyncEngineArgs
 
         kwargs: dict[str, Any] = dict(
-            model=str(self.model), dtype=self.dtype, max_num_seqs=self.max_batch_size,
-            max_model_len=self.max_context, served_model_name=self.served_model_name,
-            enforce_eager=self.enforce_eager, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
+            model=str(self.model), dtype=self.dtype, max_model_len=self.max_context,
+            served_model_name=self.served_model_name, enforce_eager=self.enforce_eager,
         )
+        if self.max_batch_size is not None:
+            kwargs["max_num_seqs"] = self.max_batch_size
+        if self.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        self.check_options(self.extra)
         kwargs.update(self.extra)
-        try:
-            return AsyncEngineArgs(**kwargs)
-        except TypeError as exc:  # an unknown option
-            raise BadRequest(f"vLLM rejected the engine options: {exc}") from exc
+        return AsyncEngineArgs(**kwargs)
+
+    @staticmethod
+    def check_options(extra: dict[str, Any]) -> None:
+        """BadRequest naming the options vLLM's AsyncEngineArgs does not have (and those it has)."""
+        from vllm import AsyncEngineArgs
+
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise BadRequest(f"vLLM has no engine option(s) {', '.join(unknown)}; AsyncEngineArgs takes: "
+                             f"{', '.join(sorted(known))}")
 
     def env(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -323,6 +337,28 @@ class VllmEngine:
                 completion_tokens=len(tokens),
                 ttft_s=None if req.first_token_at is None else req.first_token_at - req.submitted_at,
                 latency_s=now - req.submitted_at, error=error, weight_versions=spans))
+
+    def canary(self, prompt_ids: list[int], tokens: int = 4) -> None:
+        """A short greedy generation through vLLM: it must run and every sampled token's logprob be finite."""
+        self._call(self._canary(prompt_ids, tokens))
+
+    async def _canary(self, prompt_ids: list[int], tokens: int) -> None:
+        from vllm import SamplingParams as VSamplingParams
+
+        params = VSamplingParams(max_tokens=tokens, temperature=0.0, logprobs=1, ignore_eos=True)
+        final = None
+        async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params,
+                                            request_id=f"lockstep-canary-{id(self)}"):
+            final = out
+        comp = None if final is None else final.outputs[0]
+        if comp is None or len(comp.token_ids) != tokens:
+            raise VerificationError(f"the canary generation on {self.config.model} produced "
+                                    f"{0 if comp is None else len(comp.token_ids)} of {tokens} tokens")
+        for token, candidates in zip(comp.token_ids, comp.logprobs or (), strict=False):
+            chosen = candidates.get(token)
+            if chosen is None or not math.isfinite(chosen.logprob):
+                raise VerificationError(f"the canary generation on {self.config.model} produced non-finite "
+                                        "logits; the weights are corrupt or overflow in this dtype")
 
     # --- in-place update -------------------------------------------------------------------------------
     def reload_weights(self, path: str | Path, version: str, drain_timeout_s: float | None = None) -> float:

@@ -1,0 +1,198 @@
+"""A replica on the vLLM engine keeps the built-in engine's API and guarantees (issue 11).
+
+One ``lockstep serve`` process with ``LOCKSTEP_ENGINE=vllm`` (swap mode, no shared folder: the trainer's HTTP
+admin calls drive it) for the module; the tests run in file order. The oracle is the built-in engine in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.load import PROMPTS, GenerationLoad, check_answers, greedy_texts
+from tests.support.vllm import ENGINE_START_S, VLLM_ENV, needs_vllm, rss_mib, vllm_processes, wait_gone, wait_ready
+
+pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
+
+TOKEN = "vllm-replica-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[Proc]:
+    root = tmp_path_factory.mktemp("vllm-replica")
+    port = free_port()
+    env = base_env(builtin_dir, **VLLM_ENV, LOCKSTEP_API_TOKEN=TOKEN, LOCKSTEP_MAX_QUEUE="4",
+                   LOCKSTEP_REPLICA_ID="vllm-1", LOCKSTEP_TRAINER_DATA_DIR=str(root / "data"))
+    proc = spawn("vllm-1", ["serve", "--port", str(port), "--model", "builtin:tiny-s0"], env, root / "logs", port)
+    try:
+        wait_ready(proc)
+        yield proc
+    finally:
+        engines = vllm_processes(proc.process.pid)
+        proc.process.terminate()
+        proc.process.wait(timeout=60)
+        assert not wait_gone(engines, 30), "a stopped replica left vLLM engine processes running"
+
+
+def _generate(proc: Proc, prompt: str, **body: Any) -> httpx.Response:
+    return proc.post("/generate", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0.0, **body})
+
+
+def _metric(proc: Proc, name: str) -> float:
+    total = 0.0
+    for line in proc.get("/metrics").text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _stage(proc: Proc, model: str, version: int) -> dict[str, Any]:
+    """Stage ``model`` as ``version`` and wait for the outcome (``staged`` or ``failed``)."""
+    assert proc.post("/admin/stage", json={"model": model, "version": version}, headers=AUTH).status_code == 202
+
+    def outcome() -> dict[str, Any] | None:
+        staged = proc.status().get("staged") or {}
+        return staged if staged.get("version") == version and staged.get("state") in ("staged", "failed") else None
+    return wait_for(outcome, ENGINE_START_S, 0.2, f"the stage of v{version}")  # type: ignore[no-any-return]
+
+
+def test_greedy_answers_equal_the_builtin_engines_on_both_apis(replica: Proc, tiny_dirs: dict[int, Path]) -> None:
+    want = greedy_texts(tiny_dirs[0], dtype="float32")
+    for prompt in PROMPTS:
+        r = _generate(replica, prompt)
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == want[prompt]
+        assert (r.headers["X-Model-Version"], r.json()["model_version"]) == ("0", 0)
+        assert r.headers["X-Model-Repo-Id"] == "builtin:tiny-s0"
+
+        chunks: list[dict[str, Any]] = []
+        with httpx.stream("POST", replica.url + "/v1/completions", timeout=60,
+                          json={"model": "lockstep", "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
+                                "stream": True}) as s:
+            assert s.status_code == 200
+            assert s.headers["X-Model-Version"] == "0"
+            for line in s.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want[prompt]
+        assert {c["model"] for c in chunks} == {"lockstep@v0"}
+
+
+def test_status_and_metrics_show_the_engine_and_vllms_own_metrics(replica: Proc) -> None:
+    status = replica.status()
+    assert status["engine"] == "vllm"
+    assert len(status["weights_digest"]) == 64
+    text = replica.get("/metrics").text
+    assert "vllm:num_requests_running{" in text  # vLLM's own families, beside Lockstep's
+    assert "lockstep_serving_version 0.0" in text
+    assert _metric(replica, "lockstep_engine_version_mismatches_total") == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_harms_no_admitted_request(replica: Proc) -> None:
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        r = _generate(replica, "Once upon a time", max_new_tokens=48)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one) for _ in range(40)]  # 40 at once against a queue of 4 (+16 running)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted({r.status_code for r in results})
+    assert len(results) == 40 and set(codes) <= {200, 429}, codes
+    refused = [r for r in results if r.status_code == 429]
+    assert refused, "nobody was refused: the queue bound does not hold"
+    assert all(float(r.headers["Retry-After"]) > 0 for r in refused)
+    assert all(r.json()["model_version"] == 0 for r in results if r.status_code == 200)
+
+
+def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
+    answered = _metric(replica, "lockstep_requests_total")
+    with httpx.stream("POST", replica.url + "/v1/completions", timeout=60,
+                      json={"model": "lockstep", "prompt": "Once upon a time", "max_tokens": 1000,
+                            "temperature": 0.0, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break  # the first token is in: hang up
+    wait_for(lambda: replica.status()["running"] + replica.status()["queue_depth"] == 0, 60, 0.1,
+             "the abandoned request to leave the engine")
+    wait_for(lambda: _metric(replica, "vllm:num_requests_running") == 0, 60, 0.1, "vLLM to drop it too")
+    assert _metric(replica, "lockstep_requests_total") == answered, "the request ran to its end: not cancelled"
+
+
+def test_a_swap_under_load_fails_and_mislabels_nothing_and_returns_the_old_engines_memory(
+        replica: Proc, tiny_dirs: dict[int, Path]) -> None:
+    old_engine = vllm_processes(replica.process.pid)
+    assert len(old_engine) >= 1
+    with GenerationLoad({replica.name: replica.url}) as load:
+        staged = _stage(replica, str(tiny_dirs[1]), 1)
+        assert staged["state"] == "staged", staged
+        both = vllm_processes(replica.process.pid)
+        assert set(old_engine) < set(both), "the new version did not get its own engine"
+        old_rss = rss_mib(old_engine)
+        before = load.count()
+        r = replica.post("/admin/commit", json={"version": 1}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        wait_for(lambda: replica.status()["serving_version"] == 1, 60, 0.05, "the flip to v1")
+        wait_for(lambda: load.count() > before + 20, 120, 0.1, "answers after the flip")
+    answers = load.answers
+    expected = {0: greedy_texts(tiny_dirs[0], dtype="float32"), 1: greedy_texts(tiny_dirs[1], dtype="float32")}
+    problems = check_answers(answers, expected)
+    assert not problems, f"{len(problems)} problems in {len(answers)} answers:\n" + "\n".join(problems[:20])
+    assert {a.body_version for a in answers} == {0, 1}
+    assert _metric(replica, "lockstep_engine_version_mismatches_total") == 0
+    assert not wait_gone(old_engine, 120), "the old engine's processes are still running after the flip"
+    assert old_rss > 100, old_rss  # what went back to the system with them, MiB
+    assert replica.ready()
+
+
+def _broken_copy(src: Path, dst: Path, **config: Any) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_failed_vllm_load_is_reported_and_the_old_version_keeps_serving(
+        replica: Proc, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    serving = replica.status()["serving_version"]
+    engines = vllm_processes(replica.process.pid)
+
+    # vLLM refuses the architecture: the engine fails to start.
+    unknown = _broken_copy(tiny_dirs[2], tmp_path / "unknown", architectures=["NoSuchModelForCausalLM"])
+    staged = _stage(replica, str(unknown), serving + 1)
+    assert staged["state"] == "failed" and "NoSuchModelForCausalLM" in staged["error"], staged
+    assert "NoSuchModelForCausalLM" in replica.status()["last_error"]
+
+    # Non-finite weights: refused from the files, before any engine starts.
+    nan = _broken_copy(tiny_dirs[2], tmp_path / "nan")
+    weights = nan / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights)
+    staged = _stage(replica, str(nan), serving + 1)
+    assert staged["state"] == "failed" and "non-finite" in staged["error"], staged
+
+    time.sleep(0.5)
+    status = replica.status()
+    assert (status["serving_version"], status["ready"]) == (serving, True), status
+    assert _generate(replica, PROMPTS[0]).json()["model_version"] == serving
+    assert not wait_gone(list(set(vllm_processes(replica.process.pid)) - set(engines)), 60), \
+        "a failed start left engine processes behind"

@@ -1,0 +1,85 @@
+"""The two-phase publish and a replica killed while it stages, with every replica on the vLLM engine (issue 11).
+
+The same scenarios as test_cluster_failures.py (which runs the built-in engine), with vLLM's start time allowed
+for: a stage starts a whole vLLM engine (a minute or more on 2 cores). ``finish()`` checks what it checks there:
+no failed request, every answer labelled and worded by the version that produced it, no stale ready, no
+flip-flop. A killed replica must also leave no vLLM engine process behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import LocalCluster, Proc, local_cluster, wait_for
+from tests.support.load import UpdateScenario
+from tests.support.vllm import ENGINE_START_S, VLLM_ENV, needs_vllm, vllm_processes, wait_gone, wait_ready
+
+pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(2400)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iterator[LocalCluster]:
+    """Two vLLM replicas sharing a folder (overrides the conftest's built-in one)."""
+    with local_cluster(tmp_path_factory.mktemp("vllm-cluster"), builtin_dir, replicas=0, **VLLM_ENV) as cluster:
+        for _ in range(2):
+            cluster.add_replica(wait=False)
+        for proc in cluster.replicas:
+            wait_ready(proc)
+        yield cluster
+
+
+@pytest.fixture
+def scenario(cluster: LocalCluster) -> Iterator[UpdateScenario]:
+    path = cluster.shared / "sync_state.json"
+    committed = json.loads(path.read_text())["committed"]["version"] if path.exists() else 0
+    cluster.wait_all_serving(committed, timeout=ENGINE_START_S)
+    s = UpdateScenario(cluster, dtype="float32")
+    yield s
+    s.close()
+
+
+def _live(cluster: LocalCluster) -> list[Proc]:
+    return [r for r in cluster.replicas if r.alive()]
+
+
+def _staged_state(proc: Proc) -> str | None:
+    return (proc.status().get("staged") or {}).get("state")
+
+
+def test_a_publish_under_load_flips_every_vllm_replica_together(
+        scenario: UpdateScenario, cluster: LocalCluster, tiny_dirs: dict[int, Path]) -> None:
+    result = scenario.publish(str(tiny_dirs[1]), stage_timeout_s=ENGINE_START_S)
+    assert result.outcome == "committed", result.summary()
+    assert sorted(r.outcome for r in result.replicas) == ["serving", "serving"]
+    cluster.wait_all_serving(result.version, timeout=ENGINE_START_S)
+    scenario.finish()
+
+
+def test_a_vllm_replica_killed_while_it_stages_leaves_no_engine_and_comes_back_at_the_committed_version(
+        scenario: UpdateScenario, cluster: LocalCluster, tiny_dirs: dict[int, Path]) -> None:
+    s = scenario
+    survivor, victim = _live(cluster)
+    publish = s.publish_in_background(str(tiny_dirs[2]), stage_timeout_s=ENGINE_START_S)
+    wait_for(lambda: _staged_state(victim) == "staging", 60, 0.01, f"{victim.name} staging")
+    # Until the second engine's processes exist: the kill lands while vLLM loads the new version.
+    serving_engine = set(vllm_processes(victim.process.pid))
+    wait_for(lambda: set(vllm_processes(victim.process.pid)) - serving_engine, ENGINE_START_S, 0.05,
+             f"{victim.name}'s staging engine to start")
+    engines = vllm_processes(victim.process.pid)
+    s.kill(victim)
+    assert not wait_gone(engines, 60), "the killed replica's vLLM engine processes are still running"
+
+    result = publish.result(timeout=2 * ENGINE_START_S)
+    assert result.outcome == "committed", result.summary()
+    assert [(r.replica_id, r.outcome) for r in result.replicas] == [(survivor.name, "serving")]
+    cluster.wait_all_serving(result.version, timeout=ENGINE_START_S)
+
+    back = cluster.add_replica(victim.name, wait=False)  # boots straight into the committed version
+    wait_ready(back)
+    assert back.status()["serving_version"] == result.version
+    s.serve(back)
+    s.finish()
