@@ -1,6 +1,11 @@
 """Engine throughput and latency vs plain ``model.generate`` one request at a time (in-process, no HTTP).
 
     python benchmarks/engine_bench.py --model PATH [--concurrency 1,4,16,64] [--max-new-tokens 64]
+    python benchmarks/engine_bench.py --model PATH --step-batches 16,32,64,128,192,256
+
+The second form measures only the batched decode step (``LlamaRunner.decode``) at each batch size: its
+median time and the tokens per second it gives (batch / step time), the figures behind the engine's cap on
+an automatic batch size (``lockstep.engine.batch_size.MAX_AUTO_BATCH``).
 
 Every request decodes greedily for a fixed number of tokens (eos ignored on both sides), so both paths
 do the same work: lengths cycle through 1/2x..3/2x ``--max-new-tokens`` (mean 1x) so that requests
@@ -24,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
 
 from lockstep.engine import Engine, SamplingParams  # noqa: E402
+from lockstep.engine.llama_runner import LlamaRunner  # noqa: E402
 
 TEXTS = [
     "Once upon a time there was a small fox who lived near the river and liked to count the stars.",
@@ -136,6 +142,32 @@ def in_thread(fn, *args):
     return result[0]
 
 
+def step_times(model, batches: list[int], prompt_len: int = 10, steps: int = 8, passes: int = 2) -> list[str]:
+    """Median decode-step time at each batch size (every sequence ``prompt_len`` tokens in), best of
+    ``passes`` passes over all sizes, so that load drifting on a shared machine weighs on every size alike."""
+    best: dict[int, float] = {}
+    with torch.inference_mode():
+        for _ in range(passes):
+            for b in batches:
+                runner = LlamaRunner(model, b, prompt_len + steps + 4)
+                runner.prefill([[5] * prompt_len] * b, list(range(b)))
+                pos = prompt_len
+                for _ in range(2):  # warm-up steps
+                    runner.decode([7] * b, [pos] * b)
+                    pos += 1
+                took = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    runner.decode([7] * b, [pos] * b)
+                    took.append(time.perf_counter() - t0)
+                    pos += 1
+                runner.close()
+                best[b] = min(best.get(b, float("inf")), statistics.median(took))
+    rows = ["| batch | decode step (median) ms | tokens/s |", "|---:|---:|---:|"]
+    rows += [f"| {b} | {best[b] * 1000:.1f} | {b / best[b]:.0f} |" for b in batches]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +179,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default="auto", choices=["auto", "llama", "hf"])
+    parser.add_argument("--step-batches", default="",
+                        help="comma-separated batch sizes: measure only the decode step at each, then exit")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads for both paths (0: torch's default). On a CPU shared "
                         "with other busy processes, 1 avoids OpenMP barrier stalls that were measured to "
@@ -166,6 +200,10 @@ def main() -> None:
     print(f"model {args.model}: {n_params / 1e6:.1f} M parameters, {args.device} {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, {args.max_new_tokens} new tokens per request (mean)",
           flush=True)
+    if args.step_batches:
+        batches = [int(b) for b in args.step_batches.split(",")]
+        print("\n".join(in_thread(step_times, model, batches)))
+        return
 
     in_thread(baseline, model, prompts, args.max_new_tokens, 2)  # warm-up (first calls pay one-time costs)
     # Half the baseline runs before the engine and half after, so a change in machine load during the

@@ -12,7 +12,14 @@ runs is the reference, so load drifting on a shared machine cannot flatter the r
 ``--transformers-serve`` the same HTTP load also runs against ``transformers serve --continuous-batching``
 on the same model folder.
 
+With ``--configs`` the replica runs once per named set of environment variables instead (e.g. old and new
+defaults), each ``--rounds`` times, alternating their order from round to round (A B B A ...) so that load
+drifting on a shared machine weighs on every configuration alike; the largest batch the replica ran
+(``running`` in its /status, polled during each level) is reported beside each figure.
+
     .venv/bin/python benchmarks/serve_bench.py --sizes tiny mid --concurrency 1 4 16 64
+    .venv/bin/python benchmarks/serve_bench.py --sizes mid --concurrency 1 16 64 --rounds 2 \
+        --configs old:LOCKSTEP_DTYPE=float32,LOCKSTEP_MAX_BATCH_SIZE=16 new:
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class Level:
     concurrency: int
     results: list[Result]
     wall_s: float
+    max_running: int | None = None  # the largest batch the replica's /status showed during the level
+    load_avg_1m: float | None = None  # the machine's load average when the level ended
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,6 +90,8 @@ class Level:
             "ttft_p99_s": percentile(ttft, 99),
             "ttft_first_round_p50_s": percentile([r.ttft for r in self.results if r.first_round] or ttft, 50),
             "wall_s": self.wall_s,
+            "max_running": self.max_running,
+            "load_avg_1m": self.load_avg_1m,
         }
 
 
@@ -167,12 +178,29 @@ async def _stream_one(http: httpx.AsyncClient, model: str, prompt: str, tokens: 
     return Result((first or ended) - started, ended - started, got)
 
 
-async def _level(url: str, model: str, name: str, concurrency: int, requests: int, tokens: int) -> Level:
+async def _watch_batch(http: httpx.AsyncClient, seen: list[int], stop: asyncio.Event) -> None:
+    """Poll the replica's /status every 0.25 s and keep the largest running batch it reports."""
+    while not stop.is_set():
+        try:
+            seen.append(int((await http.get("/status")).json()["running"]))
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+
+async def _level(url: str, model: str, name: str, concurrency: int, requests: int, tokens: int,
+                 watch_batch: bool = False) -> Level:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
         await _stream_one(http, model, PROMPTS[0], tokens)  # warm the connection and the server
         queue = list(range(requests))
         results: list[Result] = []
+        seen: list[int] = []
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(_watch_batch(http, seen, stop)) if watch_batch else None
 
         async def client(c: int) -> None:
             first_round = True
@@ -184,17 +212,23 @@ async def _level(url: str, model: str, name: str, concurrency: int, requests: in
 
         started = time.monotonic()
         await asyncio.gather(*(client(c) for c in range(concurrency)))
-        return Level(name, concurrency, results, time.monotonic() - started)
+        wall = time.monotonic() - started
+        stop.set()
+        if watcher is not None:
+            await watcher
+        return Level(name, concurrency, results, wall, max(seen) if seen else None, os.getloadavg()[0])
 
 
-def http_levels(url: str, model: str, name: str, args: argparse.Namespace) -> list[Level]:
+def http_levels(url: str, model: str, name: str, args: argparse.Namespace, watch_batch: bool = False) -> list[Level]:
     levels = []
     for c in args.concurrency:
         requests = max(args.min_requests, c * args.requests_per_client)
-        level = asyncio.run(_level(url, model, name, c, requests, args.tokens))
+        level = asyncio.run(_level(url, model, name, c, requests, args.tokens, watch_batch))
+        batch = f", batch up to {level.max_running}" if level.max_running is not None else ""
         print(
             f"  {name} C={c}: {level.tokens_per_s:.1f} tok/s, "
-            f"TTFT p50 {percentile([r.ttft for r in level.results], 50) * 1000:.0f} ms",
+            f"TTFT p50 {percentile([r.ttft for r in level.results], 50) * 1000:.0f} ms{batch}, "
+            f"load {level.load_avg_1m:.1f}",
             flush=True,
         )
         levels.append(level)
@@ -252,11 +286,45 @@ def measure_baseline(model_dir: Path, args: argparse.Namespace, when: str) -> Le
     return level
 
 
+def parse_config(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:K=V,K=V`` (``NAME:`` for the replica's defaults) → (NAME, {K: V})."""
+    name, sep, pairs = text.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:K=V,K=V (NAME: alone for the defaults)")
+    env = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.startswith("LOCKSTEP_"):
+            raise argparse.ArgumentTypeError(f"{pair!r} in {text!r} is not LOCKSTEP_NAME=VALUE")
+        env[key] = value
+    return name, env
+
+
+def config_rounds(model_ref: str, args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """Every ``--configs`` entry ``--rounds`` times, the order reversed every other round (A B B A ...)."""
+    runs = []
+    for round_no in range(args.rounds):
+        order = args.configs if round_no % 2 == 0 else args.configs[::-1]
+        for name, env in order:
+            print(f"  round {round_no + 1}, {name}: {env or 'the defaults'}", flush=True)
+            with replica(model_ref, log_dir, args.threads, **env) as proc:
+                levels = http_levels(proc.url, "lockstep", f"lockstep {name}", args, watch_batch=True)
+            runs.append({"config": name, "env": env, "round": round_no + 1,
+                         "levels": [lv.summary() for lv in levels]})
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------- report
 def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     name = f"{size}-s0"
     model_dir = ensure_models([name])[name]
     first = measure_baseline(model_dir, args, "before the servers")
+    if args.configs:
+        runs = config_rounds(f"builtin:{name}", args, log_dir)
+        second = measure_baseline(model_dir, args, "after the servers")
+        base = max(first, second, key=lambda lv: lv.tokens_per_s)
+        return {"size": size, "tokens": args.tokens, "baseline": base.summary(),
+                "baseline_runs_tokens_per_s": [first.tokens_per_s, second.tokens_per_s], "configs": runs}
     env = {"LOCKSTEP_MAX_BATCH_SIZE": str(args.max_batch_size)} if args.max_batch_size else {}
     with replica(f"builtin:{name}", log_dir, args.threads, **env) as proc:
         ours = http_levels(proc.url, "lockstep", "lockstep", args)
@@ -284,7 +352,44 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
     }
 
 
+def configs_markdown(results: list[dict[str, Any]]) -> str:
+    """Per model, configuration and client count: tok/s of each round, their mean, and the ratio of that mean to
+    the first configuration's."""
+    rows = [
+        "| model | config | clients | tok/s per round | tok/s mean | ÷ first config | TTFT p50 (mean) "
+        "| latency p50 (mean) | largest batch seen | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        by_config: dict[str, dict[int, list[dict[str, Any]]]] = {}
+        for run in r["configs"]:
+            for lv in run["levels"]:
+                by_config.setdefault(run["config"], {}).setdefault(lv["concurrency"], []).append(lv)
+        first = next(iter(by_config.values()))
+        for config, levels in by_config.items():
+            for clients, runs in levels.items():
+                mean = sum(lv["tokens_per_s"] for lv in runs) / len(runs)
+                ref = sum(lv["tokens_per_s"] for lv in first[clients]) / len(first[clients])
+                ttft = sum(lv["ttft_p50_s"] for lv in runs) / len(runs)
+                latency = sum(lv["latency_p50_s"] for lv in runs) / len(runs)
+                batch = max((lv["max_running"] or 0) for lv in runs)
+                loads = " / ".join(f"{lv['load_avg_1m']:.1f}" for lv in runs)
+                rounds = " / ".join(f"{lv['tokens_per_s']:.1f}" for lv in runs)
+                rows.append(
+                    f"| {r['size']} | {config} | {clients} | {rounds} | {mean:.1f} | {mean / ref:.2f} "
+                    f"| {ttft * 1000:.0f} ms | {latency * 1000:.0f} ms | {batch} | {loads} |"
+                )
+        b = r["baseline"]
+        rows.append(f"| {r['size']} | transformers `generate`, sequential (baseline) | 1 | "
+                    + " / ".join(f"{t:.1f}" for t in r["baseline_runs_tokens_per_s"])
+                    + f" | {b['tokens_per_s']:.1f} (best) | | {b['ttft_p50_s'] * 1000:.0f} ms "
+                    f"| {b['latency_p50_s'] * 1000:.0f} ms | 1 | |")
+    return "\n".join(rows)
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
+    if results and "configs" in results[0]:
+        return configs_markdown(results)
     rows = [
         "| model | server | clients | tok/s | × baseline | latency p50 / p99 | TTFT p50 / p99 "
         "| TTFT ÷ lone | first round TTFT p50 |",
@@ -332,8 +437,15 @@ def main() -> None:
         help="torch threads of the baseline and OMP_NUM_THREADS of the servers (default: torch's)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=None, help="LOCKSTEP_MAX_BATCH_SIZE of the replica (default 16)"
+        "--max-batch-size", type=int, default=None,
+        help="LOCKSTEP_MAX_BATCH_SIZE of the replica (default: the replica's, 0 = sized from memory)"
     )
+    parser.add_argument(
+        "--configs", nargs="+", type=parse_config, default=[],
+        help="compare replicas run with these environments, each NAME:LOCKSTEP_X=V,LOCKSTEP_Y=W (NAME: for the "
+        "defaults); ratios are against the first. Replaces the single replica and --transformers-serve"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --configs: runs of every configuration")
     parser.add_argument("--transformers-serve", action="store_true", help="also load `transformers serve`")
     parser.add_argument(
         "--omp-wait-policy",

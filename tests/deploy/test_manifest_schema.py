@@ -51,9 +51,12 @@ def test_manifest_file_is_valid(path: Path) -> None:
     [
         ("", ()),
         ("statefulset", ("--load-restrictor=LoadRestrictionsNone",)),
+        ("http-sync", ("--load-restrictor=LoadRestrictionsNone",)),
+        ("gpu", ("--load-restrictor=LoadRestrictionsNone",)),
+        ("cpu", ("--load-restrictor=LoadRestrictionsNone",)),
         ("monitoring", ()),
     ],
-    ids=["base", "statefulset", "monitoring"],
+    ids=["base", "statefulset", "http-sync", "gpu", "cpu", "monitoring"],
 )
 def test_kustomize_build_is_valid(folder: str, flags: tuple[str, ...]) -> None:
     docs = kustomize(K8S / folder, *flags)

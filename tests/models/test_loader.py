@@ -22,7 +22,7 @@ def settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "hf_hub_offline": True,
         "device": "cpu",
-        "dtype": "auto",
+        "dtype": "float32",  # auto depends on the CPU (bfloat16 with AMX-BF16 or AVX512-BF16); tests below inject it
         "shared_dir": None,
         "allow_pickle": False,
         "trust_remote_code": False,
@@ -133,7 +133,55 @@ def test_device_and_dtype_auto_on_this_machine() -> None:
     if torch.cuda.is_available():
         pytest.skip("auto picks CUDA here")
     assert loader.pick_device("auto") == torch.device("cpu")
-    assert loader.pick_dtype("auto", torch.device("cpu")) is torch.float32
+    expected = torch.bfloat16 if loader.cpu_has_native_bf16() else torch.float32
+    assert loader.pick_dtype("auto", torch.device("cpu")) is expected
+
+
+def cpuinfo(tmp_path: Path, flags: str) -> Path:
+    """A /proc/cpuinfo of two x86 CPUs with these flags."""
+    cpu = ("processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU\n"
+           "flags\t\t: fpu sse2 avx avx2 {flags}\nbugs\t\t: spectre_v1\n\n")
+    path = tmp_path / "cpuinfo"
+    path.write_text("".join(cpu.format(n=n, flags=flags) for n in range(2)))
+    return path
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("avx512f avx512bw avx512_bf16", True),  # Cooper Lake, Zen 4
+    ("avx512f amx_tile amx_bf16 amx_int8", True),  # Sapphire Rapids
+    ("avx512f avx512bw avx512_vnni", False),  # AVX-512 without bf16: bf16 is emulated
+    ("", False),  # AVX2 only (this project's test machines)
+    ("avx512_bf16x", False),  # flags are whole words
+])
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    assert loader.cpu_has_native_bf16(cpuinfo(tmp_path, flags)) is native
+
+
+def test_no_cpuinfo_or_no_flags_line_means_no_native_bf16(tmp_path: Path) -> None:
+    assert loader.cpu_flags(tmp_path / "absent") == frozenset()
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert not loader.cpu_has_native_bf16(arm)
+    assert not loader.cpu_has_native_bf16(tmp_path)  # a folder, not a file: unreadable as one
+
+
+def test_auto_on_a_cpu_is_bfloat16_only_with_native_bf16() -> None:
+    cpu = torch.device("cpu")
+    assert loader.pick_dtype("auto", cpu, cpu_native_bf16=lambda: True) is torch.bfloat16
+    assert loader.pick_dtype("auto", cpu, cpu_native_bf16=lambda: False) is torch.float32
+    for name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
+        assert loader.pick_dtype(name, cpu, cpu_native_bf16=lambda: True) is dtype  # a named dtype wins
+
+
+def test_auto_on_cuda_ignores_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never() -> bool:
+        raise AssertionError("the CPU's features were consulted for a CUDA device")
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert loader.pick_dtype("auto", cuda, cpu_native_bf16=never) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert loader.pick_dtype("auto", cuda, cpu_native_bf16=never) is torch.float16
 
 
 @pytest.mark.parametrize(
@@ -178,6 +226,16 @@ def test_dtype_override_is_applied_and_changes_the_digest(tiny_dirs: dict[int, P
     assert half.dtype is torch.bfloat16
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     assert half.weights_digest != full.weights_digest
+
+
+def test_a_dtype_passed_to_load_wins_over_the_setting(tiny_dirs: dict[int, Path]) -> None:
+    s = settings(dtype="bfloat16")
+    loaded = loader.load(loader.resolve(str(tiny_dirs[0]), s), s, dtype=torch.float32)
+    assert loaded.dtype is torch.float32 and {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    on_disk = load_file(str(tiny_dirs[0] / "model.safetensors"))
+    name, tensor = next(iter(sorted(on_disk.items())))
+    assert not torch.equal(tensor.to(torch.bfloat16).float(), tensor)  # bfloat16 would round these
+    assert torch.equal(loaded.model.state_dict()[name], tensor)
 
 
 def test_digest_covers_names_dtypes_shapes_and_bytes() -> None:

@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", validation_alias=_env("LOCKSTEP_DEVICE"),
                         description="auto | cpu | cuda | cuda:N.")
     dtype: str = Field("auto", validation_alias=_env("LOCKSTEP_DTYPE"),
-                       description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16.")
+                       description="Serving dtype: auto (bfloat16 on CUDA, float16 where it lacks bf16; on a CPU "
+                       "bfloat16 where it has AMX-BF16 or AVX512-BF16, else float32) | float32 | float16 | bfloat16. "
+                       "A commit needs every replica's weights digest, dtype included, to agree: on mixed hardware "
+                       "name one. The trainer trains in float32 whatever this says.")
 
     # --- shared storage and sync ---------------------------------------------------------------------
     shared_dir: Path | None = Field(None, validation_alias=_env("LOCKSTEP_SHARED_DIR"),
@@ -121,8 +124,12 @@ class Settings(BaseSettings):
                                       description="URL other processes reach this replica at; default from host/port "
                                       "or POD_IP.")
     pod_ip: str | None = Field(None, validation_alias=_env("POD_IP"), description="Set by the Downward API.")
-    max_batch_size: int = Field(16, ge=1, le=1024, validation_alias=_env("LOCKSTEP_MAX_BATCH_SIZE"),
-                                description="Sequences decoded together in one forward pass.")
+    max_batch_size: int = Field(0, ge=0, le=1024, validation_alias=_env("LOCKSTEP_MAX_BATCH_SIZE"),
+                                description="Sequences decoded together in one forward pass (built-in engine). "
+                                "0: sized from memory at engine start, as many as have room for a KV cache at the "
+                                "full context in a quarter of the free RAM (CPU) or 40% of the free GPU memory, "
+                                "within 16..128 on a CPU and 16..256 on a GPU; the log says what it chose. vLLM: its "
+                                "max_num_seqs (0: vLLM's default).")
     max_queue: int = Field(256, ge=1, validation_alias=_env("LOCKSTEP_MAX_QUEUE"),
                            description="Requests waiting for a batch slot; beyond it 429.")
     step_prefill_tokens: int = Field(0, ge=0, validation_alias=_env("LOCKSTEP_STEP_PREFILL_TOKENS"),

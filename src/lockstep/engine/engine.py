@@ -13,6 +13,7 @@ import torch
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
+from lockstep.engine.batch_size import size_batch
 from lockstep.engine.event import FinalEvent, FinishReason
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.runner import Runner, make_runner
@@ -58,7 +59,7 @@ class Engine:
         model: Any,
         tokenizer: Any,
         *,
-        max_batch_size: int = 16,
+        max_batch_size: int | None = None,
         max_queue: int = 256,
         max_context: int | None = None,
         backend: str = "auto",
@@ -72,14 +73,20 @@ class Engine:
         if max_context is None:
             max_context = min(int(getattr(cfg, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT),
                               DEFAULT_MAX_CONTEXT)
-        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("max_context", max_context), ("prefill_token_budget", prefill_token_budget)):
+        for name, value in (("max_queue", max_queue), ("max_context", max_context),
+                            ("prefill_token_budget", prefill_token_budget)):
             if not isinstance(value, int) or value < 1:
                 raise BadRequest(f"{name} must be an integer >= 1, got {value!r}")
-        self.max_batch_size = max_batch_size
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 0):
+            raise BadRequest(f"max_batch_size must be an integer >= 1, or 0 or None to size it from memory, "
+                             f"got {max_batch_size!r}")
+        param = next(model.parameters())
+        self._device = param.device
+        # None or 0: as many sequences as have room for a full-context KV cache in a share of the free memory.
+        self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context)
+        self.max_batch_size = max_batch_size = self.batch_sizing.size
         self.max_queue = max_queue
         self.max_context = max_context
-        self._device = next(model.parameters()).device
         if step_prefill_tokens is None:
             step_prefill_tokens = STEP_PREFILL_TOKENS.get(self._device.type, STEP_PREFILL_TOKENS["cuda"])
         if not isinstance(step_prefill_tokens, int) or step_prefill_tokens < 1:
@@ -104,6 +111,8 @@ class Engine:
         with torch.inference_mode():
             self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
         self.backend = self._runner.name
+        log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB preallocated", self.backend,
+                 self.batch_sizing.describe(), param.dtype, self._device, max_context, self.kv_cache_bytes / 2**20)
         self.prefill_chunk_tokens = prefill_chunk_tokens if max_batch_size > 1 else 0  # needs a spare slot
         self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget)
         self._cond = threading.Condition()  # guards the scheduler's queues, flags and counters

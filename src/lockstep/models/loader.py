@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,13 +79,42 @@ def pick_device(setting: str) -> torch.device:
     return device
 
 
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """auto → bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
+# CPU features that make bfloat16 matrix work native (faster than float32) rather than emulated (slower):
+# Intel AMX (Sapphire Rapids on) and AVX512-BF16 (Cooper Lake, AMD Zen 4 on). Linux names them thus in
+# /proc/cpuinfo; where there is no such file nothing is known and float32 is kept.
+NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The feature flags of the first CPU in ``cpuinfo`` (Linux); empty when it is absent or unreadable."""
+    try:
+        with cpuinfo.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16); False when that cannot be told."""
+    return bool(cpu_flags(cpuinfo) & NATIVE_BF16_CPU_FLAGS)
+
+
+def pick_dtype(setting: str, device: torch.device,
+               cpu_native_bf16: Callable[[], bool] = cpu_has_native_bf16) -> torch.dtype:
+    """auto → bfloat16 on CUDA (float16 where bf16 is unsupported); on a CPU bfloat16 where it has native bf16
+    (``cpu_native_bf16``), else float32 (emulated bf16 is slower than float32)."""
     import torch
 
     if setting == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_native_bf16():
+            return torch.bfloat16
         return torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if setting not in table:
@@ -243,13 +272,16 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest_named_tensors(sorted(model.state_dict().items()))
 
 
-def load(resolved: ResolvedModel, settings: Settings) -> LoadedModel:
-    """Load a resolved model onto the configured device; serialized per process."""
+def load(resolved: ResolvedModel, settings: Settings, *, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a resolved model onto the configured device; serialized per process.
+
+    ``dtype`` overrides LOCKSTEP_DTYPE, which is the serving dtype (the trainer loads what it trains in)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_safe_files(resolved.path, settings)
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    if dtype is None:
+        dtype = pick_dtype(settings.dtype, device)
     started = time.monotonic()
     with _LOAD_LOCK:
         try:

@@ -99,8 +99,10 @@ class Policy:
 
     @classmethod
     def load(cls, ref: str, settings: Settings, store: Any, **hyper: Any) -> Policy:
-        """Resolve and load ``ref`` (safetensors only, checked like a replica does) and wrap it."""
-        loaded = loader.load(loader.resolve(ref, settings, store), settings)
+        """Resolve and load ``ref`` (safetensors only, checked like a replica does) in float32 and wrap it."""
+        # LOCKSTEP_DTYPE is the serving dtype (auto: bfloat16 on some CPUs): loading in it would round the weights
+        # before float32 training, and a resumed checkpoint would no longer be the one saved.
+        loaded = loader.load(loader.resolve(ref, settings, store), settings, dtype=torch.float32)
         return cls(loaded.model, loaded.tokenizer, device=loaded.device, **hyper)
 
     # ------------------------------------------------------------------ tokens

@@ -1,0 +1,134 @@
+"""The batch size an engine picks when none is configured: as many sequences as have room for a KV cache at the
+full context in a share of the memory that is free, within bounds measured on a CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The old fixed default. Auto never goes below it unless not even that many caches fit in all the memory free.
+MIN_AUTO_BATCH = 16
+# Past these a decode step costs more than the extra sequences bring. On 2 CPU cores (mid, 116 M, float32)
+# decode throughput rose to 296 tok/s at 128 sequences, then fell (279 at 192, 259 at 256) while a step grew
+# from 0.43 s to 1 s (docs/benchmarks.md); a GPU's decode step stays memory-bound to far larger batches.
+MAX_AUTO_BATCH = {"cpu": 128, "cuda": 256}
+# Share of the free memory one engine's KV cache may take. A swap-mode replica holds two models and two engines
+# while it stages; an inplace one keeps a copy of the staged weights in host RAM; on a CPU the tokenizer, the
+# HTTP server and, under `lockstep up`, the other replicas share the same RAM.
+MEMORY_SHARE = {"cpu": 0.25, "cuda": 0.4}
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def kv_cache_bytes_per_sequence(config: Any, dtype: torch.dtype, max_context: int) -> int:
+    """Bytes the engine's KV cache (``KVCache``) holds for one sequence: K and V of every layer at
+    ``max_context`` tokens."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * int(cfg.num_hidden_layers) * kv_heads * max_context * head_dim * item
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer file of the cgroup filesystem; None when absent, unreadable or 'max' (no limit)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat(path: Path, key: str) -> int:
+    """One counter of a cgroup memory.stat file (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_headroom_bytes(root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes this container may still use under its memory limit (cgroup v2 or v1); None without a limit.
+
+    Reclaimable page cache (inactive files) counts as free, as the kubelet counts it."""
+    for limit_file, usage_file, stat_file, inactive_key in (
+        (root / "memory.max", root / "memory.current", root / "memory.stat", "inactive_file"),
+        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes",
+         root / "memory" / "memory.stat", "total_inactive_file"),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is None or usage is None or limit >= 1 << 60:  # v1 writes "no limit" as a huge number
+            continue
+        working_set = max(0, usage - _stat(stat_file, inactive_key))
+        return max(0, limit - working_set)
+    return None
+
+
+def host_available_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """RAM a new allocation can take without swapping: the OS's available memory, within the container's limit."""
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    headroom = cgroup_headroom_bytes(cgroup_root)
+    return available if headroom is None else min(available, headroom)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Bytes free for a KV cache on ``device``: free device memory on CUDA (with what this process's allocator
+    holds unused), available RAM on a CPU; None where it cannot be told."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        return host_available_bytes()
+    return None
+
+
+def auto_batch_size(per_sequence_bytes: int, available_bytes: int | None, device_type: str) -> int:
+    """Sequences whose caches fit in the device's share of ``available_bytes``, clamped to
+    [MIN_AUTO_BATCH, the device's cap]; under MIN_AUTO_BATCH only as many as fit in all of it (at least 1).
+    Unknown memory: MIN_AUTO_BATCH."""
+    if per_sequence_bytes < 1:
+        raise ValueError(f"per_sequence_bytes must be >= 1, got {per_sequence_bytes}")
+    if available_bytes is None:
+        return MIN_AUTO_BATCH
+    kind = "cpu" if device_type == "cpu" else "cuda"
+    by_share = int(available_bytes * MEMORY_SHARE[kind]) // per_sequence_bytes
+    fit_all = max(0, available_bytes) // per_sequence_bytes
+    return max(1, min(max(by_share, MIN_AUTO_BATCH), MAX_AUTO_BATCH[kind], fit_all))
+
+
+@dataclass(frozen=True)
+class BatchSizing:
+    """The batch size an engine runs with and, when it was sized from memory, from what."""
+
+    size: int
+    auto: bool
+    per_sequence_bytes: int | None = None
+    available_bytes: int | None = None
+
+    def describe(self) -> str:
+        """One line for the engine's start-up log."""
+        if not self.auto:
+            return f"max batch size {self.size} (configured)"
+        free = "unknown" if self.available_bytes is None else f"{self.available_bytes / 2**30:.1f} GiB"
+        per_sequence = (self.per_sequence_bytes or 0) / 2**20
+        return f"max batch size {self.size} (auto: {per_sequence:.1f} MiB of KV cache per sequence, {free} free)"
+
+
+def size_batch(requested: int | None, config: Any, dtype: torch.dtype, device: torch.device,
+               max_context: int) -> BatchSizing:
+    """``requested`` when it is >= 1; None or 0 (auto): sized from the memory free on ``device`` now."""
+    if requested:
+        return BatchSizing(requested, auto=False)
+    per_sequence = kv_cache_bytes_per_sequence(config, dtype, max_context)
+    available = available_memory_bytes(device)
+    return BatchSizing(auto_batch_size(per_sequence, available, device.type), auto=True,
+                       per_sequence_bytes=per_sequence, available_bytes=available)

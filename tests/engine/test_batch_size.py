@@ -1,0 +1,127 @@
+"""The engine's batch size: sized from free memory when none is given (clamped per device), else as given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lockstep.core.errors import BadRequest
+from lockstep.engine import Engine, batch_size
+from lockstep.engine.batch_size import MAX_AUTO_BATCH, MEMORY_SHARE, MIN_AUTO_BATCH, auto_batch_size
+from lockstep.engine.llama_runner import LlamaRunner
+
+from . import llama, tokenizer
+
+MIB = 2**20
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return llama(seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bytes_per_sequence_are_what_the_kv_cache_allocates(dtype: torch.dtype) -> None:
+    model = llama(seed=0).to(dtype)
+    runner = LlamaRunner(model, 3, 64)
+    try:
+        assert batch_size.kv_cache_bytes_per_sequence(model.config, dtype, 64) * 3 == runner.cache.nbytes
+    finally:
+        runner.close()
+
+
+def test_auto_size_grows_with_memory_and_never_leaves_its_bounds() -> None:
+    per_sequence = 72 * MIB  # the mid model in float32 at 2048 tokens
+    for device in ("cpu", "cuda"):
+        sizes = [auto_batch_size(per_sequence, gib * GIB, device) for gib in range(0, 200)]
+        assert sizes == sorted(sizes), f"{device}: not monotone in memory"
+        assert sizes[0] == 1 and sizes[-1] == MAX_AUTO_BATCH[device]
+        assert MIN_AUTO_BATCH in sizes
+
+
+@pytest.mark.parametrize(("device", "available", "expected"), [
+    ("cpu", 24 * GIB, int(24 * GIB * MEMORY_SHARE["cpu"]) // (72 * MIB)),  # within bounds: the share decides
+    ("cpu", 1024 * GIB, MAX_AUTO_BATCH["cpu"]),  # plenty: the device's cap
+    ("cuda", 1024 * GIB, MAX_AUTO_BATCH["cuda"]),
+    ("cpu", 2 * GIB, MIN_AUTO_BATCH),  # the share holds fewer than 16, all of it holds 28: never under 16
+    ("cpu", 10 * 72 * MIB + 1, 10),  # not even 16 fit in all of it: as many as do
+    ("cpu", 100, 1),  # nothing fits: one sequence, and the allocation says what is missing
+    ("cpu", None, MIN_AUTO_BATCH),  # unknown memory (another device type): the old default
+])
+def test_auto_size_clamps(device: str, available: int | None, expected: int) -> None:
+    assert auto_batch_size(72 * MIB, available, device) == expected
+
+
+def test_a_given_size_wins_and_zero_or_none_is_sized_from_memory(model: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    per_sequence = batch_size.kv_cache_bytes_per_sequence(model.config, torch.float32, 64)
+    free = 40 * per_sequence / MEMORY_SHARE["cpu"]  # the share holds 40 sequences
+    monkeypatch.setattr(batch_size, "available_memory_bytes", lambda device: int(free))
+    for given in (None, 0):
+        eng = Engine(model, tokenizer(), max_batch_size=given, max_context=64)
+        try:
+            assert eng.max_batch_size == 40 and eng.batch_sizing.auto
+            assert eng.kv_cache_bytes == 40 * per_sequence
+        finally:
+            eng.close()
+    eng = Engine(model, tokenizer(), max_batch_size=3, max_context=64)
+    try:
+        assert eng.max_batch_size == 3 and not eng.batch_sizing.auto
+        assert eng.kv_cache_bytes == 3 * per_sequence
+    finally:
+        eng.close()
+    with pytest.raises(BadRequest, match="max_batch_size must be an integer >= 1, or 0 or None"):
+        Engine(model, tokenizer(), max_batch_size=-1, max_context=64)
+
+
+def test_the_engine_logs_the_batch_size_it_chose(model: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="lockstep.engine.engine"):
+        Engine(model, tokenizer(), max_batch_size=0, max_context=64).close()
+        Engine(model, tokenizer(), max_batch_size=5, max_context=64).close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("max batch size" in line and "(auto:" in line and "free)" in line for line in lines), lines
+    assert any("max batch size 5 (configured)" in line for line in lines), lines
+
+
+# ------------------------------------------------------------------------------------------- memory found
+def cgroup_v2(root: Path, limit: str, current: int, inactive_file: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "memory.max").write_text(limit + "\n")
+    (root / "memory.current").write_text(f"{current}\n")
+    (root / "memory.stat").write_text(f"anon 1\nfile 2\ninactive_file {inactive_file}\nactive_file 3\n")
+    return root
+
+
+def test_a_container_limit_bounds_the_memory_found(tmp_path: Path) -> None:
+    v2 = cgroup_v2(tmp_path / "v2", str(8 * GIB), current=3 * GIB, inactive_file=1 * GIB)
+    assert batch_size.cgroup_headroom_bytes(v2) == 6 * GIB  # reclaimable page cache counts as free
+    assert batch_size.host_available_bytes(v2) <= 6 * GIB
+    over = cgroup_v2(tmp_path / "over", str(GIB), current=2 * GIB, inactive_file=0)
+    assert batch_size.cgroup_headroom_bytes(over) == 0
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{4 * GIB}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{GIB}\n")
+    (v1 / "memory.stat").write_text(f"cache 5\ntotal_inactive_file {GIB // 2}\n")
+    assert batch_size.cgroup_headroom_bytes(tmp_path / "v1") == 4 * GIB - GIB // 2
+
+
+def test_no_container_limit_leaves_the_os_figure(tmp_path: Path) -> None:
+    assert batch_size.cgroup_headroom_bytes(cgroup_v2(tmp_path / "max", "max", current=GIB, inactive_file=0)) is None
+    unlimited_v1 = tmp_path / "v1" / "memory"
+    unlimited_v1.mkdir(parents=True)
+    (unlimited_v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (unlimited_v1 / "memory.usage_in_bytes").write_text(f"{GIB}\n")
+    assert batch_size.cgroup_headroom_bytes(tmp_path / "v1") is None
+    assert batch_size.cgroup_headroom_bytes(tmp_path / "nothing") is None
+    assert batch_size.host_available_bytes(tmp_path / "nothing") > 0
+
+
+def test_memory_found_on_this_machine() -> None:
+    free = batch_size.available_memory_bytes(torch.device("cpu"))
+    assert free is not None and free > 0
+    assert batch_size.available_memory_bytes(torch.device("meta")) is None
