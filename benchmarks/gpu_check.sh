@@ -28,6 +28,8 @@
 #   GPU_CHECK_LEVEL_S    measured seconds per level (after a warm-up)       10 [3]
 #   GPU_CHECK_TOKENS     new tokens per request                             128 [16]
 #   GPU_CHECK_SWAP_CLIENTS clients during the publish                       16 [4]
+#   GPU_CHECK_WARMUP_S   seconds of load before each level is measured      3 [1]
+#   GPU_CHECK_SETTLE_S   seconds of load after the flip                     5 [2]
 #   GPU_CHECK_DTYPE      LOCKSTEP_DTYPE of the replica, --dtype of raw vLLM bfloat16 [auto]
 #   GPU_CHECK_MAX_BATCH  max sequences per step, both servers               256 [16]
 #   GPU_CHECK_SKIP_RAW=1 no raw vLLM server;  GPU_CHECK_EAGER=1 no CUDA graphs/compile (starts faster)
@@ -56,8 +58,8 @@ if [ "$DRY" = 1 ]; then
   SIZE=${GPU_CHECK_SIZE:-tiny}
   CLIENTS=${GPU_CHECK_CLIENTS:-1 4}
   LEVEL_S=${GPU_CHECK_LEVEL_S:-3}
-  WARMUP_S=1
-  SETTLE_S=2
+  WARMUP_S=${GPU_CHECK_WARMUP_S:-1}
+  SETTLE_S=${GPU_CHECK_SETTLE_S:-2}
   TOKENS=${GPU_CHECK_TOKENS:-16}
   SWAP_CLIENTS=${GPU_CHECK_SWAP_CLIENTS:-4}
   START_TIMEOUT=${GPU_CHECK_START_TIMEOUT:-300}
@@ -70,8 +72,8 @@ else
   SIZE=${GPU_CHECK_SIZE:-mid}
   CLIENTS=${GPU_CHECK_CLIENTS:-1 16 64}
   LEVEL_S=${GPU_CHECK_LEVEL_S:-10}
-  WARMUP_S=3
-  SETTLE_S=5
+  WARMUP_S=${GPU_CHECK_WARMUP_S:-3}
+  SETTLE_S=${GPU_CHECK_SETTLE_S:-5}
   TOKENS=${GPU_CHECK_TOKENS:-128}
   SWAP_CLIENTS=${GPU_CHECK_SWAP_CLIENTS:-16}
   START_TIMEOUT=${GPU_CHECK_START_TIMEOUT:-420}
