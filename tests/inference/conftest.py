@@ -73,6 +73,7 @@ def replica_settings(builtin_dir: Path, **overrides: Any) -> Settings:
         "builtin_dir": builtin_dir,
         "hf_hub_offline": True,
         "device": "cpu",
+        "dtype": "float32",  # the references are float32 (auto picks bfloat16 on CPUs with AMX-BF16/AVX512-BF16)
         "shared_dir": None,
         "replica_id": "test-replica",
         "api_token": None,
@@ -161,6 +162,7 @@ def generate(url: str, prompt: str, n: int = MAX_NEW, **extra: Any) -> httpx.Res
 def replica_process(builtin_dir: Path, log_dir: Path, **env: str) -> Iterator[Proc]:
     """``python -m lockstep serve`` with the session's built-in models, no shared folder; ready on yield."""
     port = free_port()
+    env = {"LOCKSTEP_DTYPE": "float32", **env}  # as replica_settings: the references are float32
     proc = spawn("replica", ["serve", "--port", str(port)], base_env(builtin_dir, **env), log_dir, port)
     try:
         wait_for(lambda: proc.ready() or not proc.alive(), BOOT_S, 0.1, "the replica ready")

@@ -12,8 +12,9 @@ import torch
 # The old fixed default. Auto never goes below it unless not even that many caches fit in all the memory free.
 MIN_AUTO_BATCH = 16
 # Past these a decode step costs more than the extra sequences bring. On 2 CPU cores (mid, 116 M, float32)
-# decode throughput rose to 296 tok/s at 128 sequences, then fell (279 at 192, 259 at 256) while a step grew
-# from 0.43 s to 1 s (docs/benchmarks.md); a GPU's decode step stays memory-bound to far larger batches.
+# decode throughput peaked at 128 sequences and fell beyond (quiet: 296 tok/s at 128, 279 at 192, 259 at 256)
+# while each step kept growing (docs/benchmarks.md, issue 11); a GPU's decode step stays bound by reading the
+# weights to far larger batches.
 MAX_AUTO_BATCH = {"cpu": 128, "cuda": 256}
 # Share of the free memory one engine's KV cache may take. A swap-mode replica holds two models and two engines
 # while it stages; an inplace one keeps a copy of the staged weights in host RAM; on a CPU the tokenizer, the
