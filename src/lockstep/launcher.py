@@ -95,7 +95,9 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
     """Start N replicas (+ trainer and UI when present) sharing ``shared``; block until Ctrl-C."""
     # The children run in their own sessions (so a terminal's Ctrl-C reaches only this process): a kill,
     # a closed terminal or a service manager's stop must end them too, not leave them holding the ports.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     shared = shared.resolve()
     shared.mkdir(parents=True, exist_ok=True)

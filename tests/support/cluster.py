@@ -48,7 +48,10 @@ def base_env(builtin_dir: Path, **extra: str) -> dict[str, str]:
     env.update({"LOCKSTEP_BUILTIN_DIR": str(builtin_dir), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "LOCKSTEP_POLL_INTERVAL_S": "0.05", "LOCKSTEP_HEARTBEAT_INTERVAL_S": "0.2",
                 "LOCKSTEP_HEARTBEAT_TTL_S": "3", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "LOCKSTEP_ENGINE": "builtin"})
+                "LOCKSTEP_ENGINE": "builtin",
+                # The oracle's references are float32 (auto picks bfloat16 on CPUs with AMX/AVX512-BF16, where
+                # batching changes close logits).
+                "LOCKSTEP_DTYPE": "float32"})
     env.update(extra)
     return env
 

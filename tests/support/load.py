@@ -296,7 +296,7 @@ def check_no_flip_flop(answers: list[Answer], commits: list[Commit], clock_slack
 _TEXTS: dict[str, dict[str, str]] = {}
 
 
-def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS, dtype: str = "auto") -> dict[str, str]:
+def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS, dtype: str = "float32") -> dict[str, str]:
     """What ``model_dir`` answers to each prompt, greedily, from a standalone built-in engine in this process.
 
     Cached per folder and dtype. Same device choice as a replica with default settings.
@@ -323,7 +323,7 @@ def greedy_texts(model_dir: Path, prompts: Iterable[str] = PROMPTS, dtype: str =
 class UpdateScenario:
     """A local cluster under load, its readiness watched; ``finish`` checks invariants 1–4 of docs/protocol.md §4."""
 
-    def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25, dtype: str = "auto") -> None:
+    def __init__(self, cluster: LocalCluster, *, grace_s: float = 0.25, dtype: str = "float32") -> None:
         self.cluster = cluster
         self.dtype = dtype  # the replicas' LOCKSTEP_DTYPE, for the oracle
         self.grace_s = grace_s  # the stale-ready bound past activate_at, seconds
