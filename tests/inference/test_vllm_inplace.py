@@ -11,13 +11,12 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
 from tests.support.load import GenerationLoad, check_answers, greedy_texts
-from tests.support.vllm import ENGINE_START_S, VLLM_ENV, needs_vllm, vllm_processes, wait_gone, wait_ready
+from tests.support.vllm import VLLM_ENV, metric, needs_vllm, stage, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
 
@@ -43,28 +42,13 @@ def replica(tmp_path_factory: pytest.TempPathFactory, builtin_dir: Path) -> Iter
         assert not wait_gone(engines, 30), "a stopped replica left vLLM engine processes running"
 
 
-def _stage(proc: Proc, model: str, version: int) -> dict[str, Any]:
-    assert proc.post("/admin/stage", json={"model": model, "version": version}, headers=AUTH).status_code == 202
-
-    def outcome() -> dict[str, Any] | None:
-        staged = proc.status().get("staged") or {}
-        return staged if staged.get("version") == version and staged.get("state") in ("staged", "failed") else None
-    return wait_for(outcome, ENGINE_START_S, 0.1, f"the stage of v{version}")  # type: ignore[no-any-return]
-
-
-def _metric(proc: Proc, name: str) -> float:
-    total = 0.0
-    for line in proc.get("/metrics").text.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_an_inplace_update_under_load_reloads_the_one_engine_and_mislabels_nothing(
         replica: Proc, tiny_dirs: dict[int, Path]) -> None:
     engine = sorted(vllm_processes(replica.process.pid))
     with GenerationLoad({replica.name: replica.url}) as load:
-        staged = _stage(replica, str(tiny_dirs[1]), 1)
+        staged = stage(replica, str(tiny_dirs[1]), 1, AUTH)
         assert staged["state"] == "staged", staged
         assert sorted(vllm_processes(replica.process.pid)) == engine, "in-place mode started a second engine"
         before = load.count()
@@ -76,8 +60,8 @@ def test_an_inplace_update_under_load_reloads_the_one_engine_and_mislabels_nothi
     problems = check_answers(answers, expected)
     assert not problems, f"{len(problems)} problems in {len(answers)} answers:\n" + "\n".join(problems[:20])
     assert {a.body_version for a in answers} == {0, 1}
-    assert _metric(replica, "lockstep_engine_version_mismatches_total") == 0
-    assert _metric(replica, "lockstep_inplace_pause_seconds_count") == 1  # the pause is reported
+    assert metric(replica, "lockstep_engine_version_mismatches_total") == 0
+    assert metric(replica, "lockstep_inplace_pause_seconds_count") == 1  # the pause is reported
     assert sorted(vllm_processes(replica.process.pid)) == engine
     status = replica.status()
     assert (status["ready"], status["last_error"]) == (True, None), status
@@ -90,7 +74,7 @@ def test_an_inplace_update_to_another_architecture_is_refused_with_the_swap_hint
     cfg = json.loads((other / "config.json").read_text())
     cfg["rms_norm_eps"] = cfg.get("rms_norm_eps", 1e-6) * 10  # same shapes, another model
     (other / "config.json").write_text(json.dumps(cfg))
-    staged = _stage(replica, str(other), 2)
+    staged = stage(replica, str(other), 2, AUTH)
     assert staged["state"] == "failed" and "LOCKSTEP_UPDATE_MODE=swap" in staged["error"], staged
     status = replica.status()
     assert (status["serving_version"], status["ready"]) == (1, True), status
@@ -100,7 +84,7 @@ def test_weights_changed_on_disk_after_the_stage_do_not_reach_the_model(
         replica: Proc, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
     source = tmp_path / "source"
     shutil.copytree(tiny_dirs[2], source)
-    staged = _stage(replica, str(source), 2)
+    staged = stage(replica, str(source), 2, AUTH)
     assert staged["state"] == "staged", staged
     shutil.copyfile(tiny_dirs[0] / "model.safetensors", source / "model.safetensors")  # v0's weights, after the stage
     assert replica.post("/admin/commit", json={"version": 2}, headers=AUTH).status_code == 200

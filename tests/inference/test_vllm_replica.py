@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
 from tests.support.load import PROMPTS, GenerationLoad, check_answers, greedy_texts
-from tests.support.vllm import ENGINE_START_S, VLLM_ENV, needs_vllm, rss_mib, vllm_processes, wait_gone, wait_ready
+from tests.support.vllm import VLLM_ENV, metric, needs_vllm, rss_mib, stage, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
 
@@ -49,22 +49,6 @@ def _generate(proc: Proc, prompt: str, **body: Any) -> httpx.Response:
     return proc.post("/generate", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0.0, **body})
 
 
-def _metric(proc: Proc, name: str) -> float:
-    total = 0.0
-    for line in proc.get("/metrics").text.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _stage(proc: Proc, model: str, version: int) -> dict[str, Any]:
-    """Stage ``model`` as ``version`` and wait for the outcome (``staged`` or ``failed``)."""
-    assert proc.post("/admin/stage", json={"model": model, "version": version}, headers=AUTH).status_code == 202
-
-    def outcome() -> dict[str, Any] | None:
-        staged = proc.status().get("staged") or {}
-        return staged if staged.get("version") == version and staged.get("state") in ("staged", "failed") else None
-    return wait_for(outcome, ENGINE_START_S, 0.2, f"the stage of v{version}")  # type: ignore[no-any-return]
 
 
 def test_greedy_answers_equal_the_builtin_engines_on_both_apis(replica: Proc, tiny_dirs: dict[int, Path]) -> None:
@@ -96,7 +80,7 @@ def test_status_and_metrics_show_the_engine_and_vllms_own_metrics(replica: Proc)
     text = replica.get("/metrics").text
     assert "vllm:num_requests_running{" in text  # vLLM's own families, beside Lockstep's
     assert "lockstep_serving_version 0.0" in text
-    assert _metric(replica, "lockstep_engine_version_mismatches_total") == 0
+    assert metric(replica, "lockstep_engine_version_mismatches_total") == 0
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_harms_no_admitted_request(replica: Proc) -> None:
@@ -122,7 +106,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_harms_no_admitted_request
 
 
 def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
-    answered = _metric(replica, "lockstep_requests_total")
+    answered = metric(replica, "lockstep_requests_total")
     with httpx.stream("POST", replica.url + "/v1/completions", timeout=60,
                       json={"model": "lockstep", "prompt": "Once upon a time", "max_tokens": 1000,
                             "temperature": 0.0, "stream": True}) as s:
@@ -131,8 +115,8 @@ def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
                 break  # the first token is in: hang up
     wait_for(lambda: replica.status()["running"] + replica.status()["queue_depth"] == 0, 60, 0.1,
              "the abandoned request to leave the engine")
-    wait_for(lambda: _metric(replica, "vllm:num_requests_running") == 0, 60, 0.1, "vLLM to drop it too")
-    assert _metric(replica, "lockstep_requests_total") == answered, "the request ran to its end: not cancelled"
+    wait_for(lambda: metric(replica, "vllm:num_requests_running") == 0, 60, 0.1, "vLLM to drop it too")
+    assert metric(replica, "lockstep_requests_total") == answered, "the request ran to its end: not cancelled"
 
 
 def test_a_swap_under_load_fails_and_mislabels_nothing_and_returns_the_old_engines_memory(
@@ -140,7 +124,7 @@ def test_a_swap_under_load_fails_and_mislabels_nothing_and_returns_the_old_engin
     old_engine = vllm_processes(replica.process.pid)
     assert len(old_engine) >= 1
     with GenerationLoad({replica.name: replica.url}) as load:
-        staged = _stage(replica, str(tiny_dirs[1]), 1)
+        staged = stage(replica, str(tiny_dirs[1]), 1, AUTH)
         assert staged["state"] == "staged", staged
         both = vllm_processes(replica.process.pid)
         assert set(old_engine) < set(both), "the new version did not get its own engine"
@@ -155,7 +139,7 @@ def test_a_swap_under_load_fails_and_mislabels_nothing_and_returns_the_old_engin
     problems = check_answers(answers, expected)
     assert not problems, f"{len(problems)} problems in {len(answers)} answers:\n" + "\n".join(problems[:20])
     assert {a.body_version for a in answers} == {0, 1}
-    assert _metric(replica, "lockstep_engine_version_mismatches_total") == 0
+    assert metric(replica, "lockstep_engine_version_mismatches_total") == 0
     assert not wait_gone(old_engine, 120), "the old engine's processes are still running after the flip"
     assert old_rss > 100, old_rss  # what went back to the system with them, MiB
     assert replica.ready()
@@ -176,7 +160,7 @@ def test_a_failed_vllm_load_is_reported_and_the_old_version_keeps_serving(
 
     # vLLM refuses the architecture: the engine fails to start.
     unknown = _broken_copy(tiny_dirs[2], tmp_path / "unknown", architectures=["NoSuchModelForCausalLM"])
-    staged = _stage(replica, str(unknown), serving + 1)
+    staged = stage(replica, str(unknown), serving + 1, AUTH)
     assert staged["state"] == "failed" and "NoSuchModelForCausalLM" in staged["error"], staged
     assert "NoSuchModelForCausalLM" in replica.status()["last_error"]
 
@@ -187,7 +171,7 @@ def test_a_failed_vllm_load_is_reported_and_the_old_version_keeps_serving(
     name = sorted(tensors)[0]
     tensors[name][0] = float("nan")
     save_file(tensors, weights)
-    staged = _stage(replica, str(nan), serving + 1)
+    staged = stage(replica, str(nan), serving + 1, AUTH)
     assert staged["state"] == "failed" and "non-finite" in staged["error"], staged
 
     time.sleep(0.5)

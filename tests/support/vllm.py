@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,24 @@ def rss_mib(pids: list[int]) -> float:
         except psutil.Error:
             pass
     return total / 2**20
+
+
+def stage(proc: Proc, model: str, version: int, auth: dict[str, str]) -> dict[str, Any]:
+    """POST /admin/stage and wait for the outcome (``staged`` or ``failed``); the ``staged`` block of /status."""
+    assert proc.post("/admin/stage", json={"model": model, "version": version}, headers=auth).status_code == 202
+    deadline = time.monotonic() + ENGINE_START_S
+    while time.monotonic() < deadline:
+        staged = proc.status().get("staged") or {}
+        if staged.get("version") == version and staged.get("state") in ("staged", "failed"):
+            return staged  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"the stage of v{version} did not end within {ENGINE_START_S} s: {proc.log()[-3000:]}")
+
+
+def metric(proc: Proc, name: str) -> float:
+    """The sum of every series of metric ``name`` on the replica's /metrics."""
+    total = 0.0
+    for line in proc.get("/metrics").text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
