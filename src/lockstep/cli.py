@@ -131,10 +131,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- sync
 def _coordinator(args: argparse.Namespace) -> Any:
+    """Over the shared folder; or, given replica URLs (``--urls``, or INFERENCE_URLS without a shared folder),
+    over HTTP with nothing kept after this command."""
     from lockstep.sync.coordinator import Coordinator
+    from lockstep.sync.http_fleet import HttpFleet
 
     settings = load_settings(**_shared_overrides(args))
-    return Coordinator(settings, clock=SYSTEM_CLOCK, owner=f"cli@{socket.gethostname()}")
+    owner = f"cli@{socket.gethostname()}"
+    given = getattr(args, "urls", None)
+    urls = [u.strip() for u in given.split(",") if u.strip()] if given else []
+    if urls or (settings.shared_dir is None and settings.inference_url_list):
+        fleet = HttpFleet(settings, lambda: urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
+        return Coordinator.over_http(settings, fleet, clock=SYSTEM_CLOCK, owner=owner, data_dir=None)
+    return Coordinator(settings, clock=SYSTEM_CLOCK, owner=owner)
 
 
 def _print_result(result: Any) -> None:
@@ -194,16 +203,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
             result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout)
         _print_result(result)
         return 0 if result.ok else 1
-    settings = load_settings(**_shared_overrides(args))
-    urls = [u.strip() for u in args.urls.split(",") if u.strip()] if args.urls else []
-    if urls or (settings.shared_dir is None and settings.inference_url_list):
-        from lockstep.sync.http_coordinator import HttpCoordinator
-
-        http = HttpCoordinator(settings, urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
-        result = http.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
-                              timeout_s=args.timeout)
-        _print_result(result)
-        return 0 if result.ok else 1
     coordinator = _coordinator(args)
     result = coordinator.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
                                  timeout_s=args.timeout, progress=_progress_printer())
@@ -248,7 +247,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f"   pending v{state.pending.version} {state.pending.phase.value}" if state.pending else ""))
     table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
     now = time.time()
-    for b in read_heartbeats(coordinator.shared_dir):
+    for b in read_heartbeats(coordinator.data_dir):
         age = now - b.time
         stale = age > coordinator.settings.heartbeat_ttl_s
         staged = f"v{b.staged.version} {b.staged.state.value}" if b.staged else ""

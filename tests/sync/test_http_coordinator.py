@@ -11,12 +11,20 @@ import pytest
 from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
-from lockstep.sync.http_coordinator import HttpCoordinator
+from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.http_fleet import HttpFleet
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
 
 TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
 
 pytestmark = pytest.mark.e2e
+
+
+def over_http(settings: Settings, replicas: list[Proc]) -> Coordinator:
+    """The coordinator ``lockstep publish --urls`` uses: replicas driven over HTTP, nothing kept."""
+    urls = [p.url for p in replicas]
+    fleet = HttpFleet(settings, lambda: urls, clock=SYSTEM_CLOCK)
+    return Coordinator.over_http(settings, fleet, clock=SYSTEM_CLOCK, owner="test", data_dir=None)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def replicas(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 def test_stage_then_commit_flips_every_replica_to_the_same_version(replicas: list[Proc]) -> None:
     settings = Settings(poll_interval_s=0.05, stage_timeout_s=120)
-    result = HttpCoordinator(settings, [p.url for p in replicas], clock=SYSTEM_CLOCK).publish("builtin:tiny-s1")
+    result = over_http(settings, replicas).publish("builtin:tiny-s1")
     assert result.outcome == "committed", result.summary()
     assert {r.outcome for r in result.replicas} == {"serving"}
     assert len({r.weights_digest for r in result.replicas}) == 1
@@ -55,7 +63,7 @@ def test_a_replica_that_cannot_stage_aborts_a_strict_publish_for_all(replicas: l
     (missing / "config.json").write_text('{"model_type": "llama"}')
     (missing / "model.safetensors").write_bytes(b"not a safetensors file")
     settings = Settings(poll_interval_s=0.05, stage_timeout_s=60, commit_policy=CommitPolicy.STRICT)
-    result = HttpCoordinator(settings, [p.url for p in replicas], clock=SYSTEM_CLOCK).publish(str(missing))
+    result = over_http(settings, replicas).publish(str(missing))
     assert result.outcome == "aborted" and result.reason and "did not stage" in result.reason
     assert [p.status()["serving_version"] for p in replicas] == before
     assert all(p.ready() for p in replicas)
@@ -92,7 +100,7 @@ def test_a_reference_that_is_not_there_is_refused_before_any_replica_stages(repl
     before = [p.status() for p in replicas]
     settings = Settings(poll_interval_s=0.05, stage_timeout_s=60)
     with pytest.raises(BadRequest, match=reason):
-        HttpCoordinator(settings, [p.url for p in replicas], clock=SYSTEM_CLOCK).publish(ref)
+        over_http(settings, replicas).publish(ref)
     after = [p.status() for p in replicas]
     assert [a["staged"] for a in after] == [b["staged"] for b in before]  # no replica was asked to stage
     assert [a["serving_version"] for a in after] == [b["serving_version"] for b in before]

@@ -13,7 +13,7 @@ import pytest
 from lockstep.core.clock import FakeClock
 from lockstep.core.settings import Settings
 from lockstep.sync.coordinator import Coordinator
-from lockstep.sync.http_coordinator import version_of
+from lockstep.sync.http_fleet import beat_from_status
 from lockstep.sync.protocol import (
     Committed,
     Heartbeat,
@@ -178,9 +178,13 @@ def test_wall_times_are_finite_seconds_between_1970_and_2100() -> None:
         assert wall_time_problem(bad, "t") is not None
 
 
-def test_a_replica_status_with_a_version_of_the_wrong_type_counts_as_none() -> None:
-    assert [version_of(v) for v in (3, 0, -1, "3", 3.0, True, None, 10**12)] == [3, 0, None, None, None, None,
-                                                                               None, None]
+def test_a_replica_status_whose_version_is_no_version_is_not_read_as_a_replica() -> None:
+    good = {"replica_id": "r1", "state": "serving", "ready": True, "serving_version": 3, "model": "versions/000003"}
+    assert beat_from_status("http://10.0.0.1:8000", good, NOW, 2).serving == ServingInfo(version=3,
+                                                                                         model="versions/000003")
+    for bad in (-1, 10**12, "three", 3.5, [3], {"v": 3}):
+        with pytest.raises(ValueError):
+            beat_from_status("http://10.0.0.1:8000", {**good, "serving_version": bad}, NOW, None)
 
 
 def test_the_problem_log_forgets_old_keys_rather_than_grow_without_bound() -> None:

@@ -27,6 +27,7 @@ from lockstep.inference.schemas import (
     StageRequest,
     UpdateModelRequest,
 )
+from lockstep.sync.protocol import ReplicaStatus
 
 
 def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:
@@ -92,7 +93,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/status", summary="Serving and staged versions, state, errors, uptime")
-    async def status(request: Request) -> dict[str, Any]:
+    async def status(request: Request) -> ReplicaStatus:
         return rt_of(request).status()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)

@@ -19,7 +19,7 @@ from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
 from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
-from lockstep.sync.protocol import ReplicaState, StageState
+from lockstep.sync.protocol import ReplicaStatus, StageState
 from lockstep.sync.watcher import SyncWatcher, sleep_until
 
 log = logging.getLogger(__name__)
@@ -210,33 +210,17 @@ class ReplicaRuntime:
         m.tokens_per_second.set(self.token_rate.rate())
         m.ready.set(1 if self.replica.ready else 0)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ReplicaStatus:
+        """What ``GET /status`` answers: the heartbeat's shape (docs/api.md)."""
         r = self.replica
-        serving = r.serving_info()
-        staged = r.stage_info
         queued, running = r.engine_load()
-        return {
-            "replica_id": self.replica_id,
-            "url": self.url,
-            "state": r.state.value,
-            "ready": r.ready,
-            "serving_version": serving.version if serving else None,
-            "model": serving.model if serving else None,
-            "model_repo_id": serving.model if serving else None,
-            "digest": serving.digest if serving else None,
-            "weights_digest": serving.weights_digest if serving else None,
-            "serving_since": serving.since if serving else None,
-            "committed_version": r.committed_version,
-            "staged": staged.model_dump(mode="json") if staged else None,
-            "loading": bool(staged and staged.state is StageState.STAGING) or r.state is ReplicaState.STARTING,
-            "updating": bool(staged and staged.state in (StageState.STAGING, StageState.STAGED)),
-            "last_error": r.last_error,
-            "update_mode": self.settings.update_mode.value,
-            "engine": r.engine_kind.value,
-            "queue_depth": queued,
-            "running": running,
-            "tokens_per_s": round(self.token_rate.rate(), 2),
-            "uptime_s": round(self.clock.time() - self.started_at, 3),
-            "shared_dir": str(self.settings.shared_dir) if self.settings.shared_dir else None,
-            "time": time.time(),
-        }
+        watcher = self.watcher
+        return ReplicaStatus(
+            replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
+            serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
+            generation_seen=watcher.last_good.generation if watcher and watcher.last_good else None,
+            update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
+            tokens_per_s=round(self.token_rate.rate(), 2), time=time.time(), started_at=r.started_at,
+            committed_version=r.committed_version, engine=r.engine_kind.value,
+            uptime_s=round(self.clock.time() - self.started_at, 3),
+            shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None)

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from lockstep.core.atomic import atomic_write_json
 from lockstep.core.errors import BadModelRef
@@ -158,6 +158,70 @@ class Heartbeat(_Tolerant):
     # (wall clock) while it waits for the commit; the coordinator sizes the commit margin from these.
     commit_poll_s: float | None = Field(None, gt=0, le=60, allow_inf_nan=False)  # Settings' poll bounds
     commit_poll_until: WallTime | None = None
+
+
+class ReplicaStatus(Heartbeat):
+    """``GET /status``: the heartbeat, and what only a direct caller needs; one shape for every reader.
+
+    The flat ``serving_version``/``model``/``digest``... fields are the nested ``serving`` repeated for callers
+    that read them (the trainer reads ``serving``; an older replica that sends only the flat ones is read too).
+    """
+
+    committed_version: VersionNumber | None = None
+    engine: str | None = None
+    uptime_s: Seconds | None = None
+    shared_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_from_flat_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("serving") is None and data.get("serving_version") is not None:
+            data = {**data, "serving": {"version": data["serving_version"], "model": data.get("model") or "",
+                                        "digest": data.get("digest"), "weights_digest": data.get("weights_digest"),
+                                        "since": data.get("serving_since")}}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def serving_version(self) -> int | None:
+        return self.serving.version if self.serving else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def model(self) -> str | None:
+        return self.serving.model if self.serving else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def model_repo_id(self) -> str | None:
+        return self.model
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def digest(self) -> str | None:
+        return self.serving.digest if self.serving else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def weights_digest(self) -> str | None:
+        return self.serving.weights_digest if self.serving else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def serving_since(self) -> float | None:
+        return self.serving.since if self.serving else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def loading(self) -> bool:
+        """Loading a version: booting, or staging one."""
+        return self.state is ReplicaState.STARTING or bool(self.staged and self.staged.state is StageState.STAGING)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def updating(self) -> bool:
+        """A version is on its way: staging or staged."""
+        return bool(self.staged and self.staged.state in (StageState.STAGING, StageState.STAGED))
 
 
 def activate_at_problem(committed: Committed) -> str | None:

@@ -109,7 +109,7 @@ def default_rollback(published: Iterable[int], outcomes: Outcomes, committed: in
 def rollback_target(coordinator: Coordinator, committed: int) -> int:
     """``default_rollback`` for the coordinator's store and publish history."""
     published = [m.version for m in coordinator.store.list()]
-    outcomes = read_outcomes(coordinator.shared_dir / "history", published, committed)
+    outcomes = read_outcomes(coordinator.data_dir / "history", published, committed)
     return default_rollback(published, outcomes, committed)
 
 
@@ -119,7 +119,7 @@ def plan(coordinator: Coordinator) -> GcPlan:
     state = coordinator.read_state()
     published = [m.version for m in store.list()]
     committed = state.committed.version if state.committed else None
-    outcomes = read_outcomes(coordinator.shared_dir / "history", published, committed)
+    outcomes = read_outcomes(coordinator.data_dir / "history", published, committed)
     target = default_rollback(published, outcomes, committed) if committed else None
     pins = pinned_versions(state, coordinator.live_replicas(), previous=outcomes.previous, rollback_target=target)
     settings = coordinator.settings

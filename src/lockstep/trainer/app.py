@@ -30,13 +30,13 @@ from lockstep.models import loader
 from lockstep.store.manifest import check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
+from lockstep.sync.http_fleet import HttpFleet
 from lockstep.trainer.cluster import ClusterView
 from lockstep.trainer.discovery import Discovery
 from lockstep.trainer.events import STREAM_S, EventBus
-from lockstep.trainer.http_cluster import CatchUpLoop, HttpClusterCoordinator
 from lockstep.trainer.manager import RunManager
 from lockstep.trainer.metrics import TrainerMetrics
-from lockstep.trainer.monitor import Monitor
+from lockstep.trainer.monitor import CatchUpLoop, Monitor
 from lockstep.trainer.publishes import PublishBusy, Publisher, check_ref
 from lockstep.trainer.run_store import RunStore
 from lockstep.trainer.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
@@ -71,34 +71,32 @@ class Trainer:
         events = EventBus()
         metrics = TrainerMetrics()
         discovery = discovery or Discovery(settings, clock=clock)
-        coordinator: Coordinator
+        cluster = ClusterView(settings, discovery=discovery, clock=clock)
         if settings.shared_dir is None:
-            box: dict[str, ClusterView] = {}
-            coordinator = HttpClusterCoordinator(settings, urls=lambda: box["cluster"].discovered_urls(),
-                                                 clock=clock, owner=owner)
-            cluster = ClusterView(settings, discovery=discovery, read_state=coordinator.read_state, clock=clock)
-            box["cluster"] = cluster
+            fleet = HttpFleet(settings, cluster.discovered_urls, clock=clock)
+            coordinator = Coordinator.over_http(settings, fleet, clock=clock, owner=owner,
+                                                data_dir=settings.trainer_data_path)
         else:
             coordinator = Coordinator(settings, clock=clock, owner=owner)
-            cluster = ClusterView(settings, discovery=discovery, read_state=coordinator.read_state, clock=clock)
+        cluster.read_state = coordinator.read_state
         publisher = Publisher(coordinator, events=events, metrics=metrics, clock=clock)
         monitor = Monitor(cluster, events=events, metrics=metrics, clock=clock)
-        runs = RunManager(settings, runs=RunStore(coordinator.shared_dir / "runs"), coordinator=coordinator,
+        runs = RunManager(settings, runs=RunStore(coordinator.data_dir / "runs"), coordinator=coordinator,
                           publisher=publisher, cluster=cluster, events=events, metrics=metrics, clock=clock)
-        uploads = UploadStore(coordinator.shared_dir / "uploads", clock, max_bytes=settings.max_upload_bytes,
+        uploads = UploadStore(coordinator.data_dir / "uploads", clock, max_bytes=settings.max_upload_bytes,
                               max_files=settings.max_upload_files, max_open=settings.max_open_uploads)
         trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs, uploads)
-        if isinstance(coordinator, HttpClusterCoordinator):
+        if coordinator.fleet.pushes:
             trainer.catch_up = CatchUpLoop(coordinator, trainer._caught_up)
         return trainer
 
     @property
     def data_dir(self) -> Path:
         """The shared folder, or (without one) the trainer's own data folder."""
-        return self.coordinator.shared_dir
+        return self.coordinator.data_dir
 
-    def _caught_up(self, url: str, report: ReplicaReport, version: int) -> None:
-        self.events.publish("version", {"what": "catch-up", "replica_id": report.replica_id, "url": url,
+    def _caught_up(self, report: ReplicaReport, version: int) -> None:
+        self.events.publish("version", {"what": "catch-up", "replica_id": report.replica_id,
                                         "version": version, "outcome": report.outcome, "error": report.error})
 
     def history(self) -> dict[str, Any]:
@@ -153,8 +151,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         interrupted = await asyncio.to_thread(trainer.runs.recover)
         if interrupted:
             log.warning("runs interrupted by the last shutdown: %s", ", ".join(interrupted))
-        if isinstance(trainer.coordinator, HttpClusterCoordinator):
-            await asyncio.to_thread(trainer.coordinator.recover)
+        await asyncio.to_thread(trainer.coordinator.recover)
         await asyncio.to_thread(retention.collect_quietly, trainer.coordinator, "at trainer start")
         trainer.monitor.start()
         if trainer.catch_up is not None:
@@ -172,8 +169,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             await asyncio.to_thread(trainer.runs.shutdown)
             trainer.monitor.stop()
             trainer.cluster.close()
-            if isinstance(trainer.coordinator, HttpClusterCoordinator):
-                trainer.coordinator.close()
+            trainer.coordinator.close()
 
     app = FastAPI(title="Lockstep trainer", version="1", lifespan=lifespan)
     app.state.trainer = trainer

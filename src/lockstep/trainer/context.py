@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lockstep.core.clock import Clock
-from lockstep.core.errors import Conflict
 from lockstep.core.settings import Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.protocol import Heartbeat
@@ -87,20 +85,8 @@ class RunContext:
                                     "progress": self.record.progress.model_dump()})
 
     def wait_until_serving(self, version: int, timeout_s: float) -> list[Heartbeat]:
-        """Block until every live replica (at least one) serves ``version`` and is ready; else Conflict.
-
-        Live replicas come from the coordinator: heartbeats on the shared folder, or ``GET /status`` over HTTP.
-        """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            live = self.coordinator.live_replicas()
-            if live and all(b.ready and b.serving and b.serving.version == version for b in live):
-                return live
-            if time.monotonic() >= deadline:
-                have = ", ".join(f"{b.replica_id}=v{b.serving.version if b.serving else '-'}" for b in live)
-                raise Conflict(f"replicas did not all serve v{version} within {timeout_s:.0f}s (live: "
-                               f"{have or 'none'})")
-            self.clock.sleep(min(0.1, self.settings.poll_interval_s))
+        """Block until every live replica (at least one) serves ``version`` and is ready; else Conflict."""
+        return self.coordinator.wait_until_serving(version, timeout_s=timeout_s)
 
     def sample(self, sample: dict[str, Any]) -> None:
         self.files.append_sample({"time": self.clock.time(), **sample})

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from lockstep.core.clock import Clock
+from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.trainer.cluster import ClusterSnapshot, ClusterView
 from lockstep.trainer.events import EventBus
 from lockstep.trainer.metrics import TrainerMetrics
@@ -77,3 +79,33 @@ class Monitor:
         if listening:
             self.events.publish("cluster", snap.as_dict())
         return snap
+
+
+class CatchUpLoop:
+    """A thread that runs the coordinator's ``catch_up`` every ``interval_s`` and reports what it did."""
+
+    def __init__(self, coordinator: Coordinator, report: Callable[[ReplicaReport, int], None],
+                 interval_s: float = 1.0) -> None:
+        self.coordinator = coordinator
+        self.report = report
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="catch-up", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                done = self.coordinator.catch_up()
+                committed = self.coordinator.read_state().committed if done else None
+                for report in done:
+                    self.report(report, committed.version if committed else 0)
+            except Exception:  # the loop must outlive one bad pass; the next one tries again
+                log.exception("catching up replicas failed")

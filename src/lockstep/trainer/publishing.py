@@ -31,7 +31,6 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadModelRef, BadRequest
 from lockstep.core.settings import CommitPolicy, Settings, load_settings
 from lockstep.store import ModelStore
-from lockstep.sync import coordinator as coord
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
 from lockstep.sync.protocol import Heartbeat
 from lockstep.trainer.client import TrainerClient
@@ -153,6 +152,5 @@ def wait_until_serving(version: int, *, shared_dir: str | Path | None = None,
     if trainer_url is not None:
         with TrainerClient(trainer_url, token=token) as client:
             return client.wait_until_serving(version, timeout_s=timeout_s, min_replicas=min_replicas)
-    settings = _settings(shared_dir, settings)
-    return coord.wait_until_serving(settings, version, clock=clock, timeout_s=timeout_s,
-                                    min_replicas=min_replicas)
+    coordinator = Coordinator(_settings(shared_dir, settings), clock=clock, owner="wait-until-serving")
+    return coordinator.wait_until_serving(version, timeout_s=timeout_s, min_replicas=min_replicas)

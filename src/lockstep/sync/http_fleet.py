@@ -1,0 +1,143 @@
+"""Replicas driven over HTTP, for clusters without a shared volume (docs/protocol.md §5).
+
+A decision is a POST to each replica: ``/admin/stage`` (prepare), ``/admin/commit`` (with one ``activate_at``
+for all) and ``/admin/abort``. What a replica reports is its ``GET /status``, read as the heartbeat it would
+have written to a shared folder; ``generation_seen`` is the generation of the last decision it accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import httpx
+
+from lockstep.core.clock import Clock
+from lockstep.core.errors import BadRequest
+from lockstep.core.http import bearer_headers
+from lockstep.core.settings import Settings
+from lockstep.sync.protocol import Heartbeat, Pending, Phase, ReplicaStatus
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S = 3.0  # seconds per GET /status: an unreachable replica must not stall the others
+T = TypeVar("T")
+
+
+def beat_from_status(url: str, status: dict[str, Any], now: float, generation_seen: int | None) -> ReplicaStatus:
+    """A replica's ``GET /status`` with where and when it was read, and the last decision it accepted.
+
+    ``ValueError`` (pydantic's) when a field does not fit the shape: such a replica is not counted as live.
+    """
+    return ReplicaStatus.model_validate({"replica_id": url, **status, "url": url, "time": now,
+                                         "generation_seen": generation_seen})
+
+
+def error_text(response: httpx.Response) -> str:
+    """The message of a Lockstep error body, else the start of the body."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+class HttpFleet:
+    """The replicas at ``urls()`` (static, or what discovery finds each time)."""
+
+    pushes = True
+    replicas_verify = True  # they download versions/N and hash every file against its MANIFEST
+
+    def __init__(self, settings: Settings, urls: Callable[[], list[str]], *, clock: Clock,
+                 client: httpx.Client | None = None) -> None:
+        self.settings = settings
+        self.urls = urls
+        self.clock = clock
+        self.client = client or httpx.Client(timeout=10.0, headers=bearer_headers(settings.api_token))
+        self._seen: dict[str, int] = {}  # url → generation of the last decision it accepted
+        self._round_trip: dict[str, float] = {}  # url → seconds of its slowest recent answer
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _each(self, fn: Callable[[str], T], urls: list[str]) -> dict[str, T]:
+        if len(urls) <= 1:
+            return {url: fn(url) for url in urls}
+        with ThreadPoolExecutor(max_workers=min(16, len(urls)), thread_name_prefix="http-fleet") as pool:
+            return dict(zip(urls, pool.map(fn, urls), strict=True))
+
+    def _timed(self, url: str, send: Callable[[], httpx.Response]) -> httpx.Response:
+        began = time.monotonic()
+        response = send()
+        self._round_trip[url] = time.monotonic() - began
+        return response
+
+    def _status(self, url: str) -> dict[str, Any] | None:
+        try:
+            response = self._timed(url, lambda: self.client.get(f"{url}/status", timeout=STATUS_TIMEOUT_S))
+            body = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    def live(self) -> list[Heartbeat]:
+        """Replicas that answer ``GET /status`` at the URLs."""
+        urls = [u.rstrip("/") for u in self.urls()]
+        now = self.clock.time()
+        beats = []
+        for url, status in self._each(self._status, urls).items():
+            if status is None:
+                continue
+            try:
+                beats.append(beat_from_status(url, status, now, self._seen.get(url)))
+            except ValueError as exc:  # a /status we cannot read: not counted as live
+                log.warning("ignoring the GET /status answer of %s: %s", url, exc)
+        return beats
+
+    def deliver(self, decision: Pending, generation: int, to: list[Heartbeat] | None = None) -> dict[str, str]:
+        targets = {b.url: b.replica_id for b in (self.live() if to is None else to) if b.url}
+        if decision.phase is Phase.PREPARE:
+            path, body = "/admin/stage", {"model": decision.model, "version": decision.version}
+            if decision.digest:
+                body["digest"] = decision.digest
+        elif decision.phase is Phase.COMMIT:
+            path, body = "/admin/commit", {"version": decision.version}
+            if decision.activate_at is not None:
+                body["activate_at"] = decision.activate_at
+        else:
+            path, body = "/admin/abort", {"version": decision.version}
+
+        def post(url: str) -> str | None:
+            try:
+                response = self._timed(url, lambda: self.client.post(f"{url}{path}", json=body))
+            except httpx.HTTPError as exc:
+                return f"{path} request failed: {exc}"
+            if not response.is_success:
+                return f"{path} refused: {error_text(response)}"
+            self._seen[url] = generation
+            return None
+
+        outcomes = self._each(post, list(targets))
+        return {targets[url]: why for url, why in outcomes.items() if why is not None}
+
+    def reach_s(self, staged: list[Heartbeat], slack_s: float) -> float:
+        """A POST reaches a replica within its slowest recent round trip (the poll interval if none was timed)."""
+        return max((self._round_trip.get(b.url or "", self.settings.poll_interval_s) for b in staged), default=0.0)
+
+    def check(self, model: str) -> None:
+        """Ask one replica whether it may load ``model``; ``BadRequest`` with its reason when it says no."""
+        for url in self.urls():
+            try:
+                response = self.client.post(f"{url.rstrip('/')}/admin/stage",
+                                            json={"model": model, "version": 0, "check_only": True})
+            except httpx.HTTPError:
+                continue
+            if response.is_success or response.status_code in (401, 403) or response.status_code >= 500:
+                return  # accepted; or the replica cannot judge (auth is reported by the stage itself)
+            raise BadRequest(f"{model!r} refused before staging ({url} checked it): {error_text(response)}")
+
+    def describe(self) -> str:
+        urls = self.urls()
+        return f"the replica URLs {', '.join(urls)}" if urls else "the replica URLs (discovery found none)"

@@ -1,0 +1,63 @@
+"""What a publish did, per replica, and the rule that decides between commit and abort."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lockstep.core.settings import CommitPolicy
+
+
+@dataclass
+class ReplicaReport:
+    replica_id: str
+    outcome: str  # staged | failed | timeout | serving | behind
+    error: str | None = None
+    stage_seconds: float | None = None
+    weights_digest: str | None = None
+
+
+@dataclass
+class PublishResult:
+    """What a publish did, per replica."""
+
+    version: int
+    model: str
+    outcome: str  # committed | aborted | unchanged
+    reason: str | None = None
+    activate_at: float | None = None
+    started_at: float = 0.0
+    prepare_s: float = 0.0
+    total_s: float = 0.0
+    generation: int = 0
+    rollback: bool = False
+    replicas: list[ReplicaReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("committed", "unchanged")
+
+    def summary(self) -> str:
+        per = ", ".join(f"{r.replica_id}={r.outcome}" for r in self.replicas) or "no live replicas"
+        return f"v{self.version} {self.outcome}{f' ({self.reason})' if self.reason else ''}: {per}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "replicas"},
+                "replicas": [r.__dict__ for r in self.replicas]}
+
+
+def commit_refusal(reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
+    """Why a staged version must not be committed (different weights, or too few staged), or None."""
+    staged = [r for r in reports if r.outcome == "staged"]
+    bad = [r for r in reports if r.outcome != "staged"]
+    if len({r.weights_digest for r in staged if r.weights_digest}) > 1:
+        detail = ", ".join(f"{r.replica_id}={(r.weights_digest or 'none')[:12]}" for r in staged)
+        return f"replicas loaded different weights ({detail}); refusing to commit"
+    if not bad:
+        return None
+    detail = "; ".join(f"{r.replica_id}: {r.outcome}{' — ' + r.error if r.error else ''}" for r in bad)
+    if policy is CommitPolicy.STRICT:
+        return f"{len(bad)} of {len(reports)} replicas did not stage ({detail})"
+    if len(staged) * 2 <= len(reports):
+        return f"quorum not reached: {len(staged)} of {len(reports)} staged ({detail})"
+    return None
