@@ -26,3 +26,9 @@ def test_layers_import_only_downward() -> None:
     # cli → launcher → ui | trainer → inference → sync → engine | models → store → core (pyproject.toml)
     done = subprocess.run([_tool("lint-imports")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_the_protocol_packages_type_check_strictly() -> None:
+    # sync, store and inference (pyproject.toml [tool.mypy]): the coordinator, its ledgers and fleets, the agent
+    done = subprocess.run([_tool("mypy")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

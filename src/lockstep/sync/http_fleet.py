@@ -86,7 +86,7 @@ class HttpFleet:
         """Replicas that answer ``GET /status`` at the URLs."""
         urls = [u.rstrip("/") for u in self.urls()]
         now = self.clock.time()
-        beats = []
+        beats: list[Heartbeat] = []
         for url, status in self._each(self._status, urls).items():
             if status is None:
                 continue

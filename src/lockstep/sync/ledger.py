@@ -29,6 +29,13 @@ T = TypeVar("T")
 class CoordinatorLease(Protocol):
     """One coordinator at a time: held for a publish, renewed while it waits."""
 
+    @property
+    def held(self) -> bool: ...
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
     def __enter__(self) -> Self: ...
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -87,14 +94,24 @@ class ProcessLease:
         self.owner = owner
         self._lock = threading.Lock()
 
-    def __enter__(self) -> Self:
+    @property
+    def held(self) -> bool:
+        return self._lock.locked()
+
+    def acquire(self) -> None:
         if not self._lock.acquire(blocking=False):
             raise LeaseHeld(f"{self.owner} is already publishing; wait for it to finish")
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> Self:
+        self.acquire()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._lock.release()
+        self.release()
 
     def renew(self) -> None:
         pass

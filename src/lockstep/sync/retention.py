@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lockstep.core.atomic import read_json
-from lockstep.core.errors import LeaseHeld
-from lockstep.store.model_store import GcPlan
+from lockstep.core.errors import BadRequest, LeaseHeld
+from lockstep.store.model_store import GcPlan, ModelStore
 from lockstep.sync.protocol import Heartbeat, Phase, StageState, SyncState
 
 if TYPE_CHECKING:
@@ -106,16 +106,24 @@ def default_rollback(published: Iterable[int], outcomes: Outcomes, committed: in
     return max(older, default=0)
 
 
+def store_of(coordinator: Coordinator) -> ModelStore:
+    """The coordinator's store; ``BadRequest`` for one that drives replica URLs without a store."""
+    if coordinator.store is None:
+        raise BadRequest("this coordinator has no store (it drives replica URLs without a trainer): publish and "
+                         "roll back through the trainer (--trainer URL) to use published versions")
+    return coordinator.store
+
+
 def rollback_target(coordinator: Coordinator, committed: int) -> int:
     """``default_rollback`` for the coordinator's store and publish history."""
-    published = [m.version for m in coordinator.store.list()]
+    published = [m.version for m in store_of(coordinator).list()]
     outcomes = read_outcomes(coordinator.data_dir / "history", published, committed)
     return default_rollback(published, outcomes, committed)
 
 
 def plan(coordinator: Coordinator) -> GcPlan:
     """What garbage collection would do now, with a reason for every entry of the store."""
-    store = coordinator.store
+    store = store_of(coordinator)
     state = coordinator.read_state()
     published = [m.version for m in store.list()]
     committed = state.committed.version if state.committed else None
@@ -160,5 +168,5 @@ def collect_quietly(coordinator: Coordinator, when: str) -> None:
 
 def _apply(coordinator: Coordinator) -> GcPlan:
     result = plan(coordinator)
-    coordinator.store.apply_gc(result)
+    store_of(coordinator).apply_gc(result)
     return result
