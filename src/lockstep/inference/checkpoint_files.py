@@ -19,13 +19,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lockstep.core.errors import Conflict, LoadError
 from lockstep.inference.inplace import SHAPELESS_CONFIG, PartialCopy, finite_cast, read_weight_file, swap_hint
 from lockstep.models import loader
+
+if TYPE_CHECKING:
+    from lockstep.engine.vllm import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ class CheckpointFiles:
             return 0
         return sum(p.stat().st_size for p in self.copy_dir.iterdir() if p.is_file())
 
-    def apply(self, engine: Any, version: int) -> float:
+    def apply(self, engine: VllmEngine, version: int) -> float:
         """Reload the serving vLLM engine from the private copy (in place); returns vLLM's pause in seconds.
 
         Any failure is a ``PartialCopy``: vLLM loads layer by layer, so what the live weights hold after a failed

@@ -82,7 +82,8 @@ def check_vllm_options(settings: Settings) -> None:
     VllmConfig.check_options(settings.vllm_extra_args)
 
 
-def start_vllm(resolved: loader.ResolvedModel, settings: Settings, version: int) -> tuple[loader.LoadedModel, Any]:
+def start_vllm(resolved: loader.ResolvedModel, settings: Settings, version: int
+               ) -> tuple[loader.LoadedModel, VllmEngine]:
     """Verify the files, start a vLLM engine on them and run the canary through it; the engine is closed on failure."""
     loader.check_safe_files(resolved.path, settings)
     device = loader.pick_device(settings.device)

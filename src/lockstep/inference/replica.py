@@ -21,20 +21,21 @@ import torch
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
 from lockstep.core.settings import EngineKind, Settings, UpdateMode
+from lockstep.engine.vllm import VllmEngine
 from lockstep.inference import engines
 from lockstep.inference.checkpoint_files import CheckpointFiles
 from lockstep.inference.inplace import InplaceWeights, PartialCopy
 from lockstep.inference.metrics import ReplicaMetrics, VllmMetrics
-from lockstep.inference.slot import ModelSlot
+from lockstep.inference.slot import ModelSlot, ServingEngine
 from lockstep.models import loader
 from lockstep.sync.protocol import ReplicaState, ServingInfo, StagedInfo, StageState
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[loader.LoadedModel, Settings], Any]
+EngineFactory = Callable[[loader.LoadedModel, Settings], ServingEngine]
 
 
-def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> Any:
+def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> ServingEngine:
     """A started batching engine for one loaded model."""
     from lockstep.engine import Engine
 
@@ -150,6 +151,7 @@ class Replica:
         """Resolve, verify, load, canary and start an engine; the single load path of a replica."""
         started = time.monotonic()
         resolved = loader.resolve(model_ref, self.settings, self.store)
+        engine: ServingEngine
         if self.engine_kind is EngineKind.VLLM:
             loaded, engine = engines.start_vllm(resolved, self.settings, version)
         else:
@@ -344,6 +346,7 @@ class Replica:
                 time.sleep(0.001)
             try:
                 if isinstance(plan.inplace, CheckpointFiles):  # vLLM pauses too, then reloads from the copy
+                    assert isinstance(old.engine, VllmEngine), "checkpoint files are staged for vLLM only"
                     plan.inplace.apply(old.engine, plan.version)
                 else:
                     plan.inplace.copy_into(old.loaded.model)
@@ -389,8 +392,7 @@ class Replica:
             slot.engine.close()
         except Exception:  # retiring must never take the replica down
             log.exception("error while retiring v%d", slot.version)
-        slot.engine = None
-        slot.loaded.model = None
+        slot.free()
         files = slot.loaded.extra.get("checkpoint")
         if isinstance(files, CheckpointFiles):
             files.release()

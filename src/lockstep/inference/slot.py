@@ -3,10 +3,47 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from lockstep.engine import RequestHandle, SamplingParams
 from lockstep.models.loader import LoadedModel
+
+
+class ServingEngine(Protocol):
+    """What a replica uses of an engine: the built-in ``Engine`` and ``VllmEngine`` both are one."""
+
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class FreedEngine:
+    """Stands in for the engine of a slot that was freed: nothing runs, and a submit says why."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+
+    def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle:
+        raise RuntimeError(f"v{self.version} was freed; requests are admitted on the serving slot")
+
+    queue_depth = 0
+    running = 0
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -17,7 +54,7 @@ class ModelSlot:
     model_ref: str
     digest: str | None  # content digest from the MANIFEST (None for an unpublished initial model)
     loaded: LoadedModel
-    engine: Any  # lockstep.engine.Engine
+    engine: ServingEngine
     serving_since: float | None = None
     _pins: int = 0
     _pins_zero: threading.Condition = field(default_factory=threading.Condition)
@@ -29,6 +66,11 @@ class ModelSlot:
     @property
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer
+
+    def free(self) -> None:
+        """Drop the engine and the model (after the engine stopped), so their memory can be returned."""
+        self.engine = FreedEngine(self.version)
+        self.loaded.model = None
 
     def pin(self) -> None:
         with self._pins_zero:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lockstep.core.settings import CommitPolicy
 from lockstep.sync.protocol import Committed, Heartbeat, Pending, Phase, ReplicaState, StageState, SyncState
-from lockstep.sync.reports import PublishResult, ReplicaReport, commit_refusal
+from lockstep.sync.reports import PublishOutcome, PublishResult, ReplicaOutcome, ReplicaReport, commit_refusal
 from lockstep.sync.sources import Source
 
 if TYPE_CHECKING:
@@ -72,14 +72,14 @@ class CatchUp:
                          phase=Phase.COMMIT)
         # Told first, so it stops taking traffic at once (it answers 409 unless it already serves the version).
         c.fleet.deliver(commit, state.generation, [beat])
-        result = PublishResult(committed.version, committed.model, "committed",
-                               replicas=[ReplicaReport(beat.replica_id, "staged")])
+        result = PublishResult(committed.version, committed.model, PublishOutcome.COMMITTED,
+                               replicas=[ReplicaReport(beat.replica_id, ReplicaOutcome.STAGED)])
         if beat.serving is None or beat.serving.version != committed.version:
             failed = c.fleet.deliver(commit.model_copy(update={"phase": Phase.PREPARE}), state.generation, [beat])
             source = Source(committed.version, committed.model, committed.digest)
             reports, _ = c.wait_staged(source, state.generation, c.clock.time() + c.settings.stage_timeout_s,
                                        CommitPolicy.STRICT, None, [beat], failed)
-            result.replicas = reports or [ReplicaReport(beat.replica_id, "timeout", "stopped answering")]
+            result.replicas = reports or [ReplicaReport(beat.replica_id, ReplicaOutcome.TIMEOUT, "stopped answering")]
             loaded = {r.weights_digest for r in reports if r.weights_digest}
             result.reason = commit_refusal(result.replicas, CommitPolicy.STRICT)
             if result.reason is None and weights and loaded and not loaded <= weights:
@@ -92,7 +92,7 @@ class CatchUp:
         else:
             c.fleet.deliver(commit.model_copy(update={"phase": Phase.ABORT}), state.generation, [beat])
         report = result.replicas[0]
-        if report.outcome == "serving":
+        if report.outcome is ReplicaOutcome.SERVING:
             self._retry.pop(beat.replica_id, None)
             log.info("replica %s caught up: serving v%d", beat.replica_id, committed.version)
         else:

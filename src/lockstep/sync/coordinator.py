@@ -24,7 +24,7 @@ from lockstep.sync.fleet import Fleet, FolderFleet
 from lockstep.sync.ledger import FileLedger, Ledger, MemoryLedger, check_writable, with_lease_wait
 from lockstep.sync.protocol import Committed, Heartbeat, LegacyRequest, Pending, Phase, StageState, SyncState
 from lockstep.sync.reconcile import state_to_go_on_from
-from lockstep.sync.reports import PublishResult, ReplicaReport, commit_refusal
+from lockstep.sync.reports import PublishOutcome, PublishResult, ReplicaOutcome, ReplicaReport, commit_refusal
 from lockstep.sync.sources import ProgressFn, Source, Sources
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Coordinator:
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
         if source.unchanged:
-            return PublishResult(source.version, source.model, "unchanged", started_at=started,
+            return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
                                  reason="the committed version already has this content (same digest)")
         with self.lease, self.drive_lock:
             result = self._two_phases(source, policy or self.settings.commit_policy,
@@ -147,7 +147,7 @@ class Coordinator:
             source = source or self.prepare_source(model)
             if source.unchanged:
                 self._write(self._held(), pending=None)
-                return PublishResult(source.version, source.model, "unchanged")
+                return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED)
             result = self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
                                       self.clock.time(), None)
             retention.collect_quietly(self, f"after the publish of v{result.version}")
@@ -174,8 +174,8 @@ class Coordinator:
                     progress: ProgressFn | None) -> PublishResult:
         state = self.read_state()
         told = self.fleet.live()
-        result = PublishResult(source.version, source.model, "aborted", started_at=started, rollback=source.rollback,
-                               generation=state.generation)
+        result = PublishResult(source.version, source.model, PublishOutcome.ABORTED, started_at=started,
+                               rollback=source.rollback, generation=state.generation)
         if not told and self.fleet.pushes:  # nobody would hear of the commit until the next catch-up
             result.reason = (f"no live replicas to publish to: none of {self.fleet.describe()} answers GET /status "
                              "(see GET /cluster)")
@@ -201,7 +201,7 @@ class Coordinator:
             result.reason, result.generation = reason, state.generation
             log.warning("abort v%d: %s", source.version, reason)
             return self._finish(result)
-        staged = {r.replica_id for r in result.replicas if r.outcome == "staged"}
+        staged = {r.replica_id for r in result.replicas if r.outcome is ReplicaOutcome.STAGED}
         activate_at = self.clock.time() + self.commit_margin([b for b in beats if b.replica_id in staged])
         commit = pending.model_copy(update={"phase": Phase.COMMIT, "activate_at": activate_at})
         state = self._write(state, pending=commit, committed=Committed(
@@ -210,9 +210,9 @@ class Coordinator:
         # Replicas that did not stage (quorum) are told as well: they go unready until they catch up.
         for replica_id, why in self.fleet.deliver(commit, state.generation, told).items():
             for report in result.replicas:
-                if report.replica_id == replica_id and report.outcome == "staged":
-                    report.outcome, report.error = "behind", f"commit failed: {why}"
-        result.outcome, result.activate_at, result.generation = "committed", activate_at, state.generation
+                if report.replica_id == replica_id and report.outcome is ReplicaOutcome.STAGED:
+                    report.outcome, report.error = ReplicaOutcome.BEHIND, f"commit failed: {why}"
+        result.outcome, result.activate_at, result.generation = PublishOutcome.COMMITTED, activate_at, state.generation
         log.info("commit v%d, activate_at %.3f", source.version, activate_at)
         if progress:
             progress("commit", {"version": source.version, "activate_at": activate_at})
@@ -249,8 +249,8 @@ class Coordinator:
         while True:
             live = [b for b in self.fleet.live() if names is None or b.replica_id in names]
             reports = [self._report(b, source, generation, failed.get(b.replica_id)) for b in live]
-            waiting = [r for r in reports if r.outcome == "timeout"]
-            bad = [r for r in reports if r.outcome == "failed"]
+            waiting = [r for r in reports if r.outcome is ReplicaOutcome.TIMEOUT]
+            bad = [r for r in reports if r.outcome is ReplicaOutcome.FAILED]
             if progress:
                 progress("staging", {"staged": len(reports) - len(waiting) - len(bad), "failed": len(bad),
                                      "live": len(reports)})
@@ -269,18 +269,19 @@ class Coordinator:
     def _report(beat: Heartbeat, source: Source, generation: int, failed: str | None) -> ReplicaReport:
         """What one replica's report says of the prepare of ``generation``."""
         if failed is not None:
-            return ReplicaReport(beat.replica_id, "failed", failed)
+            return ReplicaReport(beat.replica_id, ReplicaOutcome.FAILED, failed)
         seen = (beat.generation_seen or 0) >= generation
         staged = beat.staged
         if seen and staged is not None and staged.version == source.version and staged.model == source.model:
             if staged.state is StageState.STAGED:
-                return ReplicaReport(beat.replica_id, "staged", None, staged.seconds, staged.weights_digest)
+                return ReplicaReport(beat.replica_id, ReplicaOutcome.STAGED, None, staged.seconds,
+                                     staged.weights_digest)
             if staged.state is StageState.FAILED:
-                return ReplicaReport(beat.replica_id, "failed", staged.error, staged.seconds)
+                return ReplicaReport(beat.replica_id, ReplicaOutcome.FAILED, staged.error, staged.seconds)
         serving = beat.serving
         if seen and serving is not None and serving.version == source.version and serving.model == source.model:
-            return ReplicaReport(beat.replica_id, "staged", None, 0.0, serving.weights_digest)
-        return ReplicaReport(beat.replica_id, "timeout")
+            return ReplicaReport(beat.replica_id, ReplicaOutcome.STAGED, None, 0.0, serving.weights_digest)
+        return ReplicaReport(beat.replica_id, ReplicaOutcome.TIMEOUT)
 
     def wait_serving(self, result: PublishResult) -> None:
         """After a commit, note which replicas serve it and are ready; bounded by activate_at + a few seconds."""
@@ -290,13 +291,13 @@ class Coordinator:
             beats = {b.replica_id: b for b in self.fleet.live()}
             for report in result.replicas:
                 beat = beats.get(report.replica_id)
-                if report.outcome == "staged" and beat and beat.ready and beat.serving \
+                if report.outcome is ReplicaOutcome.STAGED and beat and beat.ready and beat.serving \
                         and beat.serving.version == result.version:
-                    report.outcome = "serving"
-            waiting = [r for r in result.replicas if r.outcome == "staged"]
+                    report.outcome = ReplicaOutcome.SERVING
+            waiting = [r for r in result.replicas if r.outcome is ReplicaOutcome.STAGED]
             if not waiting or self.clock.time() >= until:
                 for report in waiting:
-                    report.outcome = "behind"
+                    report.outcome = ReplicaOutcome.BEHIND
                 return
             self.clock.sleep(self.settings.poll_interval_s)
 

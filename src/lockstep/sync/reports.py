@@ -3,18 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from lockstep.core.settings import CommitPolicy
 
 
+class ReplicaOutcome(StrEnum):
+    """What became of one replica in a publish."""
+
+    STAGED = "staged"  # staged the version (or already served it); waiting for the commit
+    FAILED = "failed"  # could not stage it (error says why)
+    TIMEOUT = "timeout"  # still staging at the deadline, or when another replica failed
+    SERVING = "serving"  # serves the committed version, ready
+    BEHIND = "behind"  # committed but not serving it yet: unready until it catches up
+
+
+class PublishOutcome(StrEnum):
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    UNCHANGED = "unchanged"  # the committed version already has this content
+
+
 @dataclass
 class ReplicaReport:
     replica_id: str
-    outcome: str  # staged | failed | timeout | serving | behind
+    outcome: ReplicaOutcome
     error: str | None = None
     stage_seconds: float | None = None
     weights_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        self.outcome = ReplicaOutcome(self.outcome)  # also from JSON (the trainer's client)
 
 
 @dataclass
@@ -23,7 +43,7 @@ class PublishResult:
 
     version: int
     model: str
-    outcome: str  # committed | aborted | unchanged
+    outcome: PublishOutcome
     reason: str | None = None
     activate_at: float | None = None
     started_at: float = 0.0
@@ -33,9 +53,12 @@ class PublishResult:
     rollback: bool = False
     replicas: list[ReplicaReport] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.outcome = PublishOutcome(self.outcome)
+
     @property
     def ok(self) -> bool:
-        return self.outcome in ("committed", "unchanged")
+        return self.outcome in (PublishOutcome.COMMITTED, PublishOutcome.UNCHANGED)
 
     def summary(self) -> str:
         per = ", ".join(f"{r.replica_id}={r.outcome}" for r in self.replicas) or "no live replicas"
@@ -48,8 +71,8 @@ class PublishResult:
 
 def commit_refusal(reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
     """Why a staged version must not be committed (different weights, or too few staged), or None."""
-    staged = [r for r in reports if r.outcome == "staged"]
-    bad = [r for r in reports if r.outcome != "staged"]
+    staged = [r for r in reports if r.outcome is ReplicaOutcome.STAGED]
+    bad = [r for r in reports if r.outcome is not ReplicaOutcome.STAGED]
     if len({r.weights_digest for r in staged if r.weights_digest}) > 1:
         detail = ", ".join(f"{r.replica_id}={(r.weights_digest or 'none')[:12]}" for r in staged)
         return f"replicas loaded different weights ({detail}); refusing to commit"
