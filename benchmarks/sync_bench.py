@@ -3,7 +3,10 @@
 For each model size and replica count, start N real replicas sharing a temporary folder, keep a steady
 load of greedy ``POST /generate`` requests on every replica, and publish 20 versions one after the other:
 
-- ``two-phase``: ``Coordinator.publish`` (stage everywhere, verify, commit at one ``activate_at``);
+- ``two-phase``: ``Coordinator.publish`` over the shared folder (stage everywhere, verify, commit at one
+  ``activate_at``);
+- ``http``: the same ``Coordinator`` over the replicas' URLs, no shared folder (what ``lockstep publish --urls``
+  and the trainer without a volume do): ``POST /admin/stage``, ``/admin/commit``;
 - ``naive`` (baseline, the seed's design): the legacy ``{"desired_model_repo_id": ...}`` file, each replica
   loads and flips on its own as soon as its load finishes (``LOCKSTEP_SYNC_MODE=naive``).
 
@@ -45,6 +48,8 @@ from lockstep.core.clock import SYSTEM_CLOCK  # noqa: E402
 from lockstep.core.settings import Settings  # noqa: E402
 from lockstep.models.tiny import ensure_builtin  # noqa: E402
 from lockstep.sync.coordinator import Coordinator  # noqa: E402
+from lockstep.sync.http_fleet import HttpFleet  # noqa: E402
+from lockstep.sync.protocol import LegacyRequest  # noqa: E402
 
 PROMPTS = ["The cat", "Two plus three", "Once upon a time", "Colours of the sky"]
 
@@ -124,9 +129,11 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
     root = Path(tempfile.mkdtemp(prefix=f"lockstep-bench-{size}-{n_replicas}-{mode}-"))
     shared = root / "shared"
     shared.mkdir()
-    env = base_env(builtin_dir, LOCKSTEP_SHARED_DIR=str(shared), INITIAL_MODEL_REPO_ID=f"builtin:{size}-s0",
-                   LOCKSTEP_SYNC_MODE=mode, LOCKSTEP_POLL_INTERVAL_S="0.1", LOCKSTEP_HEARTBEAT_INTERVAL_S="0.5",
-                   LOCKSTEP_HEARTBEAT_TTL_S="10", LOCKSTEP_STAGE_TIMEOUT_S="600")
+    # http: no shared folder; the coordinator drives the replicas' admin endpoints (lockstep publish --urls)
+    folder = {} if mode == "http" else {"LOCKSTEP_SHARED_DIR": str(shared)}
+    env = base_env(builtin_dir, **folder, INITIAL_MODEL_REPO_ID=f"builtin:{size}-s0",
+                   LOCKSTEP_SYNC_MODE="naive" if mode == "naive" else "two-phase", LOCKSTEP_POLL_INTERVAL_S="0.1",
+                   LOCKSTEP_HEARTBEAT_INTERVAL_S="0.5", LOCKSTEP_HEARTBEAT_TTL_S="10", LOCKSTEP_STAGE_TIMEOUT_S="600")
     replicas = []
     for i in range(n_replicas):
         port = free_port()
@@ -140,8 +147,14 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
         time.sleep(idle_window)
         polling_pct = [100 * (cpu_seconds(r.process.pid) - before[r.name]) / idle_window for r in replicas]
 
-        settings = Settings(shared_dir=shared, poll_interval_s=0.1, heartbeat_ttl_s=10, stage_timeout_s=600)
-        coordinator = Coordinator(settings, clock=SYSTEM_CLOCK, owner="bench")
+        if mode == "http":
+            settings = Settings(shared_dir=None, poll_interval_s=0.1, stage_timeout_s=600)
+            urls = [r.url for r in replicas]
+            coordinator = Coordinator.over_http(settings, HttpFleet(settings, lambda: urls, clock=SYSTEM_CLOCK),
+                                                clock=SYSTEM_CLOCK, owner="bench", data_dir=None)
+        else:
+            settings = Settings(shared_dir=shared, poll_interval_s=0.1, heartbeat_ttl_s=10, stage_timeout_s=600)
+            coordinator = Coordinator(settings, clock=SYSTEM_CLOCK, owner="bench")
         load = Load(replicas)
         load.start()
         time.sleep(2)
@@ -149,7 +162,7 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
         waits, margins, lateness = [], [], []  # two-phase: where propagation − load goes
         for i in range(publishes):
             model = f"builtin:{size}-s{1 if i % 2 == 0 else 0}"
-            if mode == "two-phase":
+            if mode != "naive":
                 source = coordinator.prepare_source(model)  # the copy into the store is not propagation
                 t0 = time.time()
                 result = coordinator.publish(model, source=source)
@@ -172,7 +185,10 @@ def run_case(size: str, n_replicas: int, mode: str, publishes: int, builtin_dir:
                 load_times.append(max(since) - t0)
             else:
                 assert result.activate_at is not None
-                committed_at = json.loads((shared / "sync_state.json").read_text())["committed"]["committed_at"]
+                state = coordinator.ledger.read()
+                assert state is not None and not isinstance(state, LegacyRequest) and state.committed is not None
+                committed_at = state.committed.committed_at
+                assert committed_at is not None
                 waits.append(committed_at - t0 - load_times[-1])
                 margins.append(result.activate_at - committed_at)
                 lateness.append(max(since) - result.activate_at)
@@ -247,7 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"])
     parser.add_argument("--replicas", nargs="+", type=int, default=[2, 4])
-    parser.add_argument("--modes", nargs="+", default=["two-phase", "naive"])
+    parser.add_argument("--modes", nargs="+", default=["two-phase", "http", "naive"],
+                        help="two-phase: shared folder; http: replica URLs, no shared folder; naive: the seed")
     parser.add_argument("--publishes", type=int, default=20)
     parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measurement")
     parser.add_argument("--builtin-dir", default=str(REPO / "var" / "bench-models" / "builtin"))
