@@ -94,7 +94,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
 
     @app.get("/status", summary="Serving and staged versions, state, errors, uptime")
     async def status(request: Request) -> ReplicaStatus:
-        return rt_of(request).status()
+        return rt_of(request).report()
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:

@@ -210,7 +210,11 @@ class ReplicaRuntime:
         m.tokens_per_second.set(self.token_rate.rate())
         m.ready.set(1 if self.replica.ready else 0)
 
-    def status(self) -> ReplicaStatus:
+    def status(self) -> dict[str, Any]:
+        """``report()`` as JSON."""
+        return self.report().model_dump(mode="json")
+
+    def report(self) -> ReplicaStatus:
         """What ``GET /status`` answers: the heartbeat's shape (docs/api.md)."""
         r = self.replica
         queued, running = r.engine_load()
