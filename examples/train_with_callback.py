@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from lockstep.core.settings import load_settings
 from lockstep.models import loader
 from lockstep.models.tiny import corpus_text
-from lockstep.trainer.callback import LockstepPublishCallback
+from lockstep.trainer.client import LockstepPublishCallback
 
 
 class CorpusBlocks(torch.utils.data.Dataset):  # type: ignore[type-arg]

@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lockstep.trainer.app import create_app
+    from lockstep.trainer.server.app import create_app
 
     settings = _guarded(load_settings(**_shared_overrides(args)), args.host, "lockstep trainer")
     _setup_logging(args.log_level, "trainer")
@@ -186,7 +186,7 @@ def _trainer_client(args: argparse.Namespace) -> Any:
     """A client for ``--trainer URL``, or None: then the command acts on the shared folder (or replica URLs)."""
     if not args.trainer:
         return None
-    from lockstep.trainer.client import TrainerClient
+    from lockstep.trainer.client.http import TrainerClient
 
     return TrainerClient(args.trainer, token=load_settings().api_token)
 

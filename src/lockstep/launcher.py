@@ -116,7 +116,7 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
             children.append(_spawn(f"replica-{i + 1}", ["serve", "--port", str(base_port + i)], replica_env, url,
                                    "/ready"))
         trainer_url = f"http://127.0.0.1:{trainer_port}"
-        if with_trainer and importlib.util.find_spec("lockstep.trainer.app") is not None:
+        if with_trainer and importlib.util.find_spec("lockstep.trainer.server.app") is not None:
             children.append(_spawn("trainer", ["trainer", "--port", str(trainer_port)], env, trainer_url,
                                    "/healthz"))
         if with_ui and importlib.util.find_spec("lockstep.ui.app") is not None:

@@ -16,7 +16,7 @@ from lockstep.core.settings import Settings
 from . import K8S, REPO, base_objects, find, load_file
 
 # The CLI subcommand each workload runs -> the module whose create_app(settings) builds its app.
-APPS = {"serve": "lockstep.inference.app", "trainer": "lockstep.trainer.app", "ui": "lockstep.ui.app"}
+APPS = {"serve": "lockstep.inference.app", "trainer": "lockstep.trainer.server.app", "ui": "lockstep.ui.app"}
 WORKLOADS = ["inference-server", "trainer-server", "ui-server"]
 
 

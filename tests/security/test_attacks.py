@@ -40,7 +40,7 @@ from lockstep.sync.protocol import (
     write_heartbeat,
     write_sync_state,
 )
-from lockstep.trainer.app import create_app as trainer_app
+from lockstep.trainer.server.app import create_app as trainer_app
 from lockstep.ui.app import create_app as ui_app
 from tests.security.conftest import (
     AUTH,

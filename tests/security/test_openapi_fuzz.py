@@ -28,8 +28,8 @@ from schemathesis.checks import (
 )
 
 from lockstep.inference.app import create_app as replica_app
-from lockstep.trainer.app import create_app as trainer_app
-from lockstep.trainer.schemas import FinetuneParams, SimulationParams
+from lockstep.trainer.server.app import create_app as trainer_app
+from lockstep.trainer.server.schemas import FinetuneParams, SimulationParams
 from lockstep.ui.app import create_app as ui_app
 from tests.security.conftest import AUTH, Server, replica_settings, serve, trainer_settings, ui_login
 from tests.security.conftest import settings as base_settings

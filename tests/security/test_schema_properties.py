@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from tests.security.strategies import BOUNDED, any_body, non_finite_floats_in
 
-SCHEMA_MODULES = ("lockstep.inference.schemas", "lockstep.inference.openai_api", "lockstep.trainer.schemas",
+SCHEMA_MODULES = ("lockstep.inference.schemas", "lockstep.inference.openai_api", "lockstep.trainer.server.schemas",
                   "lockstep.ui.schemas")
 EXAMPLES = 50  # per schema and property; ~25 schemas, pure validation
 

@@ -17,7 +17,7 @@ from lockstep.core.settings import load_settings
 from lockstep.models import loader
 from lockstep.store import ModelStore
 from lockstep.store.remote import RemoteStore
-from lockstep.trainer.app import create_app
+from lockstep.trainer.server.app import create_app
 
 TOKEN = "s3cret"
 BASE = "http://trainer"

@@ -326,7 +326,7 @@ def test_the_cli_publishes_rolls_back_and_shows_status_through_the_trainer(http_
 def test_a_model_uploaded_from_elsewhere_is_published_with_its_metadata_then_the_upload_removed(
         http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
     from lockstep.store.manifest import hash_file
-    from lockstep.trainer.publishing import model_files, publish, wait_until_serving
+    from lockstep.trainer.client import model_files, publish, wait_until_serving
     from tests.support.load import MAX_NEW_TOKENS, PROMPTS, greedy_texts
 
     url = http_cluster.trainer.url

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from lockstep.core.settings import load_settings
-from lockstep.trainer.app import create_app
+from lockstep.trainer.server.app import create_app
 
 TOKEN = "s3cret"
 

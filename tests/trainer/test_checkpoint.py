@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from lockstep.core.settings import load_settings
-from lockstep.trainer.checkpoint import MODEL_DIR, read_state, restore_optimizer, write_checkpoint
-from lockstep.trainer.policy import Policy, Scored
+from lockstep.trainer.runs.checkpoint import MODEL_DIR, read_state, restore_optimizer, write_checkpoint
+from lockstep.trainer.runs.policy import Policy, Scored
 
 
 def test_a_checkpoint_restores_the_model_and_the_optimizer_state(builtin_dir: Path, tmp_path: Path) -> None:

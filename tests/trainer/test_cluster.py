@@ -7,8 +7,8 @@ from pathlib import Path
 
 from lockstep.core.settings import load_settings
 from lockstep.sync.protocol import Heartbeat, ReplicaState, ServingInfo, write_heartbeat
-from lockstep.trainer.cluster import ClusterSnapshot, ClusterView
-from lockstep.trainer.discovery import Discovery, DiscoveryMode, DiscoveryResult, Endpoint
+from lockstep.trainer.cluster.discovery import Discovery, DiscoveryMode, DiscoveryResult, Endpoint
+from lockstep.trainer.cluster.view import ClusterSnapshot, ClusterView
 from tests.support.cluster import LocalCluster, wait_for
 from tests.trainer.k8s_api import fake_api_server
 
@@ -131,7 +131,7 @@ def test_the_view_lists_no_heartbeat_url_that_discovery_does_not_vouch_for(tmp_p
 
 
 def test_a_replicas_status_of_the_wrong_shape_fills_nothing_it_cannot_read() -> None:
-    from lockstep.trainer.cluster import ReplicaView, _fill_from_status
+    from lockstep.trainer.cluster.view import ReplicaView, _fill_from_status
 
     view = ReplicaView(replica_id="http://10.0.0.1:8000", url="http://10.0.0.1:8000")
     _fill_from_status(view, {"replica_id": ["x"], "state": 3, "ready": "yes", "serving_version": "7",

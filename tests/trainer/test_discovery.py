@@ -11,7 +11,7 @@ import pytest
 
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import load_settings
-from lockstep.trainer.discovery import Discovery, DiscoveryMode, UrlTrust, headless_domains, normalize_url
+from lockstep.trainer.cluster.discovery import Discovery, DiscoveryMode, UrlTrust, headless_domains, normalize_url
 from tests.trainer.k8s_api import FakeApiServer, fake_api_server
 
 
@@ -120,7 +120,7 @@ def test_heartbeat_urls_are_called_only_on_hosts_the_configuration_vouches_for(
     discovery = _heartbeat_discovery(tmp_path, inference_urls="http://10.0.0.5:8000",
                                      headless_service="inference-headless", k8s_namespace="lockstep")
     discovery.resolver = lambda *a, **k: []  # the Service resolves to nothing here: names alone vouch
-    with caplog.at_level(logging.WARNING, logger="lockstep.trainer.discovery"):
+    with caplog.at_level(logging.WARNING, logger="lockstep.trainer.cluster.discovery"):
         result = discovery.discover()
     assert sorted(e.name for e in result.endpoints if e.name) == ["listed", "stateful"]
     for refused in ("metadata", "elsewhere", "lookalike"):

@@ -7,7 +7,7 @@ import json
 import threading
 from collections.abc import AsyncGenerator
 
-from lockstep.trainer.events import Event, EventBus
+from lockstep.trainer.server.events import Event, EventBus
 
 
 async def next_event(stream: AsyncGenerator[Event | None, None]) -> Event:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from lockstep.trainer.manager import _owner_gone
-from lockstep.trainer.run import Owner
+from lockstep.trainer.runs.manager import _owner_gone
+from lockstep.trainer.runs.record import Owner
 from tests.support.cluster import LocalCluster, wait_for
 from tests.trainer.conftest import RUN_S, start_trainer, wait_run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lockstep.core.settings import load_settings
-from lockstep.trainer.policy import Policy, Scored, advantages
+from lockstep.trainer.runs.policy import Policy, Scored, advantages
 
 
 def scored(reward: float, group: int = 0, completion: str = " 12 34", **kw: object) -> Scored:

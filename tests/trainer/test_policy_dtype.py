@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lockstep.core.settings import load_settings
-from lockstep.trainer.policy import Policy
+from lockstep.trainer.runs.policy import Policy
 
 
 def test_the_policy_loads_the_files_float32_weights_when_serving_is_bfloat16(builtin_dir: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from lockstep.core.errors import BadModelRef, BadRequest
 from lockstep.store import ModelStore
-from lockstep.trainer.publishing import model_files, publish, wait_until_serving
+from lockstep.trainer.client import model_files, publish, wait_until_serving
 from tests.support.cluster import LocalCluster
 
 

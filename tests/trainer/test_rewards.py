@@ -8,8 +8,8 @@ import math
 import pytest
 
 from lockstep.core.errors import BadRequest
-from lockstep.trainer.rewards import RewardError, load_reward, score
-from lockstep.trainer.tasks import digits_reward
+from lockstep.trainer.runs.rewards import RewardError, load_reward, score
+from lockstep.trainer.runs.tasks import digits_reward
 
 ALLOWED = "tests.trainer.plugins"
 
@@ -17,8 +17,8 @@ ALLOWED = "tests.trainer.plugins"
 def test_an_allowed_plug_in_is_imported_and_scores() -> None:
     fn = load_reward("tests.trainer.plugins:length", ALLOWED)
     assert score(fn, "p", "x" * 32, "length") == pytest.approx(0.5)
-    assert load_reward("lockstep.trainer.tasks:digits_reward", "lockstep.trainer") is digits_reward
-    assert load_reward("lockstep.trainer.tasks:digits_reward", "*") is digits_reward
+    assert load_reward("lockstep.trainer.runs.tasks:digits_reward", "lockstep.trainer") is digits_reward
+    assert load_reward("lockstep.trainer.runs.tasks:digits_reward", "*") is digits_reward
 
 
 @pytest.mark.parametrize(("spec", "allowed", "message"), [

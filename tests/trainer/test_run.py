@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lockstep.core.errors import Conflict
-from lockstep.trainer.run import RunRecord, RunStatus
+from lockstep.trainer.runs.record import RunRecord, RunStatus
 
 
 def record() -> RunRecord:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from lockstep.core.errors import BadRequest, NotFound
-from lockstep.trainer.run import RunRecord, RunStatus
-from lockstep.trainer.run_store import RunStore
+from lockstep.trainer.runs.record import RunRecord, RunStatus
+from lockstep.trainer.runs.store import RunStore
 
 
 def test_records_round_trip_and_are_listed_oldest_first(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lockstep.core.errors import BadRequest
-from lockstep.trainer.tasks import TASKS, digits_reward, get_task, target_word_reward
+from lockstep.trainer.runs.tasks import TASKS, digits_reward, get_task, target_word_reward
 
 
 @pytest.mark.parametrize(("completion", "expected"), [

@@ -13,7 +13,7 @@ import pytest
 
 from lockstep.core.clock import FakeClock
 from lockstep.core.errors import BadRequest, Conflict, NotFound, Overloaded
-from lockstep.trainer.uploads import UPLOAD_TTL_S, UploadStore, UploadTooLarge
+from lockstep.trainer.server.uploads import UPLOAD_TTL_S, UploadStore, UploadTooLarge
 
 
 async def _body(*chunks: bytes, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:

@@ -7,6 +7,7 @@ patches process-wide torch functions while it loads; see docs/protocol.md §3).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import threading
@@ -120,6 +121,13 @@ def pick_dtype(setting: str, device: torch.device,
     if setting not in table:
         raise BadModelRef(f"LOCKSTEP_DTYPE={setting!r} is not supported; use auto, {', '.join(table)}")
     return table[setting]
+
+
+def save_kwargs(method: Any) -> dict[str, bool]:
+    """Arguments for ``save_pretrained`` that write safetensors: transformers 4.x needs
+    safe_serialization=True; 5.x writes only safetensors and has no such flag."""
+    flags = inspect.signature(method).parameters
+    return {"safe_serialization": True} if "safe_serialization" in flags else {}
 
 
 def check_safe_files(path: Path, settings: Settings) -> None:

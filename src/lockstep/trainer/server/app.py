@@ -31,16 +31,16 @@ from lockstep.store.manifest import check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
-from lockstep.trainer.cluster import ClusterView
-from lockstep.trainer.discovery import Discovery
-from lockstep.trainer.events import STREAM_S, EventBus
-from lockstep.trainer.manager import RunManager
-from lockstep.trainer.metrics import TrainerMetrics
-from lockstep.trainer.monitor import CatchUpLoop, Monitor
-from lockstep.trainer.publishes import PublishBusy, Publisher, check_ref
-from lockstep.trainer.run_store import RunStore
-from lockstep.trainer.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
-from lockstep.trainer.uploads import UploadStore
+from lockstep.trainer.cluster.discovery import Discovery
+from lockstep.trainer.cluster.view import ClusterView
+from lockstep.trainer.runs.manager import RunManager
+from lockstep.trainer.runs.store import RunStore
+from lockstep.trainer.server.events import STREAM_S, EventBus
+from lockstep.trainer.server.metrics import TrainerMetrics
+from lockstep.trainer.server.monitor import CatchUpLoop, Monitor
+from lockstep.trainer.server.publish_jobs import PublishBusy, Publisher, check_ref
+from lockstep.trainer.server.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
+from lockstep.trainer.server.uploads import UploadStore
 
 log = logging.getLogger(__name__)
 

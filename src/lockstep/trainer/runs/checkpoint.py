@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from lockstep.core.atomic import fsync_dir
-from lockstep.trainer.policy import Policy
+from lockstep.trainer.runs.policy import Policy
 
 KEEP = 2  # checkpoints kept per run (the newest is what a resume starts from)
 MODEL_DIR = "model"

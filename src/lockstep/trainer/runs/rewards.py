@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from lockstep.core.errors import BadRequest
-from lockstep.trainer.tasks import RewardFn
+from lockstep.trainer.runs.tasks import RewardFn
 
 _SPEC = re.compile(r"^(?P<module>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):"
                    r"(?P<attr>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")

@@ -11,9 +11,9 @@ from typing import Any
 
 from lockstep.core.clock import Clock
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
-from lockstep.trainer.cluster import ClusterSnapshot, ClusterView
-from lockstep.trainer.events import EventBus
-from lockstep.trainer.metrics import TrainerMetrics
+from lockstep.trainer.cluster.view import ClusterSnapshot, ClusterView
+from lockstep.trainer.server.events import EventBus
+from lockstep.trainer.server.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 

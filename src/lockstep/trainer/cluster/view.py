@@ -21,7 +21,7 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.settings import Settings
 from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState, read_heartbeats
 from lockstep.sync.tolerant import ProblemLog
-from lockstep.trainer.discovery import Discovery, DiscoveryResult, UrlTrust, normalize_url, url_trust
+from lockstep.trainer.cluster.discovery import Discovery, DiscoveryResult, UrlTrust, normalize_url, url_trust
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Publishing from your own training code: a model folder or an in-memory model becomes the next version,
 and every replica flips to it together.
 
-    from lockstep.trainer.publishing import publish, wait_until_serving
+    from lockstep.trainer.client import publish, wait_until_serving
 
     result = publish(model, tokenizer, shared_dir="/models", metadata={"step": 100, "loss": 1.9})
     if result.ok:
@@ -30,11 +30,11 @@ from typing import Any
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadModelRef, BadRequest
 from lockstep.core.settings import CommitPolicy, Settings, load_settings
+from lockstep.models.loader import save_kwargs
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
 from lockstep.sync.protocol import Heartbeat
-from lockstep.trainer.client import TrainerClient
-from lockstep.trainer.policy import save_kwargs
+from lockstep.trainer.client.http import TrainerClient
 
 log = logging.getLogger(__name__)
 

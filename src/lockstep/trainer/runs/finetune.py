@@ -12,15 +12,15 @@ from typing import Any
 from lockstep.core.errors import BadRequest, Conflict, LockstepError
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
-from lockstep.trainer.checkpoint import MODEL_DIR, restore_optimizer, write_checkpoint
-from lockstep.trainer.context import RunContext
-from lockstep.trainer.policy import Policy, Scored
-from lockstep.trainer.publishes import check_ref
-from lockstep.trainer.rewards import RewardError, load_reward, score
-from lockstep.trainer.rollouts import GenRequest, Rollout, RolloutClient
-from lockstep.trainer.run import Checkpoint
-from lockstep.trainer.schemas import FinetuneParams
-from lockstep.trainer.tasks import RewardFn, get_task
+from lockstep.trainer.runs.checkpoint import MODEL_DIR, restore_optimizer, write_checkpoint
+from lockstep.trainer.runs.context import RunContext
+from lockstep.trainer.runs.policy import Policy, Scored
+from lockstep.trainer.runs.record import Checkpoint
+from lockstep.trainer.runs.rewards import RewardError, load_reward, score
+from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
+from lockstep.trainer.runs.tasks import RewardFn, get_task
+from lockstep.trainer.server.publish_jobs import check_ref
+from lockstep.trainer.server.schemas import FinetuneParams
 
 log = logging.getLogger(__name__)
 

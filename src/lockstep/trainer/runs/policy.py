@@ -10,7 +10,6 @@ is a close surrogate) and the share of them is reported as ``retokenized_mismatc
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -74,12 +73,6 @@ def advantages(samples: list[Scored], algorithm: Algorithm) -> list[float]:
             centred = samples[i].reward - mean
             out[i] = centred / (std + STD_EPS) if algorithm == "grpo" else centred
     return out
-
-
-def save_kwargs(method: Any) -> dict[str, bool]:
-    """transformers 4.x needs safe_serialization=True; 5.x writes only safetensors and has no such flag."""
-    flags = inspect.signature(method).parameters
-    return {"safe_serialization": True} if "safe_serialization" in flags else {}
 
 
 class Policy:
@@ -179,7 +172,7 @@ class Policy:
     # ------------------------------------------------------------------ saving
     def save_model(self, folder: Path) -> None:
         """An HF model folder: config, safetensors weights, tokenizer."""
-        self.model.save_pretrained(folder, **save_kwargs(self.model.save_pretrained))
+        self.model.save_pretrained(folder, **loader.save_kwargs(self.model.save_pretrained))
         self.tokenizer.save_pretrained(folder)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:

@@ -17,10 +17,10 @@ from lockstep.core.settings import Settings
 from lockstep.models import loader
 from lockstep.store import ModelStore, content_digest, scan_dir
 from lockstep.sync.protocol import Heartbeat
-from lockstep.trainer.context import RunContext
-from lockstep.trainer.publishes import check_ref
-from lockstep.trainer.rollouts import GenRequest, Rollout, RolloutClient
-from lockstep.trainer.schemas import SimulationParams
+from lockstep.trainer.runs.context import RunContext
+from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
+from lockstep.trainer.server.publish_jobs import check_ref
+from lockstep.trainer.server.schemas import SimulationParams
 
 log = logging.getLogger(__name__)
 

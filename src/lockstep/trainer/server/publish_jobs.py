@@ -23,8 +23,8 @@ from lockstep.models import loader
 from lockstep.models.refs import RefKind, parse_ref
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
-from lockstep.trainer.events import EventBus
-from lockstep.trainer.metrics import TrainerMetrics
+from lockstep.trainer.server.events import EventBus
+from lockstep.trainer.server.metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 

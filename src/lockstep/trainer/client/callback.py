@@ -25,7 +25,7 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LockstepError
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import PublishResult
-from lockstep.trainer.publishing import publish, wait_until_serving
+from lockstep.trainer.client.publishing import publish, wait_until_serving
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ from lockstep.core.errors import BadRequest, Conflict, LockstepError
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator
-from lockstep.trainer.cluster import ClusterView
-from lockstep.trainer.context import RunContext, RunStopped
-from lockstep.trainer.events import EventBus
-from lockstep.trainer.finetune import FinetuneKind
-from lockstep.trainer.metrics import TrainerMetrics
-from lockstep.trainer.publishes import Publisher
-from lockstep.trainer.rewards import RewardError
-from lockstep.trainer.run import RESUMABLE, Owner, RunRecord, RunStatus
-from lockstep.trainer.run_store import RunFiles, RunStore
-from lockstep.trainer.simulation import SimulationKind
+from lockstep.trainer.cluster.view import ClusterView
+from lockstep.trainer.runs.context import RunContext, RunStopped
+from lockstep.trainer.runs.finetune import FinetuneKind
+from lockstep.trainer.runs.record import RESUMABLE, Owner, RunRecord, RunStatus
+from lockstep.trainer.runs.rewards import RewardError
+from lockstep.trainer.runs.simulation import SimulationKind
+from lockstep.trainer.runs.store import RunFiles, RunStore
+from lockstep.trainer.server.events import EventBus
+from lockstep.trainer.server.metrics import TrainerMetrics
+from lockstep.trainer.server.publish_jobs import Publisher
 
 log = logging.getLogger(__name__)
 

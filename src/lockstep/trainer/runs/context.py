@@ -11,12 +11,12 @@ from lockstep.core.clock import Clock
 from lockstep.core.settings import Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.protocol import Heartbeat
-from lockstep.trainer.cluster import ClusterView
-from lockstep.trainer.events import EventBus
-from lockstep.trainer.metrics import TrainerMetrics
-from lockstep.trainer.publishes import Publisher
-from lockstep.trainer.run import RunRecord
-from lockstep.trainer.run_store import RunFiles
+from lockstep.trainer.cluster.view import ClusterView
+from lockstep.trainer.runs.record import RunRecord
+from lockstep.trainer.runs.store import RunFiles
+from lockstep.trainer.server.events import EventBus
+from lockstep.trainer.server.metrics import TrainerMetrics
+from lockstep.trainer.server.publish_jobs import Publisher
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from lockstep.core.atomic import atomic_write_json, read_json
 from lockstep.core.errors import BadRequest, NotFound
-from lockstep.trainer.run import RunRecord
+from lockstep.trainer.runs.record import RunRecord
 
 log = logging.getLogger(__name__)
 
