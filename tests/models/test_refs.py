@@ -105,3 +105,9 @@ def test_a_file_is_not_a_model_directory(tmp_path: Path) -> None:
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(BadModelRef, match="not a directory"):
         parse_ref(str(tmp_path / "weights.safetensors"))
+
+
+def test_a_home_folder_of_nobody_is_a_400_not_a_crash() -> None:
+    with pytest.raises(BadModelRef, match="home folder") as err:
+        parse_ref("~nosuchuser-lockstep/x")
+    assert err.value.status_code == 400

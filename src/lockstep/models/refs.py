@@ -72,7 +72,10 @@ def parse_ref(raw: str, *, allow_directories: bool = True) -> ModelRef:
         if ".." in Path(ref).parts:  # the allowed forms are absolute or under ./; '..' only hides where it points
             raise BadModelRef(f"'..' is not allowed in a model path ({ref!r}); give an absolute path or one "
                               "starting with './'")
-        path = Path(ref).expanduser()
+        try:
+            path = Path(ref).expanduser()
+        except RuntimeError:  # ~someone with no such user (or no home): not a folder here
+            raise BadModelRef(f"model directory {ref!r} names a home folder that does not exist here") from None
         if not path.is_dir():
             raise BadModelRef(f"model directory {ref!r} does not exist or is not a directory")
         return ModelRef(raw=ref, kind=RefKind.DIRECTORY, path=path.resolve())
