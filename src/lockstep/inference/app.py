@@ -155,7 +155,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
     @app.post("/admin/abort", summary="Drop what is staged")
     async def admin_abort(body: AbortRequest, request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
-        return {"aborted": await asyncio.to_thread(rt_of(request).replica.abort, body.version)}
+        return await asyncio.to_thread(rt_of(request).abort_stage, body.version)
 
     openai_api.install(app, rt_of)
     return app

@@ -19,8 +19,9 @@ from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
 from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
-from lockstep.sync.protocol import ReplicaStatus, StageState
-from lockstep.sync.watcher import SyncWatcher, sleep_until
+from lockstep.sync.agent import Abort, Rules, Transport
+from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, StageState
+from lockstep.sync.watcher import ReplicaAgent, SyncWatcher
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class ReplicaRuntime:
         self._update_lock = threading.Lock()  # one update at a time on a standalone replica
         self._update_thread: threading.Thread | None = None
         self._local_version = 0
+        # The trainer's /admin/stage, /admin/commit and /admin/abort, fed to the agent the shared folder uses.
+        self.agent = ReplicaAgent(self.replica, Rules(Transport.HTTP, settings.initial_model_repo_id), clock,
+                                  self.replica_id, beat=lambda: None, wake=lambda: self.agent.step())
         self.watcher: SyncWatcher | None = None
         if settings.shared_dir is not None:
             self.watcher = SyncWatcher(self.replica, settings, store=self.store, clock=clock,
@@ -159,37 +163,38 @@ class ReplicaRuntime:
         return {"status": "ok", "model": model_ref, "replica_id": self.replica_id}
 
     def start_stage(self, model_ref: str, version: int, digest: str | None) -> dict[str, Any]:
-        """POST /admin/stage: stage in the background; poll GET /status for the outcome."""
+        """POST /admin/stage: a prepare, staged in the background; poll GET /status for the outcome."""
         self._precheck(model_ref)
-        threading.Thread(target=self.replica.stage, args=(model_ref, version, digest), name=f"stage-v{version}",
-                         daemon=True).start()
+        self.agent.tell(pending=Pending(version=version, model=model_ref, digest=digest, phase=Phase.PREPARE))
         return {"status": "staging", "version": version, "model": model_ref, "replica_id": self.replica_id}
 
     def schedule_commit(self, version: int, activate_at: float) -> dict[str, Any]:
-        """POST /admin/commit: flip at ``activate_at`` (wall clock)."""
-        info = self.replica.stage_info
-        serving = self.replica.serving
-        if serving is not None and serving.version == version and (info is None or info.version != version):
-            self.replica.set_committed(version, serving.digest)  # already serving it: nothing to flip
+        """POST /admin/commit: a commit, flipped at ``activate_at`` (wall clock) when staged; else 409, unready."""
+        info, serving = self.replica.stage_info, self.replica.serving_info()
+        mine = info if info is not None and info.version == version else None
+        have = serving if serving is not None and serving.version == version else mine
+        name, sha = (have.model, have.digest) if have else ("", None)
+        self.agent.tell(committed=Committed(version=version, model=name, digest=sha, activate_at=activate_at,
+                                            committed_at=self.clock.time(), rollback=True),  # rollbacks too
+                        pending=Pending(version=version, model=name, digest=sha, phase=Phase.COMMIT))
+        if serving is not None and serving.version == version and mine is None:
             return {"status": "serving", "version": version, "replica_id": self.replica_id}
-        if info is None or info.version != version or info.state is not StageState.STAGED:
+        if mine is None or mine.state is not StageState.STAGED:
             # The cluster committed a version this replica does not have: it must not take traffic until it
-            # catches up (the trainer stages and commits it again), so it goes unready now.
-            self.replica.set_committed(version)
-            have = "nothing" if info is None or info.version != version else info.state.value
-            raise Conflict(f"v{version} is not staged on {self.replica_id} ({have} for it); unready until it is "
-                           "staged and committed")
-
-        def flip_at() -> None:
-            try:
-                sleep_until(self.clock, activate_at)
-                self.replica.flip(version)
-            except Exception as exc:  # never ready on the old version once the cluster committed this one
-                self.replica.refuse_commit(version, None, f"commit of v{version} failed: {exc}; unready until "
-                                           "the trainer catches this replica up")
-
-        threading.Thread(target=flip_at, name=f"commit-v{version}", daemon=True).start()
+            # catches up (the trainer stages and commits it again), so it went unready.
+            raise Conflict(f"v{version} is not staged on {self.replica_id} ({mine.state.value if mine else 'nothing'} "
+                           "for it); unready until it is staged and committed")
         return {"status": "committing", "version": version, "activate_at": activate_at, "replica_id": self.replica_id}
+
+    def abort_stage(self, version: int | None) -> dict[str, bool]:
+        """POST /admin/abort: an abort of what is staged (only ``version`` when given)."""
+        info = self.replica.stage_info
+        version = info.version if version is None and info is not None else version
+        if version is None:
+            return {"aborted": False}
+        done = self.agent.tell(pending=Pending(version=version, model=info.model if info else "", phase=Phase.ABORT,
+                                               reason="aborted by the trainer"))
+        return {"aborted": any(isinstance(a, Abort) for a in done)}
 
     # ------------------------------------------------------------------ views
     def check_generation_limits(self, prompt_chars: int, max_new_tokens: int) -> None:

@@ -1,4 +1,4 @@
-"""Replica side of the sync protocol: poll ``sync_state.json``, stage, flip at ``activate_at``, heartbeat.
+"""Replica side of the sync protocol: the agent's actions carried out, and the shared folder read into it.
 
 The shared folder may be NFS-like: the watcher opens and reads the file every poll interval (close-to-open
 consistency) instead of trusting stat(). A torn, empty or invalid file keeps the last good state. A valid
@@ -12,36 +12,46 @@ import logging
 import math
 import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
 from lockstep.core.clock import Clock
 from lockstep.core.errors import Conflict, LeaseHeld
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import (
-    Committed,
-    Heartbeat,
-    LegacyRequest,
-    Phase,
-    StageState,
-    SyncState,
-    activate_at_problem,
-    decode_sync_state,
-    legacy_problem,
-    read_sync_state_bytes,
-    reference_problem,
-    write_heartbeat,
-)
+from lockstep.sync import agent, protocol
+from lockstep.sync.agent import CATCH_UP_RETRY_S as CATCH_UP_RETRY_S
+from lockstep.sync.agent import COMMIT_POLL_WINDOW_S as COMMIT_POLL_WINDOW_S
+from lockstep.sync.agent import Action, Memory, Rules, Snapshot, Transport
+from lockstep.sync.protocol import Committed, LegacyRequest, StagedInfo, StageState, SyncState
+
+if TYPE_CHECKING:
+    from lockstep.inference.generation import TokenRate
+    from lockstep.inference.replica import Replica
+    from lockstep.inference.slot import ModelSlot
+    from lockstep.store import ModelStore
 
 log = logging.getLogger(__name__)
 
-CATCH_UP_RETRY_S = 5.0  # seconds between attempts to load a committed version that failed to load
-# After staging, poll at ``commit_poll_interval_s`` for this long while the commit is expected: long enough
-# for the other replicas to finish their loads, short enough that a coordinator that died after prepare
-# does not leave every replica reading the shared folder fifty times a second until the deadline.
-COMMIT_POLL_WINDOW_S = 15.0
 MAX_SLEEP_S = 60.0  # one sleep of sleep_until at most: time.sleep refuses very long waits
+
+
+class Driven(Protocol):
+    """What ``ReplicaAgent`` uses of a replica (``lockstep.inference.replica.Replica``)."""
+
+    serving: ModelSlot | None
+    stage_info: StagedInfo | None
+    committed_version: int | None
+
+    def staged_plan_version(self) -> int | None: ...
+    def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo: ...
+    def boot(self, model_ref: str, version: int, digest: str | None = None) -> None: ...
+    def flip(self, version: int) -> None: ...
+    def abort(self, version: int | None = None) -> bool: ...
+    def refuse_stage(self, version: int, model_ref: str, reason: str) -> StagedInfo: ...
+    def refuse_commit(self, version: int, digest: str | None, reason: str) -> None: ...
+    def set_committed(self, version: int | None, digest: str | None = None) -> None: ...
 
 
 class Doorbell:
@@ -78,42 +88,137 @@ def sleep_until(clock: Clock, wall_time: float) -> None:
         clock.sleep(min(MAX_SLEEP_S, remaining - 0.002) if remaining > 0.003 else min(remaining, 0.0002))
 
 
-class SyncWatcher:
-    """Drives one replica from the shared folder; owns its heartbeat."""
+class ReplicaAgent:
+    """The agent's memory behind one lock; carries its actions out, loads and timed flips in threads."""
 
-    def __init__(self, replica: Any, settings: Settings, *, store: Any, clock: Clock, replica_id: str,
-                 url: str | None, token_rate: Any = None) -> None:
+    def __init__(self, replica: Driven, rules: Rules, clock: Clock, name: str, *, beat: Callable[[], None],
+                 wake: Callable[[], object]) -> None:
+        self.replica, self.rules, self.clock, self.name = replica, rules, clock, name
+        self._beat, self._wake = beat, wake  # beat soon; decide again (a thread reported)
+        self._lock = threading.RLock()
+        self.memory = Memory()
+
+    def observe(self, state: SyncState) -> str | None:
+        """Take ``state`` as the last good one, or say why it is ignored."""
+        with self._lock:
+            self.memory, problem = agent.observe(self.rules, self.memory, state)
+        return problem
+
+    def tell(self, **changes: Any) -> list[Action]:
+        """Over HTTP: a request of the trainer as the next state of a view only it writes; carried out at once."""
+        with self._lock:
+            view = self.memory.view or SyncState()
+            self.observe(view.model_copy(update={"generation": view.generation + 1, **changes}))
+            return self.step()
+
+    def step(self) -> list[Action]:
+        """Decide on what was last seen, and carry it out."""
+        with self._lock:
+            r = self.replica
+            serving, info = r.serving, r.stage_info
+            seen = Snapshot(serving.version if serving else None, serving.digest if serving else None,
+                            info.version if info else None, r.staged_plan_version(), r.committed_version)
+            self.memory, actions = agent.decide(self.rules, self.memory, seen, self.clock.time())
+            for action in actions:
+                self._carry(action)
+            return actions
+
+    def _carry(self, action: Action) -> None:
+        r = self.replica
+        match action:
+            case agent.Stage() | agent.CatchUp() | agent.FlipAt() | agent.MarkBehindAt():
+                log.info("%s: %s", self.name, action)
+                run = self._load if isinstance(action, agent.Load) else self._at
+                threading.Thread(target=run, args=(action,), name=f"{type(action).__name__}-v{action.version}",
+                                 daemon=True).start()
+            case agent.RefuseStage():
+                r.refuse_stage(action.version, action.model, action.reason)
+            case agent.Abort():
+                if r.abort(action.version):
+                    log.info("%s dropped staged v%d (%s)", self.name, action.version, action.reason)
+                    self._beat()
+            case agent.SetCommitted(reason=None):
+                r.set_committed(action.version, action.digest)
+            case agent.SetCommitted(reason=str(reason)):
+                r.refuse_commit(action.version, action.digest, reason)
+            case agent.Beat():
+                self._beat()
+
+    def _load(self, load: agent.Load) -> None:
+        ok = False
+        try:
+            if isinstance(load, agent.Stage):
+                ok = self.replica.stage(load.model, load.version, load.digest).state is StageState.STAGED
+            else:
+                self.replica.boot(load.model, load.version, load.digest)
+                ok = True
+        except Exception as exc:
+            log.error("%s could not load v%d (%s): %s", self.name, load.version, load.model, exc)
+        finally:
+            self._report(lambda mem: agent.loaded(mem, load, ok, self.clock.time()))
+
+    def _at(self, timer: agent.Timer) -> None:
+        r = self.replica
+        if (late := self.clock.time() - timer.at) > 0 and isinstance(timer, agent.FlipAt):
+            # Seen after activate_at means a late flip: the commit margin is too short for this replica's polls.
+            log.warning("%s saw the commit of v%d %.0f ms after activate_at", self.name, timer.version, late * 1000)
+        try:
+            sleep_until(self.clock, timer.at)
+            if isinstance(timer, agent.FlipAt):
+                r.flip(timer.version)
+            elif (serving := r.serving) is None or serving.version != timer.version:
+                r.set_committed(timer.version, timer.digest)
+                log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.name,
+                            timer.version)
+        except Exception as exc:  # never ready on the old version while the cluster serves the new one
+            folder = self.rules.transport is Transport.FOLDER
+            r.refuse_commit(timer.version, timer.digest, (f"could not flip to v{timer.version}: {exc}; unready until "
+                            "it catches up") if folder else (f"commit of v{timer.version} failed: {exc}; unready "
+                                                             "until the trainer catches this replica up"))
+        finally:
+            self._report(lambda mem: agent.fired(mem, timer))
+
+    def _report(self, change: Callable[[Memory], Memory]) -> None:
+        with self._lock:
+            self.memory = change(self.memory)
+        self._beat()
+        self._wake()
+
+
+class SyncWatcher:
+    """Drives one replica from the shared folder through its agent; owns its heartbeat."""
+
+    def __init__(self, replica: Replica, settings: Settings, *, store: ModelStore | None, clock: Clock,
+                 replica_id: str, url: str | None, token_rate: TokenRate | None = None) -> None:
         assert settings.shared_dir is not None and settings.sync_state_path is not None
-        self.replica = replica
-        self.settings = settings
-        self.store = store
-        self.clock = clock
-        self.replica_id = replica_id
-        self.url = url
-        self.token_rate = token_rate
-        self.path = settings.sync_state_path
-        self.shared_dir = settings.shared_dir
-        self.last_good: SyncState | None = None
+        self.replica, self.settings, self.store, self.clock = replica, settings, store, clock
+        self.replica_id, self.url, self.token_rate = replica_id, url, token_rate
+        self.path, self.shared_dir = settings.sync_state_path, settings.shared_dir
+        self._wake = Doorbell()
+        self.agent = ReplicaAgent(replica, Rules(Transport.FOLDER, settings.initial_model_repo_id), clock,
+                                  replica_id, beat=self._beat_soon, wake=self._wake.set)
         self._last_problem: str | None = None
+        self._last_bytes: bytes | None = None  # the file as last read
+        self._legacy_seen: str | None = None
+        self._naive: threading.Thread | None = None
+        self._publish_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._work: threading.Thread | None = None  # the one stage or catch-up load in progress
-        self._work_key: tuple[str, int, str] | None = None  # (kind, version, model)
-        self._attempted: set[tuple[int, str, int]] = set()  # (version, model, generation) prepares tried
-        self._flip_scheduled: int | None = None
-        self._behind_scheduled: int | None = None
-        self._early_stage: int | None = None  # a committed version tried to stage before activate_at
-        self._last_bytes: bytes | None = None  # the file as last read
-        self._catch_up_failed_at: float | None = None
-        self._legacy_seen: str | None = None
-        self._publish_thread: threading.Thread | None = None
         self._beat_due = 0.0
-        self._wake = Doorbell()
-        self._initial = Committed(version=0, model=settings.initial_model_repo_id)
-        self._commit_poll_until: float | None = None  # fast polling: staged, waiting for the commit
-        self._commit_poll_version: int | None = None
-        self._refused: tuple[int, int, str] | None = None  # (generation, version, model) of a refused commit
-        self._applicable_commit: Committed | None = None  # the last commit read that it could apply
+
+    @property
+    def last_good(self) -> SyncState | None:
+        return self.agent.memory.view
+
+    @property
+    def _flip_scheduled(self) -> int | None:
+        return self.agent.memory.flip
+
+    @property
+    def _work_key(self) -> tuple[str, int, str] | None:
+        """(kind, version, model) of the load in progress."""
+        load = self.agent.memory.load
+        return None if load is None else (type(load).__name__.lower(), load.version, load.model)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -136,29 +241,19 @@ class SyncWatcher:
 
     def _poll_interval(self) -> float:
         """The normal interval, or the fast one while this replica has staged a prepare and waits for its commit."""
-        if self._commit_poll_until is not None:
+        if self.agent.memory.poll is not None:
             return min(self.settings.commit_poll_interval_s, self.settings.poll_interval_s)
         return self.settings.poll_interval_s
 
-    def _end_commit_poll(self) -> None:
-        """Back to the normal interval once the prepare is committed, aborted or superseded, or the window ends."""
-        until = self._commit_poll_until
-        if until is None:
-            return
-        pending = self.last_good.pending if self.last_good else None
-        if (self.clock.time() >= until or pending is None or pending.phase is not Phase.PREPARE
-                or pending.version != self._commit_poll_version):
-            self._commit_poll_until = None
-            self._beat_due = 0.0  # say so now: the coordinator sizes the commit margin from it
+    def _beat_soon(self) -> None:
+        self._beat_due = 0.0
 
     # ------------------------------------------------------------------ one poll
     def tick(self) -> None:
-        state = self._read()
+        self._read()
         if self.settings.sync_mode != "naive" or self.replica.serving is None:
-            self._apply(state)  # naive mode (benchmark baseline) only boots through it
-        self._end_commit_poll()
-        now = self.clock.time()
-        if now >= self._beat_due:
+            self.agent.step()  # naive mode (benchmark baseline) only boots through it
+        if self.clock.time() >= self._beat_due:
             self.beat()
 
     def _problem(self, message: str) -> None:
@@ -169,236 +264,52 @@ class SyncWatcher:
 
     def _read(self) -> SyncState | None:
         try:
-            data = read_sync_state_bytes(self.path)
-        except ValueError as exc:
-            self._problem(str(exc))
-            return self.last_good
-        if data is None or data == self._last_bytes:
-            return self.last_good  # unchanged since the last poll: already handled (parsing costs CPU)
-        self._last_bytes = data
-        try:
-            state = decode_sync_state(data, self.path)
+            data = protocol.read_sync_state_bytes(self.path)
+            if data is None or data == self._last_bytes:
+                return self.last_good  # unchanged since the last poll: already handled (parsing costs CPU)
+            self._last_bytes = data
+            state = protocol.decode_sync_state(data, self.path)
         except ValueError as exc:
             self._problem(str(exc))
             return self.last_good
         if isinstance(state, LegacyRequest):
             self._last_bytes = None  # handled on every poll until a coordinator replaces it
-            if (problem := legacy_problem(state.desired_model_repo_id)) is not None:
+            if (problem := protocol.legacy_problem(state.desired_model_repo_id)) is not None:
                 self._problem(problem)
-                return self.last_good
-            if self.settings.sync_mode == "naive":
+            elif self.settings.sync_mode == "naive":
                 self._naive_update(state.desired_model_repo_id)
             else:
                 self._on_legacy(state.desired_model_repo_id)
-            return self.last_good
-        last = self.last_good
-        # A commit this replica refused was never served: going "back" from it is no flip-flop, so the
-        # rules below compare with the last commit it could apply.
-        applicable = self._applicable_commit
-        if last is not None:
-            if state.generation < last.generation:
-                self._problem(f"sync_state generation {state.generation} is lower than {last.generation}; ignored")
-                return last
-            if (state.committed and applicable and state.committed.version < applicable.version
-                    and not state.committed.rollback):
-                self._problem(f"sync_state commits v{state.committed.version} below v{applicable.version} "
-                              "without a rollback; ignored (use lockstep rollback)")
-                return last
-            if state.committed is None and applicable is not None:  # would mean "serve the initial model"
-                self._problem(f"sync_state has no committed version but v{applicable.version} was committed; "
-                              "ignored (use lockstep rollback --to 0)")
-                return last
-        self._last_problem = None
-        self._legacy_seen = None  # a legacy line written again later is a new request
-        self.last_good = state
-        if state.committed is not None and self._commit_problem(state.committed) is None:
-            self._applicable_commit = state.committed
-        return state
-
-    def _commit_problem(self, committed: Committed) -> str | None:
-        """Why this replica cannot apply ``committed`` (a raw path, an activate_at that is no time), or None."""
-        return (reference_problem(committed.version, committed.model, self.settings.initial_model_repo_id)
-                or activate_at_problem(committed))
+        elif (problem := self.agent.observe(state)) is not None:
+            self._problem(problem)
+        else:
+            self._last_problem = None
+            self._legacy_seen = None  # a legacy line written again later is a new request
+        return self.last_good
 
     def target(self, state: SyncState | None) -> Committed:
         """What this replica must serve: the committed version, or the initial model as version 0."""
-        if state is not None and state.committed is not None:
-            return state.committed
-        return self._initial
-
-    def _apply(self, state: SyncState | None) -> None:
-        replica = self.replica
-        pending = state.pending if state else None
-        now = self.clock.time()
-        if pending is not None:
-            expired = pending.deadline is not None and now > pending.deadline
-            info = replica.stage_info
-            if pending.phase is Phase.PREPARE and not expired:
-                key = (pending.version, pending.model, state.generation if state else 0)
-                serving = replica.serving
-                already = serving is not None and serving.version == pending.version
-                # A replica that is still booting loads the committed version first, then stages.
-                if key not in self._attempted and not already and serving is not None:
-                    self._attempted.add(key)
-                    problem = reference_problem(pending.version, pending.model, self.settings.initial_model_repo_id)
-                    if problem is not None:  # reported as a failed stage: the coordinator aborts at once
-                        replica.refuse_stage(pending.version, pending.model, f"refusing the prepare of "
-                                             f"v{pending.version} in sync_state.json: {problem}")
-                        self._beat_due = 0.0
-                    else:
-                        log.info("%s saw the prepare of v%d (generation %d); staging %s", self.replica_id,
-                                 pending.version, key[2], pending.model)
-                        self._start_work("stage", pending.version, pending.model, pending.digest)
-            elif pending.phase is Phase.ABORT or (pending.phase is Phase.PREPARE and expired):
-                if info is not None and info.version == pending.version and not self._busy("stage", pending.version):
-                    if replica.abort(pending.version):
-                        log.info("%s dropped staged v%d (%s)", self.replica_id, pending.version,
-                                 pending.reason or "prepare expired")
-                        self._beat_due = 0.0
-
-        target = self.target(state)
-        serving = replica.serving
-        if serving is not None and serving.version == target.version and (
-                not target.digest or not serving.digest or serving.digest == target.digest):
-            if replica.committed_version != target.version:
-                replica.set_committed(target.version, target.digest)
-            return
-        if self._flip_scheduled == target.version:
-            return
-        problem = self._commit_problem(target)
-        if problem is not None:
-            self._refuse_commit(state, target, problem)
-            return
-        activate_at = target.activate_at or now
-        if replica.staged_plan_version() == target.version:
-            if target.activate_at is not None:
-                # Seen after activate_at means a late flip: the commit margin is too short for this replica's polls.
-                early = target.activate_at - now
-                (log.info if early > 0 else log.warning)("%s saw the commit of v%d %.0f ms %s activate_at",
-                                                         self.replica_id, target.version, abs(early) * 1000,
-                                                         "before" if early > 0 else "after")
-            self._schedule_flip(target.version, target.digest, activate_at)
-            return
-        if self._busy("stage", target.version) or self._busy("catch-up", target.version):
-            if replica.committed_version != target.version:
-                self._schedule_behind(target.version, target.digest, activate_at)  # unready from activate_at
-            return
-        if serving is not None and now < activate_at:
-            # Committed but not staged here (a quorum commit, or this replica joined late). Until activate_at
-            # the served version stays right: stage beside it once, flip at activate_at if that worked in time.
-            if self._early_stage != target.version:
-                self._early_stage = target.version
-                self._start_work("stage", target.version, target.model, target.digest)
-            self._schedule_behind(target.version, target.digest, activate_at)
-            return
-        # Not staged and not loading: go unready and load it (the boot path is the same operation).
-        if self._catch_up_failed_at is not None and now - self._catch_up_failed_at < CATCH_UP_RETRY_S:
-            return
-        replica.set_committed(target.version, target.digest)
-        self._beat_due = 0.0
-        self._start_work("catch-up", target.version, target.model, target.digest)
-
-    def _refuse_commit(self, state: SyncState | None, target: Committed, problem: str) -> None:
-        """A commit this replica cannot apply: unready, with the reason, until a valid state replaces it."""
-        key = (state.generation if state else 0, target.version, target.model)
-        if self._refused == key and self.replica.committed_version == target.version:
-            return  # said once; the file is read again ten times a second
-        self._refused = key
-        self.replica.refuse_commit(target.version, target.digest, f"refusing the commit of v{target.version} in "
-                                   f"sync_state.json: {problem}; unready until a valid commit replaces it")
-        self._beat_due = 0.0
-
-    # ------------------------------------------------------------------ background work
-    def _busy(self, kind: str, version: int) -> bool:
-        return (self._work is not None and self._work.is_alive() and self._work_key is not None
-                and self._work_key[0] == kind and self._work_key[1] == version)
-
-    def _start_work(self, kind: str, version: int, model: str, digest: str | None) -> None:
-        if self._work is not None and self._work.is_alive():
-            # One load at a time; a newer request waits for the next tick after this one ends.
-            if kind == "stage":
-                self._attempted.discard(next((k for k in self._attempted if k[0] == version and k[1] == model),
-                                             (-1, "", -1)))
-            return
-
-        def run() -> None:
-            try:
-                if kind == "stage":
-                    info = self.replica.stage(model, version, digest)
-                    log.info("%s stage v%d: %s", self.replica_id, version, info.state.value)
-                    if info.state is StageState.STAGED:  # the commit may come any moment now: watch closely
-                        self._commit_poll_version = version
-                        self._commit_poll_until = self.clock.time() + COMMIT_POLL_WINDOW_S
-                else:
-                    self.replica.boot(model, version, digest)
-                    self._catch_up_failed_at = None
-            except Exception as exc:
-                self._catch_up_failed_at = self.clock.time()
-                log.error("%s could not load v%d (%s): %s", self.replica_id, version, model, exc)
-            finally:
-                self._beat_due = 0.0
-                self._wake.set()
-
-        self._work_key = (kind, version, model)
-        self._work = threading.Thread(target=run, name=f"{kind}-v{version}", daemon=True)
-        self._work.start()
-
-    def _schedule_behind(self, version: int, digest: str | None, activate_at: float) -> None:
-        """At ``activate_at``, go unready unless the flip to ``version`` happened: never serve stale as ready."""
-        if self._behind_scheduled == version:
-            return
-        self._behind_scheduled = version
-
-        def mark() -> None:
-            try:
-                sleep_until(self.clock, activate_at)
-            except ValueError as exc:  # no time to wait for: unready now rather than never
-                log.error("%s: %s", self.replica_id, exc)
-            serving = self.replica.serving
-            if serving is None or serving.version != version:
-                self.replica.set_committed(version, digest)
-                log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.replica_id,
-                            version)
-            self._behind_scheduled = None
-            self._beat_due = 0.0
-            self._wake.set()
-
-        threading.Thread(target=mark, name=f"behind-v{version}", daemon=True).start()
-
-    def _schedule_flip(self, version: int, digest: str | None, activate_at: float) -> None:
-        self._flip_scheduled = version
-
-        def flip() -> None:
-            try:
-                sleep_until(self.clock, activate_at)
-                self.replica.flip(version)
-            except Exception as exc:  # never ready on the old version while the cluster serves the new one
-                self.replica.refuse_commit(version, digest, f"could not flip to v{version}: {exc}; unready "
-                                           "until it catches up")
-            finally:
-                self._flip_scheduled = None
-                self._beat_due = 0.0
-                self._wake.set()
-
-        threading.Thread(target=flip, name=f"flip-v{version}", daemon=True).start()
+        goal = agent.target(self.agent.rules, state)
+        assert goal is not None  # the shared folder always names one
+        return goal
 
     # ------------------------------------------------------------------ heartbeat
     def beat(self) -> None:
         r = self.replica
         queued, running = r.engine_load()
-        fast_until = self._commit_poll_until
+        poll = self.agent.memory.poll
         try:
-            beat = Heartbeat(
+            beat = protocol.Heartbeat(
                 replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
                 serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
                 generation_seen=self.last_good.generation if self.last_good else None,
                 update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
                 tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
-                started_at=r.started_at, commit_poll_until=fast_until,
-                commit_poll_s=None if fast_until is None else min(self.settings.commit_poll_interval_s,
-                                                                  self.settings.poll_interval_s),
+                started_at=r.started_at, commit_poll_until=poll[1] if poll else None,
+                commit_poll_s=None if poll is None else min(self.settings.commit_poll_interval_s,
+                                                            self.settings.poll_interval_s),
             )
-            write_heartbeat(self.shared_dir, beat)
+            protocol.write_heartbeat(self.shared_dir, beat)
         except ValidationError as exc:  # readers would skip it anyway; say why instead of failing every tick
             self._problem(f"cannot write heartbeat: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
         except OSError as exc:
@@ -420,7 +331,7 @@ class SyncWatcher:
 
     def _naive_update(self, model: str) -> None:
         """The seed's design, kept as a benchmark baseline: load, then flip on our own, whenever ready."""
-        if self._legacy_seen == model or (self._work is not None and self._work.is_alive()):
+        if self._legacy_seen == model or self.agent.memory.load or (self._naive and self._naive.is_alive()):
             return
         self._legacy_seen = model
         version = (self.replica.serving.version if self.replica.serving else 0) + 1
@@ -431,9 +342,8 @@ class SyncWatcher:
                 self.replica.flip(version)
             self._beat_due = 0.0
 
-        self._work_key = ("naive", version, model)
-        self._work = threading.Thread(target=run, name=f"naive-v{version}", daemon=True)
-        self._work.start()
+        self._naive = threading.Thread(target=run, name=f"naive-v{version}", daemon=True)
+        self._naive.start()
 
     def start_publish(self, model: str, *, origin: str, legacy: bool = False) -> dict[str, Any]:
         """Run a cluster-wide publish of ``model`` with this replica as coordinator (in the background)."""
