@@ -19,6 +19,7 @@ import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.settings import Settings
+from lockstep.sync.http_fleet import beat_from_status
 from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState, read_heartbeats
 from lockstep.sync.tolerant import ProblemLog
 from lockstep.trainer.cluster.discovery import Discovery, DiscoveryResult, UrlTrust, normalize_url, url_trust
@@ -126,8 +127,26 @@ def _text(value: Any, limit: int = 4096) -> str | None:
     return value[:limit] if isinstance(value, str) else None
 
 
-def _fill_from_status(view: ReplicaView, status: dict[str, Any]) -> None:
-    """Details of a replica that has no heartbeat, from its own ``GET /status`` (values of another type: unknown)."""
+def _fill_from_status(view: ReplicaView, status: dict[str, Any], now: float | None = None) -> None:
+    """Details of a replica that has no heartbeat, from its own ``GET /status``.
+
+    Read as the ``ReplicaStatus`` it is; one that does not fit that shape (an older or a foreign server) is read
+    field by field, and values of another type stay unknown.
+    """
+    if now is not None and view.url:
+        try:
+            report = beat_from_status(view.url, status, now, None)
+        except ValueError:
+            pass
+        else:
+            fresh = _from_heartbeat(report, now, ttl_s=float("inf"))
+            view.replica_id, view.state, view.ready = fresh.replica_id, fresh.state, fresh.ready
+            view.serving_version, view.serving_since, view.model = (fresh.serving_version, fresh.serving_since,
+                                                                    fresh.model)
+            view.staged_version, view.staged_state, view.last_error = (fresh.staged_version, fresh.staged_state,
+                                                                       fresh.last_error)
+            view.queue_depth, view.running, view.tokens_per_s = fresh.queue_depth, fresh.running, fresh.tokens_per_s
+            return
     staged = status.get("staged") if isinstance(status.get("staged"), dict) else {}
     view.replica_id = _text(status.get("replica_id"), MAX_NAME_CHARS) or view.replica_id
     view.state = _text(status.get("state"), 32) or view.state
@@ -234,7 +253,7 @@ class ClusterView:
             for view, status in zip(targets, answers, strict=True):
                 view.reachable = status is not None
                 if status is not None and not view.in_heartbeats:
-                    _fill_from_status(view, status)
+                    _fill_from_status(view, status, now)
         views.sort(key=lambda v: (v.replica_id, v.url or ""))
         return ClusterSnapshot(
             committed=state.committed.model_dump(mode="json") if state.committed else None,
