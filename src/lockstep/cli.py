@@ -232,7 +232,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lockstep.sync.protocol import read_heartbeats
+    from lockstep.sync.shared_files import read_heartbeats
 
     trainer = _trainer_client(args)
     if trainer is not None:

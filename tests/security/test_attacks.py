@@ -27,19 +27,8 @@ from lockstep.core.settings import CommitPolicy
 from lockstep.inference.app import create_app as replica_app
 from lockstep.store.model_store import ModelStore
 from lockstep.sync.coordinator import Coordinator
-from lockstep.sync.protocol import (
-    Committed,
-    Heartbeat,
-    Pending,
-    Phase,
-    ReplicaState,
-    ServingInfo,
-    SyncState,
-    heartbeat_path,
-    live_heartbeats,
-    write_heartbeat,
-    write_sync_state,
-)
+from lockstep.sync.protocol import Committed, Heartbeat, Pending, Phase, ReplicaState, ServingInfo, SyncState
+from lockstep.sync.shared_files import heartbeat_path, live_heartbeats, write_heartbeat, write_sync_state
 from lockstep.trainer.server.app import create_app as trainer_app
 from lockstep.ui.app import create_app as ui_app
 from tests.security.conftest import (

@@ -32,9 +32,8 @@ from lockstep.sync.protocol import (
     StagedInfo,
     StageState,
     SyncState,
-    read_heartbeats,
-    read_sync_state,
 )
+from lockstep.sync.shared_files import read_heartbeats, read_sync_state
 from tests.security.strategies import BOUNDED, EDGE_NUMBERS, json_values, shaped_like
 
 EXAMPLES = 80

@@ -25,10 +25,8 @@ from lockstep.sync.protocol import (
     StagedInfo,
     StageState,
     SyncState,
-    read_sync_state,
-    write_heartbeat,
-    write_sync_state,
 )
+from lockstep.sync.shared_files import read_sync_state, write_heartbeat, write_sync_state
 
 WEIGHTS = "a" * 64  # the weights digest every healthy replica reports
 

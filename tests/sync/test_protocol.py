@@ -18,8 +18,10 @@ from lockstep.sync.protocol import (
     StagedInfo,
     StageState,
     SyncState,
-    heartbeat_path,
     parse_sync_state,
+)
+from lockstep.sync.shared_files import (
+    heartbeat_path,
     read_heartbeats,
     read_sync_state,
     write_heartbeat,

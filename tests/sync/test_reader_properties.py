@@ -27,11 +27,8 @@ from lockstep.sync.protocol import (
     StagedInfo,
     StageState,
     SyncState,
-    decode_sync_state,
-    parse_heartbeat,
-    read_heartbeats,
-    write_sync_state,
 )
+from lockstep.sync.shared_files import decode_sync_state, parse_heartbeat, read_heartbeats, write_sync_state
 from lockstep.sync.tolerant import ProblemLog, url_problem
 from lockstep.sync.watcher import SyncWatcher
 

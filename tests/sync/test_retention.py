@@ -23,8 +23,8 @@ from lockstep.sync.protocol import (
     StagedInfo,
     StageState,
     SyncState,
-    write_heartbeat,
 )
+from lockstep.sync.shared_files import write_heartbeat
 from tests.sync.test_coordinator import WEIGHTS, ReplicaClock, Replicas, coordinator, state_of
 
 KEEP = 3

@@ -21,12 +21,10 @@ from lockstep.sync.protocol import (
     ServingInfo,
     SyncState,
     activate_at_problem,
-    live_heartbeats,
     parse_sync_state,
-    read_heartbeats,
     reference_problem,
-    write_heartbeat,
 )
+from lockstep.sync.shared_files import live_heartbeats, read_heartbeats, write_heartbeat
 from lockstep.sync.tolerant import ProblemLog, url_host, url_problem, wall_time_problem
 from lockstep.sync.watcher import sleep_until
 

@@ -16,7 +16,8 @@ from lockstep.core.clock import FakeClock
 from lockstep.core.settings import Settings, UpdateMode
 from lockstep.inference.replica import Replica
 from lockstep.store import ModelStore
-from lockstep.sync.protocol import Committed, Pending, Phase, StageState, SyncState, write_sync_state
+from lockstep.sync.protocol import Committed, Pending, Phase, StageState, SyncState
+from lockstep.sync.shared_files import write_sync_state
 from lockstep.sync.watcher import COMMIT_POLL_WINDOW_S, Doorbell, SyncWatcher
 from tests.support.cluster import wait_for
 

@@ -323,7 +323,8 @@ def test_garbage_collection_runs_at_trainer_start(tmp_path: Path, builtin_dir: P
     import json
 
     from lockstep.store import ModelStore
-    from lockstep.sync.protocol import Committed, SyncState, write_sync_state
+    from lockstep.sync.protocol import Committed, SyncState
+    from lockstep.sync.shared_files import write_sync_state
 
     shared = tmp_path / "shared"
     store = ModelStore(shared)

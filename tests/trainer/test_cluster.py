@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from lockstep.core.settings import load_settings
-from lockstep.sync.protocol import Heartbeat, ReplicaState, ServingInfo, write_heartbeat
+from lockstep.sync.protocol import Heartbeat, ReplicaState, ServingInfo
+from lockstep.sync.shared_files import write_heartbeat
 from lockstep.trainer.cluster.discovery import Discovery, DiscoveryMode, DiscoveryResult, Endpoint
 from lockstep.trainer.cluster.view import ClusterSnapshot, ClusterView
 from tests.support.cluster import LocalCluster, wait_for

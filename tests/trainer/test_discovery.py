@@ -97,7 +97,8 @@ def test_urls_compare_without_trailing_slash_or_host_case() -> None:
 def _beat(shared: Path, replica_id: str, url: str, *, age_s: float = 0.0) -> None:
     import time
 
-    from lockstep.sync.protocol import Heartbeat, ReplicaState, write_heartbeat
+    from lockstep.sync.protocol import Heartbeat, ReplicaState
+    from lockstep.sync.shared_files import write_heartbeat
 
     write_heartbeat(shared, Heartbeat(replica_id=replica_id, url=url, state=ReplicaState.SERVING, ready=True,
                                       time=time.time() - age_s))

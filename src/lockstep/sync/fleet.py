@@ -12,7 +12,8 @@ from typing import Protocol
 
 from lockstep.core.clock import Clock
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import Heartbeat, Pending, live_heartbeats
+from lockstep.sync.protocol import Heartbeat, Pending
+from lockstep.sync.shared_files import live_heartbeats
 
 
 class Fleet(Protocol):

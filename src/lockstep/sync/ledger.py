@@ -18,7 +18,8 @@ from lockstep.core.atomic import atomic_write_json
 from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest, LeaseHeld
 from lockstep.store import Lease
-from lockstep.sync.protocol import LegacyRequest, SyncState, read_sync_state, write_sync_state
+from lockstep.sync.protocol import LegacyRequest, SyncState
+from lockstep.sync.shared_files import read_sync_state, write_sync_state
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from lockstep.core.clock import Clock
 from lockstep.core.errors import Conflict, LeaseHeld
 from lockstep.core.settings import Settings
-from lockstep.sync import agent, protocol
+from lockstep.sync import agent, protocol, shared_files
 from lockstep.sync.agent import CATCH_UP_RETRY_S as CATCH_UP_RETRY_S
 from lockstep.sync.agent import COMMIT_POLL_WINDOW_S as COMMIT_POLL_WINDOW_S
 from lockstep.sync.agent import Action, Memory, Rules, Snapshot, Transport
@@ -264,11 +264,11 @@ class SyncWatcher:
 
     def _read(self) -> SyncState | None:
         try:
-            data = protocol.read_sync_state_bytes(self.path)
+            data = shared_files.read_sync_state_bytes(self.path)
             if data is None or data == self._last_bytes:
                 return self.last_good  # unchanged since the last poll: already handled (parsing costs CPU)
             self._last_bytes = data
-            state = protocol.decode_sync_state(data, self.path)
+            state = shared_files.decode_sync_state(data, self.path)
         except ValueError as exc:
             self._problem(str(exc))
             return self.last_good
@@ -309,7 +309,7 @@ class SyncWatcher:
                 commit_poll_s=None if poll is None else min(self.settings.commit_poll_interval_s,
                                                             self.settings.poll_interval_s),
             )
-            protocol.write_heartbeat(self.shared_dir, beat)
+            shared_files.write_heartbeat(self.shared_dir, beat)
         except ValidationError as exc:  # readers would skip it anyway; say why instead of failing every tick
             self._problem(f"cannot write heartbeat: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
         except OSError as exc:

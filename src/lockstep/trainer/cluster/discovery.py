@@ -26,7 +26,7 @@ from typing import Any
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import live_heartbeats
+from lockstep.sync.shared_files import live_heartbeats
 from lockstep.sync.tolerant import ProblemLog, url_host, url_problem
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ import httpx
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.settings import Settings
 from lockstep.sync.http_fleet import beat_from_status
-from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState, read_heartbeats
+from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState
+from lockstep.sync.shared_files import read_heartbeats
 from lockstep.sync.tolerant import ProblemLog
 from lockstep.trainer.cluster.discovery import Discovery, DiscoveryResult, UrlTrust, normalize_url, url_trust
 
