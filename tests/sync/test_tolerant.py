@@ -24,9 +24,9 @@ from lockstep.sync.protocol import (
     parse_sync_state,
     reference_problem,
 )
+from lockstep.sync.replica_agent import sleep_until
 from lockstep.sync.shared_files import live_heartbeats, read_heartbeats, write_heartbeat
 from lockstep.sync.tolerant import ProblemLog, url_host, url_problem, wall_time_problem
-from lockstep.sync.watcher import sleep_until
 
 NOW = 1_700_000_000.0
 log = logging.getLogger("tests.sync.tolerant")

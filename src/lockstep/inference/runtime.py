@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -21,7 +20,8 @@ from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
 from lockstep.sync.agent import Abort, Rules, Transport
 from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, StageState
-from lockstep.sync.watcher import ReplicaAgent, SyncWatcher
+from lockstep.sync.replica_agent import ReplicaAgent
+from lockstep.sync.watcher import SyncWatcher, heartbeat_of
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +220,11 @@ class ReplicaRuntime:
         return self.report().model_dump(mode="json")
 
     def report(self) -> ReplicaStatus:
-        """What ``GET /status`` answers: the heartbeat's shape (docs/api.md)."""
-        r = self.replica
-        queued, running = r.engine_load()
-        watcher = self.watcher
-        return ReplicaStatus(
-            replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
-            serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
-            generation_seen=watcher.last_good.generation if watcher and watcher.last_good else None,
-            update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
-            tokens_per_s=round(self.token_rate.rate(), 2), time=time.time(), started_at=r.started_at,
-            committed_version=r.committed_version, engine=r.engine_kind.value,
-            uptime_s=round(self.clock.time() - self.started_at, 3),
-            shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None)
+        """What ``GET /status`` answers: the heartbeat, and what only a direct caller needs (docs/api.md)."""
+        beat = self.watcher.heartbeat() if self.watcher is not None else heartbeat_of(
+            self.replica, self.settings, replica_id=self.replica_id, url=self.url, clock=self.clock,
+            token_rate=self.token_rate)
+        return ReplicaStatus(**dict(beat), committed_version=self.replica.committed_version,
+                             engine=self.replica.engine_kind.value,
+                             uptime_s=round(self.clock.time() - self.started_at, 3),
+                             shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None)

@@ -2,7 +2,7 @@
 
 Both transports feed it: ``SyncWatcher`` reads ``sync_state.json``; over HTTP the trainer's ``/admin/stage``,
 ``/admin/commit`` and ``/admin/abort`` arrive as a prepare, a commit and an abort. ``ReplicaAgent`` (in
-lockstep.sync.watcher) carries the actions out and reports each outcome back through ``loaded`` and ``fired``.
+lockstep.sync.replica_agent) carries the actions out and reports each outcome back through ``loaded`` and ``fired``.
 """
 
 from __future__ import annotations

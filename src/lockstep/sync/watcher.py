@@ -1,4 +1,4 @@
-"""Replica side of the sync protocol: the agent's actions carried out, and the shared folder read into it.
+"""Replica side of the shared-folder transport: ``sync_state.json`` read into the replica's agent, heartbeats.
 
 The shared folder may be NFS-like: the watcher opens and reads the file every poll interval (close-to-open
 consistency) instead of trusting stat(). A torn, empty or invalid file keeps the last good state. A valid
@@ -9,11 +9,9 @@ published version) is refused by name: the replica goes unready with the reason 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -23,36 +21,16 @@ from lockstep.core.settings import Settings
 from lockstep.sync import agent, protocol, shared_files
 from lockstep.sync.agent import CATCH_UP_RETRY_S as CATCH_UP_RETRY_S
 from lockstep.sync.agent import COMMIT_POLL_WINDOW_S as COMMIT_POLL_WINDOW_S
-from lockstep.sync.agent import Action, Memory, Rules, Snapshot, Transport
-from lockstep.sync.protocol import Committed, LegacyRequest, StagedInfo, StageState, SyncState
+from lockstep.sync.agent import Rules, Transport
+from lockstep.sync.protocol import Committed, LegacyRequest, StageState, SyncState
+from lockstep.sync.replica_agent import ReplicaAgent
 
 if TYPE_CHECKING:
     from lockstep.inference.generation import TokenRate
     from lockstep.inference.replica import Replica
-    from lockstep.inference.slot import ModelSlot
     from lockstep.store import ModelStore
 
 log = logging.getLogger(__name__)
-
-MAX_SLEEP_S = 60.0  # one sleep of sleep_until at most: time.sleep refuses very long waits
-
-
-class Driven(Protocol):
-    """What ``ReplicaAgent`` uses of a replica (``lockstep.inference.replica.Replica``)."""
-
-    serving: ModelSlot | None
-    stage_info: StagedInfo | None
-    committed_version: int | None
-
-    def staged_plan_version(self) -> int | None: ...
-    def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo: ...
-    def boot(self, model_ref: str, version: int, digest: str | None = None) -> None: ...
-    def flip(self, version: int) -> None: ...
-    def abort(self, version: int | None = None) -> bool: ...
-    def refuse_stage(self, version: int, model_ref: str, reason: str) -> StagedInfo: ...
-    def refuse_commit(self, version: int, digest: str | None, reason: str) -> None: ...
-    def set_committed(self, version: int | None, digest: str | None = None) -> None: ...
-
 
 class Doorbell:
     """Cuts the sync thread's wait short when something changed (a load ended, a flip happened).
@@ -76,113 +54,19 @@ class Doorbell:
         return self._lock.acquire(timeout=timeout)
 
 
-def sleep_until(clock: Clock, wall_time: float) -> None:
-    """Sleep until ``wall_time``: coarse sleeps, then 0.2 ms steps for the last 2 ms (flip skew matters).
-
-    ``ValueError`` for a time that is not finite: nothing ever reaches it (and NaN would compare as "now").
-    """
-    if not math.isfinite(wall_time):
-        raise ValueError(f"cannot wait until {wall_time!r}: it is not a finite wall-clock time")
-    # Within a microsecond is there: a smaller step may not move a float clock near 1.7e9 at all.
-    while (remaining := wall_time - clock.time()) > 1e-6:
-        clock.sleep(min(MAX_SLEEP_S, remaining - 0.002) if remaining > 0.003 else min(remaining, 0.0002))
-
-
-class ReplicaAgent:
-    """The agent's memory behind one lock; carries its actions out, loads and timed flips in threads."""
-
-    def __init__(self, replica: Driven, rules: Rules, clock: Clock, name: str, *, beat: Callable[[], None],
-                 wake: Callable[[], object]) -> None:
-        self.replica, self.rules, self.clock, self.name = replica, rules, clock, name
-        self._beat, self._wake = beat, wake  # beat soon; decide again (a thread reported)
-        self._lock = threading.RLock()
-        self.memory = Memory()
-
-    def observe(self, state: SyncState) -> str | None:
-        """Take ``state`` as the last good one, or say why it is ignored."""
-        with self._lock:
-            self.memory, problem = agent.observe(self.rules, self.memory, state)
-        return problem
-
-    def tell(self, **changes: Any) -> list[Action]:
-        """Over HTTP: a request of the trainer as the next state of a view only it writes; carried out at once."""
-        with self._lock:
-            view = self.memory.view or SyncState()
-            self.observe(view.model_copy(update={"generation": view.generation + 1, **changes}))
-            return self.step()
-
-    def step(self) -> list[Action]:
-        """Decide on what was last seen, and carry it out."""
-        with self._lock:
-            r = self.replica
-            serving, info = r.serving, r.stage_info
-            seen = Snapshot(serving.version if serving else None, serving.digest if serving else None,
-                            info.version if info else None, r.staged_plan_version(), r.committed_version)
-            self.memory, actions = agent.decide(self.rules, self.memory, seen, self.clock.time())
-            for action in actions:
-                self._carry(action)
-            return actions
-
-    def _carry(self, action: Action) -> None:
-        r = self.replica
-        match action:
-            case agent.Stage() | agent.CatchUp() | agent.FlipAt() | agent.MarkBehindAt():
-                log.info("%s: %s", self.name, action)
-                run = self._load if isinstance(action, agent.Load) else self._at
-                threading.Thread(target=run, args=(action,), name=f"{type(action).__name__}-v{action.version}",
-                                 daemon=True).start()
-            case agent.RefuseStage():
-                r.refuse_stage(action.version, action.model, action.reason)
-            case agent.Abort():
-                if r.abort(action.version):
-                    log.info("%s dropped staged v%d (%s)", self.name, action.version, action.reason)
-                    self._beat()
-            case agent.SetCommitted(reason=None):
-                r.set_committed(action.version, action.digest)
-            case agent.SetCommitted(reason=str(reason)):
-                r.refuse_commit(action.version, action.digest, reason)
-            case agent.Beat():
-                self._beat()
-
-    def _load(self, load: agent.Load) -> None:
-        ok = False
-        try:
-            if isinstance(load, agent.Stage):
-                ok = self.replica.stage(load.model, load.version, load.digest).state is StageState.STAGED
-            else:
-                self.replica.boot(load.model, load.version, load.digest)
-                ok = True
-        except Exception as exc:
-            log.error("%s could not load v%d (%s): %s", self.name, load.version, load.model, exc)
-        finally:
-            self._report(lambda mem: agent.loaded(mem, load, ok, self.clock.time()))
-
-    def _at(self, timer: agent.Timer) -> None:
-        r = self.replica
-        if (late := self.clock.time() - timer.at) > 0 and isinstance(timer, agent.FlipAt):
-            # Seen after activate_at means a late flip: the commit margin is too short for this replica's polls.
-            log.warning("%s saw the commit of v%d %.0f ms after activate_at", self.name, timer.version, late * 1000)
-        try:
-            sleep_until(self.clock, timer.at)
-            if isinstance(timer, agent.FlipAt):
-                r.flip(timer.version)
-            elif (serving := r.serving) is None or serving.version != timer.version:
-                r.set_committed(timer.version, timer.digest)
-                log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.name,
-                            timer.version)
-        except Exception as exc:  # never ready on the old version while the cluster serves the new one
-            folder = self.rules.transport is Transport.FOLDER
-            r.refuse_commit(timer.version, timer.digest, (f"could not flip to v{timer.version}: {exc}; unready until "
-                            "it catches up") if folder else (f"commit of v{timer.version} failed: {exc}; unready "
-                                                             "until the trainer catches this replica up"))
-        finally:
-            self._report(lambda mem: agent.fired(mem, timer))
-
-    def _report(self, change: Callable[[Memory], Memory]) -> None:
-        with self._lock:
-            self.memory = change(self.memory)
-        self._beat()
-        self._wake()
+def heartbeat_of(replica: Replica, settings: Settings, *, replica_id: str, url: str | None, clock: Clock,
+                 token_rate: TokenRate | None, generation_seen: int | None = None,
+                 commit_poll_until: float | None = None) -> protocol.Heartbeat:
+    """A replica's report, the one shape of its heartbeat and of its ``GET /status`` (which adds a few fields)."""
+    queued, running = replica.engine_load()
+    return protocol.Heartbeat(
+        replica_id=replica_id, url=url, pid=os.getpid(), state=replica.state, ready=replica.ready,
+        serving=replica.serving_info(), staged=replica.stage_info, last_error=replica.last_error,
+        generation_seen=generation_seen, update_mode=settings.update_mode.value, queue_depth=queued,
+        running=running, tokens_per_s=round(token_rate.rate(), 2) if token_rate else 0.0, time=clock.time(),
+        started_at=replica.started_at, commit_poll_until=commit_poll_until,
+        commit_poll_s=None if commit_poll_until is None else min(settings.commit_poll_interval_s,
+                                                                  settings.poll_interval_s))
 
 
 class SyncWatcher:
@@ -294,22 +178,16 @@ class SyncWatcher:
         return goal
 
     # ------------------------------------------------------------------ heartbeat
-    def beat(self) -> None:
-        r = self.replica
-        queued, running = r.engine_load()
+    def heartbeat(self) -> protocol.Heartbeat:
+        """What this replica reports: its heartbeat file, and the core of its ``GET /status``."""
         poll = self.agent.memory.poll
+        return heartbeat_of(self.replica, self.settings, replica_id=self.replica_id, url=self.url, clock=self.clock,
+                            token_rate=self.token_rate, generation_seen=self.last_good.generation if self.last_good
+                            else None, commit_poll_until=poll[1] if poll else None)
+
+    def beat(self) -> None:
         try:
-            beat = protocol.Heartbeat(
-                replica_id=self.replica_id, url=self.url, pid=os.getpid(), state=r.state, ready=r.ready,
-                serving=r.serving_info(), staged=r.stage_info, last_error=r.last_error,
-                generation_seen=self.last_good.generation if self.last_good else None,
-                update_mode=self.settings.update_mode.value, queue_depth=queued, running=running,
-                tokens_per_s=self.token_rate.rate() if self.token_rate else 0.0, time=self.clock.time(),
-                started_at=r.started_at, commit_poll_until=poll[1] if poll else None,
-                commit_poll_s=None if poll is None else min(self.settings.commit_poll_interval_s,
-                                                            self.settings.poll_interval_s),
-            )
-            shared_files.write_heartbeat(self.shared_dir, beat)
+            shared_files.write_heartbeat(self.shared_dir, self.heartbeat())
         except ValidationError as exc:  # readers would skip it anyway; say why instead of failing every tick
             self._problem(f"cannot write heartbeat: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
         except OSError as exc:
