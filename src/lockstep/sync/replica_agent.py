@@ -10,27 +10,39 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from lockstep.core.clock import Clock
 from lockstep.sync import agent
 from lockstep.sync.agent import Action, Memory, Rules, Snapshot, Transport
 from lockstep.sync.protocol import StagedInfo, StageState, SyncState
 
-if TYPE_CHECKING:
-    from lockstep.inference.slot import ModelSlot
-
 log = logging.getLogger(__name__)
 
 MAX_SLEEP_S = 60.0  # one sleep of sleep_until at most: time.sleep refuses very long waits
 
 
+class ServedVersion(Protocol):
+    """The version a replica serves, as the agent sees it (``lockstep.inference.slot.ModelSlot``)."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def digest(self) -> str | None: ...
+
+
 class Driven(Protocol):
     """What ``ReplicaAgent`` uses of a replica (``lockstep.inference.replica.Replica``)."""
 
-    serving: ModelSlot | None
-    stage_info: StagedInfo | None
-    committed_version: int | None
+    @property
+    def serving(self) -> ServedVersion | None: ...
+
+    @property
+    def stage_info(self) -> StagedInfo | None: ...
+
+    @property
+    def committed_version(self) -> int | None: ...
 
     def staged_plan_version(self) -> int | None: ...
     def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -23,11 +23,9 @@ from lockstep.sync.agent import CATCH_UP_RETRY_S as CATCH_UP_RETRY_S
 from lockstep.sync.agent import COMMIT_POLL_WINDOW_S as COMMIT_POLL_WINDOW_S
 from lockstep.sync.agent import Rules, Transport
 from lockstep.sync.protocol import Committed, LegacyRequest, StageState, SyncState
-from lockstep.sync.replica_agent import ReplicaAgent
+from lockstep.sync.replica_agent import Driven, ReplicaAgent
 
 if TYPE_CHECKING:
-    from lockstep.inference.generation import TokenRate
-    from lockstep.inference.replica import Replica
     from lockstep.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -54,8 +52,32 @@ class Doorbell:
         return self._lock.acquire(timeout=timeout)
 
 
-def heartbeat_of(replica: Replica, settings: Settings, *, replica_id: str, url: str | None, clock: Clock,
-                 token_rate: TokenRate | None, generation_seen: int | None = None,
+class Reporting(Driven, Protocol):
+    """What a replica's report reads of it, besides what its agent uses."""
+
+    @property
+    def state(self) -> protocol.ReplicaState: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    def engine_load(self) -> tuple[int, int]: ...
+
+    def serving_info(self) -> protocol.ServingInfo | None: ...
+
+
+class Rate(Protocol):
+    def rate(self) -> float: ...
+
+
+def heartbeat_of(replica: Reporting, settings: Settings, *, replica_id: str, url: str | None, clock: Clock,
+                 token_rate: Rate | None, generation_seen: int | None = None,
                  commit_poll_until: float | None = None) -> protocol.Heartbeat:
     """A replica's report, the one shape of its heartbeat and of its ``GET /status`` (which adds a few fields)."""
     queued, running = replica.engine_load()
@@ -72,8 +94,8 @@ def heartbeat_of(replica: Replica, settings: Settings, *, replica_id: str, url: 
 class SyncWatcher:
     """Drives one replica from the shared folder through its agent; owns its heartbeat."""
 
-    def __init__(self, replica: Replica, settings: Settings, *, store: ModelStore | None, clock: Clock,
-                 replica_id: str, url: str | None, token_rate: TokenRate | None = None) -> None:
+    def __init__(self, replica: Reporting, settings: Settings, *, store: ModelStore | None, clock: Clock,
+                 replica_id: str, url: str | None, token_rate: Rate | None = None) -> None:
         assert settings.shared_dir is not None and settings.sync_state_path is not None
         self.replica, self.settings, self.store, self.clock = replica, settings, store, clock
         self.replica_id, self.url, self.token_rate = replica_id, url, token_rate
