@@ -22,7 +22,7 @@ needs_promtool = pytest.mark.skipif(
 
 RULE = find(load_file(K8S / "monitoring" / "prometheusrule.yaml"), "PrometheusRule", "lockstep-alerts").body
 DASHBOARD = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
-# The trainer's metrics (DESIGN contract); the replicas' come from the real ReplicaMetrics below.
+# The trainer's metrics (docs/operations.md); the replicas' come from the real ReplicaMetrics below.
 TRAINER_SERIES = {
     "lockstep_publish_total",
     "lockstep_publish_duration_seconds_sum",

@@ -8,7 +8,6 @@ have written to a shared folder; ``generation_seen`` is the generation of the la
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -69,9 +68,9 @@ class HttpFleet:
             return dict(zip(urls, pool.map(fn, urls), strict=True))
 
     def _timed(self, url: str, send: Callable[[], httpx.Response]) -> httpx.Response:
-        began = time.monotonic()
+        began = self.clock.monotonic()
         response = send()
-        self._round_trip[url] = time.monotonic() - began
+        self._round_trip[url] = self.clock.monotonic() - began
         return response
 
     def _status(self, url: str) -> dict[str, Any] | None:
