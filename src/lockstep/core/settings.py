@@ -127,8 +127,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(0, ge=0, le=1024, validation_alias=_env("LOCKSTEP_MAX_BATCH_SIZE"),
                                 description="Sequences decoded together in one forward pass (built-in engine). "
                                 "0: sized from memory at engine start, as many as have room for a KV cache at the "
-                                "full context in a quarter of the free RAM (CPU) or 40% of the free GPU memory, "
-                                "within 16..128 on a CPU and 16..256 on a GPU; the log says what it chose. vLLM: its "
+                                "full context in an eighth of the free RAM (CPU; the replicas of a host size theirs "
+                                "one after the other) or 40% of the free GPU memory, within 16..128 on a CPU and "
+                                "16..256 on a GPU; the log says what it chose. vLLM: its "
                                 "max_num_seqs (0: vLLM's default).")
     max_queue: int = Field(256, ge=1, validation_alias=_env("LOCKSTEP_MAX_QUEUE"),
                            description="Requests waiting for a batch slot; beyond it 429.")

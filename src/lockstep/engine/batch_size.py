@@ -3,6 +3,10 @@ full context in a share of the memory that is free, within bounds measured on a 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,10 @@ MIN_AUTO_BATCH = 16
 MAX_AUTO_BATCH = {"cpu": 128, "cuda": 256}
 # Share of the free memory one engine's KV cache may take. A swap-mode replica holds two models and two engines
 # while it stages; an inplace one keeps a copy of the staged weights in host RAM; on a CPU the tokenizer, the
-# HTTP server and, under `lockstep up`, the other replicas share the same RAM.
-MEMORY_SHARE = {"cpu": 0.25, "cuda": 0.4}
+# HTTP server and the other replicas of the host share the same RAM: with a quarter, four `mid` replicas on
+# 24 GiB left too little for their stages (an engine never takes fewer than 16 sequences) and one was killed.
+MEMORY_SHARE = {"cpu": 0.125, "cuda": 0.4}
+CLAIM_LOCK = Path(tempfile.gettempdir()) / "lockstep-memory-claim.lock"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -104,6 +110,30 @@ def auto_batch_size(per_sequence_bytes: int, available_bytes: int | None, device
     by_share = int(available_bytes * MEMORY_SHARE[kind]) // per_sequence_bytes
     fit_all = max(0, available_bytes) // per_sequence_bytes
     return max(1, min(max(by_share, MIN_AUTO_BATCH), MAX_AUTO_BATCH[kind], fit_all))
+
+
+@contextlib.contextmanager
+def memory_claim(device: torch.device, *, auto: bool, lock_path: Path | None = None) -> Iterator[None]:
+    """Hold the host-wide claim lock while an engine sizes its cache from free RAM and allocates it.
+
+    Without it, replicas that start together all see the same free memory and together take more than there
+    is. Only for auto sizing on a CPU (a GPU belongs to one replica); a lock file that cannot be opened only
+    loses the serialization.
+    """
+    if not auto or device.type != "cpu":
+        yield
+        return
+    try:
+        handle = open(lock_path or CLAIM_LOCK, "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
-from lockstep.engine.batch_size import size_batch
+from lockstep.engine.batch_size import memory_claim, size_batch
 from lockstep.engine.event import FinalEvent, FinishReason
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.runner import Runner, make_runner
@@ -82,9 +82,6 @@ class Engine:
                              f"got {max_batch_size!r}")
         param = next(model.parameters())
         self._device = param.device
-        # None or 0: as many sequences as have room for a full-context KV cache in a share of the free memory.
-        self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context)
-        self.max_batch_size = max_batch_size = self.batch_sizing.size
         self.max_queue = max_queue
         self.max_context = max_context
         if step_prefill_tokens is None:
@@ -108,8 +105,13 @@ class Engine:
         self._clock = clock
         self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._eos = _eos_ids(model, tokenizer)
-        with torch.inference_mode():
-            self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
+        # None or 0: as many sequences as have room for a full-context KV cache in a share of the free memory.
+        # Sized and allocated under a host-wide lock: replicas starting together each see what the others took.
+        with memory_claim(self._device, auto=not max_batch_size):
+            self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context)
+            self.max_batch_size = max_batch_size = self.batch_sizing.size
+            with torch.inference_mode():
+                self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
         self.backend = self._runner.name
         log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB preallocated", self.backend,
                  self.batch_sizing.describe(), param.dtype, self._device, max_context, self.kv_cache_bytes / 2**20)
