@@ -155,7 +155,7 @@ def run_size(size: str, args: argparse.Namespace, log_dir: Path) -> dict[str, An
     expected = {f"builtin:{name}": reference_texts(dirs[name], PROMPTS, n) for name in names}
     expected["builtin:" + size] = expected[f"builtin:{size}-s0"]
     models = {0: f"builtin:{size}-s0"}
-    with replica(models[0], log_dir, args.threads) as proc:
+    with replica(models[0], log_dir, args.threads, LOCKSTEP_ENGINE=args.engine) as proc:
         load = Load(proc.url, args.clients, n)
         t_load = time.monotonic()
         load.start()
@@ -257,6 +257,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of the replica (default: torch's)"
+    )
+    parser.add_argument(
+        "--engine", default="auto", choices=["auto", "builtin", "vllm"],
+        help="LOCKSTEP_ENGINE of the replica (auto: vLLM where it is installed; a swap then starts a vLLM engine)"
     )
     parser.add_argument(
         "--omp-wait-policy",
