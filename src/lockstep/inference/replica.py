@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -28,6 +27,7 @@ from lockstep.inference.inplace import InplaceWeights, PartialCopy
 from lockstep.inference.metrics import ReplicaMetrics, VllmMetrics
 from lockstep.inference.slot import ModelSlot, ServingEngine
 from lockstep.models import loader
+from lockstep.store import VersionSource
 from lockstep.sync.protocol import ReplicaState, ServingInfo, StagedInfo, StageState
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class StagedPlan:
 class Replica:
     """One inference replica's model state; thread-safe; HTTP and sync drive it."""
 
-    def __init__(self, settings: Settings, *, store: Any = None, clock: Clock = SYSTEM_CLOCK,
+    def __init__(self, settings: Settings, *, store: VersionSource | None = None, clock: Clock = SYSTEM_CLOCK,
                  metrics: ReplicaMetrics | None = None, engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.store = store

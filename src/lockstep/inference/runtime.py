@@ -18,6 +18,7 @@ from lockstep.inference.generation import TokenRate
 from lockstep.inference.replica import EngineFactory, Replica
 from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
+from lockstep.store import ModelStore, VersionSource
 from lockstep.sync.agent import Abort, Rules, Transport
 from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, StageState
 from lockstep.sync.replica_agent import ReplicaAgent
@@ -39,11 +40,10 @@ class ReplicaRuntime:
                  engine_factory: EngineFactory | None = None) -> None:
         self.settings = settings
         self.clock = clock
-        self.store: Any = None
-        if settings.shared_dir is not None:
-            from lockstep.store import ModelStore
-
-            self.store = ModelStore(settings.shared_dir, clock=clock)
+        self.store: VersionSource | None = None
+        shared = ModelStore(settings.shared_dir, clock=clock) if settings.shared_dir is not None else None
+        if shared is not None:
+            self.store = shared
         elif settings.coordinator_url:
             # No shared volume: versions/N come from the trainer, downloaded and verified into a local cache.
             from lockstep.store.remote import RemoteStore
@@ -61,8 +61,8 @@ class ReplicaRuntime:
         self.agent = ReplicaAgent(self.replica, Rules(Transport.HTTP, settings.initial_model_repo_id), clock,
                                   self.replica_id, beat=lambda: None, wake=lambda: self.agent.step())
         self.watcher: SyncWatcher | None = None
-        if settings.shared_dir is not None:
-            self.watcher = SyncWatcher(self.replica, settings, store=self.store, clock=clock,
+        if shared is not None:
+            self.watcher = SyncWatcher(self.replica, settings, store=shared, clock=clock,
                                        replica_id=self.replica_id, url=self.url, token_rate=self.token_rate)
         self._stopping = threading.Event()
         self.started_at = clock.time()

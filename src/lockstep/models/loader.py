@@ -26,6 +26,8 @@ from lockstep.models.refs import ModelRef, RefKind, parse_ref
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's publish/status never need it
     import torch
 
+    from lockstep.store import Manifest, VersionSource
+
 log = logging.getLogger(__name__)
 
 _LOAD_LOCK = threading.Lock()  # one from_pretrained at a time per process
@@ -43,7 +45,7 @@ class ResolvedModel:
     version: int | None = None  # set for versions/N
     revision: str | None = None  # set for repo ids
     content_digest: str | None = None  # the MANIFEST digest when the files were verified against one
-    manifest: Any = None
+    manifest: Manifest | None = None
 
 
 @dataclass
@@ -190,7 +192,7 @@ def _download_repo(ref: ModelRef, settings: Settings) -> tuple[Path, str]:
     return path, path.name  # snapshot folders are named by the resolved commit hash
 
 
-def check_available(ref: ModelRef, settings: Settings, store: Any = None) -> None:
+def check_available(ref: ModelRef, settings: Settings, store: VersionSource | None = None) -> None:
     """Whether ``resolve`` would find ``ref``, without downloading or loading anything.
 
     Raises BadModelRef/UnsafeModel (not a model, unsafe), NotFound (no such repo, revision, version or
@@ -229,7 +231,7 @@ def check_available(ref: ModelRef, settings: Settings, store: Any = None) -> Non
         raise LoadError(f"could not ask the Hugging Face Hub about {ref.raw!r}: {exc}") from exc
 
 
-def resolve(ref: ModelRef | str, settings: Settings, store: Any = None) -> ResolvedModel:
+def resolve(ref: ModelRef | str, settings: Settings, store: VersionSource | None = None) -> ResolvedModel:
     """Turn a reference into a verified directory of files."""
     if isinstance(ref, str):
         ref = parse_ref(ref)

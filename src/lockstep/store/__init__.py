@@ -14,7 +14,7 @@ from lockstep.store.manifest import (
     scan_dir,
     verify_dir,
 )
-from lockstep.store.model_store import ALLOWED_REFS, STALE_AFTER_S, ModelStore, version_name
+from lockstep.store.model_store import ALLOWED_REFS, STALE_AFTER_S, ModelStore, VersionSource, version_name
 
 __all__ = [
     "ALLOWED_REFS",
@@ -24,6 +24,7 @@ __all__ = [
     "Lease",
     "Manifest",
     "ModelStore",
+    "VersionSource",
     "check_model_dir",
     "content_digest",
     "hash_file",

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
@@ -121,6 +121,16 @@ class GcPlan:
     @property
     def freed_bytes(self) -> int:
         return sum(e.size or 0 for e in self.removals)
+
+
+class VersionSource(Protocol):
+    """Where a replica finds ``versions/N``: the shared folder's ``ModelStore`` or the trainer's (``RemoteStore``)."""
+
+    def get(self, n: int) -> Manifest: ...
+
+    def path_of(self, n: int) -> Path: ...
+
+    def verify(self, n: int, files_dir: Path | None = None) -> Manifest: ...
 
 
 class ModelStore:
