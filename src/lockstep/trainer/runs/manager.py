@@ -155,7 +155,7 @@ class RunManager:
                 raise Conflict("the trainer is shutting down; start the run on the restarted trainer")
             self._refuse_if_active()
             record = RunRecord(id=self.runs.new_id(kind.name), kind=kind.name,
-                               params=parsed.model_dump(mode="json"), created_at=self.clock.time())
+                               params=parsed.model_dump(mode="json", by_alias=True), created_at=self.clock.time())
             self._launch(kind, parsed, record, resume=False)
         return self.view(record)
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lockstep.core.errors import Conflict
+from lockstep.trainer.runs.staleness import VersionSamples
 
 
 class RunStatus(StrEnum):
@@ -63,7 +64,7 @@ class Owner(BaseModel):
 
 
 class Checkpoint(BaseModel):
-    """The last checkpoint a run wrote (``checkpoints/<step>/``)."""
+    """The last checkpoint a run published (``checkpoints/checkpoint-<step>/``)."""
 
     step: int
     path: str  # relative to the run's folder
@@ -89,6 +90,8 @@ class RunRecord(BaseModel):
     versions: list[int] = Field(default_factory=list)  # versions this run published, in order
     start_version: int | None = None  # what the cluster served when the run began
     checkpoint: Checkpoint | None = None
+    # finetune: what trained each version this run published (samples used by staleness, dropped), by version
+    version_samples: dict[str, VersionSamples] = Field(default_factory=dict)
     summary: dict[str, Any] = Field(default_factory=dict)
     resumes: int = 0
 

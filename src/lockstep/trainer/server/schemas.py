@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     WithJsonSchema,
@@ -115,7 +116,9 @@ class SimulationParams(_Strict):
 
 
 class FinetuneParams(_Strict):
-    """Real training on the trainer's own copy, with rollouts from the replicas."""
+    """Training on the trainer's own copy with TRL (GRPO), with rollouts from the replicas."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     task: StrictStr = Field("digits", min_length=1, max_length=64)
     reward: StrictStr | None = Field(None, min_length=1, max_length=300)  # plug-in 'package.module:function'
@@ -130,8 +133,16 @@ class FinetuneParams(_Strict):
     learning_rate: Number = Field(3e-3, gt=0, le=1)
     weight_decay: Number = Field(0.0, ge=0, le=1)
     max_grad_norm: Number = Field(1.0, gt=0, le=1e6)
-    algorithm: Literal["grpo", "reinforce", "sft_best"] = "grpo"
-    max_staleness: StrictInt = Field(0, ge=0, le=1000)  # versions; 0 = strictly on-policy
+    # grpo: TRL's GRPO (loss_type, scale_rewards); reinforce: the same with the group mean as the only baseline.
+    algorithm: Literal["grpo", "reinforce"] = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"  # TRL's loss formulation
+    beta: Number = Field(0.0, ge=0, le=10)  # KL coefficient against the start model (0: no reference model)
+    epsilon: Number = Field(0.2, gt=0, le=10)  # clipping range of the importance ratio
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # how advantages are normalized
+    num_iterations: StrictInt = Field(1, ge=1, le=16)  # updates per batch of rollouts (TRL's μ)
+    trl_args: dict[str, Any] = Field(default_factory=dict, max_length=32)  # more GRPOConfig tuning options
+    async_mode: StrictBool = Field(False, alias="async")  # collect rollouts continuously beside the updates
+    max_staleness: StrictInt = Field(0, ge=0, le=64)  # versions a sample's producer may be behind; 0 = on-policy
     eval_prompts: StrictInt = Field(16, ge=0, le=1024)
     samples_per_version: StrictInt = Field(4, ge=0, le=64)
     seed: StrictInt = Field(0, ge=0, lt=2**31)

@@ -1,0 +1,268 @@
+"""TRL's rollout function: groups of answers from the Lockstep fleet, each tagged with the version that wrote it.
+
+``SyncRollouts`` asks the fleet for the prompts TRL hands it and waits for the answers (on-policy: the run
+publishes, waits for every replica to serve the new version, then asks again). ``AsyncRollouts`` takes whole
+groups a ``Collector`` thread keeps gathering while the updates and publishes go on; groups too far behind
+(``staleness.VersionWindow``) are dropped at the moment the update would use them.
+
+A group is usable only whole: TRL's advantages compare ``group_size`` answers to one prompt, so a group with a
+failed, mislabeled, stale or foreign member is not used (and each member is counted under its reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lockstep.core.errors import LockstepError
+from lockstep.trainer.runs.rewards import score
+from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
+from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
+from lockstep.trainer.runs.tasks import RewardFn, Task
+
+log = logging.getLogger(__name__)
+
+COLLECT_TRIES = 10  # sync: rounds per step before giving up (each waits a second for replicas to catch up)
+STARVED_S = 300.0  # async: seconds without one usable group before the run fails
+ASYNC_SEED_OFFSET = 1 << 40  # the collector's prompt stream is distinct from the dataset's
+
+
+class RunFailed(LockstepError):
+    """A run cannot go on; the message says why (the cluster keeps serving its committed version)."""
+
+    status_code = 500
+    code = "run_failed"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are asked for (from the run's parameters)."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+
+    def requests(self, prompts: list[str], step: int) -> list[GenRequest]:
+        return [GenRequest(prompt, self.max_new_tokens, self.temperature, top_k=self.top_k, group=g,
+                           seed=sample_seed(self.seed, step, g, i))
+                for g, prompt in enumerate(prompts) for i in range(self.group_size)]
+
+
+def sample_seed(seed: int, step: int, group: int, index: int) -> int:
+    """A per-request sampling seed: the same run parameters ask for the same samples."""
+    digest = hashlib.sha256(f"{seed}:{step}:{group}:{index}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # < 2**56: inside the replica's seed range
+
+
+@dataclass(frozen=True)
+class Group:
+    """``group_size`` answers to one prompt; every one answered, correctly labelled."""
+
+    prompt: str
+    rollouts: tuple[Rollout, ...]
+
+
+def whole_groups(rollouts: list[Rollout], book: SampleBook) -> tuple[dict[int, Group], list[str]]:
+    """The groups whose every answer came back correctly labelled; failures are counted and described."""
+    by_group: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        by_group.setdefault(r.request.group, []).append(r)
+    groups: dict[int, Group] = {}
+    problems: list[str] = []
+    for g, members in by_group.items():
+        failed = [r for r in members if not r.ok]
+        mislabeled = [r for r in members if r.mislabeled]
+        book.failed(errors=len(failed), mislabeled=len(mislabeled))
+        problems += [f"{r.url or 'no replica'}: {r.error}" for r in failed]
+        problems += [f"{r.replica_id}: header v{r.version} but body v{r.body_version}" for r in mislabeled]
+        if not failed and not mislabeled:
+            groups[g] = Group(members[0].request.prompt, tuple(members))
+    return groups, problems
+
+
+def judge(group: Group, window: VersionWindow, book: SampleBook) -> bool:
+    """Use the group (counted by staleness) when every answer is within the bound; else count why not."""
+    verdicts = [window.judge(r.version) for r in group.rollouts]
+    if all(v is Freshness.FRESH for v in verdicts):
+        for r in group.rollouts:
+            assert r.version is not None
+            book.used(r.version, window.staleness(r.version) or 0)
+        return True
+    for v in verdicts:
+        # A fresh member of a dropped group is dropped because of its siblings: count it as stale.
+        book.dropped(Freshness.FOREIGN if v is Freshness.FOREIGN else Freshness.STALE)
+    return False
+
+
+def completion_ids(tokenizer: Any, r: Rollout) -> list[int]:
+    """The tokens the replica generated; re-tokenized from the text only when it did not return them."""
+    if r.token_ids is not None:
+        return list(r.token_ids)
+    ids = list(tokenizer(r.text, add_special_tokens=False)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if r.finish_reason == "stop" and eos is not None:
+        ids.append(int(eos))  # the model chose to stop: that choice is part of the sample
+    return ids
+
+
+def trl_batch(groups: list[Group], tokenizer: Any) -> dict[str, Any]:
+    """What TRL's ``rollout_func`` returns: token ids, plus the prompt, text and version each reward needs."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    return {
+        "prompt_ids": [list(tokenizer(r.request.prompt)["input_ids"]) for r in rollouts],  # as /generate encodes
+        "completion_ids": [completion_ids(tokenizer, r) for r in rollouts],
+        "logprobs": None,  # the importance-sampling correction needs the engine's log-probs; /generate has none
+        "lockstep_prompt": [r.request.prompt for r in rollouts],
+        "lockstep_text": [r.text for r in rollouts],
+        "lockstep_version": [r.version for r in rollouts],
+    }
+
+
+class TaskReward:
+    """A task's reward as a TRL reward function, scored on the text the replica wrote for the prompt it got."""
+
+    def __init__(self, fn: RewardFn, name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self.__name__ = "reward"  # TRL logs rewards/<__name__>/mean
+
+    def __call__(self, prompts: list[Any], completions: list[Any], lockstep_prompt: list[str] | None = None,
+                 lockstep_text: list[str] | None = None, **_: Any) -> list[float]:
+        asked = lockstep_prompt if lockstep_prompt is not None else [str(p) for p in prompts]
+        texts = lockstep_text if lockstep_text is not None else [str(c) for c in completions]
+        return [score(self.fn, p, t, self.name) for p, t in zip(asked, texts, strict=True)]
+
+
+def unique_prompts(prompts: list[Any], group_size: int) -> list[str]:
+    """TRL repeats each prompt ``group_size`` times in a row; the prompts once each."""
+    unique = [str(p) for p in prompts[::group_size]]
+    if [p for p in unique for _ in range(group_size)] != [str(p) for p in prompts]:
+        raise RunFailed(f"TRL handed over prompts not in groups of {group_size}; the run needs "
+                        "num_generations = group_size and whole groups per batch")
+    return unique
+
+
+class SyncRollouts:
+    """Asks the fleet for TRL's prompts now, retrying groups until they are whole and fresh."""
+
+    def __init__(self, client: RolloutClient, sampling: Sampling, window: VersionWindow, book: SampleBook,
+                 tokenizer: Any, *, check_stop: Callable[[], None], sleep: Callable[[float], None]) -> None:
+        self.client, self.sampling, self.window, self.book = client, sampling, window, book
+        self.tokenizer = tokenizer
+        self.check_stop = check_stop
+        self.sleep = sleep
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        step = int(trainer.state.global_step) + 1
+        asked = unique_prompts(prompts, self.sampling.group_size)
+        done: dict[int, Group] = {}
+        problems: list[str] = []
+        for attempt in range(COLLECT_TRIES):
+            self.check_stop()
+            pending = [g for g in range(len(asked)) if g not in done]
+            requests = [r for r in self.sampling.requests(asked, step) if r.group in pending]
+            groups, trouble = whole_groups(self.client.generate(requests), self.book)
+            problems += trouble
+            done.update({g: group for g, group in groups.items() if judge(group, self.window, self.book)})
+            if len(done) == len(asked):
+                return trl_batch([done[g] for g in range(len(asked))], self.tokenizer)
+            log.warning("step %d: %d of %d groups usable (try %d)", step, len(done), len(asked), attempt + 1)
+            self.sleep(1.0)
+        why = "; ".join(problems[-3:]) or ("answers came from a version this run did not produce or that is "
+                                           "too old for max_staleness")
+        raise RunFailed(f"no whole group of fresh rollouts for every prompt at step {step} after "
+                        f"{COLLECT_TRIES} tries; last problems: {why}")
+
+
+class Collector:
+    """A thread that keeps asking the fleet for groups while updates run; the newest ``capacity`` wait unused."""
+
+    def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
+                 book: SampleBook, *, capacity: int) -> None:
+        self.client, self.sampling, self.task, self.book = client, sampling, task, book
+        self.batch_size = batch_size
+        self.groups: queue.Queue[Group] = queue.Queue(maxsize=capacity)
+        self.problems: list[str] = []
+        self.dropped_full = 0  # answers that waited in a full queue until newer ones replaced them
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollout-collector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        round_ = 0
+        while not self._stop.is_set():
+            round_ += 1
+            prompts = self.task.prompts(self.batch_size, seed=self.sampling.seed * 1_000_003 + ASYNC_SEED_OFFSET
+                                        + round_, held_out=False)
+            try:
+                rollouts = self.client.generate(self.sampling.requests(prompts, ASYNC_SEED_OFFSET + round_))
+            except RuntimeError:  # the client was closed under us: the run is ending
+                return
+            groups, trouble = whole_groups(rollouts, self.book)
+            self.problems = (self.problems + trouble)[-3:]
+            if not groups:
+                self._stop.wait(1.0)  # nothing answered: give the replicas a moment
+            for g in sorted(groups):
+                self._put(groups[g])
+
+    def _put(self, group: Group) -> None:
+        """Queue ``group``; when full, the oldest waiting group gives way (the newest answers are the freshest)."""
+        while True:
+            try:
+                self.groups.put_nowait(group)
+                return
+            except queue.Full:
+                try:
+                    self.groups.get_nowait()
+                    self.dropped_full += len(group.rollouts)
+                except queue.Empty:
+                    pass
+
+    def take(self, timeout_s: float) -> Group | None:
+        try:
+            return self.groups.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+
+class AsyncRollouts:
+    """Hands TRL whole groups from the collector, each within ``max_staleness`` of the newest version."""
+
+    def __init__(self, collector: Collector, group_size: int, window: VersionWindow, book: SampleBook,
+                 tokenizer: Any, *, check_stop: Callable[[], None]) -> None:
+        self.collector, self.group_size, self.window, self.book = collector, group_size, window, book
+        self.tokenizer = tokenizer
+        self.check_stop = check_stop
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        # With max_staleness 0 this waits, after each checkpoint, for answers of the version it becomes: the
+        # synchronous behaviour, reached by the bound alone.
+        wanted = len(prompts) // self.group_size
+        used: list[Group] = []
+        last_use = time.monotonic()
+        while len(used) < wanted:
+            self.check_stop()
+            group = self.collector.take(timeout_s=1.0)
+            if group is not None and judge(group, self.window, self.book):
+                used.append(group)
+                last_use = time.monotonic()
+            elif time.monotonic() - last_use > STARVED_S:
+                why = "; ".join(self.collector.problems) or (
+                    f"every answer was more than max_staleness={self.window.max_staleness} versions behind "
+                    f"v{self.window.latest} or came from another publisher")
+                raise RunFailed(f"no usable rollout group for {STARVED_S:.0f} s; last problems: {why}")
+        return trl_batch(used, self.tokenizer)

@@ -1,0 +1,137 @@
+"""How far behind a rollout is, counted in versions this run published, from the version tag of its answer.
+
+A sample's *staleness* is the number of this run's versions published after the version that produced it
+(``X-Model-Version``), at the moment the update uses it, a version being published counting as one: the policy
+being updated already descends from that checkpoint. 0 = the newest version of the policy. A sample is used only
+when its staleness is at most ``max_staleness``; the others are dropped and counted. Answers from a version this
+run did not produce (someone else published meanwhile) are *foreign* and never used. Time plays no part: the tag
+says which weights wrote the answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class Freshness(StrEnum):
+    """What the bound says of one sample."""
+
+    FRESH = "fresh"  # at most max_staleness versions behind: used
+    STALE = "stale"  # further behind: dropped
+    FOREIGN = "foreign"  # not produced by this run: dropped
+
+
+class VersionSamples(BaseModel):
+    """What trained one published version: samples used (by staleness) and dropped; its MANIFEST carries it."""
+
+    used: int = 0
+    dropped_stale: int = 0
+    foreign: int = 0
+    errors: int = 0  # answers that failed (HTTP error, no replica)
+    mislabeled: int = 0  # header and body disagreed on the version
+    staleness: dict[str, int] = Field(default_factory=dict)  # "0", "1", ...: samples used at that staleness
+    versions: dict[str, int] = Field(default_factory=dict)  # samples used, by the version that produced them
+
+
+class VersionWindow:
+    """The versions this run's policy produced, oldest first, and the bound; safe to share between threads."""
+
+    def __init__(self, known: list[int], max_staleness: int) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be ≥ 0, not {max_staleness}")
+        self.max_staleness = max_staleness
+        self._known = list(dict.fromkeys(known))
+        self._publishing = 0  # checkpoints handed to a publish that has not committed yet
+        self._changed = threading.Condition()
+
+    @property
+    def latest(self) -> int:
+        with self._changed:
+            return self._known[-1]
+
+    @property
+    def known(self) -> list[int]:
+        with self._changed:
+            return list(self._known)
+
+    @property
+    def publishing(self) -> int:
+        with self._changed:
+            return self._publishing
+
+    def publishing_started(self) -> None:
+        """A checkpoint of the policy is being published: every older version is one further behind."""
+        with self._changed:
+            self._publishing += 1
+
+    def publishing_ended(self, version: int | None) -> None:
+        """The publish committed ``version`` (the newest from now on), or failed (None)."""
+        with self._changed:
+            self._publishing = max(0, self._publishing - 1)
+            if version is not None and version not in self._known:
+                self._known.append(version)
+            self._changed.notify_all()
+
+    def published(self, version: int) -> None:
+        """``version`` was committed from this run's policy."""
+        self.publishing_started()
+        self.publishing_ended(version)
+
+    def staleness(self, version: int | None) -> int | None:
+        """This run's versions published (or being published) since ``version``; None when not this run's."""
+        with self._changed:
+            if version is None or version not in self._known:
+                return None
+            return len(self._known) - 1 - self._known.index(version) + self._publishing
+
+    def judge(self, version: int | None) -> Freshness:
+        behind = self.staleness(version)
+        if behind is None:
+            return Freshness.FOREIGN
+        return Freshness.FRESH if behind <= self.max_staleness else Freshness.STALE
+
+
+class SampleBook:
+    """Counts since the last publish (for the next version's MANIFEST) and since the last step (for metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._version = VersionSamples()
+        self._step = VersionSamples()
+
+    def used(self, produced_by: int, staleness: int, n: int = 1) -> None:
+        with self._lock:
+            for book in (self._version, self._step):
+                book.used += n
+                book.staleness[str(staleness)] = book.staleness.get(str(staleness), 0) + n
+                book.versions[str(produced_by)] = book.versions.get(str(produced_by), 0) + n
+
+    def dropped(self, freshness: Freshness, n: int = 1) -> None:
+        with self._lock:
+            for book in (self._version, self._step):
+                if freshness is Freshness.STALE:
+                    book.dropped_stale += n
+                elif freshness is Freshness.FOREIGN:
+                    book.foreign += n
+
+    def failed(self, *, errors: int = 0, mislabeled: int = 0) -> None:
+        with self._lock:
+            for book in (self._version, self._step):
+                book.errors += errors
+                book.mislabeled += mislabeled
+
+    def take_step(self) -> VersionSamples:
+        """What the last update step used and dropped; starts a new count."""
+        with self._lock:
+            step, self._step = self._step, VersionSamples()
+            return step
+
+    def take_version(self) -> VersionSamples:
+        """What trained the version about to be published; starts a new count."""
+        with self._lock:
+            version, self._version = self._version, VersionSamples()
+            return version
+

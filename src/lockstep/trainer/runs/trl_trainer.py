@@ -1,0 +1,121 @@
+"""The ``finetune`` run's updates on TRL: a ``GRPOTrainer`` whose rollouts come from the fleet and whose saved
+checkpoints become versions, through TRL's own extension points (``rollout_func``, reward functions, callbacks).
+
+Lockstep sets what ties TRL to the run: batch = ``batch_size`` × ``group_size``, ``num_generations`` =
+``group_size``, the sampling temperature, float32 on the trainer's device, and a checkpoint every
+``publish_every`` steps. The run's parameters name TRL's loss and KL options, and ``trl_args`` passes the
+tuning options in ``TRL_TUNABLE`` through unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from lockstep.core.errors import BadRequest
+from lockstep.trainer.runs.context import RunContext
+from lockstep.trainer.runs.releases import Releases
+from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
+from lockstep.trainer.server.schemas import FinetuneParams
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_KEPT = 2  # transformers checkpoints per run: the newest is what a resume starts from
+# GRPOConfig options a run may set in params.trl_args, with the type each takes. Everything else is either set
+# by Lockstep (batch, generations, checkpoints, devices) or belongs to training infrastructure (vLLM, hubs,
+# distributed back-ends) that a run on the trainer does not choose.
+TRL_TUNABLE: dict[str, type | tuple[type, ...]] = {
+    "epsilon_high": float, "delta": float, "importance_sampling_level": str, "mask_truncated_completions": bool,
+    "top_entropy_quantile": float, "lr_scheduler_type": str, "warmup_steps": float, "adam_beta1": float,
+    "adam_beta2": float, "adam_epsilon": float, "entropy_coef": float, "off_policy_mask_threshold": float,
+    "use_bias_correction_kl": bool, "sapo_temperature_neg": float, "sapo_temperature_pos": float,
+}
+
+
+def check_trl_args(args: dict[str, Any]) -> None:
+    """Refuse unknown options and values of the wrong type (400 naming what is allowed)."""
+    for key, value in args.items():
+        wanted = TRL_TUNABLE.get(key)
+        if wanted is None:
+            raise BadRequest(f"params.trl_args.{key} is not a TRL option a run may set; allowed: "
+                             f"{', '.join(sorted(TRL_TUNABLE))} (the others are set by the run's own parameters)")
+        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
+            raise BadRequest(f"params.trl_args.{key} must be a {getattr(wanted, '__name__', wanted)}, "
+                             f"not {type(value).__name__}")
+        if isinstance(value, float) and (not math.isfinite(value) or abs(value) > 1e6):
+            raise BadRequest(f"params.trl_args.{key} must be a finite number within ±1e6")
+        if isinstance(value, str) and len(value) > 64:
+            raise BadRequest(f"params.trl_args.{key} is longer than 64 characters")
+
+
+def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
+    """TRL's ``GRPOConfig`` for the run; a bad ``trl_args`` value is a 400 with TRL's own message."""
+    from trl import GRPOConfig
+
+    check_trl_args(p.trl_args)
+    trl_args = {k: float(v) if TRL_TUNABLE[k] is float else v for k, v in p.trl_args.items()}
+    scale = {"grpo": p.scale_rewards, "reinforce": "none"}[p.algorithm]  # REINFORCE: the group mean, unscaled
+    try:
+        return GRPOConfig(
+            output_dir=str(output_dir), max_steps=p.steps, per_device_train_batch_size=p.batch_size * p.group_size,
+            num_generations=p.group_size, max_completion_length=p.max_new_tokens, temperature=p.temperature,
+            top_k=p.top_k, learning_rate=p.learning_rate, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
+            loss_type=p.loss_type, beta=p.beta, epsilon=p.epsilon, scale_rewards=scale,
+            num_iterations=p.num_iterations, lr_scheduler_type=trl_args.pop("lr_scheduler_type", "constant"),
+            save_strategy="steps", save_steps=p.publish_every, save_total_limit=CHECKPOINTS_KEPT,
+            logging_steps=1, report_to=[], disable_tqdm=True, seed=p.seed, data_seed=p.seed,
+            use_cpu=not _cuda(), bf16=False, fp16=False, gradient_checkpointing=False,
+            dataloader_num_workers=0, shuffle_dataset=False, **trl_args)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"TRL refuses the run's options: {exc}") from exc
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available()) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
+def run_callback(ctx: RunContext, p: FinetuneParams, window: VersionWindow, book: SampleBook,
+                 releases: Releases) -> Any:
+    """The ``TrainerCallback`` that ties TRL's loop to the run: metrics, stop, and a release per checkpoint."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class RunCallback(TrainerCallback):  # type: ignore[misc]
+        """Step metrics with the version tags of the samples, stop on request, publish every checkpoint."""
+
+        last: dict[str, Any] = {}
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **_: Any) -> None:
+            if not logs or "loss" not in logs:
+                return
+            used = book.take_step()
+            self.last = {"loss": round(float(logs["loss"]), 6), "reward": round(float(logs.get("reward", 0)), 6)}
+            ctx.metric({"type": "step", "step": state.global_step, **self.last, "version": window.latest,
+                        "publishing": window.publishing, "samples": used.used, "stale": used.dropped_stale,
+                        "foreign": used.foreign, "errors": used.errors, "mislabeled": used.mislabeled,
+                        "staleness": used.staleness, "sample_versions": used.versions,
+                        **{k.replace("/", "_"): v for k, v in logs.items()
+                           if k in ("reward_std", "grad_norm", "entropy", "kl", "clip_ratio/region_mean",
+                                    "completions/mean_length", "step_time")}})
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            ctx.progress(state.global_step, p.steps, f"step {state.global_step}/{p.steps} "
+                         f"(fleet on v{window.latest})")
+            if ctx.stopping():
+                control.should_training_stop = True
+            elif state.global_step >= p.steps:
+                control.should_save = True  # the last step is always published
+
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            releases.release(checkpoint, state.global_step, dict(self.last))
+
+    return RunCallback()

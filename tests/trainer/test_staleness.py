@@ -1,0 +1,120 @@
+"""The staleness bound: which answers an update may use, judged from their version tags alone."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lockstep.core.errors import BadRequest
+from lockstep.trainer.runs.fleet_rollouts import AsyncRollouts, Collector, Group, Sampling, TaskReward, judge
+from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
+from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
+from lockstep.trainer.runs.tasks import digits_reward, get_task
+from lockstep.trainer.runs.trl_trainer import check_trl_args, grpo_config
+from lockstep.trainer.server.schemas import FinetuneParams
+
+
+def group(version: int | None, *, size: int = 2, prompt: str = "Numbers for a b c:") -> Group:
+    request = GenRequest(prompt, 4, 1.0)
+    return Group(prompt, tuple(Rollout(request, "http://r", text="12", version=version, body_version=version,
+                                       token_ids=[5, 6]) for _ in range(size)))
+
+
+def test_staleness_counts_this_runs_versions_published_since_the_producer() -> None:
+    window = VersionWindow([3], max_staleness=1)
+    for v in (5, 9):  # someone else published 4, 6, 7, 8
+        window.published(v)
+    assert [window.staleness(v) for v in (9, 5, 3)] == [0, 1, 2]
+    assert window.staleness(4) is None and window.staleness(None) is None
+    assert [window.judge(v) for v in (9, 5, 3, 4)] == [Freshness.FRESH, Freshness.FRESH, Freshness.STALE,
+                                                       Freshness.FOREIGN]
+    window.publishing_started()  # the policy's next checkpoint: every version is one further behind
+    assert [window.staleness(v) for v in (9, 5)] == [1, 2] and window.judge(5) is Freshness.STALE
+    window.publishing_ended(None)  # it failed: nothing changed
+    assert window.staleness(9) == 0
+    with pytest.raises(ValueError):
+        VersionWindow([1], max_staleness=-1)
+
+
+def test_a_group_is_used_whole_or_dropped_whole_and_counted() -> None:
+    window, book = VersionWindow([1, 2, 3], max_staleness=1), SampleBook()
+    assert judge(group(3), window, book) and judge(group(2), window, book)
+    mixed = Group("p", group(3).rollouts + group(1).rollouts)
+    assert not judge(mixed, window, book)  # one member too old: the whole group goes
+    assert not judge(group(7), window, book)  # another publisher's version
+    step = book.take_step()
+    assert step.used == 4 and step.staleness == {"0": 2, "1": 2} and step.versions == {"3": 2, "2": 2}
+    assert step.dropped_stale == 4 and step.foreign == 2
+    assert book.take_step().used == 0  # a new count per step
+    assert book.take_version().used == 4  # and per version, independently
+
+
+@settings(max_examples=200, deadline=None)
+@given(bound=st.integers(0, 3), events=st.lists(st.one_of(st.just("publish"), st.integers(0, 12)), max_size=40))
+def test_no_used_sample_is_ever_further_behind_than_the_bound(bound: int, events: list[str | int]) -> None:
+    window, book = VersionWindow([0], max_staleness=bound), SampleBook()
+    next_version = 1
+    for event in events:
+        if event == "publish":  # commits the publish in flight, or one that starts and commits now
+            if not window.publishing:
+                window.publishing_started()
+            window.publishing_ended(next_version)
+            next_version += 1
+            continue
+        if event == 12:  # a publish starts; it commits at the next "publish"
+            if not window.publishing:
+                window.publishing_started()
+            continue
+        assert isinstance(event, int)
+        if judge(group(event), window, book):
+            known = window.known
+            assert event in known and len(known) - 1 - known.index(event) + window.publishing <= bound
+    counted = book.take_version()
+    assert all(int(k) <= bound for k in counted.staleness)
+
+
+def test_async_rollouts_hand_trl_only_fresh_groups_with_their_tags() -> None:
+    client = RolloutClient(lambda: [])
+    try:
+        window, book = VersionWindow([1, 2, 3], max_staleness=1), SampleBook()
+        collector = Collector(client, Sampling(2, 4, 1.0, 0, 0), get_task("digits"), 2, book, capacity=8)
+        for version in (1, 2, 1, 3, 9):  # waiting in the queue, oldest first
+            collector.groups.put(group(version))
+        rollouts = AsyncRollouts(collector, 2, window, book, _Tokenizer(), check_stop=lambda: None)
+        batch = rollouts(["p", "p", "q", "q"], trainer=None)
+        assert batch["lockstep_version"] == [2, 2, 3, 3]
+        assert batch["completion_ids"] == [[5, 6]] * 4 and batch["logprobs"] is None
+        assert book.take_step().dropped_stale == 4  # both v1 groups (two answers each) were too old
+    finally:
+        client.close()
+
+
+def test_the_reward_scores_the_text_the_replica_wrote_for_the_prompt_it_was_asked() -> None:
+    reward = TaskReward(digits_reward, "builtin:digits")
+    assert reward(["dataset prompt"], ["decoded"], lockstep_prompt=["asked"], lockstep_text=["1234"]) == [1.0]
+    assert reward(["p"], ["ab12"]) == [0.5]
+
+
+def test_trl_options_are_checked_before_a_run_exists(tmp_path: object) -> None:
+    check_trl_args({"epsilon_high": 0.28, "warmup_steps": 2, "mask_truncated_completions": True})
+    for bad, message in [({"use_vllm": True}, "not a TRL option"), ({"epsilon_high": "wide"}, "must be a float"),
+                         ({"mask_truncated_completions": 1}, "must be a bool"),
+                         ({"delta": float("inf")}, "finite")]:
+        with pytest.raises(BadRequest, match=message):
+            check_trl_args(bad)
+    with pytest.raises(BadRequest, match="TRL refuses"):
+        grpo_config(FinetuneParams(trl_args={"lr_scheduler_type": "sideways"}), tmp_path)  # type: ignore[arg-type]
+    config = grpo_config(FinetuneParams.model_validate({"async": True, "max_staleness": 2, "beta": 0.04,
+                                                        "loss_type": "dr_grpo"}), tmp_path)  # type: ignore[arg-type]
+    assert (config.beta, config.loss_type, config.num_generations, config.save_steps) == (0.04, "dr_grpo", 4, 3)
+    assert config.per_device_train_batch_size == 32 and config.temperature == 1.0
+
+
+class _Tokenizer:
+    """Encodes one id per character, as far as the batch builder needs."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
