@@ -1,5 +1,5 @@
-"""Real fine-tuning against two real replicas: versions published, reward up, every replica on each
-version."""
+"""Real fine-tuning (TRL's GRPO) against two real replicas: versions published, reward up, every replica on each
+version, and the staleness bound checked against the version tags the run recorded."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.trainer.conftest import wait_run
 pytestmark = pytest.mark.e2e
 
 # From the random built-in model (published first, whatever the cluster served before): seed 0 measured
-# 0.02 → 0.55 → 0.55 → 1.0 held-out reward over these three versions (docs/training.md).
+# 0.02 → 0.03 → 1.0 → 1.0 held-out reward over these three versions (docs/training.md).
 PARAMS: dict[str, Any] = {"model": "builtin:tiny", "steps": 9, "publish_every": 3, "batch_size": 8,
                           "group_size": 4, "learning_rate": 3e-3, "max_new_tokens": 16, "eval_prompts": 16,
                           "seed": 0}
@@ -74,12 +74,71 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     assert answers[start] != answers[versions[-1]]
     steps = [m["step"] for m in run["metrics"]]
     assert steps == list(range(1, PARAMS["steps"] + 1))
-    assert all(m["stale"] == 0 and m["mislabeled"] == 0 for m in run["metrics"])
+    assert all(m["stale"] == 0 and m["mislabeled"] == 0 and m["errors"] == 0 for m in run["metrics"])
+
+    # Synchronous: every version was trained only on answers of the version before it, all of them used.
+    per_step = PARAMS["batch_size"] * PARAMS["group_size"]
+    for parent, version in zip([start, *versions], versions, strict=False):
+        samples = run["version_samples"][str(version)]
+        assert samples["used"] == PARAMS["publish_every"] * per_step and samples["versions"] == {
+            str(parent): samples["used"]} and samples["staleness"] == {"0": samples["used"]}
+        assert manifests[version]["metadata"]["samples"] == samples  # the MANIFEST says what trained it
+    assert_within_bound(run, bound=0)
 
     for proc in cluster.replicas:
         answer = proc.post("/generate", json={"prompt": "Numbers for lamp:", "max_new_tokens": 4,
                                               "temperature": 0})
         assert answer.headers["X-Model-Version"] == str(versions[-1])
+
+
+def assert_within_bound(run: dict[str, Any], bound: int) -> None:
+    """No step used an answer whose version tag was more than ``bound`` of the run's versions behind the newest
+    (a publish in flight counting as one), recomputed from the run's own record alone."""
+    lineage = [run["start_version"], *run["versions"]]
+    for point in run["metrics"]:
+        newest = lineage.index(point["version"])
+        for producer, n in point["sample_versions"].items():
+            behind = newest - lineage.index(int(producer)) + point["publishing"]
+            assert 0 <= behind <= bound, (point["step"], producer, n, behind)
+        assert sum(point["sample_versions"].values()) == point["samples"] == PARAMS["batch_size"] * PARAMS[
+            "group_size"]
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluster: LocalCluster, trainer: Proc,
+                                                                          bound: int) -> None:
+    params = {**PARAMS, "async": True, "max_staleness": bound}
+    created = trainer.post("/runs", json={"kind": "finetune", "params": params})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    assert run["params"]["async"] is True and len(run["versions"]) == 3
+    assert_within_bound(run, bound)
+    assert all(m["errors"] == 0 and m["mislabeled"] == 0 for m in run["metrics"])
+    # What trained each version adds up to the steps before it, and the record keeps what was dropped.
+    used = sum(s["used"] for s in run["version_samples"].values())
+    assert used == sum(m["samples"] for m in run["metrics"]) == PARAMS["steps"] * PARAMS["batch_size"] * PARAMS[
+        "group_size"]
+    assert run["summary"]["samples_dropped_stale"] == sum(s["dropped_stale"] for s in run["version_samples"].values())
+    if bound == 0:
+        # On-policy: after each checkpoint the run waited for answers of the version it became.
+        assert all(set(m["staleness"]) == {"0"} for m in run["metrics"])
+        assert run["summary"]["samples_dropped_stale"] > 0
+    for proc in cluster.replicas:
+        assert proc.status()["serving_version"] == run["versions"][-1]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_staleness": -1}, "max_staleness"), ({"max_staleness": 65}, "max_staleness"),
+    ({"async": "yes"}, "async"), ({"trl_args": {"use_vllm": True}}, "not a TRL option"),
+    ({"trl_args": {"epsilon_high": "wide"}}, "must be a float"), ({"loss_type": "ppo"}, "loss_type"),
+    ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses")])
+def test_bad_training_options_are_refused_before_a_run_exists(trainer: Proc, params: dict[str, Any],
+                                                              message: str) -> None:
+    before = len(trainer.get("/runs").json()["runs"])
+    refused = trainer.post("/runs", json={"kind": "finetune", "params": params})
+    assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+    assert len(trainer.get("/runs").json()["runs"]) == before
 
 
 def test_a_reward_plug_in_that_fails_during_the_run_fails_it_and_the_cluster_keeps_serving(

@@ -251,6 +251,8 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
     page.fill("#param-batch_size", "2")
     page.fill("#param-group_size", "2")
     page.fill("#param-max_new_tokens", "8")
+    page.check("#param-async")
+    page.fill("#param-max_staleness", "1")
     page.click("#run-start")
     expect(page.locator("#run-title")).to_contain_text("Run ", timeout=WAIT_MS)
     curve = page.locator('#reward-chart path.series[data-series="reward"]')
@@ -262,7 +264,46 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
     expect(page.locator("#run-title .outcome")).to_have_text("succeeded", timeout=WAIT_MS * 2)
     expect(page.locator("#run-stop")).to_be_hidden()
     assert int(curve.get_attribute("data-points") or 0) == 6, "one reward point per step"
+    run_id = page.locator("#runs-list button[aria-pressed=true]").get_attribute("data-run")
+    run = system.trainer.get(f"/runs/{run_id}").json()
+    assert run["params"]["async"] is True and run["params"]["max_staleness"] == 1, "the form sent both"
+    check_samples_per_version(page, run)
+    check_curves_follow_the_version_tags(page, run)
     screenshot(page, "runs", tmp_path)
+
+
+def check_samples_per_version(page: Page, run: dict[str, Any]) -> None:
+    """One row per version the run published, newest first, with the trainer's count of samples used."""
+    box = page.locator("#version-samples-box")
+    expect(box.locator("#version-samples-mode")).to_contain_text("asynchronous, max staleness 1")
+    by_version = run["version_samples"]
+    assert by_version and set(by_version) == {str(v) for v in run["versions"]}, by_version
+    rows = box.locator("tbody tr")
+    expect(rows).to_have_count(len(by_version))
+    newest_first = sorted(by_version, key=int, reverse=True)
+    assert [rows.nth(i).get_attribute("data-version") for i in range(len(by_version))] == newest_first
+    for version, samples in by_version.items():
+        row = box.locator(f'tbody tr[data-version="{version}"]')
+        expect(row.locator('[data-col="version"]')).to_have_text(f"v{version}")
+        expect(row.locator('[data-col="used"]')).to_have_text(str(samples["used"]))
+        expect(row.locator('[data-col="stale"]')).to_have_text(str(samples["dropped_stale"]))
+        # The histogram's segments (a title each) add up to the samples used.
+        titles = row.locator(".stale-seg").evaluate_all("segs => segs.map((s) => s.title)")
+        assert sum(int(t.split(" of ")[0]) for t in titles) == samples["used"], titles
+    used = sum(s["used"] for s in by_version.values())
+    expect(box.locator("#version-samples-mode")).to_contain_text(f"{used} samples used")
+
+
+def check_curves_follow_the_version_tags(page: Page, run: dict[str, Any]) -> None:
+    """The last reward point is drawn as the version that wrote most of its samples, not the step's newest."""
+    last = run["metrics"][-1]
+    writers = {int(v): n for v, n in last["sample_versions"].items() if n > 0}
+    dominant = max(writers, key=lambda v: (writers[v], v))
+    dots = page.locator('#reward-chart path.series[data-series="reward"] + g.dots circle title')
+    title = dots.last.text_content() or ""
+    assert f"(v{dominant}); samples written by " in title, title
+    for version, n in writers.items():
+        assert f"v{version}: {n}" in title, title
 
 
 def test_rollback_to_a_chosen_version_from_the_page(page: Page, system: System, tmp_path: Path) -> None:

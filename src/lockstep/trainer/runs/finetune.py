@@ -173,7 +173,7 @@ class _FinetuneRun:
         rollout_func: Any
         if p.async_mode:
             self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book,
-                                       capacity=p.publish_every * p.batch_size)  # one generation
+                                       capacity=p.batch_size)  # one step ahead
             self.collector.start()
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,
                                          check_stop=ctx.check_stop)

@@ -183,7 +183,7 @@ class SyncRollouts:
 
 
 class Collector:
-    """A thread that keeps asking the fleet for groups while updates run; the newest ``capacity`` wait unused."""
+    """A thread that keeps asking the fleet for groups while updates run; at most ``capacity`` wait unused."""
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
                  book: SampleBook, *, capacity: int) -> None:
@@ -191,7 +191,6 @@ class Collector:
         self.batch_size = batch_size
         self.groups: queue.Queue[Group] = queue.Queue(maxsize=capacity)
         self.problems: list[str] = []
-        self.dropped_full = 0  # answers that waited in a full queue until newer ones replaced them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-collector", daemon=True)
 
@@ -217,20 +216,12 @@ class Collector:
             if not groups:
                 self._stop.wait(1.0)  # nothing answered: give the replicas a moment
             for g in sorted(groups):
-                self._put(groups[g])
-
-    def _put(self, group: Group) -> None:
-        """Queue ``group``; when full, the oldest waiting group gives way (the newest answers are the freshest)."""
-        while True:
-            try:
-                self.groups.put_nowait(group)
-                return
-            except queue.Full:
-                try:
-                    self.groups.get_nowait()
-                    self.dropped_full += len(group.rollouts)
-                except queue.Empty:
-                    pass
+                while not self._stop.is_set():
+                    try:  # a full queue holds the collector back: generating further ahead only makes staler answers
+                        self.groups.put(groups[g], timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
 
     def take(self, timeout_s: float) -> Group | None:
         try:

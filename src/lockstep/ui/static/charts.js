@@ -28,7 +28,8 @@ export function scale(d0, d1, r0, r1) {
 
 /**
  * Draw a line chart into `el`.
- * opts: {series: [{name, color, points: [{x, y}]}], marks: [{x, version}], width, height, xLabel, label, empty}
+ * opts: {series: [{name, color, points: [{x, y, version?, detail?}]}], marks: [{x, version}], width, height, xLabel, label,
+ * empty}; a point's `detail` (text) is added to its tooltip.
  */
 export function lineChart(el, opts) {
   const W = opts.width || 560, H = opts.height || 230;
@@ -90,7 +91,7 @@ export function lineChart(el, opts) {
     sr.points.forEach((p, i) => {
       if (!few && i !== sr.points.length - 1) return;
       const dot = s("circle", {cx: X(p.x), cy: Y(p.y), r: i === sr.points.length - 1 ? 3.6 : 2.4, fill: sr.color});
-      dot.append(s("title", {}, `${sr.name}: ${fmtNum(p.y, 4)} at ${opts.xLabel || "x"} ${fmtNum(p.x)}${p.version !== undefined && p.version !== null ? ` (v${p.version})` : ""}`));
+      dot.append(s("title", {}, `${sr.name}: ${fmtNum(p.y, 4)} at ${opts.xLabel || "x"} ${fmtNum(p.x)}${p.version !== undefined && p.version !== null ? ` (v${p.version})` : ""}${p.detail ? `; ${p.detail}` : ""}`));
       dots.append(dot);
     });
     svg.append(dots);

@@ -10,7 +10,7 @@ export const PARAMS = {
   finetune: [
     {name: "task", label: "Task", type: "choice", options: ["digits", "target_word"], value: "digits",
       help: "what the reward scores"},
-    {name: "algorithm", label: "Algorithm", type: "choice", options: ["grpo", "reinforce", "sft_best"], value: "grpo"},
+    {name: "algorithm", label: "Algorithm", type: "choice", options: ["grpo", "reinforce"], value: "grpo"},
     {name: "steps", label: "Steps", type: "int", min: 1, max: 100000, value: 30, help: "optimizer steps in all"},
     {name: "publish_every", label: "Publish every (steps)", type: "int", min: 1, max: 100000, value: 3,
       help: "a new version every N steps"},
@@ -18,6 +18,10 @@ export const PARAMS = {
     {name: "group_size", label: "Samples per prompt", type: "int", min: 2, max: 64, value: 4},
     {name: "learning_rate", label: "Learning rate", type: "float", min: 1e-9, max: 1, value: 0.003},
     {name: "max_new_tokens", label: "Max new tokens", type: "int", min: 1, max: 1024, value: 16},
+    {name: "async", label: "Asynchronous rollouts", type: "bool", value: false,
+      help: "the fleet keeps answering while the model trains"},
+    {name: "max_staleness", label: "Max staleness (versions)", type: "int", min: 0, max: 64, value: 0,
+      help: "how far behind the newest version a sample's writer may be; 0: on-policy"},
   ],
   simulation: [
     {name: "rounds", label: "Swap rounds", type: "int", min: 1, max: 1000, value: 4,
@@ -162,16 +166,121 @@ async function refreshDetail() {
   if (detail && ACTIVE.has(detail.status)) detailTimer = setTimeout(refreshDetail, 1000);
 }
 
+/**
+ * A mark where the curve's points first come from a version newer than every one before. Only forward: an
+ * asynchronous run's points can go v3, v2, v3 as older answers are used up, and that is no new version.
+ */
 function versionMarks(points) {
   const marks = [];
-  let last;
+  let newest = null;
   for (const p of points) {
-    if (p.version !== undefined && p.version !== null && p.version !== last) {
-      if (last !== undefined) marks.push({x: p.step, version: p.version});
-      last = p.version;
-    }
+    if (typeof p.version !== "number") continue;
+    if (newest !== null && p.version > newest) marks.push({x: p.x, version: p.version});
+    if (newest === null || p.version > newest) newest = p.version;
   }
   return marks;
+}
+
+/** A count from the trainer's JSON, or null when it is missing or not a number. */
+function count(x) { return typeof x === "number" && Number.isFinite(x) ? x : null; }
+
+/** {"0": 96, "1": 32} as [[0, 96], [1, 32]], by key; keys that are not whole numbers and bad counts are skipped. */
+function tally(obj) {
+  if (!obj || typeof obj !== "object" || Array.isArray(obj)) return [];
+  return Object.entries(obj)
+    .filter(([key, n]) => /^\d+$/.test(key) && count(n) !== null)
+    .map(([key, n]) => [Number(key), n])
+    .sort((a, b) => a[0] - b[0]);
+}
+
+const total = (pairs) => pairs.reduce((sum, [, n]) => sum + n, 0);
+
+/** The version that wrote most of a step's samples (their version tags), the newer one on a tie; null if none. */
+export function producerVersion(point) {
+  let best = null;
+  for (const [version, n] of tally(point.sample_versions)) if (n > 0 && (!best || n >= best[1])) best = [version, n];
+  return best ? best[0] : null;
+}
+
+/** The version a training point is drawn as: who wrote its samples (points from before the tags: the step's). */
+function trainedBy(point) {
+  return point.sample_versions === undefined ? point.version : producerVersion(point);
+}
+
+/** A training point's tooltip addition: every version that wrote its samples, and the run's newest then. */
+function producersText(point) {
+  const writers = tally(point.sample_versions).reverse().filter(([, n]) => n > 0).map(([v, n]) => `v${v}: ${n}`);
+  if (!writers.length) return "";
+  const newest = typeof point.version === "number" ? ` (newest v${point.version})` : "";
+  return `samples written by ${writers.join(" · ")}${newest}`;
+}
+
+const MAX_VERSION_ROWS = 20;
+
+/** The run's version_samples as rows, newest version first; entries that are not objects are skipped. */
+function versionSampleRows(byVersion) {
+  if (!byVersion || typeof byVersion !== "object" || Array.isArray(byVersion)) return [];
+  return Object.entries(byVersion)
+    .filter(([key, vs]) => /^\d+$/.test(key) && vs && typeof vs === "object")
+    .map(([key, vs]) => ({version: Number(key), used: count(vs.used), stale: count(vs.dropped_stale),
+      foreign: count(vs.foreign), failed: count(vs.errors), mislabeled: count(vs.mislabeled),
+      staleness: tally(vs.staleness)}))
+    .sort((a, b) => b.version - a.version);
+}
+
+/** Samples used by staleness: a stacked bar (a title per segment) and the same numbers as text. */
+function stalenessHistogram(pairs) {
+  const used = pairs.filter(([, n]) => n > 0);
+  if (!used.length) return "–";
+  const all = total(used);
+  const bar = h("span", {class: "stale-bar"}, used.map(([behind, n]) => {
+    const seg = h("span", {class: `stale-seg st${Math.min(behind, 3)}`,
+      title: `${n} of ${all} samples written ${behind} version${behind === 1 ? "" : "s"} behind the newest`});
+    seg.style.flexGrow = String(n);
+    return seg;
+  }));
+  return h("span", {class: "stale-hist"}, bar,
+    h("span", {class: "stale-text"}, used.map(([behind, n]) => `${behind}: ${n}`).join(" · ")));
+}
+
+const dash = (n) => (n === null ? "–" : String(n));
+
+const VERSION_SAMPLE_COLUMNS = [
+  ["used", "used", (r) => dash(r.used)],
+  ["staleness", "used by staleness", (r) => stalenessHistogram(r.staleness)],
+  ["stale", "dropped as stale", (r) => dash(r.stale)],
+  ["foreign", "foreign", (r) => dash(r.foreign)],
+  ["failed", "errors + mislabeled", (r) => (r.failed === null && r.mislabeled === null ? "–"
+    : String((r.failed ?? 0) + (r.mislabeled ?? 0)))],
+];
+
+/** "asynchronous, max staleness 2" from the run's parameters, as the trainer defaults them when unset. */
+function runMode(params) {
+  const p = params && typeof params === "object" ? params : {};
+  const k = Number.isInteger(p.max_staleness) ? p.max_staleness : 0;
+  if (p.async === true) return `asynchronous, max staleness ${k}`;
+  return k > 0 ? `synchronous, max staleness ${k}` : "synchronous";
+}
+
+/** What trained each version a fine-tune published: samples used by staleness, and those dropped. */
+function renderVersionSamples(run) {
+  const box = $("#version-samples-box");
+  box.hidden = !run || run.kind !== "finetune";
+  if (box.hidden) return;
+  const rows = versionSampleRows(run.version_samples);
+  const used = rows.reduce((sum, r) => sum + (r.used ?? 0), 0);
+  const dropped = rows.reduce((sum, r) => sum + (r.stale ?? 0), 0);
+  const shown = rows.slice(0, MAX_VERSION_ROWS);
+  fill($("#version-samples-mode"), h("b", {}, runMode(run.params)),
+    ` · ${used} sample${used === 1 ? "" : "s"} used · ${dropped} dropped as stale`,
+    rows.length > shown.length ? ` · newest ${shown.length} of ${rows.length} versions shown` : "");
+  $("#version-samples-empty").hidden = rows.length > 0;
+  $("#version-samples-table").hidden = !rows.length;
+  fill($("#version-samples-table thead"), h("tr", {}, h("th", {scope: "col"}, "version"),
+    VERSION_SAMPLE_COLUMNS.map(([key, label]) => h("th", {scope: "col", "data-col": key}, label))));
+  fill($("#version-samples-table tbody"), shown.map((r) => h("tr", {"data-version": r.version},
+    h("th", {scope: "row", "data-col": "version"}, vchip(r.version, "small")),
+    VERSION_SAMPLE_COLUMNS.map(([key, , cell]) => h("td", {"data-col": key}, cell(r))))));
 }
 
 const ROUND_COLUMNS = [
@@ -230,6 +339,7 @@ function renderDetail() {
   if (!run) {
     $("#run-title").textContent = "No run selected";
     stop.hidden = resume.hidden = true;
+    renderVersionSamples(null);
     for (const el of ["#loss-chart", "#reward-chart"]) lineChart($(el), {series: [], empty: "start a run to see its curves"});
     return;
   }
@@ -260,7 +370,6 @@ function renderDetail() {
   err.hidden = !run.error;
   err.textContent = run.error ? `This run failed: ${run.error}` : "";
 
-  const marks = versionMarks(points);
   if (run.kind === "simulation") {
     // A simulation has no loss: its pictures are how long each switch took and how far apart replicas flipped.
     const rounds = listOf(run.rounds, "rounds");
@@ -270,13 +379,20 @@ function renderDetail() {
     chart("#reward-chart", "#right-caption", "#right-last", "Flip skew (ms)", "skew", "#d2a8ff",
       rounds.map((r) => ({x: r.round, y: typeof r.skew_s === "number" ? r.skew_s * 1000 : null, version: r.version})), rmarks, "round", id);
   } else {
+    // A step's loss and reward come from the samples it trained on: they belong to the versions that wrote
+    // those samples (the answers' version tags), which in an asynchronous run can be versions behind the newest.
+    // The held-out reward stays with the version it evaluated.
+    const trained = points.map((p) => ({x: p.step, version: trainedBy(p), detail: producersText(p)}));
+    const marks = versionMarks(trained);
     chart("#loss-chart", "#left-caption", "#left-last", "Loss", "loss", "#f0883e",
-      points.map((p) => ({x: p.step, y: p.loss, version: p.version})), marks, "step", id);
-    const evals = listOf(run.evals, "evals").map((e) => ({x: e.step, y: e.reward, version: e.version}));
+      trained.map((t, i) => ({...t, y: points[i].loss})), marks, "step", id);
+    const evals = listOf(run.evals, "evals").filter((e) => e && typeof e === "object")
+      .map((e) => ({x: e.step, y: e.reward, version: e.version}));
     chart("#reward-chart", "#right-caption", "#right-last", "Reward", "reward", "#3fb950",
-      points.map((p) => ({x: p.step, y: p.reward, version: p.version})), marks, "step", id,
+      trained.map((t, i) => ({...t, y: points[i].reward})), marks, "step", id,
       evals.length ? {name: "held-out", color: "#e3b341", points: evals} : null);
   }
+  renderVersionSamples(run);
   renderRounds(listOf(run.rounds, "rounds"));
   renderSamples(listOf(run.samples, "samples"));
 }
