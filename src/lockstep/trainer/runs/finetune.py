@@ -31,6 +31,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
 from lockstep.trainer.runs.releases import Evaluator, Releases, model_files
 from lockstep.trainer.runs.rewards import RewardError, load_reward, score
 from lockstep.trainer.runs.rollouts import RolloutClient
+from lockstep.trainer.runs.sft import train_sft
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import RewardFn, get_task
 from lockstep.trainer.runs.trl_trainer import grpo_config, run_callback
@@ -71,6 +72,8 @@ class FinetuneKind:
         if params.eval_prompts and params.samples_per_version > params.eval_prompts:
             raise BadRequest(f"samples_per_version ({params.samples_per_version}) cannot exceed eval_prompts "
                              f"({params.eval_prompts})")
+        if params.algorithm == "sft_best" and params.async_mode:
+            raise BadRequest("algorithm sft_best is synchronous: set async to false, or use grpo or reinforce")
         grpo_config(params, settings.trainer_data_dir or settings.shared_dir)  # TRL's own checks, nothing made
 
     def execute(self, ctx: RunContext, params: FinetuneParams) -> None:
@@ -166,10 +169,27 @@ class _FinetuneRun:
                             background=p.async_mode)
         if resume_from is None:
             evaluator.evaluate(window.latest, 0, converged=releases.converge(window.latest))
+        elif self._served_model()[0] != window.latest:
+            # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
+            # with this run's policy again (another publisher's answers are never used).
+            assert ctx.record.checkpoint is not None
+            releases.release(ctx.files.folder / ctx.record.checkpoint.path, ctx.record.checkpoint.step,
+                             {"note": "resumed checkpoint"})
+            releases.wait_published()
         loaded = loader.load(loader.resolve(ref, ctx.settings, ctx.coordinator.store), ctx.settings,
                              dtype=torch.float32)  # float32 training, whatever the replicas serve
         tokenizer = loaded.tokenizer
         sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
+        if p.algorithm == "sft_best":
+            train_sft(ctx, p, loaded.model, tokenizer, task=self.task, reward=self.reward,
+                      reward_name=self.reward_name,
+                      rollouts=SyncRollouts(self.client, sampling, window, self.book, tokenizer,
+                                            check_stop=ctx.check_stop, sleep=ctx.clock.sleep),
+                      window=window, book=self.book, releases=releases,
+                      start_step=ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0,
+                      resume_from=resume_from)
+            self._finish(evaluator)
+            return
         rollout_func: Any
         if p.async_mode:
             self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book,
@@ -196,6 +216,10 @@ class _FinetuneRun:
         ctx.check_stop()  # a stop ends TRL's loop early; the run is stopped, not succeeded
         if trainer.state.global_step < p.steps:
             raise RunStopped(f"run {ctx.run_id} ended at step {trainer.state.global_step} of {p.steps}")
+        self._finish(evaluator)
+
+    def _finish(self, evaluator: Evaluator) -> None:
+        ctx, p = self.ctx, self.p
         ctx.progress(p.steps, p.steps, f"done: {len(ctx.record.versions)} versions published")
         ctx.record.summary = {"eval_reward_first": evaluator.first, "eval_reward_last": evaluator.last,
                               "versions": list(ctx.record.versions), "steps": p.steps, "reward": self.reward_name,

@@ -161,8 +161,11 @@ class SyncRollouts:
         self.sleep = sleep
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
-        step = int(trainer.state.global_step) + 1
         asked = unique_prompts(prompts, self.sampling.group_size)
+        return trl_batch(self.groups(asked, int(trainer.state.global_step) + 1), self.tokenizer)
+
+    def groups(self, asked: list[str], step: int) -> list[Group]:
+        """A whole, fresh group for each prompt of ``asked``, in order."""
         done: dict[int, Group] = {}
         problems: list[str] = []
         for attempt in range(COLLECT_TRIES):
@@ -173,7 +176,7 @@ class SyncRollouts:
             problems += trouble
             done.update({g: group for g, group in groups.items() if judge(group, self.window, self.book)})
             if len(done) == len(asked):
-                return trl_batch([done[g] for g in range(len(asked))], self.tokenizer)
+                return [done[g] for g in range(len(asked))]
             log.warning("step %d: %d of %d groups usable (try %d)", step, len(done), len(asked), attempt + 1)
             self.sleep(1.0)
         why = "; ".join(problems[-3:]) or ("answers came from a version this run did not produce or that is "

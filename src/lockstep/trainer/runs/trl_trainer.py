@@ -59,7 +59,7 @@ def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
 
     check_trl_args(p.trl_args)
     trl_args = {k: float(v) if TRL_TUNABLE[k] is float else v for k, v in p.trl_args.items()}
-    scale = {"grpo": p.scale_rewards, "reinforce": "none"}[p.algorithm]  # REINFORCE: the group mean, unscaled
+    scale = "none" if p.algorithm == "reinforce" else p.scale_rewards  # REINFORCE: the group mean, unscaled
     try:
         return GRPOConfig(
             output_dir=str(output_dir), max_steps=p.steps, per_device_train_batch_size=p.batch_size * p.group_size,

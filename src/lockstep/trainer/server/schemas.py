@@ -133,8 +133,9 @@ class FinetuneParams(_Strict):
     learning_rate: Number = Field(3e-3, gt=0, le=1)
     weight_decay: Number = Field(0.0, ge=0, le=1)
     max_grad_norm: Number = Field(1.0, gt=0, le=1e6)
-    # grpo: TRL's GRPO (loss_type, scale_rewards); reinforce: the same with the group mean as the only baseline.
-    algorithm: Literal["grpo", "reinforce"] = "grpo"
+    # grpo: TRL's GRPO (loss_type, scale_rewards); reinforce: the same with the group mean as the only baseline;
+    # sft_best: TRL's SFT on the best answer of each group (synchronous only).
+    algorithm: Literal["grpo", "reinforce", "sft_best"] = "grpo"
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"  # TRL's loss formulation
     beta: Number = Field(0.0, ge=0, le=10)  # KL coefficient against the start model (0: no reference model)
     epsilon: Number = Field(0.2, gt=0, le=10)  # clipping range of the importance ratio

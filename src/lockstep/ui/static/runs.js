@@ -10,7 +10,7 @@ export const PARAMS = {
   finetune: [
     {name: "task", label: "Task", type: "choice", options: ["digits", "target_word"], value: "digits",
       help: "what the reward scores"},
-    {name: "algorithm", label: "Algorithm", type: "choice", options: ["grpo", "reinforce"], value: "grpo"},
+    {name: "algorithm", label: "Algorithm", type: "choice", options: ["grpo", "reinforce", "sft_best"], value: "grpo"},
     {name: "steps", label: "Steps", type: "int", min: 1, max: 100000, value: 30, help: "optimizer steps in all"},
     {name: "publish_every", label: "Publish every (steps)", type: "int", min: 1, max: 100000, value: 3,
       help: "a new version every N steps"},
