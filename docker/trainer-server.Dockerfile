@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # Trainer server: `lockstep trainer` on port 8080; runs, publishes versions to /models, coordinates flips.
 #   docker build -f docker/trainer-server.Dockerfile -t trainer-server:0.1.0 .
-# CPU torch by default (simulation runs and small fine-tunes); --build-arg TORCH_VARIANT=cu128 for CUDA.
+# CPU torch by default (simulation runs and small fine-tunes); --build-arg TORCH_VARIANT=cu128 for CUDA, the
+# image job runs train with on GPU nodes (k8s/training/job.yaml: trainer-server:latest-cu128). TRL is in both.
 
 ARG PYTHON_VERSION=3.11.13
 ARG DEBIAN_RELEASE=bookworm
@@ -39,7 +40,10 @@ RUN pip install \
       "rich==15.0.0" \
       "filelock==4.3.1" \
       "kubernetes==37.0.2" \
-      "psutil==7.2.2"
+      "psutil==7.2.2" \
+      "trl==1.16.0" \
+      "accelerate==1.16.0" \
+      "datasets==5.2.0"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -39,7 +39,10 @@ RUN pip install \
       "rich==15.0.0" \
       "filelock==4.3.1" \
       "kubernetes==37.0.2" \
-      "psutil==7.2.2"
+      "psutil==7.2.2" \
+      "trl==1.16.0" \
+      "accelerate==1.16.0" \
+      "datasets==5.2.0"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

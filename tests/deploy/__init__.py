@@ -35,7 +35,7 @@ CRD_MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): prometheus_v1.ServiceMonitor,
     ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_v1.PrometheusRule,
 }
-TOOL_CONFIG_KINDS = {"Kustomization"}  # kustomize's own files: not objects sent to the API server
+TOOL_CONFIG_KINDS = {"Kustomization", "Component"}  # kustomize's own files: not objects sent to the API server
 
 # Objects whose names end up in DNS (RFC 1123 label); everything else is a DNS subdomain.
 _DNS_LABEL_KINDS = {"Service", "Namespace"}
@@ -107,9 +107,31 @@ def objects(docs: list[Doc]) -> list[Doc]:
 
 
 def base_objects() -> list[Doc]:
-    """The objects of the base: the files the base kustomization lists, in its order."""
+    """The objects of the base: the files the base kustomization lists, in its order, then the ConfigMaps its
+    components generate."""
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    return [d for name in kustomization["resources"] for d in load_file(K8S / name)]
+    docs = [d for name in kustomization["resources"] for d in load_file(K8S / name)]
+    return docs + [d for name in kustomization.get("components", []) for d in generated_config_maps(K8S / name)]
+
+
+def generated_config_maps(folder: Path) -> list[Doc]:
+    """The ConfigMaps of a kustomization's ``configMapGenerator`` (``files`` entries, no name hash), as kustomize
+    builds them; test_manifest_schema compares them with ``kubectl kustomize``."""
+    path = folder / "kustomization.yaml"
+    kustomization = yaml.safe_load(path.read_text())
+    docs = []
+    for i, gen in enumerate(kustomization.get("configMapGenerator") or []):
+        options = gen.get("options") or {}
+        assert options.get("disableNameSuffixHash"), f"{rel(path)}: {gen['name']} would get a hashed name"
+        assert set(gen) <= {"name", "files", "options"}, f"{rel(path)}: {sorted(gen)} is more than this reads"
+        data = {}
+        for entry in gen["files"]:
+            key, _, source = entry.partition("=") if "=" in entry else (Path(entry).name, "", entry)
+            data[key] = (folder / source).read_text()
+        body = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": gen["name"], "labels": dict(options.get("labels") or {})}, "data": data}
+        docs.append(Doc(f"{rel(path)} configMapGenerator", i, body))
+    return docs
 
 
 def find(docs: list[Doc], kind: str, name: str) -> Doc:

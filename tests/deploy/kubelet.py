@@ -1,4 +1,4 @@
-"""A manifest-driven kubelet for tests: runs the Deployments of ``k8s/`` as real local processes.
+"""A manifest-driven kubelet for tests: runs the Deployments and Jobs of ``k8s/`` as real local processes.
 
 Each pod gets its own network namespace (``ip netns`` + a veth on a private bridge), so every container
 binds exactly the port its manifest declares, on its own pod IP. The rest follows the manifests as a
@@ -7,8 +7,11 @@ node would:
 - environment: ``envFrom`` and ``env`` (``value`` with ``$(VAR)`` expansion, ``configMapKeyRef``,
   ``secretKeyRef``, ``fieldRef``) from the ConfigMaps and the Secret as they are written, on top of a
   small image environment (the Dockerfiles' ``ENV``; nothing is inherited from the test process);
-- ``command``/``args`` exactly as declared, ``lockstep`` being ``sys.executable -m lockstep``;
-- volumes: a PersistentVolumeClaim is a folder the caller provides, an ``emptyDir`` a folder per pod;
+- ``command``/``args`` exactly as declared, ``lockstep`` being ``sys.executable -m lockstep`` and ``torchrun``
+  ``sys.executable -m torch.distributed.run``; any other command is the program of that name on the image's
+  ``PATH`` (a Job's pod whose command is not there fails to start, ``StartError``, exit code 128);
+- volumes: a PersistentVolumeClaim is a folder the caller provides, an ``emptyDir`` a folder per pod, a
+  ``configMap`` a folder per pod with one file per key (written at pod start, not updated);
 - Services: a ClusterIP (or LoadBalancer) Service gets a virtual IP on the node's side of the bridge,
   forwarded per connection to one *ready* endpoint (kube-proxy); a headless Service is a name in each
   pod's ``/etc/hosts`` with one record per endpoint (``publishNotReadyAddresses`` honoured). Every
@@ -16,7 +19,14 @@ node would:
   ``http://trainer-service:8080`` work unchanged;
 - probes: ``startupProbe`` until it succeeds (a container that exhausts ``failureThreshold`` is
   restarted), then ``readinessProbe`` and ``livenessProbe`` on their own periods (``httpGet`` only);
-  a failed liveness probe or an exit restarts the container (``restartPolicy: Always``, with back-off).
+  a failed liveness probe or an exit restarts the container (``restartPolicy: Always``, with back-off);
+- Jobs (``create_job``, as the API server receives them; tests/deploy/kube_api.py serves the API calls): one
+  pod at a time runs to completion with the controller's labels (``job-name``, ``controller-uid``). Exit 0
+  completes the Job; a failure counts toward ``backoffLimit`` (``OnFailure``: the container restarts in its pod
+  after the kubelet's back-off; ``Never``: a new pod after the controller's 10 s, 20 s, ... back-off), past it
+  the Job fails (``BackoffLimitExceeded``); ``activeDeadlineSeconds`` stops it (``DeadlineExceeded``);
+  ``ttlSecondsAfterFinished`` deletes it; deleting it stops its pods (propagation Background). One container,
+  no probes, parallelism and completions of 1.
 
 Translations, the only places where the local run differs from the manifests:
 
@@ -26,14 +36,17 @@ Translations, the only places where the local run differs from the manifests:
 - the image: ``WORKDIR`` (``/tmp``) is the pod's ``/tmp`` emptyDir; the source is on ``PYTHONPATH``
   instead of installed in ``/opt/venv``; ``OMP_NUM_THREADS=1`` stands in for the CPU limits on a small
   machine;
+- host names: a pod's processes keep the machine's host name (no UTS namespace), which each pod's hosts file
+  maps to the pod's IP, as a pod's own name is;
 - the engine: ``LOCKSTEP_ENGINE=builtin`` on top of the ConfigMap's ``auto`` (a vLLM start takes minutes per pod
   on two cores; the vLLM engine has its own end-to-end tests, tests/inference/test_vllm_* and
   tests/sync/test_vllm_cluster.py);
 - a caller may set variables on top of a Deployment's (``env_overrides``): each is a translation it
   states, e.g. pod discovery without a Kubernetes API server;
 - not enforced: ``securityContext`` (user 10001, read-only root filesystem), ``resources``, GPU
-  tolerations, ``preStop`` hooks (a test's teardown does not wait them out), NetworkPolicies, the
-  service-account token (there is no API server).
+  tolerations and node selectors, ``preStop`` hooks (a test's teardown does not wait them out),
+  NetworkPolicies, the service-account token (the API server of kube_api.py, when a test starts one, is
+  reached through a kubeconfig instead).
 
 Needs root and iproute2. Addresses come from a /24 in 10.200.0.0/13 that no interface or route on the
 machine uses; everything created (namespaces, links, ``/etc/netns/<ns>``) is named after this process
@@ -58,6 +71,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +88,12 @@ CLUSTER_DOMAIN = "cluster.local"
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what Kubernetes uses for generated name suffixes
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)  # kubelet's crash-loop back-off, seconds
+_JOB_BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 360.0)  # the Job controller's, before each new pod
+_KUBELET_MARK = "--- "  # lines the kubelet writes into a pod's log (not the container's output)
+_START_MARK = "--- container start "
+# Programs of the images run as this checkout's: `lockstep` is installed in the images' venv, `torchrun` is torch's.
+IMAGE_COMMANDS = {"lockstep": [sys.executable, "-m", "lockstep"],
+                  "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
 
 
 class NetworkUnavailable(RuntimeError):
@@ -294,13 +314,25 @@ class ProbeResult:
         return self.status is not None and 200 <= self.status < 400
 
 
+@dataclass(frozen=True)
+class Exit:
+    """How one container run of a Job's pod ended (the API's ``state.terminated``)."""
+
+    code: int  # 128 + the signal for a killed process, as the runtime reports it
+    reason: str  # Completed | Error | StartError
+    started_at: str
+    finished_at: str
+    message: str = ""
+
+
 @dataclass
 class Pod:
-    """One pod of a Deployment: its identity, its container's spec and state, and what the kubelet saw."""
+    """One pod of a Deployment or a Job: its identity, its container's spec and state, and what the kubelet
+    saw."""
 
     name: str
     namespace: str
-    deployment: str
+    deployment: str  # the owner's name: a Deployment's, or a Job's (``job`` is set then)
     labels: dict[str, str]
     ip: str
     netns: str
@@ -320,6 +352,12 @@ class Pod:
     results: list[ProbeResult] = field(default_factory=list)
     transitions: list[tuple[float, str, bool]] = field(default_factory=list)  # (monotonic, condition, value)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    job: str | None = None  # the Job that owns it
+    created_at: str = ""  # RFC 3339, as the API shows it
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed
+    started_at: str | None = None  # the current container's start
+    exits: list[Exit] = field(default_factory=list)  # each container run that ended, in order
+    start_error: str | None = None  # why the container cannot start (its command is not in the image)
 
     def url(self, port: int | str = "http") -> str:
         number = self.ports[port] if isinstance(port, str) else port
@@ -331,6 +369,13 @@ class Pod:
     def log(self, tail: int = 4000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return text[-tail:]
+
+    def container_log(self, tail_lines: int) -> str:
+        """``kubectl logs --tail``: the current container's output, without the kubelet's own marker lines."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        current = text.rsplit(_START_MARK, 1)[-1].split("\n", 1)[-1] if _START_MARK in text else text
+        lines = [line for line in current.splitlines(keepends=True) if not line.startswith(_KUBELET_MARK)]
+        return "".join(lines[-tail_lines:] if tail_lines > 0 else lines)
 
     def probe_results(self, kind: str) -> list[ProbeResult]:
         with self.lock:
@@ -410,8 +455,50 @@ class Service:
     proxies: list[ServiceProxy] = field(default_factory=list)
 
 
+class JobExists(Exception):
+    """A Job of that name exists already (the API's 409 AlreadyExists)."""
+
+
+@dataclass
+class Job:
+    """A Job as this node's Job controller runs it: one pod at a time until one succeeds or it gives up."""
+
+    name: str
+    body: dict[str, Any]  # as created, with the metadata the API server adds; ``status()`` is computed
+    pods: list[Pod] = field(default_factory=list)
+    succeeded: int = 0
+    failed: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    conditions: list[dict[str, str]] = field(default_factory=list)
+    deleted: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def finished(self) -> bool:
+        return any(c["type"] in ("Complete", "Failed") for c in self.conditions)
+
+    def status(self) -> dict[str, Any]:
+        active = sum(1 for p in self.pods if p.phase in ("Pending", "Running") and not p.deleted)
+        status: dict[str, Any] = {"active": active, "succeeded": self.succeeded, "failed": self.failed,
+                                  "ready": sum(1 for p in self.pods if p.phase == "Running"),
+                                  "conditions": list(self.conditions)}
+        if self.start_time:
+            status["startTime"] = self.start_time
+        if self.completion_time:
+            status["completionTime"] = self.completion_time
+        return status
+
+    def _end(self, kind: str, reason: str, message: str) -> None:
+        now = _now()
+        types = ["SuccessCriteriaMet", "Complete"] if kind == "Complete" else ["FailureTarget", "Failed"]
+        self.conditions += [{"type": t, "status": "True", "reason": reason, "message": message,
+                             "lastProbeTime": now, "lastTransitionTime": now} for t in types]
+        if kind == "Complete":
+            self.completion_time = now
+
+
 class Kubelet:
-    """Runs Deployments from parsed manifests on this machine, one network namespace per pod."""
+    """Runs Deployments and Jobs from parsed manifests on this machine, one network namespace per pod."""
 
     def __init__(self, objects: list[Doc], root: Path, *, claims: dict[str, Path], network: PodNetwork,
                  namespace: str = "lockstep", image_env: dict[str, str] | None = None,
@@ -432,6 +519,8 @@ class Kubelet:
         self.claims = claims
         self.image_env = image_env if image_env is not None else default_image_env()
         self.pods: list[Pod] = []
+        self.jobs: dict[str, Job] = {}
+        self.api_server: Any = None  # kube_api.KubeApiServer once serve_api() started it
         self.services: dict[str, Service] = {}
         self._rng = random.Random(seed)
         self._stop = threading.Event()
@@ -483,7 +572,9 @@ class Kubelet:
         return f"http://{svc.cluster_ip}:{port or svc.ports[0]['port']}"
 
     def _hosts_text(self, pod: Pod) -> str:
-        lines = ["127.0.0.1\tlocalhost", f"{pod.ip}\t{pod.name}"]
+        # A pod's own host name resolves to its IP; here its processes keep the machine's host name (no UTS
+        # namespace), so that name does (torchrun's rendezvous looks itself up by it).
+        lines = ["127.0.0.1\tlocalhost", f"{pod.ip}\t{pod.name} {socket.gethostname()}"]
         for svc in self.services.values():
             names = " ".join(self.dns_names(svc.name))
             if svc.cluster_ip:
@@ -601,37 +692,71 @@ class Kubelet:
             elif "emptyDir" in vol:
                 out[vol["name"]] = pod_dir / "volumes" / vol["name"]
                 out[vol["name"]].mkdir(parents=True, exist_ok=True)
+            elif "configMap" in vol:
+                out[vol["name"]] = self._config_map_files(pod_dir / "volumes" / vol["name"], vol["configMap"])
             else:
-                raise UnsupportedManifest(f"volume {vol['name']}: only PVCs and emptyDirs are supported")
+                raise UnsupportedManifest(f"volume {vol['name']}: only PVCs, emptyDirs and ConfigMaps are supported")
         return out
+
+    def _config_map_files(self, folder: Path, ref: dict[str, Any]) -> Path:
+        """A ConfigMap volume: one file per key, written once at pod start (updates are not propagated)."""
+        if set(ref) - {"name", "optional", "defaultMode"}:
+            raise UnsupportedManifest(f"configMap volume {ref['name']}: only name, optional and defaultMode")
+        config_map = self.config_maps.get(ref["name"])
+        if config_map is None and not ref.get("optional", False):
+            raise UnsupportedManifest(f"configMap volume: ConfigMap {ref['name']} is not in the manifests")
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, value in ((config_map or {}).get("data") or {}).items():
+            (folder / key).write_text(str(value))
+        return folder
 
     def _command(self, container: dict[str, Any], env: dict[str, str]) -> list[str]:
         command = [expand(c, env) for c in container.get("command") or []]
         args = [expand(a, env) for a in container.get("args") or []]
-        if command[:1] != ["lockstep"]:
-            raise UnsupportedManifest(f"container {container['name']}: command {command} is not `lockstep`")
-        return [sys.executable, "-m", "lockstep", *command[1:], *args]
+        if command[:1] and command[0] in IMAGE_COMMANDS:
+            return [*IMAGE_COMMANDS[command[0]], *command[1:], *args]
+        # Any other program the image has: found on the image's PATH (this machine's programs, the venv's first).
+        found = shutil.which(command[0], path=self.image_env.get("PATH")) if command else None
+        if found is None:
+            raise UnsupportedManifest(f"container {container['name']}: command {command} is neither one of "
+                                      f"{sorted(IMAGE_COMMANDS)} nor a program on the image's PATH")
+        return [found, *command[1:], *args]
 
     # -------------------------------------------------------------------- pods
     def create_pod(self, deployment: str) -> Pod:
         """Schedule one pod of ``deployment`` from its template and start its probe loop."""
-        body = self.deployments[deployment]
-        template = body["spec"]["template"]
-        spec = template["spec"]
-        containers = spec["containers"]
-        if len(containers) != 1 or spec.get("initContainers"):
-            raise UnsupportedManifest(f"{deployment}: one container and no init containers are supported")
-        container = containers[0]
+        template = self.deployments[deployment]["spec"]["template"]
         with self._lock:
             name = f"{deployment}-{template_hash(template)}-{_generated(5, self._rng)}"
         labels = {**template["metadata"].get("labels", {}), "pod-template-hash": template_hash(template)}
+        pod = self._new_pod(name, deployment, template, labels)
+        thread = threading.Thread(target=self._run_pod, args=(pod,), name=f"kubelet-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return pod
+
+    def _new_pod(self, name: str, owner: str, template: dict[str, Any], labels: dict[str, str],
+                 start_errors: bool = False) -> Pod:
+        """A pod from a pod template: its network namespace, volumes, environment and command (not started).
+        ``start_errors``: a command missing from the image is the pod's start error (a Job's pod fails with it,
+        as in a cluster) instead of a manifest this kubelet refuses."""
+        spec = template["spec"]
+        containers = spec["containers"]
+        if len(containers) != 1 or spec.get("initContainers"):
+            raise UnsupportedManifest(f"{owner}: one container and no init containers are supported")
+        container = containers[0]
         pod_dir = self.root / "pods" / name
         ns, ip = self.network.add_pod(name)
-        pod = Pod(name, self.namespace, deployment, labels, ip, ns, spec, self._volumes(pod_dir, spec),
-                  pod_dir / f"{container['name']}.log")
+        pod = Pod(name, self.namespace, owner, labels, ip, ns, spec, self._volumes(pod_dir, spec),
+                  pod_dir / f"{container['name']}.log", created_at=_now())
         pod.ports = {p["name"]: int(p["containerPort"]) for p in container.get("ports") or [] if "name" in p}
-        pod.env = {**self.container_env(pod, container), **self.env_overrides.get(deployment, {})}
-        pod.argv = self._command(container, pod.env)
+        pod.env = {**self.container_env(pod, container), **self.env_overrides.get(owner, {})}
+        try:
+            pod.argv = self._command(container, pod.env)
+        except UnsupportedManifest as exc:
+            if not start_errors:
+                raise
+            pod.start_error = f"exec: {exc}"
         # The image's WORKDIR is /tmp, which is the pod's /tmp emptyDir.
         pod.cwd = Path(self._host_path(pod, container, "/tmp"))
         pod.probes = {kind: Probe.parse(kind, container[f"{kind}Probe"], pod.ports)
@@ -639,10 +764,158 @@ class Kubelet:
         with self._lock:
             self.pods.append(pod)
         self._refresh_dns()
-        thread = threading.Thread(target=self._run_pod, args=(pod,), name=f"kubelet-{name}", daemon=True)
+        return pod
+
+    # -------------------------------------------------------------------- jobs
+    def create_job(self, body: dict[str, Any]) -> Job:
+        """What the API server and the Job controller do with a new Job: record it, then run its pods to
+        completion in a thread (one at a time: parallelism and completions of 1)."""
+        spec = body.get("spec") or {}
+        template = spec.get("template") or {}
+        pod_spec = template.get("spec") or {}
+        unsupported = sorted(set(spec) & {"parallelism", "completions", "completionMode", "podFailurePolicy",
+                                          "successPolicy", "suspend", "podReplacementPolicy", "managedBy"})
+        if [k for k in unsupported if not (k in ("parallelism", "completions") and spec[k] == 1)]:
+            raise UnsupportedManifest(f"Job {body['metadata']['name']}: {unsupported} are not supported")
+        if pod_spec.get("restartPolicy") not in ("Never", "OnFailure"):
+            raise UnsupportedManifest("a Job's pods need restartPolicy Never or OnFailure")
+        containers = pod_spec.get("containers") or []
+        if len(containers) != 1 or any(f"{k}Probe" in containers[0] for k in ("startup", "readiness", "liveness")):
+            raise UnsupportedManifest("a Job's pod here: one container, no probes")
+        name = body["metadata"]["name"]
+        with self._lock:
+            if name in self.jobs:
+                raise JobExists(name)
+            stored = json.loads(json.dumps(body))  # the API server keeps its own copy
+            stored["metadata"].update({"namespace": self.namespace, "uid": _uid(self._rng), "generation": 1,
+                                       "resourceVersion": "1", "creationTimestamp": _now()})
+            job = Job(name, stored)
+            self.jobs[name] = job
+        thread = threading.Thread(target=self._run_job, args=(job,), name=f"job-{name}", daemon=True)
         self._threads.append(thread)
         thread.start()
+        return job
+
+    def delete_job(self, name: str) -> Job | None:
+        """Delete a Job, propagation Background: it is gone at once, its pods are stopped and removed after."""
+        with self._lock:
+            job = self.jobs.pop(name, None)
+        if job is None:
+            return None
+        job.deleted.set()
+        thread = threading.Thread(target=self._remove_pods, args=(list(job.pods),), name=f"gc-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return job
+
+    def _remove_pods(self, pods: list[Pod]) -> None:
+        for pod in pods:
+            self._kill(pod, grace_s=float(pod.spec.get("terminationGracePeriodSeconds", 30)))
+            pod.deleted = True
+            self.network.remove_pod(pod.netns)
+        self._refresh_dns()
+
+    def _run_job(self, job: Job) -> None:
+        try:
+            self._job_loop(job)
+            ttl = job.body["spec"].get("ttlSecondsAfterFinished")
+            if ttl is not None and not self._stop.wait(float(ttl)) and not job.deleted.is_set():
+                self.delete_job(job.name)  # the TTL controller
+        except Exception:  # a kubelet bug must not kill the test process' thread silently
+            log.exception("job controller of %s failed", job.name)
+
+    def _job_loop(self, job: Job) -> None:
+        spec = job.body["spec"]
+        limit = int(spec.get("backoffLimit", 6))
+        deadline = spec.get("activeDeadlineSeconds")
+        ends_at = time.monotonic() + float(deadline) if deadline is not None else float("inf")
+        on_failure = spec["template"]["spec"]["restartPolicy"] == "OnFailure"
+        job.start_time = _now()
+        while True:
+            pod = self._job_pod(job)
+            while True:  # the container's runs in this pod (more than one with restartPolicy OnFailure)
+                ended = self._run_to_completion(pod, job, ends_at)
+                if ended is None:  # deleted, or past the deadline
+                    pod.phase = "Failed"
+                    if not job.deleted.is_set() and not self._stop.is_set():
+                        job._end("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+                    return
+                if ended.code == 0:
+                    pod.phase, job.succeeded = "Succeeded", 1
+                    job._end("Complete", "CompletionsReached", "Reached expected number of succeeded pods")
+                    return
+                job.failed += 1
+                if job.failed > limit:
+                    pod.phase = "Failed"
+                    job._end("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+                    return
+                if not on_failure:
+                    pod.phase = "Failed"
+                    break
+                pod.restart_count += 1  # OnFailure: the kubelet restarts it in place, after its back-off
+                if not self._job_wait(job, _BACKOFF_S[min(pod.restart_count - 1, len(_BACKOFF_S) - 1)], ends_at):
+                    return self._job_interrupted(job, pod)
+            # Never: the controller makes a new pod, after its back-off.
+            if not self._job_wait(job, _JOB_BACKOFF_S[min(job.failed - 1, len(_JOB_BACKOFF_S) - 1)], ends_at):
+                return self._job_interrupted(job, None)
+
+    def _job_interrupted(self, job: Job, pod: Pod | None) -> None:
+        if pod is not None:
+            pod.phase = "Failed"
+        if not job.deleted.is_set() and not self._stop.is_set():
+            job._end("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+
+    def _job_wait(self, job: Job, seconds: float, ends_at: float) -> bool:
+        """Sleep up to ``seconds``; False when the Job was deleted, passed its deadline or the kubelet stops."""
+        until = min(time.monotonic() + seconds, ends_at)
+        while time.monotonic() < until:
+            if job.deleted.is_set() or self._stop.wait(0.05):
+                return False
+        return time.monotonic() < ends_at and not job.deleted.is_set()
+
+    def _job_pod(self, job: Job) -> Pod:
+        template = job.body["spec"]["template"]
+        uid = job.body["metadata"]["uid"]
+        with self._lock:
+            name = f"{job.name}-{_generated(5, self._rng)}"
+        # The labels the Job controller adds to its pods.
+        labels = {**template["metadata"].get("labels", {}), "batch.kubernetes.io/controller-uid": uid,
+                  "batch.kubernetes.io/job-name": job.name, "controller-uid": uid, "job-name": job.name}
+        pod = self._new_pod(name, job.name, template, labels, start_errors=True)
+        pod.job = job.name
+        job.pods.append(pod)
         return pod
+
+    def _run_to_completion(self, pod: Pod, job: Job, ends_at: float) -> Exit | None:
+        """Run the pod's container once; how it ended, or None when the Job was deleted or ran out of time
+        (the container is stopped then)."""
+        pod.started_at = _now()
+        if pod.start_error is not None:  # as the runtime reports a command missing from the image
+            with open(pod.log_path, "a") as f:
+                f.write(f"--- container failed to start: {pod.start_error}\n")
+            ended = Exit(128, "StartError", pod.started_at, _now(), pod.start_error)
+            pod.exits.append(ended)
+            return ended
+        self._start_container(pod)
+        pod.phase = "Running"
+        assert pod.process is not None
+        while pod.process.poll() is None:
+            if job.deleted.is_set() or self._stop.is_set() or time.monotonic() >= ends_at:
+                self._kill(pod, grace_s=float(pod.spec.get("terminationGracePeriodSeconds", 30)))
+                return None
+            time.sleep(0.05)
+        code = pod.process.returncode
+        code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+        ended = Exit(code, "Completed" if code == 0 else "Error", pod.started_at, _now())
+        pod.exits.append(ended)
+        with open(pod.log_path, "a") as f:
+            f.write(f"--- container exited {code}\n")
+        return ended
+
+    def job_pods(self, selector: dict[str, str]) -> list[Pod]:
+        """Pods (of Jobs and Deployments) whose labels include ``selector``."""
+        with self._lock:
+            return [p for p in self.pods if not p.deleted and selector.items() <= p.labels.items()]
 
     def apply(self, deployment: str, replicas: int | None = None) -> list[Pod]:
         """Create the Deployment's pods (``spec.replicas`` unless given), like ``kubectl apply``."""
@@ -819,6 +1092,8 @@ class Kubelet:
     def stop(self) -> None:
         """Stop every container (SIGTERM, short grace), the proxies, and remove the pods' namespaces."""
         self._stop.set()
+        if self.api_server is not None:
+            self.api_server.close()
         pods = list(self.all_pods())
         for pod in pods:
             if pod.alive():
@@ -835,6 +1110,15 @@ class Kubelet:
         for pod in pods:
             self.network.remove_pod(pod.netns)
         self._http.close()
+
+
+def _uid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _now() -> str:
+    """The time as the Kubernetes API writes it (RFC 3339, UTC, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def default_image_env() -> dict[str, str]:

@@ -90,6 +90,7 @@ def test_overlay_lists_the_base_files(overlay: str) -> None:
     base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     kustomization = yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())
     assert kustomization["resources"] == [f"../{r}" for r in base["resources"]]
+    assert kustomization["components"] == [f"../{c}" for c in base["components"]]
     images = {i["name"]: i["newTag"] for i in kustomization["images"]}
     assert set(images) == {i["name"] for i in base["images"]}
     # The GPU image is the Dockerfile's default build (inference-server:latest); the CPU image is tagged apart.

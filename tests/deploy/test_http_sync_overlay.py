@@ -9,6 +9,7 @@ real processes with ``tests/deploy/kubelet.py`` (root only), reusing ``test_loca
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -109,6 +110,7 @@ def test_overlay_lists_the_base_files_and_images() -> None:
     base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     overlay = yaml.safe_load((HTTP_SYNC / "kustomization.yaml").read_text())
     assert overlay["resources"] == [f"../{r}" for r in base["resources"]]
+    assert overlay["components"] == [f"../{c}" for c in base["components"]]
     assert overlay["images"] == base["images"]
 
 
@@ -123,6 +125,7 @@ def test_a_patch_that_no_longer_fits_the_base_fails_the_build(tmp_path: Path) ->
     deployment = root / "inference-deployment.yaml"
     deployment.write_text(deployment.read_text().replace("- name: model-storage\n          persistentVolumeClaim",
                                                          "- name: model-store\n          persistentVolumeClaim"))
+    shutil.copytree(K8S / "training", root / "training")
     (root / "http-sync").mkdir()
     for path in HTTP_SYNC.glob("*.yaml"):
         (root / "http-sync" / path.name).write_text(path.read_text())

@@ -205,6 +205,7 @@ def test_seed_names_are_kept() -> None:
         "inference-config",
         "trainer-config",
         "ui-config",
+        "trainer-job-templates",  # files, not settings: the Job templates of job runs
     }
     assert find(docs, "PersistentVolumeClaim", "model-storage").body["spec"]["accessModes"] == [
         "ReadWriteMany"
@@ -327,6 +328,10 @@ def test_every_reference_names_an_existing_object_and_key() -> None:
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim and ("PersistentVolumeClaim", claim) not in names:
                 problems.append(f"{where}: volume {volume['name']} claims {claim}, which does not exist")
+            config_map = volume.get("configMap", {}).get("name")
+            if config_map and config_map not in cms:
+                problems.append(f"{where}: volume {volume['name']} mounts ConfigMap {config_map}, which does not "
+                                "exist")
         account = spec.get("serviceAccountName")
         if account and ("ServiceAccount", account) not in names:
             problems.append(f"{where}: serviceAccountName {account} does not exist")
@@ -381,7 +386,11 @@ def test_every_setting_can_be_set_by_the_manifests() -> None:
 
 def test_config_keys_and_env_names_are_settings_variables() -> None:
     docs = base_objects()
+    loaded = {s["configMapRef"]["name"] for w in workloads(docs) for c in containers(w)
+              for s in c.get("envFrom", []) if "configMapRef" in s}
     for name, data in config_maps(docs).items():
+        if name not in loaded:
+            continue  # mounted as files (the Job templates), not read as settings
         unknown = sorted(set(data) - ALIASES)
         assert not unknown, f"k8s/config.yaml ConfigMap {name}: {unknown} are not Settings variables (typo?)"
     for workload in workloads():
@@ -466,6 +475,10 @@ def test_coordinator_and_replicas_agree_on_shared_settings(monkeypatch: pytest.M
         assert s.lease_ttl_s > s.commit_margin_s
 
 
+# Paths the process only reads: a read-only mount (a ConfigMap's files) is where they belong.
+READ_ONLY_ENV = {"LOCKSTEP_JOB_TEMPLATE_DIR"}
+
+
 def test_absolute_paths_in_the_environment_are_writable_mounts() -> None:
     docs = base_objects() + load_file(STATEFULSET)
     for workload in workloads(docs):
@@ -473,9 +486,11 @@ def test_absolute_paths_in_the_environment_are_writable_mounts() -> None:
             mounts = [
                 PurePosixPath(m["mountPath"]) for m in c.get("volumeMounts", []) if not m.get("readOnly")
             ]
+            read_only = [PurePosixPath(m["mountPath"]) for m in c.get("volumeMounts", []) if m.get("readOnly")]
             for name, (source, value) in resolved_env(c, docs).items():
                 if value.startswith("/"):
-                    assert any(PurePosixPath(value).is_relative_to(m) for m in mounts), (
+                    allowed = mounts + (read_only if name in READ_ONLY_ENV else [])
+                    assert any(PurePosixPath(value).is_relative_to(m) for m in allowed), (
                         f"{workload.where}: {name}={value} ({source}) is on the read-only root filesystem"
                     )
 
@@ -505,7 +520,17 @@ def test_pods_run_locked_down(workload: Doc) -> None:
         assert "sizeLimit" in volumes[tmp[0]["name"]]["emptyDir"], f"{where}: bound the /tmp emptyDir"
 
 
-def test_only_the_trainer_gets_a_kubernetes_api_token_and_it_may_only_read_pods() -> None:
+# Everything the trainer may do through the Kubernetes API (k8s/rbac.yaml): discovery reads pods; a job run
+# creates, reads and deletes its Job, lists its pods and reads their logs.
+TRAINER_RULES = {
+    ("trainer-pod-reader", "", "pods"): {"get", "list", "watch"},
+    ("trainer-job-runner", "batch", "jobs"): {"create", "get", "delete"},
+    ("trainer-job-runner", "", "pods"): {"list"},
+    ("trainer-job-runner", "", "pods/log"): {"get"},
+}
+
+
+def test_only_the_trainer_gets_a_kubernetes_api_token_and_it_may_only_do_what_it_needs() -> None:
     docs = base_objects() + load_file(STATEFULSET)
     for workload in workloads(docs):
         token = pod_spec(workload).get("automountServiceAccountToken")
@@ -522,11 +547,15 @@ def test_only_the_trainer_gets_a_kubernetes_api_token_and_it_may_only_read_pods(
     ]
     assert bindings, "the trainer's ServiceAccount is bound to no Role"
     assert not [d for d in docs if d.kind in ("ClusterRole", "ClusterRoleBinding")], "no cluster-wide RBAC"
+    granted: dict[tuple[str, str, str], set[str]] = {}
     for binding in bindings:
-        role = find(docs, "Role", binding.body["roleRef"]["name"]).body
-        for rule in role["rules"]:
-            assert rule["apiGroups"] == [""] and rule["resources"] == ["pods"], rule
-            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+        role = find(docs, "Role", binding.body["roleRef"]["name"])
+        for rule in role.body["rules"]:
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((role.name, group, resource), set()).update(rule["verbs"])
+    assert granted == TRAINER_RULES
 
 
 # --- labels, images, resources, probes ---------------------------------------------------------------------

@@ -116,8 +116,10 @@ class Cluster:
 
 
 @contextmanager
-def run_objects(objects: list[Doc], tmp_path: Path, builtin_dir: Path) -> Iterator[Cluster]:
-    """Run ``objects`` as pods, each in its own network namespace, ``model-storage`` on a prefilled folder."""
+def run_objects(objects: list[Doc], tmp_path: Path, builtin_dir: Path,
+                overrides: dict[str, dict[str, str]] | None = None) -> Iterator[Cluster]:
+    """Run ``objects`` as pods, each in its own network namespace, ``model-storage`` on a prefilled folder;
+    ``overrides``: the variables set on top of a Deployment's (default OVERRIDES), each a stated translation."""
     objects = with_real_token(objects, secrets.token_hex(32))
     pvc = tmp_path / "pvc-model-storage"
     _prefill(pvc, builtin_dir)
@@ -127,7 +129,7 @@ def run_objects(objects: list[Doc], tmp_path: Path, builtin_dir: Path) -> Iterat
         pytest.skip(f"no network namespaces on this machine: {exc}")
     try:
         kubelet = Kubelet(objects, tmp_path, claims={"model-storage": pvc}, network=network,
-                          env_overrides=OVERRIDES)
+                          env_overrides=dict(OVERRIDES if overrides is None else overrides))
         try:
             yield Cluster(kubelet, pvc, _token(objects))
         finally:

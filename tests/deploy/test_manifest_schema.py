@@ -85,7 +85,20 @@ def test_statefulset_overlay_is_the_base_with_a_statefulset_for_the_deployment()
         for r in base["resources"]
     ]
     assert overlay["resources"] == expected
+    assert overlay["components"] == [f"../{c}" for c in base["components"]]
     assert overlay["images"] == base["images"]
+
+
+@needs_kubectl
+def test_base_objects_are_what_kustomize_builds() -> None:
+    """The tests read the base from its files (base_objects); kustomize builds the same objects, the ConfigMaps
+    its components generate included."""
+    built = {(d.kind, d.name): d.body for d in kustomize(K8S)}
+    ours = {(d.kind, d.name): d.body for d in objects(base_objects())}
+    assert set(built) == set(ours)
+    generated = ("ConfigMap", "trainer-job-templates")
+    assert built[generated]["data"] == ours[generated]["data"]
+    assert built[generated]["metadata"]["labels"] == ours[generated]["metadata"]["labels"]
 
 
 @needs_kubectl

@@ -49,7 +49,7 @@ def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
-    ({"kind": "dance"}, 400, "kind: Input should be 'simulation' or 'finetune'"),
+    ({"kind": "dance"}, 400, "kind: Input should be 'simulation', 'finetune' or 'job'"),
     ({"kind": "finetune", "params": {"steps": -3}}, 400, "params.steps"),
     ({"kind": "finetune", "params": {"learning_rate": 50}}, 400, "params.learning_rate"),
     ({"kind": "finetune", "params": {"learning_rate": 0}}, 400, "params.learning_rate"),

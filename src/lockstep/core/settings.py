@@ -225,12 +225,20 @@ class Settings(BaseSettings):
                               description="Port of a replica found by DNS or the Kubernetes API.")
     trainer_url: str = Field("http://127.0.0.1:8090", validation_alias=_env("TRAINER_URL"),
                              description="Where the UI reaches the trainer.")
+    job_template_dir: Path | None = Field(
+        None, validation_alias=_env("LOCKSTEP_JOB_TEMPLATE_DIR"),
+        description="Folder of Kubernetes Job templates for job runs (<name>.yaml; params.template picks one, "
+        "default job); unset: job runs are refused.")
+    kubeconfig: Path | None = Field(
+        None, validation_alias=_env("LOCKSTEP_KUBECONFIG"),
+        description="Kubeconfig file through which the trainer creates the Jobs of job runs; unset: the pod's "
+        "service account (in-cluster).")
     reward_plugins: str = Field("", validation_alias=_env("LOCKSTEP_REWARD_PLUGINS"),
                                 description="Comma-separated module prefixes a finetune run may import a reward "
                                 "plug-in (package.module:function) from; '*' allows any; empty: none.")
 
     @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", "trainer_data_dir", "coordinator_url",
-                     "api_token", "ui_trusted_user_header", mode="before")
+                     "api_token", "ui_trusted_user_header", "job_template_dir", "kubeconfig", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -1,1 +1,2 @@
-"""Runs and their kinds (simulation, finetune): the manager, their records on disk, policy, rollouts, rewards."""
+"""Runs and their kinds (simulation, finetune, job): the manager, their records on disk, policy, rollouts,
+rewards."""

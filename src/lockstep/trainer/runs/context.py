@@ -40,6 +40,9 @@ class RunContext:
     metrics: TrainerMetrics
     resume: bool = False
     stop_event: threading.Event = field(default_factory=threading.Event)
+    # Set with stop_event when the trainer shuts down: what outlives the process (a job run's Job) is left
+    # running, for the resumed run to attach to.
+    leaving: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -20,6 +20,7 @@ from lockstep.sync.coordinator import Coordinator
 from lockstep.trainer.cluster.view import ClusterView
 from lockstep.trainer.runs.context import RunContext, RunStopped
 from lockstep.trainer.runs.finetune import FinetuneKind
+from lockstep.trainer.runs.job import JobKind
 from lockstep.trainer.runs.record import RESUMABLE, Owner, RunRecord, RunStatus
 from lockstep.trainer.runs.rewards import RewardError
 from lockstep.trainer.runs.simulation import SimulationKind
@@ -48,7 +49,10 @@ class RunKind(Protocol):
     def execute(self, ctx: RunContext, params: Any) -> None: ...
 
 
-KINDS: dict[str, RunKind] = {k.name: k for k in (SimulationKind(), FinetuneKind())}
+KINDS: dict[str, RunKind] = {k.name: k for k in (SimulationKind(), FinetuneKind(), JobKind())}
+# Kinds whose versions arrive through the upload API from pods of their own: while such a run is active, an
+# upload publish that names it (metadata run_id) is its own, not one competing with it.
+UPLOADING_KINDS = frozenset({JobKind.name})
 
 
 def _describe(exc: ValidationError) -> str:
@@ -119,6 +123,7 @@ class RunManager:
             self._shutting_down = True
             active = self._active
         if active is not None:
+            active[0].leaving = True
             active[0].stop_event.set()
             active[1].join(timeout=wait_s)
 
@@ -126,6 +131,20 @@ class RunManager:
     def active(self) -> RunRecord | None:
         with self._lock:
             return self._active[0].record if self._active else None
+
+    def uploading_run(self, run_id: Any) -> RunRecord | None:
+        """The active run when ``run_id`` names it and its pods publish through the upload API (a job run)."""
+        with self._lock:
+            active = self._active[0].record if self._active else None
+        if active is None or active.id != run_id or active.kind not in UPLOADING_KINDS:
+            return None
+        return active
+
+    def logs(self, run_id: str) -> str:
+        """``GET /runs/{id}/logs``: the pod logs a job run copied, oldest pod first (empty for other kinds)."""
+        self._record(run_id)  # 404 for an unknown run
+        logs = self.runs.files(run_id).logs()
+        return "".join(f"==> {name} <==\n{text.rstrip()}\n" for name, text in logs.items())
 
     def _refuse_if_active(self) -> None:
         """Conflict while a run is active or a publish runs; the caller holds ``self._lock``."""
@@ -221,10 +240,12 @@ class RunManager:
             record.move(final, self.clock.time(), error=error)
             if final is RunStatus.SUCCEEDED:
                 record.set_progress(record.progress.total, record.progress.total, "done", self.clock.time())
-            ctx.save()
             self.metrics.run_active.labels(kind=kind.name).set(0)
             self.metrics.runs_total.labels(kind=kind.name, status=final.value).inc()
+            # Saved and let go together: a client that reads the run as ended may resume it (or start the next
+            # one) at once, without a 409 from the moment in between.
             with self._lock:
+                ctx.save()
                 if self._active is not None and self._active[0] is ctx:
                     self._active = None
             log.info("run %s %s%s", record.id, final.value, f": {error}" if error else "")

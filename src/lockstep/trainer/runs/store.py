@@ -1,4 +1,5 @@
-"""Runs on the shared volume: ``runs/<id>/run.json``, ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/``.
+"""Runs on the shared volume: ``runs/<id>/run.json``, ``metrics.jsonl``, ``samples.jsonl``, ``checkpoints/``,
+``logs/`` (a job run's pod logs).
 
 ``run.json`` is replaced atomically (temporary file, fsync, rename). The ``.jsonl`` streams are appended one
 whole line per ``write`` and fsynced; a reader skips a torn last line left by a crash.
@@ -18,13 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lockstep.core.atomic import atomic_write_json, read_json
+from lockstep.core.atomic import atomic_write_bytes, atomic_write_json, read_json
 from lockstep.core.errors import BadRequest, NotFound
 from lockstep.trainer.runs.record import RunRecord
 
 log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+POD_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")  # a DNS subdomain: no '/', so never a path out of logs/
 
 
 class RunFiles:
@@ -49,6 +51,23 @@ class RunFiles:
     @property
     def checkpoints(self) -> Path:
         return self.folder / "checkpoints"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.folder / "logs"
+
+    def write_log(self, name: str, text: str) -> None:
+        """Replace ``logs/<name>.log`` (a job pod's log as last read) in one rename."""
+        if not POD_NAME.match(name):
+            raise BadRequest(f"log name {name!r} is not a pod name (lower-case letters, digits, '-' and '.')")
+        atomic_write_bytes(self.logs_dir / f"{name}.log", text.encode())
+
+    def logs(self) -> dict[str, str]:
+        """Every copied log by name, oldest file first."""
+        if not self.logs_dir.is_dir():
+            return {}
+        paths = sorted(self.logs_dir.glob("*.log"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return {p.stem: p.read_text(errors="replace") for p in paths}
 
     def write(self, record: RunRecord) -> None:
         atomic_write_json(self.run_json, record.model_dump(mode="json"))

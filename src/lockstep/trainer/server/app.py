@@ -214,10 +214,12 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return await asyncio.to_thread(trainer.history)
 
     # ------------------------------------------------------------------ publishing
-    def refuse_during_run() -> None:
+    def refuse_during_run(own: bool = False) -> None:
+        """409 while a run is active (unless this is its ``own`` publish), a publish runs, or the lease is held."""
         active = trainer.runs.active()
-        if active is not None:
-            raise Conflict(f"run {active.id} ({active.kind}) is active and publishes versions itself; "
+        if active is not None and not own:
+            hint = (f"; its Job's pods publish with metadata run_id={active.id}" if active.kind == "job" else "")
+            raise Conflict(f"run {active.id} ({active.kind}) is active and publishes versions itself{hint}; "
                            f"stop it first (POST /runs/{active.id}/stop)")
         trainer.publisher.check_idle()  # 409 naming the running publish; submit checks again, atomically
         trainer.coordinator.check_free()
@@ -264,6 +266,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.get("/runs/{run_id}", summary="One run with its metrics, evaluations, rounds and samples")
     async def get_run(run_id: RunId) -> dict[str, Any]:
         return await asyncio.to_thread(trainer.runs.get, run_id)
+
+    @app.get("/runs/{run_id}/logs", summary="The pod logs of a job run, oldest pod first",
+             response_class=PlainTextResponse)
+    async def run_logs(run_id: RunId) -> PlainTextResponse:
+        return PlainTextResponse(await asyncio.to_thread(trainer.runs.logs, run_id))
 
     @app.post("/runs/{run_id}/stop", status_code=202, summary="Stop a run at its next step")
     async def stop_run(run_id: RunId, request: Request) -> dict[str, Any]:
@@ -321,14 +328,17 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
               summary="Publish an upload as the next version (two phases); the upload is removed after")
     async def publish_upload(upload_id: UploadId, body: UploadPublishRequest, request: Request) -> dict[str, Any]:
         mutate(request)
-        refuse_during_run()
+        # A job run's pods publish its versions through here, naming the run in the metadata.
+        run = trainer.runs.uploading_run(body.metadata.get("run_id"))
+        refuse_during_run(own=run is not None)
         folder = await asyncio.to_thread(trainer.uploads.seal, upload_id)
         try:
             await asyncio.to_thread(check_model_dir, folder, settings.allow_pickle)  # what the store would refuse
             await asyncio.to_thread(loader.check_safe_files, folder, settings)  # remote code
             return trainer.publisher.submit(str(folder), label=body.label or f"upload {upload_id}",
                                             metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
-                                            then=lambda: trainer.uploads.release(upload_id))
+                                            then=lambda: trainer.uploads.release(upload_id),
+                                            run_id=run.id if run is not None else None)
         except Exception:
             trainer.uploads.unseal(upload_id)  # refused before it started: the client may fix it and try again
             raise

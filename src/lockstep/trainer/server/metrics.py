@@ -34,7 +34,7 @@ class TrainerMetrics:
         self.replicas_live = Gauge("lockstep_replicas_live", "Replicas with a fresh heartbeat", registry=r)
         self.replicas_converged = Gauge("lockstep_replicas_converged", "Live replicas ready on the "
                                         "committed version", registry=r)
-        for kind in ("simulation", "finetune"):
+        for kind in ("simulation", "finetune", "job"):
             self.run_active.labels(kind=kind).set(0)
         for outcome in ("committed", "aborted", "unchanged", "failed"):
             self.publish_total.labels(outcome=outcome)

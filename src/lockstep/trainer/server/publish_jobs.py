@@ -171,13 +171,14 @@ class Publisher:
     # ------------------------------------------------------------------ running
     def submit(self, model: str, *, kind: str = "publish", rollback_to: int | None = None,
                policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
-               metadata: dict[str, Any] | None = None, then: Callable[[], None] | None = None) -> dict[str, Any]:
+               metadata: dict[str, Any] | None = None, then: Callable[[], None] | None = None,
+               run_id: str | None = None) -> dict[str, Any]:
         """Start a publish (or rollback) in the background; the job's id comes back at once.
 
         ``PublishBusy`` (409) while another publish runs: refused, not queued. ``label`` names the job and the
         new version's MANIFEST ``source`` (default: ``model``); ``then`` runs when the job ends, however it
-        ends (not when it was refused)."""
-        job = self._new_job(kind, label or model, None, exclusive=True)
+        ends (not when it was refused); ``run_id``: the run it publishes for (a job run's upload)."""
+        job = self._new_job(kind, label or model, run_id, exclusive=True)
         if kind == "rollback" and rollback_to is not None:
             job.version = rollback_to
         if kind == "rollback":

@@ -159,6 +159,40 @@ class FinetuneParams(_Strict):
         return self
 
 
+# What the trainer sets in a job's container itself (k8s/training/job.yaml): params.env may not name them.
+JOB_ENV = ("LOCKSTEP_RUN_ID", "LOCKSTEP_JOB_MODEL", "LOCKSTEP_JOB_TASK", "LOCKSTEP_JOB_STEPS",
+           "LOCKSTEP_JOB_SAVE_STEPS", "LOCKSTEP_JOB_LEARNING_RATE", "LOCKSTEP_JOB_BATCH_SIZE")
+EnvName = Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Word = Annotated[StrictStr, Field(max_length=4096)]  # one element of a container's command or args, one env value
+
+
+class JobParams(_Strict):
+    """Training as a Kubernetes Job from a template; its pods publish through the upload API."""
+
+    # <LOCKSTEP_JOB_TEMPLATE_DIR>/<template>.yaml
+    template: StrictStr = Field("job", min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    image: StrictStr | None = Field(None, min_length=1, max_length=512)  # the first container's, instead
+    command: list[Word] | None = Field(None, max_length=64)  # the first container's, instead
+    args: list[Word] | None = Field(None, max_length=256)  # the first container's, instead
+    env: dict[EnvName, Word] = Field(default_factory=dict, max_length=64)  # added to the first container's
+    model: ModelRefText | None = None  # default: what the fleet serves
+    task: StrictStr = Field("digits", min_length=1, max_length=64)
+    steps: StrictInt = Field(40, ge=1, le=1_000_000)
+    save_steps: StrictInt = Field(10, ge=1, le=1_000_000)  # a checkpoint, so a published version, every N steps
+    learning_rate: Number = Field(5e-4, gt=0, le=1)
+    batch_size: StrictInt = Field(8, ge=1, le=4096)
+    backoff_limit: StrictInt | None = Field(None, ge=0, le=20)  # the Job's retries (default: the template's)
+    deadline_s: StrictInt | None = Field(None, ge=10, le=30 * 86_400)  # its activeDeadlineSeconds (default: ditto)
+
+    @model_validator(mode="after")
+    def _trainer_env(self) -> JobParams:
+        taken = sorted(set(self.env) & set(JOB_ENV))
+        if taken:
+            raise ValueError(f"env {', '.join(taken)}: set by the trainer from the run's parameters (model, task, "
+                             "steps, save_steps, learning_rate, batch_size); set those instead")
+        return self
+
+
 def _inline(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON schema with its definitions inlined: it is embedded in another model's schema."""
     schema = model.model_json_schema()
@@ -183,12 +217,12 @@ def _inline(model: type[BaseModel]) -> dict[str, Any]:
 # in its errors); the schema says the same for clients and /openapi.json.
 RunParams = Annotated[dict[str, Any], WithJsonSchema({
     "title": "Params", "description": "the parameters of the run's kind: SimulationParams for 'simulation', "
-    "FinetuneParams for 'finetune' (unset ones take their defaults)",
-    "anyOf": [_inline(SimulationParams), _inline(FinetuneParams)]})]
+    "FinetuneParams for 'finetune', JobParams for 'job' (unset ones take their defaults)",
+    "anyOf": [_inline(SimulationParams), _inline(FinetuneParams), _inline(JobParams)]})]
 
 
 class RunRequest(_Strict):
     """``POST /runs``."""
 
-    kind: Literal["simulation", "finetune"]
+    kind: Literal["simulation", "finetune", "job"]
     params: RunParams = Field(default_factory=dict)
