@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,7 +76,7 @@ class FinetuneKind:
                              f"({params.eval_prompts})")
         if params.algorithm == "sft_best" and params.async_mode:
             raise BadRequest("algorithm sft_best is synchronous: set async to false, or use grpo or reinforce")
-        grpo_config(params, settings.trainer_data_dir or settings.shared_dir)  # TRL's own checks, nothing made
+        grpo_config(params, Path(tempfile.gettempdir()))  # TRL's own checks of the options; it writes nothing
 
     def execute(self, ctx: RunContext, params: FinetuneParams) -> None:
         run = _FinetuneRun(ctx, params)
@@ -96,10 +98,16 @@ class _FinetuneRun:
         self.book = SampleBook()
         self.window: VersionWindow | None = None
         self.collector: Collector | None = None
+        self.releases: Releases | None = None
 
     def close(self) -> None:
         if self.collector is not None:
             self.collector.stop()
+        if self.releases is not None:
+            try:  # a publish in flight ends (commits or aborts) before the run does: it cannot be cut short
+                self.releases.wait_published()
+            except Exception as exc:  # the run already ends with its own reason
+                log.warning("run %s: the last publish failed as the run ended: %s", self.ctx.run_id, exc)
         self.client.close()
 
     def _rollout_urls(self) -> list[str]:
@@ -165,8 +173,8 @@ class _FinetuneRun:
         ref, resume_from = self._start(evaluator)
         assert self.window is not None
         window = self.window
-        releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
-                            background=p.async_mode)
+        releases = self.releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
+                                            background=p.async_mode)
         if resume_from is None:
             evaluator.evaluate(window.latest, 0, converged=releases.converge(window.latest))
         elif self._served_model()[0] != window.latest:
