@@ -11,7 +11,7 @@ Two additions to a plain GRPOTrainer script:
 - ``LockstepPublishCallback`` uploads each saved checkpoint to the trainer, which publishes it to every replica
   at one instant and waits until they all serve it.
 
-Start from the model the fleet serves (``--model``: ``builtin:tiny`` for ``lockstep up``'s default replicas).
+It starts from the version the fleet serves, downloaded from the trainer (or ``--model``).
 The trainer's own ``finetune`` run kind does the same with more care (retries, asynchronous rollouts with a
 staleness bound, resume, evaluation): docs/training.md.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +32,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from lockstep.core.settings import load_settings
 from lockstep.models import loader
+from lockstep.store.remote import RemoteStore
 from lockstep.trainer.client import LockstepPublishCallback
 from lockstep.trainer.runs.tasks import digits_reward, get_task
 
@@ -76,7 +79,8 @@ def main() -> None:
     parser.add_argument("--trainer", default="http://127.0.0.1:8090")
     parser.add_argument("--fleet", default=None, help="replica URLs, comma-separated (default: the trainer's "
                         "ready replicas)")
-    parser.add_argument("--model", default="builtin:tiny", help="what the fleet serves now")
+    parser.add_argument("--model", default=None, help="the start model (default: what the fleet serves, "
+                        "downloaded from the trainer)")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--save-steps", type=int, default=3)
     parser.add_argument("--output", default="var/trl-grpo")
@@ -88,7 +92,12 @@ def main() -> None:
     urls = args.fleet.split(",") if args.fleet else [r["url"] for r in cluster["replicas"] if r.get("ready")]
     start_version = int(cluster["convergence"]["version"])
 
-    loaded = loader.load(loader.resolve(args.model, settings), settings, dtype=torch.float32)
+    model = args.model or (f"versions/{start_version}" if start_version else settings.initial_model_repo_id)
+    store = RemoteStore(args.trainer, Path(tempfile.gettempdir()) / "lockstep-versions", token=settings.api_token)
+    try:  # versions/N comes from the trainer's store API, every file checked against its MANIFEST
+        loaded = loader.load(loader.resolve(model, settings, store), settings, dtype=torch.float32)
+    finally:
+        store.close()
     callback = LockstepPublishCallback(trainer_url=args.trainer, token=settings.api_token, tokenizer=loaded.tokenizer)
     config = GRPOConfig(output_dir=args.output, max_steps=args.steps, save_steps=args.save_steps,
                         per_device_train_batch_size=32, num_generations=4, max_completion_length=16,

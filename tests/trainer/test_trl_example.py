@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import LocalCluster, Proc
+from tests.support.cluster import LocalCluster, Proc, wait_for
 from tests.trainer.test_finetune import committed
 
 pytestmark = pytest.mark.e2e
@@ -19,9 +19,14 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trl_grpo_on_fleet.
 
 def test_a_trl_script_trains_on_the_fleet_and_publishes_to_it(cluster: LocalCluster, trainer: Proc,
                                                                tmp_path: Path) -> None:
-    before = committed(trainer)
-    model = f"versions/{before}" if before else "builtin:tiny"  # what the fleet serves now
-    done = subprocess.run([sys.executable, str(EXAMPLE), "--trainer", trainer.url, "--model", model, "--steps", "2",
+    # A random model, so that the rewards differ within groups and training changes the weights (a fleet already
+    # at reward 1.0 gives zero gradients, and publishing the same content again is "unchanged").
+    job = trainer.post("/publish", json={"model": "builtin:tiny-s1"})
+    assert job.status_code == 202, job.text
+    wait_for(lambda: trainer.get(f"/publishes/{job.json()['publish_id']}").json()["status"] != "running", 120, 0.2,
+             "the start model to be published")
+    before = committed(trainer)  # the script starts from it, downloaded from the trainer
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--trainer", trainer.url, "--steps", "2",
                            "--save-steps", "2", "--output", str(tmp_path / "out")],
                           env=cluster.env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
