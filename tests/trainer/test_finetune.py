@@ -128,11 +128,30 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
         assert proc.status()["serving_version"] == run["versions"][-1]
 
 
+def test_sft_best_imitates_the_best_answer_of_each_group_and_publishes_every_version(cluster: LocalCluster,
+                                                                                     trainer: Proc) -> None:
+    params = {**PARAMS, "steps": 6, "algorithm": "sft_best"}
+    created = trainer.post("/runs", json={"kind": "finetune", "params": params})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    assert len(run["versions"]) == 2
+    assert_within_bound(run, bound=0)
+    assert all(0 < m["imitated"] <= PARAMS["batch_size"] and "loss" in m for m in run["metrics"])
+    manifests = {m["version"]: m for m in trainer.get("/versions").json()["versions"]}
+    for version in run["versions"]:
+        assert manifests[version]["metadata"]["algorithm"] == "sft_best"
+        assert run["version_samples"][str(version)]["used"] == 3 * PARAMS["batch_size"] * PARAMS["group_size"]
+    for proc in cluster.replicas:
+        assert proc.status()["serving_version"] == run["versions"][-1]
+
+
 @pytest.mark.parametrize("params, message", [
     ({"max_staleness": -1}, "max_staleness"), ({"max_staleness": 65}, "max_staleness"),
     ({"async": "yes"}, "async"), ({"trl_args": {"use_vllm": True}}, "not a TRL option"),
     ({"trl_args": {"epsilon_high": "wide"}}, "must be a float"), ({"loss_type": "ppo"}, "loss_type"),
-    ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses")])
+    ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses"),
+    ({"algorithm": "sft_best", "async": True}, "sft_best is synchronous")])
 def test_bad_training_options_are_refused_before_a_run_exists(trainer: Proc, params: dict[str, Any],
                                                               message: str) -> None:
     before = len(trainer.get("/runs").json()["runs"])

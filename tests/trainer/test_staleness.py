@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.core.errors import BadRequest
 from lockstep.trainer.runs.fleet_rollouts import AsyncRollouts, Collector, Group, Sampling, TaskReward, judge
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
@@ -81,7 +82,8 @@ def test_async_rollouts_hand_trl_only_fresh_groups_with_their_tags() -> None:
         collector = Collector(client, Sampling(2, 4, 1.0, 0, 0), get_task("digits"), 2, book, capacity=8)
         for version in (1, 2, 1, 3, 9):  # waiting in the queue, oldest first
             collector.groups.put(group(version))
-        rollouts = AsyncRollouts(collector, 2, window, book, _Tokenizer(), check_stop=lambda: None)
+        rollouts = AsyncRollouts(collector, 2, window, book, _Tokenizer(), check_stop=lambda: None,
+                                 clock=SYSTEM_CLOCK)
         batch = rollouts(["p", "p", "q", "q"], trainer=None)
         assert batch["lockstep_version"] == [2, 2, 3, 3]
         assert batch["completion_ids"] == [[5, 6]] * 4 and batch["logprobs"] is None

@@ -96,6 +96,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def own_namespace(settings: Settings, namespace_file: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The trainer's namespace: POD_NAMESPACE, else its service account's; empty when neither is known."""
+    if settings.k8s_namespace:
+        return settings.k8s_namespace
+    try:
+        return namespace_file.read_text().strip()
+    except OSError:
+        return ""
+
+
 def headless_domains(service: str | None, namespace: str) -> tuple[str, ...]:
     """The names a headless Service's pods are found under (a StatefulSet's ``<pod>.<service>...``)."""
     if not service:
@@ -249,12 +259,7 @@ class Discovery:
         return [Endpoint(_url_for(ip, port), "dns", name=name) for ip in seen]
 
     def namespace(self) -> str:
-        if self.settings.k8s_namespace:
-            return self.settings.k8s_namespace
-        try:
-            return self.namespace_file.read_text().strip() or "default"
-        except OSError:
-            return "default"
+        return own_namespace(self.settings, self.namespace_file) or "default"
 
     def _kubernetes(self) -> list[Endpoint]:
         from kubernetes import client

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from lockstep.core.errors import Conflict, LockstepError
 from lockstep.core.settings import Settings
-from lockstep.trainer.cluster.discovery import SERVICE_ACCOUNT_NAMESPACE, in_cluster_api_client
+from lockstep.trainer.cluster.discovery import SERVICE_ACCOUNT_NAMESPACE, in_cluster_api_client, own_namespace
 
 TIMEOUT_S = 10.0  # seconds for one API call
 
@@ -143,12 +143,7 @@ def connect(settings: Settings) -> KubernetesJobs:
 def namespace(settings: Settings, namespace_file: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
     """Where job runs create their Jobs: the trainer's own namespace (POD_NAMESPACE, else the service account's,
     else the kubeconfig's current context), or ``default``."""
-    if settings.k8s_namespace:
-        return settings.k8s_namespace
-    try:
-        found = namespace_file.read_text().strip()
-    except OSError:
-        found = ""
+    found = own_namespace(settings, namespace_file)
     if not found and settings.kubeconfig is not None:
         from kubernetes import config
 

@@ -36,7 +36,7 @@ from lockstep.trainer.runs.rollouts import RolloutClient
 from lockstep.trainer.runs.sft import train_sft
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import RewardFn, get_task
-from lockstep.trainer.runs.trl_trainer import grpo_config, run_callback
+from lockstep.trainer.runs.trl_trainer import grpo_config, quiet, run_callback
 from lockstep.trainer.server.publish_jobs import check_ref
 from lockstep.trainer.server.schemas import FinetuneParams
 
@@ -204,7 +204,7 @@ class _FinetuneRun:
                                        capacity=p.batch_size)  # one step ahead
             self.collector.start()
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,
-                                         check_stop=ctx.check_stop)
+                                         check_stop=ctx.check_stop, clock=ctx.clock)
         else:
             rollout_func = SyncRollouts(self.client, sampling, window, self.book, tokenizer,
                                         check_stop=ctx.check_stop, sleep=ctx.clock.sleep)
@@ -218,7 +218,7 @@ class _FinetuneRun:
                               train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
                               rollout_func=rollout_func,
                               callbacks=[run_callback(ctx, p, window, self.book, releases)])
-        _quiet(trainer)
+        quiet(trainer)
         trainer.train(resume_from_checkpoint=resume_from)
         releases.wait_published()
         ctx.check_stop()  # a stop ends TRL's loop early; the run is stopped, not succeeded
@@ -236,10 +236,3 @@ class _FinetuneRun:
                               "samples_dropped_stale": sum(s.dropped_stale
                                                            for s in ctx.record.version_samples.values())}
 
-
-def _quiet(trainer: Any) -> None:
-    """transformers prints every log line to stdout; the run's metrics already carry them."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for callback in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(callback)

@@ -15,11 +15,11 @@ import hashlib
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lockstep.core.clock import Clock
 from lockstep.core.errors import LockstepError
 from lockstep.trainer.runs.rewards import score
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
@@ -237,24 +237,25 @@ class AsyncRollouts:
     """Hands TRL whole groups from the collector, each within ``max_staleness`` of the newest version."""
 
     def __init__(self, collector: Collector, group_size: int, window: VersionWindow, book: SampleBook,
-                 tokenizer: Any, *, check_stop: Callable[[], None]) -> None:
+                 tokenizer: Any, *, check_stop: Callable[[], None], clock: Clock) -> None:
         self.collector, self.group_size, self.window, self.book = collector, group_size, window, book
         self.tokenizer = tokenizer
         self.check_stop = check_stop
+        self.clock = clock
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         # With max_staleness 0 this waits, after each checkpoint, for answers of the version it becomes: the
         # synchronous behaviour, reached by the bound alone.
         wanted = len(prompts) // self.group_size
         used: list[Group] = []
-        last_use = time.monotonic()
+        last_use = self.clock.monotonic()
         while len(used) < wanted:
             self.check_stop()
             group = self.collector.take(timeout_s=1.0)
             if group is not None and judge(group, self.window, self.book):
                 used.append(group)
-                last_use = time.monotonic()
-            elif time.monotonic() - last_use > STARVED_S:
+                last_use = self.clock.monotonic()
+            elif self.clock.monotonic() - last_use > STARVED_S:
                 why = "; ".join(self.collector.problems) or (
                     f"every answer was more than max_staleness={self.window.max_staleness} versions behind "
                     f"v{self.window.latest} or came from another publisher")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ class Evaluator:
         self.client = client
         self.first: float | None = None
         self.last: float | None = None
-        self._since = time.monotonic()
+        self._since = ctx.clock.monotonic()
 
     def remember(self, evals: list[float]) -> None:
         """A resumed run keeps the rewards its first life measured."""
@@ -59,8 +58,8 @@ class Evaluator:
 
     def evaluate(self, version: int, step: int, *, converged: bool) -> None:
         ctx, p = self.ctx, self.p
-        seconds = round(time.monotonic() - self._since, 3)
-        self._since = time.monotonic()
+        seconds = round(ctx.clock.monotonic() - self._since, 3)
+        self._since = ctx.clock.monotonic()
         if p.eval_prompts == 0:
             return
         ctx.progress(step, p.steps, f"step {step}: evaluating v{version} on held-out prompts")

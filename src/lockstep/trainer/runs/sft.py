@@ -21,19 +21,18 @@ from lockstep.trainer.runs.releases import Releases
 from lockstep.trainer.runs.rewards import score
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import RewardFn, Task
+from lockstep.trainer.runs.trl_trainer import quiet, training_args
 from lockstep.trainer.server.schemas import FinetuneParams
 
 OPTIMIZER_FILE = "optimizer.pt"  # torch.save of the AdamW state dict (the trainer's own file, never published)
 
 
-def best_answers(groups: list[Group], reward: RewardFn, reward_name: str) -> list[tuple[str, str]]:
-    """(prompt, answer) of each group whose best answer scores above the group's mean."""
+def best_answers(groups: list[Group], rewards: list[list[float]]) -> list[tuple[str, str]]:
+    """(prompt, answer) of each group whose best answer scores above the group's mean (``rewards``: per answer)."""
     pairs = []
-    for group in groups:
-        scored = [(score(reward, r.request.prompt, r.text, reward_name), r.text) for r in group.rollouts]
-        mean = sum(value for value, _ in scored) / len(scored)
-        best, text = max(scored)
-        if best > mean:  # only an answer better than its siblings is worth imitating
+    for group, values in zip(groups, rewards, strict=True):
+        best, text = max(zip(values, (r.text for r in group.rollouts), strict=True))
+        if best > sum(values) / len(values):  # only an answer better than its siblings is worth imitating
             pairs.append((group.prompt, text))
     return pairs
 
@@ -43,7 +42,6 @@ def train_sft(ctx: RunContext, p: FinetuneParams, model: Any, tokenizer: Any, *,
               releases: Releases, start_step: int, resume_from: str | None) -> None:
     """Segments of ``publish_every`` SFT steps, each on answers of the version the previous one published."""
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
@@ -58,11 +56,11 @@ def train_sft(ctx: RunContext, p: FinetuneParams, model: Any, tokenizer: Any, *,
             ctx.progress(n - 1, p.steps, f"step {n}/{p.steps}: rollouts from v{window.latest}")
             asked = task.prompts(p.batch_size, seed=p.seed * 1_000_003 + n, held_out=False)
             groups = rollouts.groups(asked, n)
-            best = best_answers(groups, reward, reward_name)
+            rewards = [[score(reward, r.request.prompt, r.text, reward_name) for r in g.rollouts] for g in groups]
+            best = best_answers(groups, rewards)
             pairs += best
             used = book.take_step()
-            mean = sum(score(reward, r.request.prompt, r.text, reward_name) for g in groups
-                       for r in g.rollouts) / max(1, sum(len(g.rollouts) for g in groups))
+            mean = sum(map(sum, rewards)) / max(1, sum(map(len, rewards)))
             points.append({"type": "step", "step": n, "reward": round(mean, 6), "version": window.latest,
                            "publishing": window.publishing, "samples": used.used, "imitated": len(best),
                            "stale": used.dropped_stale, "foreign": used.foreign, "errors": used.errors,
@@ -72,17 +70,12 @@ def train_sft(ctx: RunContext, p: FinetuneParams, model: Any, tokenizer: Any, *,
         if pairs:
             args = SFTConfig(output_dir=str(ctx.files.checkpoints / "sft"), max_steps=len(segment),
                              per_device_train_batch_size=math.ceil(len(pairs) / len(segment)),
-                             learning_rate=p.learning_rate, weight_decay=p.weight_decay,
-                             max_grad_norm=p.max_grad_norm, lr_scheduler_type="constant", logging_steps=1,
-                             report_to=[], save_strategy="no", disable_tqdm=True, seed=p.seed + step,
-                             use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-                             gradient_checkpointing=False, dataloader_num_workers=0)
+                             save_strategy="no", seed=p.seed + step, **training_args(p))
             trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=Dataset.from_dict({"prompt": [q for q, _ in pairs],
                                                                   "completion": [a for _, a in pairs]}),
                                  optimizers=(optimizer, None))
-            for callback in (PrinterCallback, ProgressCallback):
-                trainer.remove_callback(callback)
+            quiet(trainer)
             trainer.train()
             losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
             for point, value in zip(points, losses, strict=False):

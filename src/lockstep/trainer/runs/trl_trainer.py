@@ -64,21 +64,32 @@ def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
         return GRPOConfig(
             output_dir=str(output_dir), max_steps=p.steps, per_device_train_batch_size=p.batch_size * p.group_size,
             num_generations=p.group_size, max_completion_length=p.max_new_tokens, temperature=p.temperature,
-            top_k=p.top_k, learning_rate=p.learning_rate, weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm,
-            loss_type=p.loss_type, beta=p.beta, epsilon=p.epsilon, scale_rewards=scale,
-            num_iterations=p.num_iterations, lr_scheduler_type=trl_args.pop("lr_scheduler_type", "constant"),
-            save_strategy="steps", save_steps=p.publish_every, save_total_limit=CHECKPOINTS_KEPT,
-            logging_steps=1, report_to=[], disable_tqdm=True, seed=p.seed, data_seed=p.seed,
-            use_cpu=not _cuda(), bf16=False, fp16=False, gradient_checkpointing=False,
-            dataloader_num_workers=0, shuffle_dataset=False, **trl_args)
+            top_k=p.top_k, loss_type=p.loss_type, beta=p.beta, epsilon=p.epsilon, scale_rewards=scale,
+            num_iterations=p.num_iterations, save_strategy="steps", save_steps=p.publish_every,
+            save_total_limit=CHECKPOINTS_KEPT, seed=p.seed, data_seed=p.seed, shuffle_dataset=False,
+            **training_args(p, lr_scheduler_type=trl_args.pop("lr_scheduler_type", "constant")), **trl_args)
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"TRL refuses the run's options: {exc}") from exc
 
 
-def _cuda() -> bool:
+def training_args(p: FinetuneParams, lr_scheduler_type: str = "constant") -> dict[str, Any]:
+    """What every TRL trainer of a run shares: the optimizer settings, float32 on the trainer's device, a log
+    entry per step and no reporting elsewhere (the run's metrics carry it)."""
     import torch
 
-    return bool(torch.cuda.is_available()) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    cuda = bool(torch.cuda.is_available()) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    return {"learning_rate": p.learning_rate, "weight_decay": p.weight_decay, "max_grad_norm": p.max_grad_norm,
+            "lr_scheduler_type": lr_scheduler_type, "logging_steps": 1, "report_to": [], "disable_tqdm": True,
+            "use_cpu": not cuda, "bf16": False, "fp16": False, "gradient_checkpointing": False,
+            "dataloader_num_workers": 0}
+
+
+def quiet(trainer: Any) -> None:
+    """transformers prints every log line to stdout; the run's metrics already carry them."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
 
 
 def run_callback(ctx: RunContext, p: FinetuneParams, window: VersionWindow, book: SampleBook,
