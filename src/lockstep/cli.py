@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lockstep.core.clock import SYSTEM_CLOCK
-from lockstep.core.errors import LockstepError
+from lockstep.core.errors import BadRequest, LockstepError
 from lockstep.core.settings import CommitPolicy, Settings, load_settings
 
 log = logging.getLogger("lockstep")
@@ -193,22 +193,50 @@ def _trainer_client(args: argparse.Namespace) -> Any:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, "publish")
+    rollout, plan = _rollout_args(args)  # a bad share or gate is refused before anything starts
     trainer = _trainer_client(args)
     if trainer is not None:
         if Path(args.ref).is_dir():  # a folder here: the trainer may not see it, so it is uploaded
+            if rollout is not None:
+                raise BadRequest("a rollout through the trainer takes a reference it can read (a repo id, "
+                                 "versions/N, a builtin): publish the folder first, then roll out versions/N")
             result = trainer.publish_folder(args.ref, policy=args.policy, timeout_s=args.timeout,
                                             progress=_upload_printer(args.ref))
             print(file=sys.stderr)
         else:
-            result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout)
+            result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout, rollout=rollout)
         _print_result(result)
         return 0 if result.ok else 1
     coordinator = _coordinator(args)
-    result = coordinator.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
-                                 timeout_s=args.timeout, progress=_progress_printer())
+    if plan is not None:
+        # Ctrl-C here rolls the fleet back before the command exits (the rollout's own rule for a failure).
+        result = coordinator.rollout(args.ref, plan, timeout_s=args.timeout, progress=_progress_printer())
+    else:
+        result = coordinator.publish(args.ref, policy=CommitPolicy(args.policy) if args.policy else None,
+                                     timeout_s=args.timeout, progress=_progress_printer())
     print(file=sys.stderr)
     _print_result(result)
     return 0 if result.ok else 1
+
+
+def _rollout_args(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Any]:
+    """``--canary``, ``--shadow``... as the trainer's request fields and as a checked plan (None: a plain publish)."""
+    from lockstep.sync.gates import parse_gate_option
+    from lockstep.sync.rollout import make_plan
+
+    if args.canary is None and not args.shadow:
+        if args.gate or args.step_seconds is not None or args.min_requests is not None:
+            raise BadRequest("--gate, --step-seconds and --min-requests belong to a rollout: add --canary "
+                             "(like --canary 5,25,100) or --shadow PERCENT")
+        return None, None
+    gate_specs = dict(parse_gate_option(text) for text in args.gate or ())
+    fields = {"canary": [float(s) for s in args.canary.split(",")] if args.canary else None,
+              "step_seconds": 60.0 if args.step_seconds is None else args.step_seconds,
+              "min_requests": 100 if args.min_requests is None else args.min_requests,
+              "shadow": args.shadow or 0.0, "gates": gate_specs or None}
+    plan = make_plan(args.canary, step_seconds=fields["step_seconds"], min_requests=fields["min_requests"],
+                     shadow=fields["shadow"], gate_specs=fields["gates"])
+    return fields, plan
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -226,6 +254,55 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """``lockstep rollout status|promote|abort``: a rollout in progress, through the trainer or the shared folder."""
+    _setup_logging(args.log_level, "rollout")
+    trainer = _trainer_client(args)
+    if trainer is not None:
+        view = {"status": trainer.rollout, "promote": trainer.promote, "abort": trainer.abort_rollout}[args.action]()
+        _print_rollout(view)
+        return 0
+    coordinator = _coordinator(args)
+    if args.action == "abort":  # its driver is gone (else it holds the lease and this waits for it)
+        result = coordinator.end_rollout("aborted by a person (lockstep rollout abort)")
+        if result is None:
+            raise LockstepError("no rollout is in progress in this shared folder")
+        _print_result(result)
+        return 0
+    if args.action == "promote":
+        raise BadRequest("promote a rollout through the process that drives it: its trainer (--trainer URL), or "
+                         "the lockstep publish --canary command (let it finish); lockstep rollout abort rolls back")
+    _print_split(coordinator.read_state())
+    return 0
+
+
+def _print_rollout(view: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"rollout {view.get('id')}: v{view.get('version')} {view.get('phase')}, step {view.get('step')} "
+                  f"at {view.get('share', 0):g}%" + (f" — {view['reason']}" if view.get("reason") else ""))
+    if view.get("gates"):
+        table = Table("gate", "verdict", "value", "threshold", "samples", "why")
+        for g in view["gates"]:
+            value = "" if g.get("value") is None else f"{g['value']:.4g}"
+            table.add_row(g["name"], g["verdict"], value, f"{g['threshold']:g}", f"{g['samples']}/{g['min_samples']}",
+                          g.get("reason") or "")
+        console.print(table)
+
+
+def _print_split(state: Any) -> None:
+    from rich.console import Console
+
+    if state.split is None or state.pending is None or state.pending.phase.value != "canary":
+        Console().print("no rollout is in progress")
+        return
+    s = state.split
+    Console().print(f"rollout {s.rollout}: v{s.version} answers {s.share:g}% (step {s.step}"
+                    + (f", shadow {s.shadow:g}%" if s.shadow else "") + f") by {state.pending.coordinator}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
@@ -237,9 +314,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     trainer = _trainer_client(args)
     if trainer is not None:
         _print_cluster(trainer.cluster())
+        try:
+            view = trainer.rollout()
+        except LockstepError:
+            return 0  # no rollout has run there
+        if view.get("phase") not in ("promoted", "rolled back", "aborted"):
+            _print_rollout(view)
         return 0
     coordinator = _coordinator(args)
     state = coordinator.read_state()
+    if state.split is not None:
+        _print_split(state)
     console = Console()
     committed = state.committed
     console.print(f"committed: {'v' + str(committed.version) + ' (' + committed.model + ')' if committed else 'none'}"
@@ -365,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "folder here is uploaded to the trainer)")
             p.add_argument("--urls", default=None,
                            help="comma-separated replica URLs: publish over HTTP (no shared folder)")
+            p.add_argument("--canary", default=None, metavar="SHARES",
+                           help="roll out in steps: percent of traffic per step, increasing, like 5,25,100")
+            p.add_argument("--shadow", type=float, default=None, metavar="PERCENT",
+                           help="also run this percent of the served prompts on the new version, compared, "
+                                "never returned (a first step with no traffic share)")
+            p.add_argument("--step-seconds", type=float, default=None, help="seconds each step holds at least (60)")
+            p.add_argument("--min-requests", type=int, default=None,
+                           help="answers from the new version each step waits for at least (100)")
+            p.add_argument("--gate", action="append", metavar="NAME=THRESHOLD",
+                           help="a gate's threshold (repeatable); NAME=off turns a default gate off")
         else:
             p.add_argument("--to", type=int, default=None, help="version (default: the one before)")
         p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)
@@ -372,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shared", default=None)
         p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("rollout", help="a rollout in progress: status, promote or abort")
+    p.add_argument("action", choices=["status", "promote", "abort"])
+    p.add_argument("--shared", default=None)
+    p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("status", help="what every replica serves")
     p.add_argument("--shared", default=None)

@@ -21,6 +21,7 @@ from lockstep.sync.agent import (
     Action,
     Beat,
     CatchUp,
+    EndSplit,
     FlipAt,
     Load,
     MarkBehindAt,
@@ -29,6 +30,7 @@ from lockstep.sync.agent import (
     Rules,
     SetCommitted,
     Snapshot,
+    SplitAt,
     Stage,
     Timer,
     Transport,
@@ -37,7 +39,7 @@ from lockstep.sync.agent import (
     loaded,
     observe,
 )
-from lockstep.sync.protocol import Committed, Pending, Phase, SyncState
+from lockstep.sync.protocol import Committed, Pending, Phase, Split, SyncState
 
 INITIAL = "builtin:tiny"
 FOLDER = Rules(Transport.FOLDER, INITIAL)
@@ -129,6 +131,55 @@ def test_a_staged_version_flips_at_the_committed_activate_at_once_and_polls_fast
     assert decide(FOLDER, mem, serving(2, staging=3, staged=3), T0 + 1.6)[1] == []
     mem = fired(mem, FlipAt(3, "d3", T0 + 2))
     assert decide(FOLDER, mem, serving(3), T0 + 2)[1] == []
+
+
+def rollout_step(share: float, step: int, at: float, *, pins_step: int | None = None) -> Split:
+    return Split(rollout="r1", version=3, share=share, step=step, activate_at=at, pins_step=pins_step)
+
+
+def in_canary(split: Split, generation: int) -> SyncState:
+    return SyncState(generation=generation, committed=commit(2, T0), split=split,
+                     pending=prepare(3, phase=Phase.CANARY, rollout="r1", deadline=None))
+
+
+def test_a_rollout_step_is_put_in_force_at_its_activate_at_once_per_change() -> None:
+    step = rollout_step(5, 0, T0 + 1)
+    mem = seen(Memory(), in_canary(step, 6))
+    mem, acts = decide(FOLDER, mem, serving(2, staging=3, staged=3), T0)
+    assert acts == [SplitAt(3, None, T0 + 1, step)]
+    assert decide(FOLDER, mem, serving(2, staging=3, staged=3), T0 + 0.5)[1] == []  # its timer is set
+    mem = fired(mem, SplitAt(3, None, T0 + 1, step))
+    applied = replace(serving(2, staging=3, staged=3), split=("r1", 3, 0, 5.0, None))
+    assert decide(FOLDER, mem, applied, T0 + 1)[1] == []
+    pins = rollout_step(5, 0, T0 + 1, pins_step=0)  # the same step with its session pins
+    mem = seen(mem, in_canary(pins, 7))
+    assert decide(FOLDER, mem, applied, T0 + 1.2)[1] == [SplitAt(3, None, T0 + 1, pins)]
+
+
+def test_a_replica_that_joins_mid_rollout_stages_the_candidate_and_applies_the_split_once_staged() -> None:
+    step = rollout_step(25, 1, T0)
+    mem = seen(Memory(), in_canary(step, 9))
+    mem, acts = decide(FOLDER, mem, serving(2), T0 + 1)
+    assert Stage(3, model(3), "d3", resident=True) in acts
+    assert SplitAt(3, None, T0, step) in acts  # in force at once: unready while the candidate is missing
+    mem = fired(mem, SplitAt(3, None, T0, step))
+    missing = replace(serving(2, staging=3), split=("r1", 3, 1, 25.0, None), split_missing=True)
+    assert decide(FOLDER, mem, missing, T0 + 2)[1] == []  # loading; not applied again every poll
+    mem = loaded(mem, Stage(3, model(3), "d3", resident=True), True, T0 + 3)
+    staged = replace(missing, staged=3)
+    assert SplitAt(3, None, T0 + 4, step) in decide(FOLDER, mem, staged, T0 + 4)[1]
+
+
+def test_a_promotion_ends_the_split_with_the_flip_and_an_abort_ends_it_at_once() -> None:
+    applied = replace(serving(2, staging=3, staged=3), split=("r1", 3, 1, 25.0, 1))
+    mem = seen(Memory(), in_canary(rollout_step(25, 1, T0, pins_step=1), 6))
+    mem = fired(decide(FOLDER, mem, applied, T0)[0], SplitAt(3, None, T0, rollout_step(25, 1, T0, pins_step=1)))
+    promoted = seen(mem, SyncState(generation=7, committed=commit(3, T0 + 2), pending=prepare(3, phase=Phase.COMMIT)))
+    _, acts = decide(FOLDER, promoted, applied, T0 + 1)
+    assert FlipAt(3, "d3", T0 + 2) in acts and EndSplit() not in acts  # sessions keep v3 until the flip
+    aborted = seen(mem, SyncState(generation=7, committed=commit(2, T0), pending=prepare(3, phase=Phase.ABORT)))
+    _, acts = decide(FOLDER, aborted, applied, T0 + 1)
+    assert EndSplit() in acts and Abort(3, "prepare expired") in acts
 
 
 def test_a_commit_not_staged_is_staged_early_then_unready_at_activate_at_then_caught_up_with_retries() -> None:

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
                            "its own when its load finishes; a benchmark baseline, not for production).")
     stage_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("LOCKSTEP_STAGE_TIMEOUT_S"),
                                    description="Seconds a coordinator waits for every replica to stage.")
+    session_ttl_s: float = Field(
+        3600.0, gt=0, le=30 * 86400, validation_alias=_env("LOCKSTEP_SESSION_TTL_S"),
+        description="Seconds a replica remembers which version answered a session (X-Lockstep-Session or the "
+        "OpenAI user field); a session idle longer may change version at the next rollout step.")
+    session_table_size: int = Field(
+        100_000, ge=0, le=10_000_000, validation_alias=_env("LOCKSTEP_SESSION_TABLE_SIZE"),
+        description="Sessions a replica remembers (the oldest forgotten first); about 100 bytes each.")
+    session_pin_wait_s: float = Field(
+        2.0, ge=0, le=60, validation_alias=_env("LOCKSTEP_SESSION_PIN_WAIT_S"),
+        description="Seconds a session request drawn into a rollout step's new share waits for the fleet's list "
+        "of sessions kept on the committed version, before it goes by its draw alone.")
     commit_margin_s: float = Field(
         0.1, gt=0, validation_alias=_env("LOCKSTEP_COMMIT_MARGIN_S"),
         description="activate_at = commit + this (seconds), raised to 2 polls + 50 ms of the slowest-polling staged "

@@ -24,16 +24,29 @@ from lockstep.inference.schemas import (
     CommitRequest,
     GenerateRequest,
     GenerateResponse,
+    SplitRequest,
     StageRequest,
     UpdateModelRequest,
 )
-from lockstep.sync.protocol import ReplicaStatus
+from lockstep.sync.protocol import ReplicaStatus, Split
+
+SESSION_HEADER = "X-Lockstep-Session"
+MAX_SESSION_CHARS = 256
 
 
 def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:
     """The headers every generation carries: the version that produced it, and where."""
     return {"X-Model-Version": str(admitted.version), "X-Model-Repo-Id": admitted.model_ref,
             "X-Replica-Id": replica_id}
+
+
+def session_key(request: Request, user: str | None = None) -> str | None:
+    """The request's session key: the ``X-Lockstep-Session`` header, else the OpenAI ``user`` field."""
+    key = request.headers.get(SESSION_HEADER) or user
+    if key is not None and len(key) > MAX_SESSION_CHARS:
+        raise BadRequest(f"the session key ({SESSION_HEADER} or user) is {len(key)} characters; the limit is "
+                         f"{MAX_SESSION_CHARS}")
+    return key or None
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -108,11 +121,12 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         rt.check_generation_limits(len(body.prompt) + len(body.system_prompt or ""), body.max_new_tokens)
         params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()))
+        session = session_key(request)
         if body.system_prompt:
             messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
-            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params)
+            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params, session)
         else:
-            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params)
+            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params, session)
         final = await generation.final_event(rt.replica, admitted, rt.token_rate, "/generate",
                                              request.is_disconnected)
         if final.finish_reason.value == "error":
@@ -138,7 +152,23 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         rt = rt_of(request)
         if body.check_only:
             return await asyncio.to_thread(rt.check_model, body.model)
-        return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest)
+        return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest, body.rollout)
+
+    @app.post("/admin/split", summary="A rollout step: a share of new requests to the staged version at activate_at")
+    async def admin_split(body: SplitRequest, request: Request) -> dict[str, Any]:
+        check_bearer(request, settings.api_token)
+        rt = rt_of(request)
+        if body.activate_at is not None and body.activate_at > rt.clock.time() + MAX_ACTIVATE_AHEAD_S:
+            raise BadRequest(f"activate_at is over {MAX_ACTIVATE_AHEAD_S:g} s after this replica's clock; check the "
+                             "clocks (and that activate_at is in seconds)")
+        split = Split(**body.model_dump(exclude={"model"}))
+        return await asyncio.to_thread(rt.schedule_split, split, body.model)
+
+    @app.get("/admin/split/sessions", summary="Sessions the committed version answered before a rollout step")
+    async def admin_split_sessions(rollout: str, step: int, request: Request) -> dict[str, Any]:
+        check_bearer(request, settings.api_token)
+        pins = await asyncio.to_thread(rt_of(request).session_pins, rollout[:64], step)
+        return {"rollout": rollout, "step": step, "pins": pins}
 
     @app.post("/admin/commit", summary="Flip to the staged version at activate_at")
     async def admin_commit(body: CommitRequest, request: Request) -> dict[str, Any]:

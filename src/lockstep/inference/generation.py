@@ -27,6 +27,8 @@ class Admitted:
     slot: ModelSlot
     handle: RequestHandle
     started: float
+    prompt_ids: list[int]
+    params: SamplingParams
 
     @property
     def version(self) -> int:
@@ -54,12 +56,14 @@ class TokenRate:
         return sum(n for _, n in self._events) / self.window_s
 
 
-async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams) -> Admitted:
-    """Pin the serving slot, tokenize with *its* tokenizer and submit to *its* engine.
+async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None = None
+                ) -> Admitted:
+    """Pin the serving slot (during a rollout, the one the split picks for ``session``), tokenize with *its*
+    tokenizer and submit to *its* engine.
 
     All of it runs in a worker thread: tokenizing the longest allowed prompt or chat, or waiting out an in-place
     weight copy, never holds up the event loop (and with it /healthz and every other request)."""
-    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params))
+    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, session))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -67,15 +71,16 @@ async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingP
         raise
 
 
-def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams) -> Admitted:
-    with replica.pinned() as slot:
+def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None
+                    ) -> Admitted:
+    with replica.pinned(session=session) as slot:
         ids = build_prompt(slot.tokenizer)
         try:
             handle = slot.engine.submit(ids, params)
         except Overloaded:
             replica.metrics.rejected.inc()
             raise
-    return Admitted(slot=slot, handle=handle, started=time.monotonic())
+    return Admitted(slot=slot, handle=handle, started=time.monotonic(), prompt_ids=ids, params=params)
 
 
 def _cancel_orphan(work: asyncio.Future[Admitted]) -> None:
@@ -133,6 +138,8 @@ def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenR
     m.generated_tokens.inc(final.completion_tokens)
     m.tokens_per_request.observe(final.completion_tokens)
     rate.add(final.completion_tokens)
+    replica.rollout_stats.record_answer(admitted.version, final)
+    replica.answered(admitted.slot, admitted.prompt_ids, admitted.params, final)
     sampled_by = {version for version, _, _ in getattr(final, "weight_versions", ())}
     if sampled_by - {str(admitted.version)}:  # the engine's own account contradicts the label
         m.version_mismatches.inc()

@@ -51,8 +51,16 @@ class ReplicaMetrics:
         self.version_mismatches = Counter(
             "lockstep_engine_version_mismatches", "Answers the engine reports as sampled (in part) by weights of "
             "another version than their label (vLLM reports it per answer); must stay 0.", registry=r)
+        self.rollout_share = Gauge("lockstep_rollout_share_percent", "Percent of new requests each resident version "
+                                   "answers while a rollout's split is in force.", ["model_version"], registry=r)
         for g in (self.serving_version, self.staged_version, self.committed_version):
             g.set(-1)
+
+    def set_shares(self, shares: dict[int, float]) -> None:
+        """Export the split in force: percent of new requests per version (none: no split)."""
+        self.rollout_share.clear()
+        for version, share in shares.items():
+            self.rollout_share.labels(model_version=str(version)).set(share)
 
 
 class VllmMetrics:

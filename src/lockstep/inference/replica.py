@@ -20,19 +20,26 @@ import torch
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
 from lockstep.core.settings import EngineKind, Settings, UpdateMode
+from lockstep.engine import FinalEvent, SamplingParams
 from lockstep.engine.vllm import VllmEngine
 from lockstep.inference import engines
 from lockstep.inference.checkpoint_files import CheckpointFiles
 from lockstep.inference.inplace import InplaceWeights, PartialCopy
 from lockstep.inference.metrics import ReplicaMetrics, VllmMetrics
+from lockstep.inference.rollout_stats import RolloutStats
+from lockstep.inference.routing import Route, Router, SessionTable
+from lockstep.inference.shadow import Shadow
 from lockstep.inference.slot import ModelSlot, ServingEngine
 from lockstep.models import loader
 from lockstep.store import VersionSource
-from lockstep.sync.protocol import ReplicaState, ServingInfo, StagedInfo, StageState
+from lockstep.sync.protocol import ReplicaState, RolloutReport, ServingInfo, Split, StagedInfo, StageState
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[loader.LoadedModel, Settings], ServingEngine]
+# During a canary step (no shadow asked for), this percent of the candidate's answers are compared with the
+# committed version's next-token distributions, on idle capacity: the token agreement and KL gates need samples.
+CANARY_COMPARE_PERCENT = 20.0
 
 
 def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> ServingEngine:
@@ -103,6 +110,13 @@ class Replica:
         self.last_error: str | None = None
         self.started_at = clock.time()
         self.metrics.queue_capacity.set(settings.max_queue)
+        # A rollout's split: the candidate (the staged slot) answers a share of new requests beside the serving one.
+        self.router = Router(SessionTable(capacity=settings.session_table_size, ttl_s=settings.session_ttl_s,
+                                          clock=clock), pin_wait_s=settings.session_pin_wait_s)
+        self.rollout_stats = RolloutStats()
+        self._split: Split | None = None  # the split applied (its candidate resident, unless split_missing)
+        self.split_missing = False  # a split with a share is in force and its candidate is not resident here
+        self._shadow: Shadow | None = None  # compares the two versions' answers while both are resident
 
     # ------------------------------------------------------------------ serving
     @property
@@ -115,6 +129,8 @@ class Replica:
                 # An in-place flip is draining the old version and copying in the new one (it began at
                 # activate_at): nothing is admitted, and what still runs is the version no longer committed.
                 return False
+            if self.split_missing:  # the fleet answers a share with the candidate, and this replica cannot
+                return False
             return self.committed_version is None or self.serving.version == self.committed_version
 
     def admission_open(self) -> bool:
@@ -125,12 +141,17 @@ class Replica:
         return self._admission.wait(timeout=timeout)
 
     @contextlib.contextmanager
-    def pinned(self, wait_s: float = 30.0) -> Iterator[ModelSlot]:
-        """Pin the serving slot for one request's admission; its engine will not stop until unpinned."""
+    def pinned(self, wait_s: float = 30.0, session: str | None = None) -> Iterator[ModelSlot]:
+        """Pin the slot that answers one request (the serving one, or during a split the one the router picks);
+        its engine will not stop until unpinned. ``session``: the request's session key, if any."""
         deadline = time.monotonic() + wait_s
         while True:
             if not self._admission.wait(timeout=max(0.0, deadline - time.monotonic())):  # in-place copy (short)
                 raise NotReady("the replica is applying an update and admission is paused; retry shortly")
+            with self._lock:
+                candidate = self._candidate()
+            # Outside the lock: a session in a step's new band may wait here for the fleet's pins.
+            route = self.router.choose(session) if candidate is not None else None
             with self._lock:
                 # Checked again under the lock that the in-place flip clears it under: a request that passed
                 # the wait just before the pause must not pin the slot whose weights are being overwritten.
@@ -139,6 +160,10 @@ class Replica:
                 slot = self.serving
                 if slot is None:
                     raise NotReady("no model is loaded yet; wait until GET /ready answers 200")
+                if route is Route.CANDIDATE and (now := self._candidate()) is not None:
+                    slot = now  # still resident: a rollback or abort since the choice sends it to the serving one
+                elif route is None:
+                    self.router.record(session, slot.version)
                 slot.pin()
                 break
         try:
@@ -190,8 +215,11 @@ class Replica:
                 self.state = ReplicaState.FAILED
 
     # ------------------------------------------------------------------ two phases
-    def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo:
-        """Prepare ``version`` beside the serving model; keep serving. Blocking; reports staged or the error."""
+    def stage(self, model_ref: str, version: int, digest: str | None = None, *, resident: bool = False
+              ) -> StagedInfo:
+        """Prepare ``version`` beside the serving model; keep serving. Blocking; reports staged or the error.
+
+        ``resident``: for a rollout, as a whole second model even in in-place mode (both versions answer)."""
         with self._lock:
             if self._staged is not None and self._staged.version == version and self._staged.model_ref == model_ref:
                 assert self.stage_info is not None
@@ -203,12 +231,15 @@ class Replica:
             self.stage_info = info
         with self._load_lock:
             try:
-                plan = self._prepare(model_ref, version, digest)
+                plan = self._prepare(model_ref, version, digest, resident)
             except Exception as exc:
                 message = f"staging {model_ref} as v{version} failed: {exc}"
+                if resident and self.settings.update_mode is UpdateMode.INPLACE:
+                    message += ("; a rollout keeps both versions resident, which this replica (update mode inplace) "
+                                "may not have the memory for: roll out without --canary/--shadow, or in swap mode")
                 log.error("%s", message)
                 self.metrics.swap_failures.inc()
-                failed = info.model_copy(update={"state": StageState.FAILED, "error": str(exc),
+                failed = info.model_copy(update={"state": StageState.FAILED, "error": message,
                                                  "seconds": time.monotonic() - started})
                 with self._lock:
                     self.stage_info, self.last_error = failed, message
@@ -225,8 +256,8 @@ class Replica:
         log.info("staged v%d (%s) in %.2fs", version, model_ref, staged.seconds or 0.0)
         return staged
 
-    def _prepare(self, model_ref: str, version: int, digest: str | None) -> StagedPlan:
-        in_place = self.settings.update_mode is UpdateMode.INPLACE and self.serving is not None
+    def _prepare(self, model_ref: str, version: int, digest: str | None, resident: bool) -> StagedPlan:
+        in_place = self.settings.update_mode is UpdateMode.INPLACE and self.serving is not None and not resident
         if in_place:
             started = time.monotonic()
             resolved = loader.resolve(model_ref, self.settings, self.store)
@@ -257,6 +288,7 @@ class Replica:
                 have = "nothing" if plan is None else f"v{plan.version}"
                 raise Conflict(f"cannot flip to v{version}: {have} is staged")
             self._staged = None
+            self._end_split()  # the candidate becomes the serving version: it answers everything
         started = time.monotonic()
         if plan.inplace is not None:
             self._flip_inplace(plan)
@@ -296,6 +328,8 @@ class Replica:
     def _drop_staged(self) -> bool:
         with self._lock:
             plan, self._staged = self._staged, None
+            if plan is not None and self._split is not None and self._split.version == plan.version:
+                self._end_split()  # nothing more goes to it; what it already admitted finishes before it is freed
             had = plan is not None or self.stage_info is not None
             self.stage_info = None
         if plan is not None:
@@ -401,6 +435,99 @@ class Replica:
             torch.cuda.empty_cache()
         log.info("freed v%d (%s)", slot.version, slot.model_ref)
 
+    # ------------------------------------------------------------------ rollouts
+    def _candidate(self) -> ModelSlot | None:
+        """The staged slot while a split with a share is in force (caller holds the lock)."""
+        split = self._split
+        return self._resident_candidate() if split is not None and split.share > 0 else None
+
+    def _resident_candidate(self) -> ModelSlot | None:
+        """The split's candidate, staged beside the serving slot (caller holds the lock)."""
+        split, plan = self._split, self._staged
+        if split is None or plan is None or plan.slot is None or plan.version != split.version:
+            return None
+        return plan.slot
+
+    def apply_split(self, split: Split | None) -> None:
+        """Put a rollout step in force (None: end it); a split whose candidate is not staged here makes it unready."""
+        with self._lock:
+            if split is None:
+                self._end_split()
+                return
+            serving = self.serving
+            new_rollout = self._split is None or self._split.rollout != split.rollout
+            self._split = split
+            plan = self._staged
+            resident = plan is not None and plan.slot is not None and plan.version == split.version
+            self.split_missing = (split.share > 0 or split.shadow > 0) and not resident
+            self.router.apply(split if resident else None, serving.version if serving else None)
+            if new_rollout:
+                self.rollout_stats.reset(split.rollout)
+            if resident:
+                canary = split.shadow if split.shadow > 0 else CANARY_COMPARE_PERCENT
+                if self._shadow is None:
+                    self._shadow = Shadow(split.shadow, self.rollout_stats, canary_percent=canary)
+                else:
+                    self._shadow.set_percent(split.shadow, canary)
+            self._update_state()
+        self.metrics.set_shares({} if self.split_missing or serving is None else
+                                {split.version: split.share, serving.version: 100 - split.share})
+        if self.split_missing:
+            log.error("the fleet answers %.1f%% with v%d and this replica has not staged it; unready until it has",
+                      split.share, split.version)
+        else:
+            log.info("rollout %s step %d: v%d answers %.1f%% of new requests%s", split.rollout, split.step,
+                     split.version, split.share, " (session pins complete)" if split.pins_step == split.step else "")
+
+    def _end_split(self) -> None:
+        """No split any more (caller holds the lock)."""
+        if self._split is None and not self.split_missing:
+            return
+        self._split, self.split_missing = None, False
+        self.router.apply(None, None)
+        if self._shadow is not None:
+            self._shadow.set_percent(0, 0)
+            self._shadow.clear()
+        self._update_state()
+        self.metrics.set_shares({})
+
+    def split_applied(self) -> tuple[tuple[str, int, int, float, int | None] | None, bool]:
+        """(rollout, version, step, share, pins_step) of the split in force; whether its candidate is missing here."""
+        with self._lock:
+            s = self._split
+            return (None if s is None else (s.rollout, s.version, s.step, s.share, s.pins_step)), self.split_missing
+
+    def step_pins(self) -> tuple[str, int, list[str]] | None:
+        """(rollout, step, pins) of the step in force: the sessions the committed version answered before it."""
+        with self._lock:
+            split = self._split
+        if split is None:
+            return None
+        pins = self.router.frozen_pins(split.rollout, split.step)
+        return None if pins is None else (split.rollout, split.step, pins)
+
+    def answered(self, slot: ModelSlot, prompt_ids: list[int], params: SamplingParams, final: FinalEvent) -> None:
+        """An answer finished: during a rollout, maybe compare it with the other resident version (off the path)."""
+        with self._lock:
+            shadow, serving, candidate = self._shadow, self.serving, self._resident_candidate()
+        if shadow is None or serving is None or candidate is None:
+            return
+        if slot is candidate:
+            shadow.offer_canary(serving, candidate, prompt_ids, final)
+        elif slot is serving:
+            shadow.offer(serving, candidate, prompt_ids, params, final)
+
+    def rollout_report(self) -> RolloutReport | None:
+        """The split in force and what each version answered since the rollout began (None: no split)."""
+        with self._lock:
+            split, serving = self._split, self.serving
+        if split is None:
+            return None
+        versions = [split.version] + ([serving.version] if serving is not None else [])
+        return RolloutReport(rollout=split.rollout, version=split.version, step=split.step, share=split.share,
+                             pins_step=split.pins_step, held=self.router.held,
+                             stats=self.rollout_stats.snapshot(versions))
+
     # ------------------------------------------------------------------ cluster view
     def set_committed(self, version: int | None, digest: str | None = None) -> None:
         """Record what the cluster committed; readiness follows."""
@@ -438,6 +565,8 @@ class Replica:
 
     def close(self) -> None:
         """Stop every engine (drains admitted requests)."""
+        if self._shadow is not None:
+            self._shadow.close()
         self._drop_staged()
         with self._lock:
             slot, self.serving = self.serving, None

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadModelRef, BadRequest, Conflict
+from lockstep.core.errors import BadModelRef, BadRequest, Conflict, NotFound
 from lockstep.core.http import bearer_headers
 from lockstep.core.settings import Settings
 from lockstep.inference.generation import TokenRate
@@ -20,7 +20,7 @@ from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
 from lockstep.store import ModelStore, VersionSource
 from lockstep.sync.agent import Abort, Rules, Transport
-from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, StageState
+from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, Split, StageState
 from lockstep.sync.replica_agent import ReplicaAgent
 from lockstep.sync.watcher import SyncWatcher, heartbeat_of
 
@@ -162,10 +162,12 @@ class ReplicaRuntime:
         check_available(ref, self.settings, self.store)
         return {"status": "ok", "model": model_ref, "replica_id": self.replica_id}
 
-    def start_stage(self, model_ref: str, version: int, digest: str | None) -> dict[str, Any]:
+    def start_stage(self, model_ref: str, version: int, digest: str | None, rollout: str | None = None
+                    ) -> dict[str, Any]:
         """POST /admin/stage: a prepare, staged in the background; poll GET /status for the outcome."""
         self._precheck(model_ref)
-        self.agent.tell(pending=Pending(version=version, model=model_ref, digest=digest, phase=Phase.PREPARE))
+        self.agent.tell(pending=Pending(version=version, model=model_ref, digest=digest, phase=Phase.PREPARE,
+                                        rollout=rollout), split=None)
         return {"status": "staging", "version": version, "model": model_ref, "replica_id": self.replica_id}
 
     def schedule_commit(self, version: int, activate_at: float) -> dict[str, Any]:
@@ -185,6 +187,29 @@ class ReplicaRuntime:
             raise Conflict(f"v{version} is not staged on {self.replica_id} ({mine.state.value if mine else 'nothing'} "
                            "for it); unready until it is staged and committed")
         return {"status": "committing", "version": version, "activate_at": activate_at, "replica_id": self.replica_id}
+
+    def schedule_split(self, split: Split, model: str) -> dict[str, Any]:
+        """POST /admin/split: a rollout step, in force at its ``activate_at``; 409 (unready) when not staged here."""
+        info = self.replica.stage_info
+        digest = info.digest if info is not None and info.version == split.version else None
+        self.agent.tell(pending=Pending(version=split.version, model=model, digest=digest, phase=Phase.CANARY,
+                                        rollout=split.rollout), split=split)
+        info = self.replica.stage_info
+        if split.share > 0 and (info is None or info.version != split.version or info.state is not StageState.STAGED):
+            raise Conflict(f"v{split.version} is not staged on {self.replica_id} "
+                           f"({info.state.value if info and info.version == split.version else 'nothing'} for it); "
+                           "unready until it is staged")
+        return {"status": "split", "version": split.version, "share": split.share, "step": split.step,
+                "activate_at": split.activate_at, "replica_id": self.replica_id}
+
+    def session_pins(self, rollout: str, step: int, timeout_s: float = 10.0) -> list[str]:
+        """This replica's sessions the committed version answered before ``step`` took effect (404: other step)."""
+        deadline = self.clock.monotonic() + timeout_s
+        while (pins := self.replica.router.frozen_pins(rollout, step)) is None:
+            if self.clock.monotonic() >= deadline:
+                raise NotFound(f"step {step} of rollout {rollout!r} is not in force on {self.replica_id}")
+            self.clock.sleep(0.005)
+        return pins
 
     def abort_stage(self, version: int | None) -> dict[str, bool]:
         """POST /admin/abort: an abort of what is staged (only ``version`` when given)."""

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from lockstep.engine.sampling_params import MAX_NEW_TOKENS, MAX_SEED, MAX_STOP_CHARS, MAX_TOP_K
+from lockstep.sync.protocol import MAX_PINS, PIN_CHARS
 
 # A JSON number: finite (Python's json reads NaN and Infinity, which no field accepts), never a string or a
 # boolean; integers are accepted where a float is expected. (No BeforeValidator on numbers: it would hide their
@@ -131,6 +132,7 @@ class StageRequest(_StrictBody):
     version: Version
     digest: Digest | None = None
     check_only: StrictBool = False  # only say whether the model exists and may be loaded here (no staging)
+    rollout: StrictStr | None = Field(None, min_length=1, max_length=64)  # both versions stay resident
 
 
 class CommitRequest(_StrictBody):
@@ -139,6 +141,21 @@ class CommitRequest(_StrictBody):
     version: Version
     activate_at: WallTime | None = Field(None, description=f"at most {MAX_ACTIVATE_AHEAD_S:g} s after the replica's "
                                          "clock; a time in the past flips at once")
+
+
+class SplitRequest(_StrictBody):
+    """POST /admin/split: from ``activate_at``, ``share`` percent of new requests to the staged ``version``."""
+
+    rollout: StrictStr = Field(min_length=1, max_length=64)
+    version: Version
+    model: StrictStr = Field(min_length=1, max_length=1024)
+    share: float = Field(ge=0, le=100, allow_inf_nan=False)
+    step: int = Field(ge=0, le=1000)
+    activate_at: WallTime | None = None
+    shadow: float = Field(0, ge=0, le=100, allow_inf_nan=False)
+    pins: list[Annotated[StrictStr, Field(min_length=PIN_CHARS, max_length=PIN_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_PINS)
+    pins_step: int | None = Field(None, ge=0, le=1000)
 
 
 class AbortRequest(_StrictBody):

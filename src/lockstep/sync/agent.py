@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from lockstep.sync.protocol import Committed, Phase, SyncState, activate_at_problem, reference_problem
+from lockstep.sync.protocol import Committed, Phase, Split, SyncState, activate_at_problem, reference_problem
 
 CATCH_UP_RETRY_S = 5.0  # seconds between attempts to load a committed version that failed to load
 # After staging, poll at ``commit_poll_interval_s`` for this long while the commit is expected: long enough
@@ -55,8 +55,11 @@ class Load:
     digest: str | None
 
 
+@dataclass(frozen=True)
 class Stage(Load):
-    """Load ``version`` beside the serving one, in the background."""
+    """Load ``version`` beside the serving one, in the background; ``resident``: as a whole second model (rollouts)."""
+
+    resident: bool = False
 
 
 class CatchUp(Load):
@@ -107,11 +110,24 @@ class MarkBehindAt(Timer):
 
 
 @dataclass(frozen=True)
+class SplitAt(Timer):
+    """At ``at``, answer ``split.share`` percent of new requests with the staged ``version`` (0: none)."""
+
+    split: Split
+
+
+@dataclass(frozen=True)
+class EndSplit:
+    """No split is in force any more: every new request goes to the serving version."""
+
+
+@dataclass(frozen=True)
 class Beat:
     """Write the heartbeat now: a coordinator waits on what changed."""
 
 
-Action = Stage | CatchUp | RefuseStage | Abort | SetCommitted | FlipAt | MarkBehindAt | Beat
+Action = Stage | CatchUp | RefuseStage | Abort | SetCommitted | FlipAt | MarkBehindAt | SplitAt | EndSplit | Beat
+SplitKey = tuple[str, int, int, float, int | None]  # (rollout, version, step, share, pins_step): a split as applied
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,8 @@ class Snapshot:
     staging: int | None = None  # the version its stage info names (staging, staged or failed)
     staged: int | None = None  # the version loaded beside the serving one, ready to flip
     committed: int | None = None  # the committed version it believes
+    split: SplitKey | None = None  # the split it applies
+    split_missing: bool = False  # a split with a share is in force but the candidate is not resident here
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,7 @@ class Memory:
     acted: Committed | None = None  # over HTTP, the commit acted on
     failed_at: float | None = None  # when the last catch-up failed
     poll: tuple[int, float] | None = None  # (version, until): staged, polling fast for its commit
+    split: SplitKey | None = None  # the split a timer is set for
 
 
 def target(rules: Rules, state: SyncState | None) -> Committed | None:
@@ -186,8 +205,10 @@ def decide(rules: Rules, mem: Memory, seen: Snapshot, now: float) -> tuple[Memor
     pending, staged, folder = state.pending if state else None, seen.staged, rules.transport is Transport.FOLDER
     if state is not None and pending is not None:
         v = pending.version
-        if pending.phase is Phase.PREPARE and not (pending.deadline is not None and now > pending.deadline):
-            key = (v, pending.model, state.generation)
+        canary = pending.phase is Phase.CANARY
+        if (pending.phase is Phase.PREPARE and not (pending.deadline is not None and now > pending.deadline)) or (
+                canary and staged != v and seen.staging != v):  # a replica that joins mid-rollout stages too
+            key = (v, pending.model, -1 if canary else state.generation)
             # Over the shared folder a booting replica loads the committed version first, then stages.
             if key not in mem.tried and not (folder and seen.serving in (None, v)):
                 if (problem := _reference_problem(rules, v, pending.model)) is not None:
@@ -195,9 +216,9 @@ def decide(rules: Rules, mem: Memory, seen: Snapshot, now: float) -> tuple[Memor
                     acts += [RefuseStage(v, pending.model, f"refusing the prepare of v{v} in sync_state.json: "
                                          f"{problem}"), Beat()]
                 elif mem.load is None:  # one load at a time: tried again once the running one ends
-                    acts.append(load := Stage(v, pending.model, pending.digest))
+                    acts.append(load := Stage(v, pending.model, pending.digest, resident=pending.rollout is not None))
                     mem = replace(mem, tried=mem.tried | {key}, load=load)
-        elif pending.phase is not Phase.COMMIT and seen.staging == v:  # aborted, or a prepare past its deadline
+        elif pending.phase not in (Phase.COMMIT, Phase.CANARY) and seen.staging == v:  # aborted, or expired
             acts.append(Abort(v, pending.reason or "prepare expired"))
             staged = None if staged == v else staged
     if mem.poll and (now >= mem.poll[1] or not pending or pending.phase is not Phase.PREPARE
@@ -205,6 +226,7 @@ def decide(rules: Rules, mem: Memory, seen: Snapshot, now: float) -> tuple[Memor
         mem = replace(mem, poll=None)
         acts.append(Beat())  # say so now: the coordinator sizes the commit margin from it
 
+    mem = _split(mem, acts, state, seen, staged, now)
     goal = target(rules, state)
     if goal is None or (not folder and goal == mem.acted):
         return mem, acts
@@ -251,6 +273,41 @@ def decide(rules: Rules, mem: Memory, seen: Snapshot, now: float) -> tuple[Memor
     return mem, acts
 
 
+def wanted_split(state: SyncState | None) -> Split | None:
+    """The split ``state`` puts in force: the rollout step of the pending version, while it is in phase canary."""
+    if state is None or state.split is None or state.pending is None:
+        return None
+    if state.pending.phase is not Phase.CANARY or state.pending.version != state.split.version:
+        return None
+    return state.split
+
+
+def split_key(split: Split | None) -> SplitKey | None:
+    return None if split is None else (split.rollout, split.version, split.step, split.share, split.pins_step)
+
+
+def _split(mem: Memory, acts: list[Action], state: SyncState | None, seen: Snapshot, staged: int | None,
+           now: float) -> Memory:
+    """Apply the split in force at its ``activate_at``; again once the candidate is staged, if it was missing."""
+    want = wanted_split(state)
+    key = split_key(want)
+    if want is None:
+        pending = state.pending if state else None
+        promoted = (pending is not None and pending.phase is Phase.COMMIT and seen.split is not None
+                    and pending.version == seen.split[1])
+        if seen.split is not None and not promoted:  # a promotion ends the split with the flip, at activate_at
+            acts.append(EndSplit())
+        return replace(mem, split=None) if mem.split is not None else mem
+    if mem.split == key:
+        return mem  # its timer is set
+    retry = seen.split == key and seen.split_missing and staged == want.version
+    if seen.split != key or retry:
+        at = now if retry or want.activate_at is None else want.activate_at
+        acts.append(SplitAt(want.version, None, at, want))
+        return replace(mem, split=key)
+    return mem
+
+
 def _progress(mem: Memory, seen: Snapshot, staged: int | None, goal: Committed, problem: str | None) -> Progress:
     if seen.serving == goal.version and (not goal.digest or not seen.serving_digest
                                          or seen.serving_digest == goal.digest):
@@ -288,4 +345,6 @@ def fired(mem: Memory, timer: Timer) -> Memory:
     """Memory after a timed flip or mark-behind ran."""
     if isinstance(timer, FlipAt):
         return replace(mem, flip=None) if mem.flip == timer.version else mem
+    if isinstance(timer, SplitAt):
+        return replace(mem, split=None) if mem.split == split_key(timer.split) else mem
     return replace(mem, behind=None) if mem.behind == timer.version else mem

@@ -22,9 +22,10 @@ from lockstep.sync import retention
 from lockstep.sync.catch_up import CatchUp
 from lockstep.sync.fleet import Fleet, FolderFleet
 from lockstep.sync.ledger import FileLedger, Ledger, MemoryLedger, check_writable, with_lease_wait
-from lockstep.sync.protocol import Committed, Heartbeat, LegacyRequest, Pending, Phase, StageState, SyncState
+from lockstep.sync.protocol import Committed, Heartbeat, LegacyRequest, Pending, Phase, Split, StageState, SyncState
 from lockstep.sync.reconcile import state_to_go_on_from
 from lockstep.sync.reports import PublishOutcome, PublishResult, ReplicaOutcome, ReplicaReport, commit_refusal
+from lockstep.sync.rollout import RolloutControl, RolloutPlan, RolloutRun, rollout_in_progress
 from lockstep.sync.sources import ProgressFn, Source, Sources
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,47 @@ class Coordinator:
                 retention.collect_quietly(self, f"after the publish of v{result.version}")  # still under the lease
             return result
 
+    def rollout(self, ref_text: str, plan: RolloutPlan, *, control: RolloutControl | None = None,
+                source: Source | None = None, timeout_s: float | None = None, metadata: dict[str, Any] | None = None,
+                progress: ProgressFn | None = None) -> PublishResult:
+        """Stage ``ref_text`` everywhere, then give it the plan's shares step by step (``lockstep.sync.rollout``)."""
+        if (busy := rollout_in_progress(self.read_state())) is not None:
+            raise Conflict(busy)  # before anything is copied or staged
+        source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
+        started = self.clock.time()
+        if source.unchanged:
+            return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
+                                 reason="the committed version already has this content (same digest)")
+        control = control or RolloutControl(plan)
+        with self.lease, self.drive_lock:
+            result = RolloutRun(self, source, control, timeout_s or self.settings.stage_timeout_s, progress).run()
+            if self.store is not None:
+                retention.collect_quietly(self, f"after the rollout of v{result.version}")
+            return result
+
+    def end_rollout(self, reason: str) -> PublishResult | None:
+        """Roll back a rollout nobody drives any more (its coordinator died): share 0 at one activate_at, then abort."""
+        with self.lease, self.drive_lock:
+            state = self.read_state()
+            pending = state.pending
+            if pending is None or pending.phase is not Phase.CANARY:
+                return None
+            told = self.fleet.live()
+            activate_at = self.clock.time() + self.commit_margin(told)
+            step = state.split.step + 1 if state.split is not None else 0
+            back = Split(rollout=pending.rollout or "unknown", version=pending.version, share=0, step=step,
+                         activate_at=activate_at)
+            state = self._write(state, split=back)
+            self.fleet.deliver_split(back, pending.model, state.generation, told)
+            self.clock.sleep(max(0.0, activate_at - self.clock.time()) + self.settings.poll_interval_s)
+            abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
+            state = self._write(state, pending=abort, split=None)
+            self.fleet.deliver(abort, state.generation, told)
+            log.warning("rollout of v%d ended: %s", pending.version, reason)
+            result = PublishResult(pending.version, pending.model, PublishOutcome.ROLLED_BACK, reason=reason,
+                                   started_at=self.clock.time(), activate_at=activate_at, generation=state.generation)
+            return self._finish(result)
+
     def publish_legacy(self, model: str, *, source: Source | None = None) -> PublishResult | None:
         """The seed's ``{"desired_model_repo_id": ...}`` in the shared folder: publish it unless someone did."""
         with self.lease, self.drive_lock:
@@ -180,6 +222,8 @@ class Coordinator:
             result.reason = (f"no live replicas to publish to: none of {self.fleet.describe()} answers GET /status "
                              "(see GET /cluster)")
             return self._finish(result)
+        if (busy := rollout_in_progress(state)) is not None:
+            raise Conflict(busy)
         if state.pending is not None and state.pending.phase is Phase.PREPARE:
             log.warning("superseding the unfinished prepare of v%d left by %s", state.pending.version,
                         state.pending.coordinator)
@@ -324,6 +368,9 @@ class Coordinator:
         """
         state = self.read_state()
         pending = state.pending
+        if pending is not None and pending.phase is Phase.CANARY and self.fleet.pushes:
+            self.end_rollout("the trainer restarted during the rollout; rolled back")
+            return
         if not self.fleet.pushes or pending is None or pending.phase is not Phase.PREPARE:
             return
         log.warning("aborting the unfinished prepare of v%d left by %s", pending.version, pending.coordinator)

@@ -12,8 +12,10 @@ from typing import Protocol
 
 from lockstep.core.clock import Clock
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import Heartbeat, Pending
-from lockstep.sync.shared_files import live_heartbeats
+from lockstep.sync.protocol import Heartbeat, Pending, Split
+from lockstep.sync.shared_files import live_heartbeats, read_pins
+
+PINS_POLL_S = 0.01  # seconds between reads of the replicas' session pins while a step's list is collected
 
 
 class Fleet(Protocol):
@@ -28,6 +30,17 @@ class Fleet(Protocol):
 
     def deliver(self, decision: Pending, generation: int, to: list[Heartbeat] | None = None) -> dict[str, str]:
         """Make ``decision`` reach the replicas (``to``, default all); why it failed, by replica id."""
+        ...
+
+    def deliver_split(self, split: Split, model: str, generation: int, to: list[Heartbeat]) -> dict[str, str]:
+        """Make a rollout step reach the replicas ``to``; why it failed, by replica id."""
+        ...
+
+    def session_pins(self, rollout: str, step: int, to: list[Heartbeat], until: float
+                     ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Each replica's sessions the committed version answered before ``step``; why one has none, by id.
+
+        Waits (until the monotonic time ``until``) for replicas that have not put the step in force yet."""
         ...
 
     def reach_s(self, staged: list[Heartbeat], slack_s: float) -> float:
@@ -62,6 +75,24 @@ class FolderFleet:
 
     def deliver(self, decision: Pending, generation: int, to: list[Heartbeat] | None = None) -> dict[str, str]:
         return {}  # the ledger's write of sync_state.json was the delivery
+
+    def deliver_split(self, split: Split, model: str, generation: int, to: list[Heartbeat]) -> dict[str, str]:
+        return {}  # in sync_state.json too
+
+    def session_pins(self, rollout: str, step: int, to: list[Heartbeat], until: float
+                     ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """From ``pins/<replica>.json``, which each replica writes once the step is in force."""
+        found: dict[str, list[str]] = {}
+        while True:
+            for beat in to:
+                if beat.replica_id not in found:
+                    pins = read_pins(self.shared_dir, beat.replica_id)
+                    if pins is not None and pins.rollout == rollout and pins.step == step:
+                        found[beat.replica_id] = pins.pins
+            if len(found) == len(to) or self.clock.monotonic() >= until:
+                return found, {b.replica_id: f"wrote no session pins for step {step} in {self.shared_dir / 'pins'}"
+                               for b in to if b.replica_id not in found}
+            self.clock.sleep(PINS_POLL_S)
 
     def reach_s(self, staged: list[Heartbeat], slack_s: float) -> float:
         """A replica reads the file within one poll: its fast commit poll while it still says so, else the normal."""

@@ -18,7 +18,7 @@ from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.http import bearer_headers
 from lockstep.core.settings import Settings
-from lockstep.sync.protocol import Heartbeat, Pending, Phase, ReplicaStatus
+from lockstep.sync.protocol import Heartbeat, Pending, Phase, ReplicaStatus, Split
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class HttpFleet:
             path, body = "/admin/stage", {"model": decision.model, "version": decision.version}
             if decision.digest:
                 body["digest"] = decision.digest
+            if decision.rollout:
+                body["rollout"] = decision.rollout
         elif decision.phase is Phase.COMMIT:
             path, body = "/admin/commit", {"version": decision.version}
             if decision.activate_at is not None:
@@ -108,6 +110,10 @@ class HttpFleet:
         else:
             path, body = "/admin/abort", {"version": decision.version}
 
+        return self._post_each(path, body, generation, targets)
+
+    def _post_each(self, path: str, body: dict[str, Any], generation: int, targets: dict[str, str]
+                   ) -> dict[str, str]:
         def post(url: str) -> str | None:
             try:
                 response = self._timed(url, lambda: self.client.post(f"{url}{path}", json=body))
@@ -120,6 +126,33 @@ class HttpFleet:
 
         outcomes = self._each(post, list(targets))
         return {targets[url]: why for url, why in outcomes.items() if why is not None}
+
+    def deliver_split(self, split: Split, model: str, generation: int, to: list[Heartbeat]) -> dict[str, str]:
+        body = {**split.model_dump(mode="json"), "model": model}
+        return self._post_each("/admin/split", body, generation, {b.url: b.replica_id for b in to if b.url})
+
+    def session_pins(self, rollout: str, step: int, to: list[Heartbeat], until: float
+                     ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """``GET /admin/split/sessions`` of each replica (it answers once the step is in force there)."""
+        targets = {b.url: b.replica_id for b in to if b.url}
+
+        def ask(url: str) -> list[str] | str:
+            wait = max(0.5, until - self.clock.monotonic())
+            try:
+                response = self.client.get(f"{url}/admin/split/sessions", params={"rollout": rollout, "step": step},
+                                           timeout=wait + 5.0)
+                if not response.is_success:
+                    return f"GET /admin/split/sessions refused: {error_text(response)}"
+                pins = response.json().get("pins")
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                return f"GET /admin/split/sessions failed: {exc}"
+            if not isinstance(pins, list) or not all(isinstance(p, str) for p in pins):
+                return "GET /admin/split/sessions answered no list of pins"
+            return pins
+
+        outcomes = self._each(ask, list(targets))
+        found = {targets[u]: v for u, v in outcomes.items() if isinstance(v, list)}
+        return found, {targets[u]: v for u, v in outcomes.items() if isinstance(v, str)}
 
     def reach_s(self, staged: list[Heartbeat], slack_s: float) -> float:
         """A POST reaches a replica within its slowest recent round trip (the poll interval if none was timed)."""

@@ -38,6 +38,7 @@ class Phase(str, Enum):
     PREPARE = "prepare"
     COMMIT = "commit"
     ABORT = "abort"
+    CANARY = "canary"  # staged everywhere and serving the share ``SyncState.split`` names; then commit or abort
 
 
 class ReplicaState(str, Enum):
@@ -88,6 +89,43 @@ class Pending(VersionRef):
     activate_at: AnyTime = None  # informational: replicas flip at the committed one
     rollback: bool = False  # a rollback may commit a lower version than the one served
     reason: str | None = None  # why it was aborted
+    rollout: str | None = Field(None, max_length=64)  # staged for a rollout: both versions stay resident
+
+
+MAX_PINS = 50_000  # session pins one split carries: under 1 MB of JSON
+PIN_CHARS = 16  # a pin is the first 16 hex digits of sha256(session key): no user's key in the shared state
+Share = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class Split(_Tolerant):
+    """A rollout step: from ``activate_at`` the pending version (staged beside the committed one on every replica)
+    answers ``share`` percent of new requests; the committed version answers the rest (and ``shadow`` percent of
+    its prompts are run on the candidate too, compared, never returned).
+
+    Requests with a session key go by its hash (``lockstep.inference.routing``), and ``pins`` keeps on the committed
+    version the sessions it answered before this step whose hash the larger share now covers (collected from every
+    replica after ``activate_at``; ``pins_step`` says for which step the list is complete). Share 0 is a rollback.
+    """
+
+    rollout: str = Field(min_length=1, max_length=64)  # salts the session hash: each rollout draws anew
+    version: VersionNumber  # the candidate: the pending version
+    share: Share
+    step: Count
+    activate_at: AnyTime = None
+    shadow: Share = 0  # percent of the committed version's answers also run on the candidate, off the response path
+    pins: list[Annotated[str, Field(min_length=PIN_CHARS, max_length=PIN_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_PINS)
+    pins_step: Count | None = None
+
+
+class SessionPins(_Tolerant):
+    """``replicas/<replica>.pins.json``: the sessions the committed version answered on one replica before a step."""
+
+    replica_id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    rollout: str = Field(min_length=1, max_length=64)
+    step: Count
+    pins: list[Annotated[str, Field(min_length=PIN_CHARS, max_length=PIN_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_PINS)
 
 
 class SyncState(_Tolerant):
@@ -97,6 +135,7 @@ class SyncState(_Tolerant):
     generation: Count = 0  # +1 on every write
     committed: Committed | None = None
     pending: Pending | None = None
+    split: Split | None = None  # a rollout step in progress (pending in phase canary)
     updated_at: WallTime | None = None
     writer: str | None = None
 
@@ -127,6 +166,42 @@ class ServingInfo(_Tolerant):
     since: WallTime | None = None
 
 
+LATENCY_BUCKETS_S = tuple(round(0.001 * 1.25 ** i, 6) for i in range(72))  # 1 ms … ~9 min, 25% apart
+
+
+class VersionStats(_Tolerant):
+    """What one replica's answers of one version looked like since the rollout began; sums merge across replicas.
+
+    ``latency`` counts answers per bucket of ``LATENCY_BUCKETS_S`` (the last bucket holds everything longer).
+    The comparison fields are filled on the candidate from shadowed or canary prompts: the candidate's tokens
+    against the served ones, and the KL divergence of its next-token distributions from the committed version's.
+    """
+
+    version: VersionNumber
+    requests: Count = 0  # answers finished (any outcome)
+    errors: Count = 0  # answers that ended in an error
+    empty: Count = 0  # answers with no token generated (not errors)
+    nonfinite: Count = 0  # answers whose logits were not finite
+    output_tokens: Count = 0
+    latency: list[Count] = Field(default_factory=list, max_length=len(LATENCY_BUCKETS_S) + 1)
+    compared: Count = 0  # shadowed or canary prompts compared with the other version
+    agreement_sum: Annotated[float, Field(ge=0, le=1e12, allow_inf_nan=False)] = 0.0  # token agreement, 0..1 each
+    kl_sum: Annotated[float, Field(ge=0, le=1e15, allow_inf_nan=False)] = 0.0  # nats per token, summed per prompt
+    shadow_dropped: Count = 0  # prompts sampled for shadowing but skipped: the bound was reached
+
+
+class RolloutReport(_Tolerant):
+    """A replica's view of the rollout in progress: the split it applies and what each version answered."""
+
+    rollout: str = Field(min_length=1, max_length=64)
+    version: VersionNumber  # the candidate
+    step: Count
+    share: Share
+    pins_step: Count | None = None
+    held: Count = 0  # requests that waited for the step's pins
+    stats: list[VersionStats] = Field(default_factory=list, max_length=2)
+
+
 class Heartbeat(_Tolerant):
     """``replicas/<replica>.json``: what a replica serves and stages, written every heartbeat interval."""
 
@@ -149,6 +224,7 @@ class Heartbeat(_Tolerant):
     # (wall clock) while it waits for the commit; the coordinator sizes the commit margin from these.
     commit_poll_s: float | None = Field(None, gt=0, le=60, allow_inf_nan=False)  # Settings' poll bounds
     commit_poll_until: WallTime | None = None
+    rollout: RolloutReport | None = None  # while a rollout's split is applied
 
 
 class ReplicaStatus(Heartbeat):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from lockstep.core.clock import Clock
 from lockstep.sync import agent
 from lockstep.sync.agent import Action, Memory, Rules, Snapshot, Transport
-from lockstep.sync.protocol import StagedInfo, StageState, SyncState
+from lockstep.sync.protocol import Split, StagedInfo, StageState, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,10 @@ class Driven(Protocol):
     def committed_version(self) -> int | None: ...
 
     def staged_plan_version(self) -> int | None: ...
-    def stage(self, model_ref: str, version: int, digest: str | None = None) -> StagedInfo: ...
+    def split_applied(self) -> tuple[agent.SplitKey | None, bool]: ...
+    def stage(self, model_ref: str, version: int, digest: str | None = None, *, resident: bool = False
+              ) -> StagedInfo: ...
+    def apply_split(self, split: Split | None) -> None: ...
     def boot(self, model_ref: str, version: int, digest: str | None = None) -> None: ...
     def flip(self, version: int) -> None: ...
     def abort(self, version: int | None = None) -> bool: ...
@@ -94,8 +97,10 @@ class ReplicaAgent:
         with self._lock:
             r = self.replica
             serving, info = r.serving, r.stage_info
+            split, missing = r.split_applied()
             seen = Snapshot(serving.version if serving else None, serving.digest if serving else None,
-                            info.version if info else None, r.staged_plan_version(), r.committed_version)
+                            info.version if info else None, r.staged_plan_version(), r.committed_version,
+                            split, missing)
             self.memory, actions = agent.decide(self.rules, self.memory, seen, self.clock.time())
             for action in actions:
                 self._carry(action)
@@ -104,7 +109,9 @@ class ReplicaAgent:
     def _carry(self, action: Action) -> None:
         r = self.replica
         match action:
-            case agent.Stage() | agent.CatchUp() | agent.FlipAt() | agent.MarkBehindAt():
+            case agent.EndSplit():
+                r.apply_split(None)
+            case agent.Stage() | agent.CatchUp() | agent.FlipAt() | agent.MarkBehindAt() | agent.SplitAt():
                 log.info("%s: %s", self.name, action)
                 run = self._load if isinstance(action, agent.Load) else self._at
                 threading.Thread(target=run, args=(action,), name=f"{type(action).__name__}-v{action.version}",
@@ -126,7 +133,8 @@ class ReplicaAgent:
         ok = False
         try:
             if isinstance(load, agent.Stage):
-                ok = self.replica.stage(load.model, load.version, load.digest).state is StageState.STAGED
+                info = self.replica.stage(load.model, load.version, load.digest, resident=load.resident)
+                ok = info.state is StageState.STAGED
             else:
                 self.replica.boot(load.model, load.version, load.digest)
                 ok = True
@@ -142,13 +150,18 @@ class ReplicaAgent:
             log.warning("%s saw the commit of v%d %.0f ms after activate_at", self.name, timer.version, late * 1000)
         try:
             sleep_until(self.clock, timer.at)
-            if isinstance(timer, agent.FlipAt):
+            if isinstance(timer, agent.SplitAt):
+                r.apply_split(timer.split)
+            elif isinstance(timer, agent.FlipAt):
                 r.flip(timer.version)
             elif (serving := r.serving) is None or serving.version != timer.version:
                 r.set_committed(timer.version, timer.digest)
                 log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.name,
                             timer.version)
         except Exception as exc:  # never ready on the old version while the cluster serves the new one
+            if isinstance(timer, agent.SplitAt):
+                log.error("%s could not apply the split of v%d: %s", self.name, timer.version, exc)
+                return
             folder = self.rules.transport is Transport.FOLDER
             r.refuse_commit(timer.version, timer.digest, (f"could not flip to v{timer.version}: {exc}; unready until "
                             "it catches up") if folder else (f"commit of v{timer.version} failed: {exc}; unready "

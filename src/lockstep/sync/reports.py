@@ -23,6 +23,7 @@ class PublishOutcome(StrEnum):
     COMMITTED = "committed"
     ABORTED = "aborted"
     UNCHANGED = "unchanged"  # the committed version already has this content
+    ROLLED_BACK = "rolled back"  # a rollout's gates failed, or someone aborted it: the committed version stays
 
 
 @dataclass
@@ -52,6 +53,7 @@ class PublishResult:
     generation: int = 0
     rollback: bool = False
     replicas: list[ReplicaReport] = field(default_factory=list)
+    rollout: dict[str, Any] | None = None  # a rollout's steps and gates (RolloutControl.view)
 
     def __post_init__(self) -> None:
         self.outcome = PublishOutcome(self.outcome)

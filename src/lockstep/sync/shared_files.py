@@ -1,4 +1,5 @@
-"""The shared folder's files on disk: ``sync_state.json`` and the heartbeats (docs/protocol.md §2–§3).
+"""The shared folder's files on disk: ``sync_state.json``, the heartbeats and a rollout step's session pins
+(docs/protocol.md §2–§3).
 
 Readers are tolerant (a torn, unparsable or out-of-range file keeps the last good state; a heartbeat from the
 future or with a malformed URL is ignored with a logged reason); writers are strict (always the full schema,
@@ -16,12 +17,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from lockstep.core.atomic import atomic_write_json
-from lockstep.sync.protocol import Heartbeat, LegacyRequest, SyncState, parse_sync_state
+from lockstep.sync.protocol import Heartbeat, LegacyRequest, SessionPins, SyncState, parse_sync_state
 from lockstep.sync.tolerant import DEFAULT_CLOCK_SKEW_S, ProblemLog, url_problem
 
 log = logging.getLogger(__name__)
 
-MAX_STATE_BYTES = 1 << 20  # sync_state.json is a few hundred bytes; a larger one is not ours
+MAX_STATE_BYTES = 2 << 20  # sync_state.json is a few hundred bytes, under 1 MB with a rollout's session pins
 MAX_HEARTBEAT_BYTES = 1 << 20
 
 _skipped = ProblemLog(log)  # heartbeats skipped, each reason once a minute per file
@@ -101,6 +102,27 @@ def write_heartbeat(shared_dir: Path, beat: Heartbeat) -> None:
         # local folder that would hide the outage and keep heartbeats on the wrong disk.
         path.parent.mkdir(exist_ok=True)
         _write_replace(tmp, path, data)
+
+
+def pins_path(shared_dir: Path, replica_id: str) -> Path:
+    return shared_dir / "pins" / heartbeat_path(shared_dir, replica_id).name
+
+
+def write_pins(shared_dir: Path, pins: SessionPins) -> None:
+    """Replace the replica's session pins of the step in force (the coordinator collects them)."""
+    path = pins_path(shared_dir, pins.replica_id)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    _write_replace(tmp, path, pins.model_dump_json().encode())
+
+
+def read_pins(shared_dir: Path, replica_id: str) -> SessionPins | None:
+    """One replica's session pins; None when missing, torn or not ours (the coordinator asks again)."""
+    try:
+        data = _read_bounded(pins_path(shared_dir, replica_id), MAX_STATE_BYTES)
+        return None if len(data) > MAX_STATE_BYTES else SessionPins.model_validate_json(data)
+    except (OSError, ValidationError, RecursionError):
+        return None
 
 
 def _write_replace(tmp: Path, path: Path, data: bytes) -> None:

@@ -71,6 +71,10 @@ class Reporting(Driven, Protocol):
 
     def serving_info(self) -> protocol.ServingInfo | None: ...
 
+    def rollout_report(self) -> protocol.RolloutReport | None: ...
+
+    def step_pins(self) -> tuple[str, int, list[str]] | None: ...
+
 
 class Rate(Protocol):
     def rate(self) -> float: ...
@@ -86,7 +90,7 @@ def heartbeat_of(replica: Reporting, settings: Settings, *, replica_id: str, url
         serving=replica.serving_info(), staged=replica.stage_info, last_error=replica.last_error,
         generation_seen=generation_seen, update_mode=settings.update_mode.value, queue_depth=queued,
         running=running, tokens_per_s=round(token_rate.rate(), 2) if token_rate else 0.0, time=clock.time(),
-        started_at=replica.started_at, commit_poll_until=commit_poll_until,
+        started_at=replica.started_at, commit_poll_until=commit_poll_until, rollout=replica.rollout_report(),
         commit_poll_s=None if commit_poll_until is None else min(settings.commit_poll_interval_s,
                                                                   settings.poll_interval_s))
 
@@ -111,6 +115,7 @@ class SyncWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._beat_due = 0.0
+        self._pins_written: tuple[str, int] | None = None  # (rollout, step) whose session pins are in pins/
 
     @property
     def last_good(self) -> SyncState | None:
@@ -159,8 +164,22 @@ class SyncWatcher:
         self._read()
         if self.settings.sync_mode != "naive" or self.replica.serving is None:
             self.agent.step()  # naive mode (benchmark baseline) only boots through it
+        self._write_pins()
         if self.clock.time() >= self._beat_due:
             self.beat()
+
+    def _write_pins(self) -> None:
+        """Once per rollout step in force: the sessions the committed version answered before it, for the
+        coordinator to collect (the HTTP transport asks ``GET /admin/split/sessions`` instead)."""
+        step = self.replica.step_pins()
+        if step is None or step[:2] == self._pins_written:
+            return
+        try:
+            shared_files.write_pins(self.shared_dir, protocol.SessionPins(
+                replica_id=self.replica_id, rollout=step[0], step=step[1], pins=step[2][:protocol.MAX_PINS]))
+            self._pins_written = step[:2]
+        except OSError as exc:
+            self._problem(f"cannot write the session pins of rollout step {step[1]}: {exc}")
 
     def _problem(self, message: str) -> None:
         if message != self._last_problem:  # say it once, not ten times a second

@@ -54,10 +54,30 @@ class TrainerClient:
         result: dict[str, Any] = self._call("GET", "/cluster")
         return result
 
-    def publish(self, model: str, *, policy: str | None = None, timeout_s: float | None = None) -> PublishResult:
-        """Publish ``model`` through the trainer and wait for the outcome."""
+    def publish(self, model: str, *, policy: str | None = None, timeout_s: float | None = None,
+                rollout: dict[str, Any] | None = None) -> PublishResult:
+        """Publish ``model`` through the trainer and wait for the outcome.
+
+        ``rollout``: ``canary`` (shares, like [5, 25, 100]), ``step_seconds``, ``min_requests``, ``shadow`` and
+        ``gates`` (docs/api.md, Rollouts): staged everywhere, then given its shares step by step."""
         body = {k: v for k, v in {"model": model, "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
+        body.update({k: v for k, v in (rollout or {}).items() if v is not None})
         return self._wait(self._call("POST", "/publish", json=body)["publish_id"])
+
+    def rollout(self) -> dict[str, Any]:
+        """``GET /rollout``: the rollout in progress, or the last one (steps, shares, gates)."""
+        view: dict[str, Any] = self._call("GET", "/rollout")
+        return view
+
+    def promote(self) -> dict[str, Any]:
+        """Promote the rollout in progress now; a person's call wins over the gates."""
+        view: dict[str, Any] = self._call("POST", "/rollout/promote")
+        return view
+
+    def abort_rollout(self) -> dict[str, Any]:
+        """Roll the rollout in progress back now."""
+        view: dict[str, Any] = self._call("POST", "/rollout/abort")
+        return view
 
     def publish_folder(self, folder: str | Path, *, label: str | None = None, metadata: dict[str, Any] | None = None,
                        policy: str | None = None, timeout_s: float | None = None,
@@ -146,6 +166,7 @@ def _read(path: Path, progress: Progress | None, before: int, total: int) -> Ite
 def result_from_dict(data: dict[str, Any]) -> PublishResult:
     """A ``PublishResult`` from its ``as_dict()`` form (the trainer's publish job result)."""
     fields = {k: data[k] for k in ("version", "model", "outcome", "reason", "activate_at", "started_at",
-                                   "prepare_s", "total_s", "generation", "rollback") if data.get(k) is not None}
+                                   "prepare_s", "total_s", "generation", "rollback", "rollout")
+              if data.get(k) is not None}
     replicas = [ReplicaReport(**r) for r in data.get("replicas") or []]
     return PublishResult(**fields, replicas=replicas)

@@ -31,6 +31,7 @@ from lockstep.store.manifest import check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
+from lockstep.sync.rollout import make_plan, rollout_in_progress
 from lockstep.trainer.cluster.discovery import Discovery
 from lockstep.trainer.cluster.view import ClusterView
 from lockstep.trainer.runs.manager import RunManager
@@ -197,6 +198,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        trainer.publisher.export_rollout()
         return Response(generate_latest(trainer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ the cluster
@@ -228,8 +230,46 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
         mutate(request)
         refuse_during_run()
+        plan = make_plan(body.canary, step_seconds=body.step_seconds, min_requests=body.min_requests,
+                         shadow=body.shadow, gate_specs=body.gate_specs()) if body.is_rollout else None
+        if plan is not None and (busy := rollout_in_progress(await asyncio.to_thread(trainer.coordinator.read_state))):
+            raise Conflict(busy)
         await asyncio.to_thread(check_ref, body.model, settings, trainer.coordinator.store)
-        return trainer.publisher.submit(body.model, policy=body.policy, timeout_s=body.timeout_s)
+        return trainer.publisher.submit(body.model, policy=body.policy, timeout_s=body.timeout_s, plan=plan)
+
+    @app.get("/rollout", summary="The rollout in progress, or the last one: steps, shares, gates")
+    async def rollout() -> dict[str, Any]:
+        control = trainer.publisher.rollout
+        if control is not None:
+            return control.view()
+        state = await asyncio.to_thread(trainer.coordinator.read_state)
+        if state.pending is not None and state.pending.phase.value == "canary":  # nobody in this process drives it
+            return {"id": state.pending.rollout, "version": state.pending.version, "model": state.pending.model,
+                    "phase": "orphaned", "share": state.split.share if state.split else 0.0,
+                    "step": state.split.step if state.split else -1,
+                    "reason": "its coordinator is gone; POST /rollout/abort rolls it back"}
+        raise NotFound("no rollout has run on this trainer; start one with POST /publish and canary or shadow")
+
+    @app.post("/rollout/promote", status_code=202, summary="Promote the rollout now (a person's call wins)")
+    async def rollout_promote(request: Request) -> dict[str, Any]:
+        mutate(request)
+        control = trainer.publisher.rollout
+        if control is None or control.done:
+            raise NotFound("no rollout is in progress")
+        control.promote()
+        return control.view()
+
+    @app.post("/rollout/abort", status_code=202, summary="Roll the rollout back now (a person's call wins)")
+    async def rollout_abort(request: Request) -> dict[str, Any]:
+        mutate(request)
+        control = trainer.publisher.rollout
+        if control is not None and not control.done:
+            control.abort()
+            return control.view()
+        result = await asyncio.to_thread(trainer.coordinator.end_rollout, "aborted by a person (POST /rollout/abort)")
+        if result is None:
+            raise NotFound("no rollout is in progress")
+        return {"phase": "rolled back", "version": result.version, "reason": result.reason}
 
     @app.post("/rollback", status_code=202, summary="Commit an earlier version again")
     async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:

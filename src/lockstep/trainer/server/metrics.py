@@ -34,6 +34,19 @@ class TrainerMetrics:
         self.replicas_live = Gauge("lockstep_replicas_live", "Replicas with a fresh heartbeat", registry=r)
         self.replicas_converged = Gauge("lockstep_replicas_converged", "Live replicas ready on the "
                                         "committed version", registry=r)
+        self.rollout_share = Gauge("lockstep_rollout_share_percent", "Percent of new requests the rollout's "
+                                   "candidate answers fleet-wide (0 when no rollout runs)", registry=r)
+        self.rollout_step = Gauge("lockstep_rollout_step", "Step of the rollout in progress (-1: none)", registry=r)
+        self.rollout_gate_value = Gauge("lockstep_rollout_gate_value", "Each gate's value on the rollout's "
+                                        "candidate", ["gate"], registry=r)
+        self.rollout_gate_threshold = Gauge("lockstep_rollout_gate_threshold", "Each gate's threshold", ["gate"],
+                                            registry=r)
+        self.rollout_gate_failing = Gauge("lockstep_rollout_gate_failing", "1 while a gate fails", ["gate"],
+                                          registry=r)
+        self.rollout_total = Counter("lockstep_rollouts_total", "Rollouts that ended, by outcome (promoted, "
+                                     "rolled back, aborted) and trigger (gates, person, none)",
+                                     ["outcome", "trigger"], registry=r)
+        self.rollout_step.set(-1)
         for kind in ("simulation", "finetune", "job"):
             self.run_active.labels(kind=kind).set(0)
         for outcome in ("committed", "aborted", "unchanged", "failed"):

@@ -23,6 +23,7 @@ from lockstep.models import loader
 from lockstep.models.refs import RefKind, parse_ref
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
+from lockstep.sync.rollout import RolloutControl, RolloutPlan
 from lockstep.trainer.server.events import EventBus
 from lockstep.trainer.server.metrics import TrainerMetrics
 
@@ -54,7 +55,7 @@ class PublishJob:
     """One publish and what became of it."""
 
     id: str
-    kind: str  # publish | rollback | run
+    kind: str  # publish | rollback | run | rollout
     model: str
     status: str = "running"  # running | done | failed
     phase: str = "queued"  # the coordinator's last progress event
@@ -105,6 +106,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._busy = threading.Lock()  # one publish at a time from this trainer
         self._running: PublishJob | None = None  # the job that holds (or was promised) that one slot
+        self.rollout: RolloutControl | None = None  # the rollout running, or the last one
 
     # ------------------------------------------------------------------ jobs
     def jobs(self) -> list[dict[str, Any]]:
@@ -172,19 +174,22 @@ class Publisher:
     def submit(self, model: str, *, kind: str = "publish", rollback_to: int | None = None,
                policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
                metadata: dict[str, Any] | None = None, then: Callable[[], None] | None = None,
-               run_id: str | None = None) -> dict[str, Any]:
+               run_id: str | None = None, plan: RolloutPlan | None = None) -> dict[str, Any]:
         """Start a publish (or rollback) in the background; the job's id comes back at once.
 
         ``PublishBusy`` (409) while another publish runs: refused, not queued. ``label`` names the job and the
         new version's MANIFEST ``source`` (default: ``model``); ``then`` runs when the job ends, however it
         ends (not when it was refused); ``run_id``: the run it publishes for (a job run's upload)."""
-        job = self._new_job(kind, label or model, run_id, exclusive=True)
+        job = self._new_job("rollout" if plan else kind, label or model, run_id, exclusive=True)
         if kind == "rollback" and rollback_to is not None:
             job.version = rollback_to
         if kind == "rollback":
             def work(progress: Any) -> PublishResult:
                 return self._with_lease_wait(lambda: self.coordinator.rollback(
                     rollback_to, policy=policy, timeout_s=timeout_s, progress=progress))
+        elif plan is not None:
+            control = self.rollout = RolloutControl(plan)
+            work = self._rollout_work(model, label, metadata, timeout_s, control)
         else:
             work = self._ref_work(model, label, metadata, policy, timeout_s)
 
@@ -236,6 +241,40 @@ class Publisher:
                 model, source=source, policy=policy, timeout_s=timeout_s, progress=progress))
 
         return work
+
+    def _rollout_work(self, model: str, label: str | None, metadata: dict[str, Any] | None, timeout_s: float | None,
+                      control: RolloutControl) -> Callable[[Any], PublishResult]:
+        """A rollout of a reference: its files into the store, then staged and given its shares step by step."""
+        def work(progress: Any) -> PublishResult:
+            source = self.coordinator.prepare_source(model, metadata=metadata, label=label, progress=progress)
+            try:
+                result = self._with_lease_wait(lambda: self.coordinator.rollout(
+                    model, control.plan, control=control, source=source, timeout_s=timeout_s, progress=progress))
+            except Exception:
+                control.phase = "aborted" if not control.done else control.phase
+                raise
+            trigger = ("gates" if control.automatic_rollback else "person" if control.human else "none")
+            self.metrics.rollout_total.labels(outcome=control.phase, trigger=trigger).inc()
+            return result
+
+        return work
+
+    def export_rollout(self) -> None:
+        """The rollout's share and gates as gauges, read at each scrape."""
+        control, m = self.rollout, self.metrics
+        if control is None or control.done:
+            m.rollout_share.set(0)
+            m.rollout_step.set(-1)
+            m.rollout_gate_failing.clear()
+            return
+        view = control.view()
+        m.rollout_share.set(view["share"])
+        m.rollout_step.set(view["step"])
+        for result in control.results:
+            if result.value is not None:
+                m.rollout_gate_value.labels(gate=result.name).set(result.value)
+            m.rollout_gate_threshold.labels(gate=result.name).set(result.threshold)
+            m.rollout_gate_failing.labels(gate=result.name).set(1 if result.verdict == "fail" else 0)
 
     def _with_lease_wait(self, attempt: Callable[[], PublishResult]) -> PublishResult:
         return with_lease_wait(attempt, self.clock)

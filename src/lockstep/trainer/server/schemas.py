@@ -75,12 +75,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+GateValue = Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]
+
+
+class GateOverride(_Strict):
+    """One gate's threshold and the answers it needs before it may fail."""
+
+    threshold: GateValue | None = None
+    min_samples: Annotated[StrictInt, Field(ge=1, le=10**9)] | None = None
+
+
 class PublishRequest(_Strict):
-    """``POST /publish``: any model reference."""
+    """``POST /publish``: any model reference; with ``canary`` or ``shadow``, a rollout (docs/api.md, Rollouts)."""
 
     model: ModelRefText
     policy: CommitPolicy | None = None
     timeout_s: TimeoutS | None = None
+    canary: list[Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]] | None = Field(
+        None, min_length=1, max_length=20, description="shares in percent, increasing, like [5, 25, 100]")
+    step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] = 60.0
+    min_requests: Annotated[StrictInt, Field(ge=0, le=10**9)] = 100
+    shadow: Annotated[float, AllowInfNan(False), Field(ge=0, le=100), BeforeValidator(_no_bool)] = 0.0
+    gates: dict[Annotated[str, Field(max_length=64)], GateValue | GateOverride | None] | None = Field(
+        None, max_length=32, description="gate name → threshold, {threshold, min_samples}, or null to turn it off")
+
+    @property
+    def is_rollout(self) -> bool:
+        return self.canary is not None or self.shadow > 0
+
+    def gate_specs(self) -> dict[str, Any] | None:
+        if self.gates is None:
+            return None
+        return {name: g.model_dump(exclude_none=True) if isinstance(g, GateOverride) else g
+                for name, g in self.gates.items()}
 
 
 class UploadPublishRequest(_Strict):

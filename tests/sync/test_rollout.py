@@ -1,0 +1,219 @@
+"""Rollouts on real replicas under load: steps at one activate_at, sessions on one version, gates that read the
+text roll a bad candidate back, and a person's promote or abort wins."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lockstep.core.clock import SYSTEM_CLOCK
+from lockstep.core.errors import BadRequest, Conflict
+from lockstep.core.settings import Settings
+from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.http_fleet import HttpFleet
+from lockstep.sync.protocol import Pending, Phase, Split, SyncState
+from lockstep.sync.rollout import RolloutControl, make_plan, parse_shares
+from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+
+pytestmark = pytest.mark.e2e
+
+CALM_GATES = {"latency_p99": None}  # a loaded 2-core test machine must not decide a rollout by its timing
+
+
+@pytest.fixture(scope="module")
+def replicas(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
+    logs = tmp_path_factory.mktemp("rollout-replicas")
+    procs = []
+    for i in range(2):
+        port = free_port()
+        procs.append(spawn(f"r{i}", ["serve", "--port", str(port)],
+                           base_env(builtin_dir, LOCKSTEP_REPLICA_ID=f"r{i}"), logs, port))
+    try:
+        for p in procs:
+            wait_for(p.ready, 120, 0.1, f"{p.name} ready ({p.log()[-1000:]})")
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def close_copy(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The initial model with one weight nudged: a good candidate (new content, nearly the same answers)."""
+    out = tmp_path_factory.mktemp("candidate") / "tiny-nudged"
+    shutil.copytree(builtin_dir / "tiny-s0", out)
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 1.001
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
+def over_http(replicas: list[Proc]) -> Coordinator:
+    settings = Settings(poll_interval_s=0.05, stage_timeout_s=120)
+    urls = [p.url for p in replicas]
+    return Coordinator.over_http(settings, HttpFleet(settings, lambda: urls, clock=SYSTEM_CLOCK),
+                                 clock=SYSTEM_CLOCK, owner="test", data_dir=None)
+
+
+@dataclass
+class Load:
+    """Clients with and without a session key at random replicas, until stopped (bounded either way)."""
+
+    replicas: list[Proc]
+    sessions: int = 24
+    answers: list[tuple[float, str | None, int, int]] = field(default_factory=list)  # (sent, session, status, v)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(4)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60) as http:
+            for _ in range(20_000):
+                if self.stop.is_set():
+                    return
+                session = f"conversation-{rng.randrange(self.sessions)}" if rng.random() < 0.5 else None
+                replica = rng.choice(self.replicas)
+                sent = time.time()
+                headers = {"X-Lockstep-Session": session} if session else {}
+                r = http.post(replica.url + "/generate", headers=headers,
+                              json={"prompt": rng.choice(["Once upon", "The cat", "One two"]), "max_new_tokens": 4,
+                                    "temperature": 0})
+                version = int(r.headers.get("x-model-version", -1))
+                self.answers.append((sent, session, r.status_code, version))
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def committed_version(replicas: list[Proc]) -> int:
+    versions = {p.status()["serving_version"] for p in replicas}
+    assert len(versions) == 1, versions
+    return versions.pop()
+
+
+def settle(replicas: list[Proc]) -> int:
+    wait_for(lambda: all(p.ready() and not p.status().get("staged") for p in replicas), 60, 0.1, "settled")
+    return committed_version(replicas)
+
+
+def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(replicas: list[Proc],
+                                                                            close_copy: Path) -> None:
+    before = settle(replicas)
+    load = Load(replicas)
+    try:
+        plan = make_plan([50], step_seconds=0, min_requests=40, gate_specs={
+            **CALM_GATES, "kl_divergence": {"threshold": 1.0, "min_samples": 5},
+            "token_agreement": {"threshold": 0.5, "min_samples": 5}})
+        control = RolloutControl(plan)
+        result = over_http(replicas).rollout(str(close_copy), plan, control=control)
+    finally:
+        load.finish()
+    assert result.outcome == "committed", (result.summary(), control.view())
+    new = result.version
+    assert new != before and committed_version(replicas) == new
+    assert all(status == 200 for _, _, status, _ in load.answers)
+    assert {v for *_, v in load.answers} <= {before, new}
+    step = control.steps[0]
+    during = [a for a in load.answers if step.activate_at + 0.2 < a[0] < (result.activate_at or 0) - 0.2]
+    by_session: dict[str, set[int]] = {}
+    for _, session, _, version in during:
+        if session is not None:
+            by_session.setdefault(session, set()).add(version)
+    assert by_session and all(len(v) == 1 for v in by_session.values()), by_session
+    plain = [v for _, s, _, v in during if s is None]
+    assert plain and 0.3 < plain.count(new) / len(plain) < 0.7  # the smooth split is exact per replica
+    gates = {g["name"]: g for g in control.view()["gates"]}
+    assert gates["kl_divergence"]["verdict"] == "pass" and gates["kl_divergence"]["samples"] >= 5
+
+
+def test_a_candidate_whose_text_diverges_is_rolled_back_in_its_shadow_step_before_serving_anyone(
+        replicas: list[Proc]) -> None:
+    before = settle(replicas)
+    load = Load(replicas)
+    try:
+        plan = make_plan([5, 25], shadow=50, step_seconds=0, min_requests=5, gate_specs={
+            **CALM_GATES, "kl_divergence": {"threshold": 1.0, "min_samples": 5}})
+        control = RolloutControl(plan)
+        result = over_http(replicas).rollout("builtin:tiny-s1", plan, control=control)  # an unrelated model
+    finally:
+        load.finish()
+    assert result.outcome == "rolled back", result.summary()
+    assert control.automatic_rollback and "kl_divergence" in (result.reason or "")
+    assert settle(replicas) == before
+    assert all(status == 200 and version == before for _, _, status, version in load.answers)  # it served nobody
+    assert [s.share for s in control.steps] == [0.0]
+
+
+def test_a_person_wins_over_the_gates(replicas: list[Proc], close_copy: Path) -> None:
+    before = settle(replicas)
+    for action, outcome in (("abort", "rolled back"), ("promote", "committed")):
+        plan = make_plan([30], step_seconds=0, min_requests=10**9, gate_specs=CALM_GATES)  # holds until told
+        control = RolloutControl(plan)
+        coordinator = over_http(replicas)
+
+        def act(control: RolloutControl = control, action: str = action) -> None:
+            wait_for(lambda: control.phase == "step", 120, 0.05, "the first step")
+            getattr(control, action)()
+
+        threading.Thread(target=act, daemon=True).start()
+        result = coordinator.rollout(str(close_copy), plan, control=control)
+        assert result.outcome == outcome, result.summary()
+        assert control.human is not None and not control.automatic_rollback
+    assert settle(replicas) != before
+
+
+def test_a_rollout_or_a_publish_while_one_runs_is_refused_with_nothing_staged(replicas: list[Proc]) -> None:
+    coordinator = over_http(replicas)
+    state = coordinator.read_state()
+    running = SyncState(generation=state.generation + 1, committed=state.committed,
+                        pending=Pending(version=99, model="builtin:tiny-s2", phase=Phase.CANARY, rollout="other"),
+                        split=Split(rollout="other", version=99, share=5, step=0))
+    coordinator.ledger.write(running)
+    plan = make_plan([5])
+    with pytest.raises(Conflict, match="rollout of v99 is in progress"):
+        coordinator.rollout("builtin:tiny-s2", plan)
+    with pytest.raises(Conflict, match="rollout of v99 is in progress"):
+        coordinator.publish("builtin:tiny-s2")
+    assert all(not p.status().get("staged") for p in replicas)
+
+
+@pytest.mark.parametrize(("shares", "why"), [
+    ("25,5", "must increase"), ("5,5", "must increase"), ("5,150", r"outside \(0, 100\]"), ("0", "outside"),
+    ("five", "not a number"), ([True], "not a number"), (",".join(["1"] * 21), "1 to 20 shares"),
+])
+def test_shares_that_do_not_increase_or_exceed_100_are_refused(shares: object, why: str) -> None:
+    with pytest.raises(BadRequest, match=why):
+        parse_shares(shares)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"gate_specs": {"no_such_gate": 1}}, "error_rate"), ({"gate_specs": {"error_rate": "high"}}, "error_rate"),
+    ({"step_seconds": -1}, "step_seconds"), ({"shadow": 101}, "shadow"), ({"min_requests": 1.5}, "min_requests"),
+])
+def test_bad_rollout_settings_are_refused_naming_what_is_allowed(kwargs: dict[str, object], why: str) -> None:
+    with pytest.raises(BadRequest, match=why):
+        make_plan([5, 50], **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_shares_end_in_the_ordinary_commit() -> None:
+    assert parse_shares("5,25") == (5.0, 25.0, 100.0)
+    assert make_plan([10], shadow=5).steps == (0.0, 10.0, 100.0)
+    assert torch.isfinite(torch.tensor(parse_shares([1, 2.5, 100]))).all()
