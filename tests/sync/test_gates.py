@@ -359,6 +359,7 @@ def test_parse_gates_refuses_a_non_mapping() -> None:
 def test_parse_gate_option() -> None:
     assert parse_gate_option("error_rate=0.05") == ("error_rate", 0.05)
     assert parse_gate_option(" kl_divergence = 2 ") == ("kl_divergence", 2.0)
+    assert parse_gate_option("latency_p99=off") == ("latency_p99", None)
     for text, says in [("error_rate", "not NAME=THRESHOLD"), ("=0.1", "not NAME=THRESHOLD"),
                        ("error_rate=", "not NAME=THRESHOLD"), ("speed=1", "unknown gate 'speed'.*error_rate"),
                        ("error_rate=lots", "'lots' is not a number; expected a fraction"),

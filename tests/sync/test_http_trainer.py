@@ -408,3 +408,34 @@ def test_the_callback_example_uploads_each_checkpoint_to_the_trainer(http_cluste
     published = {f.path for f in ModelStore(http_cluster.data_dir).get(version).files}
     assert "model.safetensors" in published and "tokenizer.json" in published
     assert not [n for n in published if n.endswith((".pt", ".pth", ".bin"))]  # no optimizer pickles
+
+
+def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_it(http_cluster: HttpCluster) -> None:
+    trainer, before = http_cluster.trainer, http_cluster.committed()
+    for bad, why in (({"canary": [25, 5]}, "must increase"), ({"canary": [5, 150]}, "outside"),
+                     ({"canary": [5], "gates": {"no_such_gate": 1}}, "error_rate"),
+                     ({"canary": [5], "gates": {"error_rate": "high"}}, "error_rate"),
+                     ({"canary": [True]}, "number")):
+        refused = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s2", **bad})
+        assert refused.status_code in (400, 422) and why in refused.text, refused.text
+    assert trainer.get("/rollout").status_code == 404
+    started = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s2", "canary": [20],
+                                                           "step_seconds": 0, "min_requests": 10**9})
+    assert started.status_code == 202, started.text
+    view = wait_for(lambda: (v := trainer.get("/rollout").json()).get("phase") == "step" and v, 180, 0.2,
+                    f"the first step (log: {trainer.log()[-2000:]})")
+    assert view["share"] == 20 and view["plan"]["shares"] == [20, 100]
+    again = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s1", "canary": [5]})
+    assert again.status_code == 409  # one rollout at a time, nothing staged for it
+    for p in http_cluster.replicas:
+        assert p.status()["rollout"]["share"] == 20
+    assert trainer.post("/rollout/abort").status_code == 401  # a change needs the token
+    assert trainer.post("/rollout/abort", headers=AUTH).status_code == 202
+    ended = wait_for(lambda: (v := trainer.get("/rollout").json())["phase"] == "rolled back" and v, 60, 0.2,
+                     "the rollback")
+    assert ended["human"] == "abort" and not ended["automatic_rollback"]
+    assert http_cluster.committed() == before
+    wait_for(lambda: all(serving(p) == (before, True) and not p.status()["staged"] for p in http_cluster.replicas),
+             30, 0.1, "replicas back on the committed version, nothing staged")
+    metrics = trainer.get("/metrics").text
+    assert 'lockstep_rollouts_total{outcome="rolled back",trigger="person"} 1.0' in metrics

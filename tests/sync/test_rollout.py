@@ -217,3 +217,27 @@ def test_the_shares_end_in_the_ordinary_commit() -> None:
     assert parse_shares("5,25") == (5.0, 25.0, 100.0)
     assert make_plan([10], shadow=5).steps == (0.0, 10.0, 100.0)
     assert torch.isfinite(torch.tensor(parse_shares([1, 2.5, 100]))).all()
+
+
+def test_a_rollout_over_the_shared_folder_from_the_command_line(builtin_dir: Path, close_copy: Path,
+                                                                tmp_path: Path) -> None:
+    """The same steps through sync_state.json and pins/: lockstep publish --canary, then lockstep status."""
+    from tests.support.cluster import local_cluster
+
+    with local_cluster(tmp_path, builtin_dir, replicas=2) as cluster:
+        load = Load(cluster.replicas)
+        try:
+            done = cluster.run_cli("publish", str(close_copy), "--canary", "50", "--step-seconds", "0",
+                                   "--min-requests", "30", "--gate", "latency_p99=off", "--gate", "kl_divergence=off",
+                                   "--gate", "token_agreement=off")
+        finally:
+            load.finish()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "committed" in done.stdout
+        cluster.wait_all_serving(1)
+        assert all(status == 200 for _, _, status, _ in load.answers)
+        assert {v for *_, v in load.answers} == {0, 1}  # both versions answered during the step
+        pins = list((cluster.shared / "pins").glob("*.json"))
+        assert len(pins) == 2  # each replica wrote its sessions for the step
+        status = cluster.run_cli("rollout", "status")
+        assert status.returncode == 0 and "no rollout is in progress" in status.stdout

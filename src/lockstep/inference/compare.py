@@ -6,7 +6,6 @@ positions. Blocking and compute-heavy: call it from a worker thread, never from 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ TOP_K = 20  # vLLM's default max_logprobs: the most prompt logprobs per position
 VLLM_TIMEOUT_S = 300.0  # one prompt-logprobs request; vLLM on a busy CPU is slow, a hung engine is not waited on
 _CHUNK = 64  # answer positions per float32 softmax: bounds the extra memory to a few chunk x vocab floats
 _MIN_MASS = 1e-12  # below it a probability is rounding noise (1 - sum of the top-k can come out <= 0)
-_request_ids = itertools.count(1)
 
 ServedBy = Literal["stable", "candidate"]
 
@@ -107,7 +105,7 @@ def _check_vocab(stable: ModelSlot, candidate: ModelSlot) -> int:
 def _vocab_size(slot: ModelSlot) -> int:
     """The width of the model's next-token distribution."""
     if isinstance(slot.engine, VllmEngine):
-        return int(_llm(slot).model_config.get_vocab_size())
+        return slot.engine.vocab_size
     model = _model(slot)
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
@@ -167,16 +165,6 @@ def _answer_logits(model: Any, ids: list[int], n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- top-k (vLLM)
-def _llm(slot: ModelSlot) -> Any:
-    # VllmEngine has no public prompt-logprobs call: its AsyncLLM and event loop are used as its own canary does.
-    engine = slot.engine
-    assert isinstance(engine, VllmEngine)
-    llm = engine._llm
-    if llm is None:
-        raise NotReady(f"the vLLM engine of v{slot.version} is not running")
-    return llm
-
-
 def _vllm_room(stable: ModelSlot, candidate: ModelSlot, prompt_len: int, answer_len: int) -> int:
     """How many answer tokens fit one prompt-logprobs request: vLLM needs room for one generated token."""
     limit = min(engine.max_context for engine in (stable.engine, candidate.engine) if isinstance(engine, VllmEngine))
@@ -245,29 +233,7 @@ def _top_k_rows(slot: ModelSlot, ids: list[int], n: int) -> list[Row]:
 def _vllm_rows(slot: ModelSlot, ids: list[int], n: int) -> list[Row]:
     engine = slot.engine
     assert isinstance(engine, VllmEngine)
-    llm = _llm(slot)
-    limit = int(llm.model_config.max_logprobs)
-    k = TOP_K if limit < 0 else min(TOP_K, limit)  # -1: no limit
-    prompt_logprobs = engine._call(_prompt_logprobs(llm, ids, k, id(engine)), VLLM_TIMEOUT_S)
-    rows: list[Row] = []
-    for entry in list(prompt_logprobs)[len(ids) - n:]:
-        if entry is None:
-            raise RuntimeError(f"vLLM of v{slot.version} returned no prompt logprobs for an answer position")
-        rows.append({int(token): float(lp.logprob) for token, lp in entry.items()})
+    rows = [row for row in engine.prompt_logprobs(ids, TOP_K, VLLM_TIMEOUT_S)[len(ids) - n:] if row is not None]
     if len(rows) != n:
         raise RuntimeError(f"vLLM of v{slot.version} returned prompt logprobs for {len(rows)} of {n} positions")
     return rows
-
-
-async def _prompt_logprobs(llm: Any, ids: list[int], k: int, engine_id: int) -> Any:
-    """vLLM's ``prompt_logprobs`` of ``ids``: per position, the top-k and the actual token (None at position 0)."""
-    from vllm import SamplingParams as VSamplingParams
-
-    params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
-    final = None
-    async for out in llm.generate({"prompt_token_ids": ids}, params,
-                                  request_id=f"lockstep-compare-{engine_id}-{next(_request_ids)}"):
-        final = out
-    if final is None or final.prompt_logprobs is None:
-        raise RuntimeError("vLLM returned no prompt logprobs")
-    return final.prompt_logprobs

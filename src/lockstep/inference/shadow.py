@@ -164,6 +164,12 @@ class Shadow:
             return replace(self._counters)
 
     @property
+    def alive(self) -> bool:
+        """True while the worker thread runs."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
     def pending(self) -> int:
         """Jobs queued or in flight."""
         with self._cond:
@@ -214,6 +220,8 @@ class Shadow:
                 job = self._in_flight = self._queue.popleft()
             try:
                 self._do(job)
+            except Exception:  # a bug here must not end the worker: later jobs would only pile up
+                log.exception("the shadow worker failed on a %s job of v%d", job.kind, job.candidate.version)
             finally:
                 with self._cond:
                     self._in_flight = None

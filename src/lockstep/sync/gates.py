@@ -224,14 +224,16 @@ def parse_gates(raw: Mapping[str, Any] | None, *, use_defaults: bool = True) -> 
     return gates
 
 
-def parse_gate_option(text: str) -> tuple[str, float]:
-    """``NAME=THRESHOLD`` from the command line, checked like ``parse_gates`` checks a threshold."""
+def parse_gate_option(text: str) -> tuple[str, float | None]:
+    """``NAME=THRESHOLD`` (or ``NAME=off``) from the command line, checked like ``parse_gates`` checks a threshold."""
     name, sep, number = text.partition("=")
     name, number = name.strip(), number.strip()
     if not sep or not name or not number:
         raise BadRequest(f"gate option {text!r} is not NAME=THRESHOLD (e.g. error_rate=0.05); "
                          f"the gates are {_allowed_names()}")
     _gate(name)
+    if number.lower() == "off":
+        return name, None
     try:
         value = float(number)
     except ValueError:

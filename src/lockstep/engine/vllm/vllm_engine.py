@@ -146,6 +146,7 @@ class VllmEngine:
         self._closed = False
         self._idle = threading.Condition(self._lock)
         self._child_pids: list[int] = []
+        self._compares = 0  # prompt-logprobs requests sent: their ids
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> VllmEngine:
@@ -359,6 +360,34 @@ class VllmEngine:
             if chosen is None or not math.isfinite(chosen.logprob):
                 raise VerificationError(f"the canary generation on {self.config.model} produced non-finite "
                                         "logits; the weights are corrupt or overflow in this dtype")
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's next-token distribution (its config's ``vocab_size``)."""
+        return self._vocab_size
+
+    def prompt_logprobs(self, prompt_ids: list[int], k: int, timeout: float | None = None
+                        ) -> list[dict[int, float] | None]:
+        """Per position of ``prompt_ids``, the top-``k`` next-token log-probabilities and the actual token's (None
+        at position 0); ``k`` is capped at vLLM's ``max_logprobs``. Compares two resident versions."""
+        if self._llm is None:
+            raise NotReady(f"the vLLM engine of {self.config.model} is not running")
+        limit = int(self._llm.model_config.max_logprobs)
+        return self._call(self._prompt_logprobs(prompt_ids, k if limit < 0 else min(k, limit)), timeout)  # type: ignore[no-any-return]
+
+    async def _prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[dict[int, float] | None]:
+        from vllm import SamplingParams as VSamplingParams
+
+        params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+        final = None
+        self._compares += 1  # on the engine's loop: one at a time
+        async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params,
+                                            request_id=f"lockstep-compare-{id(self)}-{self._compares}"):
+            final = out
+        if final is None or final.prompt_logprobs is None:
+            raise RuntimeError(f"vLLM of {self.config.model} returned no prompt logprobs")
+        return [None if entry is None else {int(t): float(lp.logprob) for t, lp in entry.items()}
+                for entry in final.prompt_logprobs]
 
     # --- in-place update -------------------------------------------------------------------------------
     def reload_weights(self, path: str | Path, version: str, drain_timeout_s: float | None = None) -> float:
