@@ -209,6 +209,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
     coordinator = _coordinator(args)
     if plan is not None:
+        if args.task:
+            from dataclasses import replace
+
+            from lockstep.trainer.runs.tasks import get_task
+            from lockstep.trainer.server.task_gate import fleet_task_score
+
+            plan = replace(plan, task_score=fleet_task_score(coordinator, get_task(args.task), 16,
+                                                             coordinator.settings.api_token))
         # Ctrl-C here rolls the fleet back before the command exits (the rollout's own rule for a failure).
         result = coordinator.rollout(args.ref, plan, timeout_s=args.timeout, progress=_progress_printer())
     else:
@@ -225,15 +233,15 @@ def _rollout_args(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Any]
     from lockstep.sync.rollout import make_plan
 
     if args.canary is None and not args.shadow:
-        if args.gate or args.step_seconds is not None or args.min_requests is not None:
-            raise BadRequest("--gate, --step-seconds and --min-requests belong to a rollout: add --canary "
+        if args.gate or args.step_seconds is not None or args.min_requests is not None or args.task:
+            raise BadRequest("--gate, --step-seconds, --min-requests and --task belong to a rollout: add --canary "
                              "(like --canary 5,25,100) or --shadow PERCENT")
         return None, None
     gate_specs = dict(parse_gate_option(text) for text in args.gate or ())
     fields = {"canary": [float(s) for s in args.canary.split(",")] if args.canary else None,
               "step_seconds": 60.0 if args.step_seconds is None else args.step_seconds,
               "min_requests": 100 if args.min_requests is None else args.min_requests,
-              "shadow": args.shadow or 0.0, "gates": gate_specs or None}
+              "shadow": args.shadow or 0.0, "gates": gate_specs or None, "task": args.task}
     plan = make_plan(args.canary, step_seconds=fields["step_seconds"], min_requests=fields["min_requests"],
                      shadow=fields["shadow"], gate_specs=fields["gates"])
     return fields, plan
@@ -460,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="answers from the new version each step waits for at least (100)")
             p.add_argument("--gate", action="append", metavar="NAME=THRESHOLD",
                            help="a gate's threshold (repeatable); NAME=off turns a default gate off")
+            p.add_argument("--task", choices=["digits", "target_word"], default=None,
+                           help="score the new version on this task's held-out prompts before the first step "
+                                "(the task_score gate)")
         else:
             p.add_argument("--to", type=int, default=None, help="version (default: the one before)")
         p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)

@@ -12,6 +12,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from lockstep.inference.metrics import ReplicaMetrics
+from lockstep.trainer.server.metrics import TrainerMetrics
 
 from . import K8S, REPO, find, load_file, run, tool
 
@@ -22,27 +23,22 @@ needs_promtool = pytest.mark.skipif(
 
 RULE = find(load_file(K8S / "monitoring" / "prometheusrule.yaml"), "PrometheusRule", "lockstep-alerts").body
 DASHBOARD = json.loads((K8S / "monitoring" / "grafana-dashboard.json").read_text())
-# The trainer's metrics (docs/operations.md); the replicas' come from the real ReplicaMetrics below.
-TRAINER_SERIES = {
-    "lockstep_publish_total",
-    "lockstep_publish_duration_seconds_sum",
-    "lockstep_publish_duration_seconds_count",
-    "lockstep_publish_duration_seconds_bucket",
-}
 SCRAPE_SERIES = {"up"}
+SUFFIXES = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"],
+            "summary": ["_sum", "_count", ""]}
 
 
 def replica_series() -> set[str]:
     """Every series name a replica can export, from its real metric definitions."""
     registry = CollectorRegistry()
     ReplicaMetrics(registry)
-    suffixes = {
-        "counter": ["_total"],
-        "gauge": [""],
-        "histogram": ["_bucket", "_sum", "_count"],
-        "summary": ["_sum", "_count", ""],
-    }
-    return {family.name + s for family in registry.collect() for s in suffixes.get(family.type, [""])}
+    return {family.name + s for family in registry.collect() for s in SUFFIXES.get(family.type, [""])}
+
+
+def trainer_series() -> set[str]:
+    """Every series name the trainer exports, from its real metric definitions."""
+    return {family.name + s for family in TrainerMetrics().registry.collect()
+            for s in SUFFIXES.get(family.type, [""])}
 
 
 def alerts() -> list[dict[str, Any]]:
@@ -72,7 +68,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
 
 
 def test_rules_and_dashboard_use_only_metrics_that_exist() -> None:
-    known = replica_series() | TRAINER_SERIES | SCRAPE_SERIES
+    known = replica_series() | trainer_series() | SCRAPE_SERIES
     used = {name: f"alert {r['alert']}" for r in alerts() for name in metric_names(r["expr"])}
     used |= {
         name: f"dashboard panel {pid}" for pid, _, expr in dashboard_exprs() for name in metric_names(expr)
@@ -207,6 +203,33 @@ UNIT_TESTS: list[dict[str, Any]] = [
                     {"exp_labels": {"severity": "warning", "namespace": "lockstep", "outcome": "aborted"}}
                 ],
             },
+        ],
+    },
+    {  # a's candidate sits staged 30 minutes for a rollout (its split in force): not stuck; b's is stuck
+        "interval": "1m",
+        "input_series": [
+            _series("lockstep_staged_version", "a", "4x40"),
+            _series("lockstep_committed_version", "a", "3x40"),
+            _series("lockstep_rollout_share_percent", "a", "25x40", model_version="4"),
+            _series("lockstep_staged_version", "b", "4x40"),
+            _series("lockstep_committed_version", "b", "3x40"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "LockstepUpdateStuck", "exp_alerts": [_firing("b")]},
+        ],
+    },
+    {  # the gates roll a rollout back at 3m; a person's abort at 1m does not alert
+        "interval": "1m",
+        "input_series": [
+            _series("lockstep_rollouts_total", "trainer", "0 1x10", outcome="rolled back", trigger="person",
+                    job="trainer"),
+            _series("lockstep_rollouts_total", "trainer", "0 0 0 1x10", outcome="rolled back", trigger="gates",
+                    job="trainer"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2m", "alertname": "LockstepRolloutRolledBack", "exp_alerts": []},
+            {"eval_time": "4m", "alertname": "LockstepRolloutRolledBack",
+             "exp_alerts": [{"exp_labels": {"severity": "warning", "namespace": "lockstep"}}]},
         ],
     },
     {  # a stage fails on b at 2m

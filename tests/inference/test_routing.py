@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,3 +123,19 @@ def test_no_session_sees_two_versions_during_a_rollout(replicas: int, shares: li
         seen.setdefault(session, set()).add(version)
     assert all(len(versions) == 1 for versions in seen.values()), seen
     assert all(r.pin_timeouts == 0 for r in fleet)
+
+
+def test_a_replica_without_room_for_a_second_model_says_so_instead_of_loading(tmp_path: Path) -> None:
+    from lockstep.core.errors import LoadError
+    from lockstep.inference.replica import check_room
+    from lockstep.models.loader import ResolvedModel
+    from lockstep.models.refs import parse_ref
+
+    huge = tmp_path / "model.safetensors"
+    with open(huge, "wb") as f:
+        f.truncate(1 << 40)  # sparse: a terabyte of weights on no disk at all
+    with pytest.raises(LoadError, match=r"cannot hold v7 beside the version it serves.*1024\.00 GiB"):
+        check_room(ResolvedModel(parse_ref(str(tmp_path)), tmp_path), 7)
+    huge.unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
+    check_room(ResolvedModel(parse_ref(str(tmp_path)), tmp_path), 7)

@@ -415,16 +415,21 @@ def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_
     for bad, why in (({"canary": [25, 5]}, "must increase"), ({"canary": [5, 150]}, "outside"),
                      ({"canary": [5], "gates": {"no_such_gate": 1}}, "error_rate"),
                      ({"canary": [5], "gates": {"error_rate": "high"}}, "error_rate"),
-                     ({"canary": [True]}, "number")):
+                     ({"canary": [True]}, "number"), ({"task": "digits"}, "add canary or shadow"),
+                     ({"canary": [5], "task": "digits", "task_prompts": 4}, "raise task_prompts")):
         refused = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s2", **bad})
         assert refused.status_code in (400, 422) and why in refused.text, refused.text
     assert trainer.get("/rollout").status_code == 404
     started = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s2", "canary": [20],
-                                                           "step_seconds": 0, "min_requests": 10**9})
+                                                           "step_seconds": 0, "min_requests": 10**9,
+                                                           "task": "digits", "task_prompts": 4,
+                                                           "gates": {"task_score": {"min_samples": 4}}})
     assert started.status_code == 202, started.text
     view = wait_for(lambda: (v := trainer.get("/rollout").json()).get("phase") == "step" and v, 180, 0.2,
                     f"the first step (log: {trainer.log()[-2000:]})")
     assert view["share"] == 20 and view["plan"]["shares"] == [20, 100]
+    assert view["task_score"]["samples"] == 4  # the candidate answered held-out prompts before the first step
+    assert [g["verdict"] for g in view["gates"] if g["name"] == "task_score"] == ["pass"]
     again = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s1", "canary": [5]})
     assert again.status_code == 409  # one rollout at a time, nothing staged for it
     for p in http_cluster.replicas:

@@ -241,3 +241,25 @@ def test_a_rollout_over_the_shared_folder_from_the_command_line(builtin_dir: Pat
         assert len(pins) == 2  # each replica wrote its sessions for the step
         status = cluster.run_cli("rollout", "status")
         assert status.returncode == 0 and "no rollout is in progress" in status.stdout
+
+
+def test_a_candidate_that_scores_worse_on_the_task_is_dropped_before_any_step(replicas: list[Proc],
+                                                                            close_copy: Path) -> None:
+    """The task_score gate runs once, on the staged candidate: failing it aborts with no traffic moved."""
+    from dataclasses import replace
+
+    from lockstep.sync.rollout import TaskScore
+
+    before = settle(replicas)
+    asked: list[int] = []
+
+    def evaluation(version: int) -> TaskScore:  # the trainer's evaluation is tested through its API
+        asked.append(version)
+        return TaskScore(score=0.2, baseline=0.9, samples=16)
+
+    plan = replace(make_plan([5]), task_score=evaluation)
+    control = RolloutControl(plan)
+    result = over_http(replicas).rollout(str(close_copy), plan, control=control)
+    assert result.outcome == "aborted" and "task_score" in (result.reason or ""), result.summary()
+    assert asked == [result.version] and control.steps == []
+    assert settle(replicas) == before

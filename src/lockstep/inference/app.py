@@ -32,6 +32,7 @@ from lockstep.sync.protocol import ReplicaStatus, Split
 
 SESSION_HEADER = "X-Lockstep-Session"
 MAX_SESSION_CHARS = 256
+VERSION_HEADER = "X-Lockstep-Version"  # answer with this resident version (token): a candidate evaluated before traffic
 
 
 def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:
@@ -47,6 +48,17 @@ def session_key(request: Request, user: str | None = None) -> str | None:
         raise BadRequest(f"the session key ({SESSION_HEADER} or user) is {len(key)} characters; the limit is "
                          f"{MAX_SESSION_CHARS}")
     return key or None
+
+
+def target_version(request: Request, settings: Settings) -> int | None:
+    """The resident version a caller with the token asks to answer (``X-Lockstep-Version``), or None."""
+    raw = request.headers.get(VERSION_HEADER)
+    if raw is None:
+        return None
+    check_bearer(request, settings.api_token)
+    if not raw.isdigit() or len(raw) > 15:
+        raise BadRequest(f"{VERSION_HEADER} must be a version number, got {raw[:20]!r}")
+    return int(raw)
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -121,12 +133,14 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         rt.check_generation_limits(len(body.prompt) + len(body.system_prompt or ""), body.max_new_tokens)
         params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()))
-        session = session_key(request)
+        session, version = session_key(request), target_version(request, settings)
         if body.system_prompt:
             messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
-            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params, session)
+            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params, session,
+                                              version)
         else:
-            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params, session)
+            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params, session,
+                                              version)
         final = await generation.final_event(rt.replica, admitted, rt.token_rate, "/generate",
                                              request.is_disconnected)
         if final.finish_reason.value == "error":

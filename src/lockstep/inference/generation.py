@@ -29,6 +29,7 @@ class Admitted:
     started: float
     prompt_ids: list[int]
     params: SamplingParams
+    targeted: bool = False  # the caller chose the version (X-Lockstep-Version): not traffic a rollout counts
 
     @property
     def version(self) -> int:
@@ -56,14 +57,14 @@ class TokenRate:
         return sum(n for _, n in self._events) / self.window_s
 
 
-async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None = None
-                ) -> Admitted:
+async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None = None,
+                version: int | None = None) -> Admitted:
     """Pin the serving slot (during a rollout, the one the split picks for ``session``), tokenize with *its*
-    tokenizer and submit to *its* engine.
+    tokenizer and submit to *its* engine. ``version``: the resident version the caller chose instead.
 
     All of it runs in a worker thread: tokenizing the longest allowed prompt or chat, or waiting out an in-place
     weight copy, never holds up the event loop (and with it /healthz and every other request)."""
-    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, session))
+    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, session, version))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -71,16 +72,17 @@ async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingP
         raise
 
 
-def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None
-                    ) -> Admitted:
-    with replica.pinned(session=session) as slot:
+def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None,
+                    version: int | None) -> Admitted:
+    with replica.pinned(session=session, version=version) as slot:
         ids = build_prompt(slot.tokenizer)
         try:
             handle = slot.engine.submit(ids, params)
         except Overloaded:
             replica.metrics.rejected.inc()
             raise
-    return Admitted(slot=slot, handle=handle, started=time.monotonic(), prompt_ids=ids, params=params)
+    return Admitted(slot=slot, handle=handle, started=time.monotonic(), prompt_ids=ids, params=params,
+                    targeted=version is not None)
 
 
 def _cancel_orphan(work: asyncio.Future[Admitted]) -> None:
@@ -138,8 +140,9 @@ def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenR
     m.generated_tokens.inc(final.completion_tokens)
     m.tokens_per_request.observe(final.completion_tokens)
     rate.add(final.completion_tokens)
-    replica.rollout_stats.record_answer(admitted.version, final)
-    replica.answered(admitted.slot, admitted.prompt_ids, admitted.params, final)
+    if not admitted.targeted:
+        replica.rollout_stats.record_answer(admitted.version, final)
+        replica.answered(admitted.slot, admitted.prompt_ids, admitted.params, final)
     sampled_by = {version for version, _, _ in getattr(final, "weight_versions", ())}
     if sampled_by - {str(admitted.version)}:  # the engine's own account contradicts the label
         m.version_mismatches.inc()

@@ -182,7 +182,7 @@ def _sse(obj: Any) -> bytes:
 
 def install(app: FastAPI, rt_of: RuntimeOf) -> None:
     """Add the /v1 routes to a replica app."""
-    from lockstep.inference.app import chat_prompt, plain_prompt, session_key, version_headers
+    from lockstep.inference.app import chat_prompt, plain_prompt, session_key, target_version, version_headers
 
     def model_id(rt: Any, version: int) -> str:
         return f"{rt.settings.served_model_name}@v{version}"
@@ -283,7 +283,7 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         if not body.text:
             raise BadRequest("prompt must not be empty")
         admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.text), params,
-                                          session_key(request, body.user))
+                                          session_key(request, body.user), target_version(request, rt.settings))
         return await respond(request, rt, admitted, body, "text_completion", "/v1/completions")
 
     @app.post("/v1/chat/completions", summary="OpenAI: chat completion")
@@ -297,5 +297,5 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
                     for m in body.messages]
         params = validate(rt, body, sum(len(m["content"]) for m in messages))  # all messages' characters
         admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params,
-                                          session_key(request, body.user))
+                                          session_key(request, body.user), target_version(request, rt.settings))
         return await respond(request, rt, admitted, body, "chat.completion", "/v1/chat/completions")

@@ -21,6 +21,7 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import Conflict, LoadError, LockstepError, NotReady, VerificationError
 from lockstep.core.settings import EngineKind, Settings, UpdateMode
 from lockstep.engine import FinalEvent, SamplingParams
+from lockstep.engine.batch_size import host_available_bytes
 from lockstep.engine.vllm import VllmEngine
 from lockstep.inference import engines
 from lockstep.inference.checkpoint_files import CheckpointFiles
@@ -68,6 +69,21 @@ def canary(loaded: loader.LoadedModel) -> None:
                 raise VerificationError(f"canary generation on {loaded.resolved.ref.raw!r} produced non-finite "
                                         "logits; the weights are corrupt or overflow in this dtype")
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+
+
+def check_room(resolved: loader.ResolvedModel, version: int) -> None:
+    """``LoadError`` when the weights of ``resolved`` cannot fit in the memory still free beside the serving model."""
+    need = sum(p.stat().st_size for p in resolved.path.glob("*.safetensors"))
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0]
+        where = "GPU memory"
+    else:
+        free = host_available_bytes()
+        where = "RAM"
+    if need > free:
+        raise LoadError(f"this replica cannot hold v{version} beside the version it serves: its weights take "
+                        f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB of {where} is free; give the replica more "
+                        "memory, or update in place (LOCKSTEP_UPDATE_MODE=inplace) without a rollout")
 
 
 @dataclass
@@ -141,15 +157,17 @@ class Replica:
         return self._admission.wait(timeout=timeout)
 
     @contextlib.contextmanager
-    def pinned(self, wait_s: float = 30.0, session: str | None = None) -> Iterator[ModelSlot]:
+    def pinned(self, wait_s: float = 30.0, session: str | None = None, version: int | None = None
+               ) -> Iterator[ModelSlot]:
         """Pin the slot that answers one request (the serving one, or during a split the one the router picks);
-        its engine will not stop until unpinned. ``session``: the request's session key, if any."""
+        its engine will not stop until unpinned. ``session``: the request's session key, if any; ``version``: a
+        resident version the caller chose (the serving one, or the one staged beside it), else ``Conflict``."""
         deadline = time.monotonic() + wait_s
         while True:
             if not self._admission.wait(timeout=max(0.0, deadline - time.monotonic())):  # in-place copy (short)
                 raise NotReady("the replica is applying an update and admission is paused; retry shortly")
             with self._lock:
-                candidate = self._candidate()
+                candidate = None if version is not None else self._candidate()
             # Outside the lock: a session in a step's new band may wait here for the fleet's pins.
             route = self.router.choose(session) if candidate is not None else None
             with self._lock:
@@ -160,10 +178,12 @@ class Replica:
                 slot = self.serving
                 if slot is None:
                     raise NotReady("no model is loaded yet; wait until GET /ready answers 200")
-                if route is Route.CANDIDATE and (now := self._candidate()) is not None:
+                if version is not None:
+                    slot = self._resident(version)
+                elif route is Route.CANDIDATE and (now := self._candidate()) is not None:
                     slot = now  # still resident: a rollback or abort since the choice sends it to the serving one
                 elif route is None:
-                    self.router.record(session, slot.version)
+                    self.router.record(session, slot.version)  # the first step must know who answered it
                 slot.pin()
                 break
         try:
@@ -176,6 +196,8 @@ class Replica:
         """Resolve, verify, load, canary and start an engine; the single load path of a replica."""
         started = time.monotonic()
         resolved = loader.resolve(model_ref, self.settings, self.store)
+        if self.serving is not None and self.engine_kind is EngineKind.BUILTIN:
+            check_room(resolved, version)  # beside the serving model: say so instead of dying of OOM
         engine: ServingEngine
         if self.engine_kind is EngineKind.VLLM:
             loaded, engine = engines.start_vllm(resolved, self.settings, version)
@@ -440,6 +462,16 @@ class Replica:
         """The staged slot while a split with a share is in force (caller holds the lock)."""
         split = self._split
         return self._resident_candidate() if split is not None and split.share > 0 else None
+
+    def _resident(self, version: int) -> ModelSlot:
+        """The slot of ``version``: serving, or staged beside it (caller holds the lock); else ``Conflict``."""
+        plan = self._staged
+        if self.serving is not None and self.serving.version == version:
+            return self.serving
+        if plan is not None and plan.slot is not None and plan.version == version:
+            return plan.slot
+        have = [f"v{s.version}" for s in (self.serving, plan.slot if plan else None) if s is not None]
+        raise Conflict(f"v{version} is not resident on this replica (it has {', '.join(have) or 'nothing'})")
 
     def _resident_candidate(self) -> ModelSlot | None:
         """The split's candidate, staged beside the serving slot (caller holds the lock)."""

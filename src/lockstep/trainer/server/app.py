@@ -36,11 +36,13 @@ from lockstep.trainer.cluster.discovery import Discovery
 from lockstep.trainer.cluster.view import ClusterView
 from lockstep.trainer.runs.manager import RunManager
 from lockstep.trainer.runs.store import RunStore
+from lockstep.trainer.runs.tasks import get_task
 from lockstep.trainer.server.events import STREAM_S, EventBus
 from lockstep.trainer.server.metrics import TrainerMetrics
 from lockstep.trainer.server.monitor import CatchUpLoop, Monitor
 from lockstep.trainer.server.publish_jobs import PublishBusy, Publisher, check_ref
 from lockstep.trainer.server.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
+from lockstep.trainer.server.task_gate import fleet_task_score
 from lockstep.trainer.server.uploads import UploadStore
 
 log = logging.getLogger(__name__)
@@ -230,8 +232,15 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
         mutate(request)
         refuse_during_run()
-        plan = make_plan(body.canary, step_seconds=body.step_seconds, min_requests=body.min_requests,
-                         shadow=body.shadow, gate_specs=body.gate_specs()) if body.is_rollout else None
+        score = None if body.task is None else fleet_task_score(trainer.coordinator, get_task(body.task),
+                                                                 body.task_prompts, settings.api_token)
+        plan = None if not body.is_rollout else make_plan(
+            body.canary, step_seconds=body.step_seconds, min_requests=body.min_requests, shadow=body.shadow,
+            gate_specs=body.gate_specs(), task_score=score)
+        gate = plan.gates.get("task_score") if plan is not None and body.task else None
+        if gate is not None and body.task_prompts < gate.min_samples:
+            raise BadRequest(f"task_prompts is {body.task_prompts} but the task_score gate needs {gate.min_samples} "
+                             "answers before it may decide; raise task_prompts or the gate's min_samples")
         if plan is not None and (busy := rollout_in_progress(await asyncio.to_thread(trainer.coordinator.read_state))):
             raise Conflict(busy)
         await asyncio.to_thread(check_ref, body.model, settings, trainer.coordinator.store)

@@ -98,10 +98,20 @@ class PublishRequest(_Strict):
     shadow: Annotated[float, AllowInfNan(False), Field(ge=0, le=100), BeforeValidator(_no_bool)] = 0.0
     gates: dict[Annotated[str, Field(max_length=64)], GateValue | GateOverride | None] | None = Field(
         None, max_length=32, description="gate name → threshold, {threshold, min_samples}, or null to turn it off")
+    task: Literal["digits", "target_word"] | None = Field(
+        None, description="score the candidate on this built-in task's held-out prompts before the first step "
+        "(the task_score gate)")
+    task_prompts: Annotated[StrictInt, Field(ge=1, le=256)] = 16
 
     @property
     def is_rollout(self) -> bool:
         return self.canary is not None or self.shadow > 0
+
+    @model_validator(mode="after")
+    def _task_needs_a_rollout(self) -> PublishRequest:
+        if self.task is not None and not self.is_rollout:
+            raise ValueError("task scores a rollout's candidate before its first step: add canary or shadow")
+        return self
 
     def gate_specs(self) -> dict[str, Any] | None:
         if self.gates is None:
