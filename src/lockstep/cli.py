@@ -197,11 +197,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     trainer = _trainer_client(args)
     if trainer is not None:
         if Path(args.ref).is_dir():  # a folder here: the trainer may not see it, so it is uploaded
-            if rollout is not None:
-                raise BadRequest("a rollout through the trainer takes a reference it can read (a repo id, "
-                                 "versions/N, a builtin): publish the folder first, then roll out versions/N")
             result = trainer.publish_folder(args.ref, policy=args.policy, timeout_s=args.timeout,
-                                            progress=_upload_printer(args.ref))
+                                            progress=_upload_printer(args.ref), rollout=rollout)
             print(file=sys.stderr)
         else:
             result = trainer.publish(args.ref, policy=args.policy, timeout_s=args.timeout, rollout=rollout)

@@ -119,7 +119,7 @@ def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(re
     before = settle(replicas)
     load = Load(replicas)
     try:
-        plan = make_plan([50], step_seconds=0, min_requests=40, gate_specs={
+        plan = make_plan([50], shadow=50, step_seconds=0, min_requests=40, gate_specs={
             **CALM_GATES, "kl_divergence": {"threshold": 1.0, "min_samples": 5},
             "token_agreement": {"threshold": 0.5, "min_samples": 5}})
         control = RolloutControl(plan)
@@ -131,7 +131,8 @@ def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(re
     assert new != before and committed_version(replicas) == new
     assert all(status == 200 for _, _, status, _ in load.answers)
     assert {v for *_, v in load.answers} <= {before, new}
-    step = control.steps[0]
+    assert [s.share for s in control.steps] == [0, 50, 100]  # shadow first: the traffic gates wait for answers
+    step = control.steps[1]
     during = [a for a in load.answers if step.activate_at + 0.2 < a[0] < (result.activate_at or 0) - 0.2]
     by_session: dict[str, set[int]] = {}
     for _, session, _, version in during:
@@ -263,3 +264,14 @@ def test_a_candidate_that_scores_worse_on_the_task_is_dropped_before_any_step(re
     assert result.outcome == "aborted" and "task_score" in (result.reason or ""), result.summary()
     assert asked == [result.version] and control.steps == []
     assert settle(replicas) == before
+
+
+@pytest.mark.parametrize(("rollout", "why"), [({"canary": [25, 5]}, "must increase"),
+                                              ({"canary": [5], "task": "digits"}, "task needs trainer_url")])
+def test_a_python_publish_with_a_bad_rollout_is_refused_before_anything_is_copied(
+        tmp_path: Path, close_copy: Path, rollout: dict[str, object], why: str) -> None:
+    from lockstep.trainer.client import publish
+
+    with pytest.raises(BadRequest, match=why):
+        publish(close_copy, shared_dir=tmp_path, rollout=rollout)
+    assert not (tmp_path / "versions").exists()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from lockstep.sync.rollout import RolloutControl, make_plan
 from tests.support.cluster import LocalCluster, Proc, local_cluster, wait_for
-from tests.support.load import UpdateScenario
+from tests.support.load import UpdateScenario, check_answers, greedy_texts
 from tests.support.vllm import ENGINE_START_S, VLLM_ENV, needs_vllm, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(2400)]
@@ -57,6 +58,30 @@ def test_a_publish_under_load_flips_every_vllm_replica_together(
     assert sorted(r.outcome for r in result.replicas) == ["serving", "serving"]
     cluster.wait_all_serving(result.version, timeout=ENGINE_START_S)
     scenario.finish()
+
+
+def test_a_rollout_on_vllm_replicas_answers_from_both_engines_labelled_and_compares_them_then_promotes(
+        scenario: UpdateScenario, cluster: LocalCluster, tiny_dirs: dict[int, Path]) -> None:
+    """Both versions resident as two vLLM engines per replica; the split, its labels and vLLM's comparisons."""
+    s = scenario
+    before = s.committed_version()
+    # Two unrelated random models: the text gates would stop them, so the KL gate only waits for 3 comparisons
+    # (vLLM's prompt log-probabilities, made on each replica) and the step then advances.
+    plan = make_plan([50], step_seconds=0, min_requests=20, gate_specs={
+        "latency_p99": None, "token_agreement": None, "length_shift": None,
+        "kl_divergence": {"threshold": 1000, "min_samples": 3}})
+    control = RolloutControl(plan)
+    result = s.coordinator(stage_timeout_s=ENGINE_START_S).rollout(str(tiny_dirs[1]), plan, control=control)
+    assert result.outcome == "committed", (result.summary(), control.view())
+    cluster.wait_all_serving(result.version, timeout=ENGINE_START_S)
+    answers = s.load.stop()
+    expected = {before: greedy_texts(s.model_dir(before)), result.version: greedy_texts(tiny_dirs[1])}
+    assert check_answers(answers, expected) == []
+    split = control.steps[0]
+    during = {a.body_version for a in answers if split.activate_at < a.sent and a.received < (result.activate_at or 0)}
+    assert during == {before, result.version}  # both engines answered during the step
+    kl = next(g for g in control.view()["gates"] if g["name"] == "kl_divergence")
+    assert kl["samples"] >= 3 and kl["value"] > 0
 
 
 def test_a_vllm_replica_killed_while_it_stages_leaves_no_engine_and_comes_back_at_the_committed_version(

@@ -111,6 +111,26 @@ def test_static_never_reaches_outside_the_assets(client: TestClient, path: str) 
     ({"model": "builtin:tiny-s1", "timeout_s": 0}, "timeout_s"),
     ({"model": "builtin:tiny-s1", "timeout_s": True}, "timeout_s"),
     ({"model": "builtin:tiny-s1", "extra": 1}, "extra is not a supported field"),
+    # A rollout's fields: the trainer's bounds, checked here first (the order of the shares is the trainer's).
+    ({"model": "builtin:tiny-s1", "canary": []}, "canary"),
+    ({"model": "builtin:tiny-s1", "canary": "5,25,100"}, "canary"),
+    ({"model": "builtin:tiny-s1", "canary": [0, 50]}, "canary.0"),
+    ({"model": "builtin:tiny-s1", "canary": [5, 101]}, "canary.1"),
+    ({"model": "builtin:tiny-s1", "canary": [True]}, "canary.0"),
+    ({"model": "builtin:tiny-s1", "canary": list(range(1, 22))}, "canary"),
+    ({"model": "builtin:tiny-s1", "shadow": 101}, "shadow"),
+    ({"model": "builtin:tiny-s1", "shadow": -1}, "shadow"),
+    ({"model": "builtin:tiny-s1", "step_seconds": -1}, "step_seconds"),
+    ({"model": "builtin:tiny-s1", "step_seconds": 86_401}, "step_seconds"),
+    ({"model": "builtin:tiny-s1", "min_requests": 1.5}, "min_requests"),
+    ({"model": "builtin:tiny-s1", "min_requests": -1}, "min_requests"),
+    ({"model": "builtin:tiny-s1", "gates": {"Error Rate": 0.1}}, "gates"),
+    ({"model": "builtin:tiny-s1", "gates": {"error_rate": "low"}}, "a gate takes a threshold"),
+    ({"model": "builtin:tiny-s1", "gates": {"error_rate": True}}, "a gate takes a threshold"),
+    ({"model": "builtin:tiny-s1", "gates": {"error_rate": -0.1}}, "gates.error_rate"),
+    ({"model": "builtin:tiny-s1", "gates": {"error_rate": {"threshold": 0.1, "window": 3}}}, "window"),
+    ({"model": "builtin:tiny-s1", "gates": {"error_rate": {"min_samples": 0}}}, "min_samples"),
+    ({"model": "builtin:tiny-s1", "gates": {f"g{i}": 1 for i in range(33)}}, "gates"),
 ])
 def test_publish_form_is_checked_before_the_trainer(client: TestClient, body: dict[str, object],
                                                     words: str) -> None:
@@ -165,7 +185,8 @@ def test_ids_in_paths_are_checked(client: TestClient, run_id: str) -> None:
     ("GET", "/api/runs", None), ("GET", "/api/history", None), ("GET", "/api/versions", None),
     ("GET", "/api/publishes/p-1", None), ("POST", "/api/publish", {"model": "builtin:tiny-s1"}),
     ("POST", "/api/rollback", {}), ("POST", "/api/runs", {"kind": "finetune", "params": {"steps": 3}}),
-    ("POST", "/api/runs/run-1/stop", None),
+    ("POST", "/api/runs/run-1/stop", None), ("GET", "/api/rollout", None), ("POST", "/api/rollout/promote", None),
+    ("POST", "/api/rollout/abort", None),
 ])
 def test_unreachable_trainer_is_a_502_in_plain_words(client: TestClient, dead_url: str, method: str,
                                                      path: str, body: object) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from lockstep.sync.gates import GATES
 from tests.support.cluster import LocalCluster, Proc, free_port, local_cluster, spawn, wait_for
 from tests.ui.conftest import CHROMIUM
 
@@ -368,6 +369,65 @@ def test_playground_streams_text_with_its_version(page: Page, system: System, tm
     expect(page.locator('#play-meta [data-field="replica"]')).to_have_text("replica-2")
     expect(page.locator("#play-history li")).to_have_count(2)
     screenshot(page, "playground", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ rollout
+def test_a_rollout_from_the_page_shows_its_steps_and_gates_and_a_person_aborts_it(
+        page: Page, system: System, tmp_path: Path) -> None:
+    wait_for(lambda: system.trainer.get("/cluster").json()["convergence"]["at_version"] == 2, 120, 0.2,
+             "the fleet to converge before the rollout")
+    before = committed(system)
+    expect(page.locator("#rollout-panel")).to_be_hidden()  # no rollout has run on this trainer
+    page.fill("#publish-model", "builtin:tiny-s2")  # v1 (committed since the rollback) is tiny-s1
+    page.fill("#publish-canary", "25,5")
+    page.click("#publish-button")
+    expect(page.locator("#publish-canary-error")).to_contain_text("must increase")
+    expect(page.locator("#confirm")).not_to_be_visible()
+    page.fill("#publish-canary", "5, 50")
+    page.fill("#publish-step-seconds", "0")
+    page.fill("#publish-min-requests", "0")
+    page.click("#publish-button")
+    expect(page.locator("#confirm-title")).to_have_text("Roll out builtin:tiny-s2?")
+    expect(page.locator("#confirm-text")).to_contain_text("5% → 50% → 100%")
+    page.click("#confirm-ok")
+
+    panel = page.locator("#rollout-panel")
+    expect(panel.locator('#rollout-head [data-field="phase"]')).to_have_text("step", timeout=WAIT_MS)
+    view = system.trainer.get("/rollout").json()
+    version = view["version"]
+    assert view["plan"]["steps"] == [5, 50, 100] and view["plan"]["min_requests"] == 0, "the form sent the plan"
+    steps = panel.locator("#rollout-steps li")
+    expect(steps).to_have_count(3)
+    expect(steps.nth(0)).to_have_attribute("aria-current", "step")
+    expect(steps.nth(0)).to_contain_text("5%")
+    expect(steps.nth(2)).to_contain_text("100%")
+    expect(panel.locator("#rollout-split rect.split-candidate")).to_have_attribute("data-share", "5")
+    expect(panel.locator("#rollout-status")).to_contain_text(f"Step 1 of 3: v{version} answers 5% of requests")
+    gates = panel.locator("#rollout-gates tbody tr")
+    expect(gates).to_have_count(len(GATES), timeout=WAIT_MS)
+    kl = panel.locator('#rollout-gates tr[data-gate="kl_divergence"]')
+    expect(kl.locator('[data-col="threshold"]')).to_have_text("≤ 1")
+    expect(kl.locator('[data-col="samples"]')).to_have_text("0/20", timeout=WAIT_MS)
+    expect(kl.locator('[data-col="verdict"]')).to_have_text("waiting")  # no request has reached the candidate
+    expect(kl.locator(".gate-reason")).to_contain_text("no prompts compared yet")
+    expect(kl.locator(".gate-name")).to_have_attribute("title", re.compile("KL divergence"))
+    agreement = panel.locator('#rollout-gates tr[data-gate="token_agreement"] [data-col="threshold"]')
+    expect(agreement).to_have_text("≥ 0.3")
+    screenshot(page, "rollout", tmp_path)
+
+    page.click("#rollout-abort")
+    expect(page.locator("#confirm-title")).to_have_text(f"Abort the rollout of v{version}?")
+    expect(page.locator("#confirm-cancel")).to_be_focused()
+    page.click("#confirm-ok")
+    expect(panel.locator('#rollout-head [data-field="phase"]')).to_have_text("rolled back", timeout=WAIT_MS)
+    expect(panel.locator("#rollout-status")).to_have_text(
+        "Rolled back by a person: aborted by a person at step 0")
+    expect(steps.nth(0)).to_contain_text("rolled back")
+    expect(steps.nth(1)).to_contain_text("not reached")
+    expect(panel.locator("#rollout-split rect.split-candidate")).to_have_attribute("data-share", "0")
+    expect(panel.locator("#rollout-actions")).to_be_hidden()
+    expect(page.locator("#operation")).to_contain_text(f"v{version} rolled back", timeout=WAIT_MS)
+    assert committed(system) == before
 
 
 # --------------------------------------------------------------------------------------- no trainer

@@ -14,7 +14,7 @@ import torch
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
 from lockstep.engine.batch_size import memory_claim, size_batch
-from lockstep.engine.event import FinalEvent, FinishReason
+from lockstep.engine.event import NONFINITE_LOGITS, FinalEvent, FinishReason
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.runner import Runner, make_runner
 from lockstep.engine.sampler import bad_rows, sample
@@ -497,8 +497,7 @@ class Engine:
             return
         for i, (seq, token, is_bad) in enumerate(zip(seqs, draws.tokens, bad_list, strict=True)):
             if is_bad:
-                self._end(seq, FinishReason.ERROR, "the model produced non-finite logits (NaN or inf)",
-                          dirty=True)
+                self._end(seq, FinishReason.ERROR, NONFINITE_LOGITS, dirty=True)
                 continue
             if i in draws.errors:
                 log.error("request %d: %s", seq.request_id, draws.errors[i])

@@ -23,6 +23,9 @@ class TokenEvent:
     text: str
 
 
+NONFINITE_LOGITS = "the model produced non-finite logits (NaN or inf)"  # FinalEvent.error when that ended it
+
+
 @dataclass(frozen=True)
 class FinalEvent:
     """The end of a request: why, the whole text (the concatenation of every TokenEvent.text) and timings."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from lockstep.core.errors import Overloaded
 from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
+from lockstep.engine.event import NONFINITE_LOGITS
 from lockstep.inference.replica import Replica
 from lockstep.inference.slot import ModelSlot
 
@@ -141,7 +142,7 @@ def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenR
     m.tokens_per_request.observe(final.completion_tokens)
     rate.add(final.completion_tokens)
     if not admitted.targeted:
-        replica.rollout_stats.record_answer(admitted.version, final)
+        replica.rollout_stats.record_answer(admitted.version, final, nonfinite=final.error == NONFINITE_LOGITS)
         replica.answered(admitted.slot, admitted.prompt_ids, admitted.params, final)
     sampled_by = {version for version, _, _ in getattr(final, "weight_versions", ())}
     if sampled_by - {str(admitted.version)}:  # the engine's own account contradicts the label

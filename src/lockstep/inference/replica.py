@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,7 +34,15 @@ from lockstep.inference.shadow import Shadow
 from lockstep.inference.slot import ModelSlot, ServingEngine
 from lockstep.models import loader
 from lockstep.store import VersionSource
-from lockstep.sync.protocol import ReplicaState, RolloutReport, ServingInfo, Split, StagedInfo, StageState
+from lockstep.sync.protocol import (
+    ReplicaState,
+    RolloutReport,
+    ServingInfo,
+    Split,
+    SplitApplied,
+    StagedInfo,
+    StageState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +142,8 @@ class Replica:
         self._split: Split | None = None  # the split applied (its candidate resident, unless split_missing)
         self.split_missing = False  # a split with a share is in force and its candidate is not resident here
         self._shadow: Shadow | None = None  # compares the two versions' answers while both are resident
+        self.splits: deque[SplitApplied] = deque(maxlen=16)  # the steps put in force: their flip skew
+        self._applied_key: tuple[str, int, float] | None = None
 
     # ------------------------------------------------------------------ serving
     @property
@@ -493,6 +504,10 @@ class Replica:
             resident = plan is not None and plan.slot is not None and plan.version == split.version
             self.split_missing = (split.share > 0 or split.shadow > 0) and not resident
             self.router.apply(split if resident else None, serving.version if serving else None)
+            if self._split_key_of(split) != self._applied_key:  # pins arriving for the step change no share
+                self.splits.append(SplitApplied(rollout=split.rollout, version=split.version, step=split.step,
+                                                share=split.share, at=self.clock.time()))
+                self._applied_key = self._split_key_of(split)
             if new_rollout:
                 self.rollout_stats.reset(split.rollout)
             if resident:
@@ -511,11 +526,15 @@ class Replica:
             log.info("rollout %s step %d: v%d answers %.1f%% of new requests%s", split.rollout, split.step,
                      split.version, split.share, " (session pins complete)" if split.pins_step == split.step else "")
 
+    @staticmethod
+    def _split_key_of(split: Split) -> tuple[str, int, float]:
+        return split.rollout, split.step, split.share
+
     def _end_split(self) -> None:
         """No split any more (caller holds the lock)."""
         if self._split is None and not self.split_missing:
             return
-        self._split, self.split_missing = None, False
+        self._split, self.split_missing, self._applied_key = None, False, None
         self.router.apply(None, None)
         if self._shadow is not None:
             self._shadow.set_percent(0, 0)

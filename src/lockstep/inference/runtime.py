@@ -250,6 +250,7 @@ class ReplicaRuntime:
             self.replica, self.settings, replica_id=self.replica_id, url=self.url, clock=self.clock,
             token_rate=self.token_rate)
         return ReplicaStatus(**dict(beat), committed_version=self.replica.committed_version,
+                             splits=list(self.replica.splits),
                              engine=self.replica.engine_kind.value,
                              uptime_s=round(self.clock.time() - self.started_at, 3),
                              shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None)

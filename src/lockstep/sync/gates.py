@@ -86,6 +86,8 @@ GATES: Mapping[str, GateDefault] = MappingProxyType({
         "(samples: evaluation prompts); skipped when no score was computed.",
         0.0, 1.0, "a drop in score"),
 })
+# Gates fed by the candidate's own answers: a shadow-only step (no traffic share) has none to give them.
+TRAFFIC_GATES = frozenset({"error_rate", "latency_p99", "empty_output", "nonfinite", "length_shift"})
 DEFAULT_GATES: Mapping[str, GateSpec] = MappingProxyType({name: gate.spec for name, gate in GATES.items()})
 GATE_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({name: gate.description for name, gate in GATES.items()})
 

@@ -202,6 +202,16 @@ class RolloutReport(_Tolerant):
     stats: list[VersionStats] = Field(default_factory=list, max_length=2)
 
 
+class SplitApplied(_Tolerant):
+    """When a replica put a rollout step in force (its clock): the flip skew of a step, or of a rollback."""
+
+    rollout: str = Field(min_length=1, max_length=64)
+    version: VersionNumber
+    step: Count
+    share: Share
+    at: WallTime
+
+
 class Heartbeat(_Tolerant):
     """``replicas/<replica>.json``: what a replica serves and stages, written every heartbeat interval."""
 
@@ -235,6 +245,7 @@ class ReplicaStatus(Heartbeat):
     """
 
     committed_version: VersionNumber | None = None
+    splits: list[SplitApplied] = Field(default_factory=list, max_length=16)  # the last steps put in force, oldest first
     engine: str | None = None
     uptime_s: Seconds | None = None
     shared_dir: str | None = None

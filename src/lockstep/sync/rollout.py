@@ -355,7 +355,10 @@ class RolloutRun:
                                      baseline_score=task.baseline if task else None,
                                      task_samples=task.samples if task else 0)
             control.candidate, control.committed, control.results = candidate, committed, results
-            verdict = gates.verdict(results)
+            share = control.steps[-1].share
+            # A shadow-only step gives the traffic gates no answers: they wait for the first step with a share.
+            verdict = gates.verdict([r for r in results if not (share == 0 and r.name in gates.TRAFFIC_GATES
+                                                               and r.verdict == "waiting")])
             if control.human is Human.PROMOTE:
                 return self._promote()
             if control.human is Human.ABORT:

@@ -19,6 +19,7 @@ from lockstep.core.errors import BadRequest, NotFound, Unauthorized
 from lockstep.core.guards import install_guard
 from lockstep.core.http import error_body, install_error_handlers
 from lockstep.core.settings import Settings
+from lockstep.sync.gates import GATE_DESCRIPTIONS
 from lockstep.ui.assets import Assets
 from lockstep.ui.feed import Feed
 from lockstep.ui.playground import Playground
@@ -56,6 +57,16 @@ def relay(response: httpx.Response) -> JSONResponse:
             "the trainer refused this UI server's token: set the same LOCKSTEP_API_TOKEN for the UI and the trainer",
             "upstream_unauthorized"), status_code=502)
     return JSONResponse(parse_json(response), status_code=response.status_code)
+
+
+def relay_rollout(response: httpx.Response) -> JSONResponse:
+    """The trainer's rollout view, relayed with what each gate measures (the page's tooltips); errors as they are."""
+    if not response.is_success:
+        return relay(response)
+    body = parse_json(response)
+    if isinstance(body, dict):
+        body["gate_descriptions"] = dict(GATE_DESCRIPTIONS)
+    return JSONResponse(body, status_code=response.status_code)
 
 
 def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = None,
@@ -180,10 +191,23 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
         return relay(await upstream.trainer("GET", "/runs/" + segment(run_id)))
 
     # ------------------------------------------------------------------ driving the trainer
-    @app.post("/api/publish", summary="Publish a model reference to every replica")
+    @app.post("/api/publish", summary="Publish a model reference to every replica; with canary or shadow, roll it out")
     async def publish(form: PublishForm) -> JSONResponse:
+        # exclude_none leaves the values of a dict alone: a gate set to null still reaches the trainer (gate off).
         response = await upstream.trainer("POST", "/publish", json=form.model_dump(exclude_none=True))
         return hide_folder_details(response, folders_in([form.model])) or relay(response)
+
+    @app.get("/api/rollout", summary="The rollout in progress, or the last one: steps, shares, gates")
+    async def rollout() -> JSONResponse:
+        return relay_rollout(await upstream.trainer("GET", "/rollout"))
+
+    @app.post("/api/rollout/promote", summary="Promote the rollout in progress now, whatever its gates say")
+    async def rollout_promote() -> JSONResponse:
+        return relay_rollout(await upstream.trainer("POST", "/rollout/promote"))
+
+    @app.post("/api/rollout/abort", summary="Roll the rollout in progress back now, whatever its gates say")
+    async def rollout_abort() -> JSONResponse:
+        return relay_rollout(await upstream.trainer("POST", "/rollout/abort"))
 
     @app.post("/api/rollback", summary="Commit an earlier version again")
     async def rollback(form: RollbackForm) -> JSONResponse:

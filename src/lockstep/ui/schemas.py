@@ -10,10 +10,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StrictInt,
     StrictStr,
+    Tag,
     field_validator,
 )
 
@@ -40,14 +42,62 @@ class _Form(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+# The trainer's bounds on a rollout (lockstep.trainer.server.schemas.PublishRequest, lockstep.sync.rollout): the
+# order of the shares and each gate's own range are left to the trainer, whose refusal names what is allowed.
+MAX_CANARY_STEPS = 20
+MAX_GATES = 32
+MAX_GATE_THRESHOLD = 1e9  # the widest gate range is "finite, at least 0"; an upper bound keeps it a plain number
+MAX_COUNT = 10**9
+GATE_SETTING_HELP = ('a gate takes a threshold (a number), an object {"threshold": x, "min_samples": n}, '
+                     "or null to turn it off")
+
+Share = Annotated[float, AllowInfNan(False), Field(gt=0, le=100), BeforeValidator(_no_bool)]
+GateThreshold = Annotated[float, AllowInfNan(False), Field(ge=0, le=MAX_GATE_THRESHOLD), BeforeValidator(_no_bool)]
+
+
+class GateForm(_Form):
+    """One gate's threshold and the answers it needs before it may fail (the default for what is left out)."""
+
+    threshold: GateThreshold | None = None
+    min_samples: Annotated[StrictInt, Field(ge=1, le=MAX_COUNT)] | None = None
+
+
+def _gate_kind(value: Any) -> str | None:
+    # Which form a gate setting takes; None (true/false, strings, lists) gets GATE_SETTING_HELP as its error.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return "threshold"
+    if isinstance(value, dict | GateForm):
+        return "object"
+    return None
+
+
+GateSetting = Annotated[
+    Annotated[GateThreshold, Tag("threshold")] | Annotated[GateForm, Tag("object")],
+    Discriminator(_gate_kind, custom_error_type="gate_setting", custom_error_message=GATE_SETTING_HELP)]
+GateName = Annotated[StrictStr, Field(max_length=64, pattern=PARAM_NAME_PATTERN)]
+
+
 class PublishForm(_Form):
-    """POST /api/publish: a model reference to publish to every replica."""
+    """POST /api/publish: a model reference to publish to every replica; with canary or shadow, a rollout."""
 
     model: StrictStr = Field(min_length=1, max_length=500, pattern=REF_PATTERN,
                              description="repo id, versions/N, builtin:tiny-sN or a folder the trainer reads")
     policy: Literal["strict", "quorum"] | None = None
     timeout_s: Annotated[float, AllowInfNan(False), Field(gt=0, le=3600), BeforeValidator(_no_bool)] | None = Field(
         None, description="seconds to wait for every replica to stage")
+    canary: list[Share] | None = Field(None, min_length=1, max_length=MAX_CANARY_STEPS,
+                                       description="the steps' shares in percent, increasing, like [5, 25, 100]")
+    step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] | None = (
+        Field(None, description="seconds each step holds at least (trainer default 60)"))
+    min_requests: Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)] | None = Field(
+        None, description="candidate answers each step needs before it may advance (trainer default 100)")
+    shadow: Annotated[float, AllowInfNan(False), Field(ge=0, le=100), BeforeValidator(_no_bool)] | None = Field(
+        None, description="percent of the committed version's prompts also run on the candidate, unanswered")
+    gates: dict[GateName, GateSetting | None] | None = Field(
+        None, max_length=MAX_GATES, description="gate name → threshold, {threshold, min_samples}, or null (off)")
+
 
 
 class RollbackForm(_Form):

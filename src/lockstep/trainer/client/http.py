@@ -81,16 +81,17 @@ class TrainerClient:
 
     def publish_folder(self, folder: str | Path, *, label: str | None = None, metadata: dict[str, Any] | None = None,
                        policy: str | None = None, timeout_s: float | None = None,
-                       progress: Progress | None = None) -> PublishResult:
+                       progress: Progress | None = None, rollout: dict[str, Any] | None = None) -> PublishResult:
         """Upload every file of a local model folder and publish it as the next version.
 
         For a trainer that cannot see the folder: another machine, no shared volume. The trainer checks each
         file's sha256, copies the upload into its store and removes it; ``progress(sent, total)`` follows
-        the upload."""
+        the upload; ``rollout``: as for ``publish``."""
         check_model_dir(Path(folder), allow_pickle=True)  # not a model: refused before any byte is sent
         upload_id = self.upload(folder, progress=progress)
         body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
                                   "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
+        body.update({k: v for k, v in (rollout or {}).items() if v is not None})
         try:
             job = self._call("POST", f"/store/uploads/{upload_id}/publish", json=body)
         except LockstepError:

@@ -34,6 +34,7 @@ from lockstep.models.loader import save_kwargs
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_lease_wait
 from lockstep.sync.protocol import Heartbeat
+from lockstep.sync.rollout import make_plan
 from lockstep.trainer.client.http import TrainerClient
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _upload_bar(trainer_url: str) -> Iterator[Callable[[int, int], None]]:
 def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_dir: str | Path | None = None,
             metadata: dict[str, Any] | None = None, settings: Settings | None = None,
             policy: CommitPolicy | None = None, timeout_s: float | None = None, label: str | None = None,
-            trainer_url: str | None = None, token: str | None = None,
+            trainer_url: str | None = None, token: str | None = None, rollout: dict[str, Any] | None = None,
             clock: Clock = SYSTEM_CLOCK) -> PublishResult:
     """Publish a model folder (or a ``PreTrainedModel`` + tokenizer) as the next version, in two phases.
 
@@ -115,7 +116,19 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
     it was aborted (``result.reason`` says why; the cluster keeps its committed version). ``metadata`` goes
     into the version's MANIFEST.json (step, loss, reward...). With ``trainer_url`` the files are uploaded to
     that trainer (``token``: its LOCKSTEP_API_TOKEN), which publishes them; no shared folder is needed.
+    ``rollout`` (``canary``, ``step_seconds``, ``min_requests``, ``shadow``, ``gates``, ``task``; docs/api.md,
+    Rollouts): staged everywhere, then given its shares step by step; ``outcome`` is ``rolled back`` when a gate
+    or a person stopped it.
     """
+    plan = None
+    if rollout and not trainer_url:  # checked before anything is copied
+        unknown = set(rollout) - {"canary", "step_seconds", "min_requests", "shadow", "gates"}
+        if unknown:
+            raise BadRequest(f"rollout takes canary, step_seconds, min_requests, shadow and gates over a shared "
+                             f"folder (task needs trainer_url); got {sorted(unknown)}")
+        plan = make_plan(rollout.get("canary"), step_seconds=rollout.get("step_seconds", 60.0),
+                         min_requests=rollout.get("min_requests", 100), shadow=rollout.get("shadow", 0.0),
+                         gate_specs=rollout.get("gates"))
     owner = f"publish-api@{socket.gethostname()}:{os.getpid()}"
     origin = label or (str(Path(path_or_model).resolve()) if isinstance(path_or_model, (str, Path))
                        else f"{type(path_or_model).__name__} from {owner}")
@@ -126,7 +139,7 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
             assert trainer_url is not None
             with TrainerClient(trainer_url, token=token) as client, _upload_bar(trainer_url) as progress:
                 result = client.publish_folder(folder, label=origin, metadata=metadata, policy=policy,
-                                               timeout_s=timeout_s, progress=progress)
+                                               timeout_s=timeout_s, progress=progress, rollout=rollout)
             log.info("published %s through %s: %s", origin, trainer_url, result.summary())
             return result
         state = coordinator.read_state()
@@ -136,8 +149,11 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
                                                  allow_pickle=coordinator.settings.allow_pickle)
     ref = ModelStore.ref(manifest.version)
     source = Source(manifest.version, ref, manifest.digest)
-    result = with_lease_wait(lambda: coordinator.publish(ref, source=source, policy=policy, timeout_s=timeout_s),
-                             clock)
+    if plan is not None:
+        result = with_lease_wait(lambda: coordinator.rollout(ref, plan, source=source, timeout_s=timeout_s), clock)
+    else:
+        result = with_lease_wait(lambda: coordinator.publish(ref, source=source, policy=policy,
+                                                             timeout_s=timeout_s), clock)
     log.info("published %s: %s", origin, result.summary())
     return result
 

@@ -31,7 +31,7 @@ from lockstep.store.manifest import check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
-from lockstep.sync.rollout import make_plan, rollout_in_progress
+from lockstep.sync.rollout import RolloutPlan, make_plan, rollout_in_progress
 from lockstep.trainer.cluster.discovery import Discovery
 from lockstep.trainer.cluster.view import ClusterView
 from lockstep.trainer.runs.manager import RunManager
@@ -41,7 +41,13 @@ from lockstep.trainer.server.events import STREAM_S, EventBus
 from lockstep.trainer.server.metrics import TrainerMetrics
 from lockstep.trainer.server.monitor import CatchUpLoop, Monitor
 from lockstep.trainer.server.publish_jobs import PublishBusy, Publisher, check_ref
-from lockstep.trainer.server.schemas import PublishRequest, RollbackRequest, RunRequest, UploadPublishRequest
+from lockstep.trainer.server.schemas import (
+    PublishRequest,
+    RollbackRequest,
+    RolloutFields,
+    RunRequest,
+    UploadPublishRequest,
+)
 from lockstep.trainer.server.task_gate import fleet_task_score
 from lockstep.trainer.server.uploads import UploadStore
 
@@ -228,21 +234,27 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         trainer.publisher.check_idle()  # 409 naming the running publish; submit checks again, atomically
         trainer.coordinator.check_free()
 
+    async def rollout_plan(body: RolloutFields) -> RolloutPlan | None:
+        """The checked plan of a publish that asks for a rollout (None: a plain publish); 400/409 before anything."""
+        if not body.is_rollout:
+            return None
+        score = None if body.task is None else fleet_task_score(trainer.coordinator, get_task(body.task),
+                                                                 body.task_prompts, settings.api_token)
+        plan = make_plan(body.canary, step_seconds=body.step_seconds, min_requests=body.min_requests,
+                         shadow=body.shadow, gate_specs=body.gate_specs(), task_score=score)
+        gate = plan.gates.get("task_score") if body.task else None
+        if gate is not None and body.task_prompts < gate.min_samples:
+            raise BadRequest(f"task_prompts is {body.task_prompts} but the task_score gate needs {gate.min_samples} "
+                             "answers before it may decide; raise task_prompts or the gate's min_samples")
+        if (busy := rollout_in_progress(await asyncio.to_thread(trainer.coordinator.read_state))) is not None:
+            raise Conflict(busy)
+        return plan
+
     @app.post("/publish", status_code=202, summary="Publish a model reference to every replica (two phases)")
     async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
         mutate(request)
         refuse_during_run()
-        score = None if body.task is None else fleet_task_score(trainer.coordinator, get_task(body.task),
-                                                                 body.task_prompts, settings.api_token)
-        plan = None if not body.is_rollout else make_plan(
-            body.canary, step_seconds=body.step_seconds, min_requests=body.min_requests, shadow=body.shadow,
-            gate_specs=body.gate_specs(), task_score=score)
-        gate = plan.gates.get("task_score") if plan is not None and body.task else None
-        if gate is not None and body.task_prompts < gate.min_samples:
-            raise BadRequest(f"task_prompts is {body.task_prompts} but the task_score gate needs {gate.min_samples} "
-                             "answers before it may decide; raise task_prompts or the gate's min_samples")
-        if plan is not None and (busy := rollout_in_progress(await asyncio.to_thread(trainer.coordinator.read_state))):
-            raise Conflict(busy)
+        plan = await rollout_plan(body)
         await asyncio.to_thread(check_ref, body.model, settings, trainer.coordinator.store)
         return trainer.publisher.submit(body.model, policy=body.policy, timeout_s=body.timeout_s, plan=plan)
 
@@ -380,6 +392,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         # A job run's pods publish its versions through here, naming the run in the metadata.
         run = trainer.runs.uploading_run(body.metadata.get("run_id"))
         refuse_during_run(own=run is not None)
+        plan = await rollout_plan(body)
         folder = await asyncio.to_thread(trainer.uploads.seal, upload_id)
         try:
             await asyncio.to_thread(check_model_dir, folder, settings.allow_pickle)  # what the store would refuse
@@ -387,7 +400,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             return trainer.publisher.submit(str(folder), label=body.label or f"upload {upload_id}",
                                             metadata=body.metadata, policy=body.policy, timeout_s=body.timeout_s,
                                             then=lambda: trainer.uploads.release(upload_id),
-                                            run_id=run.id if run is not None else None)
+                                            run_id=run.id if run is not None else None, plan=plan)
         except Exception:
             trainer.uploads.unseal(upload_id)  # refused before it started: the client may fix it and try again
             raise

@@ -75,7 +75,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-GateValue = Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]
+GateValue = Annotated[float, AllowInfNan(False), Field(ge=0, le=1e9), BeforeValidator(_no_bool)]  # gates check more
 
 
 class GateOverride(_Strict):
@@ -85,12 +85,10 @@ class GateOverride(_Strict):
     min_samples: Annotated[StrictInt, Field(ge=1, le=10**9)] | None = None
 
 
-class PublishRequest(_Strict):
-    """``POST /publish``: any model reference; with ``canary`` or ``shadow``, a rollout (docs/api.md, Rollouts)."""
+class RolloutFields(_Strict):
+    """A publish's rollout: with ``canary`` or ``shadow`` it is staged everywhere, then given its shares step by step
+    (docs/api.md, Rollouts)."""
 
-    model: ModelRefText
-    policy: CommitPolicy | None = None
-    timeout_s: TimeoutS | None = None
     canary: list[Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]] | None = Field(
         None, min_length=1, max_length=20, description="shares in percent, increasing, like [5, 25, 100]")
     step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] = 60.0
@@ -108,7 +106,7 @@ class PublishRequest(_Strict):
         return self.canary is not None or self.shadow > 0
 
     @model_validator(mode="after")
-    def _task_needs_a_rollout(self) -> PublishRequest:
+    def _task_needs_a_rollout(self) -> RolloutFields:
         if self.task is not None and not self.is_rollout:
             raise ValueError("task scores a rollout's candidate before its first step: add canary or shadow")
         return self
@@ -120,7 +118,15 @@ class PublishRequest(_Strict):
                 for name, g in self.gates.items()}
 
 
-class UploadPublishRequest(_Strict):
+class PublishRequest(RolloutFields):
+    """``POST /publish``: any model reference; with ``canary`` or ``shadow``, a rollout."""
+
+    model: ModelRefText
+    policy: CommitPolicy | None = None
+    timeout_s: TimeoutS | None = None
+
+
+class UploadPublishRequest(RolloutFields):
     """``POST /store/uploads/{id}/publish``: the uploaded folder becomes the next version."""
 
     label: StrictStr | None = Field(None, min_length=1, max_length=1024)  # MANIFEST "source" (default: the upload)

@@ -42,7 +42,9 @@ export async function api(path, {method = "GET", body} = {}) {
   try { data = await response.json(); } catch { /* not JSON: the status says enough */ }
   if (response.status === 401) loggedOut();
   if (!response.ok) {
-    throw new Error(messageOf(data) || `${response.status} ${response.statusText || "error"}`);
+    const error = new Error(messageOf(data) || `${response.status} ${response.statusText || "error"}`);
+    error.status = response.status; // a 404 can mean "none yet" rather than a failure (GET /api/rollout)
+    throw error;
   }
   return data;
 }

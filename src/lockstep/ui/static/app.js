@@ -5,6 +5,7 @@ import {$, $$} from "./dom.js";
 import {set, store} from "./store.js";
 import * as fleet from "./fleet.js";
 import * as control from "./control.js";
+import * as rollout from "./rollout.js";
 import * as timeline from "./timeline.js";
 import * as runs from "./runs.js";
 import * as playground from "./playground.js";
@@ -67,6 +68,7 @@ function onSession(session) {
 function main() {
   fleet.init();
   control.init();
+  rollout.init();
   timeline.init();
   runs.init();
   playground.init();

@@ -5,7 +5,74 @@ import {api} from "./api.js";
 import {on, store} from "./store.js";
 
 export const REF_PATTERN = /^[A-Za-z0-9_./:@~+-]+$/; // the server checks the same pattern again
-const FINAL = new Set(["committed", "aborted", "unchanged", "failed", "succeeded", "error", "done", "cancelled"]);
+const FINAL = new Set(["committed", "aborted", "unchanged", "failed", "succeeded", "error", "done", "cancelled",
+  "rolled back"]);
+const MAX_STEPS = 20; // canary shares the trainer takes (lockstep.sync.rollout.MAX_STEPS)
+
+/** "5, 25, 100" (or "5% 25%") as increasing shares in (0, 100]; {shares} or {error} in words. */
+function parseShares(text) {
+  const items = text.split(/[\s,]+/).filter(Boolean);
+  if (!items.length) return {shares: null};
+  if (items.length > MAX_STEPS) return {error: `At most ${MAX_STEPS} shares.`};
+  const shares = [];
+  for (const item of items) {
+    const share = Number(item.replace(/%$/, ""));
+    if (!Number.isFinite(share) || !(share > 0 && share <= 100)) {
+      return {error: `${item} is not a percent above 0 and at most 100 (like 5,25,100).`};
+    }
+    if (shares.length && share <= shares[shares.length - 1]) {
+      return {error: `Shares must increase: ${item} follows ${shares[shares.length - 1]}.`};
+    }
+    shares.push(share);
+  }
+  return {shares};
+}
+
+/** A number field in [lo, hi] (whole when `whole`): {value} (null when empty) or {error} in words. */
+function numberIn(input, lo, hi, whole) {
+  const text = input.value.trim();
+  if (!text) return {value: null};
+  const value = Number(text);
+  if (!Number.isFinite(value) || value < lo || value > hi || (whole && !Number.isInteger(value))) {
+    return {error: `${whole ? "A whole number" : "A number"} from ${lo} to ${hi}, or empty for the default.`};
+  }
+  return {value};
+}
+
+/** The rollout fields of the publish form: {fields} to add to the body (none: an ordinary publish), or {ok: false}. */
+function rolloutFields() {
+  const canary = $("#publish-canary"), shadow = $("#publish-shadow");
+  const step = $("#publish-step-seconds"), min = $("#publish-min-requests");
+  const parsed = parseShares(canary.value);
+  const sh = numberIn(shadow, 0, 100, false);
+  const st = numberIn(step, 0, 86400, false);
+  const mr = numberIn(min, 0, 1e9, true);
+  const rollout = Boolean(parsed.shares) || sh.value > 0;
+  const needsRollout = "Applies to a rollout: enter canary shares or a shadow percent too.";
+  let ok = fieldError(canary, $("#publish-canary-error"), parsed.error || "");
+  ok = fieldError(shadow, $("#publish-shadow-error"), sh.error || "") && ok;
+  ok = fieldError(step, $("#publish-step-seconds-error"),
+    st.error || (st.value !== null && !rollout ? needsRollout : "")) && ok;
+  ok = fieldError(min, $("#publish-min-requests-error"),
+    mr.error || (mr.value !== null && !rollout ? needsRollout : "")) && ok;
+  if (!ok) return {ok: false, invalid: [canary, shadow, step, min].find((el) => el.getAttribute("aria-invalid"))};
+  if (!rollout) return {ok: true, fields: null};
+  const fields = {};
+  if (parsed.shares) fields.canary = parsed.shares;
+  if (sh.value !== null) fields.shadow = sh.value;
+  if (st.value !== null) fields.step_seconds = st.value;
+  if (mr.value !== null) fields.min_requests = mr.value;
+  return {ok: true, fields};
+}
+
+/** The steps of a rollout in words, as the trainer will take them: "shadow 10% → 5% → 25% → 100%". */
+function stepsText(fields) {
+  const shares = [...(fields.canary || [])];
+  if (!shares.length || shares[shares.length - 1] !== 100) shares.push(100);
+  const steps = shares.map((x) => `${x}%`);
+  if (fields.shadow > 0) steps.unshift(`shadow ${fields.shadow}%`);
+  return steps.join(" → ");
+}
 
 /** Ask with the page's dialog; resolves true only on an explicit confirm. */
 export function confirmDialog(title, text, okLabel = "Confirm") {
@@ -76,12 +143,15 @@ async function follow(publishId, what) {
       return job;
     }
     const progress = job.progress && typeof job.progress === "object" ? job.progress : null;
-    const line = progress && progress.live !== undefined
-      ? `${progress.staged ?? 0}/${progress.live} replicas staged${progress.failed ? `, ${progress.failed} failed` : ""}`
-      : `phase: ${job.phase || d.outcome}`;
+    const rolling = job.kind === "rollout" && !["resolve", "prepare", "staging", "queued"].includes(job.phase);
+    const line = rolling ? `phase: ${job.phase}; its steps and gates are in the Rollout panel below`
+      : progress && progress.live !== undefined
+        ? `${progress.staged ?? 0}/${progress.live} replicas staged${progress.failed ? `, ${progress.failed} failed` : ""}`
+        : `phase: ${job.phase || d.outcome}`;
     showOperation("busy", `${what}…`, line);
     await new Promise((r) => setTimeout(r, 500));
   }
+  showOperation("", `${what} is still running`, "The Timeline lists it when it ends.");
   return null;
 }
 
@@ -96,16 +166,23 @@ async function submitPublish(event) {
   const t = timeout.value.trim();
   ok = fieldError(timeout, $("#publish-timeout-error"),
     t && !(Number(t) >= 1 && Number(t) <= 3600) ? "Between 1 and 3600 seconds, or empty for the default." : "") && ok;
-  if (!ok) { (input.getAttribute("aria-invalid") ? input : timeout).focus(); return; }
+  const rollout = rolloutFields();
+  if (!ok || !rollout.ok) { (input.getAttribute("aria-invalid") ? input : rollout.invalid || timeout).focus(); return; }
 
   const policy = $("#publish-policy").value;
   const n = liveReplicas();
-  const yes = await confirmDialog(`Publish ${model}?`,
-    `It becomes the next version. All ${n} live replica${n === 1 ? "" : "s"} stage it beside the model they serve, ` +
-    `then flip together. ${policy === "quorum" ? "Replicas that fail go unready." : "If any replica fails, the publish is aborted."}`,
-    "Publish");
+  const stage = `All ${n} live replica${n === 1 ? "" : "s"} stage it beside the model they serve`;
+  const yes = rollout.fields
+    ? await confirmDialog(`Roll out ${model}?`,
+      `It becomes the next version. ${stage}, then it takes a growing share of requests: ${stepsText(rollout.fields)}. ` +
+      "Each step holds while its gates pass; a failing gate rolls every replica back at once. You can promote or " +
+      "abort it from the Rollout panel.", "Roll out")
+    : await confirmDialog(`Publish ${model}?`,
+      `It becomes the next version. ${stage}, then flip together. ` +
+      `${policy === "quorum" ? "Replicas that fail go unready." : "If any replica fails, the publish is aborted."}`,
+      "Publish");
   if (!yes) return;
-  const body = {model};
+  const body = {model, ...(rollout.fields || {})};
   if (policy) body.policy = policy;
   if (t) body.timeout_s = Number(t);
   const button = $("#publish-button");
@@ -114,7 +191,7 @@ async function submitPublish(event) {
   try {
     const job = await api("/api/publish", {method: "POST", body});
     const id = job.publish_id || job.id;
-    if (id) await follow(id, `Publish of ${model}`);
+    if (id) await follow(id, `${rollout.fields ? "Rollout" : "Publish"} of ${model}`);
     else showOperation("ok", `Publish of ${model} started`);
   } catch (err) {
     showOperation("bad", `Publish of ${model} failed`, err.message);
@@ -184,6 +261,9 @@ export function init() {
   $("#publish-form").addEventListener("submit", submitPublish);
   $("#rollback-form").addEventListener("submit", submitRollback);
   $("#publish-model").addEventListener("input", () => fieldError($("#publish-model"), $("#publish-model-error"), ""));
+  for (const id of ["canary", "shadow", "step-seconds", "min-requests"]) {
+    $(`#publish-${id}`).addEventListener("input", () => fieldError($(`#publish-${id}`), $(`#publish-${id}-error`), ""));
+  }
   on("versions", renderRollbackOptions);
   on("cluster", () => { if (store.versions) renderRollbackOptions(store.versions); });
 }
