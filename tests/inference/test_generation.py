@@ -47,7 +47,7 @@ class FakeReplica:
     pins: int = 0
 
     @contextlib.contextmanager
-    def pinned(self) -> Iterator[FakeSlot]:
+    def pinned(self, session: str | None = None, version: int | None = None) -> Iterator[FakeSlot]:
         self.pins += 1
         try:
             yield self.slot

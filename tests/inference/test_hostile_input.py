@@ -96,7 +96,7 @@ def test_openapi_states_bounds_for_every_number_of_every_request(srv: Served) ->
                 found.append(number)
                 assert {"minimum", "exclusiveMinimum"} & set(number), (path, number)
                 assert {"maximum", "exclusiveMaximum"} & set(number), (path, number)
-    assert bodies == 7 and len(found) >= 30  # /generate, /v1/*, /update-model, /admin/*: not vacuous
+    assert bodies == 8 and len(found) >= 30  # /generate, /v1/*, /update-model, /admin/*: not vacuous
     generate = components["GenerateRequest"]["properties"]
     assert generate["seed"]["anyOf"][0]["maximum"] == float(MAX_SEED)  # FastAPI's OpenAPI models keep floats
     assert generate["top_k"]["maximum"] == MAX_TOP_K and generate["temperature"]["maximum"] == 2

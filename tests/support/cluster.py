@@ -157,6 +157,23 @@ class LocalCluster:
 
 
 @contextmanager
+def http_replicas(builtin_dir: Path, logs: Path, count: int = 2, **env: str) -> Iterator[list[Proc]]:
+    """``count`` replicas ``r0``, ``r1``… with no shared folder (a coordinator drives them over HTTP), ready."""
+    procs = []
+    try:
+        for i in range(count):
+            port = free_port()
+            procs.append(spawn(f"r{i}", ["serve", "--port", str(port)],
+                               base_env(builtin_dir, LOCKSTEP_REPLICA_ID=f"r{i}", **env), logs, port))
+        for p in procs:
+            wait_for(p.ready, 120, 0.1, f"{p.name} ready ({p.log()[-1000:]})")
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@contextmanager
 def local_cluster(root: Path, builtin_dir: Path, replicas: int = 2, **env: str) -> Iterator[LocalCluster]:
     """Start ``replicas`` replicas, yield the cluster, stop everything."""
     cluster = LocalCluster(root, builtin_dir, dict(env))

@@ -13,7 +13,7 @@ from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
-from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.cluster import Proc, base_env, free_port, http_replicas, spawn, wait_for
 
 TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
 
@@ -29,19 +29,8 @@ def over_http(settings: Settings, replicas: list[Proc]) -> Coordinator:
 
 @pytest.fixture(scope="module")
 def replicas(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
-    logs = tmp_path_factory.mktemp("http-replicas")
-    procs = []
-    for i in range(2):
-        port = free_port()
-        procs.append(spawn(f"r{i}", ["serve", "--port", str(port)], base_env(builtin_dir, LOCKSTEP_REPLICA_ID=f"r{i}"),
-                           logs, port))
-    try:
-        for p in procs:
-            wait_for(p.ready, 120, 0.1, f"{p.name} ready ({p.log()[-1000:]})")
+    with http_replicas(builtin_dir, tmp_path_factory.mktemp("http-replicas")) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.kill()
 
 
 def test_stage_then_commit_flips_every_replica_to_the_same_version(replicas: list[Proc]) -> None:

@@ -412,7 +412,7 @@ def test_the_callback_example_uploads_each_checkpoint_to_the_trainer(http_cluste
 
 def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_it(http_cluster: HttpCluster) -> None:
     trainer, before = http_cluster.trainer, http_cluster.committed()
-    for bad, why in (({"canary": [25, 5]}, "must increase"), ({"canary": [5, 150]}, "outside"),
+    for bad, why in (({"canary": [25, 5]}, "must increase"), ({"canary": [5, 150]}, "less than or equal to 100"),
                      ({"canary": [5], "gates": {"no_such_gate": 1}}, "error_rate"),
                      ({"canary": [5], "gates": {"error_rate": "high"}}, "error_rate"),
                      ({"canary": [True]}, "number"), ({"task": "digits"}, "add canary or shadow"),

@@ -23,7 +23,7 @@ from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
 from lockstep.sync.protocol import Pending, Phase, Split, SyncState
 from lockstep.sync.rollout import RolloutControl, make_plan, parse_shares
-from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.cluster import Proc, http_replicas, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,19 +32,8 @@ CALM_GATES = {"latency_p99": None}  # a loaded 2-core test machine must not deci
 
 @pytest.fixture(scope="module")
 def replicas(builtin_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Proc]]:
-    logs = tmp_path_factory.mktemp("rollout-replicas")
-    procs = []
-    for i in range(2):
-        port = free_port()
-        procs.append(spawn(f"r{i}", ["serve", "--port", str(port)],
-                           base_env(builtin_dir, LOCKSTEP_REPLICA_ID=f"r{i}"), logs, port))
-    try:
-        for p in procs:
-            wait_for(p.ready, 120, 0.1, f"{p.name} ready ({p.log()[-1000:]})")
+    with http_replicas(builtin_dir, tmp_path_factory.mktemp("rollout-replicas")) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.kill()
 
 
 @pytest.fixture(scope="module")

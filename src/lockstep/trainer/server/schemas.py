@@ -85,11 +85,14 @@ class GateOverride(_Strict):
     min_samples: Annotated[StrictInt, Field(ge=1, le=10**9)] | None = None
 
 
+Share = Annotated[float, AllowInfNan(False), Field(gt=0, le=100), BeforeValidator(_no_bool)]  # percent of requests
+
+
 class RolloutFields(_Strict):
     """A publish's rollout: with ``canary`` or ``shadow`` it is staged everywhere, then given its shares step by step
     (docs/api.md, Rollouts)."""
 
-    canary: list[Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]] | None = Field(
+    canary: list[Share] | None = Field(
         None, min_length=1, max_length=20, description="shares in percent, increasing, like [5, 25, 100]")
     step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] = 60.0
     min_requests: Annotated[StrictInt, Field(ge=0, le=10**9)] = 100
