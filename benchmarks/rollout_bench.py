@@ -106,6 +106,52 @@ class Load:
             t.join(timeout=300)
 
 
+@dataclass
+class OpenLoad:
+    """Requests at Poisson arrival times, ``rate`` per second, whatever the answers take (open loop): latency at a
+    utilization below saturation, where a server has idle capacity for shadow work."""
+
+    urls: list[str]
+    rate: float
+    answers: list[Answer] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> OpenLoad:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(64, thread_name_prefix="open-load")
+        self.thread = threading.Thread(target=self._arrivals, daemon=True)
+        self.thread.start()
+        return self
+
+    def _arrivals(self) -> None:
+        rng = random.Random(7)
+        http = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64))
+        at = time.monotonic()
+        while not self.stop.is_set():
+            at += rng.expovariate(self.rate)
+            time.sleep(max(0.0, at - time.monotonic()))
+            self.pool.submit(self._one, http, rng.choice(self.urls), rng.choice(PROMPTS))
+
+    def _one(self, http: httpx.Client, url: str, prompt: str) -> None:
+        sent = time.time()
+        try:
+            r = http.post(url + "/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW, "temperature": 0})
+            self.answers.append(Answer(sent, time.time(), None, r.status_code,
+                                       int(r.headers.get("x-model-version", -1)), prompt,
+                                       r.json().get("text", "") if r.status_code == 200 else ""))
+        except httpx.HTTPError:
+            self.answers.append(Answer(sent, time.time(), None, 0, -1, prompt, ""))
+
+    def between(self, start: float, end: float) -> list[Answer]:
+        return [a for a in list(self.answers) if start <= a.sent and a.done <= end]
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        self.pool.shutdown(wait=True)
+
+
 def nudged(base: Path, out: Path, noise: float, seed: int) -> Path:
     """``base`` with every weight matrix plus Gaussian noise of ``noise`` times its own spread."""
     import torch
@@ -164,48 +210,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def statuses() -> list[dict[str, Any]]:
             return [httpx.get(u + "/status", timeout=30).json() for u in urls]
 
-        # 1. shadow cost: no rollout vs a shadow-only step, alternating windows
-        load = Load(urls, args.clients, session_share=0.0).start()
-        time.sleep(3)
-        windows: dict[str, list[float]] = {"none": [], "shadow": []}
-        dropped = compared = 0
-        for _ in range(args.rounds):
-            t0 = time.time()
-            time.sleep(args.window)
-            windows["none"] += [a.done - a.sent for a in load.between(t0, time.time()) if a.status == 200]
-            plan = make_plan(None, shadow=args.shadow, step_seconds=0, min_requests=10**9,
-                             gate_specs={"latency_p99": None, "kl_divergence": None, "token_agreement": None})
-            control = RolloutControl(plan)
-            marks: dict[str, float] = {}
-
-            def watch(control: RolloutControl = control, marks: dict[str, float] = marks) -> None:
-                while control.phase != "step":
-                    time.sleep(0.05)
-                marks["from"] = control.steps[-1].activate_at + 1.0
-                time.sleep(args.window + 1.0)
-                marks["to"] = time.time()
-                control.abort()
-
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
-            coordinator.rollout(str(good), plan, control=control)
-            watcher.join()
-            windows["shadow"] += [a.done - a.sent for a in load.between(marks["from"], marks["to"])
-                                  if a.status == 200]
-            cand = control.candidate
-            if cand is not None:
-                dropped += cand.shadow_dropped
-                compared += cand.compared
-            time.sleep(2)
-        load.finish()
-        p99 = {k: percentile(v, 99) for k, v in windows.items()}
-        out["shadow"] = {"percent": args.shadow, "p99_ms_no_rollout": 1000 * p99["none"],
-                         "p99_ms_shadow": 1000 * p99["shadow"], "p99_increase": p99["shadow"] / p99["none"] - 1,
-                         "p50_ms_no_rollout": 1000 * percentile(windows["none"], 50),
-                         "p50_ms_shadow": 1000 * percentile(windows["shadow"], 50),
-                         "answers": {k: len(v) for k, v in windows.items()}, "compared": compared,
-                         "shadow_dropped": dropped}
-        print(f"shadow: {out['shadow']}", file=sys.stderr)
+        # 1. shadow cost: no rollout vs a shadow-only step, alternating windows; saturated, then at half load
+        if "shadow" in args.phases:
+            load = Load(urls, args.clients, session_share=0.0).start()
+            time.sleep(3)
+            out["shadow_saturated"] = _shadow_cost(coordinator, good, load, args)
+            load.finish()
+            capacity = out["shadow_saturated"]["answers_per_s_no_rollout"]
+            load = OpenLoad(urls, rate=args.load_fraction * capacity).start()
+            time.sleep(3)
+            out["shadow"] = {**_shadow_cost(coordinator, good, load, args), "rate_per_s": args.load_fraction * capacity}
+            load.finish()
+            print(f"shadow: {out['shadow']}", file=sys.stderr)
+        if "rollouts" not in args.phases:
+            return out
 
         # 2. a good candidate through its steps
         load = Load(urls, args.clients, session_share=args.session_share).start()
@@ -289,6 +307,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _shadow_cost(coordinator: Coordinator, candidate: Path, load: Load | OpenLoad, args: argparse.Namespace
+                 ) -> dict[str, Any]:
+    """Served latency with no rollout and during a shadow-only step of the candidate, in alternating windows."""
+    windows: dict[str, list[float]] = {"none": [], "shadow": []}
+    seconds = {"none": 0.0, "shadow": 0.0}
+    dropped = compared = 0
+    for _ in range(args.rounds):
+        t0 = time.time()
+        time.sleep(args.window)
+        windows["none"] += [a.done - a.sent for a in load.between(t0, time.time()) if a.status == 200]
+        seconds["none"] += time.time() - t0
+        plan = make_plan(None, shadow=args.shadow, step_seconds=0, min_requests=10**9,
+                         gate_specs={"latency_p99": None, "kl_divergence": None, "token_agreement": None})
+        control = RolloutControl(plan)
+        marks: dict[str, float] = {}
+
+        def watch(control: RolloutControl = control, marks: dict[str, float] = marks) -> None:
+            while control.phase != "step":
+                time.sleep(0.05)
+            marks["from"] = control.steps[-1].activate_at + 1.0
+            time.sleep(args.window + 1.0)
+            marks["to"] = time.time()
+            control.abort()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        coordinator.rollout(str(candidate), plan, control=control)
+        watcher.join()
+        windows["shadow"] += [a.done - a.sent for a in load.between(marks["from"], marks["to"]) if a.status == 200]
+        seconds["shadow"] += marks["to"] - marks["from"]
+        if control.candidate is not None:
+            dropped += control.candidate.shadow_dropped
+            compared += control.candidate.compared
+        time.sleep(2)
+    p99 = {k: percentile(v, 99) for k, v in windows.items()}
+    return {"percent": args.shadow, "p99_ms_no_rollout": 1000 * p99["none"], "p99_ms_shadow": 1000 * p99["shadow"],
+            "p99_increase": p99["shadow"] / p99["none"] - 1,
+            "p50_ms_no_rollout": 1000 * percentile(windows["none"], 50),
+            "p50_ms_shadow": 1000 * percentile(windows["shadow"], 50),
+            "answers": {k: len(v) for k, v in windows.items()},
+            "answers_per_s_no_rollout": len(windows["none"]) / seconds["none"], "compared": compared,
+            "shadow_dropped": dropped}
+
+
 def _check(answers: list[Answer], texts: dict[int, dict[str, str]]) -> dict[str, int]:
     """Failed answers, and mislabelled ones: the text is another resident version's, not the one it names."""
     failed = sum(a.status != 200 for a in answers)
@@ -348,10 +410,12 @@ class _replicas:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    g, s = r["good"], r["shadow"]
     lines = [f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; model {r['size']}, "
              f"{r['replicas']} replicas, {r['clients']} closed-loop clients.", "",
              "| goal | measured |", "|---|---|"]
+    if "good" not in r:
+        return "\n".join(lines + _shadow_rows(r))
+    g = r["good"]
     for b in r["bad"]:
         lines.append(f"| degraded candidate ({b['recipe']} first) rolled back ≤ 30 s, served ≤ 1% | {b['outcome']}, "
                      f"{b['seconds_to_rollback']:.1f} s after its first step, served {b['served_by_candidate']} of "
@@ -366,10 +430,20 @@ def markdown(r: dict[str, Any]) -> str:
     skews = [b["rollback_skew_ms"] for b in r["bad"] if b["rollback_skew_ms"] is not None]
     lines.append(f"| rollback flip skew ≤ 50 ms | {', '.join(f'{x:.1f} ms' for x in skews)} (steps: "
                  f"{', '.join(f'{v:.1f}' for v in g['skew_ms'].values())} ms) |")
-    lines.append(f"| shadow {s['percent']:g}% adds ≤ 5% to served p99 | p99 {s['p99_ms_no_rollout']:.0f} → "
-                 f"{s['p99_ms_shadow']:.0f} ms ({100 * s['p99_increase']:+.1f}%), p50 {s['p50_ms_no_rollout']:.0f} → "
-                 f"{s['p50_ms_shadow']:.0f} ms; {s['compared']} compared, {s['shadow_dropped']} dropped |")
-    return "\n".join(lines)
+    return "\n".join(lines + _shadow_rows(r))
+
+
+def _shadow_rows(r: dict[str, Any]) -> list[str]:
+    if "shadow" not in r:
+        return []
+    lines = []
+    for label, s in ((f"open loop, {r['shadow']['rate_per_s']:.0f} req/s", r["shadow"]),
+                     ("closed loop, saturated", r["shadow_saturated"])):
+        lines.append(f"| shadow {s['percent']:g}% adds ≤ 5% to served p99 ({label}) | p99 "
+                     f"{s['p99_ms_no_rollout']:.0f} → {s['p99_ms_shadow']:.0f} ms ({100 * s['p99_increase']:+.1f}%), "
+                     f"p50 {s['p50_ms_no_rollout']:.0f} → {s['p50_ms_shadow']:.0f} ms; {s['compared']} compared, "
+                     f"{s['shadow_dropped']} dropped |")
+    return lines
 
 
 def main() -> None:
@@ -386,9 +460,13 @@ def main() -> None:
     ap.add_argument("--shadow", type=float, default=10.0)
     ap.add_argument("--window", type=float, default=20.0, help="seconds per latency window (shadow cost)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating no-rollout / shadow windows")
-    ap.add_argument("--good-noise", type=float, default=0.002)
+    ap.add_argument("--load-fraction", type=float, default=0.5,
+                    help="open-loop rate for the shadow cost, as a fraction of the closed-loop throughput")
+    ap.add_argument("--good-noise", type=float, default=0.1)
     ap.add_argument("--bad-noise", type=float, default=0.5)
     ap.add_argument("--bad-share", type=float, default=1.0)
+    ap.add_argument("--phases", nargs="+", default=["shadow", "rollouts"], choices=["shadow", "rollouts"],
+                    help="shadow: the shadow's cost alone")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     result = run(args)

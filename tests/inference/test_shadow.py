@@ -64,7 +64,7 @@ def test_half_of_the_served_prompts_are_shadowed_and_compared_on_the_candidate(
     stats = RolloutStats("r1")
     served = [serve(stable, PROMPTS[i % len(PROMPTS)]) for i in range(6)]
     before = (requests(stable), requests(candidate))
-    shadow = Shadow(50, stats)
+    shadow = Shadow(50, stats, generate=True)
     try:
         queued = []
         for ids, final in served:
@@ -160,13 +160,31 @@ def test_answers_that_say_nothing_are_not_sampled(pair: tuple[ModelSlot, ModelSl
     assert shadow.counters == ShadowCounters(offered=2, sampled=1)
 
 
+def test_by_default_a_shadowed_prompt_is_one_teacher_forced_pass_with_no_generation(
+        pair: tuple[ModelSlot, ModelSlot]) -> None:
+    stable, candidate = pair
+    stats = RolloutStats("r1")
+    served = [serve(stable, PROMPTS[i % len(PROMPTS)]) for i in range(4)]
+    before = (requests(stable), requests(candidate))
+    shadow = Shadow(100, stats)
+    try:
+        for ids, final in served:
+            assert shadow.offer(stable, candidate, ids, GREEDY, final)
+            assert shadow.wait_idle(WAIT_S)
+    finally:
+        shadow.close()
+    assert (requests(stable), requests(candidate)) == before  # no engine generated anything for it
+    (cand,) = stats.snapshot([candidate.version])
+    assert cand.compared == 4 and cand.agreement_sum == 4.0  # the pair is one model twice: full agreement
+
+
 def test_a_failed_job_is_logged_and_recorded_as_nothing(pair: tuple[ModelSlot, ModelSlot],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     stable, candidate = pair
     stats = RolloutStats("r1")
     ids, final = serve(stable, PROMPTS[0])
     freed = slot(candidate.version, candidate.loaded)  # its engine refuses every request
-    shadow = Shadow(100, stats)
+    shadow = Shadow(100, stats, generate=True)
     try:
         with caplog.at_level(logging.WARNING, logger="lockstep.inference.shadow"):
             assert shadow.offer(stable, freed, ids, GREEDY, final)
@@ -184,7 +202,7 @@ def test_close_cancels_the_job_in_flight_and_stops_the_worker(pair: tuple[ModelS
     assert isinstance(candidate.engine, Engine)
     stats = RolloutStats("r1")
     ids, final = serve(stable, PROMPTS[1])
-    shadow = Shadow(100, stats)
+    shadow = Shadow(100, stats, generate=True)
     candidate.engine.pause_admission()  # the shadow's own request will wait in the candidate's queue
     try:
         assert shadow.offer(stable, candidate, ids, GREEDY, final)

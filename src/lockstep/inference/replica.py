@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[loader.LoadedModel, Settings], ServingEngine]
 # During a canary step (no shadow asked for), this percent of the candidate's answers are compared with the
-# committed version's next-token distributions, on idle capacity: the token agreement and KL gates need samples.
-CANARY_COMPARE_PERCENT = 20.0
+# committed version's next-token distributions: the token agreement and KL gates need samples, soonest at a small
+# share. The shadow's bound (one comparison at a time, two queued, none while an engine has requests waiting) keeps
+# the cost to idle capacity.
+CANARY_COMPARE_PERCENT = 100.0
 
 
 def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> ServingEngine:

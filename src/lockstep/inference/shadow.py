@@ -1,12 +1,14 @@
 """Shadow traffic: a sample of served prompts also runs on the candidate, off the response path, on idle capacity.
 
-Each sampled prompt becomes a job for one worker thread: a shadow job generates the candidate's own answer (never
-returned to anyone) and compares it with the stable version's served one; a canary job compares an answer the
-candidate served with the stable version, teacher-forced, without generating. Results go to ``RolloutStats``.
+Each sampled prompt becomes a job for one worker thread: a shadow job runs the served prompt and answer through the
+candidate, teacher-forced (or, with ``generate``, has the candidate write its own answer, never returned to anyone),
+and compares it with the stable version; a canary job compares an answer the candidate served with the stable
+version the same way. Results go to ``RolloutStats``.
 
-The bound: one job in flight (the single worker) and at most ``queue_size`` waiting. A sampled job that finds the
-queue full, or either engine with requests waiting for a batch slot when its turn comes, is dropped and counted
-(``VersionStats.shadow_dropped``): shadowing never makes a served request wait.
+The bound: one job in flight (the single worker) and at most ``queue_size`` waiting. A job runs only once neither
+engine is running or queueing a served request (it waits up to ``idle_wait_s`` for that); a sampled job that finds
+the queue full, or no idle moment, is dropped and counted (``VersionStats.shadow_dropped``). Shadowing takes idle
+capacity only: on a saturated replica it drops nearly everything, and the gates it feeds wait.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +30,8 @@ from lockstep.inference.slot import ModelSlot
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 2  # jobs waiting beside the one in flight
+IDLE_WAIT_S = 1.0  # how long a job waits for both engines to be idle before it is dropped
+IDLE_POLL_S = 0.002
 ANSWER_TIMEOUT_S = 600.0  # a candidate answer that takes longer is cancelled and the job counted as failed
 CompareFn = Callable[..., Comparison]
 
@@ -94,15 +99,18 @@ class Shadow:
 
     def __init__(self, percent: float, stats: RolloutStats, *, canary_percent: float | None = None,
                  queue_size: int = QUEUE_SIZE, answer_timeout_s: float = ANSWER_TIMEOUT_S,
-                 compare_fn: CompareFn = compare, start: bool = True) -> None:
+                 compare_fn: CompareFn = compare, start: bool = True, generate: bool = False,
+                 idle_wait_s: float = IDLE_WAIT_S) -> None:
         """``percent`` of answers served by the stable version are shadowed; ``canary_percent`` (default: the
         same) of those served by the candidate are compared. ``start=False`` leaves the worker stopped until
-        ``start()`` (jobs only queue meanwhile)."""
+        ``start()`` (jobs only queue meanwhile). ``generate``: a shadowed prompt gets the candidate's own answer
+        (``max_new_tokens`` decode steps) instead of one teacher-forced pass over the served answer."""
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.stats = stats
         self.queue_size = queue_size
         self.answer_timeout_s = answer_timeout_s
+        self.generate, self.idle_wait_s = generate, idle_wait_s
         self._compare = compare_fn
         self._shadow_sampler = Sampler(percent)
         self._canary_sampler = Sampler(percent if canary_percent is None else canary_percent)
@@ -228,9 +236,19 @@ class Shadow:
                     self._handle = None
                     self._cond.notify_all()
 
+    def _idle(self, job: _Job) -> bool:
+        """Wait (up to ``idle_wait_s``) until neither engine runs or queues anything; False if they stay busy."""
+        deadline = time.monotonic() + self.idle_wait_s
+        engines = (job.candidate.engine, job.stable.engine)
+        while any(e.queue_depth > 0 or e.running > 0 for e in engines):
+            if self._closed or time.monotonic() >= deadline:
+                return False
+            time.sleep(IDLE_POLL_S)
+        return True
+
     def _do(self, job: _Job) -> None:
-        if job.candidate.engine.queue_depth > 0 or job.stable.engine.queue_depth > 0:
-            # Served requests are waiting for a batch slot: shadow work would only add to their wait.
+        if not self._idle(job):
+            # Served requests run or wait: shadow work would only slow them (CPU, GIL, memory bandwidth).
             with self._cond:
                 self._counters.dropped += 1
             self.stats.record_shadow_dropped(job.candidate.version)
@@ -251,7 +269,10 @@ class Shadow:
             self._counters.compared += 1
 
     def _shadow(self, job: _Job) -> Comparison | None:
-        """Generate the candidate's answer to the served prompt and compare it; None when it did not finish."""
+        """Compare the candidate with the served answer: teacher-forced, or from its own generated answer
+        (``generate``); None when that answer did not finish."""
+        if not self.generate:
+            return self._compare(job.stable, job.candidate, job.prompt_ids, job.served.token_ids, None)
         assert job.params is not None
         handle = job.candidate.engine.submit(job.prompt_ids, job.params)
         with self._cond:
