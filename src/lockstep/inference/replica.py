@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 EngineFactory = Callable[[loader.LoadedModel, Settings], ServingEngine]
 # During a canary step (no shadow asked for), this percent of the candidate's answers are compared with the
 # committed version's next-token distributions: the token agreement and KL gates need samples, soonest at a small
-# share. The shadow's bound (one comparison at a time, two queued, none while an engine has requests waiting) keeps
-# the cost to idle capacity.
+# share. The shadow's bound (one comparison at a time, two queued, started only when neither engine runs or queues a
+# request) keeps the cost to idle capacity.
 CANARY_COMPARE_PERCENT = 100.0
 
 
@@ -502,8 +502,7 @@ class Replica:
             serving = self.serving
             new_rollout = self._split is None or self._split.rollout != split.rollout
             self._split = split
-            plan = self._staged
-            resident = plan is not None and plan.slot is not None and plan.version == split.version
+            resident = self._resident_candidate() is not None
             self.split_missing = (split.share > 0 or split.shadow > 0) and not resident
             self.router.apply(split if resident else None, serving.version if serving else None)
             if self._split_key_of(split) != self._applied_key:  # pins arriving for the step change no share
@@ -544,11 +543,10 @@ class Replica:
         self._update_state()
         self.metrics.set_shares({})
 
-    def split_applied(self) -> tuple[tuple[str, int, int, float, int | None] | None, bool]:
-        """(rollout, version, step, share, pins_step) of the split in force; whether its candidate is missing here."""
+    def split_applied(self) -> tuple[Split | None, bool]:
+        """The split in force, and whether its candidate is missing here."""
         with self._lock:
-            s = self._split
-            return (None if s is None else (s.rollout, s.version, s.step, s.share, s.pins_step)), self.split_missing
+            return self._split, self.split_missing
 
     def step_pins(self) -> tuple[str, int, list[str]] | None:
         """(rollout, step, pins) of the step in force: the sessions the committed version answered before it."""
