@@ -23,7 +23,7 @@ from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
 from lockstep.sync.protocol import Pending, Phase, Split, SyncState
 from lockstep.sync.rollout import RolloutControl, make_plan, parse_shares
-from tests.support.cluster import Proc, http_replicas, wait_for
+from tests.support.cluster import Proc, base_env, free_port, http_replicas, spawn, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -101,6 +101,46 @@ def committed_version(replicas: list[Proc]) -> int:
 def settle(replicas: list[Proc]) -> int:
     wait_for(lambda: all(p.ready() and not p.status().get("staged") for p in replicas), 60, 0.1, "settled")
     return committed_version(replicas)
+
+
+def test_a_replica_that_joins_over_http_mid_rollout_stages_the_candidate_unready_until_it_has_it(
+        replicas: list[Proc], close_copy: Path, builtin_dir: Path, tmp_path: Path) -> None:
+    """Steps reach replicas that came after the stage: the newcomer stages the candidate, then serves the split."""
+    before = settle(replicas)  # v0 everywhere: the newcomer boots into the same committed version
+    port = free_port()
+    urls = [p.url for p in replicas] + [f"http://127.0.0.1:{port}"]  # the third answers once started below
+    settings = Settings(poll_interval_s=0.05, stage_timeout_s=120)
+    coordinator = Coordinator.over_http(settings, HttpFleet(settings, lambda: urls, clock=SYSTEM_CLOCK),
+                                        clock=SYSTEM_CLOCK, owner="test", data_dir=None)
+    plan = make_plan([30], step_seconds=0, min_requests=10**9, gate_specs=CALM_GATES)  # holds until aborted
+    control = RolloutControl(plan)
+    seen: list[tuple[bool, bool, float | None]] = []  # (ready, candidate staged, share) of the newcomer
+
+    def join_then_abort() -> None:
+        wait_for(lambda: control.phase == "step", 120, 0.05, "the first step")
+        late = spawn("late", ["serve", "--port", str(port)], base_env(builtin_dir, LOCKSTEP_REPLICA_ID="late"),
+                     tmp_path, port)
+        try:
+            def in_split() -> bool:
+                try:
+                    status = late.status()
+                except httpx.HTTPError:
+                    return False
+                staged = (status.get("staged") or {}).get("state") == "staged"
+                share = (status.get("rollout") or {}).get("share")
+                seen.append((bool(status["ready"]), staged, share))
+                return bool(status["ready"]) and share == 30
+            wait_for(in_split, 180, 0.05, f"the newcomer in the split ({late.log()[-2000:]})")
+        finally:
+            control.abort()
+            threading.Thread(target=lambda: (time.sleep(5), late.kill()), daemon=True).start()
+
+    threading.Thread(target=join_then_abort, daemon=True).start()
+    result = coordinator.rollout(str(close_copy), plan, control=control)
+    assert result.outcome == "rolled back", result.summary()
+    assert not [s for s in seen if s[0] and not s[1] and s[2]]  # never ready in the split without the candidate
+    assert any(s[2] == 30 and not s[0] for s in seen) or seen[0][0] is False  # it was told before it could serve it
+    assert settle(replicas) == before
 
 
 def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(replicas: list[Proc],

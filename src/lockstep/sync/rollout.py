@@ -205,7 +205,8 @@ class RolloutRun:
         self.result = PublishResult(source.version, source.model, PublishOutcome.ABORTED,
                                     started_at=self.clock.time(), rollback=source.rollback)
         self.state = SyncState()
-        self.told: list[Heartbeat] = []
+        self.told: list[Heartbeat] = []  # the replicas that staged the candidate: each step must reach them
+        self.joined: dict[str, Heartbeat] = {}  # live replicas that came after: told too, their refusals not fatal
         self.pending: Pending | None = None
         self.split: Split | None = None
         self.pins: list[str] = []
@@ -277,7 +278,7 @@ class RolloutRun:
         assert self.pending is not None
         abort = self.pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
         self._write(pending=abort, split=None)
-        self.co.fleet.deliver(abort, self.state.generation, self.told)
+        self.co.fleet.deliver(abort, self.state.generation, self._everyone())
         self.pending, self.result.reason = abort, reason
         log.warning("abort v%d: %s", self.source.version, reason)
 
@@ -308,6 +309,7 @@ class RolloutRun:
                            activate_at=activate_at, shadow=control.plan.shadow, pins=self.pins[:MAX_PINS])
         self._write(pending=self.pending, split=self.split)
         failed = co.fleet.deliver_split(self.split, self.source.model, self.state.generation, self.told)
+        self._tell_newcomers(fresh=True)
         control.step, control.phase = step, "step"
         control.steps.append(StepRecord(share=share, started_at=started, activate_at=activate_at))
         log.info("rollout %s step %d: v%d answers %g%% from %.3f", control.id, step, self.source.version, share,
@@ -328,27 +330,46 @@ class RolloutRun:
         self.pins = pins[:MAX_PINS]
         self.split = self.split.model_copy(update={"pins": self.pins, "pins_step": step})
         self._write(pending=self.pending, split=self.split)
-        co.fleet.deliver_split(self.split, self.source.model, self.state.generation, self.told)
+        co.fleet.deliver_split(self.split, self.source.model, self.state.generation, self._everyone())
         return None
 
-    def _reports(self) -> tuple[VersionStats, VersionStats]:
+    def _everyone(self) -> list[Heartbeat]:
+        return self.told + list(self.joined.values())
+
+    def _tell_newcomers(self, beats: list[Heartbeat] | None = None, *, fresh: bool = False) -> None:
+        """Send the step in force to live replicas that came after the stage (``fresh``: to every one of them).
+
+        Over HTTP nobody else would: such a replica stages the candidate and stays unready until it has it, as
+        it would reading the shared folder. Its refusal (409 while it stages) is expected, not a failed step."""
+        if not self.co.fleet.pushes or self.split is None:
+            return
+        known = {b.replica_id for b in self.told} | (set() if fresh else set(self.joined))
+        new = [b for b in (self.co.fleet.live() if beats is None else beats) if b.replica_id not in known]
+        if not new:
+            return
+        self.joined.update({b.replica_id: b for b in new})
+        for replica_id, why in self.co.fleet.deliver_split(self.split, self.source.model, self.state.generation,
+                                                           new).items():
+            log.info("rollout %s: %s joined during step %d and is staging the candidate (%s)", self.control.id,
+                     replica_id, self.split.step, why)
+
+    def _reports(self, beats: list[Heartbeat]) -> tuple[VersionStats, VersionStats]:
         """The candidate's and the committed version's answers since the rollout began, summed over replicas."""
-        beats = self.co.fleet.live()
-        names = {b.replica_id for b in self.told}
-        stats = [s for b in beats if b.replica_id in names and b.rollout is not None
-                 and b.rollout.rollout == self.control.id for s in b.rollout.stats]
+        stats = [s for b in beats if b.rollout is not None and b.rollout.rollout == self.control.id
+                 for s in b.rollout.stats]
         committed = self.state.committed.version if self.state.committed is not None else 0
         return gates.merge(stats, self.source.version), gates.merge(stats, committed)
 
     def _hold(self, step: int) -> PublishResult | None:
         """Hold the step until it may advance (None), or end the rollout here (its result)."""
         control, plan = self.control, self.control.plan
-        candidate, _ = self._reports()
+        candidate, _ = self._reports(self.co.fleet.live())
         answered_before = candidate.requests + candidate.compared
         started = self.clock.monotonic()
         renew_at = self.clock.time() + self.co.settings.lease_ttl_s / 3
         while True:
-            candidate, committed = self._reports()
+            beats = self.co.fleet.live()
+            candidate, committed = self._reports(beats)
             task = control.task
             results = gates.evaluate(plan.gates, committed, candidate,
                                      task_score=task.score if task else None,
@@ -372,6 +393,7 @@ class RolloutRun:
                     and answered >= plan.min_requests):
                 control.steps[-1].ended_at, control.steps[-1].outcome = self.clock.time(), "passed"
                 return None
+            self._tell_newcomers(beats)
             if self.clock.time() >= renew_at:
                 self._renew()
                 renew_at = self.clock.time() + self.co.settings.lease_ttl_s / 3
@@ -388,7 +410,7 @@ class RolloutRun:
             version=source.version, model=source.model, digest=source.digest, activate_at=activate_at,
             committed_at=self.clock.time(), rollback=source.rollback))
         self.pending = commit
-        for replica_id, why in co.fleet.deliver(commit, self.state.generation, self.told).items():
+        for replica_id, why in co.fleet.deliver(commit, self.state.generation, self._everyone()).items():
             for report in self.result.replicas:
                 if report.replica_id == replica_id and report.outcome is ReplicaOutcome.STAGED:
                     report.outcome, report.error = ReplicaOutcome.BEHIND, f"commit failed: {why}"
@@ -412,7 +434,7 @@ class RolloutRun:
         step = (self.split.step + 1) if self.split is not None else 0
         back = Split(rollout=control.id, version=self.source.version, share=0, step=step, activate_at=activate_at)
         self._write(pending=self.pending, split=back)
-        co.fleet.deliver_split(back, self.source.model, self.state.generation, self.told)
+        co.fleet.deliver_split(back, self.source.model, self.state.generation, self._everyone())
         if control.steps and control.steps[-1].outcome is None:
             control.steps[-1].ended_at, control.steps[-1].outcome = activate_at, "rolled back"
         log.warning("rollout %s: v%d rolled back at %.3f: %s", control.id, self.source.version, activate_at, reason)
