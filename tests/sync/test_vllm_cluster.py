@@ -71,11 +71,12 @@ def test_a_rollout_on_vllm_replicas_answers_from_both_engines_labelled_and_compa
         "latency_p99": None, "token_agreement": None, "length_shift": None,
         "kl_divergence": {"threshold": 1000, "min_samples": 3}})
     control = RolloutControl(plan)
-    result = s.coordinator(stage_timeout_s=ENGINE_START_S).rollout(str(tiny_dirs[1]), plan, control=control)
+    # tiny-s0: new content after the test above committed tiny-s1, and not what the test below publishes.
+    result = s.coordinator(stage_timeout_s=ENGINE_START_S).rollout(str(tiny_dirs[0]), plan, control=control)
     assert result.outcome == "committed", (result.summary(), control.view())
     cluster.wait_all_serving(result.version, timeout=ENGINE_START_S)
     answers = s.load.stop()
-    expected = {before: greedy_texts(s.model_dir(before)), result.version: greedy_texts(tiny_dirs[1])}
+    expected = {before: greedy_texts(s.model_dir(before)), result.version: greedy_texts(tiny_dirs[0])}
     assert check_answers(answers, expected) == []
     split = control.steps[0]
     during = {a.body_version for a in answers if split.activate_at < a.sent and a.received < (result.activate_at or 0)}
