@@ -166,16 +166,16 @@ class Coordinator:
             step = state.split.step + 1 if state.split is not None else 0
             back = Split(rollout=pending.rollout or "unknown", version=pending.version, share=0, step=step,
                          activate_at=activate_at)
-            state = self._write(state, split=back)
+            state = self.write_state(state, split=back)
             self.fleet.deliver_split(back, pending.model, state.generation, told)
             self.clock.sleep(max(0.0, activate_at - self.clock.time()) + self.settings.poll_interval_s)
             abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
-            state = self._write(state, pending=abort, split=None)
+            state = self.write_state(state, pending=abort, split=None)
             self.fleet.deliver(abort, state.generation, told)
             log.warning("rollout of v%d ended: %s", pending.version, reason)
             result = PublishResult(pending.version, pending.model, PublishOutcome.ROLLED_BACK, reason=reason,
                                    started_at=self.clock.time(), activate_at=activate_at, generation=state.generation)
-            return self._finish(result)
+            return self.record_result(result)
 
     def publish_legacy(self, model: str, *, source: Source | None = None) -> PublishResult | None:
         """The seed's ``{"desired_model_repo_id": ...}`` in the shared folder: publish it unless someone did."""
@@ -188,7 +188,7 @@ class Coordinator:
                 return None  # another coordinator took care of it
             source = source or self.prepare_source(model)
             if source.unchanged:
-                self._write(self._held(), pending=None)
+                self.write_state(self._held(), pending=None)
                 return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED)
             result = self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
                                       self.clock.time(), None)
@@ -204,7 +204,8 @@ class Coordinator:
             to = retention.rollback_target(self, state.committed.version)  # never a version that only aborted
         return self.publish(f"versions/{to}", **kwargs)
 
-    def _write(self, state: SyncState, **changes: Any) -> SyncState:
+    def write_state(self, state: SyncState, **changes: Any) -> SyncState:
+        """Write ``state`` with ``changes`` as the next generation: a decision exists once the ledger has it."""
         new = state.model_copy(update={"generation": state.generation + 1, "updated_at": self.clock.time(),
                                        "writer": self.owner, "format": 1, **changes})
         began = self.clock.monotonic()
@@ -221,7 +222,7 @@ class Coordinator:
         if not told and self.fleet.pushes:  # nobody would hear of the commit until the next catch-up
             result.reason = (f"no live replicas to publish to: none of {self.fleet.describe()} answers GET /status "
                              "(see GET /cluster)")
-            return self._finish(result)
+            return self.record_result(result)
         if (busy := rollout_in_progress(state)) is not None:
             raise Conflict(busy)
         if state.pending is not None and state.pending.phase is Phase.PREPARE:
@@ -230,7 +231,7 @@ class Coordinator:
         now = self.clock.time()
         pending = Pending(version=source.version, model=source.model, digest=source.digest, phase=Phase.PREPARE,
                           coordinator=self.owner, started_at=now, deadline=now + timeout_s, rollback=source.rollback)
-        state = self._write(state, pending=pending)
+        state = self.write_state(state, pending=pending)
         log.info("prepare v%d (%s), generation %d", source.version, source.model, state.generation)
         if progress:
             progress("prepare", {"version": source.version, "generation": state.generation, "replicas": len(told)})
@@ -240,15 +241,15 @@ class Coordinator:
         result.prepare_s, result.generation = self.clock.time() - now, state.generation
         if (reason := commit_refusal(result.replicas, policy)) is not None:
             abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
-            state = self._write(state, pending=abort)
+            state = self.write_state(state, pending=abort)
             self.fleet.deliver(abort, state.generation, told)
             result.reason, result.generation = reason, state.generation
             log.warning("abort v%d: %s", source.version, reason)
-            return self._finish(result)
+            return self.record_result(result)
         staged = {r.replica_id for r in result.replicas if r.outcome is ReplicaOutcome.STAGED}
         activate_at = self.clock.time() + self.commit_margin([b for b in beats if b.replica_id in staged])
         commit = pending.model_copy(update={"phase": Phase.COMMIT, "activate_at": activate_at})
-        state = self._write(state, pending=commit, committed=Committed(
+        state = self.write_state(state, pending=commit, committed=Committed(
             version=source.version, model=source.model, digest=source.digest, activate_at=activate_at,
             committed_at=self.clock.time(), rollback=source.rollback))
         # Replicas that did not stage (quorum) are told as well: they go unready until they catch up.
@@ -261,9 +262,10 @@ class Coordinator:
         if progress:
             progress("commit", {"version": source.version, "activate_at": activate_at})
         self.wait_serving(result)
-        return self._finish(result)
+        return self.record_result(result)
 
-    def _finish(self, result: PublishResult) -> PublishResult:
+    def record_result(self, result: PublishResult) -> PublishResult:
+        """Time ``result`` and keep it in the ledger's history (the timeline the UI draws)."""
         result.total_s = self.clock.time() - result.started_at
         self.ledger.record(result.as_dict(), result.started_at, result.version)
         log.info("publish %s", result.summary())
@@ -375,7 +377,7 @@ class Coordinator:
             return
         log.warning("aborting the unfinished prepare of v%d left by %s", pending.version, pending.coordinator)
         abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": "the trainer restarted during prepare"})
-        state = self._write(state, pending=abort)
+        state = self.write_state(state, pending=abort)
         self.fleet.deliver(abort, state.generation)
 
     def catch_up(self) -> list[ReplicaReport]:

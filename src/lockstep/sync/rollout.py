@@ -217,7 +217,7 @@ class RolloutRun:
             self.progress(what, {"version": self.source.version, "rollout": self.control.id, **detail})
 
     def _write(self, **changes: Any) -> None:
-        self.state = self.co._write(self.state, **changes)
+        self.state = self.co.write_state(self.state, **changes)
 
     def _renew(self) -> None:
         self.co.lease.renew()
@@ -448,4 +448,4 @@ class RolloutRun:
         self.control.phase = phase
         self.result.reason = self.result.reason or self.control.reason
         self.result.rollout = self.control.view()
-        return self.co._finish(self.result)
+        return self.co.record_result(self.result)
