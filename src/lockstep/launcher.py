@@ -112,7 +112,8 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
     children: list[Child] = []
     try:
         for i, url in enumerate(urls):
-            replica_env = {**env, "LOCKSTEP_REPLICA_ID": f"replica-{i + 1}"}
+            replica_env = {"LOCKSTEP_VERSIONS_DIR": str(shared.parent / "versions-cache" / f"replica-{i + 1}"), **env,
+                           "LOCKSTEP_REPLICA_ID": f"replica-{i + 1}"}  # each replica its own copies, beside the folder
             children.append(_spawn(f"replica-{i + 1}", ["serve", "--port", str(base_port + i)], replica_env, url,
                                    "/ready"))
         trainer_url = f"http://127.0.0.1:{trainer_port}"

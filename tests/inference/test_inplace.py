@@ -218,7 +218,7 @@ def test_a_published_weight_file_changed_after_its_verification_is_refused_at_st
     store = ModelStore(tmp_path / "shared")
     manifest = store.publish_dir(tiny_dirs[1])
     inplace_replica.store = store
-    weights = store.path_of(manifest.version) / "model.safetensors"
+    weights = store.path_of(manifest.version) / "model.safetensors"  # the copy assembled for this process
     # The file changes between the store's hash check and the read that loads it: the read is checked too.
     real_verify = store.verify
 

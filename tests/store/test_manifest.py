@@ -157,7 +157,7 @@ def test_manifest_round_trip_writes_full_schema_and_reads_tolerantly(tmp_path: P
     manifest = manifest_for(model_files(tmp_path), metadata={"step": 3, "loss": 0.5})
     raw = json.loads(manifest.to_json())
     assert set(raw) == {"format", "version", "created_at", "source", "kind", "repo_id", "revision", "parent",
-                        "digest", "files", "metadata"}
+                        "digest", "files", "metadata", "stored", "new_bytes"}
     assert Manifest.from_json(manifest.to_json()) == manifest
     raw["written_by_a_newer_lockstep"] = {"x": 1}
     raw["files"][0]["mode"] = 0o644

@@ -21,6 +21,7 @@ from lockstep.core.clock import FakeClock
 from lockstep.core.errors import BadModelRef, BadRequest, NotFound, UnsafeModel, VerificationError
 from lockstep.store import MANIFEST_NAME, Manifest, ModelStore, content_digest, scan_dir
 from lockstep.store.model_store import _Listing
+from tests.support.stores import damage_stored_file, publish_as_files
 
 
 def make_model(path: Path, seed: int = 0, *, big: bool = False) -> Path:
@@ -58,15 +59,16 @@ def test_publish_dir_round_trip(store: ModelStore, src: Path) -> None:
                                  progress=lambda done, total: calls.append((done, total)))
     assert manifest.version == 1 and manifest.kind == "directory" and manifest.parent is None
     assert manifest.source == str(src.resolve()) and manifest.metadata == {"step": 10, "loss": 1.5}
-    assert manifest.files == scan_dir(src)
+    assert [f.model_copy(update={"chunks": None}) for f in manifest.files] == scan_dir(src)
     assert manifest.digest == content_digest(scan_dir(src))
+    assert manifest.stored == "chunks" and manifest.new_bytes == manifest.total_size  # a first version is all new
     assert store.list() == [manifest] and store.get(1) == manifest and store.latest() == manifest
     assert store.verify(1) == manifest
-    path = store.path_of(1)
-    assert path == store.versions_dir / "000001"
+    assert sorted(os.listdir(store.folder_of(1))) == [MANIFEST_NAME]  # the bytes live in chunks/, once
+    assert Manifest.from_json((store.folder_of(1) / MANIFEST_NAME).read_bytes()) == manifest
+    path = store.path_of(1)  # assembled on local disk for a reader in this process
     for entry in manifest.files:
         assert (path / entry.path).read_bytes() == (src / entry.path).read_bytes()
-    assert Manifest.from_json((path / MANIFEST_NAME).read_bytes()) == manifest
     assert sorted(os.listdir(store.versions_dir)) == ["000001"]  # no temporaries left behind
     total = manifest.total_size
     assert calls[-1] == (total, total)
@@ -112,13 +114,10 @@ def test_refuses_metadata_that_is_not_json(store: ModelStore, src: Path) -> None
 
 def test_a_flipped_byte_in_a_weight_file_is_refused(store: ModelStore, src: Path) -> None:
     store.publish_dir(src)
-    weights = store.path_of(1) / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-3] ^= 0x40
-    weights.write_bytes(bytes(data))
+    damage_stored_file(store.root, 1, "model.safetensors")
     with pytest.raises(VerificationError) as info:
         store.verify(1)
-    assert "model.safetensors" in str(info.value) and "sha256" in str(info.value)
+    assert "model.safetensors" in str(info.value) and "does not match its digest" in str(info.value)
 
 
 def make_hf_snapshot(hf_home: Path, src: Path, revision: str) -> Path:
@@ -243,8 +242,7 @@ def test_a_crash_mid_publish_leaves_nothing_visible(store: ModelStore, tmp_path:
     assert proc.returncode == -signal.SIGKILL
 
     partial = store.versions_dir / ".partial-000002"
-    half = partial / "content" / "model.safetensors"
-    assert half.stat().st_size < (src / "model.safetensors").stat().st_size  # really killed mid-copy
+    assert partial.is_dir() and not (partial / "content" / MANIFEST_NAME).exists()  # really killed mid-publish
     assert numbers(store) == [1]
     assert store.publish_dir(src).version == 3  # a fresh number, not the crashed one's
 
@@ -373,7 +371,7 @@ def test_plan_gc_tells_committed_aborted_unrecorded_and_unusable_versions_apart(
     store = ModelStore(store.root, clock=clock)
     for _ in range(6):
         store.publish_dir(src)
-    (store.path_of(2) / MANIFEST_NAME).write_text("{torn")  # unusable
+    (store.folder_of(2) / MANIFEST_NAME).write_text("{torn")  # unusable
     outcomes = {1: "committed", 3: "aborted", 4: "committed", 6: "committed"}  # 5: no outcome recorded
     young = {e.version: e for e in store.plan_gc(1, {1: "served by r1"}, outcomes, grace_s=600).entries}
     assert [n for n, e in young.items() if e.remove] == [4]  # within the grace period every leftover stays
@@ -406,7 +404,7 @@ def test_a_grace_period_of_zero_never_removes_a_publish_that_is_still_writing(st
 
 
 def test_a_served_file_never_leads_out_of_its_version(store: ModelStore, src: Path, tmp_path: Path) -> None:
-    n = store.publish_dir(src).version
+    n = publish_as_files(store, src, 1).version  # served file by file: the format-1 layout
     assert store.file_path(n, "config.json") == (store.path_of(n) / "config.json").resolve()
     outside = tmp_path / "outside.json"
     outside.write_text("{}")

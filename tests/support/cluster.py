@@ -124,6 +124,7 @@ class LocalCluster:
     def add_replica(self, name: str | None = None, wait: bool = True, **env: str) -> Proc:
         port = free_port()
         name = name or f"replica-{len(self.replicas) + 1}"
+        env = {"LOCKSTEP_VERSIONS_DIR": str(self.root / "versions-cache" / name), **env}
         proc = spawn(name, ["serve", "--port", str(port)], self.env(LOCKSTEP_REPLICA_ID=name, **env),
                      self.root / "logs", port)
         self.replicas.append(proc)

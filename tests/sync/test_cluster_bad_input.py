@@ -19,6 +19,7 @@ from lockstep.core.errors import BadModelRef, NotFound, VerificationError
 from lockstep.store import ModelStore
 from tests.support.cluster import LocalCluster, Proc, wait_for
 from tests.support.load import UpdateScenario
+from tests.support.stores import chunk_paths, distinct_model
 
 pytestmark = pytest.mark.e2e
 
@@ -137,15 +138,15 @@ def test_references_that_are_missing_corrupt_or_not_models_are_refused_before_an
     s = scenario
     version = s.committed_version()
     store = ModelStore(cluster.shared)
-    stored = store.publish_dir(tiny_dirs[2])  # in the store, never staged
-    _flip_byte(store.path_of(stored.version) / "model.safetensors")
+    stored = store.publish_dir(distinct_model(tiny_dirs[2], tmp_path / "distinct", 1))  # in the store, never staged
+    _flip_byte(chunk_paths(cluster.shared, stored.version, "model.safetensors")[-1])
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "README.md").write_text("not a model\n")
     before = s.sync_path.read_bytes()
 
     cli = cluster.run_cli("publish", f"versions/{stored.version}")
-    assert cli.returncode == 2 and "model.safetensors has sha256" in cli.stderr, cli.stderr[-2000:]
+    assert cli.returncode == 2 and "does not match its digest" in cli.stderr, cli.stderr[-2000:]
     for ref, error in ((str(tmp_path / "no-such-model"), BadModelRef), (str(notes), BadModelRef),
                        ("versions/999", NotFound), ("someone/not-in-the-offline-cache", NotFound),
                        (f"versions/{stored.version}", VerificationError)):
@@ -156,9 +157,10 @@ def test_references_that_are_missing_corrupt_or_not_models_are_refused_before_an
 
     # Corrupted after the coordinator checked it: every replica refuses to stage it, so it is aborted.
     coordinator = s.coordinator()
-    source = coordinator.prepare_source(str(tiny_dirs[0]))
-    _flip_byte(store.path_of(source.version) / "model.safetensors")
-    result = coordinator.publish(str(tiny_dirs[0]), source=source)
+    fresh = distinct_model(tiny_dirs[0], tmp_path / "fresh", 2)  # no replica holds any of its chunks
+    source = coordinator.prepare_source(str(fresh))
+    _flip_byte(chunk_paths(cluster.shared, source.version, "model.safetensors")[-1])
+    result = coordinator.publish(str(fresh), source=source)
     assert result.outcome == "aborted", result.summary()  # strict: at the first refusal
     assert "staged" not in {r.outcome for r in result.replicas}
     assert all("sha256" in (r.error or "") for r in result.replicas if r.outcome == "failed")
@@ -209,7 +211,7 @@ def test_a_replica_booting_into_a_corrupted_committed_version_refuses_it_until_i
         assert s.publish(str(tiny_dirs[1])).outcome == "committed"
         cluster.wait_all_serving(s.committed_version())
     version = s.committed_version()
-    weights = cluster.shared / "versions" / f"{version:06d}" / "model.safetensors"
+    weights = chunk_paths(cluster.shared, version, "model.safetensors")[-1]  # a chunk of the committed version
     _flip_byte(weights)
     try:
         with pytest.raises(VerificationError):

@@ -27,6 +27,7 @@ from lockstep.sync.protocol import (
     SyncState,
 )
 from lockstep.sync.shared_files import read_sync_state, write_heartbeat, write_sync_state
+from tests.support.stores import damage_stored_file
 
 WEIGHTS = "a" * 64  # the weights digest every healthy replica reports
 
@@ -241,10 +242,7 @@ def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_be
 ) -> None:
     c = coordinator(shared, builtin_dir, clock)
     corrupt = c.store.publish_dir(tiny_dirs[2])
-    weights = c.store.path_of(corrupt.version) / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    damage_stored_file(shared, corrupt.version, "model.safetensors")
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "config.json").write_text("{}")
@@ -269,7 +267,7 @@ def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_be
         (str(remote), UnsafeModel, "LOCKSTEP_TRUST_REMOTE_CODE"),
         ("versions/99", NotFound, "version 99 is not in the store"),
         ("versions/../../etc", BadModelRef, "not a published version"),
-        (f"versions/{corrupt.version}", VerificationError, "model.safetensors has sha256"),
+        (f"versions/{corrupt.version}", VerificationError, "of model.safetensors cannot be used"),
         ("nobody/nothing-cached", NotFound, "offline"),
     ]:
         with pytest.raises(error, match=message):

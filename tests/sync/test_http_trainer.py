@@ -19,6 +19,7 @@ import pytest
 
 from lockstep.store import ModelStore
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.stores import damage_stored_file, distinct_model, fine_tuned
 
 pytestmark = pytest.mark.e2e
 
@@ -156,28 +157,25 @@ def test_a_published_directory_is_downloaded_verified_and_served(http_cluster: H
     for proc in http_cluster.replicas:
         cached = http_cluster.root / f"hf-{proc.name}" / "lockstep-versions" / f"{version:06d}"
         assert (cached / "MANIFEST.json").is_file() and list(cached.glob("*.safetensors"))
-        assert f"downloaded version {version}" in proc.log() and "every file verified" in proc.log()
+        assert f"assembled version {version}" in proc.log() and "every chunk verified" in proc.log()
         answer = proc.post("/generate", json={"prompt": "The cat", "max_new_tokens": 4, "temperature": 0})
         assert answer.headers["x-model-version"] == str(version)
         assert answer.headers["x-model-repo-id"] == f"versions/{version:06d}"
 
 
-def test_a_corrupted_file_in_the_trainers_store_fails_the_stage_and_aborts_a_strict_publish(
-        http_cluster: HttpCluster, tiny_dirs: dict[int, Path]) -> None:
+def test_a_corrupted_chunk_in_the_trainers_store_fails_the_stage_and_aborts_a_strict_publish(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
     before = http_cluster.committed()
     # Written into the trainer's store beside it (the store takes concurrent publishers), then damaged with its
-    # size kept: only the replicas' sha256 check can notice.
-    manifest = ModelStore(http_cluster.data_dir).publish_dir(tiny_dirs[1], source="test")
-    weights = http_cluster.data_dir / "versions" / f"{manifest.version:06d}" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-100] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    # size kept: only a sha256 check can notice. No replica holds any of its chunks, so each must fetch them.
+    fresh = distinct_model(tiny_dirs[1], tmp_path / "fresh", 3)
+    manifest = ModelStore(http_cluster.data_dir).publish_dir(fresh, source="test")
+    damage_stored_file(http_cluster.data_dir, manifest.version, "model.safetensors")
     job = http_cluster.publish({"model": f"versions/{manifest.version}", "policy": "strict"})
     result = job["result"]
     assert result["outcome"] == "aborted", job
-    assert "did not stage" in result["reason"] and "model.safetensors has sha256" in result["reason"], result
+    assert "did not stage" in result["reason"] and "does not match its digest" in result["reason"], result
     assert {r["outcome"] for r in result["replicas"]} <= {"failed", "timeout"}
-    assert any("download is refused" in (r["error"] or "") for r in result["replicas"]), result
     assert http_cluster.committed() == before
     for proc in http_cluster.replicas:
         assert serving(proc) == (before, True)
@@ -224,9 +222,47 @@ def test_a_replica_started_later_boots_into_the_committed_version_and_is_unready
     assert seen and seen[-1] == (committed, True), f"{seen[-5:]} (log: {late.log()[-2000:]})"
     assert all(version == committed for version, _ in seen if version is not None), seen  # never v0 first
     assert all(not ready for version, ready in seen if version != committed), seen
+    # It took the committed version from the replicas that serve it, not from the trainer.
+    assert fetched(late)["origin"] == 0 and fetched(late)["peer"] > 0, fetched(late)
     # The trainer sees it, and the next publish goes to all three.
     wait_for(lambda: http_cluster.trainer.get("/cluster").json()["convergence"]["at_version"] == 3, 30, 0.2,
              "the trainer to count three replicas at the committed version")
+
+
+def metric_values(proc: Proc, name: str, label: str) -> dict[str, float]:
+    """``name{label="x"} value`` lines of a process's /metrics, by label value."""
+    values = {}
+    for line in proc.get("/metrics").text.splitlines():
+        if line.startswith(name + "{") and f'{label}="' in line:
+            values[line.split(f'{label}="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def fetched(proc: Proc) -> dict[str, float]:
+    """Bytes a replica placed on its disk at stage, by source (local, peer, origin)."""
+    return metric_values(proc, "lockstep_stage_bytes_fetched_total", "source")
+
+
+def test_a_fine_tuned_version_moves_only_its_changed_chunks_and_the_trainer_sends_them_once(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    base = distinct_model(tiny_dirs[2], tmp_path / "base", 4)
+    first = http_cluster.publish({"model": str(base)})["result"]
+    assert first["outcome"] == "committed", first
+    tuned = fine_tuned(base, tmp_path / "tuned", ["lm_head.weight"])
+    before = {p.name: fetched(p) for p in http_cluster.replicas}
+    second = http_cluster.publish({"model": str(tuned)})["result"]
+    assert second["outcome"] == "committed", second
+    store = ModelStore(http_cluster.data_dir)
+    m1, m2 = store.get(first["version"]), store.get(second["version"])
+    changed = m2.new_bytes
+    assert changed is not None and 0 < changed < m2.total_size / 4
+    served = metric_values(http_cluster.trainer, "lockstep_store_bytes_served_total", "version")
+    # Each version's chunks left the trainer once, whatever the number of replicas: the others passed them on.
+    assert m1.new_bytes is not None and m1.new_bytes <= served[str(m1.version)] <= m1.total_size
+    assert served[str(m2.version)] == changed
+    for proc in http_cluster.replicas:
+        delta = {k: v - before[proc.name].get(k, 0) for k, v in fetched(proc).items()}
+        assert delta["local"] == m2.total_size - changed and delta["peer"] + delta["origin"] == changed, delta
 
 
 def test_a_replica_that_missed_a_commit_is_made_unready_and_caught_up_by_the_trainer(
@@ -234,6 +270,7 @@ def test_a_replica_that_missed_a_commit_is_made_unready_and_caught_up_by_the_tra
     late = next(p for p in http_cluster.replicas if p.name == "h2")
     before = http_cluster.committed()
     assert serving(late) == (before, True)
+    origin_bytes = fetched(late)["origin"]
     late.process.send_signal(signal.SIGSTOP)  # unreachable: the publish goes to the live replicas only
     try:
         job = http_cluster.publish({"model": str(tiny_dirs[0])})
@@ -250,6 +287,7 @@ def test_a_replica_that_missed_a_commit_is_made_unready_and_caught_up_by_the_tra
         return seen[-1] == (version, True)
 
     wait_for(caught_up, 60, 0.05, f"h2 caught up to v{version} (trainer log: {http_cluster.trainer.log()[-2000:]})")
+    assert fetched(late)["origin"] == origin_bytes  # from the replicas that committed it without h2
     told = seen.index((before, False))  # made unready while it still served the old version
     assert (before, True) not in seen[told:], seen
     # The trainer logs the end of a catch-up once its commit call returns, which may be after h2 serves.
@@ -274,7 +312,7 @@ def test_a_finetune_run_publishes_checkpoints_that_every_replica_downloads_and_s
     assert all(evals[v]["converged"] and evals[v]["serving"] == {"h0": v, "h1": v, "h2": v} for v in versions)
     for proc in http_cluster.replicas:
         assert serving(proc) == (versions[-1], True)
-        assert f"downloaded version {versions[-1]}" in proc.log()
+        assert f"assembled version {versions[-1]}" in proc.log()
 
 
 def test_a_rollback_commits_an_earlier_version_again_on_every_replica(http_cluster: HttpCluster) -> None:
@@ -350,6 +388,31 @@ def test_a_model_uploaded_from_elsewhere_is_published_with_its_metadata_then_the
         answer = proc.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW_TOKENS,
                                               "temperature": 0}).json()
         assert answer["model_version"] == result.version and answer["text"] == expected
+
+
+def test_an_uploaded_fine_tune_crosses_the_network_as_its_changed_chunks(
+        http_cluster: HttpCluster, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    from lockstep.trainer.client.http import TrainerClient
+
+    tuned = fine_tuned(tiny_dirs[0], tmp_path / "tuned", ["model.embed_tokens.weight"])  # tiny-s0 is in the store
+    with TrainerClient(http_cluster.trainer.url, token=TOKEN) as client:
+        result = client.publish_folder(tuned, label="one tensor changed")
+        assert result.outcome == "committed", result.summary()
+        manifest = ModelStore(http_cluster.data_dir).get(result.version)
+        assert manifest.new_bytes is not None and 0 < manifest.new_bytes < manifest.total_size / 4
+        assert client.bytes_sent == manifest.new_bytes  # only the changed tensor's chunk was sent
+    assert list((http_cluster.data_dir / "uploads").iterdir()) == []
+    # A chunk list that does not add up to its file, or a chunk whose bytes are not its name: 400, nothing kept.
+    base = http_cluster.trainer.url
+    upload_id = http_cluster.trainer.post("/store/uploads", headers=AUTH).json()["upload_id"]
+    bad = httpx.put(f"{base}/store/uploads/{upload_id}/chunked/model.safetensors", headers=AUTH, json={
+        "size": 10, "sha256": "a" * 64, "chunks": [{"offset": 0, "size": 4, "sha256": "b" * 64}]})
+    assert bad.status_code == 400 and "add up to 4 bytes, the file has 10" in bad.text, bad.text
+    lying = httpx.put(f"{base}/store/uploads/{upload_id}/chunks/{'c' * 64}", headers=AUTH, content=b"x")
+    assert lying.status_code == 400 and "corrupted in transit" in lying.text, lying.text
+    assert not (http_cluster.data_dir / "chunks" / "cc" / ("c" * 64)).exists()
+    assert httpx.put(f"{base}/store/uploads/{upload_id}/chunks/{'c' * 64}", content=b"x").status_code == 401
+    httpx.delete(f"{base}/store/uploads/{upload_id}", headers=AUTH)
 
 
 def test_uploads_refuse_bad_paths_wrong_digests_missing_tokens_and_folders_that_are_not_models(

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lockstep.core.settings import load_settings
 from lockstep.trainer.server.app import create_app
+from tests.support.stores import publish_as_files
 
 TOKEN = "s3cret"
 
@@ -231,10 +232,11 @@ def test_the_trainer_never_serves_a_file_through_a_symlink_out_of_its_version(tm
     settings = load_settings(api_token=TOKEN, discovery="static", trainer_data_dir=tmp_path / "data").model_copy(
         update={"shared_dir": None})
     store = ModelStore(tmp_path / "data")
-    version = store.publish_dir(tiny_dirs[0]).version
+    store.versions_dir.mkdir(parents=True)
+    version = publish_as_files(store, tiny_dirs[0], 1).version  # a version stored as files, by an older Lockstep
     secret = tmp_path / "secret.txt"
     secret.write_text("the trainer's private key")
-    config = store.path_of(version) / "config.json"
+    config = store.folder_of(version) / "config.json"
     config.unlink()
     config.symlink_to(secret)  # put there by hand (the store never makes symlinks)
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:

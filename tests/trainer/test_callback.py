@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from lockstep.store import ModelStore
 from tests.support.cluster import REPO, LocalCluster
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +31,6 @@ def test_the_callback_example_publishes_checkpoints_that_the_replicas_serve(clus
         answer = proc.post("/generate", json={"prompt": "Once upon a time", "max_new_tokens": 4})
         assert answer.headers["X-Model-Version"] == str(versions[-1])
     # Only model files were published: the checkpoint's optimizer and RNG pickles stayed behind.
-    published = sorted(p.name for p in (cluster.shared / "versions" / f"{versions[-1]:06d}").iterdir())
+    published = sorted(f.path for f in ModelStore(cluster.shared).get(versions[-1]).files)
     assert "model.safetensors" in published and "tokenizer.json" in published
     assert not [n for n in published if n.endswith((".pt", ".pth", ".bin"))]

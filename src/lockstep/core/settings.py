@@ -120,7 +120,13 @@ class Settings(BaseSettings):
     coordinator_url: str | None = Field(
         None, validation_alias=_env("LOCKSTEP_COORDINATOR_URL"),
         description="Replica without a shared folder: the trainer URL it asks for the committed version at boot "
-        "(unready until it serves it) and downloads published versions/N from (into <HF_HOME>/lockstep-versions).",
+        "(unready until it serves it) and downloads published versions/N from (into LOCKSTEP_VERSIONS_DIR).",
+    )
+    versions_dir: Path | None = Field(
+        None, validation_alias=_env("LOCKSTEP_VERSIONS_DIR"),
+        description="Replica: the local folder where it assembles the versions it stages from chunks (its own, never "
+        "shared: it copies unchanged chunks from there); default <HF_HOME>/lockstep-versions without a shared "
+        "folder, else <temp>/lockstep-versions/<replica id>. Room for LOCKSTEP_KEEP_VERSIONS + 1 copies.",
     )
     trainer_data_dir: Path | None = Field(
         None, validation_alias=_env("LOCKSTEP_TRAINER_DATA_DIR"),
@@ -248,8 +254,9 @@ class Settings(BaseSettings):
                                 description="Comma-separated module prefixes a finetune run may import a reward "
                                 "plug-in (package.module:function) from; '*' allows any; empty: none.")
 
-    @field_validator("hf_home", "builtin_dir", "shared_dir", "sync_state_file", "trainer_data_dir", "coordinator_url",
-                     "api_token", "ui_trusted_user_header", "job_template_dir", "kubeconfig", mode="before")
+    @field_validator("hf_home", "versions_dir", "builtin_dir", "shared_dir", "sync_state_file", "trainer_data_dir",
+                     "coordinator_url", "api_token", "ui_trusted_user_header", "job_template_dir", "kubeconfig",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

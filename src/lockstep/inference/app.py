@@ -28,6 +28,8 @@ from lockstep.inference.schemas import (
     StageRequest,
     UpdateModelRequest,
 )
+from lockstep.store.peer_server import peer_router
+from lockstep.store.version_cache import VersionCache
 from lockstep.sync.protocol import ReplicaStatus, Split
 
 SESSION_HEADER = "X-Lockstep-Session"
@@ -166,7 +168,15 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         rt = rt_of(request)
         if body.check_only:
             return await asyncio.to_thread(rt.check_model, body.model)
-        return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest, body.rollout)
+        return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest, body.rollout,
+                                       body.peers)
+
+    def cache_of(request: Request) -> VersionCache | None:
+        store = rt_of(request).store
+        return store if isinstance(store, VersionCache) else None
+
+    app.include_router(peer_router(cache_of, settings.api_token, on_served=lambda request, n:
+                                   rt_of(request).replica.metrics.peer_bytes_served.inc(n)))
 
     @app.post("/admin/split", summary="A rollout step: a share of new requests to the staged version at activate_at")
     async def admin_split(body: SplitRequest, request: Request) -> dict[str, Any]:

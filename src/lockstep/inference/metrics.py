@@ -53,6 +53,19 @@ class ReplicaMetrics:
             "another version than their label (vLLM reports it per answer); must stay 0.", registry=r)
         self.rollout_share = Gauge("lockstep_rollout_share_percent", "Percent of new requests each resident version "
                                    "answers while a rollout's split is in force.", ["model_version"], registry=r)
+        self.stage_bytes_fetched = Counter("lockstep_stage_bytes_fetched", "Bytes of new versions placed on local "
+                                           "disk at stage, by where they came from: this replica's own copies "
+                                           "(local), its peers (peer), the shared folder or trainer (origin).",
+                                           ["source"], registry=r)
+        self.stage_duration = Histogram("lockstep_stage_duration_seconds", "Seconds to get a version onto local "
+                                        "disk at stage, every chunk verified (the load follows).",
+                                        buckets=_LOAD_BUCKETS, registry=r)
+        self.stage_bad_chunks = Counter("lockstep_stage_bad_chunks", "Peers not asked again during a transfer, "
+                                        "by why: digest, truncated, missing, down, refused.", ["reason"], registry=r)
+        self.peer_bytes_served = Counter("lockstep_peer_bytes_served", "Chunk bytes this replica sent to peers.",
+                                         registry=r)
+        for source in ("local", "peer", "origin"):
+            self.stage_bytes_fetched.labels(source=source)
         for g in (self.serving_version, self.staged_version, self.committed_version):
             g.set(-1)
 

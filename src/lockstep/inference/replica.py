@@ -34,6 +34,7 @@ from lockstep.inference.shadow import Shadow
 from lockstep.inference.slot import ModelSlot, ServingEngine
 from lockstep.models import loader
 from lockstep.store import VersionSource
+from lockstep.store.version_cache import VersionCache
 from lockstep.sync.protocol import (
     ReplicaState,
     RolloutReport,
@@ -42,6 +43,7 @@ from lockstep.sync.protocol import (
     SplitApplied,
     StagedInfo,
     StageState,
+    TransferReport,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,10 @@ class Replica:
         self.last_error: str | None = None
         self.started_at = clock.time()
         self.metrics.queue_capacity.set(settings.max_queue)
+        if isinstance(store, VersionCache):  # its transfers feed this replica's metrics
+            store.on_fetched = lambda source, n: self.metrics.stage_bytes_fetched.labels(source=source).inc(n)
+            store.on_bad_chunk = lambda reason: self.metrics.stage_bad_chunks.labels(reason=reason).inc()
+            store.on_transfer = self.metrics.stage_duration.observe
         # A rollout's split: the candidate (the staged slot) answers a share of new requests beside the serving one.
         self.router = Router(SessionTable(capacity=settings.session_table_size, ttl_s=settings.session_ttl_s,
                                           clock=clock), pin_wait_s=settings.session_pin_wait_s)
@@ -567,6 +573,11 @@ class Replica:
             shadow.offer_canary(serving, candidate, prompt_ids, final)
         elif slot is serving:
             shadow.offer(serving, candidate, prompt_ids, params, final)
+
+    def transfer_report(self) -> TransferReport | None:
+        """The last version assembled from chunks here: its progress while it stages, where its bytes came from."""
+        transfer = self.store.transfer if isinstance(self.store, VersionCache) else None
+        return None if transfer is None else TransferReport.model_validate(transfer.report())
 
     def rollout_report(self) -> RolloutReport | None:
         """The split in force and what each version answered since the rollout began (None: no split)."""

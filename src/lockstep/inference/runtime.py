@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,9 +22,12 @@ from lockstep.inference.replica import EngineFactory, Replica
 from lockstep.models.loader import check_available, check_safe_files
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
 from lockstep.store import ModelStore, VersionSource
+from lockstep.store.remote import RemoteStore
+from lockstep.store.version_cache import FolderOrigin, VersionCache
 from lockstep.sync.agent import Abort, Rules, Transport
 from lockstep.sync.protocol import Committed, Pending, Phase, ReplicaStatus, Split, StageState
 from lockstep.sync.replica_agent import ReplicaAgent
+from lockstep.sync.tolerant import url_problem
 from lockstep.sync.watcher import SyncWatcher, heartbeat_of
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,15 @@ def default_replica_id(settings: Settings, port: int | None = None) -> str:
     return f"{socket.gethostname()}-{port or os.getpid()}"
 
 
+def versions_dir(settings: Settings, replica_id: str) -> Path:
+    """Where this replica assembles versions: its own local folder (on a shared HF_HOME it would share copies)."""
+    if settings.versions_dir is not None:
+        return settings.versions_dir
+    if settings.shared_dir is None:
+        return settings.hf_home_path / "lockstep-versions"
+    return Path(tempfile.gettempdir()) / "lockstep-versions" / re.sub(r"[^A-Za-z0-9._-]", "_", replica_id)
+
+
 class ReplicaRuntime:
     """A replica with its identity, its updates (local, HTTP two-phase, or shared-folder sync)."""
 
@@ -42,16 +57,17 @@ class ReplicaRuntime:
         self.clock = clock
         self.store: VersionSource | None = None
         shared = ModelStore(settings.shared_dir, clock=clock) if settings.shared_dir is not None else None
-        if shared is not None:
-            self.store = shared
-        elif settings.coordinator_url:
-            # No shared volume: versions/N come from the trainer, downloaded and verified into a local cache.
-            from lockstep.store.remote import RemoteStore
-
-            self.store = RemoteStore(settings.coordinator_url, settings.hf_home_path / "lockstep-versions",
-                                     token=settings.api_token, keep=settings.keep_versions)
-        self.replica = replica or Replica(settings, store=self.store, clock=clock, engine_factory=engine_factory)
         self.replica_id = settings.replica_id or default_replica_id(settings)
+        cache_dir = versions_dir(settings, self.replica_id)
+        if shared is not None:
+            # Versions stored as chunks are assembled on local disk from this replica's copies and the shared folder.
+            self.store = VersionCache(FolderOrigin(shared), cache_dir, keep=settings.keep_versions,
+                                      token=settings.api_token)
+        elif settings.coordinator_url:
+            # No shared volume: versions/N come from the trainer and from peers, verified into a local cache.
+            self.store = RemoteStore(settings.coordinator_url, cache_dir, token=settings.api_token,
+                                     keep=settings.keep_versions)
+        self.replica = replica or Replica(settings, store=self.store, clock=clock, engine_factory=engine_factory)
         self.url = settings.advertise_url
         self.token_rate = TokenRate()
         self._update_lock = threading.Lock()  # one update at a time on a standalone replica
@@ -83,6 +99,7 @@ class ReplicaRuntime:
                 return  # stopped before the trainer answered
             if committed.get("version"):
                 model, version, digest = str(committed["model"]), int(committed["version"]), committed.get("digest")
+                self._suggest_peers(version, committed.get("peers"))
             self.replica.set_committed(version, digest)  # unready until it serves exactly this
         try:
             self.replica.boot(model, version, digest)
@@ -98,7 +115,8 @@ class ReplicaRuntime:
             try:
                 response = httpx.get(url, headers=headers, timeout=10.0)
                 if response.status_code == 200:
-                    body: dict[str, Any] = response.json().get("committed") or {}
+                    answer = response.json()
+                    body: dict[str, Any] = {**(answer.get("committed") or {}), "peers": answer.get("peers") or []}
                     self.replica.last_error = None
                     log.info("the trainer's committed version: v%s (%s)", body.get("version", 0),
                              body.get("model") or "the initial model")
@@ -162,13 +180,24 @@ class ReplicaRuntime:
         check_available(ref, self.settings, self.store)
         return {"status": "ok", "model": model_ref, "replica_id": self.replica_id}
 
-    def start_stage(self, model_ref: str, version: int, digest: str | None, rollout: str | None = None
-                    ) -> dict[str, Any]:
-        """POST /admin/stage: a prepare, staged in the background; poll GET /status for the outcome."""
+    def start_stage(self, model_ref: str, version: int, digest: str | None, rollout: str | None = None,
+                    peers: list[str] | None = None) -> dict[str, Any]:
+        """POST /admin/stage: a prepare, staged in the background; poll GET /status for the outcome.
+
+        ``peers``: the replicas to ask first for the version's chunks, nearest first (lockstep.sync.distribution)."""
         self._precheck(model_ref)
+        self._suggest_peers(version, peers)
         self.agent.tell(pending=Pending(version=version, model=model_ref, digest=digest, phase=Phase.PREPARE,
                                         rollout=rollout), split=None)
         return {"status": "staging", "version": version, "model": model_ref, "replica_id": self.replica_id}
+
+    def _suggest_peers(self, version: int, peers: object) -> None:
+        """Peers to ask first for ``version``'s chunks (bad URLs and this replica's own are dropped)."""
+        if not isinstance(peers, list) or not isinstance(self.store, VersionCache):
+            return
+        mine = (self.url or "").rstrip("/")
+        usable = [p for p in peers[:16] if url_problem(p) is None and p.rstrip("/") != mine]
+        self.store.suggest_peers(version, usable)
 
     def schedule_commit(self, version: int, activate_at: float) -> dict[str, Any]:
         """POST /admin/commit: a commit, flipped at ``activate_at`` (wall clock) when staged; else 409, unready."""

@@ -133,6 +133,9 @@ class StageRequest(_StrictBody):
     digest: Digest | None = None
     check_only: StrictBool = False  # only say whether the model exists and may be loaded here (no staging)
     rollout: StrictStr | None = Field(None, min_length=1, max_length=64)  # both versions stay resident
+    peers: list[Annotated[StrictStr, Field(min_length=1, max_length=2048)]] = Field(
+        default_factory=list, max_length=16, description="replicas to ask first for the version's chunks, nearest "
+        "first; the origin is the fallback")
 
 
 class CommitRequest(_StrictBody):

@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lockstep.core.atomic import fsync_dir
 from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
+from lockstep.store.chunks import ChunkEntry, tiling_problem
 
 MANIFEST_NAME = "MANIFEST.json"
 CONFIG_NAME = "config.json"
@@ -53,6 +53,7 @@ MAX_FILE_BYTES = 1 << 50  # 1 PiB: far beyond any checkpoint file
 MAX_MANIFEST_FILES = 100_000
 MAX_PATH_CHARS = 4096
 MAX_MANIFEST_BYTES = 64 << 20  # 100,000 entries take about 15 MB; nothing larger is a real MANIFEST
+MAX_MANIFEST_CHUNKS = 1 << 20  # 4 PiB of 4 MiB chunks; a chunk entry takes about 130 bytes of JSON
 
 WallTime = Annotated[float, Field(ge=0, le=MAX_WALL_TIME, allow_inf_nan=False)]
 """Seconds since the epoch, finite, between 1970 and 2100."""
@@ -70,6 +71,14 @@ class FileEntry(BaseModel):
     path: str = Field(max_length=MAX_PATH_CHARS)
     size: int = Field(ge=0, le=MAX_FILE_BYTES)
     sha256: str
+    chunks: list[ChunkEntry] | None = Field(None, max_length=MAX_MANIFEST_CHUNKS)  # in file order (format 2)
+
+    @model_validator(mode="after")
+    def _chunks_tile_the_file(self) -> FileEntry:
+        # A MANIFEST whose chunks do not add up to its file would assemble something else than it lists.
+        if self.chunks is not None and (problem := tiling_problem(self.size, self.chunks)) is not None:
+            raise ValueError(f"file {self.path!r}: {problem}")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -107,6 +116,20 @@ class Manifest(BaseModel):
     digest: str
     files: list[FileEntry] = Field(max_length=MAX_MANIFEST_FILES)
     metadata: dict[str, Any] = Field(default_factory=dict)  # training: step, loss, reward...
+    # "files": the version's folder holds its files (format 1, and repo records); "chunks": its folder holds
+    # this MANIFEST alone and the bytes are in the store's chunks/ (format 2, lockstep.store.chunks).
+    stored: Literal["files", "chunks"] = "files"
+    new_bytes: int | None = Field(None, ge=0, le=MAX_FILE_BYTES)  # chunk bytes this version added to the store
+
+    @model_validator(mode="after")
+    def _chunked_when_stored_as_chunks(self) -> Manifest:
+        if self.stored == "chunks":
+            missing = next((f.path for f in self.files if f.chunks is None), None)
+            if missing is not None:
+                raise ValueError(f"files: {missing!r} lists no chunks, but the version is stored as chunks")
+            if sum(len(f.chunks or ()) for f in self.files) > MAX_MANIFEST_CHUNKS:
+                raise ValueError(f"files: over {MAX_MANIFEST_CHUNKS} chunks in all")
+        return self
 
     @field_validator("digest")
     @classmethod
@@ -119,6 +142,16 @@ class Manifest(BaseModel):
     def total_size(self) -> int:
         """Bytes of all listed files."""
         return sum(f.size for f in self.files)
+
+    def chunk_list(self) -> list[tuple[FileEntry, ChunkEntry]]:
+        """Every chunk with its file, in manifest order; a file without a chunk list counts as one chunk."""
+        out: list[tuple[FileEntry, ChunkEntry]] = []
+        for entry in self.files:
+            if entry.chunks is not None:
+                out.extend((entry, chunk) for chunk in entry.chunks)
+            elif entry.size:
+                out.append((entry, ChunkEntry.model_construct(offset=0, size=entry.size, sha256=entry.sha256)))
+        return out
 
     def to_json(self) -> bytes:
         """The full schema, stable key order."""
@@ -268,32 +301,3 @@ def check_model_dir(src: Path, allow_pickle: bool) -> list[str]:
     if not weights:
         raise BadModelRef(f"not a model directory: {src} has no *.safetensors weights")
     return rels
-
-
-def copy_files(src: Path, dst: Path, rels: list[str], progress: Progress | None) -> list[FileEntry]:
-    """Copy and hash in one read; fsync every file and folder. The entries describe the bytes written."""
-    total = sum((src / rel).stat().st_size for rel in rels)
-    done = 0
-    folders = {dst}
-    entries = []
-    for rel in rels:
-        target = dst / rel
-        if target.parent not in folders:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folders.update(p for p in target.parents if p.is_relative_to(dst))
-        digest = hashlib.sha256()
-        size = 0
-        with open(src / rel, "rb") as fin, open(target, "xb") as fout:
-            while chunk := fin.read(CHUNK_BYTES):
-                fout.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, max(total, done))
-            fout.flush()
-            os.fsync(fout.fileno())
-        entries.append(FileEntry(path=rel, size=size, sha256=digest.hexdigest()))
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        fsync_dir(folder)
-    return entries

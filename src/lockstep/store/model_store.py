@@ -2,14 +2,20 @@
 
 Layout of ``versions/`` (only the first kind of entry is ever visible to readers):
 
-* ``000012/``                 a published version: model files + MANIFEST.json (or MANIFEST.json alone for
-                              a repo record); immutable once visible;
+* ``000012/``                 a published version: MANIFEST.json alone, its files as chunks in ``chunks/``
+                              (format 2), or model files + MANIFEST.json (format 1), or MANIFEST.json alone
+                              for a repo record; immutable once visible;
 * ``.partial-000012/``        a publish in progress. Creating it with ``mkdir`` *is* the claim on number 12
                               (mkdir is atomic on local file systems and NFS: exactly one creator wins).
                               The new version is written in ``.partial-000012/content/``, MANIFEST.json last,
                               fsynced, then renamed to ``000012``;
 * ``.trash-*``                a version or leftover being deleted: renamed out of sight first, then removed,
                               so no half-deleted version is ever visible.
+
+Beside ``versions/``, ``chunks/<aa>/<sha256>`` holds every chunk of every version once
+(``lockstep.store.chunks``): a publish writes only the chunks the store lacks, and garbage collection removes
+the chunks no kept version lists once they are older than its grace period (a publish in progress writes or
+touches the chunks it counts on, so they are always younger).
 
 Numbering: N = 1 + the highest published or claimed number. After claiming, the publisher lists again (on
 NFS its own mkdir normally revalidates the cached directory, so this listing is fresh) and gives the
@@ -24,27 +30,30 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound
+from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound, VerificationError
+from lockstep.store.chunks import CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ChunkEntry, ChunkStore, cut_file
 from lockstep.store.manifest import (
     MANIFEST_NAME,
+    FileEntry,
     Manifest,
     Progress,
     check_model_dir,
     content_digest,
-    copy_files,
     scan_dir,
     verify_dir,
 )
@@ -52,6 +61,7 @@ from lockstep.store.manifest import (
 log = logging.getLogger(__name__)
 
 VERSIONS_DIR = "versions"
+CHUNKS_DIR = "chunks"
 LOCKS_DIR = "locks"
 STALE_AFTER_S = 3600.0  # seconds without any write before a crashed publisher's leftovers are removed
 # Least idle time before a publish in progress counts as crashed, whatever the grace period: a live publisher
@@ -107,6 +117,7 @@ class GcPlan:
     """What one garbage collection keeps and removes, entry by entry."""
 
     entries: builtins.list[GcEntry] = field(default_factory=builtins.list)
+    grace_s: float = STALE_AFTER_S  # unreferenced chunks younger than this stay (a publish may count on them)
 
     @property
     def removals(self) -> builtins.list[GcEntry]:
@@ -136,9 +147,14 @@ class VersionSource(Protocol):
 class ModelStore:
     """The versioned model store in a (shared) folder: publish, list, get, verify, resolve, gc."""
 
-    def __init__(self, root: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, root: Path, clock: Clock = SYSTEM_CLOCK, *, assemble_dir: Path | None = None) -> None:
         self.root = Path(root)
         self.clock = clock
+        self.chunks = ChunkStore(self.root / CHUNKS_DIR)
+        # Where this process assembles a chunked version it loads itself (path_of): local disk, not the store.
+        self.assemble_dir = assemble_dir or (Path(tempfile.gettempdir()) / "lockstep-assembled" /
+                                             hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12])
+        self._assembler: Any = None
         self._warned: set[str] = set()  # log an unreadable version once per store object, not per poll
         # Lowest number the next publish may take: a trainer whose data folder was lost sets it above what the
         # replicas still serve, so a new version never reuses a number they know with other content.
@@ -161,22 +177,56 @@ class ModelStore:
     # --- publishing ------------------------------------------------------------------------------------
     def publish_dir(self, src: Path, *, source: str | None = None, parent: int | None = None,
                     metadata: dict[str, Any] | None = None, progress: Progress | None = None,
-                    allow_pickle: bool = False) -> Manifest:
-        """Copy the model folder ``src`` in as the next version; ``progress(done_bytes, total_bytes)``."""
+                    allow_pickle: bool = False, chunk_bytes: int = CHUNK_MAX_BYTES) -> Manifest:
+        """Copy the model folder ``src`` in as the next version; ``progress(done_bytes, total_bytes)``.
+
+        ``chunk_bytes``: the largest chunk (lockstep.store.chunks); smaller only to model a large version at
+        a small scale (benchmarks/distribution_bench.py)."""
         src = Path(src)
         rels = check_model_dir(src, allow_pickle)
         meta = _checked_metadata(metadata)
         origin = source or str(src.resolve())
 
         def fill(content: Path, n: int) -> Manifest:
-            files = copy_files(src, content, rels, progress)
-            return Manifest(version=n, created_at=self.clock.time(), source=origin, kind="directory",
-                            parent=parent, digest=content_digest(files), files=files, metadata=meta)
+            files, new_bytes = self._store_chunks(src, rels, progress, chunk_bytes)
+            return Manifest(format=2, version=n, created_at=self.clock.time(), source=origin, kind="directory",
+                            parent=parent, digest=content_digest(files), files=files, metadata=meta,
+                            stored="chunks", new_bytes=new_bytes)
 
         manifest = self._publish(fill)
-        log.info("published version %d from %s: %d files, %.1f MiB, digest %s", manifest.version, origin,
-                 len(manifest.files), manifest.total_size / 2**20, manifest.digest[:12])
+        log.info("published version %d from %s: %d files, %.1f MiB, %.1f MiB of it new to the store, digest %s",
+                 manifest.version, origin, len(manifest.files), manifest.total_size / 2**20,
+                 (manifest.new_bytes or 0) / 2**20, manifest.digest[:12])
         return manifest
+
+    def _store_chunks(self, src: Path, rels: builtins.list[str], progress: Progress | None,
+                      chunk_bytes: int) -> tuple[builtins.list[FileEntry], int]:
+        """Cut each file into chunks and keep the ones the store lacks; the entries, and the bytes of chunks no
+        published version lists (what this version adds, however its chunks reached the store)."""
+        try:
+            listed = self._listed_chunks()
+        except (OSError, ValueError):
+            listed = set()  # an unreadable MANIFEST: new_bytes counts all (an overstatement, never a failure)
+        total = sum((src / rel).stat().st_size for rel in rels)
+        done = new_bytes = 0
+        entries = []
+        for rel in rels:
+            digest = hashlib.sha256()
+            chunks: builtins.list[ChunkEntry] = []
+            for chunk, data in cut_file(src / rel, max_bytes=chunk_bytes,
+                                        min_bytes=min(CHUNK_MIN_BYTES, chunk_bytes)):
+                digest.update(data)
+                self.chunks.put(chunk, data)
+                if chunk.sha256 not in listed:
+                    listed.add(chunk.sha256)
+                    new_bytes += chunk.size
+                chunks.append(chunk)
+                done += chunk.size
+                if progress is not None:
+                    progress(done, max(total, done))
+            entries.append(FileEntry(path=rel, size=sum(c.size for c in chunks), sha256=digest.hexdigest(),
+                                     chunks=chunks))
+        return entries, new_bytes
 
     def publish_repo(self, snapshot_dir: Path, *, repo_id: str, revision: str, parent: int | None = None,
                      metadata: dict[str, Any] | None = None, progress: Progress | None = None,
@@ -299,13 +349,46 @@ class ModelStore:
                 self._warn_once(n, e)
         return None
 
-    def path_of(self, n: int) -> Path:
-        """The folder of published version ``n`` (for a repo record it holds only MANIFEST.json)."""
+    def folder_of(self, n: int) -> Path:
+        """The folder of published version ``n`` (MANIFEST.json alone for a chunked version or a repo record)."""
         path = self._version_path(n)
         if not (path / MANIFEST_NAME).is_file():
             raise NotFound(f"version {n} is not in the store at {self.root}; "
                            f"published: {self._published_summary()}")
         return path
+
+    def path_of(self, n: int) -> Path:
+        """A folder with version ``n``'s files: its own, or for a chunked version a copy assembled on local disk."""
+        if self.get(n).stored == "files":
+            return self.folder_of(n)
+        if self._assembler is None:
+            from lockstep.store.version_cache import FolderOrigin, VersionCache  # it builds on this module
+
+            self._assembler = VersionCache(FolderOrigin(self), self.assemble_dir, keep=2)
+        path: Path = self._assembler.path_of(n)
+        return path
+
+    def chunk_bytes(self, n: int, sha256: str) -> bytes:
+        """The bytes of a chunk that version ``n`` lists, checked; NotFound for any chunk it does not list."""
+        manifest = self.get(n)
+        chunk = next((c for _, c in manifest.chunk_list() if c.sha256 == sha256), None)
+        if manifest.stored != "chunks" or chunk is None:
+            raise NotFound(f"version {n} lists no chunk {sha256[:64]!r}")
+        try:
+            return self.chunks.read(chunk)
+        except FileNotFoundError:
+            raise NotFound(f"version {n}: chunk {sha256[:12]} is missing from {self.chunks.root}; publish the "
+                           "version again") from None
+        except ValueError as exc:
+            raise NotFound(f"version {n}: {exc}; publish the version again") from exc
+
+    def file_chunks(self, n: int, rel_path: str) -> Iterator[bytes]:
+        """The bytes of file ``rel_path`` of chunked version ``n``, chunk by chunk, each checked."""
+        manifest = self.get(n)
+        entry = next((f for f in manifest.files if f.path == rel_path), None)
+        if entry is None:
+            raise NotFound(f"version {n} has no file {rel_path!r} in its MANIFEST.json")
+        return (self.chunks.read(chunk) for chunk in entry.chunks or [])
 
     def file_path(self, n: int, rel_path: str) -> Path:
         """The real path of file ``rel_path`` of version ``n``, to serve it; never outside the version's folder.
@@ -315,7 +398,7 @@ class ModelStore:
         manifest = self.get(n)
         if rel_path not in {f.path for f in manifest.files}:  # only listed files, never a path of the caller's making
             raise NotFound(f"version {n} has no file {rel_path!r} in its MANIFEST.json")
-        folder = self.path_of(n).resolve()
+        folder = self.folder_of(n).resolve()
         real = (folder / rel_path).resolve()
         if not real.is_relative_to(folder):
             log.warning("refusing to serve %s of version %d: a symlink leads out of its folder to %s", rel_path, n,
@@ -334,9 +417,27 @@ class ModelStore:
                 raise BadRequest(f"version {n} records repo {manifest.repo_id}@{manifest.revision}, whose "
                                  "files live in the Hugging Face cache: pass its snapshot folder as "
                                  "files_dir")
-            files_dir = self.path_of(n)
+            if manifest.stored == "chunks":
+                self.check_chunks(manifest, hash_them=True)
+                return manifest
+            files_dir = self.folder_of(n)
         verify_dir(Path(files_dir), manifest)
         return manifest
+
+    def check_chunks(self, manifest: Manifest, *, hash_them: bool) -> None:
+        """Every chunk of a chunked version is in the store (with its size; and its digest when ``hash_them``)."""
+        for entry, chunk in manifest.chunk_list():
+            problem = None
+            if not self.chunks.has(chunk):
+                problem = "is missing or has the wrong size"
+            elif hash_them:
+                try:
+                    self.chunks.read(chunk)
+                except (OSError, ValueError) as exc:
+                    problem = f"cannot be used ({exc})"
+            if problem is not None:
+                raise VerificationError(f"version {manifest.version}: chunk {chunk.sha256[:12]} of {entry.path} "
+                                        f"{problem} in {self.chunks.root}; publish the version again")
 
     def next_version_hint(self) -> int:
         """The number the next publish would probably get (not reserved)."""
@@ -391,7 +492,7 @@ class ModelStore:
         listing = self._scan()
         now = self.clock.time()
         pins = dict(pins or {})
-        plan = GcPlan()
+        plan = GcPlan(grace_s=grace_s)
         verdicts = {n: self._judge(n, outcomes, now) for n in listing.published}
         counted = [n for n, v in verdicts.items()
                    if v.leftover is None and not (v.unrecorded and v.age_s <= grace_s)]
@@ -442,7 +543,40 @@ class ModelStore:
                 deleted.append(entry.version)
         if deleted:
             log.info("gc deleted versions %s (kept %s)", deleted, plan.kept_versions)
+        self._remove_unreferenced_chunks(plan.grace_s)
         return deleted
+
+    def _listed_chunks(self) -> set[str]:
+        """The chunks the published versions list; OSError/ValueError when a MANIFEST cannot be read."""
+        listed: set[str] = set()
+        for n in self._scan().published:
+            try:
+                listed.update(c.sha256 for _, c in self._read_manifest(n).chunk_list())
+            except NotFound:
+                continue  # a symlink out of the store: not a version
+        return listed
+
+    def _remove_unreferenced_chunks(self, grace_s: float) -> None:
+        """Delete the chunks no published version lists, once older than ``grace_s`` (none when any is unreadable)."""
+        try:
+            listed = self._listed_chunks()
+        except (OSError, ValueError) as exc:
+            log.info("keeping every chunk: a version's MANIFEST.json is unreadable (%s)", _short(exc))
+            return
+        now, removed, freed = self.clock.time(), 0, 0
+        for path in self.chunks.names():
+            if path.name in listed:
+                continue
+            try:
+                info = path.stat()
+                if now - info.st_mtime <= grace_s:
+                    continue
+                path.unlink()
+            except OSError:
+                continue
+            removed, freed = removed + 1, freed + info.st_size
+        if removed:
+            log.info("gc removed %d chunks no version lists (%.1f MiB)", removed, freed / 2**20)
 
     def gc(self, keep_newest: int, protect: set[int], *,
            stale_after_s: float = STALE_AFTER_S) -> builtins.list[int]:

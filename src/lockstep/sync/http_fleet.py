@@ -8,6 +8,7 @@ have written to a shared folder; ``generation_seen`` is the generation of the la
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest
 from lockstep.core.http import bearer_headers
 from lockstep.core.settings import Settings
+from lockstep.sync.distribution import HOLDER_PEERS, chain_peers
 from lockstep.sync.protocol import Heartbeat, Pending, Phase, ReplicaStatus, Split
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class HttpFleet:
         self.client = client or httpx.Client(timeout=10.0, headers=bearer_headers(settings.api_token))
         self._seen: dict[str, int] = {}  # url → generation of the last decision it accepted
         self._round_trip: dict[str, float] = {}  # url → seconds of its slowest recent answer
+        self._last_live: list[Heartbeat] = []  # the last reading: who holds which version, for peer lists
 
     def close(self) -> None:
         self.client.close()
@@ -93,6 +96,7 @@ class HttpFleet:
                 beats.append(beat_from_status(url, status, now, self._seen.get(url)))
             except ValueError as exc:  # a /status we cannot read: not counted as live
                 log.warning("ignoring the GET /status answer of %s: %s", url, exc)
+        self._last_live = beats
         return beats
 
     def deliver(self, decision: Pending, generation: int, to: list[Heartbeat] | None = None) -> dict[str, str]:
@@ -103,6 +107,10 @@ class HttpFleet:
                 body["digest"] = decision.digest
             if decision.rollout:
                 body["rollout"] = decision.rollout
+            holders = [b.url for b in self._last_live if b.url and b.ready and b.url not in targets
+                       and b.serving is not None and b.serving.version == decision.version]
+            peers = chain_peers(list(targets), holders, seed=decision.version)
+            return self._post_each(path, body, generation, targets, extra=lambda url: {"peers": peers[url]})
         elif decision.phase is Phase.COMMIT:
             path, body = "/admin/commit", {"version": decision.version}
             if decision.activate_at is not None:
@@ -112,11 +120,18 @@ class HttpFleet:
 
         return self._post_each(path, body, generation, targets)
 
-    def _post_each(self, path: str, body: dict[str, Any], generation: int, targets: dict[str, str]
-                   ) -> dict[str, str]:
+    def holders(self, version: int, limit: int = HOLDER_PEERS) -> list[str]:
+        """URLs of replicas that were ready serving ``version`` at the last reading, a few picked at random."""
+        urls = [b.url for b in self._last_live if b.url and b.ready and b.serving is not None
+                and b.serving.version == version]
+        return random.sample(urls, min(limit, len(urls)))
+
+    def _post_each(self, path: str, body: dict[str, Any], generation: int, targets: dict[str, str],
+                   extra: Callable[[str], dict[str, Any]] | None = None) -> dict[str, str]:
         def post(url: str) -> str | None:
+            sent = body if extra is None else {**body, **extra(url)}
             try:
-                response = self._timed(url, lambda: self.client.post(f"{url}{path}", json=body))
+                response = self._timed(url, lambda: self.client.post(f"{url}{path}", json=sent))
             except httpx.HTTPError as exc:
                 return f"{path} request failed: {exc}"
             if not response.is_success:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 from lockstep.core.errors import BadModelRef
 from lockstep.models.refs import RefKind, parse_ref
-from lockstep.store.manifest import VersionNumber, WallTime
+from lockstep.store.manifest import MAX_FILE_BYTES, VersionNumber, WallTime
 from lockstep.sync.tolerant import wall_time_problem
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,18 @@ class SplitApplied(_Tolerant):
     at: WallTime
 
 
+class TransferReport(_Tolerant):
+    """A version's bytes arriving on a replica at stage (chunks from its disk, its peers, the origin)."""
+
+    version: VersionNumber
+    total_bytes: int = Field(ge=0, le=MAX_FILE_BYTES)
+    done_bytes: int = Field(ge=0, le=MAX_FILE_BYTES)
+    bytes_by_source: dict[Literal["local", "peer", "origin"], Annotated[int, Field(ge=0, le=MAX_FILE_BYTES)]] = Field(
+        default_factory=dict)
+    avoided_peers: Count = 0  # peers that sent bad bytes, or none, and were not asked again
+    finished: bool = False
+
+
 class Heartbeat(_Tolerant):
     """``replicas/<replica>.json``: what a replica serves and stages, written every heartbeat interval."""
 
@@ -235,6 +247,7 @@ class Heartbeat(_Tolerant):
     commit_poll_s: float | None = Field(None, gt=0, le=60, allow_inf_nan=False)  # Settings' poll bounds
     commit_poll_until: WallTime | None = None
     rollout: RolloutReport | None = None  # while a rollout's split is applied
+    transfer: TransferReport | None = None  # the last version assembled from chunks (progress while it stages)
 
 
 class ReplicaStatus(Heartbeat):

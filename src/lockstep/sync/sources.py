@@ -97,8 +97,10 @@ class Sources:
             loader.resolve(f"versions/{manifest.version}", self.settings, self.store)  # downloads + verifies
         elif not self.sizes_only:
             self.store.verify(manifest.version)
+        elif manifest.stored == "chunks":
+            self.store.check_chunks(manifest, hash_them=False)
         else:
-            folder = self.store.path_of(manifest.version)
+            folder = self.store.folder_of(manifest.version)
             for entry in manifest.files:
                 try:
                     size = (folder / entry.path).stat().st_size

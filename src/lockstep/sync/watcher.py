@@ -73,6 +73,8 @@ class Reporting(Driven, Protocol):
 
     def rollout_report(self) -> protocol.RolloutReport | None: ...
 
+    def transfer_report(self) -> protocol.TransferReport | None: ...
+
     def step_pins(self) -> tuple[str, int, list[str]] | None: ...
 
 
@@ -91,6 +93,7 @@ def heartbeat_of(replica: Reporting, settings: Settings, *, replica_id: str, url
         generation_seen=generation_seen, update_mode=settings.update_mode.value, queue_depth=queued,
         running=running, tokens_per_s=round(token_rate.rate(), 2) if token_rate else 0.0, time=clock.time(),
         started_at=replica.started_at, commit_poll_until=commit_poll_until, rollout=replica.rollout_report(),
+        transfer=replica.transfer_report(),
         commit_poll_s=None if commit_poll_until is None else min(settings.commit_poll_interval_s,
                                                                   settings.poll_interval_s))
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,11 @@ import httpx
 
 from lockstep.core.errors import BadModelRef, Conflict, LockstepError, NotReady
 from lockstep.core.http import bearer_headers
-from lockstep.store.manifest import Progress, check_model_dir, hash_file
+from lockstep.store.chunks import cut_file
+from lockstep.store.manifest import Progress, check_model_dir
 from lockstep.sync.coordinator import PublishResult, ReplicaReport
 
 POLL_S = 0.5  # seconds between looks at a running publish job
-CHUNK = 1 << 20  # bytes per read while uploading
 
 
 class TrainerClient:
@@ -25,6 +25,7 @@ class TrainerClient:
     def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, headers=bearer_headers(token), timeout=timeout_s)
+        self.bytes_sent = 0  # chunk bytes the last upload sent (the trainer's store had the rest)
 
     def close(self) -> None:
         self._http.close()
@@ -103,27 +104,55 @@ class TrainerClient:
         return self._wait(job["publish_id"])
 
     def upload(self, folder: str | Path, *, progress: Progress | None = None) -> str:
-        """Send every file of ``folder`` to the trainer; the upload's id."""
+        """Send ``folder`` to the trainer: each file as its chunks, and only the chunks its store lacks (a
+        fine-tuned checkpoint crosses the network as its changed tensors); the upload's id.
+
+        ``progress(done, total)`` counts the bytes the trainer has, sent now or already in its store."""
         folder = Path(folder)
         if not folder.is_dir():
             raise BadModelRef(f"{folder} is not a folder")
         names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         total = sum((folder / n).stat().st_size for n in names)
         upload_id: str = self._call("POST", "/store/uploads")["upload_id"]
-        sent = 0
+        done = 0
+        self.bytes_sent = 0
         try:
             for name in names:
-                path = folder / name
-                digest = hash_file(path)
-                self._call("PUT", f"/store/uploads/{upload_id}/files/{name}",
-                           content=_read(path, progress, sent, total),
-                           headers={"X-Content-SHA256": digest, "Content-Type": "application/octet-stream"})
-                sent += path.stat().st_size
+                self._upload_file(upload_id, folder / name, name)
+                done += (folder / name).stat().st_size
+                if progress is not None:
+                    progress(done, total)
         except BaseException:
             with contextlib.suppress(LockstepError, ValueError):  # 204: no JSON body
                 self._call("DELETE", f"/store/uploads/{upload_id}")
             raise
         return upload_id
+
+    def _upload_file(self, upload_id: str, path: Path, name: str) -> None:
+        """One file: its chunk list, then the chunks the trainer asks for, then the list again."""
+        digest = hashlib.sha256()
+        chunks = []
+        for chunk, data in cut_file(path):
+            digest.update(data)
+            chunks.append(chunk)
+        body = {"size": sum(c.size for c in chunks), "sha256": digest.hexdigest(),
+                "chunks": [c.model_dump() for c in chunks]}
+        by_sha = {c.sha256: c for c in chunks}
+        for _ in range(3):  # a chunk the trainer's garbage collection took meanwhile is asked for again
+            missing = self._call("PUT", f"/store/uploads/{upload_id}/chunked/{name}", json=body)["missing"]
+            if not missing:
+                return
+            with path.open("rb") as f:
+                for sha in missing:
+                    chunk = by_sha.get(sha)
+                    if chunk is None:
+                        raise LockstepError(f"the trainer asked for chunk {sha[:12]}, which {name} does not have")
+                    f.seek(chunk.offset)
+                    data = f.read(chunk.size)
+                    self._call("PUT", f"/store/uploads/{upload_id}/chunks/{sha}", content=data,
+                               headers={"Content-Type": "application/octet-stream"})
+                    self.bytes_sent += len(data)
+        raise LockstepError(f"the trainer kept asking for chunks of {name}; check its disk and try again")
 
     def wait_until_serving(self, version: int, *, timeout_s: float = 60.0,
                            min_replicas: int = 1) -> list[dict[str, Any]]:
@@ -151,17 +180,6 @@ class TrainerClient:
             if job["status"] == "done":
                 return result_from_dict(job["result"])
             time.sleep(POLL_S)
-
-
-def _read(path: Path, progress: Progress | None, before: int, total: int) -> Iterator[bytes]:
-    """The file in chunks, reporting bytes sent so far (of every file) to ``progress``."""
-    done = before
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            done += len(chunk)
-            yield chunk
-            if progress is not None:
-                progress(done, total)
 
 
 def result_from_dict(data: dict[str, Any]) -> PublishResult:

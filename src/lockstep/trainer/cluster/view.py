@@ -55,6 +55,7 @@ class ReplicaView:
     reachable: bool | None = None  # None: not probed
     pod_ready: bool | None = None  # the Kubernetes Ready condition, when discovery asked the API
     url_ignored: str | None = None  # why the URL its heartbeat names is not used (no discovery vouches for it)
+    transfer: dict[str, Any] | None = None  # the last version assembled from chunks: progress, bytes by source
 
     @property
     def live(self) -> bool:
@@ -106,7 +107,8 @@ def _from_heartbeat(beat: Heartbeat, now: float, ttl_s: float) -> ReplicaView:
         staged_version=beat.staged.version if beat.staged else None,
         staged_state=beat.staged.state.value if beat.staged else None, last_error=beat.last_error,
         queue_depth=beat.queue_depth, running=beat.running, tokens_per_s=round(beat.tokens_per_s, 2),
-        heartbeat_age_s=round(now - beat.time, 3), in_heartbeats=fresh)
+        heartbeat_age_s=round(now - beat.time, 3), in_heartbeats=fresh,
+        transfer=beat.transfer.model_dump(mode="json") if beat.transfer else None)
 
 
 def _count(value: Any) -> int | None:
@@ -147,6 +149,7 @@ def _fill_from_status(view: ReplicaView, status: dict[str, Any], now: float | No
             view.staged_version, view.staged_state, view.last_error = (fresh.staged_version, fresh.staged_state,
                                                                        fresh.last_error)
             view.queue_depth, view.running, view.tokens_per_s = fresh.queue_depth, fresh.running, fresh.tokens_per_s
+            view.transfer = fresh.transfer
             return
     staged = status.get("staged") if isinstance(status.get("staged"), dict) else {}
     view.replica_id = _text(status.get("replica_id"), MAX_NAME_CHARS) or view.replica_id

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
@@ -27,7 +28,8 @@ from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, error_body, install_error_handlers
 from lockstep.core.settings import Settings
 from lockstep.models import loader
-from lockstep.store.manifest import check_model_dir
+from lockstep.store.chunks import MAX_CHUNK_BYTES_ACCEPTED, ChunkEntry
+from lockstep.store.manifest import FileEntry, Manifest, check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
@@ -42,6 +44,7 @@ from lockstep.trainer.server.metrics import TrainerMetrics
 from lockstep.trainer.server.monitor import CatchUpLoop, Monitor
 from lockstep.trainer.server.publish_jobs import PublishBusy, Publisher, check_ref
 from lockstep.trainer.server.schemas import (
+    ChunkedFile,
     PublishRequest,
     RollbackRequest,
     RolloutFields,
@@ -143,11 +146,18 @@ RunId = Annotated[str, PathParam(min_length=1, max_length=128)]
 UploadId = Annotated[str, PathParam(min_length=1, max_length=64)]
 Version = Annotated[int, PathParam(ge=0, le=10**12)]
 FilePath = Annotated[str, PathParam(min_length=1, max_length=1024)]
+ChunkId = Annotated[str, PathParam(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+
+
+def entry_size(manifest: Manifest, path: str) -> int:
+    """The size the MANIFEST gives file ``path`` (0 when it lists none)."""
+    return next((f.size for f in manifest.files if f.path == path), 0)
 
 
 def is_upload_file(method: str, path: str) -> bool:
-    """PUT /store/uploads/{id}/files/{path}: bounded while streamed to disk (LOCKSTEP_MAX_UPLOAD_BYTES)."""
-    return method == "PUT" and path.startswith("/store/uploads/") and "/files/" in path
+    """PUT /store/uploads/{id}/files/{path} (bounded while streamed to disk: LOCKSTEP_MAX_UPLOAD_BYTES) and
+    PUT /store/uploads/{id}/chunks/{sha256} (bounded to a chunk's largest size while read)."""
+    return method == "PUT" and path.startswith("/store/uploads/") and ("/files/" in path or "/chunks/" in path)
 
 
 def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
@@ -349,8 +359,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.get("/sync/committed", summary="The committed version (a replica asks at boot, without a shared folder)")
     async def sync_committed() -> dict[str, Any]:
         state = await asyncio.to_thread(trainer.coordinator.read_state)
+        fleet = trainer.coordinator.fleet
+        # Where a booting replica gets the committed version's chunks first: the replicas that serve it.
+        peers = fleet.holders(state.committed.version) if state.committed and isinstance(fleet, HttpFleet) else []
         return {"committed": state.committed.model_dump(mode="json") if state.committed else None,
-                "generation": state.generation}
+                "generation": state.generation, "peers": peers}
 
     @app.get("/store/versions/{version}/manifest", summary="A published version's MANIFEST.json (token)")
     async def store_manifest(version: Version, request: Request) -> Response:
@@ -365,9 +378,32 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         if manifest.kind == "repo":
             raise NotFound(f"version {version} records repo {manifest.repo_id}@{manifest.revision}; replicas "
                            "download its files from the Hugging Face Hub")
+        served = trainer.metrics.store_bytes_served.labels(version=str(version))
+        if manifest.stored == "chunks":
+            entry = next((f for f in manifest.files if f.path == path), None)
+            if entry is None:
+                raise NotFound(f"version {version} has no file {path!r} in its MANIFEST.json")
+            parts = await asyncio.to_thread(store.file_chunks, version, path)
+
+            async def stream() -> AsyncIterator[bytes]:
+                for _ in range(len(entry.chunks or ())):
+                    data = await asyncio.to_thread(next, parts)
+                    served.inc(len(data))
+                    yield data
+
+            return StreamingResponse(stream(), media_type="application/octet-stream",
+                                     headers={"Content-Length": str(entry.size)})
         # Listed in the MANIFEST and inside the version's folder (no symlink out), or 404.
         real = await asyncio.to_thread(store.file_path, version, path)
+        served.inc(entry_size(manifest, path))
         return FileResponse(real, media_type="application/octet-stream")
+
+    @app.get("/store/versions/{version}/chunks/{sha256}", summary="One chunk of a published version (token)")
+    async def store_chunk(version: Version, sha256: ChunkId, request: Request) -> Response:
+        check_bearer(request, settings.api_token)
+        data = await asyncio.to_thread(store.chunk_bytes, version, sha256)  # only chunks the version lists
+        trainer.metrics.store_bytes_served.labels(version=str(version)).inc(len(data))
+        return Response(data, media_type="application/octet-stream")
 
     # ------------------------------------------------------------------ uploads (publishing from elsewhere)
     @app.post("/store/uploads", status_code=201, summary="Start uploading a model folder to publish (token)")
@@ -384,6 +420,32 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         return await trainer.uploads.receive(upload_id, path, request.stream(),
                                              request.headers.get("x-content-sha256"),
                                              int(length) if length is not None else None)
+
+    @app.put("/store/uploads/{upload_id}/chunked/{path:path}",
+             summary="One file of an upload as its chunks; answers the chunks the store lacks (token)")
+    async def upload_chunked_file(upload_id: UploadId, path: FilePath, body: ChunkedFile,
+                                  request: Request) -> dict[str, Any]:
+        mutate(request)
+        try:
+            entry = FileEntry(path=path, size=body.size, sha256=body.sha256, chunks=body.chunks)
+        except ValidationError as exc:  # chunks that do not add up to the file, or a path out of the upload
+            raise BadRequest(f"{path}: {exc.errors()[0]['msg']}") from None
+        return await asyncio.to_thread(trainer.uploads.assemble, upload_id, entry, store.chunks)
+
+    @app.put("/store/uploads/{upload_id}/chunks/{sha256}", summary="One chunk of an upload, named by its sha256 "
+             "(token)")
+    async def upload_chunk(upload_id: UploadId, sha256: ChunkId, request: Request) -> dict[str, Any]:
+        mutate(request)
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit() or not 0 < int(length) <= MAX_CHUNK_BYTES_ACCEPTED:
+            raise BadRequest(f"a chunk needs a Content-Length of 1 to {MAX_CHUNK_BYTES_ACCEPTED} bytes")
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > int(length):
+                raise BadRequest(f"the chunk's body is longer than its Content-Length ({length} bytes)")
+        chunk = ChunkEntry(offset=0, size=len(data), sha256=sha256)
+        return await asyncio.to_thread(trainer.uploads.receive_chunk, upload_id, chunk, bytes(data), store.chunks)
 
     @app.post("/store/uploads/{upload_id}/publish", status_code=202,
               summary="Publish an upload as the next version (two phases); the upload is removed after")

@@ -46,6 +46,8 @@ class TrainerMetrics:
         self.rollout_total = Counter("lockstep_rollouts_total", "Rollouts that ended, by outcome (promoted, "
                                      "rolled back, aborted) and trigger (gates, person, none)",
                                      ["outcome", "trigger"], registry=r)
+        self.store_bytes_served = Counter("lockstep_store_bytes_served", "Bytes of versions the trainer's store "
+                                          "sent to replicas (chunks and files), by version", ["version"], registry=r)
         self.rollout_step.set(-1)
         for kind in ("simulation", "finetune", "job"):
             self.run_active.labels(kind=kind).set(0)

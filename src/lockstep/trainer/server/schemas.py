@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 from lockstep.core.settings import CommitPolicy
+from lockstep.store.chunks import ChunkEntry
+from lockstep.store.manifest import MAX_FILE_BYTES, MAX_MANIFEST_CHUNKS
 
 METADATA_KEYS = 64  # entries of a version's metadata (step, loss, reward...)
 METADATA_CHARS = 16_384  # its size as JSON
@@ -136,6 +138,14 @@ class UploadPublishRequest(RolloutFields):
     metadata: Metadata = Field(default_factory=dict)  # into MANIFEST.json: step, loss, reward...
     policy: CommitPolicy | None = None
     timeout_s: TimeoutS | None = None
+
+
+class ChunkedFile(_Strict):
+    """``PUT /store/uploads/{id}/chunked/{path}``: a file of an upload as its size, sha256 and chunks, in order."""
+
+    size: int = Field(ge=0, le=MAX_FILE_BYTES)
+    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    chunks: list[ChunkEntry] = Field(max_length=MAX_MANIFEST_CHUNKS)
 
 
 class RollbackRequest(_Strict):

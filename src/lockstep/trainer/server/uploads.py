@@ -10,6 +10,12 @@ Content-Length over what is left is refused before reading), at most ``max_files
 ``max_open`` uploads at once (429). One writer per path: a second PUT of a path still arriving gets 409. Each
 file is written to a temporary file of its own and renamed over the path only once its sha256 matched, so
 the bytes under a path are always those of a PUT that was acknowledged. Uploads never create symlinks.
+
+A client that cuts its files into chunks as the store does (``lockstep.store.chunks``) sends each file's chunk
+list instead (``PUT /store/uploads/{id}/chunked/{path}``); the trainer answers with the chunks its store lacks,
+the client sends only those (``PUT /store/uploads/{id}/chunks/{sha256}``, each checked against its name) and
+asks again, and the trainer writes the file from its chunks. A fine-tuned checkpoint whose tensors are mostly
+unchanged then crosses the network as its changed chunks.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import BinaryIO
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.clock import Clock
 from lockstep.core.errors import BadRequest, Conflict, LockstepError, NotFound, Overloaded
+from lockstep.store.chunks import ChunkEntry, ChunkStore
+from lockstep.store.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +157,57 @@ class UploadStore:
             with self._lock:
                 self._state(upload_id).arriving.pop(rel_path, None)
         return {"path": rel_path, "size": size, "sha256": digest.hexdigest()}
+
+    def receive_chunk(self, upload_id: str, chunk: ChunkEntry, data: bytes, chunks: ChunkStore) -> dict[str, object]:
+        """Keep one chunk of an upload in the store's chunk folder (400 when its bytes do not match its name)."""
+        self.folder(upload_id)
+        with self._lock:
+            if upload_id in self._sealed:
+                raise Conflict(f"upload {upload_id} is being published; start a new upload to send more chunks")
+        if hashlib.sha256(data).hexdigest() != chunk.sha256:
+            raise BadRequest(f"chunk {chunk.sha256[:12]}: the bytes sent have sha256 {hashlib.sha256(data).hexdigest()}"
+                             " (corrupted in transit); send it again")
+        written = chunks.put(chunk, data)
+        return {"sha256": chunk.sha256, "size": chunk.size, "stored": written}
+
+    def assemble(self, upload_id: str, entry: FileEntry, chunks: ChunkStore) -> dict[str, object]:
+        """File ``entry.path`` of an upload from chunks the store holds; the chunks it lacks, when any.
+
+        The client sends only those (``receive_chunk``), then asks again: unchanged tensors never cross the
+        network. The file is written whole into the upload and checked against ``entry.sha256``."""
+        target = self._target(upload_id, entry.path)
+        self._load(upload_id)
+        missing = sorted({c.sha256 for c in entry.chunks or [] if not chunks.has(c)})
+        if missing:
+            return {"path": entry.path, "missing": missing}
+        self._claim(upload_id, entry.path, entry.size)
+        tmp = target.parent / f"{_TMP_PREFIX}{target.name}.{secrets.token_hex(6)}.tmp"
+        digest = hashlib.sha256()
+        out: BinaryIO | None = None
+        try:
+            out = _open_new(self.folder(upload_id), target, tmp)
+            for chunk in entry.chunks or []:
+                try:
+                    data = chunks.read(chunk)
+                except (OSError, ValueError):  # removed or damaged since it was counted: the client sends it again
+                    return {"path": entry.path, "missing": [chunk.sha256]}
+                _write(out, digest, data)
+            self._count(upload_id, entry.path, entry.size)
+            _close(out)
+            out = None
+            if digest.hexdigest() != entry.sha256:
+                raise BadRequest(f"{entry.path}: its chunks make a file with sha256 {digest.hexdigest()}, not the "
+                                 f"{entry.sha256} the client sent; check the file and send it again")
+            _rename(tmp, target)
+            with self._lock:
+                self._state(upload_id).sizes[entry.path] = entry.size
+        finally:
+            if out is not None:
+                out.close()
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._state(upload_id).arriving.pop(entry.path, None)
+        return {"path": entry.path, "size": entry.size, "sha256": entry.sha256, "missing": []}
 
     def _claim(self, upload_id: str, rel_path: str, content_length: int | None) -> None:
         """Make this request the one writer of ``rel_path``, within the upload's file and byte budgets."""

@@ -126,6 +126,27 @@ function makeCard(id) {
   return card;
 }
 
+// The last version this replica assembled from chunks: a progress bar while it stages, then where its bytes
+// came from (its own copies, its peers, the trainer or shared folder).
+function transferRow(t) {
+  if (!t || !t.total_bytes) return null;
+  const pct = Math.min(100, Math.round(100 * t.done_bytes / t.total_bytes));
+  const by = t.bytes_by_source || {};
+  const parts = ["local", "peer", "origin"].filter((s) => by[s]).map((s) => `${fmtBytes(by[s])} ${s}`);
+  const label = t.finished ? `v${t.version} staged: ${parts.join(", ") || "nothing new"}`
+    : `v${t.version} arriving: ${fmtBytes(t.done_bytes)} of ${fmtBytes(t.total_bytes)} (${pct}%)`;
+  return h("div", {class: "transfer", "data-field": "transfer", title: t.avoided_peers ? `${t.avoided_peers} peer(s) avoided` : ""},
+    t.finished ? null : h("progress", {max: 100, value: pct, "aria-label": `v${t.version} transfer`}),
+    h("span", {class: "muted small"}, label));
+}
+
+function fmtBytes(n) {
+  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(1)} GiB`;
+  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(1)} MiB`;
+  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(0)} KiB`;
+  return `${n} B`;
+}
+
 function renderCard(card, r, cluster) {
   const st = stateWord(r);
   card.className = `replica st-${st}`;
@@ -148,6 +169,7 @@ function renderCard(card, r, cluster) {
     h("div", {class: "stats"},
       field("queue", r.queue_depth ?? "–"), field("running", r.running ?? "–"), field("tokens/s", fmtNum(r.tokens_per_s, 3))),
     sparkline(series, versionColor(r.serving_version), `tokens per second of ${r.replica_id}, last ${series.length} seconds`),
+    transferRow(r.transfer),
     r.last_error ? h("div", {class: "replica-error", "data-field": "error"}, r.last_error) : null,
     h("div", {class: "replica-foot"}, h("span", {}, age), h("span", {}, where)));
 }
