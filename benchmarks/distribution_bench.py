@@ -44,7 +44,7 @@ from netns_testbed import Testbed  # noqa: E402
 from lockstep.store import ModelStore  # noqa: E402
 from lockstep.sync.distribution import chain_peers  # noqa: E402
 
-TOKEN = "testbed-token"
+TOKEN = "testbed-token-0123456789abcdef"
 TRAINER_PORT = 8000
 NODE_PORT = 8100
 TENSOR_BYTES = 256 << 10
@@ -165,15 +165,19 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                "LOCKSTEP_DISCOVERY": "static", "INFERENCE_URLS": "", "LOCKSTEP_KEEP_VERSIONS": "50",
                "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"),
                "LOCKSTEP_BUILTIN_DIR": str(REPO / "var" / "bench-models")}
+        log = (work / "trainer.log").open("wb")
         trainer = bed.spawn(0, [sys.executable, "-m", "lockstep", "trainer", "--host", bed.addr(0), "--port",
-                                str(TRAINER_PORT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_trainer(bed, trainer)
+                                str(TRAINER_PORT)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_trainer(bed, trainer)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {(work / 'trainer.log').read_text()[-2000:]}") from None
         urls = [node_url(bed, i) for i in nodes]
         plan = chain_peers(urls, [])
 
         def phase(version: int, kill: list[int] | None = None) -> tuple[dict[str, Any], float]:
             before = served_by_trainer(bed, version)
-            start_at = time.time() + 2.0 + 0.25 * len(nodes)
+            start_at = time.time() + 3.0 + 0.5 * len(nodes)  # every node listening before any starts
             procs = start_nodes(bed, nodes, caches, version, plan, start_at)
             killed: set[int] = set()
             if kill:

@@ -19,6 +19,7 @@ import pytest
 
 from lockstep.store import ModelStore
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.load import GenerationLoad, check_answers, greedy_texts
 from tests.support.stores import damage_stored_file, distinct_model, fine_tuned
 
 pytestmark = pytest.mark.e2e
@@ -250,10 +251,14 @@ def test_a_fine_tuned_version_moves_only_its_changed_chunks_and_the_trainer_send
     assert first["outcome"] == "committed", first
     tuned = fine_tuned(base, tmp_path / "tuned", ["lm_head.weight"])
     before = {p.name: fetched(p) for p in http_cluster.replicas}
-    second = http_cluster.publish({"model": str(tuned)})["result"]
+    with GenerationLoad({p.name: p.url for p in http_cluster.replicas}, threads_per_replica=1) as load:
+        second = http_cluster.publish({"model": str(tuned)})["result"]
     assert second["outcome"] == "committed", second
     store = ModelStore(http_cluster.data_dir)
     m1, m2 = store.get(first["version"]), store.get(second["version"])
+    # Under load while the diff arrived from peers: every answer succeeded and is its labelled version's text.
+    answers = load.stop()
+    assert answers and check_answers(answers, {m1.version: greedy_texts(base), m2.version: greedy_texts(tuned)}) == []
     changed = m2.new_bytes
     assert changed is not None and 0 < changed < m2.total_size / 4
     served = metric_values(http_cluster.trainer, "lockstep_store_bytes_served_total", "version")

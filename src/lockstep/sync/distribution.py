@@ -1,31 +1,54 @@
 """Which peers each replica asks for a version's chunks: the rule the coordinator applies at every stage.
 
-The replicas that stage a version form a chain in the order the coordinator lists them (by URL, so every
-stage of one fleet forms the same chain). Replica k asks its nearest predecessors first, k-1 then k-2...,
-then the replicas that already hold the version, then the origin. A predecessor answers a chunk it is still
-fetching as soon as it has verified it, so a chunk travels down the chain like a pipeline: the origin sends
-each chunk about once, and every replica downloads once and uploads once, near its link rate.
+The replicas that stage a version together are ordered by URL (so every stage of one fleet orders them alike)
+and placed in a pipelined tree of fan-out ``d``: replica k's parent is (k-1)//d, the root's is the origin.
+A replica asks its parent first, then its grandparent and so on up the tree, then a few replicas that already
+hold the version, then the origin. A parent answers a chunk it is still fetching as soon as it has verified it,
+so each chunk flows down the tree like a pipeline and the origin sends it about once.
 
-A replica that dies mid-transfer is skipped by the next one (a refused connection), which asks the one before:
-that one holds at least as much. A replica that stages alone (catching up, joining late, rejoining after a
-crash) asks the replicas that hold the version. ``benchmarks/distribution_sim.py`` models the same rule.
+The fan-out depends on how many bytes must move. With d = 1 the tree is a chain: every replica receives once
+and sends once at its full link rate, so a large transfer of D bytes takes about D/B, plus N chunk times for
+the pipeline to fill. With d = 2 each parent splits its uplink between two children (2·D/B) but the tree is only
+log2(N) deep. So: a chain when D is at least N chunks (a new model), a binary tree when it is less (a fine-tune
+that changed a few tensors, on a large fleet). ``benchmarks/distribution_sim.py`` models the same rule.
+
+A replica that dies mid-transfer is skipped by its children (a refused connection): they ask its parent, which
+holds at least as much. A replica that stages alone (catching up, joining late, restarting) asks the replicas
+that hold the version.
 """
 
 from __future__ import annotations
 
 import random
 
-CHAIN_PEERS = 6  # predecessors a replica may fall back through before it asks holders or the origin
-HOLDER_PEERS = 4  # replicas that already hold the version, asked after the predecessors
+from lockstep.store.chunks import CHUNK_MAX_BYTES
+
+ANCESTOR_PEERS = 6  # ancestors a replica may fall back through before it asks holders or the origin
+HOLDER_PEERS = 4  # replicas that already hold the version, asked after the ancestors
 
 
-def chain_peers(staging: list[str], holders: list[str], *, seed: int = 0) -> dict[str, list[str]]:
-    """For each staging URL, the peer URLs to ask first, nearest first (the origin is always the last resort)."""
-    chain = sorted(dict.fromkeys(staging))
+def fan_out(replicas: int, new_bytes: int | None, chunk_bytes: int = CHUNK_MAX_BYTES) -> int:
+    """1 (a chain) when the bytes to move fill at least one chunk per replica, else 2 (a binary tree)."""
+    if new_bytes is None or new_bytes >= replicas * chunk_bytes:
+        return 1
+    return 2
+
+
+def chain_peers(staging: list[str], holders: list[str], *, new_bytes: int | None = None,
+                seed: int = 0) -> dict[str, list[str]]:
+    """For each staging URL, the peer URLs to ask first, nearest first (the origin is always the last resort).
+
+    ``new_bytes``: what each replica lacks (the version's new chunks); None when unknown (a chain)."""
+    order = sorted(dict.fromkeys(staging))
+    degree = fan_out(len(order), new_bytes)
     rng = random.Random(seed)
-    others = [h for h in dict.fromkeys(holders) if h not in chain]
+    others = [h for h in dict.fromkeys(holders) if h not in order]
     plan: dict[str, list[str]] = {}
-    for k, url in enumerate(chain):
-        before = chain[max(0, k - CHAIN_PEERS):k][::-1]
-        plan[url] = before + rng.sample(others, min(HOLDER_PEERS, len(others)))
+    for k, url in enumerate(order):
+        ancestors: list[str] = []
+        node = k
+        while node > 0 and len(ancestors) < ANCESTOR_PEERS:
+            node = (node - 1) // degree
+            ancestors.append(order[node])
+        plan[url] = ancestors + rng.sample(others, min(HOLDER_PEERS, len(others)))
     return plan

@@ -60,6 +60,8 @@ class HttpFleet:
         self._seen: dict[str, int] = {}  # url → generation of the last decision it accepted
         self._round_trip: dict[str, float] = {}  # url → seconds of its slowest recent answer
         self._last_live: list[Heartbeat] = []  # the last reading: who holds which version, for peer lists
+        # The bytes a version adds to the one before (its MANIFEST's new_bytes), when the caller can say.
+        self.new_bytes: Callable[[int], int | None] = lambda version: None
 
     def close(self) -> None:
         self.client.close()
@@ -109,7 +111,8 @@ class HttpFleet:
                 body["rollout"] = decision.rollout
             holders = [b.url for b in self._last_live if b.url and b.ready and b.url not in targets
                        and b.serving is not None and b.serving.version == decision.version]
-            peers = chain_peers(list(targets), holders, seed=decision.version)
+            peers = chain_peers(list(targets), holders, new_bytes=self.new_bytes(decision.version),
+                                seed=decision.version)
             return self._post_each(path, body, generation, targets, extra=lambda url: {"peers": peers[url]})
         elif decision.phase is Phase.COMMIT:
             path, body = "/admin/commit", {"version": decision.version}

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, Conflict, NotFound
+from lockstep.core.errors import BadRequest, Conflict, LockstepError, NotFound
 from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, error_body, install_error_handlers
 from lockstep.core.settings import Settings
@@ -88,6 +88,7 @@ class Trainer:
             fleet = HttpFleet(settings, cluster.discovered_urls, clock=clock)
             coordinator = Coordinator.over_http(settings, fleet, clock=clock, owner=owner,
                                                 data_dir=settings.trainer_data_path)
+            fleet.new_bytes = lambda version: _new_bytes(coordinator, version)
         else:
             coordinator = Coordinator(settings, clock=clock, owner=owner)
         cluster.read_state = coordinator.read_state
@@ -147,6 +148,14 @@ UploadId = Annotated[str, PathParam(min_length=1, max_length=64)]
 Version = Annotated[int, PathParam(ge=0, le=10**12)]
 FilePath = Annotated[str, PathParam(min_length=1, max_length=1024)]
 ChunkId = Annotated[str, PathParam(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
+
+
+def _new_bytes(coordinator: Coordinator, version: int) -> int | None:
+    """What version ``version`` adds to the store (its MANIFEST's new_bytes), or None when it cannot be read."""
+    try:
+        return coordinator.store.get(version).new_bytes if coordinator.store is not None else None
+    except LockstepError:
+        return None
 
 
 def entry_size(manifest: Manifest, path: str) -> int:
