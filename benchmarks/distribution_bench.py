@@ -173,10 +173,11 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {(work / 'trainer.log').read_text()[-2000:]}") from None
         urls = [node_url(bed, i) for i in nodes]
-        plan = chain_peers(urls, [])
 
         def phase(version: int, kill: list[int] | None = None) -> tuple[dict[str, Any], float]:
             before = served_by_trainer(bed, version)
+            # The coordinator's rule, with what each node lacks: a chain for v1, a tree for v2's few chunks.
+            plan = chain_peers(urls, [], new_bytes=store.get(version).new_bytes, chunk_bytes=args.chunk_kib << 10)
             start_at = time.time() + 3.0 + 0.5 * len(nodes)  # every node listening before any starts
             procs = start_nodes(bed, nodes, caches, version, plan, start_at)
             killed: set[int] = set()

@@ -35,12 +35,12 @@ def fan_out(replicas: int, new_bytes: int | None, chunk_bytes: int = CHUNK_MAX_B
 
 
 def chain_peers(staging: list[str], holders: list[str], *, new_bytes: int | None = None,
-                seed: int = 0) -> dict[str, list[str]]:
+                chunk_bytes: int = CHUNK_MAX_BYTES, seed: int = 0) -> dict[str, list[str]]:
     """For each staging URL, the peer URLs to ask first, nearest first (the origin is always the last resort).
 
     ``new_bytes``: what each replica lacks (the version's new chunks); None when unknown (a chain)."""
     order = sorted(dict.fromkeys(staging))
-    degree = fan_out(len(order), new_bytes)
+    degree = fan_out(len(order), new_bytes, chunk_bytes)
     rng = random.Random(seed)
     others = [h for h in dict.fromkeys(holders) if h not in order]
     plan: dict[str, list[str]] = {}
