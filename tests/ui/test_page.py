@@ -234,6 +234,9 @@ def test_publish_from_the_page_flips_both_replicas(page: Page, system: System) -
     for replica in ("replica-1", "replica-2"):
         serving = card(page, replica).locator('[data-field="serving"]')
         expect(serving).to_contain_text(f"v{version}", timeout=WAIT_MS)
+        # Where the version's bytes came from (its chunks: from the replica's own copies or the shared folder).
+        transfer = card(page, replica).locator('[data-field="transfer"]')
+        expect(transfer).to_contain_text(re.compile(rf"v{version} staged: .*(local|origin)"), timeout=WAIT_MS)
     expect(page.locator("#convergence-badge")).to_have_text(f"2/2 replicas at v{version}", timeout=WAIT_MS)
     expect(page.locator("#operation")).to_contain_text(f"v{version} committed", timeout=WAIT_MS)
     expect(page.locator('[data-field="last-flip"]')).to_contain_text(f"v{version}", timeout=WAIT_MS)
