@@ -122,7 +122,7 @@ def test_without_a_shared_folder_the_trainer_keeps_everything_in_its_data_folder
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with TestClient(create_app(settings), headers=auth) as api:
         assert api.get("/ready").status_code == 200
-        assert api.get("/sync/committed").json() == {"committed": None, "generation": 0}
+        assert api.get("/sync/committed").json() == {"committed": None, "generation": 0, "peers": []}
         job = api.post("/publish", json={"model": "builtin:tiny-s1"}).json()
         job = _finished(api, job["id"])
         # The version went into the trainer's own store; with no replica answering, nothing was committed.
