@@ -155,6 +155,7 @@ class ModelStore:
         self.assemble_dir = assemble_dir or (Path(tempfile.gettempdir()) / "lockstep-assembled" /
                                              hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12])
         self._assembler: Any = None
+        self._chunk_index: dict[int, tuple[tuple[int, int], dict[str, ChunkEntry]]] = {}
         self._warned: set[str] = set()  # log an unreadable version once per store object, not per poll
         # Lowest number the next publish may take: a trainer whose data folder was lost sets it above what the
         # replicas still serve, so a new version never reuses a number they know with other content.
@@ -370,9 +371,8 @@ class ModelStore:
 
     def chunk_bytes(self, n: int, sha256: str) -> bytes:
         """The bytes of a chunk that version ``n`` lists, checked; NotFound for any chunk it does not list."""
-        manifest = self.get(n)
-        chunk = next((c for _, c in manifest.chunk_list() if c.sha256 == sha256), None)
-        if manifest.stored != "chunks" or chunk is None:
+        chunk = self._chunks_of(n).get(sha256)
+        if chunk is None:
             raise NotFound(f"version {n} lists no chunk {sha256[:64]!r}")
         try:
             return self.chunks.read(chunk)
@@ -381,6 +381,23 @@ class ModelStore:
                            "version again") from None
         except ValueError as exc:
             raise NotFound(f"version {n}: {exc}; publish the version again") from exc
+
+    def _chunks_of(self, n: int) -> dict[str, ChunkEntry]:
+        """Version ``n``'s chunks by id (none for a version stored as files), parsed once per MANIFEST: every chunk
+        request of every replica asks, and a 16 GB version's MANIFEST lists thousands."""
+        try:
+            info = (self._version_path(n) / MANIFEST_NAME).stat()
+        except OSError:
+            self.get(n)  # NotFound, naming what is published
+            raise
+        key = (info.st_mtime_ns, info.st_size)  # a version replaced under its number (a reset store) reads anew
+        cached = self._chunk_index.get(n)
+        if cached is None or cached[0] != key:
+            manifest = self.get(n)
+            chunks = {c.sha256: c for _, c in manifest.chunk_list()} if manifest.stored == "chunks" else {}
+            self._chunk_index = {**dict(list(self._chunk_index.items())[-7:]), n: (key, chunks)}  # a few versions
+            cached = self._chunk_index[n]
+        return cached[1]
 
     def file_chunks(self, n: int, rel_path: str) -> Iterator[bytes]:
         """The bytes of file ``rel_path`` of chunked version ``n``, chunk by chunk, each checked."""
