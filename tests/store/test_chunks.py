@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import threading
@@ -317,6 +318,8 @@ def test_a_failed_stage_leaves_every_chunk_of_the_kept_versions_servable(
     cache.keep = 2
     store.publish_dir(tiny_dirs[1])  # v3
     cache.path_of(3)
+    past = time.time() - 10
+    os.utime(cache.cache_dir / "000003", (past, past))  # used before v1 (folder mtimes order pruning)
     cache.path_of(1)
     v4 = store.publish_dir(fine_tuned(tiny_dirs[1], tmp_path / "tuned-1", ["lm_head.weight"]))
     cache.path_of(4)  # keeps v1 and v4: v3, whose chunks v4 mostly shares, is removed
