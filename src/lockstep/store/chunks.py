@@ -48,13 +48,13 @@ class ChunkEntry(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, value: str) -> str:
-        if not _SHA256_HEX.match(value):
+        if not is_sha256_hex(value):
             raise ValueError(f"chunk sha256 {value[:80]!r} must be 64 lowercase hex digits")
         return value
 
 
-def is_chunk_id(text: str) -> bool:
-    """A string that can name a chunk (64 lowercase hex digits): anything else is refused before any lookup."""
+def is_sha256_hex(text: str) -> bool:
+    """A sha256 as 64 lowercase hex digits: what names a chunk or a file's content; anything else is refused."""
     return bool(_SHA256_HEX.match(text))
 
 
@@ -152,7 +152,7 @@ class ChunkStore:
         self.root = Path(root)
 
     def path(self, sha256: str) -> Path:
-        if not is_chunk_id(sha256):
+        if not is_sha256_hex(sha256):
             raise ValueError(f"{sha256[:80]!r} is not a chunk id (64 lowercase hex digits)")
         return self.root / sha256[:2] / sha256
 
@@ -197,5 +197,5 @@ class ChunkStore:
         for sub in sorted(self.root.iterdir()):
             if len(sub.name) == 2 and sub.is_dir():
                 for entry in sorted(sub.iterdir()):
-                    if is_chunk_id(entry.name):
+                    if is_sha256_hex(entry.name):
                         yield entry

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -34,7 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
-from lockstep.store.chunks import ChunkEntry, tiling_problem
+from lockstep.store.chunks import ChunkEntry, is_sha256_hex, tiling_problem
 
 MANIFEST_NAME = "MANIFEST.json"
 CONFIG_NAME = "config.json"
@@ -43,7 +42,6 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_SUFFIXES = SAFE_WEIGHT_SUFFIXES + PICKLE_WEIGHT_SUFFIXES
 CHUNK_BYTES = 1 << 20  # 1 MiB: large enough for throughput, small enough to stream multi-GB shards
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # Bounds of what shared files may say (MANIFESTs here; sync_state.json and heartbeats in lockstep.sync).
 # A value outside them is written by hand or by a broken writer, and its reader ignores it.
@@ -95,7 +93,7 @@ class FileEntry(BaseModel):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, value: str) -> str:
-        if not _SHA256_HEX.match(value):
+        if not is_sha256_hex(value):
             raise ValueError(f"sha256 {value!r} must be 64 lowercase hex digits")
         return value
 
@@ -134,7 +132,7 @@ class Manifest(BaseModel):
     @field_validator("digest")
     @classmethod
     def _digest_hex(cls, value: str) -> str:
-        if not _SHA256_HEX.match(value):
+        if not is_sha256_hex(value):
             raise ValueError(f"digest {value[:80]!r} must be 64 lowercase hex digits")
         return value
 
