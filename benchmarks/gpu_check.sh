@@ -29,6 +29,8 @@
 #   GPU_CHECK_TOKENS     new tokens per request                             128 [16]
 #   GPU_CHECK_SWAP_CLIENTS clients during the publish                       16 [4]
 #   GPU_CHECK_WARMUP_S   seconds of load before each level is measured      3 [1]
+#   GPU_CHECK_STEADY_S   seconds of steady load measured before the publish 10 [3]
+#                        (several answer latencies: closed-loop clients answer in bursts)
 #   GPU_CHECK_SETTLE_S   seconds of load after the flip                     5 [2]
 #   GPU_CHECK_DTYPE      LOCKSTEP_DTYPE of the replica, --dtype of raw vLLM bfloat16 [auto]
 #   GPU_CHECK_MAX_BATCH  max sequences per step, both servers               256 [16]
@@ -59,6 +61,7 @@ if [ "$DRY" = 1 ]; then
   CLIENTS=${GPU_CHECK_CLIENTS:-1 4}
   LEVEL_S=${GPU_CHECK_LEVEL_S:-3}
   WARMUP_S=${GPU_CHECK_WARMUP_S:-1}
+  STEADY_S=${GPU_CHECK_STEADY_S:-3}
   SETTLE_S=${GPU_CHECK_SETTLE_S:-2}
   TOKENS=${GPU_CHECK_TOKENS:-16}
   SWAP_CLIENTS=${GPU_CHECK_SWAP_CLIENTS:-4}
@@ -73,6 +76,7 @@ else
   CLIENTS=${GPU_CHECK_CLIENTS:-1 16 64}
   LEVEL_S=${GPU_CHECK_LEVEL_S:-10}
   WARMUP_S=${GPU_CHECK_WARMUP_S:-3}
+  STEADY_S=${GPU_CHECK_STEADY_S:-10}
   SETTLE_S=${GPU_CHECK_SETTLE_S:-5}
   TOKENS=${GPU_CHECK_TOKENS:-128}
   SWAP_CLIENTS=${GPU_CHECK_SWAP_CLIENTS:-16}
@@ -296,7 +300,7 @@ measure() {
     # tells a client which weights wrote its answer; the table shows the pause it costs.
     timeout $((STAGE_TIMEOUT + 300)) "$PY" "${LOAD[@]}" swap --url "http://127.0.0.1:$raw_port" --model raw \
       --label "raw vLLM reload" --concurrency "$SWAP_CLIENTS" --tokens "$TOKENS" --warmup "$WARMUP_S" \
-      --settle "$SETTLE_S" --timeout "$STAGE_TIMEOUT" --json "$RESULTS/raw_reload.json" -- "$PY" -c '
+      --steady "$STEADY_S" --settle "$SETTLE_S" --timeout "$STAGE_TIMEOUT" --json "$RESULTS/raw_reload.json" -- "$PY" -c '
 import sys, httpx
 url, path = sys.argv[1:]
 steps = [("/pause?mode=wait", None),
@@ -327,7 +331,7 @@ for step, body in steps:
   # 3. a publish under load
   local swap_status=0
   timeout $((STAGE_TIMEOUT + 300)) "$PY" "${LOAD[@]}" swap --url "$url" --model lockstep \
-    --concurrency "$SWAP_CLIENTS" --tokens "$TOKENS" --warmup "$WARMUP_S" --settle "$SETTLE_S" \
+    --concurrency "$SWAP_CLIENTS" --tokens "$TOKENS" --warmup "$WARMUP_S" --steady "$STEADY_S" --settle "$SETTLE_S" \
     --expect-version 1 --timeout "$STAGE_TIMEOUT" --json "$RESULTS/swap.json" \
     -- "$PY" -m lockstep --log-level warning publish "builtin:$SIZE-s1" --shared "$shared" \
     --timeout "$STAGE_TIMEOUT" || swap_status=$?

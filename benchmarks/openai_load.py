@@ -10,9 +10,10 @@ the ``model`` of the body, ``lockstep@vN``; none from vLLM's server).
     python benchmarks/openai_load.py levels --url http://127.0.0.1:8000 --model lockstep \
         --concurrency 1 16 64 --seconds 15 --tokens 128 --json lockstep.json
     # load while a command runs (a publish), until the replica serves --expect-version and SETTLE seconds
-    # more: failed answers, and answers whose version tag is not the version whose weights wrote them
+    # more: failed answers, answers whose version tag is not the version whose weights wrote them, and the
+    # longest gap between answers against the steady state's (--steady seconds of load before the command)
     python benchmarks/openai_load.py swap --url http://127.0.0.1:8000 --model lockstep --concurrency 16 \
-        --expect-version 1 --json swap.json -- lockstep publish builtin:mid-s1 --shared DIR
+        --steady 30 --expect-version 1 --json swap.json -- lockstep publish builtin:mid-s1 --shared DIR
     # one table of those files
     python benchmarks/openai_load.py report --raw raw.json --lockstep lockstep.json --swap swap.json
 
@@ -206,14 +207,31 @@ def wait_serving(url: str, timeout: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- levels
+def tokens_within(answer: Answer, lo: float, hi: float) -> float:
+    """The answer's tokens that arrived inside [lo, hi]: the first at its time to first token, the others
+    spread evenly up to its end. Counting whole answers by their end instead would move in steps of a whole
+    burst: closed-loop clients on a slow server finish together, a request's latency apart."""
+    if answer.ttft is None or answer.tokens <= 0:
+        return 0.0
+    first = answer.start + answer.ttft
+    count = 1.0 if lo <= first <= hi else 0.0
+    rest = answer.tokens - 1
+    if rest > 0:
+        span = answer.end - first
+        if span <= 0:
+            count += rest if lo <= answer.end <= hi else 0
+        else:
+            count += rest * max(0.0, min(hi, answer.end) - max(lo, first)) / span
+    return count
+
+
 def level(url: str, model: str, concurrency: int, seconds: float, warmup: float, tokens: int,
           procs: int | None) -> dict[str, Any]:
-    """Throughput (tokens of answers that ended in the window / the window) and latencies at one concurrency."""
+    """Throughput (tokens streamed inside the window / the window) and latencies at one concurrency."""
     asyncio.run(_warm(url, model, tokens))
     load = Load(url, model, concurrency, tokens, warmup + seconds, procs)
     window = (load.started + warmup, load.started + warmup + seconds)
     answers = load.collect()
-    counted = [a for a in answers if a.ok and window[0] <= a.end <= window[1]]
     began = [a for a in answers if a.ok and a.start >= window[0]]
     failed = [a for a in answers if not a.ok]
     return {
@@ -223,7 +241,7 @@ def level(url: str, model: str, concurrency: int, seconds: float, warmup: float,
         "failed": len(failed),
         "failed_examples": [a.error for a in failed[:3]],
         "short": sum(1 for a in answers if a.ok and a.tokens != tokens),
-        "tokens_per_s": sum(a.tokens for a in counted) / seconds,
+        "tokens_per_s": sum(tokens_within(a, *window) for a in answers if a.ok) / seconds,
         "ttft_p50_s": percentile([a.ttft for a in began if a.ttft is not None], 50),
         "ttft_p99_s": percentile([a.ttft for a in began if a.ttft is not None], 99),
         "latency_p50_s": percentile([a.end - a.start for a in began], 50),
@@ -322,7 +340,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
     old = _one_version(before, "before the command") if versioned else None
     load = Load(args.url, args.model, args.concurrency, args.tokens, args.timeout + 120, args.procs)
     t_load = time.monotonic()
-    time.sleep(args.warmup)
+    time.sleep(args.warmup + args.steady)
     t_command = time.monotonic()
     try:
         done = subprocess.run(args.command, capture_output=True, text=True, timeout=args.timeout)
@@ -345,6 +363,10 @@ def cmd_swap(args: argparse.Namespace) -> int:
     new = _one_version(after, "after the command") if versioned else None
     ok = [a for a in answers if a.ok]
     failed = [a for a in answers if not a.ok]
+    cycle = percentile([a.end - a.start for a in ok if a.end < t_command], 50)
+    if cycle is not None and args.steady < 3 * cycle:
+        print(f"  warning: the steady window ({args.steady:.0f} s) is shorter than 3 answer latencies "
+              f"({cycle:.1f} s each): the steady gap may be understated; raise --steady", flush=True)
     wrong = []
     if versioned:
         assert old is not None and new is not None
@@ -377,11 +399,18 @@ def cmd_swap(args: argparse.Namespace) -> int:
         "old_version_after_flip": len(late_old),
         "short": sum(1 for a in ok if a.tokens != args.tokens),
         "longest_gap_s": longest_gap([a.end for a in ok], t_command, t_end),
-        # Steady state: the longest gap while nothing changed (the second half of the warm-up); at the flip:
-        # the longest gap within a second of the moment the new version was seen served.
-        "steady_gap_s": longest_gap([a.end for a in ok], t_load + args.warmup / 2, t_command),
+        # Steady state: the longest gap while nothing changed (the --steady seconds before the command); at
+        # the flip: the longest gap within a second of the moment the new version was seen served. Closed-loop
+        # clients on a slow server answer in bursts a request's latency apart, so a window shorter than a few
+        # latencies misses the gaps between bursts and understates the steady gap (cycle_s and the warning).
+        "steady_gap_s": longest_gap([a.end for a in ok], t_load + args.warmup, t_command),
+        "steady_window_s": t_command - (t_load + args.warmup),
+        "cycle_s": cycle,
         "flip_gap_s": (longest_gap([a.end for a in ok], t_served - 1.0, min(t_end, t_served + 1.0))
                        if t_served is not None else None),
+        # Every answer's end, seconds from the command's start (negative: before it), for a timeline.
+        "answer_ends_s": sorted(round(a.end - t_command, 3) for a in ok),
+        "served_at_s": (t_served - t_command) if t_served is not None else None,
         "latency_before_p50_s": percentile([a.end - a.start for a in ok if a.end < t_command], 50),
         "latency_during_p50_s": percentile(
             [a.end - a.start for a in ok if a.start < (t_served or t_command_end) and a.end > t_command], 50),
@@ -398,6 +427,11 @@ def cmd_swap(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- report
 def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _ratio(run: dict[str, Any]) -> str:
+    steady = run.get("steady_gap_s")
+    return f" ({run['longest_gap_s'] / steady:.2f}×)" if steady else ""
 
 
 def _load(path: Path | None) -> dict[str, Any] | None:
@@ -431,15 +465,15 @@ def report_table(raw: dict[str, Any] | None, ours: dict[str, Any] | None, swap: 
         changes.append(("raw vLLM reload (pause, reload_weights, resume)", raw_reload))
     if changes:
         rows += ["", "| change under load | rc | clients | answers | failed | mislabelled | old version after the "
-                 "flip | command → served | longest gap steady / at the flip / whole change | latency p50 before / "
-                 "during |", "|---|---|---|---|---|---|---|---|---|---|"]
+                 "flip | command → served | longest gap steady / at the flip / whole change (÷ steady) | latency p50 "
+                 "before / during |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in changes:
         served = run["command_to_served_s"]
         rows.append(
             f"| {name} | {run['command_rc']} | {run['clients']} | {run['requests']} | {run['failed']} "
             f"| {'no tags' if run['mislabelled'] is None else run['mislabelled']} | {run['old_version_after_flip']} "
             f"| {'not served' if served is None else f'{served:.1f} s'} | {_ms(run.get('steady_gap_s'))} / "
-            f"{_ms(run.get('flip_gap_s'))} / {_ms(run['longest_gap_s'])} "
+            f"{_ms(run.get('flip_gap_s'))} / {_ms(run['longest_gap_s'])}{_ratio(run)} "
             f"| {_ms(run['latency_before_p50_s'])} / {_ms(run['latency_during_p50_s'])} |")
     if swap and not swap["versions_distinguishable"]:
         rows.append("(both versions answer the same: the text check could not tell them apart)")
@@ -488,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     swap.add_argument("--concurrency", type=int, default=16)
     swap.add_argument("--expect-version", type=int, default=None,
                       help="the version the command makes served (omit for a server without version tags: raw vLLM)")
+    swap.add_argument("--steady", type=float, default=10.0,
+                      help="seconds of load after the warm-up, before the command: the steady state")
     swap.add_argument("--settle", type=float, default=5.0, help="seconds of load after the flip")
     swap.add_argument("--timeout", type=float, default=600.0, help="seconds the command may take")
     swap.add_argument("command", nargs=argparse.REMAINDER, help="-- the command that publishes")

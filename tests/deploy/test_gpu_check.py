@@ -110,6 +110,21 @@ def test_versions_are_read_from_header_and_body() -> None:
     assert openai_load._version("raw") is None and openai_load._version(None) is None
 
 
+def test_throughput_counts_the_tokens_streamed_inside_the_window() -> None:
+    # 11 tokens: the first at 1 s, the other ten evenly up to 11 s.
+    answer = openai_load.Answer(0.0, 11.0, PROMPT, True, 1.0, 11)
+    assert openai_load.tokens_within(answer, 0.0, 100.0) == 11
+    assert openai_load.tokens_within(answer, 0.0, 6.0) == 6  # a burst cut by the window counts in part
+    assert openai_load.tokens_within(answer, 6.0, 100.0) == 5
+    assert openai_load.tokens_within(answer, 20.0, 30.0) == 0
+    assert openai_load.tokens_within(openai_load.Answer(0.0, 1.0, PROMPT, False), 0.0, 9.0) == 0
+
+
+def test_the_longest_gap_counts_the_window_edges() -> None:
+    assert openai_load.longest_gap([2.0, 3.0], 0.0, 10.0) == 7.0
+    assert openai_load.longest_gap([], 0.0, 4.0) == 4.0
+
+
 def test_the_report_says_what_was_not_measured() -> None:
     level = {"concurrency": 1, "tokens_per_s": 10.0, "ttft_p50_s": 0.02, "failed": 0}
     table = openai_load.report_table(None, {"levels": [level]}, None)
