@@ -235,3 +235,19 @@ def test_probes_allow_an_engine_start(variant: str) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60, "a busy start must not count as a hang"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("variant", ["base", "gpu", "cpu", "http-sync"])
+def test_the_disk_volumes_fit_under_the_ephemeral_storage_limit(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk emptyDir counts against the pod's ephemeral-storage limit: past it the kubelet evicts the pod, so
+    the limit must be above the volumes' sizes, and /tmp (where a replica assembles the versions it keeps, with
+    a shared volume) must hold LOCKSTEP_KEEP_VERSIONS + 1 copies of a 4 GB model."""
+    docs = _render(K8S if variant == "base" else K8S / variant)
+    spec, container = _replica(docs)
+    disk = {v["name"]: _quantity(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"]
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+    assert sum(disk.values()) < _quantity(container["resources"]["limits"]["ephemeral-storage"]), disk
+    tmp = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    keep = _settings(docs, monkeypatch).keep_versions
+    assert disk[tmp] >= (keep + 1) * 4e9, f"/tmp holds {disk[tmp] / 2**30:.0f} GiB for {keep} + 1 versions"
