@@ -25,15 +25,30 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Annotated, BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 CHUNK_MAX_BYTES = 4 << 20  # a piece of a large tensor (and of any other file)
 CHUNK_MIN_BYTES = 1 << 20  # small tensors share a chunk up to this
 MAX_CHUNK_BYTES_ACCEPTED = 64 << 20  # what a reader accepts in a MANIFEST: other writers may cut larger
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_sha256_hex(text: str) -> bool:
+    """A sha256 as 64 lowercase hex digits: what names a chunk or a file's content; anything else is refused."""
+    return bool(_SHA256_HEX.match(text))
+
+
+def _sha256_hex(value: str) -> str:
+    if not is_sha256_hex(value):
+        raise ValueError(f"{value[:80]!r} must be a sha256 as 64 lowercase hex digits")
+    return value
+
+
+Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
+"""A pydantic field holding a sha256 digest (a chunk's, a file's, a version's)."""
 
 
 class ChunkEntry(BaseModel):
@@ -43,19 +58,7 @@ class ChunkEntry(BaseModel):
 
     offset: int = Field(ge=0, le=1 << 50)
     size: int = Field(ge=1, le=MAX_CHUNK_BYTES_ACCEPTED)
-    sha256: str = Field(min_length=64, max_length=64)
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not is_sha256_hex(value):
-            raise ValueError(f"chunk sha256 {value[:80]!r} must be 64 lowercase hex digits")
-        return value
-
-
-def is_sha256_hex(text: str) -> bool:
-    """A sha256 as 64 lowercase hex digits: what names a chunk or a file's content; anything else is refused."""
-    return bool(_SHA256_HEX.match(text))
+    sha256: Sha256Hex
 
 
 def tiling_problem(size: int, chunks: list[ChunkEntry]) -> str | None:

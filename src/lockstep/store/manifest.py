@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
-from lockstep.store.chunks import ChunkEntry, is_sha256_hex, tiling_problem
+from lockstep.store.chunks import ChunkEntry, Sha256Hex, tiling_problem
 
 MANIFEST_NAME = "MANIFEST.json"
 CONFIG_NAME = "config.json"
@@ -68,7 +68,7 @@ class FileEntry(BaseModel):
 
     path: str = Field(max_length=MAX_PATH_CHARS)
     size: int = Field(ge=0, le=MAX_FILE_BYTES)
-    sha256: str
+    sha256: Sha256Hex
     chunks: list[ChunkEntry] | None = Field(None, max_length=MAX_MANIFEST_CHUNKS)  # in file order (format 2)
 
     @model_validator(mode="after")
@@ -90,13 +90,6 @@ class FileEntry(BaseModel):
                              "(no '..', '.', empty parts, backslashes, control characters or leading '/')")
         return value
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not is_sha256_hex(value):
-            raise ValueError(f"sha256 {value!r} must be 64 lowercase hex digits")
-        return value
-
 
 class Manifest(BaseModel):
     """What a published version holds; ``versions/<NNNNNN>/MANIFEST.json``."""
@@ -111,7 +104,7 @@ class Manifest(BaseModel):
     repo_id: str | None = Field(None, max_length=MAX_PATH_CHARS)
     revision: str | None = Field(None, max_length=MAX_PATH_CHARS)
     parent: VersionNumber | None = None
-    digest: str
+    digest: Sha256Hex
     files: list[FileEntry] = Field(max_length=MAX_MANIFEST_FILES)
     metadata: dict[str, Any] = Field(default_factory=dict)  # training: step, loss, reward...
     # "files": the version's folder holds its files (format 1, and repo records); "chunks": its folder holds
@@ -128,13 +121,6 @@ class Manifest(BaseModel):
             if sum(len(f.chunks or ()) for f in self.files) > MAX_MANIFEST_CHUNKS:
                 raise ValueError(f"files: over {MAX_MANIFEST_CHUNKS} chunks in all")
         return self
-
-    @field_validator("digest")
-    @classmethod
-    def _digest_hex(cls, value: str) -> str:
-        if not is_sha256_hex(value):
-            raise ValueError(f"digest {value[:80]!r} must be 64 lowercase hex digits")
-        return value
 
     @property
     def total_size(self) -> int:
