@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 CHUNK_MAX_BYTES = 4 << 20  # a piece of a large tensor (and of any other file)
 CHUNK_MIN_BYTES = 1 << 20  # small tensors share a chunk up to this
@@ -41,13 +41,15 @@ def is_sha256_hex(text: str) -> bool:
     return bool(_SHA256_HEX.match(text))
 
 
-def _sha256_hex(value: str) -> str:
-    if not is_sha256_hex(value):
+def _sha256_hex(value: object) -> object:
+    if isinstance(value, str) and not is_sha256_hex(value):
         raise ValueError(f"{value[:80]!r} must be a sha256 as 64 lowercase hex digits")
-    return value
+    return value  # not a string: pydantic's own type error says so
 
 
-Sha256Hex = Annotated[str, AfterValidator(_sha256_hex)]
+# Checked before the length bounds (which put maxLength in the OpenAPI schema), so that any malformed digest
+# gets the one message that says what a digest must be.
+Sha256Hex = Annotated[str, Field(min_length=64, max_length=64), BeforeValidator(_sha256_hex)]
 """A pydantic field holding a sha256 digest (a chunk's, a file's, a version's)."""
 
 
