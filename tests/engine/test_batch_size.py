@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from lockstep.core.errors import BadRequest
-from lockstep.engine import Engine, batch_size
+from lockstep.engine import Engine, SamplingParams, batch_size
 from lockstep.engine.batch_size import MAX_AUTO_BATCH, MEMORY_SHARE, MIN_AUTO_BATCH, auto_batch_size
+from lockstep.engine.kv_cache import BLOCK_SIZE
 from lockstep.engine.llama_runner import LlamaRunner
 
-from . import llama, tokenizer
+from . import CORPUS, encode, hf_greedy, llama, tokenizer
 
 MIB = 2**20
 GIB = 2**30
@@ -29,7 +30,8 @@ def test_bytes_per_sequence_are_what_the_kv_cache_allocates(dtype: torch.dtype) 
     model = llama(seed=0).to(dtype)
     runner = LlamaRunner(model, 3, 64)
     try:
-        assert batch_size.kv_cache_bytes_per_sequence(model.config, dtype, 64) * 3 == runner.cache.nbytes
+        null_block = batch_size.kv_cache_bytes_per_token(model.config, dtype) * BLOCK_SIZE
+        assert batch_size.kv_cache_bytes_per_sequence(model.config, dtype, 64) * 3 + null_block == runner.cache.nbytes
     finally:
         runner.close()
 
@@ -59,19 +61,21 @@ def test_auto_size_clamps(device: str, available: int | None, expected: int) -> 
 def test_a_given_size_wins_and_zero_or_none_is_sized_from_memory(model: Any,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     per_sequence = batch_size.kv_cache_bytes_per_sequence(model.config, torch.float32, 64)
-    free = 40 * per_sequence / MEMORY_SHARE["cpu"]  # the share holds 40 sequences
+    null_block = batch_size.kv_cache_bytes_per_token(model.config, torch.float32) * BLOCK_SIZE
+    free = 40 * per_sequence / MEMORY_SHARE["cpu"]  # the share holds 40 full contexts
     monkeypatch.setattr(batch_size, "available_memory_bytes", lambda device: int(free))
     for given in (None, 0):
         eng = Engine(model, tokenizer(), max_batch_size=given, max_context=64)
         try:
-            assert eng.max_batch_size == 40 and eng.batch_sizing.auto
-            assert eng.kv_cache_bytes == 40 * per_sequence
+            assert eng.max_batch_size == MAX_AUTO_BATCH["cpu"] and eng.batch_sizing.auto
+            assert eng.batch_sizing.kv_tokens == 40 * 64
+            assert eng.kv_cache_bytes == 40 * per_sequence + null_block
         finally:
             eng.close()
     eng = Engine(model, tokenizer(), max_batch_size=3, max_context=64)
     try:
         assert eng.max_batch_size == 3 and not eng.batch_sizing.auto
-        assert eng.kv_cache_bytes == 3 * per_sequence
+        assert eng.kv_cache_bytes == 3 * per_sequence + null_block
     finally:
         eng.close()
     with pytest.raises(BadRequest, match="max_batch_size must be an integer >= 1, or 0 or None"):
@@ -125,3 +129,29 @@ def test_memory_found_on_this_machine() -> None:
     free = batch_size.available_memory_bytes(torch.device("cpu"))
     assert free is not None and free > 0
     assert batch_size.available_memory_bytes(torch.device("meta")) is None
+
+
+def test_short_requests_batch_beyond_the_full_contexts_the_cache_holds(model: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache with room for two full contexts runs eight short requests at once (a block each), a full-context
+    request waits for room, and every answer is still HF's greedy one."""
+    per_sequence = batch_size.kv_cache_bytes_per_sequence(model.config, torch.float32, 64)
+    monkeypatch.setattr(batch_size, "available_memory_bytes", lambda device: 2 * per_sequence + 1)
+    eng = Engine(model, tokenizer(), max_context=64)
+    widths: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: widths.append(int(args[0].shape[0])))
+    try:
+        assert eng.batch_sizing.kv_tokens == 2 * 64 and eng.max_batch_size == MAX_AUTO_BATCH["cpu"]
+        prompts = [encode(text)[:5] for text in CORPUS] * 2  # 12 prompts of at most 5 tokens: one block each
+        long_prompt = encode(CORPUS[0])[:40]
+        handles = [eng.submit(p, SamplingParams(max_new_tokens=10)) for p in prompts]
+        handles.append(eng.submit(long_prompt, SamplingParams(max_new_tokens=64 - len(long_prompt))))
+        eng.start()
+        results = [h.result(60.0) for h in handles]
+        for prompt, final in zip(prompts, results, strict=False):
+            assert list(final.token_ids) == hf_greedy(model, prompt, 10)
+        assert list(results[-1].token_ids) == hf_greedy(model, long_prompt, 64 - len(long_prompt))
+        assert max(widths) == 8  # the eight free blocks, never more: 4x the two full contexts
+    finally:
+        hook.remove()
+        eng.close()

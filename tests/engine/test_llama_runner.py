@@ -56,6 +56,7 @@ def test_single_prompt_and_scattered_slots_match() -> None:
         torch.testing.assert_close(alone[0], hf_last_logits(model, [10, 11, 12]), atol=ATOL, rtol=0)
         # Slots 1 and 3 (not adjacent) write per row; then move slot 3 into slot 0 and decode slots 0..1.
         runner.prefill([[20, 21], [30, 31, 32, 33]], [3, 1])
+        runner.release(0, dirty=False)  # the first sequence leaves; slot 3's moves into its place
         runner.move(src=3, dst=0, length=2)
         logits = runner.decode([22, 34], [2, 4])
         torch.testing.assert_close(logits[0], hf_last_logits(model, [20, 21, 22]), atol=ATOL, rtol=0)
@@ -83,8 +84,33 @@ def test_supports_rejects_what_it_cannot_reproduce() -> None:
     assert not llama_runner.supports(gpt2, max_context=64)
 
 
-def test_kv_cache_is_preallocated_per_slot() -> None:
+def test_kv_cache_is_preallocated_in_blocks() -> None:
     runner = LlamaRunner(llama(), max_batch_size=3, max_context=40)
     assert len(runner.cache.k) == 2
-    assert tuple(runner.cache.k[0].shape) == (3, 2, 40, 16)  # [batch, kv heads, context, head dim]
-    assert runner.cache.nbytes == 2 * 2 * 3 * 2 * 40 * 16 * 4
+    # Every slot at the full context by default: 3 blocks of 16 positions each, and the null block.
+    assert tuple(runner.cache.k[0].shape) == ((3 * 3 + 1) * 16, 2, 16)  # [positions, kv heads, head dim]
+    assert runner.cache.nbytes == 2 * 2 * (3 * 3 + 1) * 16 * 2 * 16 * 4
+    small = LlamaRunner(llama(), max_batch_size=3, max_context=40, kv_tokens=20)
+    assert small.cache.num_blocks == 2
+
+
+def test_sequences_share_a_cache_smaller_than_their_full_contexts() -> None:
+    """Three sequences decode side by side in a cache that holds one full context: each has only its blocks."""
+    model = llama()
+    runner = LlamaRunner(model, max_batch_size=3, max_context=64, kv_tokens=64)
+    prompts = [[5, 9, 200], [80, 3, 4, 6], [150, 151]]
+    with torch.inference_mode():
+        for slot, prompt in enumerate(prompts):
+            assert runner.reserve(slot, len(prompt) + 12)  # one block each
+        logits = runner.prefill(prompts, [0, 1, 2])
+        seqs = [list(p) for p in prompts]
+        for _ in range(12):
+            for row, seq in enumerate(seqs):
+                seq.append(int(logits[row].argmax()))
+            logits = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])
+        for row, seq in enumerate(seqs):
+            torch.testing.assert_close(logits[row], hf_last_logits(model, seq), atol=ATOL, rtol=0)
+    assert runner.cache.free_blocks == 1
+    with pytest.raises(RuntimeError, match="no free block"):
+        with torch.inference_mode():
+            runner.decode([1, 1, 1], [len(seqs[0]) + 32, 0, 0])  # two blocks past slot 0's: one is free

@@ -142,12 +142,13 @@ class Settings(BaseSettings):
                                       "or POD_IP.")
     pod_ip: str | None = Field(None, validation_alias=_env("POD_IP"), description="Set by the Downward API.")
     max_batch_size: int = Field(0, ge=0, le=1024, validation_alias=_env("LOCKSTEP_MAX_BATCH_SIZE"),
-                                description="Sequences decoded together in one forward pass (built-in engine). "
-                                "0: sized from memory at engine start, as many as have room for a KV cache at the "
-                                "full context in an eighth of the free RAM (CPU; the replicas of a host size theirs "
-                                "one after the other) or 40% of the free GPU memory, within 16..128 on a CPU and "
-                                "16..256 on a GPU; the log says what it chose. vLLM: its "
-                                "max_num_seqs (0: vLLM's default).")
+                                description="Sequences decoded together in one forward pass (built-in engine; "
+                                "each reserves paged KV-cache blocks for its prompt plus max_tokens when admitted). "
+                                "N: up to N, with a cache of N full contexts. 0: a cache sized from memory at engine "
+                                "start, an eighth of the free RAM (CPU; the replicas of a host size theirs one after "
+                                "the other) or 40% of the free GPU memory, 16..128 full contexts on a CPU and "
+                                "16..256 on a GPU, shared by up to 128 (CPU) or 256 (GPU) sequences; the log says "
+                                "what it chose. vLLM: its max_num_seqs (0: vLLM's default).")
     max_queue: int = Field(256, ge=1, validation_alias=_env("LOCKSTEP_MAX_QUEUE"),
                            description="Requests waiting for a batch slot; beyond it 429.")
     step_prefill_tokens: int = Field(0, ge=0, validation_alias=_env("LOCKSTEP_STEP_PREFILL_TOKENS"),

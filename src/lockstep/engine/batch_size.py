@@ -1,5 +1,6 @@
-"""The batch size an engine picks when none is configured: as many sequences as have room for a KV cache at the
-full context in a share of the memory that is free, within bounds measured on a CPU."""
+"""How big an engine's batch and KV cache are when none is configured: a paged cache of as many positions as a
+share of the free memory holds (within bounds, in full contexts), and a batch capped where a CPU's decode step
+stops paying for more sequences."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import Any
 
 import torch
 
-# The old fixed default. Auto never goes below it unless not even that many caches fit in all the memory free.
+from lockstep.engine.kv_cache import BLOCK_SIZE, blocks_for
+
+# The old fixed default. The auto cache never holds fewer full contexts unless not even that many fit in all the
+# memory free.
 MIN_AUTO_BATCH = 16
-# Past these a decode step costs more than the extra sequences bring. On 2 CPU cores (mid, 116 M, float32)
+# The most sequences an auto-sized engine runs at once, and the most full contexts its cache holds. Past these a
+# decode step costs more than the extra sequences bring. On 2 CPU cores (mid, 116 M, float32)
 # decode throughput peaked at 128 sequences and fell beyond (quiet: 296 tok/s at 128, 279 at 192, 259 at 256)
 # while each step kept growing (docs/benchmarks.md, issue 11); a GPU's decode step stays bound by reading the
 # weights to far larger batches.
@@ -29,15 +34,24 @@ CLAIM_LOCK = Path(tempfile.gettempdir()) / "lockstep-memory-claim.lock"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def kv_cache_bytes_per_sequence(config: Any, dtype: torch.dtype, max_context: int) -> int:
-    """Bytes the engine's KV cache (``KVCache``) holds for one sequence: K and V of every layer at
-    ``max_context`` tokens."""
+def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes the engine's KV cache (``KVCache``) holds per position: K and V of every layer."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     item = torch.empty((), dtype=dtype).element_size()
-    return 2 * int(cfg.num_hidden_layers) * kv_heads * max_context * head_dim * item
+    return 2 * int(cfg.num_hidden_layers) * kv_heads * head_dim * item
+
+
+def full_context_tokens(max_context: int) -> int:
+    """Cache positions one sequence at the full context takes (whole blocks)."""
+    return blocks_for(max_context) * BLOCK_SIZE
+
+
+def kv_cache_bytes_per_sequence(config: Any, dtype: torch.dtype, max_context: int) -> int:
+    """Bytes one sequence at the full ``max_context`` takes in the KV cache."""
+    return kv_cache_bytes_per_token(config, dtype) * full_context_tokens(max_context)
 
 
 def _read_int(path: Path) -> int | None:
@@ -99,17 +113,22 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 
 def auto_batch_size(per_sequence_bytes: int, available_bytes: int | None, device_type: str) -> int:
-    """Sequences whose caches fit in the device's share of ``available_bytes``, clamped to
-    [MIN_AUTO_BATCH, the device's cap]; under MIN_AUTO_BATCH only as many as fit in all of it (at least 1).
-    Unknown memory: MIN_AUTO_BATCH."""
+    """Full-context sequences the auto KV cache holds: as many as fit in the device's share of
+    ``available_bytes``, clamped to [MIN_AUTO_BATCH, the device's cap]; under MIN_AUTO_BATCH only as many as fit
+    in all of it (at least 1). Unknown memory: MIN_AUTO_BATCH."""
     if per_sequence_bytes < 1:
         raise ValueError(f"per_sequence_bytes must be >= 1, got {per_sequence_bytes}")
     if available_bytes is None:
         return MIN_AUTO_BATCH
-    kind = "cpu" if device_type == "cpu" else "cuda"
+    kind = device_kind(device_type)
     by_share = int(available_bytes * MEMORY_SHARE[kind]) // per_sequence_bytes
     fit_all = max(0, available_bytes) // per_sequence_bytes
     return max(1, min(max(by_share, MIN_AUTO_BATCH), MAX_AUTO_BATCH[kind], fit_all))
+
+
+def device_kind(device_type: str) -> str:
+    """The row of the per-device tables: "cpu", or "cuda" for any accelerator."""
+    return "cpu" if device_type == "cpu" else "cuda"
 
 
 @contextlib.contextmanager
@@ -138,28 +157,35 @@ def memory_claim(device: torch.device, *, auto: bool, lock_path: Path | None = N
 
 @dataclass(frozen=True)
 class BatchSizing:
-    """The batch size an engine runs with and, when it was sized from memory, from what."""
+    """The batch size and KV cache an engine runs with and, when sized from memory, from what."""
 
     size: int
+    kv_tokens: int
     auto: bool
-    per_sequence_bytes: int | None = None
+    per_token_bytes: int | None = None
     available_bytes: int | None = None
 
     def describe(self) -> str:
         """One line for the engine's start-up log."""
         if not self.auto:
-            return f"max batch size {self.size} (configured)"
+            return f"max batch size {self.size} (configured), KV cache for {self.kv_tokens} positions"
         free = "unknown" if self.available_bytes is None else f"{self.available_bytes / 2**30:.1f} GiB"
-        per_sequence = (self.per_sequence_bytes or 0) / 2**20
-        return f"max batch size {self.size} (auto: {per_sequence:.1f} MiB of KV cache per sequence, {free} free)"
+        per_token = (self.per_token_bytes or 0) / 2**10
+        return (f"max batch size {self.size}, KV cache for {self.kv_tokens} positions (auto: {per_token:.0f} KiB "
+                f"per position, {free} free)")
 
 
 def size_batch(requested: int | None, config: Any, dtype: torch.dtype, device: torch.device,
                max_context: int) -> BatchSizing:
-    """``requested`` when it is >= 1; None or 0 (auto): sized from the memory free on ``device`` now."""
+    """``requested`` >= 1: that many sequences, each with room for the full context. None or 0 (auto): a cache
+    sized from the memory free on ``device`` now (``auto_batch_size`` full contexts, which short requests share
+    among more sequences) and a batch of up to the device's cap."""
+    context = full_context_tokens(max_context)
     if requested:
-        return BatchSizing(requested, auto=False)
-    per_sequence = kv_cache_bytes_per_sequence(config, dtype, max_context)
+        return BatchSizing(requested, kv_tokens=requested * context, auto=False)
+    per_token = kv_cache_bytes_per_token(config, dtype)
     available = available_memory_bytes(device)
-    return BatchSizing(auto_batch_size(per_sequence, available, device.type), auto=True,
-                       per_sequence_bytes=per_sequence, available_bytes=available)
+    kind = device_kind(device.type)
+    contexts = auto_batch_size(per_token * context, available, device.type)
+    return BatchSizing(MAX_AUTO_BATCH[kind], kv_tokens=contexts * context, auto=True, per_token_bytes=per_token,
+                       available_bytes=available)

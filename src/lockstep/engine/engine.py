@@ -105,18 +105,20 @@ class Engine:
         self._clock = clock
         self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._eos = _eos_ids(model, tokenizer)
-        # None or 0: as many sequences as have room for a full-context KV cache in a share of the free memory.
+        # None or 0: sized from the memory free now. The KV cache is paged: a request reserves blocks for its
+        # prompt plus max_new_tokens when admitted, so the batch follows what requests ask for, not the context.
         # Sized and allocated under a host-wide lock: replicas starting together each see what the others took.
         with memory_claim(self._device, auto=not max_batch_size):
             self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context)
             self.max_batch_size = max_batch_size = self.batch_sizing.size
             with torch.inference_mode():
-                self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend)
+                self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend,
+                                                          self.batch_sizing.kv_tokens)
         self.backend = self._runner.name
         log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB preallocated", self.backend,
                  self.batch_sizing.describe(), param.dtype, self._device, max_context, self.kv_cache_bytes / 2**20)
         self.prefill_chunk_tokens = prefill_chunk_tokens if max_batch_size > 1 else 0  # needs a spare slot
-        self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget)
+        self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget, self._runner.reserve)
         self._cond = threading.Condition()  # guards the scheduler's queues, flags and counters
         self._thread: threading.Thread | None = None
         self._paused = False
@@ -523,7 +525,7 @@ class Engine:
             move = self._scheduler.release(seq)
             self._record_finish(seq)
             self._cond.notify_all()  # wait_idle
-        if move is not None and move.length:
+        if move is not None:  # even with nothing cached yet: the moved sequence's reserved room goes with it
             self._runner.move(move.src, move.dst, move.length)
 
     def _record_finish(self, seq: Sequence) -> None:

@@ -68,6 +68,10 @@ class HFRunner:
         logits, self._caches[slot] = self._forward([token], cache)
         return logits.unsqueeze(0)
 
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Always room: each sequence's HF cache grows as it goes."""
+        return True
+
     def move(self, src: int, dst: int, length: int) -> None:
         self._caches[dst], self._caches[src] = self._caches[src], None
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lockstep.engine.kv_cache import KVCache
+from lockstep.engine.kv_cache import BLOCK_SIZE, KVCache, blocks_for
 
 # Model types whose decoder layer is exactly: pre-norm → q/k/v (+ optional per-head q/k norm) → RoPE →
 # causal attention → o_proj → residual → pre-norm → mlp → residual, with unscaled embeddings.
@@ -62,11 +62,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LlamaRunner:
-    """Owns the KV cache; prefill writes prompts into slots, decode advances slots ``0..B-1`` by one token."""
+    """Owns the paged KV cache; prefill writes prompts into slots, decode advances slots ``0..B-1`` by one token."""
 
     name = "llama"
 
-    def __init__(self, model: Any, max_batch_size: int, max_context: int) -> None:
+    def __init__(self, model: Any, max_batch_size: int, max_context: int, kv_tokens: int | None = None) -> None:
+        """``kv_tokens``: positions the cache holds across all sequences (default: every slot at full context)."""
         self._model = model
         cfg = model.config
         param = next(model.parameters())
@@ -75,8 +76,15 @@ class LlamaRunner:
         self._head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self._n_heads = int(cfg.num_attention_heads)
         self._n_kv = int(getattr(cfg, "num_key_value_heads", None) or self._n_heads)
-        self.cache = KVCache(len(model.model.layers), max_batch_size, self._n_kv, max_context,
+        tokens = max_batch_size * blocks_for(max_context) * BLOCK_SIZE if kv_tokens is None else kv_tokens
+        self.cache = KVCache(len(model.model.layers), blocks_for(tokens), max_batch_size, self._n_kv,
                              self._head_dim, self.dtype, self.device)
+
+    def _hold(self, slot: int, tokens: int) -> None:
+        """Make sure ``slot`` holds blocks for ``tokens`` positions (the engine reserved them at admission)."""
+        if not self.cache.reserve(slot, tokens):
+            raise RuntimeError(f"the KV cache has no free block for position {tokens - 1} of slot {slot}; "
+                               "reserve a sequence's positions when it is admitted")
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
@@ -138,16 +146,16 @@ class LlamaRunner:
             causal = (ar[None, :] <= ar[:, None])[None, None]  # [1, 1, W, W]
             mask = causal & (ar[None, None, None, :] < lens_t[:, None, None, None])  # [N, 1, W, W]
         cache = self.cache
-        contiguous = slots == list(range(slots[0], slots[0] + n))
+        for slot, length in zip(slots, lens, strict=True):
+            self._hold(slot, length)
+        # Only real tokens are written (row-major, as the boolean mask selects them); padding never is.
+        write = torch.cat([cache.positions(cache.tables[slot], 0, length) for slot, length in zip(slots, lens,
+                                                                                                   strict=True)])
+        real = ar[None, :] < lens_t[:, None]  # [N, W]
 
         def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if contiguous:  # one copy; padded tail positions hold finite junk that decode overwrites
-                cache.k[i][slots[0] : slots[0] + n, :, :width] = k
-                cache.v[i][slots[0] : slots[0] + n, :, :width] = v
-            else:
-                for row, slot in enumerate(slots):
-                    cache.k[i][slot, :, : lens[row]] = k[row, :, : lens[row]]
-                    cache.v[i][slot, :, : lens[row]] = v[row, :, : lens[row]]
+            cache.k[i][write] = k.transpose(1, 2)[real]
+            cache.v[i][write] = v.transpose(1, 2)[real]
             return k, v  # a prompt attends only to itself
 
         h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
@@ -163,11 +171,15 @@ class LlamaRunner:
         # Query i (position start + i) sees every cached position and the chunk's own up to itself.
         mask = (torch.arange(end, device=self.device)[None, :] <= pos[0, :, None])[None, None]  # [1, 1, n, end]
         cache = self.cache
+        self._hold(slot, end)
+        table = cache.tables[slot]
+        write, read = cache.positions(table, start, end), cache.positions(table, 0, end)
 
         def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cache.k[i][slot, :, start:end] = k[0]
-            cache.v[i][slot, :, start:end] = v[0]
-            return cache.k[i][slot : slot + 1, :, :end], cache.v[i][slot : slot + 1, :, :end]
+            kc, vc = cache.k[i], cache.v[i]
+            kc[write] = k[0].transpose(0, 1)
+            vc[write] = v[0].transpose(0, 1)
+            return kc[read].transpose(0, 1).unsqueeze(0), vc[read].transpose(0, 1).unsqueeze(0)
 
         h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
         return self._logits(h[:, -1])
@@ -177,20 +189,27 @@ class LlamaRunner:
         """One step for slots ``0..B-1``: feed ``tokens[b]`` at ``positions[b]``; return logits [B, V].
 
         ``interleave`` runs before each layer; it may prefill slots ``>= B`` (this step reads and writes only
-        rows ``< B`` of the cache)."""
+        the blocks of slots ``< B``)."""
         b = len(tokens)
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device).unsqueeze(1)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
         width = max(positions) + 1  # attend over the longest sequence's span only
-        rows = torch.arange(b, device=self.device)
         mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         cache = self.cache
+        bs = cache.block_size
+        for slot, position in enumerate(positions):
+            self._hold(slot, position + 1)
+        write = torch.tensor([cache.tables[slot][p // bs] * bs + p % bs for slot, p in enumerate(positions)],
+                             dtype=torch.long, device=self.device)
+        read = cache.gather_index(list(range(b)), width).view(-1)
 
         def store(i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             kc, vc = cache.k[i], cache.v[i]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            return kc[:b, :, :width], vc[:b, :, :width]
+            kc[write] = k[:, :, 0]
+            vc[write] = v[:, :, 0]
+            k_all = kc.index_select(0, read).view(b, width, self._n_kv, self._head_dim).transpose(1, 2)
+            v_all = vc.index_select(0, read).view(b, width, self._n_kv, self._head_dim).transpose(1, 2)
+            return k_all, v_all
 
         h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask, interleave)
         return self._logits(h[:, 0])
@@ -200,14 +219,18 @@ class LlamaRunner:
         step left at that position, so it may follow one."""
         return self.prefill_chunk([token], slot, position)
 
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Set aside blocks for ``tokens`` positions of the sequence admitted to ``slot``; False when the cache
+        has too few free now (the sequence waits for others to finish)."""
+        return self.cache.reserve(slot, tokens)
+
     def move(self, src: int, dst: int, length: int) -> None:
-        """Move a sequence's cache from slot ``src`` to ``dst`` (compaction after a sequence leaves)."""
-        self.cache.move(src, dst, length)
+        """Move a sequence from slot ``src`` to ``dst`` (compaction after a sequence leaves): its block table."""
+        self.cache.move(src, dst)
 
     def release(self, slot: int, dirty: bool) -> None:
-        """Forget a slot; ``dirty`` (a failed step) clears it so no NaN survives into the next sequence."""
-        if dirty:
-            self.cache.zero(slot)
+        """Return a slot's blocks; ``dirty`` (a failed step) clears them so no NaN survives into the next one."""
+        self.cache.release(slot, zero=dirty)
 
     def close(self) -> None:
         self.cache.close()

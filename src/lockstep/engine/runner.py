@@ -39,6 +39,10 @@ class Runner(Protocol):
         """One sequence's decode step alone, in any slot: float32 logits [1, V]. Repeatable after a failed
         ``decode`` (it rewrites that position), so the engine can retry a failed step sequence by sequence."""
 
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Set aside cache room for a sequence of up to ``tokens`` positions admitted to ``slot``; False when
+        there is none now (it waits until running sequences finish)."""
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Move the first ``length`` cached positions from slot ``src`` to slot ``dst``."""
 
@@ -49,8 +53,11 @@ class Runner(Protocol):
         """Free the cache and drop the model reference."""
 
 
-def make_runner(model: Any, max_batch_size: int, max_context: int, backend: str = "auto") -> Runner:
-    """The batched Llama-family runner when the model fits it (or is asked for), else the generic one."""
+def make_runner(model: Any, max_batch_size: int, max_context: int, backend: str = "auto",
+                kv_tokens: int | None = None) -> Runner:
+    """The batched Llama-family runner when the model fits it (or is asked for), else the generic one.
+
+    ``kv_tokens``: positions the batched runner's paged KV cache holds (default: every slot at full context)."""
     if backend not in BACKENDS:
         raise BadRequest(f"engine backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     fits = llama_runner.supports(model, max_context)
@@ -62,4 +69,4 @@ def make_runner(model: Any, max_batch_size: int, max_context: int, backend: str 
         )
     if backend == "hf" or not fits:
         return HFRunner(model, max_batch_size, max_context)
-    return LlamaRunner(model, max_batch_size, max_context)
+    return LlamaRunner(model, max_batch_size, max_context, kv_tokens)

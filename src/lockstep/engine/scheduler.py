@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lockstep.engine.sequence import Sequence, SequenceStatus
@@ -17,14 +18,23 @@ class SlotMove:
     length: int
 
 
+def reserved_tokens(seq: Sequence) -> int:
+    """Cache positions a sequence may fill: its prompt and every token it may generate."""
+    return len(seq.prompt_ids) + seq.params.max_new_tokens
+
+
 class Scheduler:
     """Running sequences occupy slots ``0..B-1`` (``running[i].slot == i``), so decode reads cache views.
 
     Not thread-safe: the engine calls it under its lock.
     """
 
-    def __init__(self, max_batch_size: int, max_queue: int, prefill_token_budget: int) -> None:
+    def __init__(self, max_batch_size: int, max_queue: int, prefill_token_budget: int,
+                 reserve: Callable[[int, int], bool] | None = None) -> None:
+        """``reserve(slot, tokens)`` sets aside KV-cache room for a sequence entering ``slot`` (its prompt plus
+        its ``max_new_tokens``); a sequence it has no room for waits, first in line (default: always room)."""
         self.max_batch_size = max_batch_size
+        self._reserve = reserve or (lambda slot, tokens: True)
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget  # padded prompt tokens per prefill forward
         self.waiting: deque[Sequence] = deque()
@@ -69,6 +79,8 @@ class Scheduler:
             new_width = max(width, len(nxt.prompt_ids))
             if (admitted or not at_least_one) and new_width * (len(admitted) + 1) > budget:
                 break
+            if not self._reserve(len(self.running), reserved_tokens(nxt)):
+                break
             self.waiting.popleft()
             width = new_width
             nxt.slot = len(self.running)
@@ -84,6 +96,8 @@ class Scheduler:
             return None
         if len(self.running) >= self.max_batch_size:
             return None  # every slot decodes: the last one is not free
+        if not self._reserve(self.max_batch_size - 1, reserved_tokens(self.waiting[0])):
+            return None
         seq = self.waiting.popleft()
         seq.slot = self.max_batch_size - 1
         seq.status = SequenceStatus.RUNNING
