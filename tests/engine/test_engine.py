@@ -436,7 +436,7 @@ class ArrivalsDuringSteps:
 
 @pytest.mark.parametrize("backend", ["llama", "hf"])
 def test_arrivals_are_prefilled_inside_a_running_step_and_stay_exact(model: Any, backend: str) -> None:
-    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, backend=backend)
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, backend=backend, interleave_prefill=True)
     try:
         # Lengths include 1 (ends inside the step it joined: its slot goes to another newcomer) and short
         # ones that leave while long ones run, so slots are compacted around the newcomers.
@@ -467,6 +467,39 @@ def test_interleaving_can_be_turned_off(model: Any) -> None:
         eng.close()
 
 
+@pytest.mark.parametrize("backend", ["llama", "hf"])
+def test_without_interleaving_arrivals_join_the_next_steps_forward_pass_and_stay_exact(model: Any,
+                                                                                       backend: str) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, backend=backend, interleave_prefill=False)
+    runner = eng._runner
+    assert runner is not None
+    fused: list[tuple[int, int]] = []  # (decode rows, prompts) of each fused step
+    real_step = runner.step
+
+    def recording_step(tokens: list[int], positions: list[int], prompts: list[list[int]],
+                       slots: list[int]) -> torch.Tensor:
+        fused.append((len(tokens), len(prompts)))
+        return real_step(tokens, positions, prompts, slots)
+
+    runner.step = recording_step  # type: ignore[method-assign]
+    try:
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=40))
+        eng.start()
+        first_token(running)
+        # Lengths include 1 (ends in the step it joined) and short ones that leave while the long one runs.
+        lengths = [1, 9, 2, 17, 1, 5]
+        handles = []
+        for text, n in zip(PROMPTS[2:], lengths, strict=True):
+            handles.append(eng.submit(encode(text), SamplingParams(max_new_tokens=n)))
+            first_token(handles[-1])
+        for text, n, handle in zip(PROMPTS[2:], lengths, handles, strict=True):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), n), text
+        assert list(running.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 40)
+        assert len(fused) == len(lengths) and all(rows >= 1 and prompts == 1 for rows, prompts in fused)
+    finally:
+        eng.close()
+
+
 def test_a_burst_joins_a_running_batch_in_waves_within_the_step_budget(model: Any) -> None:
     eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256, step_prefill_tokens=8)
     runner = eng._runner
@@ -478,7 +511,15 @@ def test_a_burst_joins_a_running_batch_in_waves_within_the_step_budget(model: An
         waves.append(len(prompts))
         return real_prefill(prompts, slots)
 
+    real_step = runner.step
+
+    def recording_step(tokens: list[int], positions: list[int], prompts: list[list[int]],
+                       slots: list[int]) -> torch.Tensor:
+        waves.append(len(prompts))  # newcomers fused into a decode step
+        return real_step(tokens, positions, prompts, slots)
+
     runner.prefill = recording_prefill  # type: ignore[method-assign]
+    runner.step = recording_step  # type: ignore[method-assign]
     burst = [[5 + i, 9, 11, 13] for i in range(6)]  # 4 tokens each: two fit in a step's 8
     try:
         idle = [eng.submit(p, SamplingParams(max_new_tokens=3)) for p in burst[:4]]

@@ -114,3 +114,33 @@ def test_sequences_share_a_cache_smaller_than_their_full_contexts() -> None:
     with pytest.raises(RuntimeError, match="no free block"):
         with torch.inference_mode():
             runner.decode([1, 1, 1], [len(seqs[0]) + 32, 0, 0])  # two blocks past slot 0's: one is free
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_a_fused_step_decodes_and_prefills_in_one_pass_as_hf_does(kind: str) -> None:
+    model = build(kind)
+    runner = LlamaRunner(model, max_batch_size=5, max_context=64)
+    passes: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: passes.append(1))
+    running = [[5, 9, 200, 31], [80, 3]]
+    arriving = [[150, 151, 152], [7], [40, 41, 42, 43, 44, 45]]
+    try:
+        with torch.inference_mode():
+            logits = runner.prefill(running, [0, 1])
+            for row, seq in enumerate(running):
+                seq.append(int(logits[row].argmax()))
+            passes.clear()
+            logits = runner.step([s[-1] for s in running], [len(s) - 1 for s in running], arriving, [2, 3, 4])
+            assert len(passes) == 1 and logits.shape[0] == 5
+            for row, seq in enumerate(running + arriving):
+                torch.testing.assert_close(logits[row], hf_last_logits(model, seq), atol=ATOL, rtol=0)
+            # All five decode together next: the prompts' K/V went to their slots' blocks.
+            seqs = [s + [int(logits[row].argmax())] for row, s in enumerate(running + arriving)]
+            logits = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])
+            for row, seq in enumerate(seqs):
+                torch.testing.assert_close(logits[row], hf_last_logits(model, seq), atol=ATOL, rtol=0)
+            runner.release(4, dirty=False)
+            idle = runner.step([], [], [[3, 4, 5]], [4])  # no decode rows: prompts only
+            torch.testing.assert_close(idle[0], hf_last_logits(model, [3, 4, 5]), atol=ATOL, rtol=0)
+    finally:
+        hook.remove()

@@ -155,6 +155,12 @@ class Settings(BaseSettings):
                                      description="Prompt tokens prefilled per decode step while a batch runs "
                                      "(0: 32 on CPU, 2048 on GPU); larger admits bursts faster, smaller keeps "
                                      "running streams steadier.")
+    interleave_prefill: bool = Field(False, validation_alias=_env("LOCKSTEP_INTERLEAVE_PREFILL"),
+                                     description="Built-in engine: requests arriving during a decode step join "
+                                     "the next step's forward pass (false: the weights are read once for both, "
+                                     "more tokens per second under load) or are prefilled between the running "
+                                     "step's layers (true: their first token comes sooner, at one more pass over "
+                                     "the weights per wave).")
     prefill_chunk_tokens: int = Field(0, ge=-1, validation_alias=_env("LOCKSTEP_PREFILL_CHUNK_TOKENS"),
                                       description="A prompt longer than this is prefilled this many tokens per "
                                       "decode step while a batch runs, instead of stalling one step for all of it "

@@ -59,6 +59,12 @@ class HFRunner:
             rows.append(logits)
         return torch.stack(rows)
 
+    def step(self, tokens: list[int], positions: list[int], prompts: list[list[int]],
+             slots: list[int]) -> torch.Tensor:
+        """The decode step, then the prompts, each through its own cache (nothing to share here)."""
+        rows = [self.decode(tokens, positions)] if tokens else []
+        return torch.cat(rows + [self.prefill(prompts, slots)]) if prompts else torch.cat(rows)
+
     def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
         """``token`` at ``position`` of ``slot`` alone; logits [1, V]. A failed batched step may already have
         appended this position to some layers of the slot's cache: cut back to ``position`` first."""

@@ -15,6 +15,10 @@ from lockstep.engine.kv_cache import BLOCK_SIZE, KVCache, blocks_for
 # Checked against HF logits in tests; anything else takes the generic path.
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
+# store(layer, k, v) -> the K and V to attend to; attend(layer, q, k, v, scale) -> the attention output.
+Store = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
@@ -98,9 +102,10 @@ class LlamaRunner:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, store: Any, mask: torch.Tensor | None,
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, attend: Attend,
                 interleave: Callable[[], None] | None = None) -> torch.Tensor:
-        """Run every decoder layer on ``h`` [B, L, hidden]; ``store(i, k, v)`` gives the K/V to attend to.
+        """Run every decoder layer on ``h`` [B, L, hidden]; ``attend(i, q, k, v, scale)`` caches layer ``i``'s new
+        K/V and returns the attention output for ``q`` [B, heads, L, head dim].
 
         ``interleave`` is called before each layer: the state of this pass is just ``h``, so other slots'
         work can run there without disturbing it."""
@@ -119,12 +124,18 @@ class LlamaRunner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = _rope(q.transpose(1, 2), cos, sin)
             k = _rope(k.transpose(1, 2), cos, sin)
-            k_all, v_all = store(i, k, v.transpose(1, 2))
             scale = float(getattr(attn, "scaling", self._head_dim**-0.5))
-            o = self._attention(q, k_all, v_all, mask, scale)
+            o = attend(i, q, k, v.transpose(1, 2), scale)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h
+
+    def _masked(self, store: Store, mask: torch.Tensor | None) -> Attend:
+        """Attention over what ``store`` returns for each layer, under one ``mask`` (None: causal)."""
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            k_all, v_all = store(i, k, v)
+            return self._attention(q, k_all, v_all, mask, scale)
+        return attend
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._model.lm_head(self._model.model.norm(h)).float()
@@ -158,7 +169,7 @@ class LlamaRunner:
             cache.v[i][write] = v.transpose(1, 2)[real]
             return k, v  # a prompt attends only to itself
 
-        h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
+        h = self._layers(self._model.model.embed_tokens(ids), pos, self._masked(store, mask))
         last = h[torch.arange(n, device=self.device), lens_t - 1]
         return self._logits(last)
 
@@ -181,7 +192,7 @@ class LlamaRunner:
             vc[write] = v[0].transpose(0, 1)
             return kc[read].transpose(0, 1).unsqueeze(0), vc[read].transpose(0, 1).unsqueeze(0)
 
-        h = self._layers(self._model.model.embed_tokens(ids), pos, store, mask)
+        h = self._layers(self._model.model.embed_tokens(ids), pos, self._masked(store, mask))
         return self._logits(h[:, -1])
 
     def decode(self, tokens: list[int], positions: list[int],
@@ -211,8 +222,54 @@ class LlamaRunner:
             v_all = vc.index_select(0, read).view(b, width, self._n_kv, self._head_dim).transpose(1, 2)
             return k_all, v_all
 
-        h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), store, mask, interleave)
+        h = self._layers(self._model.model.embed_tokens(ids), pos.unsqueeze(1), self._masked(store, mask),
+                         interleave)
         return self._logits(h[:, 0])
+
+    def step(self, tokens: list[int], positions: list[int], prompts: list[list[int]],
+             slots: list[int]) -> torch.Tensor:
+        """A decode step for slots ``0..B-1`` and the prefill of ``prompts`` into ``slots`` in one forward pass,
+        so the weights are read once for both; logits [B + N, V]: the B decode rows, then each prompt's last.
+
+        Every token is one position of one flat sequence (no padding): decode rows attend to their cached
+        positions, each prompt causally to itself."""
+        b = len(tokens)
+        lens = [len(p) for p in prompts]
+        flat = tokens + [t for p in prompts for t in p]
+        ids = torch.tensor([flat], dtype=torch.long).to(self.device)
+        pos = torch.tensor([positions + [i for n in lens for i in range(n)]], dtype=torch.long).to(self.device)
+        cache = self.cache
+        bs = cache.block_size
+        for slot, position in enumerate(positions):
+            self._hold(slot, position + 1)
+        for slot, n in zip(slots, lens, strict=True):
+            self._hold(slot, n)
+        decode_rows = [cache.tables[slot][p // bs] * bs + p % bs for slot, p in enumerate(positions)]
+        write = torch.cat([torch.tensor(decode_rows, dtype=torch.long, device=self.device)]
+                          + [cache.positions(cache.tables[slot], 0, n) for slot, n in zip(slots, lens, strict=True)])
+        width = max(positions, default=0) + 1
+        read = cache.gather_index(list(range(b)), width).view(-1) if b else None
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[0, :b, None])[:, None, None, :]
+        starts = [b + sum(lens[:j]) for j in range(len(lens))]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            kc, vc = cache.k[i], cache.v[i]
+            kc[write] = k[0].transpose(0, 1)
+            vc[write] = v[0].transpose(0, 1)
+            parts = []
+            if read is not None:
+                k_all = kc.index_select(0, read).view(b, width, self._n_kv, self._head_dim).transpose(1, 2)
+                v_all = vc.index_select(0, read).view(b, width, self._n_kv, self._head_dim).transpose(1, 2)
+                out = self._attention(q[0, :, :b].transpose(0, 1).unsqueeze(2), k_all, v_all, mask, scale)
+                parts.append(out.squeeze(2).transpose(0, 1))  # [heads, B, head dim]
+            for start, n in zip(starts, lens, strict=True):
+                span = slice(start, start + n)
+                parts.append(self._attention(q[:, :, span], k[:, :, span], v[:, :, span], None, scale)[0])
+            return torch.cat(parts, dim=1).unsqueeze(0)
+
+        h = self._layers(self._model.model.embed_tokens(ids), pos, attend)
+        last = list(range(b)) + [start + n - 1 for start, n in zip(starts, lens, strict=True)]
+        return self._logits(h[0, torch.tensor(last, device=self.device)])
 
     def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
         """``token`` at ``position`` of ``slot`` alone; logits [1, V]. It overwrites whatever a failed batched

@@ -35,6 +35,11 @@ class Runner(Protocol):
         ``interleave`` is called at points inside the step (before each layer or sequence) where work on
         slots ``>= B`` may run, e.g. prefilling requests that arrived after the step began."""
 
+    def step(self, tokens: list[int], positions: list[int], prompts: list[list[int]],
+             slots: list[int]) -> torch.Tensor:
+        """``decode(tokens, positions)`` for slots ``0..B-1`` and ``prefill(prompts, slots)`` (slots ``>= B``) in
+        one pass where the runner can; float32 logits [B + N, V], the decode rows first."""
+
     def decode_one(self, token: int, position: int, slot: int) -> torch.Tensor:
         """One sequence's decode step alone, in any slot: float32 logits [1, V]. Repeatable after a failed
         ``decode`` (it rewrites that position), so the engine can retry a failed step sequence by sequence."""

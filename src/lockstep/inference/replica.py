@@ -64,6 +64,7 @@ def default_engine_factory(loaded: loader.LoadedModel, settings: Settings) -> Se
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size,
                     max_queue=settings.max_queue, max_context=loaded.max_context,
                     step_prefill_tokens=settings.step_prefill_tokens or None,
+                    interleave_prefill=settings.interleave_prefill,
                     prefill_chunk_tokens=None if chunk == 0 else max(chunk, 0))  # 0: by device; -1: off
     engine.start()
     return engine
