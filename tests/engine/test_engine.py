@@ -628,3 +628,29 @@ def test_a_long_prompt_cancelled_between_chunks_frees_its_slot(model: Any) -> No
         assert eng.wait_idle(TIMEOUT) and eng.running == 0
     finally:
         eng.close()
+
+
+def test_a_fused_step_that_fails_is_retried_as_prefill_then_decode(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=8, max_context=256)
+    runner = eng._runner
+    assert runner is not None
+    failed: list[int] = []
+
+    def failing_step(tokens: list[int], positions: list[int], prompts: list[list[int]],
+                     slots: list[int]) -> torch.Tensor:
+        failed.append(len(prompts))
+        raise RuntimeError("fused forward failed")
+
+    runner.step = failing_step  # type: ignore[method-assign]
+    try:
+        running = eng.submit(encode(PROMPTS[0]), SamplingParams(max_new_tokens=30))
+        eng.start()
+        first_token(running)
+        late = [eng.submit(encode(t), SamplingParams(max_new_tokens=8)) for t in PROMPTS[1:4]]
+        for text, handle in zip(PROMPTS[1:4], late, strict=True):
+            assert list(handle.result(TIMEOUT).token_ids) == hf_greedy(model, encode(text), 8), text
+        assert list(running.result(TIMEOUT).token_ids) == hf_greedy(model, encode(PROMPTS[0]), 30)
+        assert failed  # the newcomers did go through the failing fused step
+        assert eng.finished_total == {"length": 4}
+    finally:
+        eng.close()
