@@ -343,16 +343,15 @@ class Engine:
         with self._cond:  # after the cancellations, so the slots they freed are given out now
             batch = list(self._scheduler.running)
             admitted = [] if self._paused or self._abort else self._admit_at_step_start()
-        if admitted and batch:
+        fused = bool(batch and admitted)  # the newcomers' prefill rides on the batch's decode step
+        if fused:
             self._fused_step(batch, admitted)
         elif admitted:
             self._prefill(admitted)
         if self._scheduler.prefilling is not None:
             self._prefill_chunk(whole=not self._scheduler.running)  # idle: nobody to keep waiting
-        if not batch or not admitted:  # a fused step already decoded the batch
-            batch = list(self._scheduler.running)
-            if batch:
-                self._decode(batch)
+        if not fused and self._scheduler.running:
+            self._decode(list(self._scheduler.running))
         return True
 
     def _fused_step(self, batch: list[Sequence], admitted: list[Sequence]) -> None:
