@@ -25,6 +25,14 @@ def model() -> Any:
     return llama(seed=0)
 
 
+@pytest.fixture(autouse=True)
+def own_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host ledger of KV-cache reservations of this test's engines only: other processes on the machine
+    (and engines of earlier tests not yet collected) do not move the sizes these tests check."""
+    monkeypatch.setattr(batch_size, "CLAIM_LOCK", tmp_path / "claim.lock")
+    return tmp_path / "claim.lock"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bytes_per_sequence_are_what_the_kv_cache_allocates(dtype: torch.dtype) -> None:
     model = llama(seed=0).to(dtype)
@@ -155,3 +163,55 @@ def test_short_requests_batch_beyond_the_full_contexts_the_cache_holds(model: An
     finally:
         hook.remove()
         eng.close()
+
+
+# ------------------------------------------------------------------------------------------- host ledger
+def test_engines_on_a_host_size_against_what_the_others_reserved(tmp_path: Path, model: Any) -> None:
+    """A CPU cache's pages are written only as sequences use them, so the OS does not count a new cache: each
+    engine records its own, and the next one sizes against it until it is withdrawn."""
+    lock = tmp_path / "claim.lock"
+    cpu = torch.device("cpu")
+    with batch_size.memory_claim(cpu, lock_path=lock) as claim:
+        assert claim.reserved_bytes == 0
+        first = claim.reserve(3 * GIB)
+        second = claim.reserve(GIB)
+    assert first is not None and second is not None
+    with batch_size.memory_claim(cpu, lock_path=lock) as claim:
+        assert claim.reserved_bytes == 4 * GIB
+        free = batch_size.available_memory_bytes(cpu)
+        sized = batch_size.size_batch(None, model.config, torch.float32, cpu, 512,
+                                      reserved_bytes=claim.reserved_bytes)
+        assert free is not None and sized.available_bytes is not None
+        assert sized.available_bytes <= max(0, free - 4 * GIB + 256 * MIB)  # the OS figure moves a little
+    first.withdraw()
+    with batch_size.memory_claim(cpu, lock_path=lock) as claim:
+        assert claim.reserved_bytes == GIB
+    # A process that died reserves nothing, whatever its line says.
+    ledger = lock.with_suffix(".ledger")
+    ledger.write_text(ledger.read_text() + "999999999-deadbeef 7\nnot a line\n")
+    with batch_size.memory_claim(cpu, lock_path=lock) as claim:
+        assert claim.reserved_bytes == GIB
+    second.withdraw()
+    with batch_size.memory_claim(cpu, lock_path=lock) as claim:
+        assert claim.reserved_bytes == 0
+    with batch_size.memory_claim(torch.device("meta"), lock_path=lock) as claim:  # no host ledger off the CPU
+        assert claim.reserved_bytes == 0 and claim.reserve(GIB) is None
+
+
+def test_an_engine_records_its_cache_and_withdraws_it_when_closed_or_collected(own_ledger: Path,
+                                                                                 model: Any) -> None:
+    import gc
+
+    def reserved() -> int:
+        with batch_size.memory_claim(torch.device("cpu"), lock_path=own_ledger) as claim:
+            return claim.reserved_bytes
+
+    engine = Engine(model, tokenizer(), max_batch_size=2, max_context=64)
+    assert reserved() == engine.kv_cache_bytes > 0 and own_ledger.with_suffix(".ledger").exists()
+    auto = Engine(model, tokenizer(), max_context=64)
+    assert reserved() == engine.kv_cache_bytes + auto.kv_cache_bytes
+    engine.close()
+    assert reserved() == auto.kv_cache_bytes
+    del auto
+    gc.collect()
+    assert reserved() == 0

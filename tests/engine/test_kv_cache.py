@@ -68,3 +68,21 @@ def test_no_block_is_ever_lent_twice_or_lost(ops: list[tuple[str, int, int, int]
         lent = [b for table in kv.tables for b in table]
         assert len(lent) == len(set(lent)) and NULL_BLOCK not in lent
         assert len(lent) + kv.free_blocks == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_cache_is_zero_and_takes_memory_only_where_written(dtype: torch.dtype) -> None:
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    kv = KVCache(n_layers=2, num_blocks=8191, max_slots=4, n_kv_heads=4, head_dim=64, dtype=dtype,
+                 device=torch.device("cpu"))  # 4 tensors of 8192 blocks × 16 positions × 256 values
+    assert kv.k[0].shape == (8192 * BLOCK_SIZE, 4, 64) and kv.k[0].dtype == dtype
+    assert kv.nbytes >= 256 * 2**20
+    assert process.memory_info().rss - before < kv.nbytes // 4  # reserved, not written
+    kv.reserve(0, 3)
+    rows = kv.positions(kv.tables[0], 0, 3)
+    kv.k[1][rows] = 1.5
+    assert float(kv.k[1][rows].sum()) == 1.5 * 3 * 4 * 64
+    assert not kv.k[1][: BLOCK_SIZE].any() and not kv.v[1].any()  # the null block and everything unwritten

@@ -66,3 +66,38 @@ def test_cancel_calls_back_once_and_not_after_the_end() -> None:
     done._push(FINAL)
     done.cancel()
     assert calls == [7]
+
+
+def test_awaiting_the_result_wakes_the_event_loop_once_not_per_token() -> None:
+    """A non-streaming answer waits for the final event only: 200 tokens pushed from the engine thread must not
+    turn its event loop 200 times (on a small model that is most of a replica's CPU)."""
+    wakeups: list[object] = []
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        def call_soon_threadsafe(self, callback, *args, context=None):  # type: ignore[no-untyped-def]
+            wakeups.append(callback)
+            return super().call_soon_threadsafe(callback, *args, context=context)
+
+    handle = RequestHandle(1, 3, lambda h: None)
+    waiting = threading.Event()
+
+    async def main() -> FinalEvent:
+        task = asyncio.ensure_future(handle.aresult())
+        await asyncio.sleep(0)  # the waiter is registered
+        waiting.set()
+        return await task
+
+    def engine() -> None:
+        waiting.wait(10)
+        for i in range(200):
+            handle._push(TokenEvent((i,), "x"))
+        handle._push(FINAL)
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        assert runner.run(main()) is FINAL
+    thread.join()
+    assert len(wakeups) == 1
+    with asyncio.Runner() as runner:  # after the end it answers at once
+        assert runner.run(handle.aresult()) is FINAL

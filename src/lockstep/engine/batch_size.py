@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,28 +133,111 @@ def device_kind(device_type: str) -> str:
     return "cpu" if device_type == "cpu" else "cuda"
 
 
-@contextlib.contextmanager
-def memory_claim(device: torch.device, *, auto: bool, lock_path: Path | None = None) -> Iterator[None]:
-    """Hold the host-wide claim lock while an engine sizes its cache from free RAM and allocates it.
-
-    Without it, replicas that start together all see the same free memory and together take more than there
-    is. Only for auto sizing on a CPU (a GPU belongs to one replica); a lock file that cannot be opened only
-    loses the serialization.
-    """
-    if not auto or device.type != "cpu":
-        yield
-        return
+def _alive(pid: int) -> bool:
     try:
-        handle = open(lock_path or CLAIM_LOCK, "a")  # noqa: SIM115 - held across the yield
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
+@dataclass
+class Reservation:
+    """One engine's KV cache in the host's ledger of reservations (``MemoryClaim``)."""
+
+    ledger: Path
+    key: str
+    nbytes: int
+
+    def withdraw(self) -> None:
+        """The cache is gone: drop its line (and those of processes that died)."""
+        with _locked(self.ledger.with_suffix(".lock")) as held:
+            if held:
+                _write_ledger(self.ledger, {k: v for k, v in _read_ledger(self.ledger).items() if k != self.key})
+
+
+@dataclass
+class MemoryClaim:
+    """What an engine sizes its CPU KV cache against, under the host-wide claim lock.
+
+    A CPU cache's pages are touched only when sequences write them (``kv_cache.zeros``), so the OS's available
+    memory does not count a cache that was just allocated. Every CPU engine therefore records its cache in a
+    ledger beside the lock, and auto sizing subtracts what the live engines recorded. Pages they already wrote
+    are counted twice: an engine may size a little small, never so that the caches together overcommit.
+    """
+
+    ledger: Path | None
+    reserved_bytes: int = 0  # recorded by live engines on this host, this process's included
+
+    def reserve(self, nbytes: int) -> Reservation | None:
+        """Record this engine's cache (None where there is no ledger)."""
+        if self.ledger is None or nbytes <= 0:
+            return None
+        key = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        _write_ledger(self.ledger, {**_read_ledger(self.ledger), key: nbytes})
+        return Reservation(self.ledger, key, nbytes)
+
+
+def _read_ledger(path: Path) -> dict[str, int]:
+    """``key -> bytes`` of live processes' caches; a torn or foreign line is skipped."""
+    entries: dict[str, int] = {}
+    try:
+        lines = path.read_text().splitlines()
     except OSError:
-        yield
+        return entries
+    for line in lines:
+        key, _, nbytes = line.partition(" ")
+        pid = key.partition("-")[0]
+        if pid.isdigit() and nbytes.isdigit() and _alive(int(pid)):
+            entries[key] = int(nbytes)
+    return entries
+
+
+def _write_ledger(path: Path, entries: dict[str, int]) -> None:
+    try:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{k} {v}\n" for k, v in entries.items()))
+        tmp.replace(path)
+    except OSError:  # a ledger that cannot be written only loses the accounting
+        pass
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[bool]:
+    """Hold the host-wide claim lock; yields False (nothing held) when the lock file cannot be opened."""
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield False
         return
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def memory_claim(device: torch.device, *, lock_path: Path | None = None) -> Iterator[MemoryClaim]:
+    """Hold the host-wide claim lock while an engine sizes its cache and records it.
+
+    Without it, replicas that start together all see the same free memory and together take more than there
+    is. Only on a CPU (a GPU belongs to one replica, and its cache is written out when allocated); a lock file
+    that cannot be opened only loses the accounting.
+    """
+    if device.type != "cpu":
+        yield MemoryClaim(None)
+        return
+    lock = lock_path or CLAIM_LOCK
+    with _locked(lock) as held:
+        if not held:
+            yield MemoryClaim(None)
+            return
+        ledger = lock.with_suffix(".ledger")
+        yield MemoryClaim(ledger, sum(_read_ledger(ledger).values()))
 
 
 @dataclass(frozen=True)
@@ -176,15 +261,18 @@ class BatchSizing:
 
 
 def size_batch(requested: int | None, config: Any, dtype: torch.dtype, device: torch.device,
-               max_context: int) -> BatchSizing:
+               max_context: int, reserved_bytes: int = 0) -> BatchSizing:
     """``requested`` >= 1: that many sequences, each with room for the full context. None or 0 (auto): a cache
-    sized from the memory free on ``device`` now (``auto_batch_size`` full contexts, which short requests share
-    among more sequences) and a batch of up to the device's cap."""
+    sized from the memory free on ``device`` now, less ``reserved_bytes`` that other caches hold but the OS does
+    not count yet (``auto_batch_size`` full contexts, which short requests share among more sequences) and a
+    batch of up to the device's cap."""
     context = full_context_tokens(max_context)
     if requested:
         return BatchSizing(requested, kv_tokens=requested * context, auto=False)
     per_token = kv_cache_bytes_per_token(config, dtype)
     available = available_memory_bytes(device)
+    if available is not None:
+        available = max(0, available - reserved_bytes)
     kind = device_kind(device.type)
     contexts = auto_batch_size(per_token * context, available, device.type)
     return BatchSizing(MAX_AUTO_BATCH[kind], kv_tokens=contexts * context, auto=True, per_token_bytes=per_token,

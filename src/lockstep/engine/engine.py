@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -110,15 +111,19 @@ class Engine:
         self._eos = _eos_ids(model, tokenizer)
         # None or 0: sized from the memory free now. The KV cache is paged: a request reserves blocks for its
         # prompt plus max_new_tokens when admitted, so the batch follows what requests ask for, not the context.
-        # Sized and allocated under a host-wide lock: replicas starting together each see what the others took.
-        with memory_claim(self._device, auto=not max_batch_size):
-            self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context)
+        # Sized and recorded under a host-wide lock: replicas starting together each see what the others took.
+        with memory_claim(self._device) as claim:
+            self.batch_sizing = size_batch(max_batch_size, cfg, param.dtype, self._device, max_context,
+                                           reserved_bytes=claim.reserved_bytes)
             self.max_batch_size = max_batch_size = self.batch_sizing.size
             with torch.inference_mode():
                 self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend,
                                                           self.batch_sizing.kv_tokens)
+            reservation = claim.reserve(self.kv_cache_bytes)
+        # Withdrawn at close, or when an engine nobody closed is collected.
+        self._withdraw = weakref.finalize(self, reservation.withdraw) if reservation is not None else None
         self.backend = self._runner.name
-        log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB preallocated", self.backend,
+        log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB reserved", self.backend,
                  self.batch_sizing.describe(), param.dtype, self._device, max_context, self.kv_cache_bytes / 2**20)
         self.prefill_chunk_tokens = prefill_chunk_tokens if max_batch_size > 1 else 0  # needs a spare slot
         self._scheduler = Scheduler(max_batch_size, max_queue, prefill_token_budget, self._runner.reserve)
@@ -177,6 +182,8 @@ class Engine:
             runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
+        if self._withdraw is not None:
+            self._withdraw()
         self._model = None
         self._tokenizer = None
         if self._device.type == "cuda":
@@ -301,7 +308,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes preallocated for the KV cache (0 for the generic path, whose caches grow per request)."""
+        """Bytes reserved for the KV cache (0 for the generic path, whose caches grow per request)."""
         cache = getattr(self._runner, "cache", None)
         return cache.nbytes if cache is not None else 0
 

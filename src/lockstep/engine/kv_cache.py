@@ -1,7 +1,8 @@
-"""Paged key/value cache: a preallocated pool of fixed-size blocks of positions, lent to sequences per request."""
+"""Paged key/value cache: a pool of fixed-size blocks of positions, lent to sequences per request."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 BLOCK_SIZE = 16  # positions per block: at most 15 reserved positions of a sequence go unused
@@ -11,6 +12,19 @@ NULL_BLOCK = 0  # never lent: always zero, it stands in for the positions a row 
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     """Blocks that hold ``tokens`` positions."""
     return -(-tokens // block_size)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose host pages are touched only when written.
+
+    ``torch.zeros`` on a CPU writes every byte up front: a 512 MiB cache costs a second or more of page faults
+    while a new version stages. ``calloc`` (numpy's zeros) maps fresh pages that the kernel hands out zeroed on
+    first use, so allocating is immediate and unused positions cost no memory.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVCache:
@@ -28,8 +42,8 @@ class KVCache:
             raise ValueError(f"a KV cache needs at least one block, slot and position per block, got "
                              f"{num_blocks} blocks, {max_slots} slots, {block_size} positions per block")
         shape = ((num_blocks + 1) * block_size, n_kv_heads, head_dim)  # + the null block
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.v = [zeros(shape, dtype, device) for _ in range(n_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device

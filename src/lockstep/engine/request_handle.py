@@ -21,8 +21,9 @@ class RequestHandle:
         self._events: list[Event] = []  # kept whole so several readers (or a late result()) see everything
         self._final: FinalEvent | None = None
         self._cancel_requested = False
-        # Event-loop waiters woken with call_soon_threadsafe: no polling from asyncio.
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        # Event-loop waiters woken with call_soon_threadsafe: no polling from asyncio. A waiter that wants only the
+        # final event (``aresult``) is not woken per token: each wake-up is a turn of its event loop.
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = []
 
     # --- producer side (the engine) ------------------------------------------------------------------
     def _push(self, event: Event) -> None:
@@ -33,7 +34,8 @@ class RequestHandle:
             if isinstance(event, FinalEvent):
                 self._final = event
             self._cond.notify_all()
-            waiters = list(self._async_waiters)
+            final = self._final is not None
+            waiters = [(loop, ev) for loop, ev, every in self._async_waiters if every or final]
         for loop, ev in waiters:
             try:
                 loop.call_soon_threadsafe(ev.set)
@@ -84,7 +86,7 @@ class RequestHandle:
         """Yield every event in order without blocking the event loop; ends after the final event."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        waiter = (loop, wake)
+        waiter = (loop, wake, True)
         with self._cond:
             self._async_waiters.append(waiter)
         try:
@@ -107,11 +109,20 @@ class RequestHandle:
                 self._async_waiters.remove(waiter)
 
     async def aresult(self) -> FinalEvent:
-        """Await the final event without blocking the event loop."""
-        async for event in self.aiter():
-            if isinstance(event, FinalEvent):
-                return event
-        raise AssertionError("unreachable: aiter always ends with a final event")
+        """Await the final event without blocking the event loop (woken once, not per token)."""
+        wake = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), wake, False)
+        with self._cond:
+            if self._final is not None:
+                return self._final
+            self._async_waiters.append(waiter)
+        try:
+            await wake.wait()
+        finally:
+            with self._cond:
+                self._async_waiters.remove(waiter)
+        assert self._final is not None  # set before the wake-up
+        return self._final
 
     def tokens(self) -> Iterator[TokenEvent]:
         """Only the token events (convenience for streaming text)."""

@@ -121,14 +121,14 @@ async def final_event(replica: Replica, admitted: Admitted, rate: TokenRate, end
 
     watcher = asyncio.create_task(watch())
     try:
-        final = None
-        async for event in events(replica, admitted, rate, endpoint):
-            if isinstance(event, FinalEvent):
-                final = event
-        assert final is not None
-        return final
+        final = await admitted.handle.aresult()  # one wake-up per answer, not one per token
+    except BaseException:
+        admitted.handle.cancel()  # this caller is gone (cancelled): free the slot
+        raise
     finally:
         watcher.cancel()
+    record(replica, admitted, final, rate, endpoint)
+    return final
 
 
 def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenRate, endpoint: str) -> None:
