@@ -71,6 +71,7 @@ def run_once(trainer: Proc, params: dict[str, Any], threshold: float) -> dict[st
         "mislabeled": sum(m["mislabeled"] for m in run["metrics"]) + sum(e.get("mislabeled", 0) for e in run["evals"]),
         "step_at": [round(p["time"] - run["started_at"], 2) for p in run["metrics"]],
         "eval_at": [round(e["time"] - run["started_at"], 2) for e in run["evals"]],
+        "eval_reward": [None if e["reward"] is None else round(e["reward"], 3) for e in run["evals"]],
         "staleness": {k: sum(s["staleness"].get(k, 0) for s in run["version_samples"].values())
                       for k in sorted({k for s in run["version_samples"].values() for k in s["staleness"]})},
     }

@@ -120,6 +120,11 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
     assert used == sum(m["samples"] for m in run["metrics"]) == PARAMS["steps"] * PARAMS["batch_size"] * PARAMS[
         "group_size"]
     assert run["summary"]["samples_dropped_stale"] == sum(s["dropped_stale"] for s in run["version_samples"].values())
+    # Each version's evaluation runs beside the next publish: every held-out answer still came from the version
+    # under evaluation (requests admitted before a flip finish on the version that admitted them).
+    assert [e["version"] for e in run["evals"]] == [run["start_version"], *run["versions"]]
+    for e in run["evals"]:
+        assert e["answered"] == e["asked"] == PARAMS["eval_prompts"] and e["other_version"] == 0, e
     if bound == 0:
         # On-policy: after each checkpoint the run waited for answers of the version it became.
         assert all(set(m["staleness"]) == {"0"} for m in run["metrics"])

@@ -95,6 +95,8 @@ class _FinetuneRun:
         self.task = get_task(params.task)
         self.reward, self.reward_name = reward_function(params, ctx.settings)
         self.client = RolloutClient(self._rollout_urls)
+        # Its own connections: held-out prompts are not queued behind the rollouts in flight.
+        self.eval_client = RolloutClient(self._rollout_urls)
         self.book = SampleBook()
         self.window: VersionWindow | None = None
         self.collector: Collector | None = None
@@ -105,10 +107,12 @@ class _FinetuneRun:
             self.collector.stop()
         if self.releases is not None:
             try:  # a publish in flight ends (commits or aborts) before the run does: it cannot be cut short
-                self.releases.wait_published()
+                self.releases.finish()
             except Exception as exc:  # the run already ends with its own reason
-                log.warning("run %s: the last publish failed as the run ended: %s", self.ctx.run_id, exc)
+                log.warning("run %s: the last publish or evaluation failed as the run ended: %s",
+                            self.ctx.run_id, exc)
         self.client.close()
+        self.eval_client.close()
 
     def _rollout_urls(self) -> list[str]:
         """Ready replicas from the heartbeats; else the load-balanced service URL when one is set."""
@@ -169,7 +173,7 @@ class _FinetuneRun:
         from trl import GRPOTrainer
 
         ctx, p = self.ctx, self.p
-        evaluator = Evaluator(ctx, p, self.task, self.reward, self.reward_name, self.client)
+        evaluator = Evaluator(ctx, p, self.task, self.reward, self.reward_name, self.eval_client)
         ref, resume_from = self._start(evaluator)
         assert self.window is not None
         window = self.window
@@ -196,6 +200,7 @@ class _FinetuneRun:
                       window=window, book=self.book, releases=releases,
                       start_step=ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0,
                       resume_from=resume_from)
+            releases.finish()
             self._finish(evaluator)
             return
         rollout_func: Any
@@ -220,7 +225,7 @@ class _FinetuneRun:
                               callbacks=[run_callback(ctx, p, window, self.book, releases)])
         quiet(trainer)
         trainer.train(resume_from_checkpoint=resume_from)
-        releases.wait_published()
+        releases.finish()
         ctx.check_stop()  # a stop ends TRL's loop early; the run is stopped, not succeeded
         if trainer.state.global_step < p.steps:
             raise RunStopped(f"run {ctx.run_id} ended at step {trainer.state.global_step} of {p.steps}")

@@ -2,7 +2,8 @@
 
 Synchronous runs release inline (training waits). Asynchronous runs release on one background thread, so the
 updates go on while the version stages and commits; at most one release is in flight, and a failed one fails
-the run at the next checkpoint or at the end.
+the run at the next checkpoint or at the end. In both, the held-out evaluation of a served version runs on its
+own thread: measuring a version never holds back the next update or the next publish.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Releases:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._evaluation: threading.Thread | None = None
+        self._evaluation_error: BaseException | None = None
         self._lock = threading.Lock()  # the run record, between the update thread and the release thread
 
     def release(self, checkpoint: Path, step: int, stats: dict[str, Any]) -> None:
@@ -111,13 +114,52 @@ class Releases:
         self._thread.start()
 
     def wait_published(self) -> None:
-        """Until no release is in flight; a failed one fails the run here."""
+        """Until no release is in flight; a failed one (or a failed evaluation) fails the run here."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        self._raise_evaluation_error()
+
+    def finish(self) -> None:
+        """Until every release is served and evaluated: the run's last figures are in before it ends."""
+        try:
+            self.wait_published()
+        finally:
+            self.wait_evaluated()
+
+    def wait_evaluated(self) -> None:
+        """Until no evaluation is in flight; a failed one fails the run here."""
+        if self._evaluation is not None:
+            self._evaluation.join()
+            self._evaluation = None
+        self._raise_evaluation_error()
+
+    def _raise_evaluation_error(self) -> None:
+        if self._evaluation_error is not None:
+            error, self._evaluation_error = self._evaluation_error, None
+            raise error
+
+    def _evaluate_behind(self, version: int, step: int, converged: bool) -> None:
+        """Evaluate ``version`` on its own thread, one evaluation at a time.
+
+        The next publish may start meanwhile: its flip comes after it stages, long after these requests were
+        admitted, and a replica finishes admitted requests on the version that admitted them. Only answers tagged
+        ``version`` count in any case (``Evaluator.evaluate``).
+        """
+        self.wait_evaluated()
+
+        def evaluate() -> None:
+            try:
+                self.evaluator.evaluate(version, step, converged=converged)
+            except BaseException as exc:  # handed to the update thread, which fails the run with it
+                log.error("run %s: evaluating v%d failed: %s", self.ctx.run_id, version, exc)
+                self._evaluation_error = exc
+
+        self._evaluation = threading.Thread(target=evaluate, name=f"evaluate-v{version}", daemon=True)
+        self._evaluation.start()
 
     def _guarded(self, checkpoint: Path, step: int, stats: dict[str, Any], samples: VersionSamples) -> None:
         try:
@@ -153,7 +195,7 @@ class Releases:
             record.checkpoint = Checkpoint(step=step, path=str(checkpoint.relative_to(ctx.files.folder)),
                                            version=result.version)
             ctx.save()
-        self.evaluator.evaluate(result.version, step, converged=self.converge(result.version))
+        self._evaluate_behind(result.version, step, self.converge(result.version))
 
     def converge(self, version: int) -> bool:
         """Wait until every live replica serves ``version``; False (logged) when they do not in time."""
