@@ -63,7 +63,7 @@ def run_once(trainer: Proc, params: dict[str, Any], threshold: float) -> dict[st
         "reached_s": round(reached["time"] - run["started_at"], 2) if reached else None,
         "reached_version": lineage.index(reached["version"]) if reached else None,  # trained versions it took
         "total_s": round(run["finished_at"] - run["started_at"], 2),
-        "versions": len(run["versions"]), "final_reward": run["evals"][-1]["reward"],
+        "versions": len(run["versions"]), "final_reward": run["evals"][-1]["reward"] if run["evals"] else None,
         "used": sum(s["used"] for s in run["version_samples"].values()),
         "dropped_stale": sum(s["dropped_stale"] for s in run["version_samples"].values()),
         "beyond_bound": beyond,
@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--max-staleness", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
+    parser.add_argument("--update-mode", choices=["swap", "inplace"], default="swap",
+                        help="the replicas' LOCKSTEP_UPDATE_MODE: a second engine per version, or weights copied in")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     args = parser.parse_args()
@@ -93,12 +95,16 @@ def main() -> int:
     ensure_models(["tiny", "tiny-s1"])  # the initial and substitute models of the cluster
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="async-rl-") as root, \
-            local_cluster(Path(root), BENCH_MODELS, replicas=2, LOCKSTEP_DTYPE="float32") as cluster:
+            local_cluster(Path(root), BENCH_MODELS, replicas=2, LOCKSTEP_DTYPE="float32",
+                          LOCKSTEP_UPDATE_MODE=args.update_mode) as cluster:
         trainer = start_trainer(cluster)
         if args.pin:
             for replica in cluster.replicas:
                 pin(replica.process.pid, 1)
             pin(trainer.process.pid, 0)
+        # A one-step run first: the trainer imports TRL at its first run, and neither mode should pay for that.
+        run_once(trainer, {"model": "builtin:tiny", "steps": 1, "publish_every": 1, "seed": 0, "async": False,
+                           "max_staleness": 0, "eval_prompts": 0}, args.threshold)
         for seed in args.seeds:
             modes = [m == "async" for m in args.modes]
             for is_async in modes if seed % 2 == 0 else modes[::-1]:  # alternate which mode goes first

@@ -8,12 +8,21 @@ from hypothesis import strategies as st
 
 from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.core.errors import BadRequest
-from lockstep.trainer.runs.fleet_rollouts import AsyncRollouts, Collector, Group, Sampling, TaskReward, judge
+from lockstep.trainer.runs.fleet_rollouts import (
+    AsyncRollouts,
+    Collector,
+    Group,
+    Sampling,
+    TaskReward,
+    judge,
+    step_prompts,
+)
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
 from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import digits_reward, get_task
 from lockstep.trainer.runs.trl_trainer import check_trl_args, grpo_config
 from lockstep.trainer.server.schemas import FinetuneParams
+from tests.support.cluster import wait_for
 
 
 def group(version: int | None, *, size: int = 2, prompt: str = "Numbers for a b c:") -> Group:
@@ -120,3 +129,30 @@ class _Tokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": [ord(c) for c in text]}
+
+
+def test_the_collector_asks_for_the_prompts_and_samples_a_synchronous_run_asks_for_at_each_step() -> None:
+    """Round r of an asynchronous run is step r of a synchronous one with the same parameters: the two modes train
+    on the same stream, and a resumed run goes on from its step instead of starting the stream again."""
+
+    class Recording(RolloutClient):
+        def __init__(self) -> None:
+            super().__init__(lambda: [], no_replica_wait_s=0)  # every answer fails; the collector asks again
+            self.asked: list[list[GenRequest]] = []
+
+        def generate(self, requests: list[GenRequest]) -> list[Rollout]:
+            self.asked.append(requests)
+            return super().generate(requests)
+
+    task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
+    client = Recording()
+    collector = Collector(client, sampling, task, 3, SampleBook(), capacity=3, first_round=5)
+    try:
+        collector.start()
+        wait_for(lambda: len(client.asked) >= 2, 30, 0.05, "two rounds")
+    finally:
+        collector.stop()
+        client.close()
+    for step, asked in zip((5, 6), client.asked, strict=False):
+        assert asked == sampling.requests(step_prompts(task, 3, 7, step), step)
+    assert step_prompts(task, 3, 7, 5) != step_prompts(task, 3, 7, 6)

@@ -29,6 +29,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
     Sampling,
     SyncRollouts,
     TaskReward,
+    step_prompts,
 )
 from lockstep.trainer.runs.releases import Evaluator, Releases, model_files
 from lockstep.trainer.runs.rewards import RewardError, load_reward, score
@@ -205,8 +206,9 @@ class _FinetuneRun:
             return
         rollout_func: Any
         if p.async_mode:
+            resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
             self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book,
-                                       capacity=p.batch_size)  # one step ahead
+                                       capacity=p.batch_size, first_round=resumed_at + 1)  # one step ahead
             self.collector.start()
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,
                                          check_stop=ctx.check_stop, clock=ctx.clock)
@@ -214,9 +216,8 @@ class _FinetuneRun:
             rollout_func = SyncRollouts(self.client, sampling, window, self.book, tokenizer,
                                         check_stop=ctx.check_stop, sleep=ctx.clock.sleep)
         # TRL takes the batches in order (shuffle_dataset off): step n asks for the same prompts on every run
-        # with these parameters. Asynchronous runs take the collector's prompts instead.
-        prompts = [q for step in range(1, p.steps + 1)
-                   for q in self.task.prompts(p.batch_size, seed=p.seed * 1_000_003 + step, held_out=False)]
+        # with these parameters. Asynchronous runs take the collector's, which asks for the same stream.
+        prompts = [q for step in range(1, p.steps + 1) for q in step_prompts(self.task, p.batch_size, p.seed, step)]
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is documented as experimental
         trainer = GRPOTrainer(model=loaded.model, reward_funcs=[TaskReward(self.reward, self.reward_name)],
                               args=grpo_config(p, ctx.files.checkpoints),

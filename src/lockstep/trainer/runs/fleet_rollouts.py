@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 COLLECT_TRIES = 10  # sync: rounds per step before giving up (each waits a second for replicas to catch up)
 STARVED_S = 300.0  # async: seconds without one usable group before the run fails
-ASYNC_SEED_OFFSET = 1 << 40  # the collector's prompt stream is distinct from the dataset's
 
 
 class RunFailed(LockstepError):
@@ -185,13 +184,23 @@ class SyncRollouts:
                         f"{COLLECT_TRIES} tries; last problems: {why}")
 
 
+def step_prompts(task: Task, batch_size: int, seed: int, step: int) -> list[str]:
+    """The prompts of step ``step`` (from 1) of a run: the same for the same parameters, whatever the mode."""
+    return task.prompts(batch_size, seed=seed * 1_000_003 + step, held_out=False)
+
+
 class Collector:
-    """A thread that keeps asking the fleet for groups while updates run; at most ``capacity`` wait unused."""
+    """A thread that keeps asking the fleet for groups while updates run; at most ``capacity`` wait unused.
+
+    Round r asks for step r's prompts and samples (``step_prompts``, ``Sampling.requests``), as a synchronous run
+    would at step r; rounds whose groups are dropped move the stream on. A resumed run starts at ``first_round``.
+    """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
-                 book: SampleBook, *, capacity: int) -> None:
+                 book: SampleBook, *, capacity: int, first_round: int = 1) -> None:
         self.client, self.sampling, self.task, self.book = client, sampling, task, book
         self.batch_size = batch_size
+        self.first_round = first_round
         self.groups: queue.Queue[Group] = queue.Queue(maxsize=capacity)
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -205,13 +214,12 @@ class Collector:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        round_ = 0
+        round_ = self.first_round - 1
         while not self._stop.is_set():
             round_ += 1
-            prompts = self.task.prompts(self.batch_size, seed=self.sampling.seed * 1_000_003 + ASYNC_SEED_OFFSET
-                                        + round_, held_out=False)
+            prompts = step_prompts(self.task, self.batch_size, self.sampling.seed, round_)
             try:
-                rollouts = self.client.generate(self.sampling.requests(prompts, ASYNC_SEED_OFFSET + round_))
+                rollouts = self.client.generate(self.sampling.requests(prompts, round_))
             except RuntimeError:  # the client was closed under us: the run is ending
                 return
             groups, trouble = whole_groups(rollouts, self.book)

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 120.0  # seconds for one generation; a loaded CPU replica can be slow
 CONCURRENCY = 32  # requests in flight at once (replicas batch them)
+# How long a round waits for a ready replica before its requests fail. A flip can leave none ready for a moment:
+# in-place copies pause admission on every replica at one activate_at.
+NO_REPLICA_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,9 @@ class RolloutClient:
     """Sends generations to the replicas ``urls()`` returns, spreading them round robin."""
 
     def __init__(self, urls: Callable[[], list[str]], *, timeout_s: float = REQUEST_TIMEOUT_S,
-                 concurrency: int = CONCURRENCY) -> None:
+                 concurrency: int = CONCURRENCY, no_replica_wait_s: float = NO_REPLICA_WAIT_S) -> None:
         self.urls = urls
+        self.no_replica_wait_s = no_replica_wait_s
         self._client = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency))
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollout")
         self._turn = itertools.count()
@@ -127,10 +131,17 @@ class RolloutClient:
 
     def generate(self, requests: list[GenRequest]) -> list[Rollout]:
         """Every request, concurrently, round robin over the ready replicas; failures carry ``error``."""
-        urls = self.urls()
+        urls = self._ready_urls()
         if not urls:
             return [Rollout(r, "", error="no ready replica was found (see GET /cluster)") for r in requests]
         return list(self._pool.map(lambda r: self._round_robin(r, urls), requests))
+
+    def _ready_urls(self) -> list[str]:
+        """The ready replicas; when there are none, asked again for up to ``no_replica_wait_s``."""
+        deadline = time.monotonic() + self.no_replica_wait_s
+        while not (urls := self.urls()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return urls
 
     def on_each(self, urls: list[str], requests: list[GenRequest]) -> list[Rollout]:
         """Every request on every replica in ``urls`` (the simulation asks each one)."""

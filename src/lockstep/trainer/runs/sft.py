@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lockstep.trainer.runs.context import RunContext
-from lockstep.trainer.runs.fleet_rollouts import Group, SyncRollouts
+from lockstep.trainer.runs.fleet_rollouts import Group, SyncRollouts, step_prompts
 from lockstep.trainer.runs.releases import Releases
 from lockstep.trainer.runs.rewards import score
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
@@ -54,7 +54,7 @@ def train_sft(ctx: RunContext, p: FinetuneParams, model: Any, tokenizer: Any, *,
         points = []
         for n in segment:
             ctx.progress(n - 1, p.steps, f"step {n}/{p.steps}: rollouts from v{window.latest}")
-            asked = task.prompts(p.batch_size, seed=p.seed * 1_000_003 + n, held_out=False)
+            asked = step_prompts(task, p.batch_size, p.seed, n)
             groups = rollouts.groups(asked, n)
             rewards = [[score(reward, r.request.prompt, r.text, reward_name) for r in g.rollouts] for g in groups]
             best = best_answers(groups, rewards)
