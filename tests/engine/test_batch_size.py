@@ -215,3 +215,19 @@ def test_an_engine_records_its_cache_and_withdraws_it_when_closed_or_collected(o
     del auto
     gc.collect()
     assert reserved() == 0
+
+
+def test_an_engine_collected_while_this_thread_holds_the_claim_is_dropped_at_the_next_one(own_ledger: Path,
+                                                                                          model: Any) -> None:
+    """The garbage collector may run a finalizer anywhere, inside a claim too: it must not wait on that lock."""
+    import gc
+
+    cpu = torch.device("cpu")
+    engine = Engine(model, tokenizer(), max_batch_size=2, max_context=64)
+    with batch_size.memory_claim(cpu, lock_path=own_ledger) as claim:
+        assert claim.reserved_bytes == engine.kv_cache_bytes > 0
+        del engine
+        gc.collect()  # the engine's finalizer runs here
+    with batch_size.memory_claim(cpu, lock_path=own_ledger) as claim:
+        assert claim.reserved_bytes == 0
+    assert own_ledger.with_suffix(".ledger").read_text() == ""

@@ -133,6 +133,16 @@ def device_kind(device_type: str) -> str:
     return "cpu" if device_type == "cpu" else "cuda"
 
 
+# Ledger keys of engines collected without close(). A finalizer may run inside the garbage collector, and so inside
+# a claim this thread holds: it only notes the key, and the next claim drops the line.
+_forgotten: set[str] = set()
+
+
+def forget(key: str) -> None:
+    """An engine nobody closed was collected: its line goes at the next claim (no file I/O here)."""
+    _forgotten.add(key)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -237,7 +247,13 @@ def memory_claim(device: torch.device, *, lock_path: Path | None = None) -> Iter
             yield MemoryClaim(None)
             return
         ledger = lock.with_suffix(".ledger")
-        yield MemoryClaim(ledger, sum(_read_ledger(ledger).values()))
+        entries = _read_ledger(ledger)
+        gone = _forgotten & entries.keys()
+        if gone:
+            entries = {k: v for k, v in entries.items() if k not in gone}
+            _write_ledger(ledger, entries)
+            _forgotten.difference_update(gone)
+        yield MemoryClaim(ledger, sum(entries.values()))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
-from lockstep.engine.batch_size import memory_claim, size_batch
+from lockstep.engine.batch_size import forget, memory_claim, size_batch
 from lockstep.engine.event import NONFINITE_LOGITS, FinalEvent, FinishReason
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.runner import Runner, make_runner
@@ -119,9 +119,10 @@ class Engine:
             with torch.inference_mode():
                 self._runner: Runner | None = make_runner(model, max_batch_size, max_context, backend,
                                                           self.batch_sizing.kv_tokens)
-            reservation = claim.reserve(self.kv_cache_bytes)
-        # Withdrawn at close, or when an engine nobody closed is collected.
-        self._withdraw = weakref.finalize(self, reservation.withdraw) if reservation is not None else None
+            self._reservation = claim.reserve(self.kv_cache_bytes)
+        # Withdrawn at close; an engine nobody closed is forgotten when collected.
+        self._forget = (weakref.finalize(self, forget, self._reservation.key) if self._reservation is not None
+                        else None)
         self.backend = self._runner.name
         log.info("engine: backend %s, %s, %s on %s, context %d tokens, KV cache %.0f MiB reserved", self.backend,
                  self.batch_sizing.describe(), param.dtype, self._device, max_context, self.kv_cache_bytes / 2**20)
@@ -182,8 +183,8 @@ class Engine:
             runner, self._runner = self._runner, None
         if runner is not None:
             runner.close()
-        if self._withdraw is not None:
-            self._withdraw()
+        if self._forget is not None and self._forget.detach() is not None and self._reservation is not None:
+            self._reservation.withdraw()
         self._model = None
         self._tokenizer = None
         if self._device.type == "cuda":
