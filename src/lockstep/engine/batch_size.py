@@ -159,7 +159,6 @@ class Reservation:
 
     ledger: Path
     key: str
-    nbytes: int
 
     def withdraw(self) -> None:
         """The cache is gone: drop its line (and those of processes that died)."""
@@ -187,7 +186,7 @@ class MemoryClaim:
             return None
         key = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         _write_ledger(self.ledger, {**_read_ledger(self.ledger), key: nbytes})
-        return Reservation(self.ledger, key, nbytes)
+        return Reservation(self.ledger, key)
 
 
 def _read_ledger(path: Path) -> dict[str, int]:
