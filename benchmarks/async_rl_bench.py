@@ -82,7 +82,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--publish-every", type=int, default=3)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: the run kind's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the run kind's")
     parser.add_argument("--max-staleness", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
@@ -109,8 +110,9 @@ def main() -> int:
             modes = [m == "async" for m in args.modes]
             for is_async in modes if seed % 2 == 0 else modes[::-1]:  # alternate which mode goes first
                 params = {"model": "builtin:tiny", "steps": args.steps, "publish_every": args.publish_every,
-                          "learning_rate": args.learning_rate, "seed": seed, "async": is_async,
-                          "max_staleness": args.max_staleness if is_async else 0}
+                          "seed": seed, "async": is_async, "max_staleness": args.max_staleness if is_async else 0}
+                params |= {k: v for k, v in (("batch_size", args.batch_size), ("learning_rate", args.learning_rate))
+                           if v is not None}
                 result = run_once(trainer, params, args.threshold)
                 results.append(result)
                 print(json.dumps(result), flush=True)

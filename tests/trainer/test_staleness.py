@@ -88,15 +88,34 @@ def test_async_rollouts_hand_trl_only_fresh_groups_with_their_tags() -> None:
     client = RolloutClient(lambda: [])
     try:
         window, book = VersionWindow([1, 2, 3], max_staleness=1), SampleBook()
-        collector = Collector(client, Sampling(2, 4, 1.0, 0, 0), get_task("digits"), 2, book, capacity=8)
+        collector = Collector(client, Sampling(2, 4, 1.0, 0, 0), get_task("digits"), 2, book, window, capacity=8)
         for version in (1, 2, 1, 3, 9):  # waiting in the queue, oldest first
-            collector.groups.put(group(version))
+            collector.put(group(version))
         rollouts = AsyncRollouts(collector, 2, window, book, _Tokenizer(), check_stop=lambda: None,
                                  clock=SYSTEM_CLOCK)
         batch = rollouts(["p", "p", "q", "q"], trainer=None)
         assert batch["lockstep_version"] == [2, 2, 3, 3]
         assert batch["completion_ids"] == [[5, 6]] * 4 and batch["logprobs"] is None
         assert book.take_step().dropped_stale == 4  # both v1 groups (two answers each) were too old
+    finally:
+        client.close()
+
+
+def test_a_full_collector_drops_the_groups_a_publish_pushed_beyond_the_bound_and_goes_on() -> None:
+    """Answers no update may use never hold the fleet back: the collector drops them to make room, counted as stale
+    (or foreign), and keeps the usable ones in order."""
+    client = RolloutClient(lambda: [])
+    try:
+        window, book = VersionWindow([1, 2], max_staleness=1), SampleBook()
+        collector = Collector(client, Sampling(2, 4, 1.0, 0, 0), get_task("digits"), 2, book, window, capacity=3)
+        for version in (1, 2, 1):
+            collector.put(group(version))
+        window.publishing_started()  # v1 is now two behind the policy; v2 one
+        collector.put(group(2, prompt="fresh"))  # returns at once: both v1 groups make room
+        taken = [collector.take(timeout_s=0) for _ in range(3)]
+        assert [g.prompt if g else None for g in taken] == ["Numbers for a b c:", "fresh", None]
+        step = book.take_step()
+        assert (step.dropped_stale, step.used) == (4, 0)  # two groups of two, dropped at the collector
     finally:
         client.close()
 
@@ -146,7 +165,7 @@ def test_the_collector_asks_for_the_prompts_and_samples_a_synchronous_run_asks_f
 
     task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
     client = Recording()
-    collector = Collector(client, sampling, task, 3, SampleBook(), capacity=3, first_round=5)
+    collector = Collector(client, sampling, task, 3, SampleBook(), VersionWindow([0], 1), capacity=3, first_round=5)
     try:
         collector.start()
         wait_for(lambda: len(client.asked) >= 2, 30, 0.05, "two rounds")

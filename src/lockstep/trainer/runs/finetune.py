@@ -181,7 +181,7 @@ class _FinetuneRun:
         releases = self.releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
                                             background=p.async_mode)
         if resume_from is None:
-            evaluator.evaluate(window.latest, 0, converged=releases.converge(window.latest))
+            releases.evaluate_behind(window.latest, 0, releases.converge(window.latest))  # beside the first steps
         elif self._served_model()[0] != window.latest:
             # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
             # with this run's policy again (another publisher's answers are never used).
@@ -207,7 +207,7 @@ class _FinetuneRun:
         rollout_func: Any
         if p.async_mode:
             resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
-            self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book,
+            self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book, window,
                                        capacity=p.batch_size, first_round=resumed_at + 1)  # one step ahead
             self.collector.start()
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,

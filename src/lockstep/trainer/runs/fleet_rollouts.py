@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,18 +87,27 @@ def whole_groups(rollouts: list[Rollout], book: SampleBook) -> tuple[dict[int, G
     return groups, problems
 
 
+def verdicts(group: Group, window: VersionWindow) -> list[Freshness]:
+    """What the bound says of each answer of ``group`` now."""
+    return [window.judge(r.version) for r in group.rollouts]
+
+
 def judge(group: Group, window: VersionWindow, book: SampleBook) -> bool:
     """Use the group (counted by staleness) when every answer is within the bound; else count why not."""
-    verdicts = [window.judge(r.version) for r in group.rollouts]
-    if all(v is Freshness.FRESH for v in verdicts):
+    said = verdicts(group, window)
+    if all(v is Freshness.FRESH for v in said):
         for r in group.rollouts:
             assert r.version is not None
             book.used(r.version, window.staleness(r.version) or 0)
         return True
-    for v in verdicts:
+    count_dropped(said, book)
+    return False
+
+
+def count_dropped(said: list[Freshness], book: SampleBook) -> None:
+    for v in said:
         # A fresh member of a dropped group is dropped because of its siblings: count it as stale.
         book.dropped(Freshness.FOREIGN if v is Freshness.FOREIGN else Freshness.STALE)
-    return False
 
 
 def completion_ids(tokenizer: Any, r: Rollout) -> list[int]:
@@ -194,15 +203,19 @@ class Collector:
 
     Round r asks for step r's prompts and samples (``step_prompts``, ``Sampling.requests``), as a synchronous run
     would at step r; rounds whose groups are dropped move the stream on. A resumed run starts at ``first_round``.
+    When the waiting groups fill the buffer, those a publish has pushed beyond the bound are dropped there (and
+    counted), so the fleet goes on generating instead of holding answers no update may use.
     """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
-                 book: SampleBook, *, capacity: int, first_round: int = 1) -> None:
-        self.client, self.sampling, self.task, self.book = client, sampling, task, book
+                 book: SampleBook, window: VersionWindow, *, capacity: int, first_round: int = 1) -> None:
+        self.client, self.sampling, self.task, self.book, self.window = client, sampling, task, book, window
         self.batch_size = batch_size
+        self.capacity = capacity
         self.first_round = first_round
-        self.groups: queue.Queue[Group] = queue.Queue(maxsize=capacity)
         self.problems: list[str] = []
+        self._waiting: deque[Group] = deque()
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-collector", daemon=True)
 
@@ -211,6 +224,8 @@ class Collector:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
@@ -227,18 +242,38 @@ class Collector:
             if not groups:
                 self._stop.wait(1.0)  # nothing answered: give the replicas a moment
             for g in sorted(groups):
-                while not self._stop.is_set():
-                    try:  # a full queue holds the collector back: generating further ahead only makes staler answers
-                        self.groups.put(groups[g], timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self.put(groups[g])
+
+    def put(self, group: Group) -> None:
+        """Queue ``group``; while the buffer is full, wait (generating further ahead only makes staler answers)."""
+        with self._changed:
+            while len(self._waiting) >= self.capacity and not self._stop.is_set():
+                if not self._drop_beyond_bound():
+                    self._changed.wait(0.2)
+            self._waiting.append(group)
+            self._changed.notify_all()
+
+    def _drop_beyond_bound(self) -> int:
+        """Drop (and count) the waiting groups that are no longer usable; how many went. Holds ``_changed``."""
+        kept: deque[Group] = deque()
+        for group in self._waiting:
+            said = verdicts(group, self.window)
+            if all(v is Freshness.FRESH for v in said):
+                kept.append(group)
+            else:  # staleness only grows (a publish that fails fails the run): no update could use it later
+                count_dropped(said, self.book)
+        dropped = len(self._waiting) - len(kept)
+        self._waiting = kept
+        return dropped
 
     def take(self, timeout_s: float) -> Group | None:
-        try:
-            return self.groups.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        """The oldest waiting group, or None when none came within ``timeout_s``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: bool(self._waiting), timeout=timeout_s):
+                return None
+            group = self._waiting.popleft()
+            self._changed.notify_all()
+            return group
 
 
 class AsyncRollouts:

@@ -142,7 +142,7 @@ class Releases:
             error, self._evaluation_error = self._evaluation_error, None
             raise error
 
-    def _evaluate_behind(self, version: int, step: int, converged: bool) -> None:
+    def evaluate_behind(self, version: int, step: int, converged: bool) -> None:
         """Evaluate ``version`` on its own thread, one evaluation at a time.
 
         The next publish may start meanwhile: its flip comes after it stages, long after these requests were
@@ -195,7 +195,7 @@ class Releases:
             record.checkpoint = Checkpoint(step=step, path=str(checkpoint.relative_to(ctx.files.folder)),
                                            version=result.version)
             ctx.save()
-        self._evaluate_behind(result.version, step, self.converge(result.version))
+        self.evaluate_behind(result.version, step, self.converge(result.version))
 
     def converge(self, version: int) -> bool:
         """Wait until every live replica serves ``version``; False (logged) when they do not in time."""
