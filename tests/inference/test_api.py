@@ -97,6 +97,8 @@ BAD_GENERATE: list[tuple[str, Any, tuple[str, ...]]] = [
     ("top_p out of range", {"prompt": "hi", "top_p": 0}, ("top_p", "greater than 0")),
     ("unknown field", {"prompt": "hi", "max_tokens": 4}, ("max_tokens is not a supported field",)),
     ("system_prompt not a string", {"prompt": "hi", "system_prompt": ["x"]}, ("system_prompt", "string")),
+    ("n of 0", {"prompt": "hi", "n": 0}, ("n", "greater than or equal to 1")),
+    ("n over the limit", {"prompt": "hi", "n": 65}, ("n", "less than or equal to 64")),
 ]
 
 
@@ -126,6 +128,18 @@ def test_generate_answers_with_the_version_in_headers_and_body(
     assert r.headers["x-replica-id"] == "test-replica" == body["replica_id"]
     assert body["finish_reason"] == "length" and body["completion_tokens"] == MAX_NEW
     assert body["prompt_tokens"] > 0 and body["latency_s"] >= body["ttft_s"] > 0
+
+
+def test_generate_n_answers_come_from_one_version_each_with_its_own_seed(api: Served) -> None:
+    asked = {"prompt": PROMPTS[0], "max_new_tokens": MAX_NEW, "temperature": 1.0, "seed": 123}
+    r = httpx.post(api.url + "/generate", json={**asked, "n": 3}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-model-version"] == "0"
+    body = r.json()
+    alone = [httpx.post(api.url + "/generate", json={**asked, "seed": 123 + i}, timeout=60).json() for i in range(3)]
+    assert [c["text"] for c in body["choices"]] == [a["text"] for a in alone]
+    assert [c["completion_token_ids"] for c in body["choices"]] == [a["completion_token_ids"] for a in alone]
+    assert body["text"] == alone[0]["text"] and "choices" not in alone[0]  # n = 1 answers as it always did
+    assert len({a["text"] for a in alone}) > 1
 
 
 def _model_dir(src: Path, dest: Path) -> Path:

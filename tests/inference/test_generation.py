@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lockstep.core.errors import Overloaded
 from lockstep.engine import SamplingParams
 from lockstep.inference import generation
 
@@ -41,10 +42,24 @@ class FakeSlot:
     model_ref: str = "builtin:tiny"
 
 
+class FakeCounter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+@dataclass
+class FakeMetrics:
+    rejected: FakeCounter = field(default_factory=FakeCounter)
+
+
 @dataclass
 class FakeReplica:
     slot: FakeSlot = field(default_factory=FakeSlot)
     pins: int = 0
+    metrics: FakeMetrics = field(default_factory=FakeMetrics)
 
     @contextlib.contextmanager
     def pinned(self, session: str | None = None, version: int | None = None) -> Iterator[FakeSlot]:
@@ -112,3 +127,38 @@ def test_a_caller_that_leaves_while_admitting_cancels_its_request() -> None:
         assert await asyncio.to_thread(handles[0].cancelled.wait, WAIT_S)
 
     asyncio.run(main())
+
+
+class OverloadedAfter(FakeEngine):
+    """Takes ``room`` requests, then answers the next with the engine's 429."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def submit(self, ids: list[int], params: SamplingParams) -> FakeHandle:
+        if len(self.handles) >= self.room:
+            raise Overloaded("the queue is full")
+        return super().submit(ids, params)
+
+
+def test_n_answers_are_admitted_together_on_one_slot_with_consecutive_seeds() -> None:
+    replica = FakeReplica()
+    admitted = asyncio.run(generation.admit_choices(replica, lambda tok: [1, 2], SamplingParams(seed=9, temperature=1),
+                                                    3))  # type: ignore[arg-type]
+    assert [a.params.seed for a in admitted] == [9, 10, 11] and {a.version for a in admitted} == {3}
+    assert len(replica.slot.engine.handles) == 3 and replica.pins == 0  # one pin for all three, released
+    unseeded = asyncio.run(generation.admit_choices(replica, lambda tok: [1], SamplingParams(), 2))  # type: ignore[arg-type]
+    assert [a.params.seed for a in unseeded] == [None, None]
+
+
+def test_n_answers_are_all_admitted_or_none() -> None:
+    replica = FakeReplica(FakeSlot(engine=OverloadedAfter(room=2)))
+    try:
+        asyncio.run(generation.admit_choices(replica, lambda tok: [1], SamplingParams(), 3))  # type: ignore[arg-type]
+    except Overloaded:
+        pass
+    else:
+        raise AssertionError("a third answer did not fit, yet the request was admitted")
+    assert [h.cancelled.is_set() for h in replica.slot.engine.handles] == [True, True]
+    assert replica.metrics.rejected.value == 1

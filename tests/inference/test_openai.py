@@ -124,13 +124,44 @@ def test_streamed_chat_is_the_same_text(client: OpenAI, chat_expected: str) -> N
     assert all(ch.system_fingerprint and ch.system_fingerprint.startswith("v0-") for ch in chunks)
 
 
+def test_n_choices_are_each_the_answer_of_their_own_seed_and_one_version_wrote_them_all(client: OpenAI) -> None:
+    """Choice i of (seed s, n) is the answer of (seed s + i, n = 1): sampled independently, reproducibly."""
+    asked: dict[str, Any] = {"model": "lockstep", "prompt": PROMPTS[2], "max_tokens": MAX_NEW, "temperature": 1.0,
+                             "seed": 40}
+    raw = client.completions.with_raw_response.create(n=4, **asked)
+    assert raw.headers["x-model-version"] == "0"
+    c = raw.parse()
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(**{**asked, "seed": 40 + i}).choices[0].text for i in range(4)]
+    assert [ch.text for ch in c.choices] == alone
+    assert len(set(alone)) > 1  # sampled, not one answer four times
+    assert c.usage is not None and c.usage.completion_tokens == 4 * MAX_NEW
+    assert c.usage.prompt_tokens == client.completions.create(**asked).usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_streamed_n_choices_interleave_and_each_is_whole(client: OpenAI) -> None:
+    asked: dict[str, Any] = {"model": "lockstep", "messages": [{"role": "user", "content": PROMPTS[1]}],
+                             "max_tokens": MAX_NEW, "temperature": 1.0, "seed": 7}
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True},
+                                                 **asked))
+    texts = {i: "" for i in range(3)}
+    finished = []
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert sorted(finished) == [0, 1, 2]
+    whole = client.chat.completions.create(n=3, **asked)
+    assert [texts[i] for i in range(3)] == [ch.message.content for ch in whole.choices]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3 * MAX_NEW
+
+
 UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
-    ("completions", {"n": 2}, "n (only n=1"),
     ("completions", {"logprobs": 1}, "logprobs"),
     ("completions", {"best_of": 2}, "best_of"),
     ("completions", {"echo": True}, "echo"),
     ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"n": 2}, "n (only n=1"),
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
 ]

@@ -73,6 +73,20 @@ def test_greedy_answers_equal_the_builtin_engines_on_both_apis(replica: Proc, ti
         assert {c["model"] for c in chunks} == {"lockstep@v0"}
 
 
+def test_n_answers_of_one_request_come_from_one_version_on_both_apis(replica: Proc, tiny_dirs: dict[int, Path]) -> None:
+    prompt = PROMPTS[0]
+    want = greedy_texts(tiny_dirs[0], dtype="float32")[prompt]
+    r = replica.post("/generate", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0.0, "n": 3})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Version"] == "0" and [c["text"] for c in r.json()["choices"]] == [want] * 3
+    sampled = replica.post("/v1/completions", json={"model": "lockstep", "prompt": prompt, "max_tokens": 8,
+                                                    "temperature": 1.0, "seed": 11, "n": 4})
+    assert sampled.status_code == 200, sampled.text
+    choices = sampled.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3] and sampled.json()["usage"]["completion_tokens"] > 0
+    assert len({c["text"] for c in choices}) > 1  # four samples, not one answer four times
+
+
 def test_status_and_metrics_show_the_engine_and_vllms_own_metrics(replica: Proc) -> None:
     status = replica.status()
     assert status["engine"] == "vllm"

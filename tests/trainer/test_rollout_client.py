@@ -1,8 +1,11 @@
-"""The trainer's rollout client waits out a moment with no ready replica instead of failing a whole round."""
+"""The trainer's rollout client: it waits out a moment with no ready replica instead of failing a whole round, and
+a group asked for in one request comes back as one rollout per answer."""
 
 from __future__ import annotations
 
-from lockstep.trainer.runs.rollouts import GenRequest, RolloutClient
+import httpx
+
+from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient, parse_answer
 from tests.support.cluster import free_port
 
 
@@ -31,3 +34,37 @@ def test_with_no_ready_replica_for_the_whole_wait_the_round_fails_with_the_reaso
     finally:
         client.close()
     assert [r.error for r in rollouts] == ["no ready replica was found (see GET /cluster)"] * 2
+
+
+def _answer(choices: list[dict[str, object]] | None, status: int = 200) -> httpx.Response:
+    body: dict[str, object] = {"text": "a", "model_version": 4, "replica_id": "r1", "finish_reason": "length",
+                               "completion_tokens": 1, "completion_token_ids": [7]}
+    if choices is not None:
+        body["choices"] = choices
+    if status != 200:
+        body = {"error": {"message": "the queue is full"}}
+    return httpx.Response(status, json=body, headers={"x-model-version": "4"})
+
+
+def test_a_group_asked_in_one_request_comes_back_as_one_rollout_per_answer_with_the_version() -> None:
+    request = GenRequest("p", 2, 1.0, seed=5, group=2, n=3)
+    assert request.body()["n"] == 3 and "n" not in GenRequest("p", 2, 1.0).body()
+    choices = [{"text": t, "finish_reason": "stop", "completion_tokens": 1, "completion_token_ids": [i]}
+               for i, t in enumerate("xyz")]
+    rollouts = parse_answer(Rollout(request, "http://r"), _answer(choices))
+    assert [(r.text, r.token_ids, r.version, r.body_version, r.request.group) for r in rollouts] == [
+        ("x", [0], 4, 4, 2), ("y", [1], 4, 4, 2), ("z", [2], 4, 4, 2)]
+    assert all(r.ok and not r.mislabeled for r in rollouts)
+
+
+def test_a_group_request_that_fails_or_answers_short_fails_every_answer_of_it() -> None:
+    request = GenRequest("p", 2, 1.0, n=3)
+    short = parse_answer(Rollout(request, "http://r"), _answer([{"text": "x"}]))
+    refused = parse_answer(Rollout(request, "http://r"), _answer(None, status=429))
+    assert [r.error for r in short] == ["the replica answered 1 choices of 3"] * 3
+    assert [r.error for r in refused] == ["HTTP 429: the queue is full"] * 3
+    client = RolloutClient(lambda: [], no_replica_wait_s=0)
+    try:
+        assert len(client.generate([request, GenRequest("q", 2, 0.0)])) == 4  # 3 + 1 answers, all failed
+    finally:
+        client.close()

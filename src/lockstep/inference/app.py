@@ -22,6 +22,7 @@ from lockstep.inference.schemas import (
     MAX_ACTIVATE_AHEAD_S,
     AbortRequest,
     CommitRequest,
+    GenerateChoiceResponse,
     GenerateRequest,
     GenerateResponse,
     SplitRequest,
@@ -138,21 +139,28 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         session, version = session_key(request), target_version(request, settings)
         if body.system_prompt:
             messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
-            admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params, session,
-                                              version)
+            admitted = await generation.admit_choices(rt.replica, lambda tok: chat_prompt(tok, messages), params,
+                                                      body.n, session, version)
         else:
-            admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.prompt), params, session,
-                                              version)
-        final = await generation.final_event(rt.replica, admitted, rt.token_rate, "/generate",
-                                             request.is_disconnected)
-        if final.finish_reason.value == "error":
-            raise BadRequest(f"generation failed: {final.error}")
+            admitted = await generation.admit_choices(rt.replica, lambda tok: plain_prompt(tok, body.prompt),
+                                                      params, body.n, session, version)
+        finals = await generation.final_events(rt.replica, admitted, rt.token_rate, "/generate",
+                                               request.is_disconnected)
+        failed = next((f for f in finals if f.finish_reason.value == "error"), None)
+        if failed is not None:
+            raise BadRequest(f"generation failed: {failed.error}")
+        first, final = admitted[0], finals[0]
         answer = GenerateResponse(
-            text=final.text, model_version=admitted.version, model_repo_id=admitted.model_ref,
-            model_digest=admitted.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
+            text=final.text, model_version=first.version, model_repo_id=first.model_ref,
+            model_digest=first.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
             prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
-            latency_s=final.latency_s, ttft_s=final.ttft_s, completion_token_ids=list(final.token_ids))
-        return JSONResponse(answer.model_dump(), headers=version_headers(admitted, rt.replica_id))
+            latency_s=max(f.latency_s for f in finals), ttft_s=final.ttft_s,
+            completion_token_ids=list(final.token_ids),
+            choices=[GenerateChoiceResponse(text=f.text, finish_reason=f.finish_reason.value,
+                                    completion_tokens=f.completion_tokens, completion_token_ids=list(f.token_ids))
+                     for f in finals] if body.n > 1 else None)
+        return JSONResponse(answer.model_dump(exclude={"choices"} if body.n == 1 else None),
+                            headers=version_headers(first, rt.replica_id))
 
     # The admin handlers read the store, walk model folders or take the replica's locks: each runs in a worker
     # thread, so a folder with a million files delays only its own answer, never /healthz.

@@ -7,12 +7,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lockstep.core.errors import Overloaded
 from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
 from lockstep.engine.event import NONFINITE_LOGITS
+from lockstep.engine.sampling_params import MAX_SEED
 from lockstep.inference.replica import Replica
 from lockstep.inference.slot import ModelSlot
 
@@ -65,31 +66,55 @@ async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingP
 
     All of it runs in a worker thread: tokenizing the longest allowed prompt or chat, or waiting out an in-place
     weight copy, never holds up the event loop (and with it /healthz and every other request)."""
-    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, session, version))
+    [admitted] = await admit_choices(replica, build_prompt, params, 1, session, version)
+    return admitted
+
+
+async def admit_choices(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, n: int,
+                        session: str | None = None, version: int | None = None) -> list[Admitted]:
+    """``n`` answers to one prompt, admitted together on one slot, so one version writes all of them (``admit``).
+
+    With a seed, answer i samples with seed + i: answer i of (seed s, n) is the answer of (seed s + i, n = 1)."""
+    work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, n, session,
+                                                   version))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        work.add_done_callback(_cancel_orphan)  # the client left while admitting: free the slot once submitted
+        work.add_done_callback(_cancel_orphans)  # the client left while admitting: free the slots once submitted
         raise
 
 
-def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, session: str | None,
-                    version: int | None) -> Admitted:
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of answer ``index`` of a request (its seed shifted by the index)."""
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=(params.seed + index) % (MAX_SEED + 1))
+
+
+def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, n: int,
+                    session: str | None, version: int | None) -> list[Admitted]:
+    admitted: list[Admitted] = []
     with replica.pinned(session=session, version=version) as slot:
         ids = build_prompt(slot.tokenizer)
         try:
-            handle = slot.engine.submit(ids, params)
-        except Overloaded:
-            replica.metrics.rejected.inc()
+            for index in range(n):
+                own = choice_params(params, index)
+                admitted.append(Admitted(slot=slot, handle=slot.engine.submit(ids, own), started=time.monotonic(),
+                                         prompt_ids=ids, params=own, targeted=version is not None))
+        except BaseException as exc:
+            for earlier in admitted:  # all of them or none: a partial answer is no answer
+                earlier.handle.cancel()
+            if isinstance(exc, Overloaded):
+                replica.metrics.rejected.inc()
             raise
-    return Admitted(slot=slot, handle=handle, started=time.monotonic(), prompt_ids=ids, params=params,
-                    targeted=version is not None)
+    return admitted
 
 
-def _cancel_orphan(work: asyncio.Future[Admitted]) -> None:
-    """Cancel a request admitted for a caller that is gone."""
+def _cancel_orphans(work: asyncio.Future[list[Admitted]]) -> None:
+    """Cancel the requests admitted for a caller that is gone."""
     if not work.cancelled() and work.exception() is None:
-        work.result().handle.cancel()
+        for admitted in work.result():
+            admitted.handle.cancel()
 
 
 async def events(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint: str
@@ -111,24 +136,37 @@ async def events(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint
 async def final_event(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint: str,
                       is_disconnected: Callable[[], Any]) -> FinalEvent:
     """Wait for the whole answer; a client that hangs up meanwhile cancels the request (frees its slot)."""
+    [final] = await final_events(replica, [admitted], rate, endpoint, is_disconnected)
+    return final
+
+
+async def final_events(replica: Replica, admitted: list[Admitted], rate: TokenRate, endpoint: str,
+                       is_disconnected: Callable[[], Any]) -> list[FinalEvent]:
+    """Wait for every answer, in order; a client that hangs up meanwhile cancels them all (frees their slots)."""
+
+    def cancel_all() -> None:
+        for a in admitted:
+            a.handle.cancel()
 
     async def watch() -> None:
-        while not admitted.handle.done:
+        while not all(a.handle.done for a in admitted):
             if await is_disconnected():
-                admitted.handle.cancel()
+                cancel_all()
                 return
             await asyncio.sleep(0.25)
 
     watcher = asyncio.create_task(watch())
     try:
-        final = await admitted.handle.aresult()  # one wake-up per answer, not one per token
+        # One wake-up per answer, not one per token.
+        finals = list(await asyncio.gather(*(a.handle.aresult() for a in admitted)))
     except BaseException:
-        admitted.handle.cancel()  # this caller is gone (cancelled): free the slot
+        cancel_all()  # this caller is gone (cancelled): free the slots
         raise
     finally:
         watcher.cancel()
-    record(replica, admitted, final, rate, endpoint)
-    return final
+    for a, final in zip(admitted, finals, strict=True):
+        record(replica, a, final, rate, endpoint)
+    return finals
 
 
 def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenRate, endpoint: str) -> None:

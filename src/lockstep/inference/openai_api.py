@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -16,6 +18,7 @@ from lockstep.core.errors import BadRequest
 from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
 from lockstep.inference import generation
 from lockstep.inference.schemas import (
+    MAX_CHOICES,
     FreeJson,
     NewTokens,
     Number,
@@ -59,7 +62,7 @@ class _Common(BaseModel):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK = 0
-    n: StrictInt = Field(1, ge=1, le=128, description="only 1 is supported")
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES, description="choices, all written by one version")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
@@ -72,8 +75,6 @@ class _Common(BaseModel):
 
     def unsupported(self) -> list[str]:
         bad = []
-        if self.n != 1:
-            bad.append("n (only n=1 is supported)")
         if self.presence_penalty or self.frequency_penalty:
             bad.append("presence_penalty/frequency_penalty (only 0 is supported)")
         if self.logit_bias:
@@ -180,6 +181,13 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+def usage_of(finals: list[FinalEvent]) -> dict[str, int]:
+    """OpenAI's usage: the prompt once, the tokens of every choice."""
+    prompt = finals[0].prompt_tokens if finals else 0
+    completion = sum(f.completion_tokens for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def install(app: FastAPI, rt_of: RuntimeOf) -> None:
     """Add the /v1 routes to a replica app."""
     from lockstep.inference.app import chat_prompt, plain_prompt, session_key, target_version, version_headers
@@ -217,28 +225,31 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
                              "version": serving.version, "root": serving.model_ref})
         return {"object": "list", "data": data}
 
-    async def respond(request: Request, rt: Any, admitted: generation.Admitted, body: _Common,
+    async def respond(request: Request, rt: Any, admitted: list[generation.Admitted], body: _Common,
                       kind: Literal["text_completion", "chat.completion"], endpoint: str) -> Any:
-        version = admitted.version
-        digest = (admitted.slot.digest or admitted.slot.weights_digest)[:12]
+        first = admitted[0]
+        version = first.version
+        digest = (first.slot.digest or first.slot.weights_digest)[:12]
         common = {"id": f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
                   "created": int(time.time()), "model": model_id(rt, version),
                   "system_fingerprint": f"v{version}-{digest}"}
-        headers = version_headers(admitted, rt.replica_id)
+        headers = version_headers(first, rt.replica_id)
         if not body.stream:
-            final = await generation.final_event(rt.replica, admitted, rt.token_rate, endpoint,
-                                                 request.is_disconnected)
-            if final.finish_reason.value == "error":
-                raise BadRequest(f"generation failed: {final.error}")
-            usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-                     "total_tokens": final.prompt_tokens + final.completion_tokens}
-            reason = final.finish_reason.value
-            if kind == "text_completion":
-                choice = {"index": 0, "text": final.text, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
-                          "finish_reason": reason, "logprobs": None}
-            return JSONResponse({**common, "object": kind, "choices": [choice], "usage": usage}, headers=headers)
+            finals = await generation.final_events(rt.replica, admitted, rt.token_rate, endpoint,
+                                                   request.is_disconnected)
+            failed = next((f for f in finals if f.finish_reason.value == "error"), None)
+            if failed is not None:
+                raise BadRequest(f"generation failed: {failed.error}")
+            choices = []
+            for index, final in enumerate(finals):
+                reason = final.finish_reason.value
+                if kind == "text_completion":
+                    choices.append({"index": index, "text": final.text, "finish_reason": reason, "logprobs": None})
+                else:
+                    choices.append({"index": index, "message": {"role": "assistant", "content": final.text},
+                                    "finish_reason": reason, "logprobs": None})
+            return JSONResponse({**common, "object": kind, "choices": choices, "usage": usage_of(finals)},
+                                headers=headers)
 
         chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -246,35 +257,67 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         async def stream() -> AsyncIterator[bytes]:
             if kind == "chat.completion":
                 yield _sse({**common, "object": chunk_kind, "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            async for event in generation.events(rt.replica, admitted, rt.token_rate, endpoint):
-                if isinstance(event, TokenEvent):
-                    if not event.text:
-                        continue
-                    if kind == "text_completion":
-                        choice = {"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}
-                    else:
-                        choice = {"index": 0, "delta": {"content": event.text}, "finish_reason": None}
-                    yield _sse({**common, "object": chunk_kind, "choices": [choice]})
-                elif isinstance(event, FinalEvent):
-                    if event.finish_reason.value == "error":
-                        yield _sse({"error": {"message": f"generation failed: {event.error}",
-                                              "type": "server_error", "param": None, "code": "server_error"}})
-                        break
-                    if kind == "text_completion":
-                        choice = {"index": 0, "text": "", "finish_reason": event.finish_reason.value,
-                                  "logprobs": None}
-                    else:
-                        choice = {"index": 0, "delta": {}, "finish_reason": event.finish_reason.value}
-                    yield _sse({**common, "object": chunk_kind, "choices": [choice]})
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    for i in range(len(admitted))]})
+            finals: list[FinalEvent] = []
+            async with aclosing(interleaved(rt, admitted, endpoint)) as events:  # a break cancels the rest now
+                async for index, event in events:
+                    if isinstance(event, TokenEvent):
+                        if not event.text:
+                            continue
+                        if kind == "text_completion":
+                            choice = {"index": index, "text": event.text, "finish_reason": None, "logprobs": None}
+                        else:
+                            choice = {"index": index, "delta": {"content": event.text}, "finish_reason": None}
+                        yield _sse({**common, "object": chunk_kind, "choices": [choice]})
+                    elif isinstance(event, FinalEvent):
+                        if event.finish_reason.value == "error":
+                            yield _sse({"error": {"message": f"generation failed: {event.error}",
+                                                  "type": "server_error", "param": None, "code": "server_error"}})
+                            break
+                        finals.append(event)
+                        if kind == "text_completion":
+                            choice = {"index": index, "text": "", "finish_reason": event.finish_reason.value,
+                                      "logprobs": None}
+                        else:
+                            choice = {"index": index, "delta": {}, "finish_reason": event.finish_reason.value}
+                        yield _sse({**common, "object": chunk_kind, "choices": [choice]})
+                else:
                     if include_usage:
-                        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                                 "total_tokens": event.prompt_tokens + event.completion_tokens}
-                        yield _sse({**common, "object": chunk_kind, "choices": [], "usage": usage})
+                        yield _sse({**common, "object": chunk_kind, "choices": [], "usage": usage_of(finals)})
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def interleaved(rt: Any, admitted: list[generation.Admitted], endpoint: str
+                          ) -> AsyncGenerator[tuple[int, TokenEvent | FinalEvent], None]:
+        """The events of every choice as they come, each with its choice's index; leaving early cancels them all."""
+        if len(admitted) == 1:  # the common case, without a task per choice
+            async for event in generation.events(rt.replica, admitted[0], rt.token_rate, endpoint):
+                yield 0, event
+            return
+        arrived: asyncio.Queue[tuple[int, TokenEvent | FinalEvent | None]] = asyncio.Queue()
+
+        async def pump(index: int, one: generation.Admitted) -> None:
+            try:
+                async for event in generation.events(rt.replica, one, rt.token_rate, endpoint):
+                    arrived.put_nowait((index, event))
+            finally:
+                arrived.put_nowait((index, None))  # this choice has no more events
+
+        pumps = [asyncio.create_task(pump(i, a)) for i, a in enumerate(admitted)]
+        try:
+            running = len(pumps)
+            while running:
+                index, item = await arrived.get()
+                if item is None:
+                    running -= 1
+                else:
+                    yield index, item
+        finally:
+            for task in pumps:  # a consumer gone early: each pump's events() cancels its request
+                task.cancel()
 
     @app.post("/v1/completions", summary="OpenAI: text completion")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -282,8 +325,9 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         params = validate(rt, body, len(body.text))
         if not body.text:
             raise BadRequest("prompt must not be empty")
-        admitted = await generation.admit(rt.replica, lambda tok: plain_prompt(tok, body.text), params,
-                                          session_key(request, body.user), target_version(request, rt.settings))
+        admitted = await generation.admit_choices(rt.replica, lambda tok: plain_prompt(tok, body.text), params,
+                                                  body.n, session_key(request, body.user),
+                                                  target_version(request, rt.settings))
         return await respond(request, rt, admitted, body, "text_completion", "/v1/completions")
 
     @app.post("/v1/chat/completions", summary="OpenAI: chat completion")
@@ -296,6 +340,7 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         params = validate(rt, body, sum(len(m["content"]) for m in messages))  # all messages' characters
-        admitted = await generation.admit(rt.replica, lambda tok: chat_prompt(tok, messages), params,
-                                          session_key(request, body.user), target_version(request, rt.settings))
+        admitted = await generation.admit_choices(rt.replica, lambda tok: chat_prompt(tok, messages), params,
+                                                  body.n, session_key(request, body.user),
+                                                  target_version(request, rt.settings))
         return await respond(request, rt, admitted, body, "chat.completion", "/v1/chat/completions")

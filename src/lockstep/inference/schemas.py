@@ -65,6 +65,7 @@ Temperature = Annotated[Number, Field(ge=0.0, le=2.0, description="0 = greedy")]
 TopP = Annotated[Number, Field(gt=0.0, le=1.0, description="nucleus mass kept; 1 = off")]
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_K, description="tokens kept; 0 = off")]
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+MAX_CHOICES = 64  # answers one request may ask for (n); all of them are admitted together, on one version
 NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_NEW_TOKENS,
                                        description="also at most LOCKSTEP_MAX_NEW_TOKENS_LIMIT and the context")]
 StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -101,8 +102,18 @@ class GenerateRequest(_StrictBody):
     system_prompt: StrictStr | None = None
     top_p: TopP = 1.0
     top_k: TopK = 0
-    seed: Seed | None = None
+    seed: Seed | None = None  # answer i of n samples with seed + i
     stop: list[StopString] | None = Field(None, max_length=8)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)  # answers to the prompt, all from one version
+
+
+class GenerateChoiceResponse(BaseModel):
+    """One of the ``n`` answers of a ``/generate`` request."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    completion_token_ids: list[int]
 
 
 class GenerateResponse(BaseModel):
@@ -117,6 +128,7 @@ class GenerateResponse(BaseModel):
     latency_s: float
     ttft_s: float | None
     completion_token_ids: list[int]  # exactly the tokens generated (a trainer computes log-probs on them)
+    choices: list[GenerateChoiceResponse] | None = None  # with n > 1: every answer, the first one also above
 
 
 class UpdateModelRequest(_StrictBody):

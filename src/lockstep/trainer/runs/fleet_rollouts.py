@@ -50,15 +50,17 @@ class Sampling:
     seed: int
 
     def requests(self, prompts: list[str], step: int) -> list[GenRequest]:
+        """One request per prompt for its whole group: one version writes every answer of a group."""
         return [GenRequest(prompt, self.max_new_tokens, self.temperature, top_k=self.top_k, group=g,
-                           seed=sample_seed(self.seed, step, g, i))
-                for g, prompt in enumerate(prompts) for i in range(self.group_size)]
+                           seed=sample_seed(self.seed, step, g), n=self.group_size)
+                for g, prompt in enumerate(prompts)]
 
 
-def sample_seed(seed: int, step: int, group: int, index: int) -> int:
-    """A per-request sampling seed: the same run parameters ask for the same samples."""
-    digest = hashlib.sha256(f"{seed}:{step}:{group}:{index}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")  # < 2**56: inside the replica's seed range
+def sample_seed(seed: int, step: int, group: int) -> int:
+    """A group's sampling seed (its answer i samples with it + i): the same run parameters ask for the same
+    samples."""
+    digest = hashlib.sha256(f"{seed}:{step}:{group}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # < 2**56: the replica's seed range, with room for + i
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -33,12 +33,15 @@ class GenRequest:
     seed: int | None = None
     top_k: int = 0
     group: int = 0  # which prompt group it belongs to (GRPO baseline)
+    n: int = 1  # answers to ask for at once: one version writes them all (answer i samples with seed + i)
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
                                 "temperature": self.temperature, "top_k": self.top_k}
         if self.seed is not None:
             body["seed"] = self.seed
+        if self.n != 1:
+            body["n"] = self.n
         return body
 
 
@@ -69,25 +72,32 @@ class Rollout:
         return self.ok and (self.version is None or self.version != self.body_version)
 
 
-def parse_answer(rollout: Rollout, response: httpx.Response) -> None:
-    """Fill ``rollout`` from a ``/generate`` answer."""
+def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
+    """The answers of a ``/generate`` response: ``rollout`` filled in, and with n > 1 one more per answer."""
+    n = rollout.request.n
     if response.status_code != 200:
         try:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
         rollout.error = f"HTTP {response.status_code}: {message}"
-        return
+        return [replace(rollout) for _ in range(n)]  # every answer asked for failed
     body = response.json()
     header = response.headers.get("x-model-version")
     rollout.version = int(header) if header is not None and header.strip().isdigit() else None
     rollout.body_version = body.get("model_version")
-    rollout.text = str(body.get("text") or "")
     rollout.replica_id = body.get("replica_id") or response.headers.get("x-replica-id")
-    rollout.finish_reason = body.get("finish_reason")
-    rollout.completion_tokens = body.get("completion_tokens")
-    ids = body.get("completion_token_ids", body.get("token_ids"))
-    rollout.token_ids = [int(i) for i in ids] if isinstance(ids, list) else None
+    choices = body.get("choices") if n > 1 else [body]
+    if not isinstance(choices, list) or len(choices) != n:
+        rollout.error = f"the replica answered {len(choices) if isinstance(choices, list) else 'no'} choices of {n}"
+        return [replace(rollout) for _ in range(n)]
+    answers = []
+    for choice in choices:
+        ids = choice.get("completion_token_ids", choice.get("token_ids"))
+        answers.append(replace(rollout, text=str(choice.get("text") or ""), finish_reason=choice.get("finish_reason"),
+                               completion_tokens=choice.get("completion_tokens"),
+                               token_ids=[int(i) for i in ids] if isinstance(ids, list) else None))
+    return answers
 
 
 class RolloutClient:
@@ -106,35 +116,39 @@ class RolloutClient:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 
-    def one(self, url: str, request: GenRequest) -> Rollout:
-        """One generation on one replica (no retry)."""
+    def one(self, url: str, request: GenRequest) -> list[Rollout]:
+        """The ``request.n`` answers of one request to one replica (no retry)."""
         rollout = Rollout(request, url, started_at=time.time())
         started = time.monotonic()
         try:
             response = self._client.post(url.rstrip("/") + "/generate", json=request.body())
-            parse_answer(rollout, response)
+            answers = parse_answer(rollout, response)
         except (httpx.HTTPError, ValueError) as exc:
             rollout.error = f"{type(exc).__name__}: {exc}"
-        rollout.latency_s = time.monotonic() - started
-        return rollout
+            answers = [replace(rollout) for _ in range(request.n)]
+        for answer in answers:
+            answer.latency_s = time.monotonic() - started
+        return answers
 
-    def _round_robin(self, request: GenRequest, urls: list[str]) -> Rollout:
+    def _round_robin(self, request: GenRequest, urls: list[str]) -> list[Rollout]:
         with self._lock:
             start = next(self._turn)
-        rollout = Rollout(request, "", error="no replica to ask")
+        answers = [Rollout(request, "", error="no replica to ask") for _ in range(request.n)]
         # A replica that is unreachable or not ready (503) is skipped: the next one is asked.
         for attempt in range(len(urls)):
-            rollout = self.one(urls[(start + attempt) % len(urls)], request)
-            if rollout.ok or not _retryable(rollout.error):
-                return rollout
-        return rollout
+            answers = self.one(urls[(start + attempt) % len(urls)], request)
+            if answers[0].ok or not _retryable(answers[0].error):
+                return answers
+        return answers
 
     def generate(self, requests: list[GenRequest]) -> list[Rollout]:
-        """Every request, concurrently, round robin over the ready replicas; failures carry ``error``."""
+        """Every request, concurrently, round robin over the ready replicas: its ``n`` answers in order, one
+        after the other; failures carry ``error``."""
         urls = self._ready_urls()
         if not urls:
-            return [Rollout(r, "", error="no ready replica was found (see GET /cluster)") for r in requests]
-        return list(self._pool.map(lambda r: self._round_robin(r, urls), requests))
+            return [Rollout(r, "", error="no ready replica was found (see GET /cluster)")
+                    for r in requests for _ in range(r.n)]
+        return [a for answers in self._pool.map(lambda r: self._round_robin(r, urls), requests) for a in answers]
 
     def _ready_urls(self) -> list[str]:
         """The ready replicas; when there are none, asked again for up to ``no_replica_wait_s``."""
@@ -146,7 +160,7 @@ class RolloutClient:
     def on_each(self, urls: list[str], requests: list[GenRequest]) -> list[Rollout]:
         """Every request on every replica in ``urls`` (the simulation asks each one)."""
         pairs = [(u, r) for u in urls for r in requests]
-        return list(self._pool.map(lambda pair: self.one(*pair), pairs))
+        return [a for answers in self._pool.map(lambda pair: self.one(*pair), pairs) for a in answers]
 
 
 def _retryable(error: str | None) -> bool:
