@@ -88,7 +88,7 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
     rollout.body_version = body.get("model_version")
     rollout.replica_id = body.get("replica_id") or response.headers.get("x-replica-id")
     choices = body.get("choices") if n > 1 else [body]
-    if not isinstance(choices, list) or len(choices) != n:
+    if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
         rollout.error = f"the replica answered {len(choices) if isinstance(choices, list) else 'no'} choices of {n}"
         return [replace(rollout) for _ in range(n)]
     answers = []
