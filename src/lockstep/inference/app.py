@@ -146,9 +146,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
                                                       params, body.n, session, version)
         finals = await generation.final_events(rt.replica, admitted, rt.token_rate, "/generate",
                                                request.is_disconnected)
-        failed = next((f for f in finals if f.finish_reason.value == "error"), None)
-        if failed is not None:
-            raise BadRequest(f"generation failed: {failed.error}")
+        generation.raise_failed(finals)
         first, final = admitted[0], finals[0]
         answer = GenerateResponse(
             text=final.text, model_version=first.version, model_repo_id=first.model_ref,
@@ -157,7 +155,8 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
             latency_s=max(f.latency_s for f in finals), ttft_s=final.ttft_s,
             completion_token_ids=list(final.token_ids),
             choices=[GenerateChoiceResponse(text=f.text, finish_reason=f.finish_reason.value,
-                                    completion_tokens=f.completion_tokens, completion_token_ids=list(f.token_ids))
+                                            completion_tokens=f.completion_tokens,
+                                            completion_token_ids=list(f.token_ids))
                      for f in finals] if body.n > 1 else None)
         return JSONResponse(answer.model_dump(exclude={"choices"} if body.n == 1 else None),
                             headers=version_headers(first, rt.replica_id))

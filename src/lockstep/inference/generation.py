@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lockstep.core.errors import Overloaded
+from lockstep.core.errors import BadRequest, Overloaded
 from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
 from lockstep.engine.event import NONFINITE_LOGITS
 from lockstep.engine.sampling_params import MAX_SEED
@@ -167,6 +167,13 @@ async def final_events(replica: Replica, admitted: list[Admitted], rate: TokenRa
     for a, final in zip(admitted, finals, strict=True):
         record(replica, a, final, rate, endpoint)
     return finals
+
+
+def raise_failed(finals: list[FinalEvent]) -> None:
+    """A 400 with the reason when any answer failed inside the engine (a request answers whole or not at all)."""
+    failed = next((f for f in finals if f.finish_reason.value == "error"), None)
+    if failed is not None:
+        raise BadRequest(f"generation failed: {failed.error}")
 
 
 def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenRate, endpoint: str) -> None:

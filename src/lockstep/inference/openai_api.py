@@ -237,9 +237,7 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         if not body.stream:
             finals = await generation.final_events(rt.replica, admitted, rt.token_rate, endpoint,
                                                    request.is_disconnected)
-            failed = next((f for f in finals if f.finish_reason.value == "error"), None)
-            if failed is not None:
-                raise BadRequest(f"generation failed: {failed.error}")
+            generation.raise_failed(finals)
             choices = []
             for index, final in enumerate(finals):
                 reason = final.finish_reason.value
