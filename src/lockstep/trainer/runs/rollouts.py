@@ -80,8 +80,7 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:200]
-        rollout.error = f"HTTP {response.status_code}: {message}"
-        return [replace(rollout) for _ in range(n)]  # every answer asked for failed
+        return failed_answers(rollout, f"HTTP {response.status_code}: {message}")
     body = response.json()
     header = response.headers.get("x-model-version")
     rollout.version = int(header) if header is not None and header.strip().isdigit() else None
@@ -89,8 +88,8 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
     rollout.replica_id = body.get("replica_id") or response.headers.get("x-replica-id")
     choices = body.get("choices") if n > 1 else [body]
     if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
-        rollout.error = f"the replica answered {len(choices) if isinstance(choices, list) else 'no'} choices of {n}"
-        return [replace(rollout) for _ in range(n)]
+        return failed_answers(rollout, f"the replica answered {len(choices) if isinstance(choices, list) else 'no'} "
+                                       f"choices of {n}")
     answers = []
     for choice in choices:
         ids = choice.get("completion_token_ids", choice.get("token_ids"))
@@ -98,6 +97,11 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
                                completion_tokens=choice.get("completion_tokens"),
                                token_ids=[int(i) for i in ids] if isinstance(ids, list) else None))
     return answers
+
+
+def failed_answers(rollout: Rollout, error: str) -> list[Rollout]:
+    """Every answer ``rollout``'s request asked for, failed with ``error`` (each counts as a failed sample)."""
+    return [replace(rollout, error=error) for _ in range(rollout.request.n)]
 
 
 class RolloutClient:
@@ -124,8 +128,7 @@ class RolloutClient:
             response = self._client.post(url.rstrip("/") + "/generate", json=request.body())
             answers = parse_answer(rollout, response)
         except (httpx.HTTPError, ValueError) as exc:
-            rollout.error = f"{type(exc).__name__}: {exc}"
-            answers = [replace(rollout) for _ in range(request.n)]
+            answers = failed_answers(rollout, f"{type(exc).__name__}: {exc}")
         for answer in answers:
             answer.latency_s = time.monotonic() - started
         return answers
