@@ -86,6 +86,33 @@ def update(url: str, model: str) -> httpx.Response:
     return httpx.post(url + "/update-model", json={"model_repo_id": model}, timeout=30)
 
 
+def test_a_second_update_while_one_loads_is_refused_not_queued(builtin_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The first update's stage is held open, so the second one surely arrives while it loads (a tiny model's
+    stage can end before a second request would)."""
+    with served(replica_settings(builtin_dir)) as srv:
+        replica = srv.runtime.replica
+        loading, release = threading.Event(), threading.Event()
+        stage = replica.stage
+
+        def held_stage(*args: Any, **kwargs: Any) -> Any:
+            loading.set()
+            assert release.wait(60), "never released"
+            return stage(*args, **kwargs)
+
+        monkeypatch.setattr(replica, "stage", held_stage)
+        try:
+            first = update(srv.url, "builtin:tiny-s1")
+            assert first.status_code == 202, first.text
+            assert loading.wait(60), "the first update never started loading"
+            second = update(srv.url, "builtin:tiny-s2")
+            assert second.status_code == 409, second.text
+            assert "loading" in second.json()["error"]["message"]
+        finally:
+            release.set()
+        wait_serving(srv.url, first.json()["version"])
+
+
 @pytest.mark.e2e
 def test_swaps_under_load_fail_nothing_and_label_every_answer(
     builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
@@ -105,10 +132,6 @@ def test_swaps_under_load_fail_nothing_and_label_every_answer(
                     assert r.status_code == 202, r.text
                     version = r.json()["version"]
                     models[version] = model
-                    # The load takes far longer than this request: a second update is refused, not queued.
-                    second = update(proc.url, "builtin:tiny-s2")
-                    assert second.status_code == 409, second.text
-                    assert "loading" in second.json()["error"]["message"]
                     wait_serving(proc.url, version)
                     own = generate(proc.url, PROMPTS[0])  # after the flip: the new version, never the old one
                     assert own.headers["x-model-version"] == str(version)
