@@ -86,6 +86,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: the run kind's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the run kind's")
     parser.add_argument("--max-staleness", type=int, default=1)
+    parser.add_argument("--trl-args", type=json.loads, default=None,
+                        help='TRL options for both modes, as the run\'s params.trl_args (JSON object), e.g. '
+                             '\'{"off_policy_mask_threshold": 0.1}\'')
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
     parser.add_argument("--update-mode", choices=["swap", "inplace"], default="swap",
@@ -112,8 +115,8 @@ def main() -> int:
             for is_async in modes if seed % 2 == 0 else modes[::-1]:  # alternate which mode goes first
                 params = {"model": "builtin:tiny", "steps": args.steps, "publish_every": args.publish_every,
                           "seed": seed, "async": is_async, "max_staleness": args.max_staleness if is_async else 0}
-                params |= {k: v for k, v in (("batch_size", args.batch_size), ("learning_rate", args.learning_rate))
-                           if v is not None}
+                params |= {k: v for k, v in (("batch_size", args.batch_size), ("learning_rate", args.learning_rate),
+                                             ("trl_args", args.trl_args)) if v is not None}
                 result = run_once(trainer, params, args.threshold)
                 results.append(result)
                 print(json.dumps(result), flush=True)

@@ -51,12 +51,12 @@ class FleetRollouts:
         return published[-1] if published else self.start_version
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, Any]:
-        wanted, out = self.newest(), {"prompt_ids": [], "completion_ids": [], "logprobs": None, "text": []}
+        wanted, out = self.newest(), {"prompt_ids": [], "completion_ids": [], "logprobs": [], "text": []}
         for prompt in prompts:
             for _ in range(10):  # a replica may still serve the version before: ask again
                 answer = self.http.post(random.choice(self.urls) + "/generate", json={
                     "prompt": prompt, "max_new_tokens": self.max_new_tokens, "temperature": 1.0,
-                    "seed": random.getrandbits(48)})
+                    "seed": random.getrandbits(48), "logprobs": True})
                 answer.raise_for_status()
                 if int(answer.headers["X-Model-Version"]) == wanted:
                     break
@@ -65,6 +65,7 @@ class FleetRollouts:
             body = answer.json()
             out["prompt_ids"].append(self.tokenizer(prompt)["input_ids"])  # as /generate encodes it
             out["completion_ids"].append(body["completion_token_ids"])  # exactly the tokens it sampled
+            out["logprobs"].append(body["completion_logprobs"])  # what they had under the version that drew them
             out["text"].append(body["text"])
         return out
 

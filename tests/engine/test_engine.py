@@ -139,6 +139,41 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     assert reseeded.token_ids != alone
 
 
+def test_logprobs_are_the_models_for_each_generated_token(engine: Engine, model: Any) -> None:
+    """Each token's log-probability is the model's, in the distribution the request draws from, also batched."""
+    engine.start()
+    asks = [(PROMPTS[0], SamplingParams(max_new_tokens=12, logprobs=True)),
+            (PROMPTS[3], SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=11, logprobs=True)),
+            (PROMPTS[5], SamplingParams(max_new_tokens=12, temperature=1.2, seed=12))]
+    handles = [engine.submit(encode(text), params) for text, params in asks]
+    events = [list(h) for h in handles]
+    for (text, params), stream in zip(asks, events, strict=True):
+        final = stream[-1]
+        assert isinstance(final, FinalEvent)
+        if not params.logprobs:
+            assert final.logprobs is None and all(e.logprobs is None for e in stream[:-1])
+            continue
+        assert final.logprobs is not None and len(final.logprobs) == len(final.token_ids)
+        assert [x for e in stream[:-1] if isinstance(e, TokenEvent) for x in e.logprobs or ()] == list(final.logprobs)
+        prompt = encode(text)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(final.token_ids)])).logits[0, len(prompt) - 1: -1].float()
+        scaled = logits / (params.temperature or 1.0)
+        if params.top_k:
+            scaled = scaled.masked_fill(scaled < scaled.topk(params.top_k, -1).values[:, -1:], float("-inf"))
+        expected = torch.log_softmax(scaled, -1).gather(-1, torch.tensor(final.token_ids).unsqueeze(-1))
+        torch.testing.assert_close(torch.tensor(final.logprobs), expected.squeeze(-1), atol=1e-3, rtol=0)
+
+
+def test_asking_for_logprobs_keeps_the_answer(engine: Engine) -> None:
+    engine.start()
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5)
+    plain = engine.generate(encode(PROMPTS[1]), params, timeout=TIMEOUT)
+    asked = engine.generate(encode(PROMPTS[1]), SamplingParams(**{**params.__dict__, "logprobs": True}),
+                            timeout=TIMEOUT)
+    assert asked.token_ids == plain.token_ids and plain.logprobs is None
+
+
 def test_top_k_one_is_greedy(engine: Engine) -> None:
     engine.start()
     prompt = encode(PROMPTS[3])

@@ -104,3 +104,37 @@ def test_top_p_that_underflows_keeps_the_top_token() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0]])
     probs = filter_logits(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0.0]))
     assert probs[0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_chosen_logprobs_are_those_of_the_distribution_each_row_draws_from() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(4, 40)
+    params = [SamplingParams(logprobs=True),  # greedy: the raw distribution (temperature counted as 1)
+              SamplingParams(temperature=0.7, top_k=5, seed=3, logprobs=True),
+              SamplingParams(temperature=1.3, top_p=0.6, seed=4, logprobs=True),
+              SamplingParams(temperature=1.0, seed=5)]  # did not ask
+    gens = [None, *(torch.Generator().manual_seed(s) for s in (3, 4, 5))]
+    draws = sample(logits.clone(), params, gens)
+    assert set(draws.logprobs) == {0, 1, 2}
+    t = draws.tokens
+    assert draws.logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[t[0]]), abs=1e-5)
+    kept = logits[1] / 0.7
+    kept = kept.masked_fill(kept < kept.topk(5).values[-1], float("-inf"))
+    assert draws.logprobs[1] == pytest.approx(float(torch.log_softmax(kept, -1)[t[1]]), abs=1e-5)
+    probs = torch.softmax(logits[2] / 1.3, -1)
+    order = probs.argsort(descending=True)
+    nucleus = order[: int(((probs[order].cumsum(0) - probs[order]) < 0.6).sum())]
+    assert int(t[2]) in nucleus.tolist()
+    expected = probs[t[2]] / probs[nucleus].sum()
+    assert draws.logprobs[2] == pytest.approx(float(expected.log()), abs=1e-5)
+
+
+def test_asking_for_logprobs_does_not_change_the_draw() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, 30)
+
+    def tokens(logprobs: bool) -> list[int]:
+        params = [SamplingParams(temperature=1.0, seed=9, logprobs=logprobs), SamplingParams(logprobs=logprobs)]
+        return sample(logits.clone(), params, [torch.Generator().manual_seed(9), None]).tokens
+
+    assert tokens(True) == tokens(False)

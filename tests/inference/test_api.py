@@ -99,6 +99,7 @@ BAD_GENERATE: list[tuple[str, Any, tuple[str, ...]]] = [
     ("system_prompt not a string", {"prompt": "hi", "system_prompt": ["x"]}, ("system_prompt", "string")),
     ("n of 0", {"prompt": "hi", "n": 0}, ("n", "greater than or equal to 1")),
     ("n over the limit", {"prompt": "hi", "n": 65}, ("n", "less than or equal to 64")),
+    ("logprobs not a boolean", {"prompt": "hi", "logprobs": 1}, ("logprobs", "valid boolean")),
 ]
 
 
@@ -140,6 +141,22 @@ def test_generate_n_answers_come_from_one_version_each_with_its_own_seed(api: Se
     assert [c["completion_token_ids"] for c in body["choices"]] == [a["completion_token_ids"] for a in alone]
     assert body["text"] == alone[0]["text"] and "choices" not in alone[0]  # n = 1 answers as it always did
     assert len({a["text"] for a in alone}) > 1
+
+
+def test_generate_logprobs_come_with_each_answers_tokens_only_when_asked(api: Served) -> None:
+    asked = {"prompt": PROMPTS[2], "max_new_tokens": MAX_NEW, "temperature": 1.0, "seed": 7}
+    plain = httpx.post(api.url + "/generate", json={**asked, "n": 2}, timeout=60).json()
+    assert "completion_logprobs" not in plain and all("completion_logprobs" not in c for c in plain["choices"])
+    body = httpx.post(api.url + "/generate", json={**asked, "n": 2, "logprobs": True}, timeout=60).json()
+    assert [c["completion_token_ids"] for c in body["choices"]] == [c["completion_token_ids"] for c in plain["choices"]]
+    assert body["completion_logprobs"] == body["choices"][0]["completion_logprobs"]
+    for choice in body["choices"]:
+        logprobs = choice["completion_logprobs"]
+        assert len(logprobs) == len(choice["completion_token_ids"])
+        assert all(isinstance(x, float) and x <= 0 for x in logprobs)
+    greedy = httpx.post(api.url + "/generate", json={"prompt": PROMPTS[2], "max_new_tokens": MAX_NEW,
+                                                     "temperature": 0, "logprobs": True}, timeout=60).json()
+    assert len(greedy["completion_logprobs"]) == greedy["completion_tokens"] and "choices" not in greedy
 
 
 def _model_dir(src: Path, dest: Path) -> Path:

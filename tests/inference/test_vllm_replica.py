@@ -87,6 +87,30 @@ def test_n_answers_of_one_request_come_from_one_version_on_both_apis(replica: Pr
     assert len({c["text"] for c in choices}) > 1  # four samples, not one answer four times
 
 
+def test_logprobs_are_the_models_in_the_distribution_each_token_was_drawn_from(
+        replica: Proc, tiny_dirs: dict[int, Path]) -> None:
+    import torch
+
+    from lockstep.core.settings import Settings
+    from lockstep.models import loader
+
+    settings = Settings(device="cpu", dtype="float32", trust_remote_code=False, allow_pickle=False)
+    loaded = loader.load(loader.resolve(str(tiny_dirs[0].resolve()), settings), settings)
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 20, "seed": 5}):
+        body = replica.post("/generate", json={"prompt": PROMPTS[1], "max_new_tokens": 8, "logprobs": True,
+                                               **sampling}).json()
+        tokens, logprobs = body["completion_token_ids"], body["completion_logprobs"]
+        assert len(logprobs) == len(tokens) == body["completion_tokens"]
+        prompt = loaded.tokenizer(PROMPTS[1])["input_ids"]
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1].float()
+        scaled = logits / (sampling["temperature"] or 1.0)
+        if "top_k" in sampling:
+            scaled = scaled.masked_fill(scaled < scaled.topk(sampling["top_k"], -1).values[:, -1:], float("-inf"))
+        expected = torch.log_softmax(scaled, -1).gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(logprobs), expected, atol=2e-2, rtol=0)
+
+
 def test_status_and_metrics_show_the_engine_and_vllms_own_metrics(replica: Proc) -> None:
     status = replica.status()
     assert status["engine"] == "vllm"

@@ -68,3 +68,21 @@ def test_a_group_request_that_fails_or_answers_short_fails_every_answer_of_it() 
         assert len(client.generate([request, GenRequest("q", 2, 0.0)])) == 4  # 3 + 1 answers, all failed
     finally:
         client.close()
+
+
+def test_logprobs_are_asked_for_and_kept_only_when_aligned_with_the_tokens() -> None:
+    request = GenRequest("p", 2, 1.0, n=2, logprobs=True)
+    assert request.body()["logprobs"] is True and "logprobs" not in GenRequest("p", 2, 1.0).body()
+    choices = [{"text": "x", "completion_token_ids": [3, 4], "completion_logprobs": [-0.5, None]},
+               {"text": "y", "completion_token_ids": [5, 6], "completion_logprobs": [-0.1]}]  # one short
+    aligned, short = parse_answer(Rollout(request, "http://r"), _answer(choices))
+    assert aligned.logprobs == [-0.5, None] and short.logprobs is None
+    odd = [{"text": "x", "completion_token_ids": [3], "completion_logprobs": ["-0.5"]},
+           {"text": "y", "completion_token_ids": [5], "completion_logprobs": [True]}]
+    assert [r.logprobs for r in parse_answer(Rollout(request, "http://r"), _answer(odd))] == [None, None]
+
+
+def test_a_200_whose_body_is_not_an_object_fails_every_answer() -> None:
+    request = GenRequest("p", 2, 1.0, n=2)
+    rollouts = parse_answer(Rollout(request, "http://r"), httpx.Response(200, json=[1, 2]))
+    assert [r.error for r in rollouts] == ["the replica answered 200 with a JSON list, not an object"] * 2

@@ -16,6 +16,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
     TaskReward,
     judge,
     step_prompts,
+    trl_batch,
 )
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
 from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
@@ -25,10 +26,11 @@ from lockstep.trainer.server.schemas import FinetuneParams
 from tests.support.cluster import wait_for
 
 
-def group(version: int | None, *, size: int = 2, prompt: str = "Numbers for a b c:") -> Group:
+def group(version: int | None, *, size: int = 2, prompt: str = "Numbers for a b c:",
+          logprobs: list[float | None] | None = None) -> Group:
     request = GenRequest(prompt, 4, 1.0)
     return Group(prompt, tuple(Rollout(request, "http://r", text="12", version=version, body_version=version,
-                                       token_ids=[5, 6]) for _ in range(size)))
+                                       token_ids=[5, 6], logprobs=logprobs) for _ in range(size)))
 
 
 def test_staleness_counts_this_runs_versions_published_since_the_producer() -> None:
@@ -99,6 +101,13 @@ def test_async_rollouts_hand_trl_only_fresh_groups_with_their_tags() -> None:
         assert book.take_step().dropped_stale == 4  # both v1 groups (two answers each) were too old
     finally:
         client.close()
+
+
+def test_trl_gets_the_replicas_logprobs_only_when_every_answer_has_them_for_its_tokens() -> None:
+    with_logprobs = [group(2, logprobs=[-0.25, None]), group(3, logprobs=[-1.0, -2.0])]
+    assert trl_batch(with_logprobs, _Tokenizer())["logprobs"] == [[-0.25, None]] * 2 + [[-1.0, -2.0]] * 2
+    assert trl_batch([*with_logprobs, group(3)], _Tokenizer())["logprobs"] is None
+    assert all(r.logprobs for r in Sampling(4, 8, 1.0, 0, 0).requests(["p", "q"], 1))  # the run asks for them
 
 
 def test_a_full_collector_drops_the_groups_a_publish_pushed_beyond_the_bound_and_goes_on() -> None:

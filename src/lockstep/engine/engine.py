@@ -537,7 +537,7 @@ class Engine:
                 self._end(seq, FinishReason.ERROR, draws.errors[i])
                 continue
             try:
-                done = seq.append(int(token))
+                done = seq.append(int(token), draws.logprobs.get(i))
             except Exception as exc:
                 log.exception("detokenizing failed for request %d", seq.request_id)
                 self._end(seq, FinishReason.ERROR, f"detokenizing failed: {type(exc).__name__}: {exc}")

@@ -21,6 +21,7 @@ class TokenEvent:
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[float, ...] | None = None  # one per token, when the request asked (``SamplingParams.logprobs``)
 
 
 NONFINITE_LOGITS = "the model produced non-finite logits (NaN or inf)"  # FinalEvent.error when that ended it
@@ -38,6 +39,7 @@ class FinalEvent:
     ttft_s: float | None  # submit → first token (seconds); None when no token was produced
     latency_s: float  # submit → final (seconds)
     error: str | None = None  # set when finish_reason is "error"
+    logprobs: tuple[float, ...] | None = None  # one per token of ``token_ids``, when the request asked
 
 
 Event = TokenEvent | FinalEvent

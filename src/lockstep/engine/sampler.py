@@ -7,7 +7,8 @@ fails is reported on its own while every other row still gets its token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,10 +17,12 @@ from lockstep.engine.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class Draws:
-    """The next token of each row, and why a row has none (row index → message)."""
+    """The next token of each row, why a row has none (row index → message), and the log-probability of each
+    chosen token for the rows that asked for it (``SamplingParams.logprobs``)."""
 
     tokens: list[int]
     errors: dict[int, str]
+    logprobs: dict[int, float] = field(default_factory=dict)
 
 
 def bad_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -78,7 +81,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     errors: dict[int, str] = {}
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
-        return Draws(tokens, errors)
+        return Draws(tokens, errors, chosen_logprobs(logits, params, tokens))
     try:
         probs: torch.Tensor | None = _filtered(logits, params, rows)
         usable = _usable(probs)
@@ -100,4 +103,32 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     if picked:
         for i, token in zip(picked, torch.cat(list(picked.values())).tolist(), strict=True):
             tokens[i] = int(token)
-    return Draws(tokens, errors)
+    return Draws(tokens, errors, chosen_logprobs(logits, params, tokens, skip=errors))
+
+
+def chosen_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int],
+                    skip: dict[int, str] | None = None) -> dict[int, float]:
+    """Log-probability of each chosen token, for the rows that asked, in the distribution the row samples from:
+    logits / temperature, then top-k and top-p, renormalised (vLLM's ``processed_logprobs``, what TRL's
+    importance-sampling correction expects). A greedy row reports the raw distribution (temperature counted as
+    1). A row whose distribution underflowed reports what the arithmetic gives (-inf or NaN)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs and not (skip and i in skip)]
+    if not rows:
+        return {}
+    greedy_as_one = list(params)
+    for i in rows:
+        if params[i].temperature == 0.0:
+            greedy_as_one[i] = replace(params[i], temperature=1.0)
+    try:
+        probs = _filtered(logits, greedy_as_one, rows)
+    except Exception:  # one row's settings broke the batched filter (as in ``sample``): that row reports NaN
+        return {i: _one_logprob(logits, greedy_as_one, i, tokens[i]) for i in rows}
+    picked = probs.gather(-1, torch.tensor([[tokens[i]] for i in rows], device=probs.device)).squeeze(-1)
+    return dict(zip(rows, picked.log().tolist(), strict=True))
+
+
+def _one_logprob(logits: torch.Tensor, params: list[SamplingParams], row: int, token: int) -> float:
+    try:
+        return float(_filtered(logits, params, [row])[0, token].log())
+    except Exception:
+        return math.nan

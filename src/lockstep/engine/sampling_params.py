@@ -38,6 +38,7 @@ class SamplingParams:
     seed: int | None = None  # per-request generator seed; None = unseeded
     stop: tuple[str, ...] = field(default_factory=tuple)  # output is cut before the first of these
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks: fixed lengths)
+    logprobs: bool = False  # report each generated token's log-probability (``sampler.chosen_logprobs``)
 
     def __post_init__(self) -> None:
         # Accept any iterable of strings (a list from JSON) but store a tuple, so the object stays hashable.
@@ -63,6 +64,8 @@ class SamplingParams:
             raise BadRequest(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if not isinstance(self.ignore_eos, bool):
             raise BadRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.logprobs, bool):
+            raise BadRequest(f"logprobs must be true or false, got {self.logprobs!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}")
         for s in self.stop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
@@ -45,6 +46,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.slot = -1  # batch row / KV-cache slot while RUNNING
         self.output_ids: list[int] = []
+        self.output_logprobs: list[float] | None = [] if params.logprobs else None
         self.num_cached = 0  # positions of this sequence in the KV cache (the engine sets it per forward)
         self._clock = clock
         self.submitted_at = clock.monotonic()  # seconds
@@ -59,12 +61,15 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1]
 
-    def append(self, token_id: int) -> bool:
-        """Record a sampled token, stream its text; return True when the sequence is now finished."""
+    def append(self, token_id: int, logprob: float | None = None) -> bool:
+        """Record a sampled token (and its log-probability, when asked), stream its text; return True when the
+        sequence is now finished."""
         now = self._clock.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
         self.output_ids.append(token_id)
+        if self.output_logprobs is not None:
+            self.output_logprobs.append(math.nan if logprob is None else logprob)
         reason: FinishReason | None = None
         if token_id in self._eos_ids:
             reason = FinishReason.STOP
@@ -81,7 +86,8 @@ class Sequence:
             if self._stop.matched:
                 reason = FinishReason.STOP
         self._text.append(text)
-        self.handle._push(TokenEvent((token_id,), text))
+        self.handle._push(TokenEvent((token_id,), text,
+                                     None if self.output_logprobs is None else (self.output_logprobs[-1],)))
         if reason is not None:
             self.finish(reason)
             return True
@@ -105,5 +111,6 @@ class Sequence:
                 ttft_s=ttft,
                 latency_s=now - self.submitted_at,
                 error=error,
+                logprobs=None if self.output_logprobs is None else tuple(self.output_logprobs),
             )
         )

@@ -135,7 +135,8 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         rt = rt_of(request)
         rt.check_generation_limits(len(body.prompt) + len(body.system_prompt or ""), body.max_new_tokens)
         params = SamplingParams(max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-                                top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()))
+                                top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()),
+                                logprobs=body.logprobs)
         session, version = session_key(request), target_version(request, settings)
         if body.system_prompt:
             messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
@@ -153,13 +154,17 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
             model_digest=first.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
             prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
             latency_s=max(f.latency_s for f in finals), ttft_s=final.ttft_s,
-            completion_token_ids=list(final.token_ids),
+            completion_token_ids=list(final.token_ids), completion_logprobs=generation.json_logprobs(final),
             choices=[GenerateChoiceResponse(text=f.text, finish_reason=f.finish_reason.value,
                                             completion_tokens=f.completion_tokens,
-                                            completion_token_ids=list(f.token_ids))
+                                            completion_token_ids=list(f.token_ids),
+                                            completion_logprobs=generation.json_logprobs(f))
                      for f in finals] if body.n > 1 else None)
-        return JSONResponse(answer.model_dump(exclude={"choices"} if body.n == 1 else None),
-                            headers=version_headers(first, rt.replica_id))
+        unasked: dict[str, Any] = {} if body.logprobs else {"completion_logprobs": True,
+                                                            "choices": {"__all__": {"completion_logprobs"}}}
+        if body.n == 1:
+            unasked["choices"] = True
+        return JSONResponse(answer.model_dump(exclude=unasked), headers=version_headers(first, rt.replica_id))
 
     # The admin handlers read the store, walk model folders or take the replica's locks: each runs in a worker
     # thread, so a folder with a million files delays only its own answer, never /healthz.

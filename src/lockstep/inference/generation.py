@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -82,6 +83,13 @@ async def admit_choices(replica: Replica, build_prompt: PromptBuilder, params: S
     except asyncio.CancelledError:
         work.add_done_callback(_cancel_orphans)  # the client left while admitting: free the slots once submitted
         raise
+
+
+def json_logprobs(final: FinalEvent) -> list[float | None] | None:
+    """The answer's token log-probabilities as JSON holds them: a non-finite one (an underflowed row) is null."""
+    if final.logprobs is None:
+        return None
+    return [x if math.isfinite(x) else None for x in final.logprobs]
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

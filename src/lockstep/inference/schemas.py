@@ -105,6 +105,7 @@ class GenerateRequest(_StrictBody):
     seed: Seed | None = None  # answer i of n samples with seed + i
     stop: list[StopString] | None = Field(None, max_length=8)
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)  # answers to the prompt, all from one version
+    logprobs: StrictBool = False  # also return each generated token's log-probability (completion_logprobs)
 
 
 class GenerateChoiceResponse(BaseModel):
@@ -114,6 +115,7 @@ class GenerateChoiceResponse(BaseModel):
     finish_reason: str
     completion_tokens: int
     completion_token_ids: list[int]
+    completion_logprobs: list[float | None] | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -128,6 +130,9 @@ class GenerateResponse(BaseModel):
     latency_s: float
     ttft_s: float | None
     completion_token_ids: list[int]  # exactly the tokens generated (a trainer computes log-probs on them)
+    # With logprobs: each generated token's log-probability in the distribution it was drawn from (temperature,
+    # top-k, top-p applied; greedy: the raw one), null where it is not a finite number.
+    completion_logprobs: list[float | None] | None = None
     choices: list[GenerateChoiceResponse] | None = None  # with n > 1: every answer, the first one also above
 
 

@@ -48,6 +48,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def chosen_logprobs(tokens: tuple[int, ...], entries: Any) -> tuple[float, ...]:
+    """The log-probability of each new token from vLLM's per-position candidates (NaN where it gave none)."""
+    rows = list(entries or ())
+    return tuple(float(rows[i][t].logprob) if i < len(rows) and rows[i] and t in rows[i] else math.nan
+                 for i, t in enumerate(tokens))
+
+
 @dataclass(frozen=True)
 class VllmFinalEvent(FinalEvent):
     """A final event plus vLLM's record of which weight version sampled which output tokens."""
@@ -84,6 +91,9 @@ class VllmConfig:
             kwargs["max_num_seqs"] = self.max_batch_size
         if self.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        # A token's log-probability in the distribution it was drawn from (temperature, top-k, top-p applied), as
+        # the builtin engine reports it: what an importance-sampling correction compares the trainer's against.
+        kwargs["logprobs_mode"] = "processed_logprobs"
         self.check_options(self.extra)
         kwargs.update(self.extra)
         return AsyncEngineArgs(**kwargs)
@@ -291,8 +301,10 @@ class VllmEngine:
         vparams = VSamplingParams(
             max_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
             seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
+            logprobs=0 if p.logprobs else None,  # 0: the chosen token's only
             output_kind=RequestOutputKind.DELTA)
         tokens: list[int] = []
+        logprobs: list[float] | None = [] if p.logprobs else None
         texts: list[str] = []
         reason: FinishReason = FinishReason.ERROR
         error: str | None = None
@@ -310,7 +322,10 @@ class VllmEngine:
                     tokens.extend(new)
                     texts.append(comp.text)
                     self._generated_tokens += len(new)
-                    req.handle._push(TokenEvent(new, comp.text))
+                    chosen = None if logprobs is None else chosen_logprobs(new, comp.logprobs)
+                    if logprobs is not None and chosen is not None:
+                        logprobs.extend(chosen)
+                    req.handle._push(TokenEvent(new, comp.text, chosen))
                 elif comp.text:  # text completed without a new token (a held-back stop prefix)
                     texts.append(comp.text)
                     req.handle._push(TokenEvent((), comp.text))
@@ -337,7 +352,8 @@ class VllmEngine:
                 finish_reason=reason, text="".join(texts), token_ids=tuple(tokens), prompt_tokens=len(req.prompt_ids),
                 completion_tokens=len(tokens),
                 ttft_s=None if req.first_token_at is None else req.first_token_at - req.submitted_at,
-                latency_s=now - req.submitted_at, error=error, weight_versions=spans))
+                latency_s=now - req.submitted_at, error=error, weight_versions=spans,
+                logprobs=None if logprobs is None else tuple(logprobs)))
 
     def canary(self, prompt_ids: list[int], tokens: int = 4) -> None:
         """A short greedy generation through vLLM: it must run and every sampled token's logprob be finite."""

@@ -52,7 +52,7 @@ class Sampling:
     def requests(self, prompts: list[str], step: int) -> list[GenRequest]:
         """One request per prompt for its whole group: one version writes every answer of a group."""
         return [GenRequest(prompt, self.max_new_tokens, self.temperature, top_k=self.top_k, group=g,
-                           seed=sample_seed(self.seed, step, g), n=self.group_size)
+                           seed=sample_seed(self.seed, step, g), n=self.group_size, logprobs=True)
                 for g, prompt in enumerate(prompts)]
 
 
@@ -124,12 +124,16 @@ def completion_ids(tokenizer: Any, r: Rollout) -> list[int]:
 
 
 def trl_batch(groups: list[Group], tokenizer: Any) -> dict[str, Any]:
-    """What TRL's ``rollout_func`` returns: token ids, plus the prompt, text and version each reward needs."""
+    """What TRL's ``rollout_func`` returns: token ids, the log-probabilities the replicas drew them with (TRL's
+    off-policy options compare them with the policy being updated), and the prompt, text and version each reward
+    needs."""
     rollouts = [r for g in groups for r in g.rollouts]
+    aligned = all(r.token_ids is not None and r.logprobs is not None for r in rollouts)
     return {
         "prompt_ids": [list(tokenizer(r.request.prompt)["input_ids"]) for r in rollouts],  # as /generate encodes
         "completion_ids": [completion_ids(tokenizer, r) for r in rollouts],
-        "logprobs": None,  # the importance-sampling correction needs the engine's log-probs; /generate has none
+        # Only when every answer has them for exactly its tokens: re-tokenized text has no log-probabilities.
+        "logprobs": [r.logprobs for r in rollouts] if aligned else None,
         "lockstep_prompt": [r.request.prompt for r in rollouts],
         "lockstep_text": [r.text for r in rollouts],
         "lockstep_version": [r.version for r in rollouts],

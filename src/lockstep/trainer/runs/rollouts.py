@@ -34,6 +34,7 @@ class GenRequest:
     top_k: int = 0
     group: int = 0  # which prompt group it belongs to (GRPO baseline)
     n: int = 1  # answers to ask for at once: one version writes them all (answer i samples with seed + i)
+    logprobs: bool = False  # also ask for each token's log-probability under the version that drew it
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
@@ -42,6 +43,8 @@ class GenRequest:
             body["seed"] = self.seed
         if self.n != 1:
             body["n"] = self.n
+        if self.logprobs:
+            body["logprobs"] = True
         return body
 
 
@@ -58,6 +61,7 @@ class Rollout:
     finish_reason: str | None = None
     completion_tokens: int | None = None
     token_ids: list[int] | None = None  # when the replica returns them
+    logprobs: list[float | None] | None = None  # one per token of token_ids, when asked and returned
     latency_s: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -82,6 +86,8 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
             message = response.text[:200]
         return failed_answers(rollout, f"HTTP {response.status_code}: {message}")
     body = response.json()
+    if not isinstance(body, dict):
+        return failed_answers(rollout, f"the replica answered 200 with a JSON {type(body).__name__}, not an object")
     header = response.headers.get("x-model-version")
     rollout.version = int(header) if header is not None and header.strip().isdigit() else None
     rollout.body_version = body.get("model_version")
@@ -93,10 +99,20 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
     answers = []
     for choice in choices:
         ids = choice.get("completion_token_ids", choice.get("token_ids"))
+        token_ids = [int(i) for i in ids] if isinstance(ids, list) else None
         answers.append(replace(rollout, text=str(choice.get("text") or ""), finish_reason=choice.get("finish_reason"),
-                               completion_tokens=choice.get("completion_tokens"),
-                               token_ids=[int(i) for i in ids] if isinstance(ids, list) else None))
+                               completion_tokens=choice.get("completion_tokens"), token_ids=token_ids,
+                               logprobs=token_logprobs(choice.get("completion_logprobs"), token_ids)))
     return answers
+
+
+def token_logprobs(value: Any, token_ids: list[int] | None) -> list[float | None] | None:
+    """The answer's per-token log-probabilities when they are a list aligned with its tokens; else None."""
+    if token_ids is None or not isinstance(value, list) or len(value) != len(token_ids):
+        return None
+    if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in value):
+        return None
+    return [None if x is None else float(x) for x in value]
 
 
 def failed_answers(rollout: Rollout, error: str) -> list[Rollout]:
