@@ -16,6 +16,7 @@ from typing import Any
 
 from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.core.errors import BadRequest, LockstepError
+from lockstep.core.heap import freeze_long_lived
 from lockstep.core.settings import CommitPolicy, Settings, load_settings
 
 log = logging.getLogger("lockstep")
@@ -91,7 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _guarded(settings, args.host, "lockstep serve")
     _setup_logging(args.log_level, replica_id)
     log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
-    _run_quiet_server(create_app(settings), args.host, args.port)
+    app = create_app(settings)
+    freeze_long_lived()  # before the first model loads: retiring a version then collects only what came since
+    _run_quiet_server(app, args.host, args.port)
     return 0
 
 

@@ -157,12 +157,49 @@ def test_streamed_n_choices_interleave_and_each_is_whole(client: OpenAI) -> None
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3 * MAX_NEW
 
 
+def test_logprobs_are_each_chosen_tokens_on_both_apis_streamed_or_not(srv: Served, client: OpenAI) -> None:
+    """logprobs 0 (completions) and logprobs true (chat): the log-probability of every token of the answer, the
+    same as /generate's, in OpenAI's shapes; a stream carries the same values, chunk by chunk."""
+    asked = {"model": "lockstep", "max_tokens": MAX_NEW, "temperature": 1.0, "seed": 21}
+    generated = httpx.post(srv.url + "/generate", json={"prompt": PROMPTS[3], "max_new_tokens": MAX_NEW,
+                                                        "temperature": 1.0, "seed": 21, "logprobs": True}).json()
+    whole = client.completions.create(prompt=PROMPTS[3], logprobs=0, **asked).choices[0]
+    assert whole.text == generated["text"] and whole.logprobs is not None
+    assert whole.logprobs.token_logprobs == pytest.approx(generated["completion_logprobs"], abs=1e-6)
+    tokenizer = _loaded(srv).tokenizer
+    assert whole.logprobs.tokens == [tokenizer.decode([i]) for i in generated["completion_token_ids"]]
+    offsets = whole.logprobs.text_offset or []
+    tokens = whole.logprobs.tokens or []
+    assert offsets[0] == 0 and all(offsets[i + 1] - offsets[i] == len(tokens[i]) for i in range(len(offsets) - 1))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(prompt=PROMPTS[3], logprobs=0, stream=True,
+                                                                       **asked) if c.choices[0].logprobs]
+    assert [v for lp in streamed for v in lp.token_logprobs or []] == whole.logprobs.token_logprobs
+    assert [o for lp in streamed for o in lp.text_offset or []] == offsets
+    assert client.completions.create(prompt=PROMPTS[3], **asked).choices[0].logprobs is None  # only when asked
+
+    messages: Any = [{"role": "user", "content": PROMPTS[1]}]
+    chat = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=0, n=2, **asked)
+    assert chat.usage is not None
+    assert sum(len(c.logprobs.content or []) for c in chat.choices if c.logprobs) == chat.usage.completion_tokens
+    for choice in chat.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert all(t.logprob <= 0 and t.top_logprobs == [] and bytes(t.bytes or []).decode() == t.token
+                   for t in choice.logprobs.content)
+    chunks = list(client.chat.completions.create(messages=messages, logprobs=True, n=2, stream=True, **asked))
+    for index, choice in enumerate(chat.choices):
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        in_stream = [t.logprob for c in chunks for ch in c.choices if ch.index == index and ch.logprobs
+                     for t in ch.logprobs.content or []]
+        assert in_stream == [t.logprob for t in choice.logprobs.content]
+    assert client.chat.completions.create(messages=messages, **asked).choices[0].logprobs is None
+
+
 UNSUPPORTED: list[tuple[str, dict[str, Any], str]] = [
-    ("completions", {"logprobs": 1}, "logprobs"),
+    ("completions", {"logprobs": 1}, "logprobs above 0"),
     ("completions", {"best_of": 2}, "best_of"),
     ("completions", {"echo": True}, "echo"),
     ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "top_logprobs above 0"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -81,24 +82,30 @@ class _Common(BaseModel):
             bad.append("logit_bias")
         return bad
 
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether each answer's tokens come with their log-probabilities."""
+        return False
+
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                              stop=tuple(stop))
+                              stop=tuple(stop), logprobs=self.wants_logprobs)
 
 
 class CompletionRequest(_Common):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
-    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="not supported")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="0: each chosen token's log-probability; "
+                                      "alternatives (1 … 5) are not supported")
     echo: StrictBool = False
     best_of: StrictInt | None = Field(None, ge=1, le=20, description="only 1 is supported")
     suffix: StrictStr | None = None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        if self.logprobs is not None:
-            bad.append("logprobs")
+        if self.logprobs:
+            bad.append("logprobs above 0 (alternative tokens; 0 gives each chosen token's log-probability)")
         if self.echo:
             bad.append("echo")
         if self.best_of not in (None, 1):
@@ -112,6 +119,10 @@ class CompletionRequest(_Common):
     @property
     def text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class ContentPart(BaseModel):
@@ -147,7 +158,7 @@ class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES,
                                         description="also at most LOCKSTEP_MAX_CHAT_MESSAGES")
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="not supported")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20, description="only 0: alternatives are not supported")
     tools: list[FreeJson] | None = Field(None, max_length=128, description="not supported")
     response_format: Annotated[dict[str, FreeJson], at_most(64)] | None = None
 
@@ -168,13 +179,52 @@ class ChatRequest(_Common):
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            bad.append("logprobs")
+        if self.top_logprobs:
+            bad.append("top_logprobs above 0 (alternative tokens; logprobs: true gives each chosen token's)")
         if self.tools:
             bad.append("tools")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             bad.append("response_format other than text")
         return bad
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+
+UNLIKELY = -9999.0  # OpenAI's log-probability for a token too unlikely to state (here: one that underflowed)
+
+
+class TokenLogprobs:
+    """One answer's tokens and their log-probabilities in OpenAI's shapes, in pieces as a stream delivers them."""
+
+    def __init__(self, tokenizer: Any, kind: Literal["text_completion", "chat.completion"]) -> None:
+        self.tokenizer, self.kind = tokenizer, kind
+        self.offset = 0  # text_offset of the next token (completions)
+        self._ids: list[int] = []
+        self._logprobs: list[float] = []
+
+    def add(self, ids: tuple[int, ...], logprobs: tuple[float, ...] | None) -> None:
+        self._ids += ids
+        self._logprobs += logprobs if logprobs is not None else [math.nan] * len(ids)
+
+    def take(self) -> dict[str, Any] | None:
+        """The ``logprobs`` of the tokens added since the last take (None when there are none)."""
+        if not self._ids:
+            return None
+        tokens = [self.tokenizer.decode([i]) for i in self._ids]
+        values = self._logprobs
+        self._ids, self._logprobs = [], []
+        if self.kind == "chat.completion":
+            return {"content": [{"token": t, "logprob": v if math.isfinite(v) else UNLIKELY,
+                                 "bytes": list(t.encode("utf-8", errors="replace")), "top_logprobs": []}
+                                for t, v in zip(tokens, values, strict=True)], "refusal": None}
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [v if math.isfinite(v) else None for v in values],
+                "top_logprobs": None, "text_offset": offsets}
 
 
 def _sse(obj: Any) -> bytes:
@@ -241,11 +291,17 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
             choices = []
             for index, final in enumerate(finals):
                 reason = final.finish_reason.value
+                logprobs = None
+                if body.wants_logprobs:
+                    answer = TokenLogprobs(first.slot.tokenizer, kind)
+                    answer.add(final.token_ids, final.logprobs)
+                    logprobs = answer.take()
                 if kind == "text_completion":
-                    choices.append({"index": index, "text": final.text, "finish_reason": reason, "logprobs": None})
+                    choices.append({"index": index, "text": final.text, "finish_reason": reason,
+                                    "logprobs": logprobs})
                 else:
                     choices.append({"index": index, "message": {"role": "assistant", "content": final.text},
-                                    "finish_reason": reason, "logprobs": None})
+                                    "finish_reason": reason, "logprobs": logprobs})
             return JSONResponse({**common, "object": kind, "choices": choices, "usage": usage_of(finals)},
                                 headers=headers)
 
@@ -258,15 +314,24 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     for i in range(len(admitted))]})
             finals: list[FinalEvent] = []
+            # Tokens whose text is still pending (a split UTF-8 character, a possible stop string) keep their
+            # log-probabilities until a chunk carries text.
+            pending = [TokenLogprobs(a.slot.tokenizer, kind) for a in admitted] if body.wants_logprobs else None
             async with aclosing(interleaved(rt, admitted, endpoint)) as events:  # a break cancels the rest now
                 async for index, event in events:
                     if isinstance(event, TokenEvent):
+                        if pending is not None:
+                            pending[index].add(event.token_ids, event.logprobs)
                         if not event.text:
                             continue
+                        logprobs = pending[index].take() if pending is not None else None
                         if kind == "text_completion":
-                            choice = {"index": index, "text": event.text, "finish_reason": None, "logprobs": None}
+                            choice = {"index": index, "text": event.text, "finish_reason": None,
+                                      "logprobs": logprobs}
                         else:
                             choice = {"index": index, "delta": {"content": event.text}, "finish_reason": None}
+                            if pending is not None:
+                                choice["logprobs"] = logprobs
                         yield _sse({**common, "object": chunk_kind, "choices": [choice]})
                     elif isinstance(event, FinalEvent):
                         if event.finish_reason.value == "error":
@@ -274,11 +339,14 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
                                                   "type": "server_error", "param": None, "code": "server_error"}})
                             break
                         finals.append(event)
+                        logprobs = pending[index].take() if pending is not None else None
                         if kind == "text_completion":
                             choice = {"index": index, "text": "", "finish_reason": event.finish_reason.value,
-                                      "logprobs": None}
+                                      "logprobs": logprobs}
                         else:
                             choice = {"index": index, "delta": {}, "finish_reason": event.finish_reason.value}
+                            if pending is not None:
+                                choice["logprobs"] = logprobs
                         yield _sse({**common, "object": chunk_kind, "choices": [choice]})
                 else:
                     if include_usage:

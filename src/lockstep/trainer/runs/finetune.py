@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lockstep.core.errors import BadRequest
+from lockstep.core.heap import freeze_long_lived
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 from lockstep.store import ModelStore
@@ -172,6 +173,8 @@ class _FinetuneRun:
     def run(self) -> None:
         from datasets import Dataset
         from trl import GRPOTrainer
+
+        freeze_long_lived()  # TRL's train() collects garbage at its start: walk only what this run creates
 
         ctx, p = self.ctx, self.p
         evaluator = Evaluator(ctx, p, self.task, self.reward, self.reward_name, self.eval_client)

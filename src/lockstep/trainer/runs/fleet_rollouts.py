@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,7 +177,10 @@ class SyncRollouts:
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         asked = unique_prompts(prompts, self.sampling.group_size)
-        return trl_batch(self.groups(asked, int(trainer.state.global_step) + 1), self.tokenizer)
+        started = time.monotonic()
+        groups = self.groups(asked, int(trainer.state.global_step) + 1)
+        self.book.waited(time.monotonic() - started)
+        return trl_batch(groups, self.tokenizer)
 
     def groups(self, asked: list[str], step: int) -> list[Group]:
         """A whole, fresh group for each prompt of ``asked``, in order."""
@@ -209,8 +213,10 @@ class Collector:
 
     Round r asks for step r's prompts and samples (``step_prompts``, ``Sampling.requests``), as a synchronous run
     would at step r; rounds whose groups are dropped move the stream on. A resumed run starts at ``first_round``.
-    When the waiting groups fill the buffer, those a publish has pushed beyond the bound are dropped there (and
-    counted), so the fleet goes on generating instead of holding answers no update may use.
+    A round starts only when the buffer has room for all of it: answers generated ahead and then held would be
+    older when used, and the version serving when the round starts is the newest one it can get. When the waiting
+    groups leave no room, those a publish has pushed beyond the bound are dropped (and counted), so the fleet goes
+    on generating instead of holding answers no update may use.
     """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
@@ -236,7 +242,7 @@ class Collector:
 
     def _run(self) -> None:
         round_ = self.first_round - 1
-        while not self._stop.is_set():
+        while self.wait_for_room(min(self.batch_size, self.capacity)):
             round_ += 1
             prompts = step_prompts(self.task, self.batch_size, self.sampling.seed, round_)
             try:
@@ -250,12 +256,18 @@ class Collector:
             for g in sorted(groups):
                 self.put(groups[g])
 
-    def put(self, group: Group) -> None:
-        """Queue ``group``; while the buffer is full, wait (generating further ahead only makes staler answers)."""
+    def wait_for_room(self, groups: int) -> bool:
+        """Until ``groups`` more fit in the buffer (dropping those beyond the bound first); False once stopped."""
         with self._changed:
-            while len(self._waiting) >= self.capacity and not self._stop.is_set():
+            while len(self._waiting) + groups > self.capacity and not self._stop.is_set():
                 if not self._drop_beyond_bound():
                     self._changed.wait(0.2)
+            return not self._stop.is_set()
+
+    def put(self, group: Group) -> None:
+        """Queue ``group``; while the buffer is full, wait (generating further ahead only makes staler answers)."""
+        self.wait_for_room(1)
+        with self._changed:
             self._waiting.append(group)
             self._changed.notify_all()
 
@@ -297,7 +309,7 @@ class AsyncRollouts:
         # synchronous behaviour, reached by the bound alone.
         wanted = len(prompts) // self.group_size
         used: list[Group] = []
-        last_use = self.clock.monotonic()
+        started = last_use = self.clock.monotonic()
         while len(used) < wanted:
             self.check_stop()
             group = self.collector.take(timeout_s=1.0)
@@ -309,4 +321,5 @@ class AsyncRollouts:
                     f"every answer was more than max_staleness={self.window.max_staleness} versions behind "
                     f"v{self.window.latest} or came from another publisher")
                 raise RunFailed(f"no usable rollout group for {STARVED_S:.0f} s; last problems: {why}")
+        self.book.waited(self.clock.monotonic() - started)
         return trl_batch(used, self.tokenizer)

@@ -101,6 +101,7 @@ class SampleBook:
         self._lock = threading.Lock()
         self._version = VersionSamples()
         self._step = VersionSamples()
+        self._waited_s = 0.0  # the update's wait for rollouts since the last step
 
     def used(self, produced_by: int, staleness: int, n: int = 1) -> None:
         with self._lock:
@@ -123,11 +124,22 @@ class SampleBook:
                 book.errors += errors
                 book.mislabeled += mislabeled
 
+    def waited(self, seconds: float) -> None:
+        """The update waited ``seconds`` for its rollouts (the fleet, not the trainer, set the pace meanwhile)."""
+        with self._lock:
+            self._waited_s += seconds
+
     def take_step(self) -> VersionSamples:
         """What the last update step used and dropped; starts a new count."""
         with self._lock:
             step, self._step = self._step, VersionSamples()
             return step
+
+    def take_wait(self) -> float:
+        """Seconds the last update step waited for rollouts; starts a new count."""
+        with self._lock:
+            waited, self._waited_s = self._waited_s, 0.0
+            return waited
 
     def take_version(self) -> VersionSamples:
         """What trained the version about to be published; starts a new count."""
