@@ -500,8 +500,9 @@ def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_
     assert [g["verdict"] for g in view["gates"] if g["name"] == "task_score"] == ["pass"]
     again = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s1", "canary": [5]})
     assert again.status_code == 409  # one rollout at a time, nothing staged for it
-    for p in http_cluster.replicas:
-        assert p.status()["rollout"]["share"] == 20
+    # The trainer reports the step once every replica holds it; each puts it in force at the step's activate_at.
+    wait_for(lambda: all((p.status()["rollout"] or {}).get("share") == 20 for p in http_cluster.replicas), 30, 0.05,
+             f"every replica to put the step in force at {view['steps'][-1]['activate_at']}")
     assert trainer.post("/rollout/abort").status_code == 401  # a change needs the token
     assert trainer.post("/rollout/abort", headers=AUTH).status_code == 202
     ended = wait_for(lambda: (v := trainer.get("/rollout").json())["phase"] == "rolled back" and v, 60, 0.2,
