@@ -200,7 +200,7 @@ class _FinetuneRun:
             train_sft(ctx, p, loaded.model, tokenizer, task=self.task, reward=self.reward,
                       reward_name=self.reward_name,
                       rollouts=SyncRollouts(self.client, sampling, window, self.book, tokenizer,
-                                            check_stop=ctx.check_stop, sleep=ctx.clock.sleep),
+                                            check_stop=ctx.check_stop, clock=ctx.clock),
                       window=window, book=self.book, releases=releases,
                       start_step=ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0,
                       resume_from=resume_from)
@@ -217,7 +217,7 @@ class _FinetuneRun:
                                          check_stop=ctx.check_stop, clock=ctx.clock)
         else:
             rollout_func = SyncRollouts(self.client, sampling, window, self.book, tokenizer,
-                                        check_stop=ctx.check_stop, sleep=ctx.clock.sleep)
+                                        check_stop=ctx.check_stop, clock=ctx.clock)
         # TRL takes the batches in order (shuffle_dataset off): step n asks for the same prompts on every run
         # with these parameters. Asynchronous runs take the collector's, which asks for the same stream.
         prompts = [q for step in range(1, p.steps + 1) for q in step_prompts(self.task, p.batch_size, p.seed, step)]

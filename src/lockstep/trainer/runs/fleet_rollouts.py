@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,17 +168,17 @@ class SyncRollouts:
     """Asks the fleet for TRL's prompts now, retrying groups until they are whole and fresh."""
 
     def __init__(self, client: RolloutClient, sampling: Sampling, window: VersionWindow, book: SampleBook,
-                 tokenizer: Any, *, check_stop: Callable[[], None], sleep: Callable[[float], None]) -> None:
+                 tokenizer: Any, *, check_stop: Callable[[], None], clock: Clock) -> None:
         self.client, self.sampling, self.window, self.book = client, sampling, window, book
         self.tokenizer = tokenizer
         self.check_stop = check_stop
-        self.sleep = sleep
+        self.clock = clock
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         asked = unique_prompts(prompts, self.sampling.group_size)
-        started = time.monotonic()
+        started = self.clock.monotonic()
         groups = self.groups(asked, int(trainer.state.global_step) + 1)
-        self.book.waited(time.monotonic() - started)
+        self.book.waited(self.clock.monotonic() - started)
         return trl_batch(groups, self.tokenizer)
 
     def groups(self, asked: list[str], step: int) -> list[Group]:
@@ -196,7 +195,7 @@ class SyncRollouts:
             if len(done) == len(asked):
                 return [done[g] for g in range(len(asked))]
             log.warning("step %d: %d of %d groups usable (try %d)", step, len(done), len(asked), attempt + 1)
-            self.sleep(1.0)
+            self.clock.sleep(1.0)
         why = "; ".join(problems[-3:]) or ("answers came from a version this run did not produce or that is "
                                            "too old for max_staleness")
         raise RunFailed(f"no whole group of fresh rollouts for every prompt at step {step} after "
