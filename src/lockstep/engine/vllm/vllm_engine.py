@@ -322,8 +322,9 @@ class VllmEngine:
                     tokens.extend(new)
                     texts.append(comp.text)
                     self._generated_tokens += len(new)
-                    chosen = None if logprobs is None else chosen_logprobs(new, comp.logprobs)
-                    if logprobs is not None and chosen is not None:
+                    chosen = None
+                    if logprobs is not None:
+                        chosen = chosen_logprobs(new, comp.logprobs)
                         logprobs.extend(chosen)
                     req.handle._push(TokenEvent(new, comp.text, chosen))
                 elif comp.text:  # text completed without a new token (a held-back stop prefix)
