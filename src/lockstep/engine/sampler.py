@@ -8,6 +8,7 @@ fails is reported on its own while every other row still gets its token.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -88,6 +89,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     except Exception:  # one row's settings broke the batched filter: filter each row alone below
         probs, usable = None, []
     picked: dict[int, torch.Tensor] = {}
+    drawn_from: dict[int, torch.Tensor] = {}  # row → the distribution its token was drawn from
     for j, i in enumerate(rows):
         try:
             if probs is not None:
@@ -98,21 +100,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             if ok:  # else the settings' limit (temperature or top_p -> 0) is the argmax, already in tokens
                 # Each request owns its generator, so its stream does not depend on the batch.
                 picked[i] = torch.multinomial(row, 1, generator=generators[i])
+                drawn_from[i] = row
         except Exception as exc:
             errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
     if picked:
         for i, token in zip(picked, torch.cat(list(picked.values())).tolist(), strict=True):
             tokens[i] = int(token)
-    return Draws(tokens, errors, chosen_logprobs(logits, params, tokens, skip=errors))
+    # Rows drawn from a distribution read their token's log-probability off it; only the rest filter again.
+    asked = [i for i in drawn_from if params[i].logprobs]
+    drawn = dict(zip(asked, torch.stack([drawn_from[i][tokens[i]] for i in asked]).log().tolist(), strict=True)
+                 ) if asked else {}
+    rest = chosen_logprobs(logits, params, tokens, skip=errors.keys() | drawn.keys())
+    return Draws(tokens, errors, {**rest, **drawn})
 
 
 def chosen_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int],
-                    skip: dict[int, str] | None = None) -> dict[int, float]:
+                    skip: Collection[int] = ()) -> dict[int, float]:
     """Log-probability of each chosen token, for the rows that asked, in the distribution the row samples from:
     logits / temperature, then top-k and top-p, renormalised (vLLM's ``processed_logprobs``, what TRL's
     importance-sampling correction expects). A greedy row reports the raw distribution (temperature counted as
     1). A row whose distribution underflowed reports what the arithmetic gives (-inf or NaN)."""
-    rows = [i for i, p in enumerate(params) if p.logprobs and not (skip and i in skip)]
+    rows = [i for i, p in enumerate(params) if p.logprobs and i not in skip]
     if not rows:
         return {}
     greedy_as_one = list(params)

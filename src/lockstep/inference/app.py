@@ -154,11 +154,11 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
             model_digest=first.slot.digest, replica_id=rt.replica_id, finish_reason=final.finish_reason.value,
             prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
             latency_s=max(f.latency_s for f in finals), ttft_s=final.ttft_s,
-            completion_token_ids=list(final.token_ids), completion_logprobs=generation.json_logprobs(final),
+            completion_token_ids=list(final.token_ids), completion_logprobs=generation.json_logprobs(final.logprobs),
             choices=[GenerateChoiceResponse(text=f.text, finish_reason=f.finish_reason.value,
                                             completion_tokens=f.completion_tokens,
                                             completion_token_ids=list(f.token_ids),
-                                            completion_logprobs=generation.json_logprobs(f))
+                                            completion_logprobs=generation.json_logprobs(f.logprobs))
                      for f in finals] if body.n > 1 else None)
         unasked: dict[str, Any] = {} if body.logprobs else {"completion_logprobs": True,
                                                             "choices": {"__all__": {"completion_logprobs"}}}

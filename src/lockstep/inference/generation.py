@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,11 +85,11 @@ async def admit_choices(replica: Replica, build_prompt: PromptBuilder, params: S
         raise
 
 
-def json_logprobs(final: FinalEvent) -> list[float | None] | None:
-    """The answer's token log-probabilities as JSON holds them: a non-finite one (an underflowed row) is null."""
-    if final.logprobs is None:
+def json_logprobs(logprobs: Sequence[float] | None) -> list[float | None] | None:
+    """Token log-probabilities as JSON holds them: a non-finite one (an underflowed row) is null."""
+    if logprobs is None:
         return None
-    return [x if math.isfinite(x) else None for x in final.logprobs]
+    return [x if math.isfinite(x) else None for x in logprobs]
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -223,7 +223,7 @@ class TokenLogprobs:
         for t in tokens:
             offsets.append(self.offset)
             self.offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [v if math.isfinite(v) else None for v in values],
+        return {"tokens": tokens, "token_logprobs": generation.json_logprobs(values),
                 "top_logprobs": None, "text_offset": offsets}
 
 
