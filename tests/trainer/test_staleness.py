@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -159,21 +161,23 @@ class _Tokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
+class _Recording(RolloutClient):
+    """A client with no replicas that remembers every round it was asked for (each answer fails at once)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: [], no_replica_wait_s=0)  # every answer fails; the collector asks again
+        self.asked: list[list[GenRequest]] = []
+
+    def generate(self, requests: list[GenRequest]) -> list[Rollout]:
+        self.asked.append(requests)
+        return super().generate(requests)
+
+
 def test_the_collector_asks_for_the_prompts_and_samples_a_synchronous_run_asks_for_at_each_step() -> None:
     """Round r of an asynchronous run is step r of a synchronous one with the same parameters: the two modes train
     on the same stream, and a resumed run goes on from its step instead of starting the stream again."""
-
-    class Recording(RolloutClient):
-        def __init__(self) -> None:
-            super().__init__(lambda: [], no_replica_wait_s=0)  # every answer fails; the collector asks again
-            self.asked: list[list[GenRequest]] = []
-
-        def generate(self, requests: list[GenRequest]) -> list[Rollout]:
-            self.asked.append(requests)
-            return super().generate(requests)
-
     task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
-    client = Recording()
+    client = _Recording()
     collector = Collector(client, sampling, task, 3, SampleBook(), VersionWindow([0], 1), capacity=3, first_round=5)
     try:
         collector.start()
@@ -184,3 +188,31 @@ def test_the_collector_asks_for_the_prompts_and_samples_a_synchronous_run_asks_f
     for step, asked in zip((5, 6), client.asked, strict=False):
         assert asked == sampling.requests(step_prompts(task, 3, 7, step), step)
     assert step_prompts(task, 3, 7, 5) != step_prompts(task, 3, 7, 6)
+
+
+def test_the_collector_starts_no_round_while_a_publish_of_the_run_is_in_flight() -> None:
+    """A round started during a publish would be answered by the version about to be replaced: the collector waits
+    for the new version, and the first round after the publish is the next one of the stream."""
+    task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
+    window, client = VersionWindow([0], 1), _Recording()
+    window.publishing_started()
+    collector = Collector(client, sampling, task, 3, SampleBook(), window, capacity=6)
+    try:
+        collector.start()
+        time.sleep(0.5)  # an idle collector with room asks at once: nothing may be asked while v1 publishes
+        assert client.asked == []
+        window.publishing_ended(1)
+        wait_for(lambda: client.asked, 30, 0.05, "the first round after the publish")
+    finally:
+        collector.stop()
+        client.close()
+    assert client.asked[0] == sampling.requests(step_prompts(task, 3, 7, 1), 1)
+
+
+def test_the_window_says_when_no_publish_is_in_flight() -> None:
+    window = VersionWindow([0], 1)
+    assert window.wait_settled(timeout_s=0)
+    window.publishing_started()
+    assert not window.wait_settled(timeout_s=0)
+    window.publishing_ended(None)  # a failed publish settles it too
+    assert window.wait_settled(timeout_s=0) and window.latest == 0

@@ -210,8 +210,10 @@ class _FinetuneRun:
         rollout_func: Any
         if p.async_mode:
             resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
+            # Two steps of groups: the updates go on with them while a publish is in flight and the collector
+            # waits for the version it becomes.
             self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book, window,
-                                       capacity=p.batch_size, first_round=resumed_at + 1)  # one step ahead
+                                       capacity=2 * p.batch_size, first_round=resumed_at + 1)
             self.collector.start()
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,
                                          check_stop=ctx.check_stop, clock=ctx.clock)

@@ -213,9 +213,11 @@ class Collector:
     Round r asks for step r's prompts and samples (``step_prompts``, ``Sampling.requests``), as a synchronous run
     would at step r; rounds whose groups are dropped move the stream on. A resumed run starts at ``first_round``.
     A round starts only when the buffer has room for all of it: answers generated ahead and then held would be
-    older when used, and the version serving when the round starts is the newest one it can get. When the waiting
-    groups leave no room, those a publish has pushed beyond the bound are dropped (and counted), so the fleet goes
-    on generating instead of holding answers no update may use.
+    older when used, and the version serving when the round starts is the newest one it can get. For the same
+    reason no round starts while a publish of the run is in flight: it would be answered by the version about to be
+    replaced, and the replicas stage and drain faster without it, so the next round gets the new version sooner.
+    When the waiting groups leave no room, those a publish has pushed beyond the bound are dropped (and counted),
+    so the fleet goes on generating instead of holding answers no update may use.
     """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
@@ -241,7 +243,7 @@ class Collector:
 
     def _run(self) -> None:
         round_ = self.first_round - 1
-        while self.wait_for_room(min(self.batch_size, self.capacity)):
+        while self.wait_for_room(min(self.batch_size, self.capacity)) and self.wait_for_version():
             round_ += 1
             prompts = step_prompts(self.task, self.batch_size, self.sampling.seed, round_)
             try:
@@ -262,6 +264,13 @@ class Collector:
                 if not self._drop_beyond_bound():
                     self._changed.wait(0.2)
             return not self._stop.is_set()
+
+    def wait_for_version(self) -> bool:
+        """Until no publish of the run is in flight; False once stopped."""
+        while not self._stop.is_set():
+            if self.window.wait_settled(timeout_s=0.2):
+                return not self._stop.is_set()
+        return False
 
     def put(self, group: Group) -> None:
         """Queue ``group``; while the buffer is full, wait (generating further ahead only makes staler answers)."""

@@ -75,6 +75,11 @@ class VersionWindow:
                 self._known.append(version)
             self._changed.notify_all()
 
+    def wait_settled(self, timeout_s: float) -> bool:
+        """Until no publish of this run is in flight (True), or ``timeout_s`` passed first (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._publishing == 0, timeout=timeout_s)
+
     def published(self, version: int) -> None:
         """``version`` was committed from this run's policy."""
         self.publishing_started()
