@@ -192,10 +192,18 @@ class _FinetuneRun:
             releases.release(ctx.files.folder / ctx.record.checkpoint.path, ctx.record.checkpoint.step,
                              {"note": "resumed checkpoint"})
             releases.wait_published()
+        sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
+        if p.async_mode and p.algorithm != "sft_best":
+            # Collecting starts as soon as the fleet serves the policy, while the trainer loads it and builds TRL.
+            # Two steps of groups: the updates go on with them while a publish is in flight and the collector
+            # waits for the version it becomes.
+            resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
+            self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book, window,
+                                       capacity=2 * p.batch_size, first_round=resumed_at + 1)
+            self.collector.start()
         loaded = loader.load(loader.resolve(ref, ctx.settings, ctx.coordinator.store), ctx.settings,
                              dtype=torch.float32)  # float32 training, whatever the replicas serve
         tokenizer = loaded.tokenizer
-        sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
         if p.algorithm == "sft_best":
             train_sft(ctx, p, loaded.model, tokenizer, task=self.task, reward=self.reward,
                       reward_name=self.reward_name,
@@ -208,13 +216,7 @@ class _FinetuneRun:
             self._finish(evaluator)
             return
         rollout_func: Any
-        if p.async_mode:
-            resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
-            # Two steps of groups: the updates go on with them while a publish is in flight and the collector
-            # waits for the version it becomes.
-            self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book, window,
-                                       capacity=2 * p.batch_size, first_round=resumed_at + 1)
-            self.collector.start()
+        if self.collector is not None:
             rollout_func = AsyncRollouts(self.collector, p.group_size, window, self.book, tokenizer,
                                          check_stop=ctx.check_stop, clock=ctx.clock)
         else:
