@@ -173,6 +173,50 @@ def test_a_slow_write_of_sync_state_lengthens_the_commit_margin_by_as_much(
     assert c.commit_margin([beat]) == pytest.approx(2 * 0.02 + 0.05 + 0.2)
 
 
+class SilentWhileStaging(Replicas):
+    """Replicas whose heartbeats stop for ``silent_s`` once they see the prepare (a fleet too loaded to report)."""
+
+    def __init__(self, *args: Any, silent_s: float, **kwargs: Any) -> None:
+        self.silent_s = silent_s
+        self.silent_until: float | None = None
+        super().__init__(*args, **kwargs)
+
+    def tick(self) -> None:
+        try:
+            state = read_sync_state(self.shared / "sync_state.json")
+        except ValueError:
+            state = None
+        if isinstance(state, SyncState) and state.pending is not None and state.pending.phase is Phase.PREPARE:
+            if self.silent_until is None:
+                self.silent_until = self.clock.time() + self.silent_s
+            if self.clock.time() < self.silent_until:
+                return  # no heartbeat, and the prepare not even read
+        super().tick()
+
+
+@pytest.mark.parametrize("policy", [CommitPolicy.STRICT, CommitPolicy.QUORUM])
+def test_a_fleet_whose_heartbeats_all_lapse_while_staging_is_waited_for_not_committed_to_nobody(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock, policy: CommitPolicy) -> None:
+    """With every replica's heartbeat expired for a moment there is nobody left to wait for; that must not read
+    as "every replica staged" (a commit no replica staged), nor end the prepare before its deadline."""
+    c = coordinator(shared, builtin_dir, clock, commit_policy=policy, heartbeat_ttl_s=1.0, stage_timeout_s=10.0)
+    SilentWhileStaging(shared, clock, {"replica-1": "staged", "replica-2": "staged"}, silent_s=3.0)
+    result = c.publish(str(tiny_dirs[1]))
+    assert result.outcome == "committed", result.summary()
+    assert [(r.replica_id, r.outcome) for r in result.replicas] == [("replica-1", "serving"), ("replica-2", "serving")]
+
+
+def test_a_fleet_that_never_reports_again_aborts_the_prepare_at_its_deadline(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock) -> None:
+    c = coordinator(shared, builtin_dir, clock, commit_policy=CommitPolicy.QUORUM, heartbeat_ttl_s=1.0,
+                    stage_timeout_s=5.0)
+    SilentWhileStaging(shared, clock, {"replica-1": "staged", "replica-2": "staged"}, silent_s=float("inf"))
+    result = c.publish(str(tiny_dirs[1]))
+    assert result.outcome == "aborted" and result.reason is not None and "no heartbeat" in result.reason
+    assert {r.replica_id for r in result.replicas} == {"replica-1", "replica-2"}
+    assert state_of(shared).committed is None
+
+
 def test_replicas_that_loaded_different_weights_block_the_commit_even_with_a_quorum(
         shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: FakeClock) -> None:
     c = coordinator(shared, builtin_dir, clock, commit_policy=CommitPolicy.QUORUM)

@@ -78,7 +78,7 @@ class CatchUp:
             failed = c.fleet.deliver(commit.model_copy(update={"phase": Phase.PREPARE}), state.generation, [beat])
             source = Source(committed.version, committed.model, committed.digest)
             reports, _ = c.wait_staged(source, state.generation, c.clock.time() + c.settings.stage_timeout_s,
-                                       CommitPolicy.STRICT, None, [beat], failed)
+                                       CommitPolicy.STRICT, None, [beat], failed, expected=[beat.replica_id])
             result.replicas = reports or [ReplicaReport(beat.replica_id, ReplicaOutcome.TIMEOUT, "stopped answering")]
             loaded = {r.weights_digest for r in reports if r.weights_digest}
             result.reason = commit_refusal(result.replicas, CommitPolicy.STRICT)

@@ -237,7 +237,8 @@ class Coordinator:
             progress("prepare", {"version": source.version, "generation": state.generation, "replicas": len(told)})
         failed = self.fleet.deliver(pending, state.generation, told)
         result.replicas, beats = self.wait_staged(source, state.generation, now + timeout_s, policy, progress,
-                                                   told if self.fleet.pushes else None, failed)
+                                                   told if self.fleet.pushes else None, failed,
+                                                   expected=[b.replica_id for b in told])
         result.prepare_s, result.generation = self.clock.time() - now, state.generation
         if (reason := commit_refusal(result.replicas, policy)) is not None:
             abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
@@ -283,9 +284,13 @@ class Coordinator:
         return max(self.settings.commit_margin_s, 2 * reach + 0.05 + self.last_write_s)
 
     def wait_staged(self, source: Source, generation: int, deadline: float, policy: CommitPolicy,
-                     progress: ProgressFn | None, told: list[Heartbeat] | None, failed: dict[str, str]
-                     ) -> tuple[list[ReplicaReport], list[Heartbeat]]:
+                     progress: ProgressFn | None, told: list[Heartbeat] | None, failed: dict[str, str], *,
+                     expected: list[str]) -> tuple[list[ReplicaReport], list[Heartbeat]]:
         """Poll the live replicas (those ``told``, if given) until each staged the version, failed, or time is up.
+
+        ``expected``: the replicas live when the prepare went out. One that stops reporting is not waited for, but
+        while none of them reports the wait goes on: a loaded fleet can miss its heartbeats for a moment, and an
+        empty report must not read as "every replica staged". At the deadline each of them is timed out.
 
         Polls every ``commit_poll_interval_s``: the commit follows the last report, and every poll of delay here
         is propagation time.
@@ -301,7 +306,11 @@ class Coordinator:
                 progress("staging", {"staged": len(reports) - len(waiting) - len(bad), "failed": len(bad),
                                      "live": len(reports)})
             out_of_time = self.clock.time() >= deadline
-            if not waiting or (bad and policy is CommitPolicy.STRICT) or out_of_time:
+            if not reports and expected:
+                if out_of_time:
+                    return [ReplicaReport(r, ReplicaOutcome.TIMEOUT, "stopped reporting (no heartbeat) before it "
+                                          "staged") for r in expected], live
+            elif not waiting or (bad and policy is CommitPolicy.STRICT) or out_of_time:
                 for r in waiting:
                     r.error = "did not stage before the deadline" if out_of_time else "still staging when another " \
                         "replica failed"
