@@ -79,7 +79,7 @@ class CatchUp:
             source = Source(committed.version, committed.model, committed.digest)
             reports, _ = c.wait_staged(source, state.generation, c.clock.time() + c.settings.stage_timeout_s,
                                        CommitPolicy.STRICT, None, [beat], failed, expected=[beat.replica_id])
-            result.replicas = reports or [ReplicaReport(beat.replica_id, ReplicaOutcome.TIMEOUT, "stopped answering")]
+            result.replicas = reports
             loaded = {r.weights_digest for r in reports if r.weights_digest}
             result.reason = commit_refusal(result.replicas, CommitPolicy.STRICT)
             if result.reason is None and weights and loaded and not loaded <= weights:
