@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +22,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
     step_prompts,
     trl_batch,
 )
+from lockstep.trainer.runs.releases import Releases
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
 from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import digits_reward, get_task
@@ -207,6 +210,60 @@ def test_the_collector_starts_no_round_while_a_publish_of_the_run_is_in_flight()
         collector.stop()
         client.close()
     assert client.asked[0] == sampling.requests(step_prompts(task, 3, 7, 1), 1)
+
+
+def test_the_collector_starts_no_round_while_the_run_says_other_work_goes_first() -> None:
+    """The held-out evaluation of a version just served goes before the next round (``wait_turn``)."""
+    task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
+    client, evaluated = _Recording(), threading.Event()
+    collector = Collector(client, sampling, task, 3, SampleBook(), VersionWindow([0], 1), capacity=6,
+                          wait_turn=evaluated.wait)
+    try:
+        collector.start()
+        time.sleep(0.5)
+        assert client.asked == [] and not collector.first_round_in.is_set()
+        evaluated.set()
+        wait_for(collector.first_round_in.is_set, 30, 0.05, "the first round")
+    finally:
+        collector.stop()
+        client.close()
+    assert client.asked[0] == sampling.requests(step_prompts(task, 3, 7, 1), 1)
+
+
+def test_a_stopped_collector_releases_whoever_waits_for_its_first_round() -> None:
+    client = _Recording()
+    window = VersionWindow([0], 1)
+    window.publishing_started()  # no round can start
+    collector = Collector(client, Sampling(2, 4, 1.0, 0, seed=7), get_task("digits"), 3, SampleBook(), window,
+                          capacity=6)
+    collector.start()
+    collector.stop()
+    client.close()
+    assert collector.first_round_in.is_set() and client.asked == []
+
+
+class _HeldEvaluator:
+    """Stands in for ``Evaluator``: records what it evaluated, in order."""
+
+    def __init__(self) -> None:
+        self.evaluated: list[int] = []
+
+    def evaluate(self, version: int, step: int, *, converged: bool) -> None:
+        self.evaluated.append(version)
+
+
+def test_the_baseline_evaluation_waits_for_what_it_is_told_to_follow() -> None:
+    """An asynchronous run evaluates its start version after the collector's first round, which the first update
+    waits for."""
+    evaluator, first_round = _HeldEvaluator(), threading.Event()
+    releases = Releases(cast(Any, None), FinetuneParams(), VersionWindow([0], 1), SampleBook(),
+                        cast(Any, evaluator), reward_name="builtin:digits", background=True)
+    releases.evaluate_behind(0, 0, True, after=first_round)
+    time.sleep(0.3)
+    assert evaluator.evaluated == []
+    first_round.set()
+    releases.wait_evaluated()
+    assert evaluator.evaluated == [0] and releases.wait_measured(0)
 
 
 def test_the_window_says_when_no_publish_is_in_flight() -> None:

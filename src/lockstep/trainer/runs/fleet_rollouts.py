@@ -216,17 +216,24 @@ class Collector:
     older when used, and the version serving when the round starts is the newest one it can get. For the same
     reason no round starts while a publish of the run is in flight: it would be answered by the version about to be
     replaced, and the replicas stage and drain faster without it, so the next round gets the new version sooner.
+    Nor while ``wait_turn`` says other work of the run goes first (the held-out evaluation of a version just
+    served: ``Releases.wait_measured``).
     When the waiting groups leave no room, those a publish has pushed beyond the bound are dropped (and counted),
     so the fleet goes on generating instead of holding answers no update may use.
     """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
-                 book: SampleBook, window: VersionWindow, *, capacity: int, first_round: int = 1) -> None:
+                 book: SampleBook, window: VersionWindow, *, capacity: int, first_round: int = 1,
+                 wait_turn: Callable[[float], bool] | None = None) -> None:
         self.client, self.sampling, self.task, self.book, self.window = client, sampling, task, book, window
         self.batch_size = batch_size
         self.capacity = capacity
         self.first_round = first_round
+        self.wait_turn = wait_turn
         self.problems: list[str] = []
+        # Set once the first round's answers are in, or the collector stopped: the run's baseline evaluation
+        # waits for it, since until then the updates have nothing to train on.
+        self.first_round_in = threading.Event()
         self._waiting: deque[Group] = deque()
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -237,13 +244,14 @@ class Collector:
 
     def stop(self) -> None:
         self._stop.set()
+        self.first_round_in.set()
         with self._changed:
             self._changed.notify_all()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         round_ = self.first_round - 1
-        while self.wait_for_room(min(self.batch_size, self.capacity)) and self.wait_for_version():
+        while self.wait_for_room(min(self.batch_size, self.capacity)) and self.wait_for_turn():
             round_ += 1
             prompts = step_prompts(self.task, self.batch_size, self.sampling.seed, round_)
             try:
@@ -252,10 +260,11 @@ class Collector:
                 return
             groups, trouble = whole_groups(rollouts, self.book)
             self.problems = (self.problems + trouble)[-3:]
-            if not groups:
-                self._stop.wait(1.0)  # nothing answered: give the replicas a moment
             for g in sorted(groups):
                 self.put(groups[g])
+            self.first_round_in.set()
+            if not groups:
+                self._stop.wait(1.0)  # nothing answered: give the replicas a moment
 
     def wait_for_room(self, groups: int) -> bool:
         """Until ``groups`` more fit in the buffer (dropping those beyond the bound first); False once stopped."""
@@ -265,10 +274,11 @@ class Collector:
                     self._changed.wait(0.2)
             return not self._stop.is_set()
 
-    def wait_for_version(self) -> bool:
-        """Until no publish of the run is in flight; False once stopped."""
+    def wait_for_turn(self) -> bool:
+        """Until no publish of the run is in flight and nothing that goes first is (``wait_turn``); False once
+        stopped."""
         while not self._stop.is_set():
-            if self.window.wait_settled(timeout_s=0.2):
+            if self.window.wait_settled(timeout_s=0.2) and (self.wait_turn is None or self.wait_turn(0.2)):
                 return not self._stop.is_set()
         return False
 

@@ -3,7 +3,9 @@
 Synchronous runs release inline (training waits). Asynchronous runs release on one background thread, so the
 updates go on while the version stages and commits; at most one release is in flight, and a failed one fails
 the run at the next checkpoint or at the end. In both, the held-out evaluation of a served version runs on its
-own thread: measuring a version never holds back the next update or the next publish.
+own thread: measuring a version never holds back the next update or the next publish. It goes before the
+asynchronous collector's next round (``wait_measured``): a round generated beside it would slow it down, and the
+updates have the groups already collected to go on with.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class Releases:
         self._evaluation: threading.Thread | None = None
         self._evaluation_error: BaseException | None = None
         self._lock = threading.Lock()  # the run record, between the update thread and the release thread
+        self._measuring = threading.Condition()
+        self._unmeasured = 0  # versions committed whose evaluation has not ended yet
 
     def release(self, checkpoint: Path, step: int, stats: dict[str, Any]) -> None:
         """Publish ``checkpoint`` (a transformers checkpoint folder) as the next version."""
@@ -142,21 +146,43 @@ class Releases:
             error, self._evaluation_error = self._evaluation_error, None
             raise error
 
-    def evaluate_behind(self, version: int, step: int, converged: bool) -> None:
-        """Evaluate ``version`` on its own thread, one evaluation at a time.
+    def wait_measured(self, timeout_s: float) -> bool:
+        """Until no version this run committed is still waiting for its evaluation (True), or ``timeout_s``."""
+        with self._measuring:
+            return self._measuring.wait_for(lambda: self._unmeasured == 0, timeout=timeout_s)
+
+    def _measured(self) -> None:
+        with self._measuring:
+            self._unmeasured -= 1
+            self._measuring.notify_all()
+
+    def evaluate_behind(self, version: int, step: int, converged: bool, *, after: threading.Event | None = None,
+                        committed: bool = False) -> None:
+        """Evaluate ``version`` on its own thread, one evaluation at a time; once ``after`` is set, when given.
 
         The next publish may start meanwhile: its flip comes after it stages, long after these requests were
         admitted, and a replica finishes admitted requests on the version that admitted them. Only answers tagged
-        ``version`` count in any case (``Evaluator.evaluate``).
+        ``version`` count in any case (``Evaluator.evaluate``). ``committed``: a release counted ``version`` as
+        unmeasured (``wait_measured``); the evaluation's end counts it measured.
         """
-        self.wait_evaluated()
+        try:
+            self.wait_evaluated()
+        except BaseException:
+            if committed:
+                self._measured()
+            raise
 
         def evaluate() -> None:
             try:
+                if after is not None:
+                    after.wait()
                 self.evaluator.evaluate(version, step, converged=converged)
             except BaseException as exc:  # handed to the update thread, which fails the run with it
                 log.error("run %s: evaluating v%d failed: %s", self.ctx.run_id, version, exc)
                 self._evaluation_error = exc
+            finally:
+                if committed:
+                    self._measured()
 
         self._evaluation = threading.Thread(target=evaluate, name=f"evaluate-v{version}", daemon=True)
         self._evaluation.start()
@@ -183,19 +209,27 @@ class Releases:
                                                policy=self.p.policy, timeout_s=self.p.timeout_s)
             committed = result.version if result.ok else None
         finally:
+            if committed is not None:
+                with self._measuring:  # before the collector hears of the new version: its evaluation goes first
+                    self._unmeasured += 1
             self.window.publishing_ended(committed)  # in one move: no moment where the bound is looser
         if not result.ok:
             raise RunFailed(f"publishing step {step} as v{result.version} was {result.outcome}: {result.reason}; "
                             f"the cluster keeps serving v{parent}")
-        with self._lock:
-            record = ctx.record
-            if result.version not in record.versions:
-                record.versions.append(result.version)
-            record.version_samples[str(result.version)] = samples
-            record.checkpoint = Checkpoint(step=step, path=str(checkpoint.relative_to(ctx.files.folder)),
-                                           version=result.version)
-            ctx.save()
-        self.evaluate_behind(result.version, step, self.converge(result.version))
+        try:
+            with self._lock:
+                record = ctx.record
+                if result.version not in record.versions:
+                    record.versions.append(result.version)
+                record.version_samples[str(result.version)] = samples
+                record.checkpoint = Checkpoint(step=step, path=str(checkpoint.relative_to(ctx.files.folder)),
+                                               version=result.version)
+                ctx.save()
+            converged = self.converge(result.version)
+        except BaseException:
+            self._measured()
+            raise
+        self.evaluate_behind(result.version, step, converged, committed=True)
 
     def converge(self, version: int) -> bool:
         """Wait until every live replica serves ``version``; False (logged) when they do not in time."""
