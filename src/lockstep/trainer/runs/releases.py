@@ -157,20 +157,15 @@ class Releases:
             self._measuring.notify_all()
 
     def evaluate_behind(self, version: int, step: int, converged: bool, *, after: threading.Event | None = None,
-                        committed: bool = False) -> None:
+                        unmeasured: bool = False) -> None:
         """Evaluate ``version`` on its own thread, one evaluation at a time; once ``after`` is set, when given.
 
         The next publish may start meanwhile: its flip comes after it stages, long after these requests were
         admitted, and a replica finishes admitted requests on the version that admitted them. Only answers tagged
-        ``version`` count in any case (``Evaluator.evaluate``). ``committed``: a release counted ``version`` as
-        unmeasured (``wait_measured``); the evaluation's end counts it measured.
+        ``version`` count in any case (``Evaluator.evaluate``). ``unmeasured``: a release counted ``version`` as
+        not yet measured (``wait_measured``); the evaluation's end counts it measured.
         """
-        try:
-            self.wait_evaluated()
-        except BaseException:
-            if committed:
-                self._measured()
-            raise
+        self.wait_evaluated()
 
         def evaluate() -> None:
             try:
@@ -181,7 +176,7 @@ class Releases:
                 log.error("run %s: evaluating v%d failed: %s", self.ctx.run_id, version, exc)
                 self._evaluation_error = exc
             finally:
-                if committed:
+                if unmeasured:
                     self._measured()
 
         self._evaluation = threading.Thread(target=evaluate, name=f"evaluate-v{version}", daemon=True)
@@ -225,11 +220,10 @@ class Releases:
                 record.checkpoint = Checkpoint(step=step, path=str(checkpoint.relative_to(ctx.files.folder)),
                                                version=result.version)
                 ctx.save()
-            converged = self.converge(result.version)
-        except BaseException:
+            self.evaluate_behind(result.version, step, self.converge(result.version), unmeasured=True)
+        except BaseException:  # no evaluation started: nothing else will count the version measured
             self._measured()
             raise
-        self.evaluate_behind(result.version, step, converged, committed=True)
 
     def converge(self, version: int) -> bool:
         """Wait until every live replica serves ``version``; False (logged) when they do not in time."""
