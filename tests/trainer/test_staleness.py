@@ -242,7 +242,7 @@ def test_a_stopped_collector_releases_whoever_waits_for_its_first_round() -> Non
     assert collector.first_round_in.is_set() and client.asked == []
 
 
-class _HeldEvaluator:
+class _RecordingEvaluator:
     """Stands in for ``Evaluator``: records what it evaluated, in order."""
 
     def __init__(self) -> None:
@@ -255,7 +255,7 @@ class _HeldEvaluator:
 def test_the_baseline_evaluation_waits_for_what_it_is_told_to_follow() -> None:
     """An asynchronous run evaluates its start version after the collector's first round, which the first update
     waits for."""
-    evaluator, first_round = _HeldEvaluator(), threading.Event()
+    evaluator, first_round = _RecordingEvaluator(), threading.Event()
     releases = Releases(cast(Any, None), FinetuneParams(), VersionWindow([0], 1), SampleBook(),
                         cast(Any, evaluator), reward_name="builtin:digits", background=True)
     releases.evaluate_behind(0, 0, True, after=first_round)

@@ -183,10 +183,7 @@ class _FinetuneRun:
         window = self.window
         releases = self.releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
                                             background=p.async_mode)
-        collecting = p.async_mode and p.algorithm != "sft_best"
-        if resume_from is None and not collecting:
-            releases.evaluate_behind(window.latest, 0, releases.converge(window.latest))  # beside the first steps
-        elif resume_from is not None and self._served_model()[0] != window.latest:
+        if resume_from is not None and self._served_model()[0] != window.latest:
             # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
             # with this run's policy again (another publisher's answers are never used).
             assert ctx.record.checkpoint is not None
@@ -194,7 +191,7 @@ class _FinetuneRun:
                              {"note": "resumed checkpoint"})
             releases.wait_published()
         sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
-        if collecting:
+        if p.async_mode and p.algorithm != "sft_best":
             # Collecting starts as soon as the fleet serves the policy, while the trainer loads it and builds TRL.
             # Two steps of groups: the updates go on with them while a publish is in flight and the collector
             # waits for the version it becomes, and while that version is evaluated.
@@ -203,9 +200,10 @@ class _FinetuneRun:
                                        capacity=2 * p.batch_size, first_round=resumed_at + 1,
                                        wait_turn=releases.wait_measured)
             self.collector.start()
-            if resume_from is None:  # the baseline: after the first round, which the first update waits for
-                releases.evaluate_behind(window.latest, 0, releases.converge(window.latest),
-                                         after=self.collector.first_round_in)
+        if resume_from is None:  # the baseline, beside the first steps; after the collector's first round, which
+            # the first update waits for
+            releases.evaluate_behind(window.latest, 0, releases.converge(window.latest),
+                                     after=self.collector.first_round_in if self.collector is not None else None)
         loaded = loader.load(loader.resolve(ref, ctx.settings, ctx.coordinator.store), ctx.settings,
                              dtype=torch.float32)  # float32 training, whatever the replicas serve
         tokenizer = loaded.tokenizer
