@@ -1,14 +1,15 @@
 """Engine throughput and latency vs plain ``model.generate`` one request at a time (in-process, no HTTP).
 
-    python benchmarks/engine_bench.py --model PATH [--concurrency 1,4,16,64] [--max-new-tokens 64]
+    python benchmarks/engine_bench.py --model PATH [--concurrency 1,4,16,64] [--max-new-tokens 64] [--temperature T]
     python benchmarks/engine_bench.py --model PATH --step-batches 16,32,64,128,192,256
 
 The second form measures only the batched decode step (``LlamaRunner.decode``) at each batch size: its
 median time and the tokens per second it gives (batch / step time), the figures behind the engine's cap on
 an automatic batch size (``lockstep.engine.batch_size.MAX_AUTO_BATCH``).
 
-Every request decodes greedily for a fixed number of tokens (eos ignored on both sides), so both paths
-do the same work: lengths cycle through 1/2x..3/2x ``--max-new-tokens`` (mean 1x) so that requests
+Every request decodes for a fixed number of tokens (eos ignored on both sides), greedily or, with
+``--temperature``, sampled (each request seeded, as rollouts are), so both paths do the same work:
+lengths cycle through 1/2x..3/2x ``--max-new-tokens`` (mean 1x) so that requests
 finish, and new ones arrive, at different steps, as with real traffic. Submitters are closed loops: each
 sends its next request when the previous one ends. Prints a markdown table; speedup is tokens/s over
 the baseline's; "TTFT p50 / lone" compares with the engine at concurrency 1.
@@ -89,8 +90,9 @@ class FirstTokenTimer:
         pass
 
 
-def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int, first: int = 0) -> Row:
-    """Requests ``first..first+n_requests-1``, one at a time through model.generate (greedy, fixed length)."""
+def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int, first: int = 0,
+             temperature: float = 0.0) -> Row:
+    """Requests ``first..first+n_requests-1``, one at a time through model.generate (fixed length)."""
     samples = []
     start = time.perf_counter()
     for i in range(first, first + n_requests):
@@ -99,15 +101,17 @@ def baseline(model, prompts: list[list[int]], n_new: int, n_requests: int, first
         timer = FirstTokenTimer()
         t0 = time.perf_counter()
         with torch.inference_mode():
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {
+                "do_sample": False}
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, streamer=timer)
+                                 min_new_tokens=n, streamer=timer, **sampling)
         t1 = time.perf_counter()
         samples.append(Sample(t1 - t0, (timer.first or t1) - t0, out.shape[1] - ids.shape[1]))
     return Row("generate (1 at a time)", 1, samples, time.perf_counter() - start)
 
 
 def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency: int, per_submitter: int,
-               spread_s: float) -> Row:
+               spread_s: float, temperature: float = 0.0) -> Row:
     """``concurrency`` closed-loop submitter threads, ``per_submitter`` requests each; their first
     requests are spread evenly over ``spread_s`` seconds (not one synchronized burst)."""
     samples: list[Sample] = []
@@ -117,7 +121,8 @@ def engine_run(engine: Engine, prompts: list[list[int]], n_new: int, concurrency
         time.sleep(k * spread_s / concurrency)
         for j in range(per_submitter):
             i = k * per_submitter + j
-            params = SamplingParams(max_new_tokens=length(n_new, i), ignore_eos=True)
+            params = SamplingParams(max_new_tokens=length(n_new, i), ignore_eos=True, temperature=temperature,
+                                    seed=i if temperature else None)
             final = engine.submit(prompts[i % len(prompts)], params).result(timeout=3600)
             with lock:
                 ttft = final.ttft_s if final.ttft_s is not None else final.latency_s
@@ -174,6 +179,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="HF model directory (config, safetensors, tokenizer)")
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated submitter counts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, seeded per request")
     parser.add_argument("--requests-per-submitter", type=int, default=3)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,11 +211,12 @@ def main() -> None:
         print("\n".join(in_thread(step_times, model, batches)))
         return
 
-    in_thread(baseline, model, prompts, args.max_new_tokens, 2)  # warm-up (first calls pay one-time costs)
+    # Warm-up: the first calls pay one-time costs.
+    in_thread(baseline, model, prompts, args.max_new_tokens, 2, 0, args.temperature)
     # Half the baseline runs before the engine and half after, so a change in machine load during the
     # run (shared CPUs) does not favour either side.
     half = max(1, args.baseline_requests // 2)
-    before = in_thread(baseline, model, prompts, args.max_new_tokens, half)
+    before = in_thread(baseline, model, prompts, args.max_new_tokens, half, 0, args.temperature)
     print(f"baseline (first half) done: {before.tokens_per_s:.1f} tokens/s", flush=True)
     rows: list[Row] = []
     # The KV cache is preallocated: size its context to this workload, not the model's maximum.
@@ -221,14 +228,15 @@ def main() -> None:
         engine.generate(prompts[0], SamplingParams(max_new_tokens=4))  # warm-up
         spread = 0.0  # one lone request's latency once measured: arrivals spread over a request's lifetime
         for c in levels:
-            row = engine_run(engine, prompts, args.max_new_tokens, c, args.requests_per_submitter, spread)
+            row = engine_run(engine, prompts, args.max_new_tokens, c, args.requests_per_submitter, spread,
+                             args.temperature)
             rows.append(row)
             if c == 1:
                 spread = statistics.median(s.latency_s for s in rows[-1].samples)
             print(f"concurrency {c} done: {rows[-1].tokens_per_s:.1f} tokens/s", flush=True)
     finally:
         engine.close()
-    after = in_thread(baseline, model, prompts, args.max_new_tokens, half, half)
+    after = in_thread(baseline, model, prompts, args.max_new_tokens, half, half, args.temperature)
     print(f"baseline (second half) done: {after.tokens_per_s:.1f} tokens/s", flush=True)
     rows.insert(0, Row(before.mode, 1, before.samples + after.samples, before.wall_s + after.wall_s))
 

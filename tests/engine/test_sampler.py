@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lockstep.engine import SamplingParams
-from lockstep.engine.sampler import bad_rows, filter_logits, sample
+from lockstep.engine.sampler import bad_rows, filter_logits, inverse_cdf, sample
 from lockstep.engine.sampling_params import MAX_TEMPERATURE, MAX_TOP_K
 
 
@@ -138,3 +140,34 @@ def test_asking_for_logprobs_does_not_change_the_draw() -> None:
         return sample(logits.clone(), params, [torch.Generator().manual_seed(9), None]).tokens
 
     assert tokens(True) == tokens(False)
+
+
+def test_draws_follow_each_rows_distribution_and_never_pick_a_token_without_mass() -> None:
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = probs.log().expand(3, -1).clone()  # -inf where there is no mass
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(3)]
+    counts = torch.zeros(6)
+    for seed in range(1000):
+        gens = [torch.Generator().manual_seed(seed * 3 + i) for i in range(3)]
+        for token in sample(logits, params, gens).tokens:
+            counts[token] += 1
+    assert counts[[0, 2, 5]].tolist() == [0, 0, 0]
+    share = counts / counts.sum()
+    torch.testing.assert_close(share, probs, atol=0.03, rtol=0)  # 3000 draws: about 4 standard deviations
+
+
+def test_a_rows_draw_is_the_same_alone_and_in_any_batch() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(8, 300) * 3
+    params = [SamplingParams(temperature=1.0, top_k=k, seed=k) for k in range(8)]
+    batched = sample(logits.clone(), params, [torch.Generator().manual_seed(k) for k in range(8)]).tokens
+    alone = [sample(logits[k:k + 1].clone(), [params[k]], [torch.Generator().manual_seed(k)]).tokens[0]
+             for k in range(8)]
+    assert batched == alone
+
+
+def test_a_point_at_the_very_end_of_the_mass_takes_the_last_token_that_has_any() -> None:
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert inverse_cdf(probs, [0.0, 0.0]) == [0, 2]
+    assert inverse_cdf(probs, [0.2499, 0.5]) == [0, 2]
+    assert inverse_cdf(probs, [math.nextafter(1.0, 0.0), math.nextafter(1.0, 0.0)]) == [1, 2]

@@ -88,8 +88,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         usable = _usable(probs)
     except Exception:  # one row's settings broke the batched filter: filter each row alone below
         probs, usable = None, []
-    picked: dict[int, torch.Tensor] = {}
-    drawn_from: dict[int, torch.Tensor] = {}  # row → the distribution its token was drawn from
+    drawn_from: dict[int, torch.Tensor] = {}  # row → the distribution its token is drawn from
+    points: dict[int, float] = {}  # row → its uniform draw in [0, 1)
     for j, i in enumerate(rows):
         try:
             if probs is not None:
@@ -98,20 +98,36 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                 alone = _filtered(logits, params, [i])
                 row, ok = alone[0], _usable(alone)[0]
             if ok:  # else the settings' limit (temperature or top_p -> 0) is the argmax, already in tokens
-                # Each request owns its generator, so its stream does not depend on the batch.
-                picked[i] = torch.multinomial(row, 1, generator=generators[i])
+                # Each request owns its generator, so its stream does not depend on the batch: one number per
+                # token, where torch.multinomial would draw one per vocabulary entry.
+                points[i] = float(torch.rand((), generator=generators[i], dtype=torch.float64))
                 drawn_from[i] = row
         except Exception as exc:
             errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
-    if picked:
-        for i, token in zip(picked, torch.cat(list(picked.values())).tolist(), strict=True):
-            tokens[i] = int(token)
+    if drawn_from:
+        for i, token in zip(drawn_from, inverse_cdf(torch.stack(list(drawn_from.values())),
+                                                     list(points.values())), strict=True):
+            tokens[i] = token
     # Rows drawn from a distribution read their token's log-probability off it; only the rest filter again.
     asked = [i for i in drawn_from if params[i].logprobs]
     drawn = dict(zip(asked, torch.stack([drawn_from[i][tokens[i]] for i in asked]).log().tolist(), strict=True)
                  ) if asked else {}
     rest = chosen_logprobs(logits, params, tokens, skip=errors.keys() | drawn.keys())
     return Draws(tokens, errors, {**rest, **drawn})
+
+
+def inverse_cdf(probs: torch.Tensor, points: list[float]) -> list[int]:
+    """For each row of ``probs`` [N, V] (finite, some mass) the token whose cumulative share of the row's mass
+    first exceeds ``points[row]`` (in [0, 1)): a draw from the row's distribution. Each row is summed on its
+    own, in float64, so a row's token does not depend on the other rows."""
+    cdf = probs.double().cumsum(-1)
+    targets = torch.tensor(points, dtype=torch.float64).unsqueeze(-1) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    out: list[int] = picked.tolist()
+    # Rounding can put a target at the very end, past the last token with mass: that token, then.
+    for row in torch.nonzero(probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1) == 0).flatten().tolist():
+        out[row] = int(torch.nonzero(probs[row]).max())
+    return out
 
 
 def chosen_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int],

@@ -273,7 +273,8 @@ def digest_named_tensors(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # hashed where it lies: no copy of the bytes
     return h.hexdigest()
 
 
