@@ -236,6 +236,8 @@ class _FinetuneRun:
                               callbacks=[run_callback(ctx, p, window, self.book, releases)])
         quiet(trainer)
         trainer.train(resume_from_checkpoint=resume_from)
+        if self.collector is not None:
+            self.collector.stop()  # no update will use another round: the last publish and evaluation go alone
         releases.finish()
         ctx.check_stop()  # a stop ends TRL's loop early; the run is stopped, not succeeded
         if trainer.state.global_step < p.steps:
