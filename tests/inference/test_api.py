@@ -29,6 +29,7 @@ from tests.inference.conftest import (
     wait_serving,
 )
 from tests.support.cluster import wait_for
+from tests.support.metrics import metric_samples, metric_value
 
 PROMPT_LIMIT = 400  # characters (LOCKSTEP_MAX_PROMPT_CHARS of the module's replica)
 QUEUE = 32
@@ -298,20 +299,10 @@ def test_mutating_endpoints_need_the_bearer_token(builtin_dir: Path) -> None:
         wait_serving(srv.url, 1)
 
 
-def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
-
-
-def _value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items()))
 
 
 def test_metrics_parse_and_count_what_happened(api: Served) -> None:
-    before = _samples(httpx.get(api.url + "/metrics").text)
+    before = metric_samples(httpx.get(api.url + "/metrics").text)
     requests = 3
     for i in range(requests):
         assert generate(api.url, PROMPTS[i]).status_code == 200
@@ -320,10 +311,10 @@ def test_metrics_parse_and_count_what_happened(api: Served) -> None:
     families = {f.name for f in text_string_to_metric_families(page.text)}
     declared = {m.name for m in ReplicaMetrics().registry.collect()}
     assert declared <= families, f"missing: {sorted(declared - families)}"
-    after = _samples(page.text)
+    after = metric_samples(page.text)
 
     def delta(name: str, **labels: str) -> float:
-        return _value(after, name, **labels) - _value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert delta("lockstep_requests_total", endpoint="/generate", status="200", model_version="0") == requests
     assert delta("lockstep_generated_tokens_total") == requests * MAX_NEW
@@ -331,16 +322,16 @@ def test_metrics_parse_and_count_what_happened(api: Served) -> None:
     assert delta("lockstep_request_latency_seconds_count", endpoint="/generate") == requests
     assert delta("lockstep_request_latency_seconds_sum", endpoint="/generate") > 0
     assert delta("lockstep_time_to_first_token_seconds_count") == requests
-    assert _value(after, "lockstep_serving_version") == 0
+    assert metric_value(after, "lockstep_serving_version") == 0
     assert (
-        _value(after, "lockstep_staged_version") == -1 and _value(after, "lockstep_committed_version") == -1
+        metric_value(after, "lockstep_staged_version") == -1 and metric_value(after, "lockstep_committed_version") == -1
     )
-    assert _value(after, "lockstep_ready") == 1
-    assert _value(after, "lockstep_queue_capacity") == QUEUE
-    assert _value(after, "lockstep_queue_depth") == 0 and _value(after, "lockstep_running_batch_size") == 0
-    assert _value(after, "lockstep_tokens_per_second") > 0
-    assert _value(after, "lockstep_model_load_duration_seconds_count") >= 1
-    assert _value(after, "lockstep_rejected_requests_total") == 0
+    assert metric_value(after, "lockstep_ready") == 1
+    assert metric_value(after, "lockstep_queue_capacity") == QUEUE
+    assert metric_value(after, "lockstep_queue_depth") == 0 and metric_value(after, "lockstep_running_batch_size") == 0
+    assert metric_value(after, "lockstep_tokens_per_second") > 0
+    assert metric_value(after, "lockstep_model_load_duration_seconds_count") >= 1
+    assert metric_value(after, "lockstep_rejected_requests_total") == 0
 
 
 def test_failed_boot_is_reported_and_an_update_recovers(

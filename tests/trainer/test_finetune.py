@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cluster import LocalCluster, Proc, wait_for
+from tests.support.metrics import metric_samples, metric_value
 from tests.trainer.conftest import wait_run
 
 pytestmark = pytest.mark.e2e
@@ -134,15 +134,9 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
         assert proc.status()["serving_version"] == run["versions"][-1]
     # The collector stops with the last update: the last version answers its evaluation and no rollout round.
     last = str(run["versions"][-1])
-    assert sum(generate_requests(proc, last) for proc in cluster.replicas) == PARAMS["eval_prompts"]
-
-
-def generate_requests(proc: Proc, version: str) -> float:
-    """``/generate`` requests the replica answered with ``version`` (its Prometheus counter)."""
-    return sum(sample.value for family in text_string_to_metric_families(proc.get("/metrics").text)
-               if family.name == "lockstep_requests" for sample in family.samples
-               if sample.name.endswith("_total") and sample.labels.get("endpoint") == "/generate"
-               and sample.labels.get("model_version") == version)
+    assert sum(metric_value(metric_samples(proc.get("/metrics").text), "lockstep_requests_total",
+                            endpoint="/generate", model_version=last) for proc in cluster.replicas) == PARAMS[
+        "eval_prompts"]
 
 
 def test_sft_best_imitates_the_best_answer_of_each_group_and_publishes_every_version(cluster: LocalCluster,
