@@ -144,3 +144,31 @@ def test_a_fused_step_decodes_and_prefills_in_one_pass_as_hf_does(kind: str) -> 
             torch.testing.assert_close(idle[0], hf_last_logits(model, [3, 4, 5]), atol=ATOL, rtol=0)
     finally:
         hook.remove()
+
+
+def test_a_repeated_prompt_goes_through_the_model_once_and_every_copy_decodes_as_hf_does() -> None:
+    model = llama()
+    runner = LlamaRunner(model, max_batch_size=6, max_context=64)
+    tokens_seen: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens_seen.append(
+        args[0].numel()))
+    prompt, other = [10, 11, 12, 13], [20, 21]
+    try:
+        with torch.inference_mode():
+            logits = runner.prefill([prompt, other, prompt, prompt], [0, 1, 2, 3])  # n = 3 for one prompt
+            assert sum(tokens_seen) == 2 * len(prompt)  # padded to 4: each distinct prompt once
+            for row, ids in enumerate([prompt, other, prompt, prompt]):
+                torch.testing.assert_close(logits[row], hf_last_logits(model, ids), atol=ATOL, rtol=0)
+            # Each copy continues with its own token from its own K/V.
+            seqs = [prompt + [1], other + [2], prompt + [3], prompt + [4]]
+            tokens_seen.clear()
+            step = runner.step([s[-1] for s in seqs], [len(s) - 1 for s in seqs], [other, other], [4, 5])
+            assert sum(tokens_seen) == len(seqs) + len(other)  # the fused step's prompt, once
+            for row, ids in enumerate(seqs + [other, other]):
+                torch.testing.assert_close(step[row], hf_last_logits(model, ids), atol=ATOL, rtol=0)
+            seqs += [other + [5], other + [6]]
+            logits = runner.decode([s[-1] for s in seqs], [len(s) - 1 for s in seqs])
+            for row, ids in enumerate(seqs):
+                torch.testing.assert_close(logits[row], hf_last_logits(model, ids), atol=ATOL, rtol=0)
+    finally:
+        hook.remove()

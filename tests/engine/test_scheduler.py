@@ -11,10 +11,12 @@ from lockstep.engine.sequence import Sequence, SequenceStatus
 from . import tokenizer
 
 
-def seq(rid: int, n_prompt: int) -> Sequence:
+def seq(rid: int, n_prompt: int, prompt: list[int] | None = None) -> Sequence:
+    """Request ``rid`` with a prompt of its own (``n_prompt`` tokens) unless ``prompt`` is given."""
     handle = RequestHandle(rid, n_prompt, lambda h: None)
     params = SamplingParams()
-    return Sequence(rid, [5] * n_prompt, params, tokenizer(), frozenset(), None, handle, FakeClock())
+    ids = prompt if prompt is not None else [5 + rid] * n_prompt
+    return Sequence(rid, ids, params, tokenizer(), frozenset(), None, handle, FakeClock())
 
 
 def test_admits_fifo_up_to_the_batch_size() -> None:
@@ -35,6 +37,18 @@ def test_prefill_budget_counts_padded_tokens_but_admits_at_least_one() -> None:
     assert [s.request_id for s in sched.admit()] == [0]  # alone over budget: still admitted
     assert [s.request_id for s in sched.admit()] == [1, 2]  # adding the 8-token prompt: 3 * 8 > 20
     assert [s.request_id for s in sched.admit()] == [3, 4]
+
+
+def test_a_repeated_prompt_costs_the_budget_once() -> None:
+    # A request for n answers submits its prompt n times; the runner prefills it once.
+    sched = Scheduler(max_batch_size=16, max_queue=20, prefill_token_budget=20)
+    for i in range(8):
+        sched.add(seq(i, 10, prompt=[7] * 9 + [i // 4]))  # two prompts, four answers each
+    sched.add(seq(8, 10))
+    wave = sched.admit()
+    assert [s.request_id for s in wave] == list(range(8))  # 2 distinct * 10 tokens: within 20
+    assert Scheduler.padded_tokens(wave) == 20
+    assert [s.request_id for s in sched.admit()] == [8]
 
 
 def test_an_explicit_budget_and_no_minimum_for_later_waves_of_a_step() -> None:

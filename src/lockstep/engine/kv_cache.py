@@ -88,6 +88,16 @@ class KVCache:
             raise RuntimeError(f"slot {dst} still holds {len(self.tables[dst])} blocks; release it before a move")
         self.tables[dst], self.tables[src] = self.tables[src], []
 
+    def copy_prefix(self, copies: list[tuple[int, int, int]]) -> None:
+        """For each ``(src, dst, length)``: positions ``0..length-1`` of slot ``dst`` get slot ``src``'s K/V (both
+        slots already hold the blocks)."""
+        if not copies:
+            return
+        src = torch.cat([self.positions(self.tables[s], 0, n) for s, _, n in copies])
+        dst = torch.cat([self.positions(self.tables[d], 0, n) for _, d, n in copies])
+        for t in (*self.k, *self.v):
+            t[dst] = t.index_select(0, src)
+
     def positions(self, table: list[int], start: int, end: int) -> torch.Tensor:
         """Rows of the pool that hold positions ``start..end-1`` of the sequence whose blocks are ``table``."""
         offsets = torch.arange(start, end)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +64,35 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of ``x`` [B, H, L, D] with cos/sin [B, L, D] from the model's rotary module."""
     return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class DistinctPrompts:
+    """A wave's prompts with repeats taken out: a request for n answers submits its prompt n times, and the
+    forward pass needs it once; each repeat then gets a copy of its K/V and its logits row."""
+
+    prompts: list[list[int]]  # each distinct prompt once, in order of first appearance
+    slots: list[int]  # the slot of each distinct prompt's first appearance
+    rows: list[int]  # for each prompt of the wave, the index of its distinct prompt
+    copies: list[tuple[int, int, int]]  # (slot with the K/V, slot of a repeat, prompt length)
+
+
+def distinct_prompts(prompts: list[list[int]], slots: list[int]) -> DistinctPrompts:
+    """``prompts`` (going to ``slots``) with every repeat of an earlier prompt taken out."""
+    first: dict[tuple[int, ...], int] = {}
+    unique: list[list[int]] = []
+    unique_slots: list[int] = []
+    rows: list[int] = []
+    copies: list[tuple[int, int, int]] = []
+    for prompt, slot in zip(prompts, slots, strict=True):
+        index = first.setdefault(tuple(prompt), len(unique))
+        if index == len(unique):
+            unique.append(prompt)
+            unique_slots.append(slot)
+        else:
+            copies.append((unique_slots[index], slot, len(prompt)))
+        rows.append(index)
+    return DistinctPrompts(unique, unique_slots, rows, copies)
 
 
 class LlamaRunner:
@@ -141,7 +171,16 @@ class LlamaRunner:
         return self._model.lm_head(self._model.model.norm(h)).float()
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Write each prompt's K/V into its slot; return float32 logits of each prompt's last token [N, V]."""
+        """Write each prompt's K/V into its slot; return float32 logits of each prompt's last token [N, V].
+        A prompt repeated in the wave goes through the model once (``distinct_prompts``)."""
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self._hold(slot, len(prompt))
+        wave = distinct_prompts(prompts, slots)
+        logits = self._prefill_distinct(wave.prompts, wave.slots)
+        self.cache.copy_prefix(wave.copies)
+        return logits[wave.rows] if wave.copies else logits
+
+    def _prefill_distinct(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         lens = [len(p) for p in prompts]
         n, width = len(prompts), max(lens)
         ids = torch.zeros((n, width), dtype=torch.long)
@@ -232,7 +271,19 @@ class LlamaRunner:
         so the weights are read once for both; logits [B + N, V]: the B decode rows, then each prompt's last.
 
         Every token is one position of one flat sequence (no padding): decode rows attend to their cached
-        positions, each prompt causally to itself."""
+        positions, each prompt causally to itself. A prompt repeated in the wave goes through once."""
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self._hold(slot, len(prompt))
+        wave = distinct_prompts(prompts, slots)
+        logits = self._step_distinct(tokens, positions, wave.prompts, wave.slots)
+        self.cache.copy_prefix(wave.copies)
+        if not wave.copies:
+            return logits
+        b = len(tokens)
+        return logits[list(range(b)) + [b + row for row in wave.rows]]
+
+    def _step_distinct(self, tokens: list[int], positions: list[int], prompts: list[list[int]],
+                       slots: list[int]) -> torch.Tensor:
         b = len(tokens)
         lens = [len(p) for p in prompts]
         flat = tokens + [t for p in prompts for t in p]

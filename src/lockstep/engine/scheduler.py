@@ -71,18 +71,22 @@ class Scheduler:
         stops admission (it waits for ``start_prefilling``)."""
         budget = self.prefill_token_budget if token_budget is None else token_budget
         admitted: list[Sequence] = []
+        distinct: set[tuple[int, ...]] = set()  # a repeated prompt is prefilled once (the runner shares it)
         width = 0
         while self.waiting and len(self.running) < self.capacity:
             nxt = self.waiting[0]
             if longest is not None and len(nxt.prompt_ids) > longest:
                 break
-            new_width = max(width, len(nxt.prompt_ids))
-            if (admitted or not at_least_one) and new_width * (len(admitted) + 1) > budget:
+            prompt = tuple(nxt.prompt_ids)
+            new_width = max(width, len(prompt))
+            new_count = len(distinct) + (prompt not in distinct)
+            if (admitted or not at_least_one) and new_width * new_count > budget:
                 break
             if not self._reserve(len(self.running), reserved_tokens(nxt)):
                 break
             self.waiting.popleft()
             width = new_width
+            distinct.add(prompt)
             nxt.slot = len(self.running)
             nxt.status = SequenceStatus.RUNNING
             self.running.append(nxt)
@@ -115,8 +119,9 @@ class Scheduler:
 
     @staticmethod
     def padded_tokens(seqs: list[Sequence]) -> int:
-        """Tokens one prefill forward over ``seqs`` processes (prompts are right-padded to the longest)."""
-        return max((len(s.prompt_ids) for s in seqs), default=0) * len(seqs)
+        """Tokens one prefill forward over ``seqs`` processes: each distinct prompt once, right-padded to the
+        longest."""
+        return max((len(s.prompt_ids) for s in seqs), default=0) * len({tuple(s.prompt_ids) for s in seqs})
 
     def release(self, seq: Sequence) -> SlotMove | None:
         """Take a running sequence out; fill its slot with the last one. Returns the cache move to make."""
