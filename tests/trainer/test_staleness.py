@@ -194,10 +194,11 @@ def test_the_collector_asks_for_the_prompts_and_samples_a_synchronous_run_asks_f
 
 
 def test_the_collector_starts_no_round_while_a_publish_of_the_run_is_in_flight() -> None:
-    """A round started during a publish would be answered by the version about to be replaced: the collector waits
-    for the new version, and the first round after the publish is the next one of the stream."""
+    """A round started during a publish would be answered by the version about to be replaced, beyond a bound of
+    0 once it commits: the collector waits for the new version, and the first round after the publish is the next
+    one of the stream."""
     task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
-    window, client = VersionWindow([0], 1), _Recording()
+    window, client = VersionWindow([0], 0), _Recording()
     window.publishing_started()
     collector = Collector(client, sampling, task, 3, SampleBook(), window, capacity=6)
     try:
@@ -210,6 +211,39 @@ def test_the_collector_starts_no_round_while_a_publish_of_the_run_is_in_flight()
         collector.stop()
         client.close()
     assert client.asked[0] == sampling.requests(step_prompts(task, 3, 7, 1), 1)
+
+
+class _Answering(_Recording):
+    """A client whose every answer comes back whole from version 0."""
+
+    def generate(self, requests: list[GenRequest]) -> list[Rollout]:
+        self.asked.append(requests)
+        return [Rollout(r, "http://replica", text="12", version=0, body_version=0, replica_id="r", token_ids=[1])
+                for r in requests for _ in range(r.n)]
+
+
+def test_during_a_publish_the_collector_waits_while_a_step_of_groups_does_and_goes_on_when_the_updates_run_dry(
+) -> None:
+    """With max_staleness 1, answers of the version being replaced stay usable once the publish commits: when
+    fewer than a step of groups wait (publishes back to back, as with publish_every 1), a round goes ahead rather
+    than leave the updates and the fleet idle."""
+    task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
+    window, client = VersionWindow([0], 1), _Answering()
+    collector = Collector(client, sampling, task, 3, SampleBook(), window, capacity=6)
+    try:
+        collector.start()
+        wait_for(lambda: len(client.asked) == 2, 30, 0.05, "two rounds filling the buffer")
+        window.publishing_started()
+        for _ in range(3):  # one step's groups are used; another step's wait
+            assert collector.take(timeout_s=5) is not None
+        time.sleep(0.5)
+        assert len(client.asked) == 2  # there is room, but a step of groups waits: the new version goes first
+        assert collector.take(timeout_s=5) is not None  # fewer than a step wait now
+        wait_for(lambda: len(client.asked) == 3, 30, 0.05, "a round during the publish")
+    finally:
+        collector.stop()
+        client.close()
+    assert client.asked[2] == sampling.requests(step_prompts(task, 3, 7, 3), 3)
 
 
 def test_the_collector_starts_no_round_while_the_run_says_other_work_goes_first() -> None:

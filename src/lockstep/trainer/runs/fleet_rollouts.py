@@ -215,9 +215,10 @@ class Collector:
     A round starts only when the buffer has room for all of it: answers generated ahead and then held would be
     older when used, and the version serving when the round starts is the newest one it can get. For the same
     reason no round starts while a publish of the run is in flight: it would be answered by the version about to be
-    replaced, and the replicas stage and drain faster without it, so the next round gets the new version sooner.
-    Nor while ``wait_turn`` says other work of the run goes first (the held-out evaluation of a version just
-    served: ``Releases.wait_measured``).
+    replaced, and the replicas stage and drain faster without it, so the next round gets the new version sooner;
+    unless fewer than a step of groups wait and those answers stay within the bound (``starving``). Nor while
+    ``wait_turn`` says other work of the run goes first (the held-out evaluation of a version just served:
+    ``Releases.wait_measured``).
     When the waiting groups leave no room, those a publish has pushed beyond the bound are dropped (and counted),
     so the fleet goes on generating instead of holding answers no update may use.
     """
@@ -275,12 +276,21 @@ class Collector:
             return not self._stop.is_set()
 
     def wait_for_turn(self) -> bool:
-        """Until no publish of the run is in flight and nothing that goes first is (``wait_turn``); False once
-        stopped."""
+        """Until no publish of the run is in flight, or the updates are running dry (``starving``), and nothing
+        that goes first is (``wait_turn``); False once stopped."""
         while not self._stop.is_set():
-            if self.window.wait_settled(timeout_s=0.2) and (self.wait_turn is None or self.wait_turn(0.2)):
+            if ((self.window.wait_settled(timeout_s=0.05) or self.starving())
+                    and (self.wait_turn is None or self.wait_turn(0.2))):
                 return not self._stop.is_set()
         return False
+
+    def starving(self) -> bool:
+        """Fewer than a step of groups wait, and answers of the version serving now stay within the bound once the
+        publishes in flight commit. Then a round goes ahead during a publish: with publishes back to back (as with
+        ``publish_every: 1``) waiting for a settled window would leave the fleet idle and the updates waiting."""
+        with self._changed:
+            short = len(self._waiting) < self.batch_size
+        return short and self.window.judge(self.window.latest) is Freshness.FRESH
 
     def put(self, group: Group) -> None:
         """Queue ``group``; while the buffer is full, wait (generating further ahead only makes staler answers)."""
