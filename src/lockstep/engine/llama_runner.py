@@ -120,6 +120,12 @@ class LlamaRunner:
             raise RuntimeError(f"the KV cache has no free block for position {tokens - 1} of slot {slot}; "
                                "reserve a sequence's positions when it is admitted")
 
+    def _wave(self, prompts: list[list[int]], slots: list[int]) -> DistinctPrompts:
+        """Blocks for every prompt of a wave in its slot, and the wave's distinct prompts (the forward's work)."""
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self._hold(slot, len(prompt))
+        return distinct_prompts(prompts, slots)
+
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
         causal = mask is None  # only for a single unpadded prompt
@@ -173,9 +179,7 @@ class LlamaRunner:
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         """Write each prompt's K/V into its slot; return float32 logits of each prompt's last token [N, V].
         A prompt repeated in the wave goes through the model once (``distinct_prompts``)."""
-        for slot, prompt in zip(slots, prompts, strict=True):
-            self._hold(slot, len(prompt))
-        wave = distinct_prompts(prompts, slots)
+        wave = self._wave(prompts, slots)
         logits = self._prefill_distinct(wave.prompts, wave.slots)
         self.cache.copy_prefix(wave.copies)
         return logits[wave.rows] if wave.copies else logits
@@ -196,8 +200,6 @@ class LlamaRunner:
             causal = (ar[None, :] <= ar[:, None])[None, None]  # [1, 1, W, W]
             mask = causal & (ar[None, None, None, :] < lens_t[:, None, None, None])  # [N, 1, W, W]
         cache = self.cache
-        for slot, length in zip(slots, lens, strict=True):
-            self._hold(slot, length)
         # Only real tokens are written (row-major, as the boolean mask selects them); padding never is.
         write = torch.cat([cache.positions(cache.tables[slot], 0, length) for slot, length in zip(slots, lens,
                                                                                                    strict=True)])
@@ -272,9 +274,7 @@ class LlamaRunner:
 
         Every token is one position of one flat sequence (no padding): decode rows attend to their cached
         positions, each prompt causally to itself. A prompt repeated in the wave goes through once."""
-        for slot, prompt in zip(slots, prompts, strict=True):
-            self._hold(slot, len(prompt))
-        wave = distinct_prompts(prompts, slots)
+        wave = self._wave(prompts, slots)
         logits = self._step_distinct(tokens, positions, wave.prompts, wave.slots)
         self.cache.copy_prefix(wave.copies)
         if not wave.copies:
@@ -293,8 +293,6 @@ class LlamaRunner:
         bs = cache.block_size
         for slot, position in enumerate(positions):
             self._hold(slot, position + 1)
-        for slot, n in zip(slots, lens, strict=True):
-            self._hold(slot, n)
         decode_rows = [cache.tables[slot][p // bs] * bs + p % bs for slot, p in enumerate(positions)]
         write = torch.cat([torch.tensor(decode_rows, dtype=torch.long, device=self.device)]
                           + [cache.positions(cache.tables[slot], 0, n) for slot, n in zip(slots, lens, strict=True)])
