@@ -149,6 +149,12 @@ def metric_totals(url: str) -> dict[str, float]:
     return totals
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile ``q`` in [0, 100] (NaN when empty)."""
     if not values:

@@ -19,17 +19,11 @@ import time
 from pathlib import Path
 
 from async_rl_bench import pin
-from common import BENCH_MODELS, ensure_models, machine
+from common import BENCH_MODELS, cpu_seconds, ensure_models, machine
 from tests.support.cluster import local_cluster
 
 from lockstep.trainer.runs.rollouts import GenRequest, RolloutClient
 from lockstep.trainer.runs.tasks import Task, get_task
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_round(client: RolloutClient, task: Task, shape: tuple[int, int, float, bool], tokens: int, i: int) -> float:

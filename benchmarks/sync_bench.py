@@ -41,6 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import cpu_seconds  # noqa: E402
 from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for  # noqa: E402
 
 from lockstep.core.atomic import atomic_write_json  # noqa: E402
@@ -110,11 +111,6 @@ class Load:
                 except httpx.HTTPError as exc:
                     self.responses.append(Response(replica.name, started, time.time(), False, prompt=prompt,
                                                    error=str(exc)))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
