@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,24 @@ import pytest
 # Tests run the built-in engine (seconds to start) unless they ask for vLLM (minutes to start): tests/engine/vllm
 # and the tests parametrized by engine. Settings built in this process and child processes read this.
 os.environ["LOCKSTEP_ENGINE"] = "builtin"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tempdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The temp folder of this process and its children, inside pytest's own (which keeps only failed tests').
+
+    Code that defaults to the system temp folder (assembled versions, replica caches) would otherwise leave a
+    copy per test's store there, and fill the disk over a few runs.
+    """
+    folder = tmp_path_factory.mktemp("tmp")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = saved_tempdir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def model() -> Any:
 def own_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A host ledger of KV-cache reservations of this test's engines only: other processes on the machine
     (and engines of earlier tests not yet collected) do not move the sizes these tests check."""
-    monkeypatch.setattr(batch_size, "CLAIM_LOCK", tmp_path / "claim.lock")
+    monkeypatch.setattr(batch_size, "claim_lock", lambda: tmp_path / "claim.lock")
     return tmp_path / "claim.lock"
 
 

@@ -32,8 +32,12 @@ MAX_AUTO_BATCH = {"cpu": 128, "cuda": 256}
 # HTTP server and the other replicas of the host share the same RAM: with a quarter, four `mid` replicas on
 # 24 GiB left too little for their stages (an engine never takes fewer than 16 sequences) and one was killed.
 MEMORY_SHARE = {"cpu": 0.125, "cuda": 0.4}
-CLAIM_LOCK = Path(tempfile.gettempdir()) / "lockstep-memory-claim.lock"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def claim_lock() -> Path:
+    """The host-wide claim lock: in the temp folder as it is when an engine starts (tests move it per session)."""
+    return Path(tempfile.gettempdir()) / "lockstep-memory-claim.lock"
 
 
 def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -240,7 +244,7 @@ def memory_claim(device: torch.device, *, lock_path: Path | None = None) -> Iter
     if device.type != "cpu":
         yield MemoryClaim(None)
         return
-    lock = lock_path or CLAIM_LOCK
+    lock = lock_path or claim_lock()
     with _locked(lock) as held:
         if not held:
             yield MemoryClaim(None)
