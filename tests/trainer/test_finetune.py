@@ -3,11 +3,13 @@ version, and the staleness bound checked against the version tags the run record
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from lockstep.store import ModelStore
 from tests.support.cluster import LocalCluster, Proc, wait_for
 from tests.support.metrics import metric_samples, metric_value
 from tests.trainer.conftest import wait_run
@@ -26,7 +28,7 @@ def committed(proc: Proc) -> int:
 
 
 def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(cluster: LocalCluster,
-                                                                          trainer: Proc) -> None:
+                                                                          trainer: Proc, tmp_path: Path) -> None:
     before = committed(trainer)
     created = trainer.post("/runs", json={"kind": "finetune", "params": PARAMS})
     assert created.status_code == 201, created.text
@@ -90,6 +92,12 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
         answer = proc.post("/generate", json={"prompt": "Numbers for lamp:", "max_new_tokens": 4,
                                               "temperature": 0})
         assert answer.headers["X-Model-Version"] == str(versions[-1])
+
+    # A succeeded run cannot resume: its checkpoints (optimizer state and all) are gone, the versions stay in the
+    # store, and the record still says which checkpoint was the last.
+    assert run["checkpoint"]["step"] == PARAMS["steps"] and run["checkpoint"]["version"] == versions[-1]
+    assert not (cluster.shared / "runs" / run_id / "checkpoints").exists()
+    ModelStore(cluster.shared, assemble_dir=tmp_path).verify(versions[-1])  # raises when a file is missing or bad
 
 
 def assert_within_bound(run: dict[str, Any], bound: int) -> None:

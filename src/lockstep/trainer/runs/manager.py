@@ -240,6 +240,8 @@ class RunManager:
             record.move(final, self.clock.time(), error=error)
             if final is RunStatus.SUCCEEDED:
                 record.set_progress(record.progress.total, record.progress.total, "done", self.clock.time())
+            if final not in RESUMABLE:  # only a resume reads them; record.checkpoint still says which it was
+                ctx.files.drop_checkpoints()
             self.metrics.run_active.labels(kind=kind.name).set(0)
             self.metrics.runs_total.labels(kind=kind.name, status=final.value).inc()
             # Saved and let go together: a client that reads the run as ended may resume it (or start the next

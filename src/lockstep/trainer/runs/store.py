@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -68,6 +69,16 @@ class RunFiles:
             return {}
         paths = sorted(self.logs_dir.glob("*.log"), key=lambda p: (p.stat().st_mtime_ns, p.name))
         return {p.stem: p.read_text(errors="replace") for p in paths}
+
+    def drop_checkpoints(self) -> None:
+        """Remove ``checkpoints/`` (weights, optimizer and RNG state) of a run that can no longer resume.
+
+        Its versions are in the model store; what only a resume would read is, per checkpoint, several times the
+        model, and a trainer that runs one fine-tune after another would otherwise fill its volume.
+        """
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        if self.checkpoints.exists():
+            log.warning("could not remove all of %s; delete it by hand to free the space", self.checkpoints)
 
     def write(self, record: RunRecord) -> None:
         atomic_write_json(self.run_json, record.model_dump(mode="json"))
