@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def test_publish_dir_round_trip(store: ModelStore, src: Path) -> None:
     assert sorted(os.listdir(store.versions_dir)) == ["000001"]  # no temporaries left behind
     total = manifest.total_size
     assert calls[-1] == (total, total)
+
+
+def test_a_deleted_stores_assembled_versions_go_when_another_store_assembles(tmp_path: Path, src: Path) -> None:
+    assembled = tmp_path / "assembled"
+    gone, kept = (ModelStore(tmp_path / name, assemble_dir=assembled / name) for name in ("gone", "kept"))
+    for store in (gone, kept):
+        store.publish_dir(src)
+        assert (store.path_of(1) / "model.safetensors").is_file()
+    (assembled / "unmarked" / "000001").mkdir(parents=True)  # not a store's: left alone
+    shutil.rmtree(gone.root)
+
+    ModelStore(tmp_path / "kept", assemble_dir=assembled / "kept").path_of(1)  # a new process on the kept store
+
+    assert sorted(p.name for p in assembled.iterdir() if not p.name.startswith(".")) == ["kept", "unmarked"]
+    assert not any(p.name.startswith(".gone") for p in assembled.iterdir())
+    assert (kept.path_of(1) / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
 def test_versions_are_numbered_in_order_and_identify_content(store: ModelStore, tmp_path: Path) -> None:
