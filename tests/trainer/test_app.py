@@ -46,6 +46,8 @@ def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
         response = api.post(path, json=body, headers={"Authorization": "Bearer wrong"})
         assert response.status_code == 401, path
         assert "Bearer" in error(response)
+    response = api.delete("/runs/some-run", headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401 and "Bearer" in error(response)
     assert api.get("/runs", headers={"Authorization": ""}).status_code == 200  # reading needs no token
 
 
@@ -94,6 +96,8 @@ def test_bad_publishes_rollbacks_and_run_ids(api: TestClient) -> None:
     assert api.get("/runs/no-such-run").status_code == 404
     assert api.post("/runs/no-such-run/stop").status_code == 404
     assert api.post("/runs/no-such-run/resume").status_code == 404
+    assert api.delete("/runs/no-such-run").status_code == 404
+    assert api.delete("/runs/NOT..valid").status_code == 400
     assert api.get("/publishes/pub-nothing").status_code == 404
 
 

@@ -3,10 +3,11 @@ replica."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from tests.support.cluster import LocalCluster, Proc
-from tests.trainer.conftest import wait_run
+from tests.support.cluster import LocalCluster, Proc, wait_for
+from tests.trainer.conftest import RUN_S, wait_run
 
 pytestmark = pytest.mark.e2e
 
@@ -39,3 +40,28 @@ def test_a_simulation_switches_models_and_every_round_converges_without_failures
         assert by_version[r["version"]] == {p.name for p in cluster.replicas}
     for proc in cluster.replicas:
         assert proc.status()["serving_version"] == rounds[-1]["version"]
+
+
+def test_an_ended_run_can_be_deleted_with_its_files_and_an_active_one_cannot(cluster: LocalCluster,
+                                                                            trainer: Proc) -> None:
+    created = trainer.post("/runs", json={"kind": "simulation", "params": {
+        "rounds": 50, "initial_model": "builtin:tiny", "substitute_model": "builtin:tiny-s1",
+        "requests_per_replica": 2, "max_new_tokens": 4}})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    folder = cluster.shared / "runs" / run_id
+    wait_for(lambda: trainer.get(f"/runs/{run_id}").json()["status"] == "running", RUN_S, 0.1, "the run to start")
+
+    refused = httpx.delete(f"{trainer.url}/runs/{run_id}")
+    assert refused.status_code == 409 and "stop it" in refused.json()["error"]["message"]
+    assert (folder / "run.json").is_file()
+
+    assert trainer.post(f"/runs/{run_id}/stop").status_code == 202
+    assert wait_run(trainer, run_id)["status"] == "stopped"
+    assert httpx.delete(f"{trainer.url}/runs/{run_id}").status_code == 204
+
+    assert not folder.exists()
+    assert trainer.get(f"/runs/{run_id}").status_code == 404
+    assert run_id not in [r["id"] for r in trainer.get("/runs").json()["runs"]]
+    assert httpx.delete(f"{trainer.url}/runs/{run_id}").status_code == 404
+    assert trainer.post(f"/runs/{run_id}/resume").status_code == 404

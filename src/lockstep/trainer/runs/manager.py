@@ -187,9 +187,21 @@ class RunManager:
         kind, parsed = self._validate(record.kind, record.params)
         with self._lock:
             self._refuse_if_active()
+            self.runs.get(run_id)  # 404 when it was deleted meanwhile
             record.resumes += 1
             self._launch(kind, parsed, record, resume=True)
         return self.view(record)
+
+    def delete(self, run_id: str) -> None:
+        """Remove an ended run and its files (checkpoints included); 409 while it is queued or running."""
+        record = self._record(run_id)  # 404 for an unknown run
+        with self._lock:
+            active = self._active is not None and self._active[0].record.id == run_id
+            if active or record.status.active:
+                raise Conflict(f"run {run_id} is {record.status.value}; stop it (POST /runs/{run_id}/stop) and "
+                               "delete it once it has ended")
+            self.runs.delete(run_id)
+        log.info("run %s deleted", run_id)
 
     def stop(self, run_id: str) -> dict[str, Any]:
         """Ask the active run to stop at its next check (between steps or rounds)."""

@@ -182,6 +182,13 @@ class RunStore:
         except (OSError, ValueError, ValidationError) as exc:
             raise NotFound(f"run {run_id!r} has an unreadable run.json: {exc}") from exc
 
+    def delete(self, run_id: str) -> None:
+        """Remove a run's folder: its record, metrics, samples, checkpoints and copied logs."""
+        files = self.files(run_id)
+        shutil.rmtree(files.folder, ignore_errors=True)
+        if files.folder.exists():
+            raise OSError(f"could not remove all of {files.folder}; delete it by hand")
+
     def load_all(self) -> list[RunRecord]:
         """Every readable run, oldest first; unreadable folders are skipped (logged)."""
         records: list[RunRecord] = []

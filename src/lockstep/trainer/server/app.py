@@ -357,6 +357,12 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         mutate(request)
         return await asyncio.to_thread(trainer.runs.stop, run_id)
 
+    @app.delete("/runs/{run_id}", status_code=204, summary="Delete an ended run and its files (409 while active)")
+    async def delete_run(run_id: RunId, request: Request) -> Response:
+        mutate(request)
+        await asyncio.to_thread(trainer.runs.delete, run_id)
+        return Response(status_code=204)
+
     @app.post("/runs/{run_id}/resume", status_code=202, summary="Resume a run from its last checkpoint")
     async def resume_run(run_id: RunId, request: Request) -> dict[str, Any]:
         mutate(request)
