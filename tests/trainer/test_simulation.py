@@ -12,13 +12,18 @@ from tests.trainer.conftest import RUN_S, wait_run
 pytestmark = pytest.mark.e2e
 
 
-def test_a_simulation_switches_models_and_every_round_converges_without_failures(cluster: LocalCluster,
-                                                                               trainer: Proc) -> None:
+def start_simulation(trainer: Proc, rounds: int) -> str:
+    """Start a simulation switching between the two built-in models; its run id."""
     created = trainer.post("/runs", json={"kind": "simulation", "params": {
-        "rounds": 2, "initial_model": "builtin:tiny", "substitute_model": "builtin:tiny-s1",
+        "rounds": rounds, "initial_model": "builtin:tiny", "substitute_model": "builtin:tiny-s1",
         "requests_per_replica": 2, "max_new_tokens": 4}})
     assert created.status_code == 201, created.text
-    run = wait_run(trainer, created.json()["id"])
+    return str(created.json()["id"])
+
+
+def test_a_simulation_switches_models_and_every_round_converges_without_failures(cluster: LocalCluster,
+                                                                               trainer: Proc) -> None:
+    run = wait_run(trainer, start_simulation(trainer, rounds=2))
     assert run["status"] == "succeeded", run["error"]
     rounds = run["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -44,11 +49,7 @@ def test_a_simulation_switches_models_and_every_round_converges_without_failures
 
 def test_an_ended_run_can_be_deleted_with_its_files_and_an_active_one_cannot(cluster: LocalCluster,
                                                                             trainer: Proc) -> None:
-    created = trainer.post("/runs", json={"kind": "simulation", "params": {
-        "rounds": 50, "initial_model": "builtin:tiny", "substitute_model": "builtin:tiny-s1",
-        "requests_per_replica": 2, "max_new_tokens": 4}})
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
+    run_id = start_simulation(trainer, rounds=50)
     folder = cluster.shared / "runs" / run_id
     wait_for(lambda: trainer.get(f"/runs/{run_id}").json()["status"] == "running", RUN_S, 0.1, "the run to start")
 
