@@ -363,11 +363,17 @@ class ModelStore:
         if self.get(n).stored == "files":
             return self.folder_of(n)
         if self._assembler is None:
-            from lockstep.store.version_cache import FolderOrigin, VersionCache  # it builds on this module
+            from lockstep.store.version_cache import (  # it builds on this module
+                FolderOrigin,
+                VersionCache,
+                mark_origin,
+                prune_orphans,
+            )
 
             self._assembler = VersionCache(FolderOrigin(self), self.assemble_dir, keep=2)
-            mark_assembly(self.assemble_dir, self.root)
-            prune_orphan_assemblies(self.assemble_dir.parent)
+            # Tests and benchmarks make a store per run: without this their copies outlived the store.
+            mark_origin(self.assemble_dir, self.root)
+            prune_orphans(self.assemble_dir.parent)
         path: Path = self._assembler.path_of(n)
         return path
 
@@ -745,31 +751,6 @@ def _age(seconds: float) -> str:
     if seconds < 172_800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86_400:.1f} d"
-
-
-def mark_assembly(folder: Path, store_root: Path) -> None:
-    """Write ``.<folder>.store`` beside an assemble folder: the store it assembles for."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    (folder.parent / f".{folder.name}.store").write_text(str(store_root.resolve()))
-
-
-def prune_orphan_assemblies(parent: Path) -> None:
-    """Remove the assemble folders in ``parent`` whose store is gone.
-
-    Each store keeps two assembled versions there; tests and benchmarks make a store per run, and their copies
-    stayed on the host's disk after the store was deleted. A folder without a mark is left alone.
-    """
-    for mark in parent.glob(".*.store"):
-        try:
-            root = Path(mark.read_text().strip())
-        except OSError:
-            continue
-        if root.exists():
-            continue
-        name = mark.name[1:-len(".store")]
-        _rmtree_quiet(parent / name)
-        (parent / f".{name}.lock").unlink(missing_ok=True)
-        mark.unlink(missing_ok=True)
 
 
 def _rmdir_quiet(path: Path) -> None:

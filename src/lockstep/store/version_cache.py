@@ -120,7 +120,7 @@ class VersionCache:
         self.window = max(1, window)
         self.on_fetched, self.on_bad_chunk, self.on_transfer = on_fetched, on_bad_chunk, on_transfer
         self._lock = threading.Lock()  # one assembly at a time in this process
-        self._file_lock = FileLock(str(self.cache_dir.parent / f".{self.cache_dir.name}.lock"))  # and on this host
+        self._file_lock = FileLock(str(_beside(self.cache_dir, ".lock")))  # and on this host
         self._index = threading.Condition()  # guards everything below; notified when a chunk lands
         self._held: dict[str, _Held] = {}
         self._indexed = False
@@ -489,6 +489,32 @@ class FolderOrigin:
 
     def download_files(self, manifest: Manifest, folder: Path) -> None:
         raise AssertionError("a shared folder's versions stored as files are read in place")
+
+
+def _beside(cache_dir: Path, suffix: str) -> Path:
+    """``.<cache folder><suffix>`` in the cache folder's parent: its host lock, its origin mark."""
+    return cache_dir.parent / f".{cache_dir.name}{suffix}"
+
+
+def mark_origin(cache_dir: Path, origin_root: Path) -> None:
+    """Record beside ``cache_dir`` the store folder its versions come from (``prune_orphans`` reads it)."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    _beside(cache_dir, ".store").write_text(str(origin_root.resolve()))
+
+
+def prune_orphans(parent: Path) -> None:
+    """Remove the cache folders in ``parent`` whose marked store folder is gone; unmarked ones are left alone."""
+    for mark in parent.glob(".*.store"):
+        try:
+            root = Path(mark.read_text().strip())
+        except OSError:
+            continue
+        if root.exists():
+            continue
+        cache_dir = parent / mark.name[1:-len(".store")]
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        _beside(cache_dir, ".lock").unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
 
 
 def _matches(data: bytes, chunk: ChunkEntry) -> bool:

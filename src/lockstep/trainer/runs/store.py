@@ -30,6 +30,12 @@ RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 POD_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")  # a DNS subdomain: no '/', so never a path out of logs/
 
 
+def _removed(path: Path) -> bool:
+    """Remove ``path`` and everything under it; whether it is gone."""
+    shutil.rmtree(path, ignore_errors=True)
+    return not path.exists()
+
+
 class RunFiles:
     """The files of one run."""
 
@@ -76,8 +82,7 @@ class RunFiles:
         Its versions are in the model store; what only a resume would read is, per checkpoint, several times the
         model, and a trainer that runs one fine-tune after another would otherwise fill its volume.
         """
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        if self.checkpoints.exists():
+        if not _removed(self.checkpoints):
             log.warning("could not remove all of %s; delete it by hand to free the space", self.checkpoints)
 
     def write(self, record: RunRecord) -> None:
@@ -184,10 +189,9 @@ class RunStore:
 
     def delete(self, run_id: str) -> None:
         """Remove a run's folder: its record, metrics, samples, checkpoints and copied logs."""
-        files = self.files(run_id)
-        shutil.rmtree(files.folder, ignore_errors=True)
-        if files.folder.exists():
-            raise OSError(f"could not remove all of {files.folder}; delete it by hand")
+        folder = self.files(run_id).folder
+        if not _removed(folder):
+            raise OSError(f"could not remove all of {folder}; delete it by hand")
 
     def load_all(self) -> list[RunRecord]:
         """Every readable run, oldest first; unreadable folders are skipped (logged)."""
