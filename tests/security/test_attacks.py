@@ -99,21 +99,22 @@ def relay_ui() -> Iterator[tuple[TestClient, FakeTrainer]]:
 
 
 UI_MUTATIONS = [
-    ("/api/publish", {"model": "builtin:tiny-s1"}),
-    ("/api/publish", {"model": "/etc"}),
-    ("/api/rollback", {}),
-    ("/api/runs", {"kind": "simulation", "params": {"rounds": 1}}),
-    ("/api/runs/run-1/stop", None),
-    ("/api/runs/run-1/resume", None),
+    ("POST", "/api/publish", {"model": "builtin:tiny-s1"}),
+    ("POST", "/api/publish", {"model": "/etc"}),
+    ("POST", "/api/rollback", {}),
+    ("POST", "/api/runs", {"kind": "simulation", "params": {"rounds": 1}}),
+    ("POST", "/api/runs/run-1/stop", None),
+    ("POST", "/api/runs/run-1/resume", None),
+    ("DELETE", "/api/runs/run-1", None),
 ]
 
 
 # ===================================================================================== 1. the UI as a relay
 def test_ui_open_relay_mutation_without_login_is_401(relay_ui: tuple[TestClient, FakeTrainer]) -> None:
     client, fake = relay_ui
-    for path, body in UI_MUTATIONS:
-        response = client.post(path, json=body)
-        assert response.status_code == 401, f"POST {path} without a login: {response.status_code} {response.text}"
+    for method, path, body in UI_MUTATIONS:
+        response = client.request(method, path, json=body)
+        assert response.status_code == 401, f"{method} {path} without a login: {response.status_code} {response.text}"
     assert fake.mutations == [], f"the UI forwarded changes with its token for an anonymous caller: {fake.mutations}"
 
 
@@ -124,9 +125,9 @@ def test_ui_csrf_mutation_with_login_but_without_csrf_header_is_403(
     assert login.status_code == 200, f"the UI has no login: {login.status_code} {login.text}"
     cookie = login.headers.get("set-cookie", "")
     assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower(), cookie
-    for path, body in UI_MUTATIONS:
-        response = client.post(path, json=body)  # the session cookie, as a cross-site form would send it
-        assert response.status_code == 403, f"POST {path} without the CSRF header: {response.status_code}"
+    for method, path, body in UI_MUTATIONS:
+        response = client.request(method, path, json=body)  # the session cookie, as a cross-site form sends it
+        assert response.status_code == 403, f"{method} {path} without the CSRF header: {response.status_code}"
     assert fake.mutations == [], fake.mutations
     ok = client.post("/api/publish", json={"model": "builtin:tiny-s1"}, headers=csrf_headers(login.json()))
     assert ok.status_code == 202, ok.text  # logged in, with the header: relayed
@@ -627,10 +628,11 @@ def test_malformed_admin_body_without_token_is_401_not_400(server_name: str, req
         "replica": [("POST", "/admin/stage"), ("POST", "/admin/commit"), ("POST", "/admin/abort"),
                     ("POST", "/update-model")],
         "trainer": [("POST", "/publish"), ("POST", "/rollback"), ("POST", "/runs"), ("POST", "/runs/x/stop"),
+                    ("DELETE", "/runs/x"),
                     ("POST", "/store/uploads"), ("POST", "/store/uploads/x/publish"),
                     ("PUT", "/store/uploads/x/files/model.safetensors"), ("DELETE", "/store/uploads/x")],
         "ui": [("POST", "/api/publish"), ("POST", "/api/rollback"), ("POST", "/api/runs"),
-               ("POST", "/api/runs/x/stop"), ("POST", "/api/playground")],
+               ("POST", "/api/runs/x/stop"), ("DELETE", "/api/runs/x"), ("POST", "/api/playground")],
     }[server_name]
     wrong = [{}, {"Authorization": "Bearer wrong-token-of-the-same-length-000"}, {"Authorization": f"Basic {TOKEN}"}]
     with httpx.Client(base_url=server.url, timeout=30) as client:

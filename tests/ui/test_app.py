@@ -177,6 +177,7 @@ def test_ids_in_paths_are_checked(client: TestClient, run_id: str) -> None:
     # The trainer is unreachable: anything forwarded would come back 502, so 400/404 proves it was not.
     assert client.get(f"/api/runs/{run_id}").status_code in (400, 404)
     assert client.post(f"/api/runs/{run_id}/stop").status_code in (400, 404)
+    assert client.delete(f"/api/runs/{run_id}").status_code in (400, 404)
     assert client.get(f"/api/publishes/{run_id}").status_code in (400, 404)
 
 
@@ -186,7 +187,7 @@ def test_ids_in_paths_are_checked(client: TestClient, run_id: str) -> None:
     ("GET", "/api/publishes/p-1", None), ("POST", "/api/publish", {"model": "builtin:tiny-s1"}),
     ("POST", "/api/rollback", {}), ("POST", "/api/runs", {"kind": "finetune", "params": {"steps": 3}}),
     ("POST", "/api/runs/run-1/stop", None), ("GET", "/api/rollout", None), ("POST", "/api/rollout/promote", None),
-    ("POST", "/api/rollout/abort", None),
+    ("POST", "/api/rollout/abort", None), ("DELETE", "/api/runs/run-1", None),
 ])
 def test_unreachable_trainer_is_a_502_in_plain_words(client: TestClient, dead_url: str, method: str,
                                                      path: str, body: object) -> None:
@@ -281,6 +282,23 @@ def test_a_refused_repo_id_keeps_the_trainers_words(make_client: MakeClient) -> 
     client = make_client(http_client=trainer_that_answers(400, "unknown built-in model 'builtin:huge'", seen))
     response = client.post("/api/publish", json={"model": "builtin:huge"})
     assert response.status_code == 400 and "unknown built-in model" in response.json()["error"]["message"]
+
+
+def test_deleting_a_run_relays_the_trainers_answer(make_client: MakeClient) -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204) if request.url.path == "/runs/run-1" else httpx.Response(
+            409, json={"error": {"message": "run run-2 is running; stop it", "code": "conflict"}})
+
+    client = make_client(http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+    deleted = client.delete("/api/runs/run-1")
+    assert deleted.status_code == 204 and deleted.content == b""
+    refused = client.delete("/api/runs/run-2")
+    assert refused.status_code == 409 and "stop it" in refused.json()["error"]["message"]
+    assert [(r.method, r.url.path) for r in seen] == [("DELETE", "/runs/run-1"), ("DELETE", "/runs/run-2")]
+    assert seen[0].headers["authorization"] == f"Bearer {TOKEN}", "the UI adds its token, server-side"
 
 
 def test_the_trainer_refusing_the_ui_token_is_not_the_pages_401(make_client: MakeClient) -> None:

@@ -276,6 +276,31 @@ def test_finetune_run_draws_its_reward_curve(page: Page, system: System, tmp_pat
     screenshot(page, "runs", tmp_path)
 
 
+def test_an_ended_run_is_deleted_from_the_page_once_confirmed(page: Page, system: System) -> None:
+    created = system.trainer.post("/runs", json={"kind": "simulation", "params": {
+        "rounds": 1, "background_load": False, "requests_per_replica": 0}},
+        headers={"Authorization": f"Bearer {TOKEN}"})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    wait_for(lambda: system.trainer.get(f"/runs/{run_id}").json()["active"] is False, WAIT_MS / 1000, 0.2,
+             f"run {run_id} to end")
+    page.click("#tab-runs")
+    row = page.locator(f'#runs-list button[data-run="{run_id}"]')
+    row.click(timeout=WAIT_MS)
+    expect(page.locator("#run-title .outcome")).to_have_text("succeeded", timeout=WAIT_MS)
+    delete = page.locator("#run-delete")
+    expect(delete).to_be_visible()
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    delete.click()
+    expect(row).to_be_visible()  # dismissed: nothing sent
+    assert system.trainer.get(f"/runs/{run_id}").status_code == 200
+    page.once("dialog", lambda dialog: dialog.accept())
+    delete.click()
+    expect(page.locator(".toast").last).to_contain_text(f"Run {run_id} deleted", timeout=WAIT_MS)
+    expect(row).to_have_count(0, timeout=WAIT_MS)
+    assert system.trainer.get(f"/runs/{run_id}").status_code == 404
+
+
 def check_samples_per_version(page: Page, run: dict[str, Any]) -> None:
     """One row per version the run published, newest first, with the trainer's count of samples used."""
     box = page.locator("#version-samples-box")

@@ -226,6 +226,11 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
     async def resume_run(run_id: str = RunId) -> JSONResponse:
         return relay(await upstream.trainer("POST", f"/runs/{segment(run_id)}/resume"))
 
+    @app.delete("/api/runs/{run_id}", status_code=204, summary="Delete an ended run and its files (409 while active)")
+    async def delete_run(run_id: str = RunId) -> Response:
+        response = await upstream.trainer("DELETE", "/runs/" + segment(run_id))
+        return Response(status_code=204) if response.status_code == 204 else relay(response)
+
     # ------------------------------------------------------------------ live
     @app.get("/api/events", summary="Server-sent events: cluster (each second), runs, publishes, history")
     async def events(request: Request) -> StreamingResponse:

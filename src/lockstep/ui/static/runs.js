@@ -131,6 +131,19 @@ async function act(verb) {
   }
 }
 
+/** Delete the selected run and its files, once it has ended; the versions it published stay in the store. */
+async function deleteRun() {
+  const id = selected;
+  if (!id || !confirm(`Delete run ${id} and its files? The versions it published stay.`)) return;
+  try {
+    await api(`/api/runs/${encodeURIComponent(id)}`, {method: "DELETE"});
+    toast(`Run ${id} deleted`, "ok");
+    if (selected === id) { selected = null; detail = null; renderDetail(); } // the next list picks another run
+  } catch (err) {
+    toast(`Could not delete run ${id}: ${err.message}`, "bad");
+  }
+}
+
 function renderList(body) {
   const runs = listOf(body, "runs", "items");
   const list = $("#runs-list");
@@ -335,10 +348,10 @@ function chart(el, captionEl, lastEl, caption, name, color, points, marks, xLabe
 
 function renderDetail() {
   const run = detail;
-  const stop = $("#run-stop"), resume = $("#run-resume");
+  const stop = $("#run-stop"), resume = $("#run-resume"), remove = $("#run-delete");
   if (!run) {
     $("#run-title").textContent = "No run selected";
-    stop.hidden = resume.hidden = true;
+    stop.hidden = resume.hidden = remove.hidden = true;
     renderVersionSamples(null);
     for (const el of ["#loss-chart", "#reward-chart"]) lineChart($(el), {series: [], empty: "start a run to see its curves"});
     return;
@@ -347,6 +360,7 @@ function renderDetail() {
   fill($("#run-title"), `Run ${id} `, outcome(run.status));
   stop.hidden = !ACTIVE.has(run.status);
   resume.hidden = !["interrupted", "stopped"].includes(run.status); // the trainer resumes both from a checkpoint
+  remove.hidden = ACTIVE.has(run.status); // the trainer refuses (409) to delete a queued or running run
   const frac = fraction(run);
   const bar = $("#run-progress");
   bar.setAttribute("aria-valuenow", String(Math.round(frac * 100)));
@@ -403,6 +417,7 @@ export function init() {
   $("#run-form").addEventListener("submit", startRun);
   $("#run-stop").addEventListener("click", () => act("stop"));
   $("#run-resume").addEventListener("click", () => act("resume"));
+  $("#run-delete").addEventListener("click", deleteRun);
   let lastSelected = null;
   on("runs", (body) => {
     renderList(body);
