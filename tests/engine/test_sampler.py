@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lockstep.engine import SamplingParams
 from lockstep.engine.sampler import bad_rows, filter_logits, inverse_cdf, sample
@@ -57,6 +59,18 @@ def test_bad_rows() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [float("inf"), 0.0], [float("-inf")] * 2,
                            [float("-inf"), 0.0]])
     assert bad_rows(logits).tolist() == [False, True, True, True, False]
+
+
+SPECIALS = st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0, -1e38, 3.4e38])
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.one_of(SPECIALS, st.floats(-1e4, 1e4, width=32)), min_size=1, max_size=12),
+                     min_size=1, max_size=6).filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_bad_rows_is_any_nan_or_inf_or_nothing_finite(rows: list[list[float]]) -> None:
+    logits = torch.tensor(rows, dtype=torch.float32)
+    expected = [any(math.isnan(x) or x == math.inf for x in row) or all(x == -math.inf for x in row) for row in rows]
+    assert bad_rows(logits).tolist() == expected
 
 
 # Settings valid for SamplingParams whose float32 arithmetic underflows or saturates.

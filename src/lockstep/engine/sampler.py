@@ -28,7 +28,9 @@ class Draws:
 
 def bad_rows(logits: torch.Tensor) -> torch.Tensor:
     """Rows that cannot be sampled from: any NaN or +inf, or nothing finite. Shape [B] bool."""
-    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    # A row's max is NaN when it holds a NaN (max propagates it), +inf when it holds one, -inf when nothing is
+    # finite: one reduction, where three masks of the row's size cost 1.4 ms a step at a 32k vocabulary.
+    return ~torch.isfinite(logits.amax(-1))
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -72,7 +74,8 @@ def _filtered(logits: torch.Tensor, params: list[SamplingParams], rows: list[int
 def _usable(probs: torch.Tensor) -> list[bool]:
     """Rows that are a distribution to draw from: finite, with some mass (checked before any draw: on a GPU a
     draw from a NaN row is a device-side assert that breaks every later kernel, not an exception)."""
-    return (torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).tolist()  # type: ignore[no-any-return]
+    mass = probs.sum(-1)  # probabilities are >= 0 and <= 1: the sum is finite exactly when every entry is
+    return (torch.isfinite(mass) & (mass > 0)).tolist()  # type: ignore[no-any-return]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
