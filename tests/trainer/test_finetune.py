@@ -16,10 +16,10 @@ from tests.trainer.conftest import wait_run
 
 pytestmark = pytest.mark.e2e
 
-# From the random built-in model (published first, whatever the cluster served before). Which token a replica
-# samples can change with how requests happen to be batched, so a run's path is not repeatable. Seed 1 takes
-# one that does not hang on that: 0.03 → 0.38 → 1.0 → 1.0 held-out reward in each of four runs (2026-12-05);
-# seed 0, which rises later, once stayed at 0.02–0.04 for all three versions.
+# From the random built-in model (published first, whatever the cluster served before). Two runs with the same
+# parameters do not always take the same path: at its third version seed 0, which rises late, reached 1.0 in
+# three runs of five, 0.4 in one and 0.04 in the last. Seed 1 rises early: 0.03 → 0.38 → 1.0 → 1.0 held-out
+# reward in each of four runs (2026-12-05).
 PARAMS: dict[str, Any] = {"model": "builtin:tiny", "steps": 9, "publish_every": 3, "batch_size": 8,
                           "group_size": 4, "learning_rate": 3e-3, "max_new_tokens": 16, "eval_prompts": 16,
                           "seed": 1}
