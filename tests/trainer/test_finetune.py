@@ -80,6 +80,10 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     steps = [m["step"] for m in run["metrics"]]
     assert steps == list(range(1, PARAMS["steps"] + 1))
     assert all(m["stale"] == 0 and m["mislabeled"] == 0 and m["errors"] == 0 for m in run["metrics"])
+    # The updates stood still for each publish: the step after each checkpoint says so, and only that step.
+    held = {m["step"]: m["publish_wait_s"] for m in run["metrics"]}
+    assert all((seconds > 0) == (step > 1 and (step - 1) % PARAMS["publish_every"] == 0)
+               for step, seconds in held.items()), held
 
     # Synchronous: every version was trained only on answers of the version before it, all of them used.
     per_step = PARAMS["batch_size"] * PARAMS["group_size"]
@@ -125,7 +129,7 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
     assert run["status"] == "succeeded", run["error"]
     assert run["params"]["async"] is True and len(run["versions"]) == 3
     assert_within_bound(run, bound)
-    assert all(m["errors"] == 0 and m["mislabeled"] == 0 for m in run["metrics"])
+    assert all(m["errors"] == 0 and m["mislabeled"] == 0 and m["publish_wait_s"] >= 0 for m in run["metrics"])
     # What trained each version adds up to the steps before it, and the record keeps what was dropped.
     used = sum(s["used"] for s in run["version_samples"].values())
     assert used == sum(m["samples"] for m in run["metrics"]) == PARAMS["steps"] * PARAMS["batch_size"] * PARAMS[
@@ -159,6 +163,7 @@ def test_sft_best_imitates_the_best_answer_of_each_group_and_publishes_every_ver
     assert len(run["versions"]) == 2
     assert_within_bound(run, bound=0)
     assert all(0 < m["imitated"] <= PARAMS["batch_size"] and "loss" in m for m in run["metrics"])
+    assert [m["step"] for m in run["metrics"] if m["publish_wait_s"] > 0] == [4]  # after the first checkpoint
     manifests = {m["version"]: m for m in trainer.get("/versions").json()["versions"]}
     for version in run["versions"]:
         assert manifests[version]["metadata"]["algorithm"] == "sft_best"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lockstep.core.clock import SYSTEM_CLOCK
+from lockstep.core.clock import SYSTEM_CLOCK, FakeClock
 from lockstep.core.errors import BadRequest
 from lockstep.trainer.runs.fleet_rollouts import (
     AsyncRollouts,
@@ -298,6 +300,56 @@ def test_the_baseline_evaluation_waits_for_what_it_is_told_to_follow() -> None:
     first_round.set()
     releases.wait_evaluated()
     assert evaluator.evaluated == [0] and releases.wait_measured(0)
+
+
+class _WatchedClock(FakeClock):
+    """A fake clock that says when it was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = threading.Event()
+
+    def monotonic(self) -> float:
+        self.read.set()
+        return super().monotonic()
+
+
+class _TimedReleases(Releases):
+    """Releases whose publish of the step-3 checkpoint takes 1.5 s of the fake clock, once ``go`` is set."""
+
+    go: threading.Event
+
+    def _release(self, checkpoint: Path, step: int, stats: dict[str, Any], samples: Any) -> None:
+        if step == 3:
+            self.go.wait(10)
+            self.ctx.clock.advance(1.5)
+        self.window.publishing_ended(step)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_the_step_records_say_how_long_the_updates_stood_still_for_publishing(background: bool) -> None:
+    """Synchronously the whole publish; asynchronously only the wait for a publish still in flight when the next
+    checkpoint comes."""
+    clock = _WatchedClock()
+    releases = _TimedReleases(cast(Any, SimpleNamespace(clock=clock)), FinetuneParams(), VersionWindow([0], 1),
+                              SampleBook(), cast(Any, _RecordingEvaluator()), reward_name="builtin:digits",
+                              background=background)
+    releases.go = threading.Event()
+    if not background:
+        releases.go.set()
+        releases.release(Path("checkpoint-3"), 3, {})
+        assert releases.take_held() == 1.5 and releases.take_held() == 0.0
+        return
+    releases.release(Path("checkpoint-3"), 3, {})  # in flight, waiting for go: the updates go on
+    assert releases.take_held() == 0.0
+    clock.read.clear()
+    next_checkpoint = threading.Thread(target=releases.release, args=(Path("checkpoint-6"), 6, {}))
+    next_checkpoint.start()
+    assert clock.read.wait(10)  # the next checkpoint has come and waits for the publish in flight
+    releases.go.set()
+    next_checkpoint.join(10)
+    releases.wait_published()
+    assert releases.take_held() == 1.5
 
 
 def test_the_window_says_when_no_publish_is_in_flight() -> None:

@@ -104,18 +104,31 @@ class Releases:
         self._lock = threading.Lock()  # the run record, between the update thread and the release thread
         self._measuring = threading.Condition()
         self._unmeasured = 0  # versions committed whose evaluation has not ended yet
+        self._held_s = 0.0  # seconds the updates stood still for publishing, since take_held
 
     def release(self, checkpoint: Path, step: int, stats: dict[str, Any]) -> None:
-        """Publish ``checkpoint`` (a transformers checkpoint folder) as the next version."""
-        self.wait_published()
-        samples = self.book.take_version()  # what trained it: counted up to this checkpoint, not later
-        self.window.publishing_started()
-        if not self.background:
-            self._release(checkpoint, step, stats, samples)
-            return
-        self._thread = threading.Thread(target=self._guarded, args=(checkpoint, step, stats, samples),
-                                        name=f"release-step-{step}", daemon=True)
-        self._thread.start()
+        """Publish ``checkpoint`` (a transformers checkpoint folder) as the next version.
+
+        The updates stand still meanwhile: for the whole publish when synchronous; asynchronously only while the
+        previous publish is still in flight (``take_held``)."""
+        started = self.ctx.clock.monotonic()
+        try:
+            self.wait_published()
+            samples = self.book.take_version()  # what trained it: counted up to this checkpoint, not later
+            self.window.publishing_started()
+            if not self.background:
+                self._release(checkpoint, step, stats, samples)
+                return
+            self._thread = threading.Thread(target=self._guarded, args=(checkpoint, step, stats, samples),
+                                            name=f"release-step-{step}", daemon=True)
+            self._thread.start()
+        finally:
+            self._held_s += self.ctx.clock.monotonic() - started
+
+    def take_held(self) -> float:
+        """Seconds the updates stood still for publishing since the last call; starts a new count."""
+        held, self._held_s = self._held_s, 0.0
+        return held
 
     def wait_published(self) -> None:
         """Until no release is in flight; a failed one (or a failed evaluation) fails the run here."""
