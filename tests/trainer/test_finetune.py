@@ -81,9 +81,9 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     assert steps == list(range(1, PARAMS["steps"] + 1))
     assert all(m["stale"] == 0 and m["mislabeled"] == 0 and m["errors"] == 0 for m in run["metrics"])
     # The updates stood still for each publish: the step after each checkpoint says so, and only that step.
-    held = {m["step"]: m["publish_wait_s"] for m in run["metrics"]}
+    waits = {m["step"]: m["publish_wait_s"] for m in run["metrics"]}
     assert all((seconds > 0) == (step > 1 and (step - 1) % PARAMS["publish_every"] == 0)
-               for step, seconds in held.items()), held
+               for step, seconds in waits.items()), waits
 
     # Synchronous: every version was trained only on answers of the version before it, all of them used.
     per_step = PARAMS["batch_size"] * PARAMS["group_size"]

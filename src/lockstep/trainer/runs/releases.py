@@ -104,13 +104,13 @@ class Releases:
         self._lock = threading.Lock()  # the run record, between the update thread and the release thread
         self._measuring = threading.Condition()
         self._unmeasured = 0  # versions committed whose evaluation has not ended yet
-        self._held_s = 0.0  # seconds the updates stood still for publishing, since take_held
+        self._publish_wait_s = 0.0  # seconds the updates stood still for publishing, since take_publish_wait
 
     def release(self, checkpoint: Path, step: int, stats: dict[str, Any]) -> None:
         """Publish ``checkpoint`` (a transformers checkpoint folder) as the next version.
 
         The updates stand still meanwhile: for the whole publish when synchronous; asynchronously only while the
-        previous publish is still in flight (``take_held``)."""
+        previous publish is still in flight (``take_publish_wait``)."""
         started = self.ctx.clock.monotonic()
         try:
             self.wait_published()
@@ -123,12 +123,12 @@ class Releases:
                                             name=f"release-step-{step}", daemon=True)
             self._thread.start()
         finally:
-            self._held_s += self.ctx.clock.monotonic() - started
+            self._publish_wait_s += self.ctx.clock.monotonic() - started
 
-    def take_held(self) -> float:
+    def take_publish_wait(self) -> float:
         """Seconds the updates stood still for publishing since the last call; starts a new count."""
-        held, self._held_s = self._held_s, 0.0
-        return held
+        waited, self._publish_wait_s = self._publish_wait_s, 0.0
+        return waited
 
     def wait_published(self) -> None:
         """Until no release is in flight; a failed one (or a failed evaluation) fails the run here."""

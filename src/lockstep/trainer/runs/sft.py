@@ -65,7 +65,8 @@ def train_sft(ctx: RunContext, p: FinetuneParams, model: Any, tokenizer: Any, *,
                            "publishing": window.publishing, "samples": used.used, "imitated": len(best),
                            "stale": used.dropped_stale, "foreign": used.foreign, "errors": used.errors,
                            "mislabeled": used.mislabeled, "staleness": used.staleness,
-                           "sample_versions": used.versions, "publish_wait_s": round(releases.take_held(), 3)})
+                           "sample_versions": used.versions,
+                           "publish_wait_s": round(releases.take_publish_wait(), 3)})
         loss = None
         if pairs:
             args = SFTConfig(output_dir=str(ctx.files.checkpoints / "sft"), max_steps=len(segment),

@@ -114,7 +114,7 @@ def run_callback(ctx: RunContext, p: FinetuneParams, window: VersionWindow, book
                         "foreign": used.foreign, "errors": used.errors, "mislabeled": used.mislabeled,
                         "staleness": used.staleness, "sample_versions": used.versions,
                         "rollout_wait_s": round(book.take_wait(), 3),
-                        "publish_wait_s": round(releases.take_held(), 3),
+                        "publish_wait_s": round(releases.take_publish_wait(), 3),
                         **{k.replace("/", "_"): v for k, v in logs.items()
                            if k in ("reward_std", "grad_norm", "entropy", "kl", "clip_ratio/region_mean",
                                     "completions/mean_length", "step_time")}})
