@@ -86,6 +86,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (default: the run kind's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the run kind's)")
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the run kind's")
+    parser.add_argument("--precision", choices=["float32", "bf16"], default=None,
+                        help="the updates' arithmetic (default: the run kind's, float32)")
     parser.add_argument("--max-staleness", type=int, default=1)
     parser.add_argument("--trl-args", type=json.loads, default=None,
                         help='TRL options for both modes, as the run\'s params.trl_args (JSON object), e.g. '
@@ -117,7 +119,7 @@ def main() -> int:
                 params = {"model": "builtin:tiny", "steps": args.steps, "publish_every": args.publish_every,
                           "seed": seed, "async": is_async, "max_staleness": args.max_staleness if is_async else 0}
                 params |= {k: v for k, v in (("batch_size", args.batch_size), ("learning_rate", args.learning_rate),
-                                             ("max_new_tokens", args.max_new_tokens),
+                                             ("max_new_tokens", args.max_new_tokens), ("precision", args.precision),
                                              ("trl_args", args.trl_args)) if v is not None}
                 result = run_once(trainer, params, args.threshold)
                 results.append(result)

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from safetensors import safe_open
 
 from lockstep.store import ModelStore
 from tests.support.cluster import LocalCluster, Proc, wait_for
@@ -172,11 +173,30 @@ def test_sft_best_imitates_the_best_answer_of_each_group_and_publishes_every_ver
         assert proc.status()["serving_version"] == run["versions"][-1]
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "sft_best"])
+def test_a_bf16_run_trains_in_mixed_precision_and_publishes_float32_weights(cluster: LocalCluster, trainer: Proc,
+                                                                           tmp_path: Path, algorithm: str) -> None:
+    params = {**PARAMS, "steps": 3, "precision": "bf16", "algorithm": algorithm}
+    created = trainer.post("/runs", json={"kind": "finetune", "params": params})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    [version] = run["versions"]
+    manifest = next(m for m in trainer.get("/versions").json()["versions"] if m["version"] == version)
+    assert manifest["metadata"]["precision"] == "bf16" and manifest["metadata"]["algorithm"] == algorithm
+    folder = ModelStore(cluster.shared, assemble_dir=tmp_path).path_of(version)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes == {"F32"}  # the master weights, not their bfloat16 casts
+    for proc in cluster.replicas:
+        assert proc.status()["serving_version"] == version
+
+
 @pytest.mark.parametrize("params, message", [
     ({"max_staleness": -1}, "max_staleness"), ({"max_staleness": 65}, "max_staleness"),
     ({"async": "yes"}, "async"), ({"trl_args": {"use_vllm": True}}, "not a TRL option"),
     ({"trl_args": {"epsilon_high": "wide"}}, "must be a float"), ({"loss_type": "ppo"}, "loss_type"),
-    ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses"),
+    ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses"), ({"precision": "fp16"}, "precision"),
     ({"algorithm": "sft_best", "async": True}, "sft_best is synchronous")])
 def test_bad_training_options_are_refused_before_a_run_exists(trainer: Proc, params: dict[str, Any],
                                                               message: str) -> None:

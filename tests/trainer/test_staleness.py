@@ -155,6 +155,8 @@ def test_trl_options_are_checked_before_a_run_exists(tmp_path: object) -> None:
                                                         "loss_type": "dr_grpo"}), tmp_path)  # type: ignore[arg-type]
     assert (config.beta, config.loss_type, config.num_generations, config.save_steps) == (0.04, "dr_grpo", 4, 3)
     assert config.per_device_train_batch_size == 32 and config.temperature == 1.0
+    assert not config.bf16  # float32 unless the run asks for bfloat16 mixed precision
+    assert grpo_config(FinetuneParams(precision="bf16"), tmp_path).bf16  # type: ignore[arg-type]
 
 
 class _Tokenizer:

@@ -207,7 +207,8 @@ class Releases:
         ctx.progress(step, self.p.steps, f"step {step}: publishing")
         metadata = {"run_id": ctx.run_id, "step": step, "parent": parent, "task": self.p.task,
                     "reward_fn": self.reward_name, "algorithm": self.p.algorithm,
-                    "learning_rate": self.p.learning_rate, "eval_reward_parent": self.evaluator.last,
+                    "learning_rate": self.p.learning_rate, "precision": self.p.precision,
+                    "eval_reward_parent": self.evaluator.last,
                     "async": self.p.async_mode, "max_staleness": self.p.max_staleness,
                     "samples": samples.model_dump(), **stats}
         committed: int | None = None

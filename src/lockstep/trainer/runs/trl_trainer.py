@@ -2,7 +2,7 @@
 checkpoints become versions, through TRL's own extension points (``rollout_func``, reward functions, callbacks).
 
 Lockstep sets what ties TRL to the run: batch = ``batch_size`` × ``group_size``, ``num_generations`` =
-``group_size``, the sampling temperature, float32 on the trainer's device, and a checkpoint every
+``group_size``, the sampling temperature, float32 weights on the trainer's device, and a checkpoint every
 ``publish_every`` steps. The run's parameters name TRL's loss and KL options, and ``trl_args`` passes the
 tuning options in ``TRL_TUNABLE`` through unchanged.
 """
@@ -73,14 +73,14 @@ def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
 
 
 def training_args(p: FinetuneParams, lr_scheduler_type: str = "constant") -> dict[str, Any]:
-    """What every TRL trainer of a run shares: the optimizer settings, float32 on the trainer's device, a log
-    entry per step and no reporting elsewhere (the run's metrics carry it)."""
+    """What every TRL trainer of a run shares: the optimizer settings, the precision on the trainer's device, a
+    log entry per step and no reporting elsewhere (the run's metrics carry it)."""
     import torch
 
     cuda = bool(torch.cuda.is_available()) and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
     return {"learning_rate": p.learning_rate, "weight_decay": p.weight_decay, "max_grad_norm": p.max_grad_norm,
             "lr_scheduler_type": lr_scheduler_type, "logging_steps": 1, "report_to": [], "disable_tqdm": True,
-            "use_cpu": not cuda, "bf16": False, "fp16": False, "gradient_checkpointing": False,
+            "use_cpu": not cuda, "bf16": p.precision == "bf16", "fp16": False, "gradient_checkpointing": False,
             "dataloader_num_workers": 0}
 
 

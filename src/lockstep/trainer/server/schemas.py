@@ -189,6 +189,9 @@ class FinetuneParams(_Strict):
     learning_rate: Number = Field(3e-3, gt=0, le=1)
     weight_decay: Number = Field(0.0, ge=0, le=1)
     max_grad_norm: Number = Field(1.0, gt=0, le=1e6)
+    # The updates' arithmetic: float32, or bfloat16 mixed precision (TRL's bf16: matrix products in bfloat16, the
+    # weights, gradients and optimizer state in float32, so checkpoints stay float32).
+    precision: Literal["float32", "bf16"] = "float32"
     # grpo: TRL's GRPO (loss_type, scale_rewards); reinforce: the same with the group mean as the only baseline;
     # sft_best: TRL's SFT on the best answer of each group (synchronous only).
     algorithm: Literal["grpo", "reinforce", "sft_best"] = "grpo"
