@@ -417,7 +417,8 @@ TRAINER_HELP = "act through the trainer at URL (clusters without a shared folder
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockstep", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="before the command: lockstep --log-level debug up")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run an inference replica")
@@ -440,14 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("up", help="run the whole system locally (Ctrl-C stops it)")
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--shared", default="var/shared")
-    p.add_argument("--base-port", type=int, default=8001)
-    p.add_argument("--trainer-port", type=int, default=8090)
-    p.add_argument("--ui-port", type=int, default=8080)
-    p.add_argument("--model", default=None)
-    p.add_argument("--no-trainer", action="store_true")
-    p.add_argument("--no-ui", action="store_true")
+    p.add_argument("--replicas", type=int, default=2, help="how many inference replicas")
+    p.add_argument("--shared", default="var/shared", help="the local folder standing in for the shared volume")
+    p.add_argument("--base-port", type=int, default=8001, help="the first replica's port; the next ones follow")
+    p.add_argument("--trainer-port", type=int, default=8090, help="the trainer's port")
+    p.add_argument("--ui-port", type=int, default=8080, help="the UI's port")
+    p.add_argument("--model", default=None, help="initial model reference (default INITIAL_MODEL_REPO_ID)")
+    p.add_argument("--no-trainer", action="store_true", help="start no trainer")
+    p.add_argument("--no-ui", action="store_true", help="start no UI")
     p.set_defaults(func=cmd_up)
 
     for name, func, helptext in (("publish", cmd_publish, "publish a model to every replica (two phases)"),
@@ -500,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", default=None, help="output dir (default: build the built-ins)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=["tiny", "mid"], default="tiny")
-    p.add_argument("--if-missing", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--if-missing", action="store_true", help="leave a model already built in OUT as it is")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
     p.set_defaults(func=cmd_tiny_model)
     return parser
 

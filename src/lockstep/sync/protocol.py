@@ -119,7 +119,7 @@ class Split(_Tolerant):
 
 
 class SessionPins(_Tolerant):
-    """``replicas/<replica>.pins.json``: the sessions the committed version answered on one replica before a step."""
+    """``pins/<replica>.json``: the sessions the committed version answered on one replica before a step."""
 
     replica_id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     rollout: str = Field(min_length=1, max_length=64)

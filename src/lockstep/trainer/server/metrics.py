@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lockstep.sync.reports import PublishOutcome
+
+# Every outcome a publish can end with (a rollout that rolls back ends its publish too), then a publish that raised.
+PUBLISH_OUTCOMES = (*(outcome.value for outcome in PublishOutcome), "failed")
+
 
 class TrainerMetrics:
     """Publishes, runs and the cluster as the trainer sees it."""
@@ -12,7 +17,7 @@ class TrainerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.publish_total = Counter("lockstep_publish_total", "Publishes by outcome "
-                                     "(committed, aborted, unchanged, failed)", ["outcome"], registry=r)
+                                     f"({', '.join(PUBLISH_OUTCOMES)})", ["outcome"], registry=r)
         self.publish_duration = Histogram("lockstep_publish_duration_seconds", "Seconds from publish start "
                                           "to commit or abort", registry=r,
                                           buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
@@ -51,5 +56,5 @@ class TrainerMetrics:
         self.rollout_step.set(-1)
         for kind in ("simulation", "finetune", "job"):
             self.run_active.labels(kind=kind).set(0)
-        for outcome in ("committed", "aborted", "unchanged", "failed"):
+        for outcome in PUBLISH_OUTCOMES:
             self.publish_total.labels(outcome=outcome)
