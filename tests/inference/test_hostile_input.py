@@ -170,6 +170,7 @@ def test_out_of_range_and_mistyped_fields_are_a_400_that_says_which(
         assert part in message, f"{case}: {message!r} does not say {part!r}"
 
 
+SPLIT = {"rollout": "r1", "version": 3, "model": "builtin:tiny-s1", "share": 50, "step": 1}
 ADMIN_OUT_OF_RANGE: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("negative version", "/admin/stage", {"model": "builtin:tiny-s1", "version": -1}, ("version",)),
     ("version past 2**31", "/admin/stage", {"model": "builtin:tiny-s1", "version": 2**31}, ("version",)),
@@ -184,6 +185,13 @@ ADMIN_OUT_OF_RANGE: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
      ("activate_at",)),
     ("activate_at a day ahead", "/admin/commit", {"version": 1, "activate_at": time.time() + 86_400},
      ("activate_at", "clocks")),
+    # Numbers are never strings or booleans, on the admin routes too.
+    ("share a string", "/admin/split", {**SPLIT, "share": "50"}, ("share",)),
+    ("share boolean", "/admin/split", {**SPLIT, "share": True}, ("share",)),
+    ("step a string", "/admin/split", {**SPLIT, "step": "3"}, ("step",)),
+    ("step a float", "/admin/split", {**SPLIT, "step": 1.0}, ("step", "integer")),
+    ("pins_step a string", "/admin/split", {**SPLIT, "pins_step": "2"}, ("pins_step",)),
+    ("shadow a string", "/admin/split", {**SPLIT, "share": 0, "shadow": "5"}, ("shadow",)),
 ]
 
 
@@ -197,6 +205,39 @@ def test_admin_bodies_out_of_range_are_a_400_and_change_nothing(
         assert part in message, f"{case}: {message!r} does not say {part!r}"
     st = srv.status()
     assert st["staged"] is None and st["serving_version"] == 0 and st["ready"]
+
+
+@pytest.mark.parametrize("raw", [b"\xb2", b"\xb9\xb3", b"-1", b"1.0", b"9" * 16])
+def test_a_version_header_that_is_no_version_number_is_a_400(srv: Served, raw: bytes) -> None:
+    # Over the socket a byte 0xB2 reaches the app as '²': a digit to str.isdigit(), not to int().
+    r = httpx.post(srv.url + "/generate", json={"prompt": "hi", "max_new_tokens": 1},
+                   headers={**AUTH, "X-Lockstep-Version": raw}, timeout=WAIT_S)
+    assert "X-Lockstep-Version" in error_of(r, 400)
+
+
+@pytest.mark.parametrize("query", ["rollout=r1&step=-1", "rollout=r1&step=1001", "rollout=r1&step=x",
+                                   "rollout=&step=1", "rollout=" + "r" * 65 + "&step=1", "step=1"])
+def test_split_sessions_queries_out_of_range_are_a_400(srv: Served, query: str) -> None:
+    r = httpx.get(f"{srv.url}/admin/split/sessions?{query}", headers=AUTH, timeout=WAIT_S)
+    error_of(r, 400)
+
+
+def test_callers_waiting_for_a_rollout_step_hold_no_thread_a_generation_needs(
+    srv: Served, expected: dict[int, dict[str, str]]
+) -> None:
+    # GET /admin/split/sessions waits (up to 10 s) for a step to be in force. Many such waits at once must not
+    # take the worker threads that admit generations: the answers below come while every wait is still open.
+    waiting = 16
+    with ThreadPoolExecutor(max_workers=waiting) as pool:
+        waits = [pool.submit(httpx.get, f"{srv.url}/admin/split/sessions?rollout=none&step={i}", headers=AUTH,
+                             timeout=WAIT_S) for i in range(waiting)]
+        time.sleep(0.5)  # let every wait reach the replica (not a bound on anything)
+        for prompt in PROMPTS:
+            r = post(srv, "/generate", {"prompt": prompt, "max_new_tokens": MAX_NEW, "temperature": 0})
+            assert r.status_code == 200 and r.json()["text"] == expected[0][prompt]
+        open_after_generations = sum(not w.done() for w in waits)
+        assert [error_of(w.result(), 404) for w in waits]  # each ends by itself, saying the step is not in force
+    assert open_after_generations == waiting
 
 
 # --- chat: bounded count, bounded characters over all messages ---------------------------------------------------

@@ -73,6 +73,8 @@ def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
     ({"kind": "simulation", "params": {"rounds": 5000}}, 400, "params.rounds"),
     ({"kind": "simulation", "params": {"substitute_model": "versions/7"}}, 404, "version 7"),
     ({"kind": "simulation", "params": {"substitute_model": "not a model!"}}, 400, "not a valid model"),
+    ({"kind": "simulation", "params": {"background_load": "no"}}, 400, "params.background_load"),
+    ({"kind": "simulation", "params": {"interval_s": "1"}}, 400, "params.interval_s"),
     ({"params": {}}, 400, "kind is required"),
 ])
 def test_bad_runs_are_refused_with_what_is_wrong(api: TestClient, body: dict[str, Any], status: int,
@@ -89,6 +91,9 @@ def test_bad_publishes_rollbacks_and_run_ids(api: TestClient) -> None:
     assert response.status_code == 400 and "model" in error(response)
     assert api.post("/publish", json={"model": "builtin:tiny", "timeout_s": -1}).status_code == 400
     assert api.post("/publish", json={"model": "builtin:tiny", "policy": "sometimes"}).status_code == 400
+    for field, value in (("timeout_s", "120"), ("step_seconds", "5"), ("shadow", "5"), ("canary", ["5", "100"])):
+        response = api.post("/publish", json={"model": "builtin:tiny", field: value})  # numbers, never strings
+        assert response.status_code == 400 and field in error(response), (field, response.text)
     assert api.post("/rollback", json={"to": 4}).status_code == 404
     assert "nothing to roll back" in error(api.post("/rollback", json={}))
     assert api.post("/rollback", json={"to": -1}).status_code == 400
@@ -223,6 +228,12 @@ def test_uploads_are_bounded_in_bytes_and_in_how_many_are_open(tmp_path: Path, b
                           headers={"Content-Length": "x"}).status_code == 400
         assert client.put(f"/store/uploads/{upload_id}/files/c.bin", content=b"c",
                           headers={"Authorization": "Bearer wrong"}).status_code == 401
+        # Only the streamed routes are unbounded: a JSON body under a path that merely contains /files/ is not.
+        big = b'{"size": 1, "sha256": "' + b"a" * 64 + b'", "chunks": [], "pad": "' + b"x" * (2 << 20) + b'"}'
+        for path in ("chunked/files/model.json", "chunked/chunks/model.json", "chunked/model.json"):
+            response = client.put(f"/store/uploads/{upload_id}/{path}", content=big,
+                                  headers={"content-type": "application/json"})
+            assert response.status_code == 413, (path, response.text[:200])
         client.post("/store/uploads")
         crowded = client.post("/store/uploads")
         assert crowded.status_code == 429 and "LOCKSTEP_MAX_OPEN_UPLOADS" in error(crowded)
@@ -314,6 +325,17 @@ def test_non_finite_numbers_and_overlong_strings_are_refused(api: TestClient, pa
     response = api.post(path, content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert api.get("/publishes").json() == {"publishes": []} and api.get("/runs").json() == {"runs": []}
+
+
+def test_a_chunked_file_says_its_byte_counts_as_integers(api: TestClient) -> None:
+    upload_id = api.post("/store/uploads").json()["upload_id"]
+    sha = "a" * 64
+    for body, says in (({"size": "5", "sha256": sha, "chunks": []}, "size"),
+                       ({"size": True, "sha256": sha, "chunks": []}, "size"),
+                       ({"size": 5, "sha256": sha, "chunks": [{"offset": "0", "size": 5, "sha256": sha}]}, "offset"),
+                       ({"size": 5, "sha256": sha, "chunks": [{"offset": 0, "size": 5.0, "sha256": sha}]}, "size")):
+        response = api.put(f"/store/uploads/{upload_id}/chunked/model.json", json=body)
+        assert response.status_code == 400 and says in error(response), (body, response.text)
 
 
 def test_metadata_is_bounded_in_keys_and_size(api: TestClient) -> None:

@@ -7,7 +7,11 @@ import json
 import threading
 from collections.abc import AsyncGenerator
 
+import httpx
+import pytest
+
 from lockstep.trainer.server.events import Event, EventBus
+from tests.support.cluster import Proc
 
 
 async def next_event(stream: AsyncGenerator[Event | None, None]) -> Event:
@@ -57,3 +61,12 @@ def test_a_stream_with_a_lifetime_ends_by_itself() -> None:
 
     assert asyncio.run(scenario()) == []
     assert bus.subscribers == 0
+
+
+@pytest.mark.parametrize("raw", [b"\xb2", b"\xb9\xb3", b"-1", b"9" * 40, b"abc"])
+def test_a_last_event_id_that_is_no_event_id_is_ignored(trainer: Proc, raw: bytes) -> None:
+    # Over a real socket, as a browser or curl sends it: a header byte 0xB2 reaches the app as '²', a digit to
+    # str.isdigit() but not to int(). The stream starts anyway, from now.
+    with httpx.stream("GET", trainer.url + "/events", headers={"Last-Event-ID": raw}, timeout=30) as response:
+        assert response.status_code == 200
+        assert next(response.iter_lines()).startswith("retry:")

@@ -154,6 +154,22 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
         "eval_prompts"]
 
 
+def test_every_update_on_a_batch_trained_again_is_recorded_within_the_bound(trainer: Proc) -> None:
+    # num_iterations 3: TRL trains each batch three times. Each of those steps used the batch's answers, at the
+    # staleness they were judged at; publish_every is a multiple of 3, so no publish comes between.
+    params = {**PARAMS, "async": True, "max_staleness": 0, "num_iterations": 3}
+    created = trainer.post("/runs", json={"kind": "finetune", "params": params})
+    assert created.status_code == 201, created.text
+    run = wait_run(trainer, created.json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    assert_within_bound(run, 0)
+    steps = [m for m in run["metrics"] if m.get("type") == "step"]
+    per_step = PARAMS["batch_size"] * PARAMS["group_size"]
+    assert [m["samples"] for m in steps] == [per_step] * PARAMS["steps"]
+    assert all(set(m["staleness"]) == {"0"} for m in steps)
+    assert sum(s["used"] for s in run["version_samples"].values()) == PARAMS["steps"] * per_step
+
+
 def test_sft_best_imitates_the_best_answer_of_each_group_and_publishes_every_version(cluster: LocalCluster,
                                                                                      trainer: Proc) -> None:
     params = {**PARAMS, "steps": 6, "algorithm": "sft_best"}
@@ -195,9 +211,13 @@ def test_a_bf16_run_trains_in_mixed_precision_and_publishes_float32_weights(clus
 @pytest.mark.parametrize("params, message", [
     ({"max_staleness": -1}, "max_staleness"), ({"max_staleness": 65}, "max_staleness"),
     ({"async": "yes"}, "async"), ({"trl_args": {"use_vllm": True}}, "not a TRL option"),
-    ({"trl_args": {"epsilon_high": "wide"}}, "must be a float"), ({"loss_type": "ppo"}, "loss_type"),
+    ({"trl_args": {"epsilon_high": "wide"}}, "valid number"), ({"loss_type": "ppo"}, "loss_type"),
     ({"trl_args": {"lr_scheduler_type": "sideways"}}, "TRL refuses"), ({"precision": "fp16"}, "precision"),
-    ({"algorithm": "sft_best", "async": True}, "sft_best is synchronous")])
+    ({"trl_args": {"adam_beta2": -1}}, "adam_beta2"),
+    ({"algorithm": "sft_best", "async": True}, "sft_best is synchronous"),
+    ({"algorithm": "sft_best", "beta": 1.0, "trl_args": {}}, "beta, trl_args: GRPO options"),
+    ({"num_iterations": 2, "publish_every": 3}, "multiple of num_iterations"),
+    ({"steps": 20_000, "batch_size": 1024}, "at most 1000000")])
 def test_bad_training_options_are_refused_before_a_run_exists(trainer: Proc, params: dict[str, Any],
                                                               message: str) -> None:
     before = len(trainer.get("/runs").json()["runs"])

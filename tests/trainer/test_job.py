@@ -120,6 +120,15 @@ BROKEN = {
     "no-containers": ("apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata:\n      labels:\n"
                       "        lockstep/publisher: \"true\"\n    spec:\n      restartPolicy: Never\n",
                       "must list at least one container"),
+    # Shapes a Job never has, where a mapping belongs: each a 400 naming the place, never a 500.
+    "metadata-a-string": ("apiVersion: batch/v1\nkind: Job\nmetadata: trainer\nspec: {}\n",
+                          "metadata is not a mapping"),
+    "pod-metadata-a-string": ("apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata: pods\n",
+                              "spec.template.metadata is missing or not a mapping"),
+    "labels-a-list": ("apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata:\n      labels:\n"
+                      "        - lockstep/publisher\n", "spec.template.metadata.labels is missing or not a mapping"),
+    "nested-too-deeply": ("apiVersion: batch/v1\nkind: Job\nspec: " + "[" * 20_000 + "]" * 20_000 + "\n",
+                          "nested too deeply"),
 }
 
 

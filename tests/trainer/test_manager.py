@@ -55,7 +55,8 @@ def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkp
         # The cluster kept serving a committed version meanwhile.
         serving = {p.status()["serving_version"] for p in cluster.replicas}
         assert len(serving) == 1 and all(p.ready() for p in cluster.replicas)
-        assert serving.pop() in run["versions"]
+        [served] = serving
+        assert served in run["versions"]
 
         resumed = second.post(f"/runs/{run_id}/resume")
         assert resumed.status_code == 202, resumed.text
@@ -68,6 +69,8 @@ def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkp
         assert done["checkpoint"]["step"] > checkpoint["step"]
         steps = [m["step"] for m in done["metrics"]]
         assert steps == list(range(1, steps[-1] + 1))  # steps redone after the checkpoint appear once
+        # The kill came while (or before) the newest version was evaluated: the resumed run evaluates it.
+        assert served in {e["version"] for e in done["evals"]}
     finally:
         second.process.terminate()
         second.process.wait(timeout=30)

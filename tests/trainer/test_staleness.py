@@ -69,6 +69,16 @@ def test_a_group_is_used_whole_or_dropped_whole_and_counted() -> None:
     assert book.take_version().used == 4  # and per version, independently
 
 
+def test_a_batch_trained_on_again_counts_again_at_the_staleness_it_was_judged_at() -> None:
+    window, book = VersionWindow([1, 2], max_staleness=1), SampleBook()
+    assert judge(group(2), window, book) and judge(group(1), window, book)
+    first = book.take_step()
+    book.reuse_last_batch()  # TRL's num_iterations: the next step trains on the same answers
+    again = book.take_step()
+    assert again.model_dump() == {**first.model_dump(), "dropped_stale": 0, "foreign": 0}
+    assert book.take_version().used == 2 * first.used == 8
+
+
 @settings(max_examples=200, deadline=None)
 @given(bound=st.integers(0, 3), events=st.lists(st.one_of(st.just("publish"), st.integers(0, 12)), max_size=40))
 def test_no_used_sample_is_ever_further_behind_than_the_bound(bound: int, events: list[str | int]) -> None:
@@ -143,10 +153,17 @@ def test_the_reward_scores_the_text_the_replica_wrote_for_the_prompt_it_was_aske
 
 
 def test_trl_options_are_checked_before_a_run_exists(tmp_path: object) -> None:
-    check_trl_args({"epsilon_high": 0.28, "warmup_steps": 2, "mask_truncated_completions": True})
-    for bad, message in [({"use_vllm": True}, "not a TRL option"), ({"epsilon_high": "wide"}, "must be a float"),
-                         ({"mask_truncated_completions": 1}, "must be a bool"),
-                         ({"delta": float("inf")}, "finite")]:
+    assert check_trl_args({"epsilon_high": 0.28, "warmup_steps": 2, "mask_truncated_completions": True}) == {
+        "epsilon_high": 0.28, "warmup_steps": 2.0, "mask_truncated_completions": True}
+    for bad, message in [({"use_vllm": True}, "not a TRL option"), ({"epsilon_high": "wide"}, "valid number"),
+                         ({"mask_truncated_completions": 1}, "valid boolean"),
+                         ({"delta": float("inf")}, "finite"), ({"delta": -3}, "delta: .*greater than 1"),
+                         ({"importance_sampling_level": "bogus"}, "'token' or 'sequence'"),
+                         ({"adam_beta1": 5.0}, "adam_beta1: .*less than 1"), ({"adam_epsilon": -1}, "adam_epsilon"),
+                         ({"sapo_temperature_neg": 0.0}, "sapo_temperature_neg"),
+                         ({"top_entropy_quantile": 7}, "top_entropy_quantile"),
+                         ({"entropy_coef": -1e6}, "entropy_coef"),
+                         ({"off_policy_mask_threshold": -1}, "off_policy_mask_threshold")]:
         with pytest.raises(BadRequest, match=message):
             check_trl_args(bad)
     with pytest.raises(BadRequest, match="TRL refuses"):

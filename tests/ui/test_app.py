@@ -157,12 +157,23 @@ def test_run_form_is_checked(client: TestClient, body: dict[str, object]) -> Non
     assert client.post("/api/runs", json=body).status_code == 400
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_number_that_is_not_finite_is_a_400_naming_its_field(client: TestClient, value: str) -> None:
+    for path, raw, field in (("/api/runs", '{"kind": "finetune", "params": {"learning_rate": %s}}', "learning_rate"),
+                             ("/api/playground", '{"prompt": "hi", "temperature": %s}', "temperature")):
+        response = client.post(path, content=raw % value, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        assert field in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("body", "words"), [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
     ({"prompt": "hi", "temperature": 2.5}, "temperature"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "temperature": "1"}, "temperature"),
+    ({"prompt": "hi", "temperature": True}, "temperature"),
     ({"prompt": "hi", "replica": "http://x/ y"}, "replica"),
     ({"prompt": "x" * 8001}, "prompt"),
 ])

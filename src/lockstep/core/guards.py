@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lockstep.core.errors import LockstepError
 from lockstep.core.http import error_body
+from lockstep.core.numbers import parse_decimal
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -137,10 +138,11 @@ class RequestGuard:
         limit = self.max_body_bytes
         too_large = f"the request body is larger than {limit} bytes (LOCKSTEP_MAX_BODY_BYTES)"
         if content_length is not None:
-            if not (content_length.isascii() and content_length.isdigit()):  # '²' is a digit to isdigit()
+            length = parse_decimal(content_length)
+            if length is None:
                 await _reply(send, 400, "Content-Length is not a number", "invalid_request_error")
                 return
-            if int(content_length) > limit:
+            if length > limit:
                 await _reply(send, 413, too_large, "request_too_large")
                 return
         seen = 0

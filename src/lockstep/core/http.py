@@ -59,8 +59,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body
+            return JSONResponse(error_body(unreadable_body(exc.__cause__), "invalid_request_error"), status_code=400)
         return JSONResponse(error_body(str(exc.detail), "http_error"), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+
+def unreadable_body(cause: BaseException) -> str:
+    """What is wrong with a body that is not even malformed JSON to the parser (it raised something else)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the request body is not valid JSON: it is not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON this server reads: it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int('9' * 5000): Python's 4300-digit limit
+        return "the request body is not valid JSON this server reads: it holds an integer of over 4300 digits"
+    return f"the request body is not valid JSON ({type(cause).__name__})"
 
 
 def bearer_headers(token: str | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lockstep.core.numbers import parse_decimal
 from lockstep.engine.kv_cache import BLOCK_SIZE, blocks_for
 
 # The old fixed default. The auto cache never holds fewer full contexts unless not even that many fit in all the
@@ -66,7 +67,7 @@ def _read_int(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return parse_decimal(text)
 
 
 def _stat(path: Path, key: str) -> int:
@@ -74,8 +75,8 @@ def _stat(path: Path, key: str) -> int:
     try:
         for line in path.read_text().splitlines():
             name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
+            if name == key and (count := parse_decimal(value.strip())) is not None:
+                return count
     except OSError:
         pass
     return 0
@@ -202,9 +203,9 @@ def _read_ledger(path: Path) -> dict[str, int]:
         return entries
     for line in lines:
         key, _, nbytes = line.partition(" ")
-        pid = key.partition("-")[0]
-        if pid.isdigit() and nbytes.isdigit() and _alive(int(pid)):
-            entries[key] = int(nbytes)
+        pid, size = parse_decimal(key.partition("-")[0]), parse_decimal(nbytes)
+        if pid is not None and size is not None and _alive(pid):
+            entries[key] = size
     return entries
 
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lockstep.core.errors import BadRequest
 from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, install_error_handlers
+from lockstep.core.numbers import parse_decimal
 from lockstep.core.settings import Settings
 from lockstep.engine import SamplingParams
 from lockstep.inference import generation, openai_api
 from lockstep.inference.runtime import ReplicaRuntime
 from lockstep.inference.schemas import (
     MAX_ACTIVATE_AHEAD_S,
+    MAX_ROLLOUT_STEP,
     AbortRequest,
     CommitRequest,
     GenerateChoiceResponse,
@@ -59,9 +61,10 @@ def target_version(request: Request, settings: Settings) -> int | None:
     if raw is None:
         return None
     check_bearer(request, settings.api_token)
-    if not raw.isdigit() or len(raw) > 15:
+    version = parse_decimal(raw, max_digits=15)
+    if version is None:
         raise BadRequest(f"{VERSION_HEADER} must be a version number, got {raw[:20]!r}")
-    return int(raw)
+    return version
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -201,9 +204,11 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         return await asyncio.to_thread(rt.schedule_split, split, body.model)
 
     @app.get("/admin/split/sessions", summary="Sessions the committed version answered before a rollout step")
-    async def admin_split_sessions(rollout: str, step: int, request: Request) -> dict[str, Any]:
+    async def admin_split_sessions(rollout: Annotated[str, Query(min_length=1, max_length=64)],
+                                   step: Annotated[int, Query(ge=0, le=MAX_ROLLOUT_STEP)],
+                                   request: Request) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
-        pins = await asyncio.to_thread(rt_of(request).session_pins, rollout[:64], step)
+        pins = await rt_of(request).session_pins(rollout, step)
         return {"rollout": rollout, "step": step, "pins": pins}
 
     @app.post("/admin/commit", summary="Flip to the staged version at activate_at")

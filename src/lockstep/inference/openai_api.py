@@ -16,13 +16,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from lockstep.core.errors import BadRequest
+from lockstep.core.fields import Number
 from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
 from lockstep.inference import generation
 from lockstep.inference.schemas import (
     MAX_CHOICES,
     FreeJson,
     NewTokens,
-    Number,
     Seed,
     StopString,
     Temperature,

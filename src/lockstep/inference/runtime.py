@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -231,13 +232,15 @@ class ReplicaRuntime:
         return {"status": "split", "version": split.version, "share": split.share, "step": split.step,
                 "activate_at": split.activate_at, "replica_id": self.replica_id}
 
-    def session_pins(self, rollout: str, step: int, timeout_s: float = 10.0) -> list[str]:
+    async def session_pins(self, rollout: str, step: int, timeout_s: float = 10.0) -> list[str]:
         """This replica's sessions the committed version answered before ``step`` took effect (404: other step)."""
+        # Awaited on the event loop, never in a worker thread: those threads admit the generation requests, and a
+        # few callers waiting here for a step would hold every one of them.
         deadline = self.clock.monotonic() + timeout_s
         while (pins := self.replica.router.frozen_pins(rollout, step)) is None:
             if self.clock.monotonic() >= deadline:
                 raise NotFound(f"step {step} of rollout {rollout!r} is not in force on {self.replica_id}")
-            self.clock.sleep(0.005)
+            await asyncio.sleep(0.005)
         return pins
 
     def abort_stage(self, version: int | None) -> dict[str, bool]:

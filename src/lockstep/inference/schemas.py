@@ -7,26 +7,19 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
-    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     model_validator,
 )
 
+from lockstep.core.fields import Number
 from lockstep.engine.sampling_params import MAX_NEW_TOKENS, MAX_SEED, MAX_STOP_CHARS, MAX_TOP_K
 from lockstep.sync.protocol import MAX_PINS, PIN_CHARS
-
-# A JSON number: finite (Python's json reads NaN and Infinity, which no field accepts), never a string or a
-# boolean; integers are accepted where a float is expected. (No BeforeValidator on numbers: it would hide their
-# bounds from /openapi.json.)
-Number = Annotated[StrictFloat, AllowInfNan(False)]
-
 
 MAX_FREE_JSON_ITEMS = 10_000  # values inside one free-form field (tools, response_format): refused beyond
 
@@ -74,6 +67,7 @@ Version = Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)]
 Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 content digest, lowercase hex")]
 # Unix seconds, 1970 to 2286: a wrong clock or unit (milliseconds) is refused instead of waited for.
 WallTime = Annotated[Number, Field(ge=0, le=1e10)]
+MAX_ROLLOUT_STEP = 1000  # a rollout's steps, the shadow step included, are far fewer
 MAX_ACTIVATE_AHEAD_S = 3600.0  # the furthest in the future a commit may be scheduled (coordinators use < 1 s)
 
 
@@ -169,13 +163,13 @@ class SplitRequest(_StrictBody):
     rollout: StrictStr = Field(min_length=1, max_length=64)
     version: Version
     model: StrictStr = Field(min_length=1, max_length=1024)
-    share: float = Field(ge=0, le=100, allow_inf_nan=False)
-    step: int = Field(ge=0, le=1000)
+    share: Number = Field(ge=0, le=100)
+    step: StrictInt = Field(ge=0, le=MAX_ROLLOUT_STEP)
     activate_at: WallTime | None = None
-    shadow: float = Field(0, ge=0, le=100, allow_inf_nan=False)
+    shadow: Number = Field(0, ge=0, le=100)
     pins: list[Annotated[StrictStr, Field(min_length=PIN_CHARS, max_length=PIN_CHARS)]] = Field(
         default_factory=list, max_length=MAX_PINS)
-    pins_step: int | None = Field(None, ge=0, le=1000)
+    pins_step: StrictInt | None = Field(None, ge=0, le=MAX_ROLLOUT_STEP)
 
 
 class AbortRequest(_StrictBody):

@@ -69,11 +69,11 @@ STALE_AFTER_S = 3600.0  # seconds without any write before a crashed publisher's
 PARTIAL_MIN_IDLE_S = 60.0
 ALLOWED_REFS = "versions/<N> (e.g. versions/000012 or versions/12), v<N> (e.g. v12) or <N> (e.g. 12)"
 
-_PUBLISHED = re.compile(r"^\d{6,}$")
-_PARTIAL = re.compile(r"^\.partial-(\d{6,})$")
+_PUBLISHED = re.compile(r"^\d{6,}$", re.ASCII)
+_PARTIAL = re.compile(r"^\.partial-(\d{6,})$", re.ASCII)
 _TRASH_PREFIX = ".trash-"
 _CONTENT = "content"  # inside a partial: the folder that becomes the version
-_REF = re.compile(r"^(?:versions/(\d{1,12})|v(\d{1,12})|(\d{1,12}))$")
+_REF = re.compile(r"^(?:versions/(\d{1,12})|v(\d{1,12})|(\d{1,12}))$", re.ASCII)  # '٣' is a \d too
 _MAX_CLAIM_TRIES = 10_000  # each try is one mkdir; only a storm of publishers gets near it
 
 

@@ -38,6 +38,7 @@ from filelock import FileLock
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.errors import LoadError, NotFound, VerificationError
+from lockstep.core.numbers import parse_decimal
 from lockstep.store.chunks import ChunkEntry
 from lockstep.store.manifest import MANIFEST_NAME, FileEntry, Manifest, verify_dir
 from lockstep.store.model_store import ModelStore, version_name
@@ -391,8 +392,8 @@ class VersionCache:
         self._indexed = True
         with contextlib.suppress(OSError):
             for folder in sorted(self.cache_dir.iterdir()):
-                if folder.name.isdigit():
-                    manifest = self._cached(int(folder.name))
+                if (n := parse_decimal(folder.name)) is not None:
+                    manifest = self._cached(n)
                     if manifest is not None and manifest.stored == "chunks":
                         self._add_version(folder, manifest)
             for folder in sorted(self.cache_dir.glob(f"{_PARTIAL}*")):
@@ -417,7 +418,8 @@ class VersionCache:
         if gone:
             with contextlib.suppress(OSError):
                 for other in sorted(self.cache_dir.iterdir()):
-                    manifest = self._cached(int(other.name)) if other.name.isdigit() and other != folder else None
+                    n = parse_decimal(other.name) if other != folder else None
+                    manifest = self._cached(n) if n is not None else None
                     if manifest is not None and manifest.stored == "chunks":
                         self._add_version(other, manifest)
 
@@ -453,9 +455,9 @@ class VersionCache:
             return
         used: list[tuple[float, int]] = []
         for name in names:
-            if name.isdigit() and name == version_name(int(name)):
+            if (n := parse_decimal(name)) is not None and name == version_name(n):
                 with contextlib.suppress(OSError):
-                    used.append((os.lstat(self.cache_dir / name).st_mtime, int(name)))
+                    used.append((os.lstat(self.cache_dir / name).st_mtime, n))
         kept = max(1, self.keep - room_for)
         keep = {v for _, v in sorted(used)[-kept:]} | ({keep_also} if keep_also is not None else set())
         for _, v in sorted(used, key=lambda u: u[1]):

@@ -6,9 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AllowInfNan,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -19,6 +17,8 @@ from pydantic import (
     field_validator,
 )
 
+from lockstep.core.fields import Number
+
 # An id the trainer gave a run or a publish; never a path: no '/', no '..', no spaces.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # A model reference: repo id, a folder on the trainer's side, versions/N or builtin:*; no spaces or controls.
@@ -26,16 +26,6 @@ REF_PATTERN = r"^[A-Za-z0-9_./:@~+-]+$"
 # A replica as the page names it: its id or the URL the trainer lists for it.
 REPLICA_PATTERN = r"^[A-Za-z0-9_.:/\[\]@-]{1,300}$"
 PARAM_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
-
-
-def _no_bool(value: Any) -> Any:
-    # JSON true/false must not pass as 1/0 for numeric fields.
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not true/false")
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_no_bool)]
 
 
 class _Form(BaseModel):
@@ -51,8 +41,8 @@ MAX_COUNT = 10**9
 GATE_SETTING_HELP = ('a gate takes a threshold (a number), an object {"threshold": x, "min_samples": n}, '
                      "or null to turn it off")
 
-Share = Annotated[float, AllowInfNan(False), Field(gt=0, le=100), BeforeValidator(_no_bool)]
-GateThreshold = Annotated[float, AllowInfNan(False), Field(ge=0, le=MAX_GATE_THRESHOLD), BeforeValidator(_no_bool)]
+Share = Annotated[Number, Field(gt=0, le=100)]
+GateThreshold = Annotated[Number, Field(ge=0, le=MAX_GATE_THRESHOLD)]
 
 
 class GateForm(_Form):
@@ -85,15 +75,15 @@ class PublishForm(_Form):
     model: StrictStr = Field(min_length=1, max_length=500, pattern=REF_PATTERN,
                              description="repo id, versions/N, builtin:tiny-sN or a folder the trainer reads")
     policy: Literal["strict", "quorum"] | None = None
-    timeout_s: Annotated[float, AllowInfNan(False), Field(gt=0, le=3600), BeforeValidator(_no_bool)] | None = Field(
+    timeout_s: Annotated[Number, Field(gt=0, le=3600)] | None = Field(
         None, description="seconds to wait for every replica to stage")
     canary: list[Share] | None = Field(None, min_length=1, max_length=MAX_CANARY_STEPS,
                                        description="the steps' shares in percent, increasing, like [5, 25, 100]")
-    step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] | None = (
+    step_seconds: Annotated[Number, Field(ge=0, le=86_400)] | None = (
         Field(None, description="seconds each step holds at least (trainer default 60)"))
     min_requests: Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)] | None = Field(
         None, description="candidate answers each step needs before it may advance (trainer default 100)")
-    shadow: Annotated[float, AllowInfNan(False), Field(ge=0, le=100), BeforeValidator(_no_bool)] | None = Field(
+    shadow: Annotated[Number, Field(ge=0, le=100)] | None = Field(
         None, description="percent of the committed version's prompts also run on the candidate, unanswered")
     gates: dict[GateName, GateSetting | None] | None = Field(
         None, max_length=MAX_GATES, description="gate name → threshold, {threshold, min_samples}, or null (off)")
@@ -107,7 +97,7 @@ class RollbackForm(_Form):
     policy: Literal["strict", "quorum"] | None = None
 
 
-ParamValue = StrictBool | StrictInt | float | Annotated[StrictStr, Field(max_length=500)]
+ParamValue = StrictBool | StrictInt | Number | Annotated[StrictStr, Field(max_length=500)]
 
 
 class RunForm(_Form):
@@ -119,12 +109,10 @@ class RunForm(_Form):
     @field_validator("params")
     @classmethod
     def _names(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
-        for name, value in params.items():
+        for name in params:
             if not re.fullmatch(PARAM_NAME_PATTERN, name):
                 raise ValueError(f"parameter name {name!r} is not allowed: use lower_snake_case "
                                  "letters and digits")
-            if isinstance(value, float) and value != value:  # NaN never means anything here
-                raise ValueError(f"parameter {name} is not a number")
         return params
 
 

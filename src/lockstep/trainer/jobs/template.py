@@ -59,6 +59,8 @@ def parse(text: str, where: str) -> dict[str, Any]:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise BadRequest(f"job template {where} does not parse as YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise BadRequest(f"job template {where} is nested too deeply to be a Job") from None
     if len(docs) != 1:
         raise BadRequest(f"job template {where} holds {len(docs)} YAML documents; it must be exactly one Job")
     check(docs[0], where)
@@ -77,8 +79,11 @@ def check(job: Any, where: str) -> None:
     if not isinstance(job, dict) or job.get("apiVersion") != "batch/v1" or job.get("kind") != "Job":
         what = f"{job.get('apiVersion')} {job.get('kind')}" if isinstance(job, dict) else type(job).__name__
         raise BadRequest(f"job template {where} is a {what}, not a batch/v1 Job")
+    if "metadata" in job and not isinstance(job["metadata"], dict):
+        raise BadRequest(f"job template {where}: metadata is not a mapping")
     template = _mapping(_mapping(job.get("spec"), "spec", where).get("template"), "spec.template", where)
-    labels = (template.get("metadata") or {}).get("labels") or {}
+    pod_metadata = _mapping(template.get("metadata") or {}, "spec.template.metadata", where)
+    labels = _mapping(pod_metadata.get("labels") or {}, "spec.template.metadata.labels", where)
     if labels.get(PUBLISHER_LABEL) != "true":
         raise BadRequest(f'job template {where}: its pods lack the label {PUBLISHER_LABEL}: "true" '
                          "(spec.template.metadata.labels); without it the trainer's NetworkPolicy keeps them "

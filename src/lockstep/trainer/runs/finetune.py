@@ -183,6 +183,7 @@ class _FinetuneRun:
         window = self.window
         releases = self.releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
                                             background=p.async_mode)
+        evaluate_resumed = False
         if resume_from is not None and self._served_model()[0] != window.latest:
             # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
             # with this run's policy again (another publisher's answers are never used).
@@ -190,6 +191,11 @@ class _FinetuneRun:
             releases.release(ctx.files.folder / ctx.record.checkpoint.path, ctx.record.checkpoint.step,
                              {"note": "resumed checkpoint"})
             releases.wait_published()
+        elif resume_from is not None:
+            # The run stopped while its newest version was evaluated, or before: the fleet still serves that
+            # version, so it is evaluated now (older ones cannot be: no replica serves them any more).
+            evaluated = {m.get("version") for m in ctx.files.metrics() if m.get("type") == "eval"}
+            evaluate_resumed = window.latest not in evaluated
         sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
         if p.async_mode and p.algorithm != "sft_best":
             # Collecting starts as soon as the fleet serves the policy, while the trainer loads it and builds TRL.
@@ -200,9 +206,10 @@ class _FinetuneRun:
                                        capacity=2 * p.batch_size, first_round=resumed_at + 1,
                                        wait_turn=releases.wait_measured)
             self.collector.start()
-        if resume_from is None:  # the baseline, beside the first steps; after the collector's first round, which
-            # the first update waits for
-            releases.evaluate_behind(window.latest, 0, releases.converge(window.latest),
+        if resume_from is None or evaluate_resumed:  # the baseline (or the resumed version), beside the first
+            # steps; after the collector's first round, which the first update waits for
+            step = ctx.record.checkpoint.step if resume_from is not None and ctx.record.checkpoint else 0
+            releases.evaluate_behind(window.latest, step, releases.converge(window.latest),
                                      after=self.collector.first_round_in if self.collector is not None else None)
         loaded = loader.load(loader.resolve(ref, ctx.settings, ctx.coordinator.store), ctx.settings,
                              dtype=torch.float32)  # float32 training, whatever the replicas serve

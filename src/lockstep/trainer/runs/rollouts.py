@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from lockstep.core.numbers import parse_decimal
+
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 120.0  # seconds for one generation; a loaded CPU replica can be slow
@@ -88,8 +90,7 @@ def parse_answer(rollout: Rollout, response: httpx.Response) -> list[Rollout]:
     body = response.json()
     if not isinstance(body, dict):
         return failed_answers(rollout, f"the replica answered 200 with a JSON {type(body).__name__}, not an object")
-    header = response.headers.get("x-model-version")
-    rollout.version = int(header) if header is not None and header.strip().isdigit() else None
+    rollout.version = parse_decimal(response.headers.get("x-model-version"))
     rollout.body_version = body.get("model_version")
     rollout.replica_id = body.get("replica_id") or response.headers.get("x-replica-id")
     choices = body.get("choices") if n > 1 else [body]

@@ -106,14 +106,27 @@ class SampleBook:
         self._lock = threading.Lock()
         self._version = VersionSamples()
         self._step = VersionSamples()
+        self._last_batch = VersionSamples()  # what the last step used: TRL's num_iterations trains on it again
         self._waited_s = 0.0  # the update's wait for rollouts since the last step
 
     def used(self, produced_by: int, staleness: int, n: int = 1) -> None:
         with self._lock:
-            for book in (self._version, self._step):
-                book.used += n
-                book.staleness[str(staleness)] = book.staleness.get(str(staleness), 0) + n
-                book.versions[str(produced_by)] = book.versions.get(str(produced_by), 0) + n
+            self._count_use(n, {str(staleness): n}, {str(produced_by): n})
+
+    def _count_use(self, n: int, staleness: dict[str, int], versions: dict[str, int]) -> None:
+        for book in (self._version, self._step):
+            book.used += n
+            for key, count in staleness.items():
+                book.staleness[key] = book.staleness.get(key, 0) + count
+            for key, count in versions.items():
+                book.versions[key] = book.versions.get(key, 0) + count
+
+    def reuse_last_batch(self) -> None:
+        """This step trains on the last step's samples again (TRL's ``num_iterations``): they count as used once
+        more, at the staleness they were judged at (no publish comes between; FinetuneParams sees to it)."""
+        with self._lock:
+            batch = self._last_batch
+            self._count_use(batch.used, batch.staleness, batch.versions)
 
     def dropped(self, freshness: Freshness, n: int = 1) -> None:
         with self._lock:
@@ -138,6 +151,9 @@ class SampleBook:
         """What the last update step used and dropped; starts a new count."""
         with self._lock:
             step, self._step = self._step, VersionSamples()
+            if step.used:
+                self._last_batch = VersionSamples(used=step.used, staleness=dict(step.staleness),
+                                                  versions=dict(step.versions))
             return step
 
     def take_wait(self) -> float:

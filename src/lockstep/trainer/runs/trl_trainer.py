@@ -4,18 +4,20 @@ checkpoints become versions, through TRL's own extension points (``rollout_func`
 Lockstep sets what ties TRL to the run: batch = ``batch_size`` × ``group_size``, ``num_generations`` =
 ``group_size``, the sampling temperature, float32 weights on the trainer's device, and a checkpoint every
 ``publish_every`` steps. The run's parameters name TRL's loss and KL options, and ``trl_args`` passes the
-tuning options in ``TRL_TUNABLE`` through unchanged.
+tuning options in ``TRL_TUNABLE`` through, each within its bounds.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictBool, StrictStr, TypeAdapter, ValidationError
 
 from lockstep.core.errors import BadRequest
+from lockstep.core.fields import Number
 from lockstep.trainer.runs.context import RunContext
 from lockstep.trainer.runs.releases import Releases
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
@@ -24,41 +26,53 @@ from lockstep.trainer.server.schemas import FinetuneParams
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_KEPT = 2  # transformers checkpoints per run: the newest is what a resume starts from
-# GRPOConfig options a run may set in params.trl_args, with the type each takes. Everything else is either set
-# by Lockstep (batch, generations, checkpoints, devices) or belongs to training infrastructure (vLLM, hubs,
-# distributed back-ends) that a run on the trainer does not choose.
-TRL_TUNABLE: dict[str, type | tuple[type, ...]] = {
-    "epsilon_high": float, "delta": float, "importance_sampling_level": str, "mask_truncated_completions": bool,
-    "top_entropy_quantile": float, "lr_scheduler_type": str, "warmup_steps": float, "adam_beta1": float,
-    "adam_beta2": float, "adam_epsilon": float, "entropy_coef": float, "off_policy_mask_threshold": float,
-    "use_bias_correction_kl": bool, "sapo_temperature_neg": float, "sapo_temperature_pos": float,
+# GRPOConfig options a run may set in params.trl_args, each with the values it may take (TRL checks little of
+# them itself: a zero SAPO temperature trains NaN weights, an Adam beta of 5 fails only in the first step).
+# Everything else is either set by Lockstep (batch, generations, checkpoints, devices) or belongs to training
+# infrastructure (vLLM, hubs, distributed back-ends) that a run on the trainer does not choose.
+Ratio = Annotated[Number, Field(ge=0, lt=1)]
+Temperature = Annotated[Number, Field(ge=0.01, le=100)]
+TRL_TUNABLE: dict[str, Any] = {
+    "epsilon_high": Annotated[Number, Field(gt=0, le=10)],  # like epsilon
+    "delta": Annotated[Number, Field(gt=1, le=1000)],  # two-sided clipping: TRL recommends > 1 + epsilon
+    "importance_sampling_level": Literal["token", "sequence"],
+    "mask_truncated_completions": StrictBool,
+    "top_entropy_quantile": Annotated[Number, Field(gt=0, le=1)],
+    "lr_scheduler_type": Annotated[StrictStr, Field(min_length=1, max_length=64)],  # transformers names them
+    "warmup_steps": Annotated[Number, Field(ge=0, le=1_000_000)],  # below 1: a fraction of the steps
+    "adam_beta1": Ratio,
+    "adam_beta2": Ratio,
+    "adam_epsilon": Annotated[Number, Field(gt=0, le=1)],
+    "entropy_coef": Annotated[Number, Field(ge=-1, le=1)],
+    "off_policy_mask_threshold": Annotated[Number, Field(ge=0, le=1000)],
+    "use_bias_correction_kl": StrictBool,
+    "sapo_temperature_neg": Temperature,
+    "sapo_temperature_pos": Temperature,
 }
+_CHECKERS = {name: TypeAdapter(kind) for name, kind in TRL_TUNABLE.items()}
 
 
-def check_trl_args(args: dict[str, Any]) -> None:
-    """Refuse unknown options and values of the wrong type (400 naming what is allowed)."""
+def check_trl_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The options checked against their bounds (400 naming the option and what it may be), values as TRL takes
+    them (floats where a number is expected)."""
+    checked: dict[str, Any] = {}
     for key, value in args.items():
-        wanted = TRL_TUNABLE.get(key)
-        if wanted is None:
+        checker = _CHECKERS.get(key)
+        if checker is None:
             raise BadRequest(f"params.trl_args.{key} is not a TRL option a run may set; allowed: "
                              f"{', '.join(sorted(TRL_TUNABLE))} (the others are set by the run's own parameters)")
-        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, wanted) or (wanted is not bool and isinstance(value, bool)):
-            raise BadRequest(f"params.trl_args.{key} must be a {getattr(wanted, '__name__', wanted)}, "
-                             f"not {type(value).__name__}")
-        if isinstance(value, float) and (not math.isfinite(value) or abs(value) > 1e6):
-            raise BadRequest(f"params.trl_args.{key} must be a finite number within ±1e6")
-        if isinstance(value, str) and len(value) > 64:
-            raise BadRequest(f"params.trl_args.{key} is longer than 64 characters")
+        try:
+            checked[key] = checker.validate_python(value)
+        except ValidationError as exc:
+            raise BadRequest(f"params.trl_args.{key}: {exc.errors()[0]['msg']}") from None
+    return checked
 
 
 def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
     """TRL's ``GRPOConfig`` for the run; a bad ``trl_args`` value is a 400 with TRL's own message."""
     from trl import GRPOConfig
 
-    check_trl_args(p.trl_args)
-    trl_args = {k: float(v) if TRL_TUNABLE[k] is float else v for k, v in p.trl_args.items()}
+    trl_args = check_trl_args(p.trl_args)
     scale = "none" if p.algorithm == "reinforce" else p.scale_rewards  # REINFORCE: the group mean, unscaled
     try:
         return GRPOConfig(
@@ -107,6 +121,8 @@ def run_callback(ctx: RunContext, p: FinetuneParams, window: VersionWindow, book
                    **_: Any) -> None:
             if not logs or "loss" not in logs:
                 return
+            if (state.global_step - 1) % p.num_iterations:  # TRL trains on the last step's answers again
+                book.reuse_last_batch()
             used = book.take_step()
             self.last = {"loss": round(float(logs["loss"]), 6), "reward": round(float(logs.get("reward", 0)), 6)}
             ctx.metric({"type": "step", "step": state.global_step, **self.last, "version": window.latest,

@@ -26,6 +26,7 @@ from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, Conflict, LockstepError, NotFound
 from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, error_body, install_error_handlers
+from lockstep.core.numbers import parse_decimal
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 from lockstep.store.chunks import MAX_CHUNK_BYTES_ACCEPTED, ChunkEntry
@@ -166,7 +167,11 @@ def entry_size(manifest: Manifest, path: str) -> int:
 def is_upload_file(method: str, path: str) -> bool:
     """PUT /store/uploads/{id}/files/{path} (bounded while streamed to disk: LOCKSTEP_MAX_UPLOAD_BYTES) and
     PUT /store/uploads/{id}/chunks/{sha256} (bounded to a chunk's largest size while read)."""
-    return method == "PUT" and path.startswith("/store/uploads/") and ("/files/" in path or "/chunks/" in path)
+    # By position, not by substring: /store/uploads/{id}/chunked/files/x is a JSON body, bounded like the others.
+    parts = path.split("/")  # ["", "store", "uploads", id, kind, ...]
+    if method != "PUT" or len(parts) < 6 or parts[1:3] != ["store", "uploads"]:
+        return False
+    return parts[4] == "files" or (parts[4] == "chunks" and len(parts) == 6)
 
 
 def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
@@ -430,11 +435,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     async def upload_file(upload_id: UploadId, path: FilePath, request: Request) -> dict[str, Any]:
         mutate(request)
         length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
+        size = parse_decimal(length)
+        if length is not None and size is None:
             raise BadRequest(f"Content-Length must be a number of bytes, got {length[:40]!r}")
         return await trainer.uploads.receive(upload_id, path, request.stream(),
-                                             request.headers.get("x-content-sha256"),
-                                             int(length) if length is not None else None)
+                                             request.headers.get("x-content-sha256"), size)
 
     @app.put("/store/uploads/{upload_id}/chunked/{path:path}",
              summary="One file of an upload as its chunks; answers the chunks the store lacks (token)")
@@ -451,13 +456,13 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
              "(token)")
     async def upload_chunk(upload_id: UploadId, sha256: ChunkId, request: Request) -> dict[str, Any]:
         mutate(request)
-        length = request.headers.get("content-length")
-        if length is None or not length.isdigit() or not 0 < int(length) <= MAX_CHUNK_BYTES_ACCEPTED:
+        length = parse_decimal(request.headers.get("content-length"))
+        if length is None or not 0 < length <= MAX_CHUNK_BYTES_ACCEPTED:
             raise BadRequest(f"a chunk needs a Content-Length of 1 to {MAX_CHUNK_BYTES_ACCEPTED} bytes")
         data = bytearray()
         async for part in request.stream():
             data += part
-            if len(data) > int(length):
+            if len(data) > length:
                 raise BadRequest(f"the chunk's body is longer than its Content-Length ({length} bytes)")
         chunk = ChunkEntry(offset=0, size=len(data), sha256=sha256)
         return await asyncio.to_thread(trainer.uploads.receive_chunk, upload_id, chunk, bytes(data), store.chunks)
@@ -491,8 +496,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     # ------------------------------------------------------------------ events
     @app.get("/events", summary="Server-sent events: cluster (every second), run, publish, version")
     async def events(request: Request) -> StreamingResponse:
-        raw = request.headers.get("last-event-id", "")
-        last_id = int(raw) if raw.isdigit() and len(raw) <= 18 else None  # an event id, never a huge number
+        last_id = parse_decimal(request.headers.get("last-event-id"))  # an event id, never a huge number
         return StreamingResponse(_sse_stream(trainer.events, last_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

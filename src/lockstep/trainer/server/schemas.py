@@ -12,18 +12,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    AllowInfNan,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     StrictStr,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
+from lockstep.core.fields import Number
 from lockstep.core.settings import CommitPolicy
 from lockstep.store.chunks import ChunkEntry
 from lockstep.store.manifest import MAX_FILE_BYTES, MAX_MANIFEST_CHUNKS
@@ -34,18 +34,9 @@ METADATA_DEPTH = 4  # nesting of lists and objects in it
 SAFE_INT = 2**53  # larger integers lose precision in JavaScript (the UI)
 
 
-def _no_bool(value: Any) -> Any:
-    # JSON true/false must not pass as 1/0 for numeric fields.
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    return value
-
-
-# Bounds go before the validator: placed after it, they would not show as JSON Schema bounds in /openapi.json.
-Number = Annotated[float, AllowInfNan(False), BeforeValidator(_no_bool)]
 ModelRefText = Annotated[StrictStr, Field(min_length=1, max_length=1024)]
 # seconds a publish waits for every replica to stage
-TimeoutS = Annotated[float, AllowInfNan(False), Field(gt=0, le=86_400), BeforeValidator(_no_bool)]
+TimeoutS = Annotated[Number, Field(gt=0, le=86_400)]
 
 
 def _check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +68,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-GateValue = Annotated[float, AllowInfNan(False), Field(ge=0, le=1e9), BeforeValidator(_no_bool)]  # gates check more
+GateValue = Annotated[Number, Field(ge=0, le=1e9)]  # gates check more
 
 
 class GateOverride(_Strict):
@@ -87,7 +78,7 @@ class GateOverride(_Strict):
     min_samples: Annotated[StrictInt, Field(ge=1, le=10**9)] | None = None
 
 
-Share = Annotated[float, AllowInfNan(False), Field(gt=0, le=100), BeforeValidator(_no_bool)]  # percent of requests
+Share = Annotated[Number, Field(gt=0, le=100)]  # percent of requests
 
 
 class RolloutFields(_Strict):
@@ -96,9 +87,9 @@ class RolloutFields(_Strict):
 
     canary: list[Share] | None = Field(
         None, min_length=1, max_length=20, description="shares in percent, increasing, like [5, 25, 100]")
-    step_seconds: Annotated[float, AllowInfNan(False), Field(ge=0, le=86_400), BeforeValidator(_no_bool)] = 60.0
+    step_seconds: Annotated[Number, Field(ge=0, le=86_400)] = 60.0
     min_requests: Annotated[StrictInt, Field(ge=0, le=10**9)] = 100
-    shadow: Annotated[float, AllowInfNan(False), Field(ge=0, le=100), BeforeValidator(_no_bool)] = 0.0
+    shadow: Annotated[Number, Field(ge=0, le=100)] = 0.0
     gates: dict[Annotated[str, Field(max_length=64)], GateValue | GateOverride | None] | None = Field(
         None, max_length=32, description="gate name → threshold, {threshold, min_samples}, or null to turn it off")
     task: Literal["digits", "target_word"] | None = Field(
@@ -143,9 +134,20 @@ class UploadPublishRequest(RolloutFields):
 class ChunkedFile(_Strict):
     """``PUT /store/uploads/{id}/chunked/{path}``: a file of an upload as its size, sha256 and chunks, in order."""
 
-    size: int = Field(ge=0, le=MAX_FILE_BYTES)
-    sha256: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
+    size: StrictInt = Field(ge=0, le=MAX_FILE_BYTES)
+    sha256: StrictStr = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")
     chunks: list[ChunkEntry] = Field(max_length=MAX_MANIFEST_CHUNKS)
+
+    @field_validator("chunks", mode="before")
+    @classmethod
+    def _integer_ranges(cls, chunks: Any) -> Any:
+        # ChunkEntry also reads MANIFESTs, tolerantly; in a request, "5" or true is no byte count.
+        for i, chunk in enumerate(chunks if isinstance(chunks, list) else ()):
+            for key in ("offset", "size"):
+                value = chunk.get(key) if isinstance(chunk, dict) else None
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"chunks[{i}].{key} must be an integer number of bytes, got {value!r:.40}")
+        return chunks
 
 
 class RollbackRequest(_Strict):
@@ -164,11 +166,16 @@ class SimulationParams(_Strict):
     initial_model: ModelRefText | None = None  # default INITIAL_MODEL
     substitute_model: ModelRefText | None = None  # default SUBSTITUTE_MODEL
     requests_per_replica: StrictInt = Field(4, ge=0, le=1000)  # sent to each replica after it converged
-    background_load: bool = True  # keep requests flowing during each switch (none may fail)
+    background_load: StrictBool = True  # keep requests flowing during each switch (none may fail)
     max_new_tokens: StrictInt = Field(8, ge=1, le=1024)
     converge_timeout_s: Number = Field(60.0, gt=0, le=3600)
     policy: CommitPolicy | None = None
     timeout_s: TimeoutS | None = None
+
+
+MAX_RUN_PROMPTS = 1_000_000  # steps × batch_size
+# What only the GRPO updates (grpo, reinforce) read: an sft_best run given one of them would silently ignore it.
+GRPO_ONLY = frozenset({"loss_type", "beta", "epsilon", "scale_rewards", "num_iterations", "trl_args"})
 
 
 class FinetuneParams(_Strict):
@@ -210,11 +217,24 @@ class FinetuneParams(_Strict):
     timeout_s: TimeoutS | None = None
 
     @model_validator(mode="after")
-    def _rollouts_per_step(self) -> FinetuneParams:
+    def _consistent(self) -> FinetuneParams:
         if self.batch_size * self.group_size > 4096:
             total = self.batch_size * self.group_size
             raise ValueError(f"batch_size × group_size = {total} rollouts per step; "
                              "at most 4096 are allowed")
+        if self.steps * self.batch_size > MAX_RUN_PROMPTS:  # the run's prompt list is built before its first step
+            raise ValueError(f"steps × batch_size = {self.steps * self.batch_size} prompts; a run takes at most "
+                             f"{MAX_RUN_PROMPTS}: start a new run from this one's last version to go on")
+        if self.publish_every % self.num_iterations:
+            # TRL trains each batch of answers num_iterations times; a publish inside that would make a reused
+            # answer one version older than when it was judged against max_staleness.
+            raise ValueError(f"publish_every ({self.publish_every}) must be a multiple of num_iterations "
+                             f"({self.num_iterations}), so that no publish falls between two updates on one batch")
+        if self.algorithm == "sft_best":
+            ignored = sorted(GRPO_ONLY & self.model_fields_set)
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: GRPO options, which algorithm sft_best does not use "
+                                 "(it imitates the best answer of each group); leave them out, or use grpo")
         return self
 
 
