@@ -301,6 +301,21 @@ def test_an_ended_run_is_deleted_from_the_page_once_confirmed(page: Page, system
     assert system.trainer.get(f"/runs/{run_id}").status_code == 404
 
 
+def test_charts_draw_values_equal_but_for_rounding_and_huge_values(page: Page) -> None:
+    # A held-out mean of 0.20000000000000004 beside a training reward of 0.2, or a loss of 1e17 beside 1e17 + 16:
+    # the tick step is then below the floats' spacing, and a loop adding it to a tick never ended (the tab froze).
+    labels = page.evaluate("""async () => {
+        const {lineChart} = await import("/static/charts.js");
+        return [[0.2, 0.20000000000000004], [1e17, 1e17 + 16], [0.5, 0.25]].map((ys) => {
+            const el = document.createElement("div");
+            lineChart(el, {series: [{name: "reward", color: "#000", points: ys.map((y, i) => ({x: i + 1, y}))}]});
+            return [...el.querySelectorAll(".axis text")].map((t) => t.textContent);
+        });
+    }""")
+    for drawn in labels:
+        assert 2 <= len(drawn) <= 20 and len(set(drawn)) == len(drawn), drawn
+
+
 def check_samples_per_version(page: Page, run: dict[str, Any]) -> None:
     """One row per version the run published, newest first, with the trainer's count of samples used."""
     box = page.locator("#version-samples-box")

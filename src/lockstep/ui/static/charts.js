@@ -2,14 +2,20 @@
 
 import {s, fill, versionColor, fmtNum} from "./dom.js";
 
-/** About `count` round tick values covering [lo, hi]. */
+/** About `count` round tick values covering [lo, hi] (none when either end is not a finite number). */
 export function niceTicks(lo, hi, count = 5) {
-  if (!(hi > lo)) { hi = lo + 1; }
+  if (!Number.isFinite(lo) || !Number.isFinite(hi)) return [];
+  if (!(hi - lo > Math.abs(lo) * 1e-12)) { hi = lo + Math.max(1, Math.abs(lo) * 0.1); }
   const raw = (hi - lo) / Math.max(1, count);
   const mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((st) => st >= raw) || raw;
-  const ticks = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(Number(v.toFixed(10)));
+  // Counted by index, and a few at most: adding the step to a tick near 1e17 gives the same tick again.
+  const first = Math.ceil(lo / step), ticks = [];
+  for (let i = 0; i <= 2 * count + 2; i++) {
+    const v = Number(((first + i) * step).toFixed(10));
+    if (v > hi + step * 1e-9) break;
+    if (v !== ticks[ticks.length - 1]) ticks.push(v);
+  }
   return ticks;
 }
 
@@ -45,13 +51,15 @@ export function lineChart(el, opts) {
   let x0 = Math.min(...all.map((p) => p.x)), x1 = Math.max(...all.map((p) => p.x));
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   let y0 = Math.min(...all.map((p) => p.y)), y1 = Math.max(...all.map((p) => p.y));
-  const pad = (y1 - y0) * 0.08 || Math.abs(y0) * 0.1 || 1;
+  // Values equal but for rounding (a mean of 0.20000000000000004 beside 0.2) draw as a flat line.
+  const span = y1 - y0, flat = !(span > Math.max(Math.abs(y0), Math.abs(y1)) * 1e-9);
+  const pad = flat ? Math.abs(y0) * 0.1 || 1 : span * 0.08;
   y0 -= pad; y1 += pad;
   // Steps and rounds are whole numbers: no tick between two of them.
   const wholeX = all.every((p) => Number.isInteger(p.x));
   const yt = niceTicks(y0, y1, 4);
   const xt = niceTicks(x0, x1, 6).filter((v) => v >= x0 && v <= x1 && (!wholeX || Number.isInteger(v)));
-  y0 = Math.min(y0, yt[0]); y1 = Math.max(y1, yt[yt.length - 1]);
+  if (yt.length) { y0 = Math.min(y0, yt[0]); y1 = Math.max(y1, yt[yt.length - 1]); }
   const X = scale(x0, x1, M.l, W - M.r), Y = scale(y0, y1, H - M.b, M.t);
 
   const grid = s("g", {class: "grid"});
