@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.responses import StreamingResponse
 
 from lockstep.core.clock import FakeClock
 from lockstep.core.errors import LoadError
 from lockstep.core.http import install_error_handlers
-from lockstep.store import Manifest, ModelStore
+from lockstep.store import Manifest, ModelStore, version_cache
 from lockstep.store.chunks import ChunkEntry, chunk_bounds, cut_file
 from lockstep.store.peer_server import peer_router
 from lockstep.store.version_cache import FolderOrigin, VersionCache
@@ -219,6 +220,48 @@ def test_peers_feed_a_replica_and_bad_or_absent_peers_are_counted_and_avoided(
     assert tally.bad == {"down": 1, "truncated": 1, "digest": 1}  # each counted once, then never asked again
     assert newcomer.transfer is not None and newcomer.transfer.avoided == {dead: "down", liar: "digest",
                                                                            short: "truncated"}
+
+
+@contextmanager
+def streaming_peer(parts: Callable[[], Iterator[bytes]], sent: list[int]) -> Iterator[str]:
+    """A peer that answers every chunk with the stream ``parts()``, adding up in ``sent`` what it handed over."""
+    app = FastAPI()
+
+    def counted() -> Iterator[bytes]:
+        for part in parts():
+            sent.append(len(part))
+            yield part
+
+    app.get("/peer/chunks/{sha256}")(lambda sha256: StreamingResponse(counted()))
+    with serving(app) as url:
+        yield url
+
+
+def test_a_peer_that_floods_or_drips_is_cut_off_and_the_origin_sends_the_chunk(
+        store: ModelStore, tiny_dirs: dict[int, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(version_cache, "PEER_WAIT_S", 0.5)  # a chunk's whole answer: 0.5 s + 1 s per MiB
+
+    def flood() -> Iterator[bytes]:
+        for _ in range(4096):  # 256 MiB, more than any chunk
+            yield b"x" * (64 << 10)
+
+    def drip() -> Iterator[bytes]:
+        for _ in range(600):
+            time.sleep(0.1)
+            yield b"x"
+
+    v1 = store.publish_dir(tiny_dirs[0])
+    largest = max(c.size for f in v1.files for c in f.chunks or [])
+    flooded: list[int] = []
+    for parts, reason in ((flood, "digest"), (drip, "slow")):
+        tally = Tally()
+        newcomer = cache_for(store, tmp_path / f"newcomer-{reason}", tally)
+        with streaming_peer(parts, flooded if parts is flood else []) as url:
+            newcomer.suggest_peers(1, [url])
+            assert same_files(newcomer.path_of(1), tiny_dirs[0])
+        assert tally.bad == {reason: 1} and tally.fetched == {"origin": v1.total_size}
+    # The flood was read no further than a chunk's bytes (and what the connection buffers held).
+    assert sum(flooded) < largest + (16 << 20)
 
 
 def test_when_no_peer_has_a_chunk_the_origin_sends_it(store: ModelStore, tiny_dirs: dict[int, Path],

@@ -61,7 +61,8 @@ class ReplicaMetrics:
                                         "disk at stage, every chunk verified (the load follows).",
                                         buckets=_LOAD_BUCKETS, registry=r)
         self.stage_bad_chunks = Counter("lockstep_stage_bad_chunks", "Peers not asked again during a transfer, "
-                                        "by why: digest, truncated, missing, down, refused.", ["reason"], registry=r)
+                                        "by why: digest, truncated, missing, down, refused, slow.", ["reason"],
+                                        registry=r)
         self.peer_bytes_served = Counter("lockstep_peer_bytes_served", "Chunk bytes this replica sent to peers.",
                                          registry=r)
         for source in ("local", "peer", "origin"):

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 Source = Literal["local", "peer", "origin"]
 SOURCES: tuple[Source, ...] = ("local", "peer", "origin")
 PEER_TIMEOUT = httpx.Timeout(20.0, connect=2.0)  # a peer waits for a chunk still on its way to it
+# A chunk's whole answer: the peer's wait for a chunk on its way to it (30 s at most), then its bytes at no less
+# than this rate. A peer slower than that is passed over for the next one, or the origin.
+PEER_WAIT_S = 30.0
+PEER_MIN_BYTES_PER_S = 1 << 20
 PEER_PATH = "/peer/chunks/"
 FETCH_WINDOW = 4  # chunks in flight per transfer: keeps the link busy across each request's round trip
 SPACE_MARGIN_BYTES = 64 << 20  # left free beside a new version, for logs and temporaries
@@ -71,7 +75,8 @@ class Origin(Protocol):
 
 
 class PeerRefused(Exception):
-    """A peer did not give a chunk: ``reason`` is ``missing`` (404), ``down`` (unreachable) or ``refused``."""
+    """A peer did not give a chunk: ``reason`` is ``missing`` (404), ``down`` (unreachable), ``refused`` (another
+    status), ``slow`` (not whole in time) or ``digest`` (more bytes than the chunk has)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -348,16 +353,29 @@ class VersionCache:
         return data, "origin"
 
     def _from_peer(self, peer: str, version: int, chunk: ChunkEntry) -> bytes:
+        """The bytes a peer sends for ``chunk``: never more than the chunk has, and whole within the time its size
+        allows (httpx's timeout bounds each read only, so a peer dripping a byte a second would hold the stage)."""
         url = f"{peer}{PEER_PATH}{chunk.sha256}"
+        allowed_s = PEER_WAIT_S + chunk.size / PEER_MIN_BYTES_PER_S
+        deadline = time.monotonic() + allowed_s
+        data = bytearray()
         try:
-            response = self.peer_client.get(url, params={"version": version})
+            with self.peer_client.stream("GET", url, params={"version": version}) as response:
+                if response.status_code == 404:
+                    raise PeerRefused("missing", "does not hold it")
+                if response.status_code != 200:
+                    raise PeerRefused("refused", f"answered {response.status_code}")
+                for part in response.iter_bytes():
+                    data += part
+                    if len(data) > chunk.size:
+                        raise PeerRefused("digest", f"sent more than the {chunk.size} bytes of chunk "
+                                                    f"{chunk.sha256[:12]}")
+                    if time.monotonic() > deadline:
+                        raise PeerRefused("slow", f"sent {len(data)} of the {chunk.size} bytes of chunk "
+                                                  f"{chunk.sha256[:12]} within {allowed_s:.0f} s")
         except httpx.HTTPError as exc:
             raise PeerRefused("down", f"unreachable ({type(exc).__name__})") from exc
-        if response.status_code == 404:
-            raise PeerRefused("missing", "does not hold it")
-        if response.status_code != 200:
-            raise PeerRefused("refused", f"answered {response.status_code}")
-        return response.content
+        return bytes(data)
 
     def _avoid(self, transfer: Transfer, peer: str, reason: str, detail: str) -> None:
         with self._index:

@@ -25,6 +25,8 @@ from lockstep.sync.protocol import Heartbeat, Pending, Phase, ReplicaStatus, Spl
 log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 3.0  # seconds per GET /status: an unreachable replica must not stall the others
+ADMIN_TIMEOUT_S = 10.0  # seconds for a whole answer to /admin/stage, /admin/commit... (they answer at once)
+MAX_ANSWER_BYTES = 1 << 20  # a replica's answer is a few KB; past this it is no replica's answer
 T = TypeVar("T")
 
 
@@ -35,6 +37,30 @@ def beat_from_status(url: str, status: dict[str, Any], now: float, generation_se
     """
     return ReplicaStatus.model_validate({"replica_id": url, **status, "url": url, "time": now,
                                          "generation_seen": generation_seen})
+
+
+class UnboundedAnswer(httpx.HTTPError):
+    """An answer that did not arrive whole within its time, or was larger than any replica's: no answer."""
+
+
+def bounded_request(client: httpx.Client, method: str, url: str, timeout_s: float, clock: Clock,
+                    **kwargs: Any) -> httpx.Response:
+    """One request to a replica whose whole answer arrives within ``timeout_s`` and ``MAX_ANSWER_BYTES``.
+
+    httpx's timeout bounds each read, so an answer dripping a byte a second would hold the coordinator, and its
+    deadlines, for as long as the sender likes; and it would read an answer of any size into memory.
+    """
+    deadline = clock.monotonic() + timeout_s
+    with client.stream(method, url, timeout=timeout_s, **kwargs) as response:
+        body = bytearray()
+        for part in response.iter_bytes():
+            body += part
+            if len(body) > MAX_ANSWER_BYTES:
+                raise UnboundedAnswer(f"{url} answered more than {MAX_ANSWER_BYTES} bytes")
+            if clock.monotonic() > deadline:
+                raise UnboundedAnswer(f"{url} did not answer whole within {timeout_s:g} s")
+    return httpx.Response(response.status_code, headers=response.headers, content=bytes(body),
+                          request=response.request)
 
 
 def error_text(response: httpx.Response) -> str:
@@ -78,9 +104,12 @@ class HttpFleet:
         self._round_trip[url] = self.clock.monotonic() - began
         return response
 
+    def _request(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> httpx.Response:
+        return bounded_request(self.client, method, url, timeout_s, self.clock, **kwargs)
+
     def _status(self, url: str) -> dict[str, Any] | None:
         try:
-            response = self._timed(url, lambda: self.client.get(f"{url}/status", timeout=STATUS_TIMEOUT_S))
+            response = self._timed(url, lambda: self._request("GET", f"{url}/status", STATUS_TIMEOUT_S))
             body = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -134,7 +163,7 @@ class HttpFleet:
         def post(url: str) -> str | None:
             sent = body if extra is None else {**body, **extra(url)}
             try:
-                response = self._timed(url, lambda: self.client.post(f"{url}{path}", json=sent))
+                response = self._timed(url, lambda: self._request("POST", f"{url}{path}", ADMIN_TIMEOUT_S, json=sent))
             except httpx.HTTPError as exc:
                 return f"{path} request failed: {exc}"
             if not response.is_success:
@@ -157,8 +186,8 @@ class HttpFleet:
         def ask(url: str) -> list[str] | str:
             wait = max(0.5, until - self.clock.monotonic())
             try:
-                response = self.client.get(f"{url}/admin/split/sessions", params={"rollout": rollout, "step": step},
-                                           timeout=wait + 5.0)
+                response = self._request("GET", f"{url}/admin/split/sessions", wait + 5.0,
+                                         params={"rollout": rollout, "step": step})
                 if not response.is_success:
                     return f"GET /admin/split/sessions refused: {error_text(response)}"
                 pins = response.json().get("pins")
@@ -180,8 +209,8 @@ class HttpFleet:
         """Ask one replica whether it may load ``model``; ``BadRequest`` with its reason when it says no."""
         for url in self.urls():
             try:
-                response = self.client.post(f"{url.rstrip('/')}/admin/stage",
-                                            json={"model": model, "version": 0, "check_only": True})
+                response = self._request("POST", f"{url.rstrip('/')}/admin/stage", ADMIN_TIMEOUT_S,
+                                         json={"model": model, "version": 0, "check_only": True})
             except httpx.HTTPError:
                 continue
             if response.is_success or response.status_code in (401, 403) or response.status_code >= 500:

@@ -19,7 +19,7 @@ import httpx
 
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.settings import Settings
-from lockstep.sync.http_fleet import beat_from_status
+from lockstep.sync.http_fleet import beat_from_status, bounded_request
 from lockstep.sync.protocol import MAX_NAME_CHARS, Heartbeat, SyncState
 from lockstep.sync.shared_files import read_heartbeats
 from lockstep.sync.tolerant import ProblemLog
@@ -203,7 +203,7 @@ class ClusterView:
 
     def _probe(self, url: str) -> dict[str, Any] | None:
         try:
-            response = self._client.get(url.rstrip("/") + "/status")
+            response = bounded_request(self._client, "GET", url.rstrip("/") + "/status", PROBE_TIMEOUT_S, self.clock)
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
