@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import StreamingResponse
 
@@ -31,7 +30,7 @@ from lockstep.store import Manifest, ModelStore, version_cache
 from lockstep.store.chunks import ChunkEntry, chunk_bounds, cut_file
 from lockstep.store.peer_server import peer_router
 from lockstep.store.version_cache import FolderOrigin, VersionCache
-from tests.support.cluster import free_port, wait_for
+from tests.support.cluster import free_port, serving
 from tests.support.stores import fine_tuned
 
 TOKEN = "peer-token"
@@ -125,20 +124,6 @@ def test_a_fine_tune_that_changes_one_tensor_writes_only_its_chunk(store: ModelS
     assert chunk_bytes_on_disk(store) == v1.total_size + v2.new_bytes  # each chunk kept once
     assert store.verify(2) == v2
     assert store.publish_dir(tuned).new_bytes == 0  # publishing the same content again writes nothing
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 30, 0.02, "peer server started")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @contextmanager

@@ -42,6 +42,25 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
                                                                              if last_exc else ""))
 
 
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn on a free loopback port, in a thread of this process; its URL while in use."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, 0.02, "the server started")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def base_env(builtin_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for child processes: the session's prebuilt built-in models, fast polling, offline hub."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCKSTEP_", "INFERENCE_URLS", "SYNC_STATE"))}

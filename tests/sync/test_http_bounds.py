@@ -3,20 +3,18 @@ an answer dripping a byte at a time, or one of many megabytes, counts as no answ
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.sync.http_fleet import MAX_ANSWER_BYTES, UnboundedAnswer, bounded_request
-from tests.support.cluster import free_port, wait_for
+from tests.support.cluster import serving
 
 ANSWER = b'{"status": "ok"}' + b" " * 24  # 40 bytes of valid JSON
 
@@ -40,16 +38,8 @@ def stub() -> Iterator[str]:
     app.get("/drip")(lambda: StreamingResponse(drip(), media_type="application/json"))
     app.get("/huge")(lambda: StreamingResponse(huge(), media_type="application/json"))
     app.get("/ok")(lambda: StreamingResponse(iter([ANSWER]), media_type="application/json"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 30, 0.02, "stub started")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving(app) as url:
+        yield url
 
 
 def test_an_answer_is_read_whole_within_its_time_and_size_or_not_at_all() -> None:
