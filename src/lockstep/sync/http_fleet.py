@@ -8,7 +8,10 @@ have written to a shared folder; ``generation_seen`` is the generation of the la
 from __future__ import annotations
 
 import logging
+import math
 import random
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -27,16 +30,82 @@ log = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 3.0  # seconds per GET /status: an unreachable replica must not stall the others
 ADMIN_TIMEOUT_S = 10.0  # seconds for a whole answer to /admin/stage, /admin/commit... (they answer at once)
 MAX_ANSWER_BYTES = 1 << 20  # a replica's answer is a few KB; past this it is no replica's answer
+OFFSET_READINGS = 8  # recent GET /status readings kept per replica to measure its clock by
+OFFSET_LOG_STEP_S = 0.05  # a replica's clock correction is logged when it moves by more than this
 T = TypeVar("T")
 
 
-def beat_from_status(url: str, status: dict[str, Any], now: float, generation_seen: int | None) -> ReplicaStatus:
+def beat_from_status(url: str, status: dict[str, Any], now: float, generation_seen: int | None,
+                     clock_offset: float = 0.0) -> ReplicaStatus:
     """A replica's ``GET /status`` with where and when it was read, and the last decision it accepted.
+
+    ``clock_offset``: how far the replica's clock is ahead of the reader's; the times it reports (when it began
+    serving, started, put a rollout step in force) are moved onto the reader's clock.
 
     ``ValueError`` (pydantic's) when a field does not fit the shape: such a replica is not counted as live.
     """
-    return ReplicaStatus.model_validate({"replica_id": url, **status, "url": url, "time": now,
+    beat = ReplicaStatus.model_validate({"replica_id": url, **status, "url": url, "time": now,
                                          "generation_seen": generation_seen})
+    if not clock_offset:
+        return beat
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t - clock_offset
+
+    serving = beat.serving and beat.serving.model_copy(update={"since": moved(beat.serving.since)})
+    splits = [s.model_copy(update={"at": s.at - clock_offset}) for s in beat.splits]
+    return beat.model_copy(update={"serving": serving, "splits": splits, "started_at": moved(beat.started_at),
+                                   "commit_poll_until": moved(beat.commit_poll_until)})
+
+
+class ClockOffsets:
+    """How far each replica's clock is ahead of this one, measured from the ``time`` in its ``GET /status``.
+
+    A reading sent at t0 and answered at t1, with the replica's time T, puts the replica's clock T − (t0 + t1)/2
+    ahead, give or take (t1 − t0)/2 (NTP's estimate); of a replica's recent readings the least delayed is the
+    tightest. The offset used is the one nearest zero that this reading allows, so a replica whose clock agrees
+    with this one within what can be measured is left alone: a slow answer never adds skew where there was none.
+    """
+
+    def __init__(self, keep: int = OFFSET_READINGS) -> None:
+        self._keep = keep
+        self._readings: dict[str, deque[tuple[float, float]]] = {}  # url → (delay, offset) of recent readings
+        self._started: dict[str, object] = {}  # url → the replica's started_at: another process, another clock
+        self._logged: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, url: str, sent: float, answered: float, status: dict[str, Any]) -> None:
+        """Record one ``GET /status`` answer, sent at ``sent`` and answered at ``answered`` (this clock)."""
+        replica_time = status.get("time")
+        if isinstance(replica_time, bool) or not isinstance(replica_time, int | float) \
+                or not math.isfinite(replica_time) or answered < sent:
+            return  # no time to measure by (or this clock stepped back meanwhile): the reading says nothing
+        with self._lock:
+            if self._started.get(url) != status.get("started_at"):
+                self._readings.pop(url, None)  # a restarted replica may run on another node's clock
+                self._started[url] = status.get("started_at")
+            readings = self._readings.setdefault(url, deque(maxlen=self._keep))
+            readings.append((answered - sent, replica_time - (sent + answered) / 2))
+        offset = self.of(url)
+        if abs(offset - self._logged.get(url, 0.0)) > OFFSET_LOG_STEP_S:
+            self._logged[url] = offset
+            log.warning("the clock of %s is %.3f s %s this one's (± %.3f s): its commits are scheduled on its "
+                        "own clock; keep the nodes on NTP", url, abs(offset), "ahead of" if offset > 0 else "behind",
+                        self.error_s(url))
+
+    def of(self, url: str) -> float:
+        """Seconds the clock at ``url`` is ahead of this one (negative: behind); 0 when none can be measured."""
+        delay, offset = self._best(url)
+        return math.copysign(max(0.0, abs(offset) - delay / 2), offset)
+
+    def error_s(self, url: str) -> float:
+        """How far ``of(url)`` may be from the truth: the round trip of the reading it comes from (inf: none)."""
+        return self._best(url)[0]
+
+    def _best(self, url: str) -> tuple[float, float]:
+        with self._lock:
+            readings = self._readings.get(url)
+            return min(readings) if readings else (math.inf, 0.0)
 
 
 class UnboundedAnswer(httpx.HTTPError):
@@ -86,6 +155,8 @@ class HttpFleet:
         self._seen: dict[str, int] = {}  # url → generation of the last decision it accepted
         self._round_trip: dict[str, float] = {}  # url → seconds of its slowest recent answer
         self._last_live: list[Heartbeat] = []  # the last reading: who holds which version, for peer lists
+        # Each replica flips at its own clock's activate_at: what it is told is moved onto its clock.
+        self.clock_offsets = ClockOffsets()
         # The bytes a version adds to the one before (its MANIFEST's new_bytes), when the caller can say.
         self.new_bytes: Callable[[int], int | None] = lambda version: None
 
@@ -108,12 +179,17 @@ class HttpFleet:
         return bounded_request(self.client, method, url, timeout_s, self.clock, **kwargs)
 
     def _status(self, url: str) -> dict[str, Any] | None:
+        sent = self.clock.time()
         try:
             response = self._timed(url, lambda: self._request("GET", f"{url}/status", STATUS_TIMEOUT_S))
+            answered = self.clock.time()
             body = response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
-        return body if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return None
+        self.clock_offsets.observe(url, sent, answered, body)
+        return body
 
     def live(self) -> list[Heartbeat]:
         """Replicas that answer ``GET /status`` at the URLs."""
@@ -124,7 +200,7 @@ class HttpFleet:
             if status is None:
                 continue
             try:
-                beats.append(beat_from_status(url, status, now, self._seen.get(url)))
+                beats.append(beat_from_status(url, status, now, self._seen.get(url), self.clock_offsets.of(url)))
             except ValueError as exc:  # a /status we cannot read: not counted as live
                 log.warning("ignoring the GET /status answer of %s: %s", url, exc)
         self._last_live = beats
@@ -144,13 +220,19 @@ class HttpFleet:
                                 seed=decision.version)
             return self._post_each(path, body, generation, targets, extra=lambda url: {"peers": peers[url]})
         elif decision.phase is Phase.COMMIT:
+            activate_at = decision.activate_at
+            if activate_at is not None:
+                return self._post_each("/admin/commit", {"version": decision.version}, generation, targets,
+                                       extra=lambda url: {"activate_at": self._on_clock_of(url, activate_at)})
             path, body = "/admin/commit", {"version": decision.version}
-            if decision.activate_at is not None:
-                body["activate_at"] = decision.activate_at
         else:
             path, body = "/admin/abort", {"version": decision.version}
 
         return self._post_each(path, body, generation, targets)
+
+    def _on_clock_of(self, url: str, t: float) -> float:
+        """``t`` of this clock on the clock of the replica at ``url``."""
+        return t + self.clock_offsets.of(url)
 
     def holders(self, version: int, limit: int = HOLDER_PEERS) -> list[str]:
         """URLs of replicas that were ready serving ``version`` at the last reading, a few picked at random."""
@@ -176,7 +258,11 @@ class HttpFleet:
 
     def deliver_split(self, split: Split, model: str, generation: int, to: list[Heartbeat]) -> dict[str, str]:
         body = {**split.model_dump(mode="json"), "model": model}
-        return self._post_each("/admin/split", body, generation, {b.url: b.replica_id for b in to if b.url})
+        activate_at = split.activate_at
+        shifted = None if activate_at is None else (
+            lambda url: {"activate_at": self._on_clock_of(url, activate_at)})
+        return self._post_each("/admin/split", body, generation, {b.url: b.replica_id for b in to if b.url},
+                               extra=shifted)
 
     def session_pins(self, rollout: str, step: int, to: list[Heartbeat], until: float
                      ) -> tuple[dict[str, list[str]], dict[str, str]]:
