@@ -201,3 +201,46 @@ def test_a_restarted_trainer_counts_the_files_already_uploaded_and_drops_cut_off
         asyncio.run(restarted.receive(upload_id, "b.bin", _body(b"b" * 30), None, 30))
     assert not cut_off.exists()
     assert files_in(restarted.seal(upload_id)) == ["a.bin"]
+
+
+def test_the_chunks_an_upload_adds_to_the_store_count_against_its_byte_budget(tmp_path: Path) -> None:
+    from lockstep.store.chunks import ChunkEntry, ChunkStore
+
+    chunks = ChunkStore(tmp_path / "chunks")
+    store = UploadStore(tmp_path / "uploads", FakeClock(), max_bytes=100)
+    upload_id = store.create()
+
+    def chunk(data: bytes) -> ChunkEntry:
+        return ChunkEntry(offset=0, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    for i in range(2):
+        data = bytes([i]) * 40
+        assert store.receive_chunk(upload_id, chunk(data), data, chunks)["stored"] is True
+    again = bytes([0]) * 40  # the store holds it already: it costs nothing
+    assert store.receive_chunk(upload_id, chunk(again), again, chunks)["stored"] is False
+    over = b"x" * 40
+    with pytest.raises(UploadTooLarge, match="new chunks") as refused:
+        store.receive_chunk(upload_id, chunk(over), over, chunks)
+    assert refused.value.status_code == 413 and not chunks.has(chunk(over))
+    other = store.create()  # another upload has a budget of its own
+    assert store.receive_chunk(other, chunk(over), over, chunks)["stored"] is True
+
+
+def test_uploads_write_on_threads_of_their_own_so_the_other_routes_keep_theirs(tmp_path: Path) -> None:
+    import threading
+
+    from lockstep.trainer.server.uploads import UPLOAD_WORKERS
+
+    store = UploadStore(tmp_path, FakeClock())
+    release = threading.Event()
+
+    async def scenario() -> None:
+        busy = [asyncio.ensure_future(store.run(release.wait)) for _ in range(UPLOAD_WORKERS * 8)]
+        # Every upload thread is taken and more upload work waits; the default threads are free.
+        answer = await asyncio.wait_for(asyncio.to_thread(lambda: "store route"), timeout=60)
+        assert answer == "store route" and not any(task.done() for task in busy)
+        release.set()
+        await asyncio.gather(*busy)
+
+    asyncio.run(scenario())
+    store.close()

@@ -203,6 +203,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             trainer.monitor.stop()
             trainer.cluster.close()
             trainer.coordinator.close()
+            trainer.uploads.close()
 
     app = FastAPI(title="Lockstep trainer", version="1", lifespan=lifespan)
     app.state.trainer = trainer
@@ -429,7 +430,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.post("/store/uploads", status_code=201, summary="Start uploading a model folder to publish (token)")
     async def create_upload(request: Request) -> dict[str, Any]:
         mutate(request)
-        return {"upload_id": await asyncio.to_thread(trainer.uploads.create)}
+        return {"upload_id": await trainer.uploads.run(trainer.uploads.create)}
 
     @app.put("/store/uploads/{upload_id}/files/{path:path}", summary="One file of an upload (token; sha256 header)")
     async def upload_file(upload_id: UploadId, path: FilePath, request: Request) -> dict[str, Any]:
@@ -450,7 +451,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             entry = FileEntry(path=path, size=body.size, sha256=body.sha256, chunks=body.chunks)
         except ValidationError as exc:  # chunks that do not add up to the file, or a path out of the upload
             raise BadRequest(f"{path}: {exc.errors()[0]['msg']}") from None
-        return await asyncio.to_thread(trainer.uploads.assemble, upload_id, entry, store.chunks)
+        return await trainer.uploads.run(trainer.uploads.assemble, upload_id, entry, store.chunks)
 
     @app.put("/store/uploads/{upload_id}/chunks/{sha256}", summary="One chunk of an upload, named by its sha256 "
              "(token)")
@@ -465,7 +466,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             if len(data) > length:
                 raise BadRequest(f"the chunk's body is longer than its Content-Length ({length} bytes)")
         chunk = ChunkEntry(offset=0, size=len(data), sha256=sha256)
-        return await asyncio.to_thread(trainer.uploads.receive_chunk, upload_id, chunk, bytes(data), store.chunks)
+        return await trainer.uploads.run(trainer.uploads.receive_chunk, upload_id, chunk, bytes(data), store.chunks)
 
     @app.post("/store/uploads/{upload_id}/publish", status_code=202,
               summary="Publish an upload as the next version (two phases); the upload is removed after")
@@ -490,7 +491,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.delete("/store/uploads/{upload_id}", status_code=204, summary="Drop an upload (token)")
     async def delete_upload(upload_id: UploadId, request: Request) -> Response:
         mutate(request)
-        await asyncio.to_thread(trainer.uploads.discard, upload_id)
+        await trainer.uploads.run(trainer.uploads.discard, upload_id)
         return Response(status_code=204)
 
     # ------------------------------------------------------------------ events

@@ -6,8 +6,11 @@ sends), then asks the trainer to publish the upload, which copies it in as the n
 Uploads live in ``<data dir>/uploads``; one left unpublished for ``UPLOAD_TTL_S`` is removed.
 
 Bounds: all files of one upload together at most ``max_bytes`` (413, counted while the bytes arrive; a
-Content-Length over what is left is refused before reading), at most ``max_files`` files (413), at most
-``max_open`` uploads at once (429). One writer per path: a second PUT of a path still arriving gets 409. Each
+Content-Length over what is left is refused before reading), and the chunks it adds to the store at most
+``max_bytes`` too; at most ``max_files`` files (413), at most ``max_open`` uploads at once (429). Uploads
+write and hash on ``UPLOAD_WORKERS`` threads of their own (``UploadStore.run``), so however many arrive at
+once the trainer's other routes (the store that replicas stage from) keep their threads. One writer per path:
+a second PUT of a path still arriving gets 409. Each
 file is written to a temporary file of its own and renamed over the path only once its sha256 matched, so
 the bytes under a path are always those of a PUT that was acknowledged. Uploads never create symlinks.
 
@@ -21,6 +24,7 @@ unchanged then crosses the network as its changed chunks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -29,10 +33,11 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from lockstep.core.atomic import fsync_dir
 from lockstep.core.clock import Clock
@@ -47,6 +52,8 @@ MAX_UPLOAD_BYTES = 64 << 30  # defaults of LOCKSTEP_MAX_UPLOAD_BYTES, _FILES and
 MAX_UPLOAD_FILES = 10_000
 MAX_OPEN_UPLOADS = 8
 WRITE_BYTES = 1 << 20  # bytes gathered before one write (and hash) in a worker thread, off the event loop
+UPLOAD_WORKERS = 2  # threads that write and hash uploads: more would only share the same disk and cores
+T = TypeVar("T")
 _ID = re.compile(r"up-[0-9a-f]{16}")
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one path component: no hidden files, no ".."
 _MAX_DEPTH = 4
@@ -67,6 +74,7 @@ class _Upload:
 
     sizes: dict[str, int] = field(default_factory=dict)  # path → bytes, of files that arrived whole
     arriving: dict[str, int] = field(default_factory=dict)  # path → bytes so far; also the path's one writer
+    chunk_bytes: int = 0  # bytes of the chunks this upload added to the store (or is adding)
 
     def others(self, path: str) -> int:
         """Bytes of every file but ``path`` (arrived or arriving)."""
@@ -87,6 +95,15 @@ class UploadStore:
         self._lock = threading.Lock()
         self._sealed: set[str] = set()  # handed to a publish: no more files, not discarded by the caller
         self._uploads: dict[str, _Upload] = {}  # read from disk on first use
+        self._workers = ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="uploads")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the uploads' own threads (queued behind other uploads' work when they are busy)."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Stop the upload threads (work already queued still runs)."""
+        self._workers.shutdown(wait=False)
 
     def create(self) -> str:
         """A new empty upload (429 when ``max_open`` are open); removes the ones left unpublished too long."""
@@ -127,27 +144,27 @@ class UploadStore:
         if expected_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", expected_sha256):
             raise BadRequest("X-Content-SHA256 must be the file's sha256 as 64 lowercase hex digits")
         target = self._target(upload_id, rel_path)
-        await asyncio.to_thread(self._load, upload_id)
+        await self.run(self._load, upload_id)
         self._claim(upload_id, rel_path, content_length)
         tmp = target.parent / f"{_TMP_PREFIX}{target.name}.{secrets.token_hex(6)}.tmp"
         digest, size, buffered = hashlib.sha256(), 0, bytearray()
         out: BinaryIO | None = None
         try:
-            out = await asyncio.to_thread(_open_new, self.folder(upload_id), target, tmp)
+            out = await self.run(_open_new, self.folder(upload_id), target, tmp)
             async for chunk in chunks:
                 size += len(chunk)
                 self._count(upload_id, rel_path, size)
                 buffered += chunk
                 if len(buffered) >= WRITE_BYTES:
-                    await asyncio.to_thread(_write, out, digest, bytes(buffered))
+                    await self.run(_write, out, digest, bytes(buffered))
                     buffered.clear()
-            await asyncio.to_thread(_write, out, digest, bytes(buffered))
-            await asyncio.to_thread(_close, out)
+            await self.run(_write, out, digest, bytes(buffered))
+            await self.run(_close, out)
             out = None
             if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
                 raise BadRequest(f"{rel_path}: the upload's sha256 is {digest.hexdigest()}, not the "
                                  f"{expected_sha256} the client sent (corrupted in transit); send it again")
-            await asyncio.to_thread(_rename, tmp, target)
+            await self.run(_rename, tmp, target)
             with self._lock:
                 self._state(upload_id).sizes[rel_path] = size
         finally:
@@ -167,7 +184,24 @@ class UploadStore:
         if hashlib.sha256(data).hexdigest() != chunk.sha256:
             raise BadRequest(f"chunk {chunk.sha256[:12]}: the bytes sent have sha256 {hashlib.sha256(data).hexdigest()}"
                              " (corrupted in transit); send it again")
-        written = chunks.put(chunk, data)
+        if chunks.has(chunk):  # costs this upload nothing (put marks it used, so gc keeps it for the publish)
+            return {"sha256": chunk.sha256, "size": chunk.size, "stored": chunks.put(chunk, data)}
+        with self._lock:  # counted before it is written: parallel chunks cannot pass the budget together
+            upload = self._state(upload_id)
+            if upload.chunk_bytes + chunk.size > self.max_bytes:
+                raise UploadTooLarge(f"upload {upload_id} has sent {upload.chunk_bytes} bytes of new chunks; "
+                                     f"{chunk.size} more would pass its {self.max_bytes} bytes "
+                                     "(LOCKSTEP_MAX_UPLOAD_BYTES)")
+            upload.chunk_bytes += chunk.size
+        try:
+            written = chunks.put(chunk, data)
+        except BaseException:
+            with self._lock:
+                self._state(upload_id).chunk_bytes -= chunk.size
+            raise
+        if not written:  # another upload stored it meanwhile: it costs this one nothing
+            with self._lock:
+                self._state(upload_id).chunk_bytes -= chunk.size
         return {"sha256": chunk.sha256, "size": chunk.size, "stored": written}
 
     def assemble(self, upload_id: str, entry: FileEntry, chunks: ChunkStore) -> dict[str, object]:
