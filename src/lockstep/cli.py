@@ -238,12 +238,12 @@ def _rollout_args(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Any]
                              "(like --canary 5,25,100) or --shadow PERCENT")
         return None, None
     gate_specs = dict(parse_gate_option(text) for text in args.gate or ())
-    fields = {"canary": [float(s) for s in args.canary.split(",")] if args.canary else None,
-              "step_seconds": 60.0 if args.step_seconds is None else args.step_seconds,
+    fields = {"step_seconds": 60.0 if args.step_seconds is None else args.step_seconds,
               "min_requests": 100 if args.min_requests is None else args.min_requests,
               "shadow": args.shadow or 0.0, "gates": gate_specs or None, "task": args.task}
     plan = make_plan(args.canary, step_seconds=fields["step_seconds"], min_requests=fields["min_requests"],
                      shadow=fields["shadow"], gate_specs=fields["gates"])
+    fields["canary"] = list(plan.shares) if args.canary else None  # as checked: "5%" is 5
     return fields, plan
 
 

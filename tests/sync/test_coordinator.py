@@ -319,3 +319,32 @@ def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_be
     assert (shared / "sync_state.json").read_bytes() == before
     assert [m.version for m in c.store.list()] == [corrupt.version]  # nothing new copied in
     assert not (shared / "locks" / "coordinator.lease").exists()
+
+
+def test_a_trainer_restarted_mid_rollout_starts_and_rolls_it_back_once_the_dead_ones_lease_runs_out(
+        tmp_path: Path) -> None:
+    """Before, startup raised LeaseHeld (the trainer exited and crash-looped) with the split left in force."""
+    from lockstep.sync.http_fleet import HttpFleet
+    from lockstep.sync.ledger import FileLedger
+    from lockstep.sync.protocol import Split
+
+    clock = FakeClock(time.time())
+    settings = Settings(shared_dir=None, lease_ttl_s=30.0, poll_interval_s=0.05)
+    dead = FileLedger(tmp_path, owner="trainer-that-died", lease_ttl_s=30.0, clock=clock)
+    dead.lease.acquire()
+    dead.write(SyncState(generation=3, committed=Committed(version=1, model="versions/000001"),
+                         pending=Pending(version=2, model="versions/000002", phase=Phase.CANARY, rollout="r1"),
+                         split=Split(rollout="r1", version=2, share=20, step=0)))
+    restarted = Coordinator.over_http(settings, HttpFleet(settings, lambda: [], clock=clock), clock=clock,
+                                      owner="trainer-restarted", data_dir=tmp_path)
+    restarted.recover()  # returns at once: the lease is held for another 30 s
+    wait_for_state = time.monotonic() + 60
+    while time.monotonic() < wait_for_state:
+        state = restarted.ledger.read()
+        if isinstance(state, SyncState) and state.pending is not None and state.pending.phase is Phase.ABORT:
+            break
+        time.sleep(0.02)
+    assert isinstance(state, SyncState) and state.pending is not None and state.pending.phase is Phase.ABORT
+    assert state.split is None and state.committed is not None and state.committed.version == 1
+    assert "restarted during the rollout" in (state.pending.reason or "")
+    restarted.close()

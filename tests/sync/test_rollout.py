@@ -172,6 +172,8 @@ def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(re
     assert plain and 0.3 < plain.count(new) / len(plain) < 0.7  # the smooth split is exact per replica
     gates = {g["name"]: g for g in control.view()["gates"]}
     assert gates["kl_divergence"]["verdict"] == "pass" and gates["kl_divergence"]["samples"] >= 5
+    # The 50% step held until the candidate itself answered min_requests (its answers are compared too: once).
+    assert control.candidate is not None and control.candidate.requests >= plan.min_requests
 
 
 def test_a_candidate_whose_text_diverges_is_rolled_back_in_its_shadow_step_before_serving_anyone(
@@ -243,6 +245,17 @@ def test_bad_rollout_settings_are_refused_naming_what_is_allowed(kwargs: dict[st
         make_plan([5, 50], **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("shares", ["5,abc,100", "5,,100", " ", "5,25,200"])
+def test_the_command_line_refuses_bad_shares_with_what_is_allowed_and_no_traceback(
+        shares: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lockstep import cli
+
+    assert cli.main(["publish", "builtin:tiny-s1", "--canary", shares, "--shared", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: canary") and "like 5,25,100" in err and "Traceback" not in err
+    assert not (tmp_path / "versions").exists() or not any((tmp_path / "versions").iterdir())  # nothing staged
+
+
 def test_the_shares_end_in_the_ordinary_commit() -> None:
     assert parse_shares("5,25") == (5.0, 25.0, 100.0)
     assert make_plan([10], shadow=5).steps == (0.0, 10.0, 100.0)
@@ -292,7 +305,46 @@ def test_a_candidate_that_scores_worse_on_the_task_is_dropped_before_any_step(re
     result = over_http(replicas).rollout(str(close_copy), plan, control=control)
     assert result.outcome == "aborted" and "task_score" in (result.reason or ""), result.summary()
     assert asked == [result.version] and control.steps == []
+    # Said as a decision of the gates (what the alert on trigger="gates" reads), against the committed version.
+    assert control.automatic_rollback and control.reason == result.reason
+    assert f"vs 0.90 on v{before}" in control.reason
     assert settle(replicas) == before
+
+
+def test_a_person_who_promotes_while_the_task_gate_runs_wins_over_it(replicas: list[Proc], close_copy: Path) -> None:
+    from dataclasses import replace
+
+    from lockstep.sync.rollout import TaskScore
+
+    before = settle(replicas)
+    control: RolloutControl | None = None
+
+    def evaluation(version: int) -> TaskScore:
+        assert control is not None and control.phase == "evaluating"
+        control.promote()  # accepted (202 on the API): it must win
+        return TaskScore(score=0.2, baseline=0.9, samples=16)
+
+    plan = replace(make_plan([5]), task_score=evaluation)
+    control = RolloutControl(plan)
+    result = over_http(replicas).rollout(str(close_copy), plan, control=control)
+    assert result.outcome == "committed", result.summary()
+    assert control.human is not None and not control.automatic_rollback
+    assert settle(replicas) == result.version != before
+
+
+def test_once_the_gates_roll_back_a_promote_is_refused_and_before_that_it_wins() -> None:
+    control = RolloutControl(make_plan([5]))
+    control.phase = "step"
+    assert control.decide("rolling back", "gate failed", automatic=True)
+    with pytest.raises(Conflict, match="rolling back: gate failed"):
+        control.promote()
+    assert control.human is None and control.automatic_rollback
+
+    control = RolloutControl(make_plan([5]))
+    control.phase = "step"
+    control.promote()
+    assert not control.decide("rolling back", "gate failed", automatic=True)  # the person came first
+    assert control.phase == "step" and not control.automatic_rollback
 
 
 @pytest.mark.parametrize(("rollout", "why"), [({"canary": [25, 5]}, "must increase"),

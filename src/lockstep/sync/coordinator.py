@@ -37,6 +37,9 @@ SERVING_GRACE_S = 5.0  # seconds after activate_at to see every committed replic
 REBUILD_EVERY_S = 2.0  # seconds a state rebuilt from replicas over HTTP is reused (each rebuild asks them all)
 
 
+RESTARTED_MID_ROLLOUT = "the trainer restarted during the rollout; rolled back"
+
+
 class Coordinator:
     """Publishes, rolls back and catches up versions on the fleet; by default over the shared folder."""
 
@@ -57,6 +60,7 @@ class Coordinator:
         self.drive_lock = threading.Lock()  # one publish or catch-up at a time drives the replicas
         self._rebuilt: tuple[float, SyncState] | None = None
         self._catch_up = CatchUp(self)
+        self._closed = threading.Event()
 
     @classmethod
     def over_http(cls, settings: Settings, fleet: Fleet, *, clock: Clock, owner: str,
@@ -69,6 +73,7 @@ class Coordinator:
                    ledger=FileLedger(data_dir, owner=owner, lease_ttl_s=settings.lease_ttl_s, clock=clock))
 
     def close(self) -> None:
+        self._closed.set()
         self.fleet.close()
 
     @property
@@ -380,7 +385,14 @@ class Coordinator:
         state = self.read_state()
         pending = state.pending
         if pending is not None and pending.phase is Phase.CANARY and self.fleet.pushes:
-            self.end_rollout("the trainer restarted during the rollout; rolled back")
+            try:
+                self.end_rollout(RESTARTED_MID_ROLLOUT)
+            except LeaseHeld as exc:
+                # The lease of the coordinator that died runs out within its TTL; startup must not wait for it
+                # (the trainer would miss its probes), nor fail (it would crash-loop with the split in force).
+                log.warning("%s: the rollout of v%d it left is rolled back once the lease is free", exc,
+                            pending.version)
+                threading.Thread(target=self._end_rollout_once_free, name="end-rollout", daemon=True).start()
             return
         if not self.fleet.pushes or pending is None or pending.phase is not Phase.PREPARE:
             return
@@ -388,6 +400,20 @@ class Coordinator:
         abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": "the trainer restarted during prepare"})
         state = self.write_state(state, pending=abort)
         self.fleet.deliver(abort, state.generation)
+
+    def _end_rollout_once_free(self) -> None:
+        """``end_rollout`` as soon as the lease is free (until this coordinator closes)."""
+        while not self._closed.is_set():
+            try:
+                with_lease_wait(lambda: self.end_rollout(RESTARTED_MID_ROLLOUT), self.clock,
+                                self.settings.lease_ttl_s)
+                return
+            except LeaseHeld:
+                continue  # still held (a live coordinator may be driving it: end_rollout then finds it ended)
+            except Exception:
+                log.exception("could not roll back the rollout left by the last trainer; use lockstep rollout "
+                              "abort")
+                return
 
     def catch_up(self) -> list[ReplicaReport]:
         """Bring live replicas that missed a commit to the committed version (``lockstep.sync.catch_up``)."""

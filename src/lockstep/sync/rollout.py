@@ -158,8 +158,23 @@ class RolloutControl:
             if self.phase == "promoting" and what is Human.ABORT:
                 raise Conflict(f"rollout {self.id} is being promoted (the commit is written); use lockstep "
                                "rollback to go back")
+            if self.phase in ("rolling back", "aborting") and self.human is None:
+                raise Conflict(f"rollout {self.id} is {self.phase}: {self.reason}; publish the version again "
+                               "to try it once more")
             if self.human is None:
                 self.human = what
+
+    def decide(self, phase: str, reason: str, *, automatic: bool) -> bool:
+        """Enter ``phase`` ("rolling back" or "aborting") for ``reason``; False when a person's promote came first.
+
+        Atomic with ``promote``/``abort``: a person's promote either wins here or is refused with 409, never
+        accepted and then overruled by the gates.
+        """
+        with self._lock:
+            if automatic and self.human is Human.PROMOTE:
+                return False
+            self.phase, self.reason, self.automatic_rollback = phase, reason, automatic and self.human is None
+            return True
 
     @property
     def done(self) -> bool:
@@ -229,7 +244,7 @@ class RolloutRun:
         try:
             if not self._stage():
                 return self._finish("aborted")
-            if (why := self._task_gate()) is not None:
+            if (why := self._task_gate()) is not None and self.control.decide("aborting", why, automatic=True):
                 self._abort_staged(why)
                 return self._finish("aborted")
             for step, share in enumerate(self.control.plan.steps):
@@ -293,8 +308,9 @@ class RolloutRun:
         control.task = score
         if score is None:
             return None
-        empty = VersionStats(version=self.source.version)
-        results = gates.evaluate({"task_score": plan.gates["task_score"]}, empty, empty, task_score=score.score,
+        committed = self.state.committed.version if self.state.committed is not None else 0
+        results = gates.evaluate({"task_score": plan.gates["task_score"]}, VersionStats(version=committed),
+                                 VersionStats(version=self.source.version), task_score=score.score,
                                  baseline_score=score.baseline, task_samples=score.samples)
         control.results = results
         failed = [r for r in results if r.verdict == "fail"]
@@ -364,8 +380,13 @@ class RolloutRun:
     def _hold(self, step: int) -> PublishResult | None:
         """Hold the step until it may advance (None), or end the rollout here (its result)."""
         control, plan = self.control, self.control.plan
+        # The candidate's answers; in a shadow-only step, where it serves none, the prompts it was compared on.
+        # (A canary answer is compared too: counting both would count it twice.)
+        def answers(stats: VersionStats) -> int:
+            return stats.compared if control.steps[-1].share == 0 else stats.requests
+
         candidate, _ = self._reports(self.co.fleet.live())
-        answered_before = candidate.requests + candidate.compared
+        answered_before = answers(candidate)
         started = self.clock.monotonic()
         renew_at = self.clock.time() + self.co.settings.lease_ttl_s / 3
         while True:
@@ -389,7 +410,7 @@ class RolloutRun:
                 failed = "; ".join(f"{r.name}: {r.reason}" for r in results if r.verdict == "fail")
                 return self._rollback(f"gate failed at step {step} ({control.steps[-1].share:g}%): {failed}",
                                       automatic=True)
-            answered = candidate.requests + candidate.compared - answered_before
+            answered = answers(candidate) - answered_before
             if (verdict == "pass" and self.clock.monotonic() - started >= plan.step_seconds
                     and answered >= plan.min_requests):
                 control.steps[-1].ended_at, control.steps[-1].outcome = self.clock.time(), "passed"
@@ -430,7 +451,8 @@ class RolloutRun:
         """Every replica back to the committed version at one activate_at; then the candidate is dropped."""
         assert self.pending is not None
         co, control = self.co, self.control
-        control.phase, control.reason, control.automatic_rollback = "rolling back", reason, automatic
+        if not control.decide("rolling back", reason, automatic=automatic):
+            return self._promote()  # a person promoted while the gates were failing: the person wins
         activate_at = self.clock.time() + co.commit_margin(self.told)
         step = (self.split.step + 1) if self.split is not None else 0
         back = Split(rollout=control.id, version=self.source.version, share=0, step=step, activate_at=activate_at)
