@@ -375,3 +375,66 @@ def test_a_replica_restarted_mid_stage_uses_again_the_chunks_it_had_written(
     torn = next(c for _, c in v1.chunk_list() if c.offset + c.size == len(data) and c.size > 1000)
     assert tally.fetched == {"local": v1.total_size - torn.size, "origin": torn.size}
     assert [p.name for p in restarted.cache_dir.iterdir()] == ["000001"]  # the leftover is gone
+
+
+def test_a_peer_that_announces_a_chunk_and_closes_halfway_is_counted_as_truncated(
+        store: ModelStore, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    v1 = store.publish_dir(tiny_dirs[0])
+    sizes = {c.sha256: c.size for f in v1.files for c in f.chunks or []}
+    app = FastAPI()
+
+    @app.get("/peer/chunks/{sha256}")
+    def chunk(sha256: str) -> StreamingResponse:
+        def half() -> Iterator[bytes]:
+            yield b"x" * (sizes[sha256] // 2)  # then the connection closes, short of its Content-Length
+
+        return StreamingResponse(half(), headers={"content-length": str(sizes[sha256])})
+
+    tally = Tally()
+    newcomer = cache_for(store, tmp_path / "newcomer", tally)
+    with serving(app) as url:
+        newcomer.suggest_peers(1, [url])
+        assert same_files(newcomer.path_of(1), tiny_dirs[0])
+    assert tally.bad == {"truncated": 1} and tally.fetched == {"origin": v1.total_size}
+    assert newcomer.transfer is not None and newcomer.transfer.report()["failed"] is None
+
+
+def test_a_stage_that_stops_short_says_so_in_its_transfer_report(store: ModelStore, tiny_dirs: dict[int, Path],
+                                                                 tmp_path: Path) -> None:
+    v1 = store.publish_dir(tiny_dirs[0])
+    _, lost = v1.chunk_list()[-1]
+    store.chunks.path(lost.sha256).unlink()  # no source has it any more
+    cache = cache_for(store, tmp_path / "replica", Tally())
+    with pytest.raises(Exception, match=lost.sha256[:12]):
+        cache.path_of(1)
+    assert cache.transfer is not None
+    report = cache.transfer.report()
+    assert report["finished"] is True and lost.sha256[:12] in str(report["failed"])
+
+
+def test_asks_for_chunks_nobody_sends_do_not_hold_up_a_chunk_this_replica_has(
+        store: ModelStore, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    v1 = store.publish_dir(tiny_dirs[0])
+    holder = cache_for(store, tmp_path / "holder", Tally())
+    holder.path_of(1)  # idle: no stage runs, so an unknown chunk waits a moment for one to start
+    _, real = v1.chunk_list()[0]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def asks(url: str) -> tuple[int, list[bool]]:
+        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+            unknown = [asyncio.ensure_future(client.get(f"{url}/peer/chunks/{i:064x}")) for i in range(48)]
+            await asyncio.sleep(0.2)  # every one of them has arrived and waits
+            answer = await client.get(f"{url}/peer/chunks/{real.sha256}")
+            pending_then = [not task.done() for task in unknown]
+            statuses = {r.status_code for r in await asyncio.gather(*unknown)}
+            assert statuses == {404}
+            return answer.status_code, pending_then
+
+    with peer(holder) as url:
+        status, pending_then = asyncio.run(asks(url))
+    assert status == 200
+    assert all(pending_then)  # answered while all 48 still waited: they held none of the peer threads

@@ -94,11 +94,12 @@ class Transfer:
     by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
     avoided: dict[str, str] = field(default_factory=dict)  # peer URL → why it is not asked again
     finished: bool = False
+    failed: str | None = None  # why the assembly stopped short (out of space, no source had a chunk...)
 
     def report(self) -> dict[str, object]:
         return {"version": self.version, "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
                 "bytes_by_source": dict(self.by_source), "avoided_peers": len(self.avoided),
-                "finished": self.finished}
+                "finished": self.finished, "failed": self.failed}
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,11 @@ class VersionCache:
         return manifest
 
     # ------------------------------------------------------------------ serving peers
+    @property
+    def assembling(self) -> bool:
+        """Whether a version is being assembled here now (its chunks may be asked for before they arrive)."""
+        return self._assembling
+
     def wait_chunk(self, sha256: str, timeout_s: float) -> _Held | None:
         """Where chunk ``sha256`` lies here, waiting while it is on its way (an assembly in progress lists it)."""
         deadline = time.monotonic() + timeout_s
@@ -285,9 +291,10 @@ class VersionCache:
                 os.rename(partial, target)
                 self._repoint(partial, target)
             fsync_dir(self.cache_dir)
-        except BaseException:
+        except BaseException as exc:
             with self._index:
                 self._forget(partial)
+                transfer.failed = str(exc)[:500] or type(exc).__name__
             _remove(partial, self.cache_dir)
             raise
         finally:
@@ -359,12 +366,14 @@ class VersionCache:
         allowed_s = PEER_WAIT_S + chunk.size / PEER_MIN_BYTES_PER_S
         deadline = time.monotonic() + allowed_s
         data = bytearray()
+        receiving = False
         try:
             with self.peer_client.stream("GET", url, params={"version": version}) as response:
                 if response.status_code == 404:
                     raise PeerRefused("missing", "does not hold it")
                 if response.status_code != 200:
                     raise PeerRefused("refused", f"answered {response.status_code}")
+                receiving = True
                 for part in response.iter_bytes():
                     data += part
                     if len(data) > chunk.size:
@@ -374,6 +383,9 @@ class VersionCache:
                         raise PeerRefused("slow", f"sent {len(data)} of the {chunk.size} bytes of chunk "
                                                   f"{chunk.sha256[:12]} within {allowed_s:.0f} s")
         except httpx.HTTPError as exc:
+            if receiving:  # it said 200, then the body stopped short of what it announced
+                raise PeerRefused("truncated", f"cut chunk {chunk.sha256[:12]} off after {len(data)} of its "
+                                               f"{chunk.size} bytes ({type(exc).__name__})") from exc
             raise PeerRefused("down", f"unreachable ({type(exc).__name__})") from exc
         return bytes(data)
 

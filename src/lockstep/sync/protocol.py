@@ -222,6 +222,7 @@ class TransferReport(_Tolerant):
         default_factory=dict)
     avoided_peers: Count = 0  # peers that sent bad bytes, or none, and were not asked again
     finished: bool = False
+    failed: str | None = None  # why the assembly stopped short, if it did
 
 
 class Heartbeat(_Tolerant):

@@ -133,7 +133,8 @@ function transferRow(t) {
   const pct = Math.min(100, Math.round(100 * t.done_bytes / t.total_bytes));
   const by = t.bytes_by_source || {};
   const parts = ["local", "peer", "origin"].filter((s) => by[s]).map((s) => `${fmtBytes(by[s])} ${s}`);
-  const label = t.finished ? `v${t.version} staged: ${parts.join(", ") || "nothing new"}`
+  const label = t.failed ? `v${t.version} not assembled: ${t.failed}`
+    : t.finished ? `v${t.version} staged: ${parts.join(", ") || "nothing new"}`
     : `v${t.version} arriving: ${fmtBytes(t.done_bytes)} of ${fmtBytes(t.total_bytes)} (${pct}%)`;
   return h("div", {class: "transfer", "data-field": "transfer", title: t.avoided_peers ? `${t.avoided_peers} peer(s) avoided` : ""},
     t.finished ? null : h("progress", {max: 100, value: pct, "aria-label": `v${t.version} transfer`}),
