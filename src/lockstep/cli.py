@@ -14,10 +14,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from lockstep.core.clock import SYSTEM_CLOCK
 from lockstep.core.errors import BadRequest, LockstepError
 from lockstep.core.heap import freeze_long_lived
-from lockstep.core.settings import CommitPolicy, Settings, load_settings
+from lockstep.core.settings import CommitPolicy, EngineKind, Settings, load_settings
 
 log = logging.getLogger("lockstep")
 
@@ -91,6 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                        "advertise_url": _advertise(args.host, args.port, base)})
     settings = _guarded(settings, args.host, "lockstep serve")
     _setup_logging(args.log_level, replica_id)
+    from lockstep.inference import engines
+
+    if engines.pick_engine(settings) is EngineKind.VLLM:  # refused here, before the server starts, not in its lifespan
+        engines.check_vllm_options(settings)
     log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
     app = create_app(settings)
     freeze_long_lived()  # before the first model loads: retiring a version then collects only what came since
@@ -513,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except LockstepError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a setting from the environment that does not fit (Settings names it)
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or exc.title
+            print(f"error: {where}={err.get('input')!r}: {err['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

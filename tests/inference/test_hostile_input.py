@@ -158,6 +158,19 @@ OUT_OF_RANGE: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
      {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      ("only text content parts",)),
     ("no messages", "/v1/chat/completions", {**CHAT, "messages": []}, ("messages",)),
+    # JSON's "\udfff" alone decodes to a lone surrogate, which no tokenizer takes: before, a 500 on the OpenAI API.
+    ("lone surrogate prompt", "/v1/completions", {"model": "lockstep", "prompt": "a\udfff"},
+     ("prompt", "lone surrogate")),
+    ("lone surrogate in a prompt list", "/v1/completions", {"model": "lockstep", "prompt": ["\ud83d"]},
+     ("prompt", "lone surrogate")),
+    ("lone surrogate chat", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud83d"}]},
+     ("messages.0.content", "lone surrogate")),
+    ("lone surrogate chat part", "/v1/chat/completions",
+     {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d!"}]}]},
+     ("lone surrogate",)),
+    ("lone surrogate system prompt", "/generate", {"prompt": "hi", "system_prompt": "\udc00"},
+     ("system_prompt", "lone surrogate")),
+    ("lone surrogate generate", "/generate", {"prompt": "\udc00"}, ("prompt",)),
 ]
 
 

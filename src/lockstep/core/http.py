@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,11 +21,16 @@ def error_body(message: str, code: str, param: str | None = None) -> dict[str, o
     return {"error": {"message": message, "type": code, "param": param, "code": code}}
 
 
+# Where pydantic names a member of a union in an error's location ("prompt.constrained-str",
+# "prompt.list[function-after[...]].1"): the caller's field is "prompt", or "prompt.1".
+_UNION_MEMBER = re.compile(r".*\[.*|[a-z]+(-[a-z]+)+|str|int|float|bool|list|dict")
+
+
 def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts = []
+    parts: list[str] = []
     first_param = None
     for err in exc.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
         where = ".".join(loc) or "body"
         first_param = first_param or where
         if err.get("type") == "json_invalid":
@@ -35,7 +41,7 @@ def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
             parts.append(f"{where} is not a supported field")
         else:
             parts.append(f"{where}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", first_param
+    return "; ".join(dict.fromkeys(parts)) or "invalid request", first_param
 
 
 def install_error_handlers(app: FastAPI) -> None:

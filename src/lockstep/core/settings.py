@@ -187,7 +187,8 @@ class Settings(BaseSettings):
                                       "parallelism); the pod must request that many GPUs.")
     vllm_args: str = Field("", max_length=16_384, validation_alias=_env("LOCKSTEP_VLLM_ARGS"),
                            description="vLLM: a JSON object of further AsyncEngineArgs (e.g. "
-                           "'{\"max_num_batched_tokens\": 8192}'); options vLLM rejects stop the replica at start.")
+                           "'{\"max_num_batched_tokens\": 8192}'); options vLLM does not have stop the replica at "
+                           "start, values it rejects fail the load with its message in /status last_error.")
     max_new_tokens_limit: int = Field(1024, ge=1, validation_alias=_env("LOCKSTEP_MAX_NEW_TOKENS_LIMIT"),
                                       description="Upper bound a request may ask for.")
     max_prompt_chars: int = Field(32_000, ge=1, validation_alias=_env("LOCKSTEP_MAX_PROMPT_CHARS"),

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from lockstep.core.errors import BadRequest
-from lockstep.core.fields import Number
+from lockstep.core.fields import Number, Text
 from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
 from lockstep.inference import generation
 from lockstep.inference.schemas import (
@@ -95,12 +95,12 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=64)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)]
     logprobs: StrictInt | None = Field(None, ge=0, le=5, description="0: each chosen token's log-probability; "
                                       "alternatives (1 … 5) are not supported")
     echo: StrictBool = False
     best_of: StrictInt | None = Field(None, ge=1, le=20, description="only 1 is supported")
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -131,7 +131,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: ShortText
-    text: StrictStr | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
@@ -140,7 +140,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]  # and all together
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)]  # and all together
 
     def text(self) -> str:
         if isinstance(self.content, str):

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from lockstep.core.fields import Number
+from lockstep.core.fields import Number, Text
 from lockstep.engine.sampling_params import MAX_NEW_TOKENS, MAX_SEED, MAX_STOP_CHARS, MAX_TOP_K
 from lockstep.sync.protocol import MAX_PINS, PIN_CHARS
 
@@ -90,10 +90,10 @@ class _StrictBody(BaseModel):
 class GenerateRequest(_StrictBody):
     """POST /generate (the seed's)."""
 
-    prompt: StrictStr = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     max_new_tokens: NewTokens = 64
     temperature: Temperature = 0.7
-    system_prompt: StrictStr | None = None
+    system_prompt: Text | None = None
     top_p: TopP = 1.0
     top_k: TopK = 0
     seed: Seed | None = None  # answer i of n samples with seed + i

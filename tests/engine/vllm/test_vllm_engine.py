@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm")
 psutil = pytest.importorskip("psutil")
 
-from lockstep.core.errors import BadRequest, Overloaded  # noqa: E402
+from lockstep.core.errors import BadRequest, LoadError, Overloaded  # noqa: E402
 from lockstep.engine import Engine, FinalEvent, FinishReason, SamplingParams, TokenEvent  # noqa: E402
 from lockstep.engine.vllm import VllmConfig, VllmEngine, VllmFinalEvent  # noqa: E402
 
@@ -116,6 +116,38 @@ def test_cancel_frees_the_request(engine: VllmEngine, prompt_ids: list[list[int]
     assert final.finish_reason is FinishReason.CANCELLED
     assert 3 <= final.completion_tokens < 400
     assert engine.wait_idle(10) and engine.running == 0 and engine.queue_depth == 0
+
+
+def test_a_request_cancelled_as_soon_as_it_is_submitted_is_settled_and_frees_its_place(
+        engine: VllmEngine, prompt_ids: list[list[int]]) -> None:
+    """As when an answer of an n > 1 request is refused (429) and the ones admitted before it are cancelled: the
+    cancel reaches the loop before the request's task first runs. Before, such a request stayed queued forever."""
+    handles = []
+    for _ in range(64):
+        handle = engine.submit(prompt_ids[2], SamplingParams(max_new_tokens=8))
+        handle.cancel()
+        handles.append(handle)
+    finals = [h.result(30) for h in handles]
+    assert all(f.finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH, FinishReason.STOP) for f in finals)
+    assert engine.wait_idle(30) and engine.queue_depth == 0 and engine.running == 0
+    assert engine.generate(prompt_ids[0], SamplingParams(max_new_tokens=4), timeout=60).completion_tokens == 4
+
+
+def test_an_engine_that_cannot_start_says_why(tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    """vLLM's engine process logs the cause and the parent raises "initialization failed": the error says both."""
+    import json
+    import shutil
+
+    folder = tmp_path / "long-context"
+    shutil.copytree(tiny_dirs[2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4_000_000}))
+    engine = VllmEngine(VllmConfig(folder, dtype="float32", enforce_eager=True, kv_cache_gib=0.25,
+                                   max_context=4_000_000, shutdown_timeout_s=2.0))
+    with pytest.raises(LoadError, match="KV cache is needed, which is larger than the available") as failed:
+        engine.start()
+    assert "initialization failed" in str(failed.value) and engine.last_error is not None
+    assert "KV cache" in engine.last_error
 
 
 def test_bad_requests_and_429(engine: VllmEngine, prompt_ids: list[list[int]]) -> None:

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from lockstep.core.errors import BadRequest, LoadError, NotReady, Overloaded, Ve
 from lockstep.engine.event import FinalEvent, FinishReason, TokenEvent
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.sampling_params import SamplingParams
+from lockstep.engine.vllm.output_tail import OutputTail
 from lockstep.engine.vllm.reaper import ensure_reaper
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED,
@@ -167,16 +168,18 @@ class VllmEngine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="lockstep-vllm", daemon=True)
         self._thread.start()
         started = time.monotonic()
+        tail = OutputTail()
         try:
-            self._call(self._create())
+            self._call(self._create(tail))
         except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            said = tail.cause()  # the engine process logs the cause; the exception here only says that it failed
+            self.last_error = f"{type(exc).__name__}: {exc}" + (f" (vLLM's engine process: {said})" if said else "")
             self._stop_loop()
             raise LoadError(f"vLLM could not start {self.config.model}: {self.last_error}") from exc
         self.start_seconds = time.monotonic() - started
         return self
 
-    async def _create(self) -> None:
+    async def _create(self, tail: OutputTail) -> None:
         from transformers import AutoConfig, AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -186,7 +189,8 @@ class VllmEngine:
             saved = {k: os.environ.get(k) for k in self.config.env()}
             os.environ.update(self.config.env())
             try:
-                self._llm = AsyncLLM.from_engine_args(args)
+                with tail:
+                    self._llm = AsyncLLM.from_engine_args(args)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -283,6 +287,9 @@ class VllmEngine:
         if req is None:
             return
         req.task = self._loop.create_task(self._serve(rid, req))
+        # A task cancelled before its first step never enters _serve, whose finally settles the request: then
+        # this does, or the request would count as waiting forever (the queue fills with ghosts: 429 for all).
+        req.task.add_done_callback(lambda _: self._settle(rid, req, FinishReason.CANCELLED))
         if req.handle.cancel_requested:
             req.task.cancel()
 
@@ -339,22 +346,30 @@ class VllmEngine:
             reason, error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
             self.last_error = error
         finally:
-            now = time.monotonic()
-            with self._lock:
-                self._requests.pop(rid, None)
-                if req.first_token_at is None:
-                    self._waiting -= 1
-                self._finished[str(reason)] += 1
-                latency = now - req.submitted_at
-                prev = self._latency_ewma_s
-                self._latency_ewma_s = latency if prev is None else prev + _LATENCY_EWMA_WEIGHT * (latency - prev)
-                self._idle.notify_all()
-            req.handle._push(VllmFinalEvent(
-                finish_reason=reason, text="".join(texts), token_ids=tuple(tokens), prompt_tokens=len(req.prompt_ids),
-                completion_tokens=len(tokens),
-                ttft_s=None if req.first_token_at is None else req.first_token_at - req.submitted_at,
-                latency_s=now - req.submitted_at, error=error, weight_versions=spans,
-                logprobs=None if logprobs is None else tuple(logprobs)))
+            self._settle(rid, req, reason, error=error, texts=texts, tokens=tokens, spans=spans, logprobs=logprobs)
+
+    def _settle(self, rid: int, req: _Request, reason: FinishReason, *, error: str | None = None,
+                texts: Sequence[str] = (), tokens: Sequence[int] = (), spans: tuple[tuple[str, int, int], ...] = (),
+                logprobs: Sequence[float] | None = None) -> None:
+        """End request ``rid``: out of the books, its final event sent; once only (later calls do nothing)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._requests.get(rid) is not req:
+                return
+            del self._requests[rid]
+            if req.first_token_at is None:
+                self._waiting -= 1
+            self._finished[str(reason)] += 1
+            latency = now - req.submitted_at
+            prev = self._latency_ewma_s
+            self._latency_ewma_s = latency if prev is None else prev + _LATENCY_EWMA_WEIGHT * (latency - prev)
+            self._idle.notify_all()
+        req.handle._push(VllmFinalEvent(
+            finish_reason=reason, text="".join(texts), token_ids=tuple(tokens), prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(tokens),
+            ttft_s=None if req.first_token_at is None else req.first_token_at - req.submitted_at,
+            latency_s=now - req.submitted_at, error=error, weight_versions=spans,
+            logprobs=None if logprobs is None else tuple(logprobs)))
 
     def canary(self, prompt_ids: list[int], tokens: int = 4) -> None:
         """A short greedy generation through vLLM: it must run and every sampled token's logprob be finite."""
