@@ -143,6 +143,18 @@ def test_a_full_queue_answers_429_with_retry_after_and_harms_no_admitted_request
     assert all(r.json()["model_version"] == 0 for r in results if r.status_code == 200)
 
 
+def test_more_answers_than_the_queue_holds_are_refused_and_leave_nothing_queued(replica: Proc) -> None:
+    """The answers admitted before the one refused are cancelled at once, before vLLM ever ran them: before, they
+    stayed counted as waiting, and a few such requests left the replica answering 429 to everyone, for good."""
+    wait_for(lambda: replica.status()["running"] + replica.status()["queue_depth"] == 0, 60, 0.1, "an idle replica")
+    for _ in range(3):
+        refused = _generate(replica, "x", max_new_tokens=2, n=5)  # 5 answers, a queue of 4
+        assert refused.status_code == 429, refused.text
+    wait_for(lambda: replica.status()["queue_depth"] == 0, 30, 0.1, "the cancelled answers to leave the queue")
+    assert replica.status()["running"] == 0
+    assert _generate(replica, "Once upon a time", max_new_tokens=4).status_code == 200
+
+
 def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
     answered = metric(replica, "lockstep_requests_total")
     with httpx.stream("POST", replica.url + "/v1/completions", timeout=60,
