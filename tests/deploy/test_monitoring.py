@@ -157,7 +157,7 @@ UNIT_TESTS: list[dict[str, Any]] = [
         ],
         "alert_rule_test": [{"eval_time": "12m", "alertname": "LockstepFleetVersionSplit", "exp_alerts": []}],
     },
-    {  # a is ready while serving 2 with 3 committed (a bug); b is behind but honestly unready
+    {  # a is ready while serving 2 with 3 committed (a bug); b is behind but honestly unready; c was never told
         "interval": "1m",
         "input_series": [
             _series("lockstep_serving_version", "a", "2x5"),
@@ -166,6 +166,9 @@ UNIT_TESTS: list[dict[str, Any]] = [
             _series("lockstep_serving_version", "b", "2x5"),
             _series("lockstep_committed_version", "b", "3x5"),
             _series("lockstep_ready", "b", "0x5"),
+            _series("lockstep_serving_version", "c", "2x5"),
+            _series("lockstep_committed_version", "c", "-1x5"),
+            _series("lockstep_ready", "c", "1x5"),
         ],
         "alert_rule_test": [
             {

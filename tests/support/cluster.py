@@ -42,6 +42,16 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
                                                                              if last_exc else ""))
 
 
+def gauges(replica: Proc) -> tuple[float | None, float | None]:
+    """``lockstep_serving_version`` and ``lockstep_committed_version`` on the replica's /metrics."""
+    found: dict[str, float] = {}
+    for line in replica.get("/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("lockstep_serving_version", "lockstep_committed_version"):
+            found[name] = float(value)
+    return found.get("lockstep_serving_version"), found.get("lockstep_committed_version")
+
+
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
     """``app`` under uvicorn on a free loopback port, in a thread of this process; its URL while in use."""
@@ -159,9 +169,11 @@ class LocalCluster:
         return self.run_cli("publish", ref, *extra)
 
     def wait_all_serving(self, version: int, timeout: float = 60) -> None:
+        """Every live replica ready on ``version``, and saying so on /metrics (what the alerts read)."""
         def check() -> bool:
             live = [r for r in self.replicas if r.alive()]
-            return all(r.status()["serving_version"] == version and r.ready() for r in live)
+            return all(r.status()["serving_version"] == version and r.ready() and gauges(r) == (version, version)
+                       for r in live)
 
         wait_for(check, timeout, 0.05, f"every replica serving v{version}")
 

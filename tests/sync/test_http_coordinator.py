@@ -14,6 +14,7 @@ from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
 from tests.support.cluster import Proc, base_env, free_port, http_replicas, spawn, wait_for
+from tests.support.vllm import metric
 
 TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
 
@@ -43,6 +44,8 @@ def test_stage_then_commit_flips_every_replica_to_the_same_version(replicas: lis
         wait_for(lambda p=p: p.status()["serving_version"] == result.version, 30, 0.05, f"{p.name} flipped")
         answer = p.post("/generate", json={"prompt": "The cat", "max_new_tokens": 4, "temperature": 0})
         assert answer.headers["x-model-version"] == str(result.version)
+        # What the alert LockstepReadyReplicaOffCommitted compares: before, the committed gauge stayed at 0.
+        assert metric(p, "lockstep_committed_version") == metric(p, "lockstep_serving_version") == result.version
 
 
 def test_a_replica_that_cannot_stage_aborts_a_strict_publish_for_all(replicas: list[Proc], tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ class Replica:
         self._staged: StagedPlan | None = None
         self.stage_info: StagedInfo | None = None
         self.state = ReplicaState.STARTING
-        self.committed_version: int | None = None  # what the cluster committed; None: no cluster
+        self._committed_version: int | None = None  # what the cluster committed; None: no cluster
         self.committed_digest: str | None = None
         self.last_error: str | None = None
         self.started_at = clock.time()
@@ -592,12 +592,21 @@ class Replica:
                              stats=self.rollout_stats.snapshot(versions))
 
     # ------------------------------------------------------------------ cluster view
+    @property
+    def committed_version(self) -> int | None:
+        """What the cluster committed (None: no cluster); ``lockstep_committed_version`` follows every change."""
+        return self._committed_version
+
+    @committed_version.setter
+    def committed_version(self, version: int | None) -> None:
+        self._committed_version = version
+        self.metrics.committed_version.set(-1 if version is None else version)
+
     def set_committed(self, version: int | None, digest: str | None = None) -> None:
         """Record what the cluster committed; readiness follows."""
         with self._lock:
             self.committed_version, self.committed_digest = version, digest
             self._update_state()
-        self.metrics.committed_version.set(-1 if version is None else version)
 
     def _update_state(self) -> None:
         if self.serving is None:

@@ -154,6 +154,7 @@ class ReplicaAgent:
                 r.apply_split(timer.split)
             elif isinstance(timer, agent.FlipAt):
                 r.flip(timer.version)
+                r.set_committed(timer.version, timer.digest)  # over HTTP too: what /metrics and /status say
             elif (serving := r.serving) is None or serving.version != timer.version:
                 r.set_committed(timer.version, timer.digest)
                 log.warning("%s is behind: v%d committed but not loaded yet; unready until it is", self.name,
