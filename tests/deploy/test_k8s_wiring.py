@@ -523,7 +523,7 @@ def test_pods_run_locked_down(workload: Doc) -> None:
 # Everything the trainer may do through the Kubernetes API (k8s/rbac.yaml): discovery reads pods; a job run
 # creates, reads and deletes its Job, lists its pods and reads their logs.
 TRAINER_RULES = {
-    ("trainer-pod-reader", "", "pods"): {"get", "list", "watch"},
+    ("trainer-pod-reader", "", "pods"): {"list"},
     ("trainer-job-runner", "batch", "jobs"): {"create", "get", "delete"},
     ("trainer-job-runner", "", "pods"): {"list"},
     ("trainer-job-runner", "", "pods/log"): {"get"},
