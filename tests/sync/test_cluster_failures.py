@@ -53,7 +53,11 @@ def test_a_replica_killed_while_it_stages_comes_back_at_the_version_the_others_c
 
     result = publish.result(timeout=120)  # the victim's heartbeat goes stale; the survivor alone is live
     assert result.outcome == "committed", result.summary()
-    assert [(r.replica_id, r.outcome) for r in result.replicas] == [(survivor.name, "serving")]
+    # The victim is said to be lost, not left out of the report, and it does not stop the commit. ("behind" when
+    # the kill came just after it reported the stage: it was committed, then never served.)
+    outcomes = {r.replica_id: r.outcome for r in result.replicas}
+    assert outcomes[survivor.name] == "serving" and outcomes[victim.name] in ("lost", "behind"), result.summary()
+    assert len(outcomes) == 2
     cluster.wait_all_serving(result.version)
 
     back = cluster.add_replica(victim.name)  # boots straight into the committed version, ready only then

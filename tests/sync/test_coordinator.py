@@ -348,3 +348,27 @@ def test_a_trainer_restarted_mid_rollout_starts_and_rolls_it_back_once_the_dead_
     assert state.split is None and state.committed is not None and state.committed.version == 1
     assert "restarted during the rollout" in (state.pending.reason or "")
     restarted.close()
+
+
+def test_a_coordinator_paused_past_its_lease_cannot_write_over_the_one_that_took_it(tmp_path: Path) -> None:
+    """Before, a coordinator stopped mid-publish (SIGSTOP) wrote its abort over the newer commit when it woke."""
+    from lockstep.sync.http_fleet import HttpFleet
+
+    clock = FakeClock(time.time())
+    settings = Settings(shared_dir=None, lease_ttl_s=6.0)
+
+    def coordinator(owner: str) -> Coordinator:
+        return Coordinator.over_http(settings, HttpFleet(settings, lambda: [], clock=clock), clock=clock,
+                                     owner=owner, data_dir=tmp_path)
+
+    paused, other = coordinator("paused"), coordinator("other")
+    paused.lease.acquire()
+    before = paused.write_state(SyncState(), committed=Committed(version=1, model="versions/000001"))
+    clock.advance(10)  # paused past its lease: the other takes it over and commits v3
+    with other.lease:
+        other.write_state(before, committed=Committed(version=3, model="versions/000003"))
+    with pytest.raises(LeaseHeld):
+        paused.write_state(before, pending=Pending(version=2, model="versions/000002", phase=Phase.ABORT))
+    state = other.ledger.read()
+    assert isinstance(state, SyncState) and state.committed is not None and state.committed.version == 3
+    assert state.pending is None and state.writer == "other"

@@ -97,3 +97,27 @@ def test_a_reference_that_is_not_there_is_refused_before_any_replica_stages(repl
     assert [a["staged"] for a in after] == [b["staged"] for b in before]  # no replica was asked to stage
     assert [a["serving_version"] for a in after] == [b["serving_version"] for b in before]
     assert all(p.ready() for p in replicas)
+
+
+def test_catching_up_a_replica_that_has_the_version_staged_commits_it_without_a_second_copy(
+        replicas: list[Proc], tmp_path: Path) -> None:
+    """As after a trainer that died between writing a commit and delivering it: the replica staged v, the ledger
+    says v is committed. Before, the catch-up read it as behind, committed, then staged v again beside it."""
+    from lockstep.sync.protocol import Committed, SyncState
+
+    replica = replicas[0]
+    serving = replica.status()["serving_version"]
+    version = serving + 1
+    staged = replica.post("/admin/stage", json={"model": "builtin:tiny-s2", "version": version})
+    assert staged.status_code == 202, staged.text
+    wait_for(lambda: (replica.status().get("staged") or {}).get("state") == "staged", 120, 0.05, "the stage")
+    settings = Settings(poll_interval_s=0.05, stage_timeout_s=120)
+    coordinator = Coordinator.over_http(settings, HttpFleet(settings, lambda: [replica.url], clock=SYSTEM_CLOCK),
+                                        clock=SYSTEM_CLOCK, owner="test", data_dir=tmp_path)
+    with coordinator.lease:
+        coordinator.write_state(SyncState(), committed=Committed(version=version, model="builtin:tiny-s2"))
+    reports = coordinator.catch_up()
+    assert [r.outcome for r in reports] == ["serving"], reports
+    status = replica.status()
+    assert status["serving_version"] == version and status["ready"]
+    assert not status.get("staged"), status["staged"]  # no second copy of what it serves

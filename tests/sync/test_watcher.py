@@ -97,6 +97,28 @@ def test_a_hand_written_state_is_ignored_with_its_reason_in_the_log(
         b.watcher.tick()
 
 
+def test_a_replica_that_starts_on_a_torn_state_file_waits_rather_than_serve_the_initial_model(
+        tmp_path: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], caplog: pytest.LogCaptureFixture) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    b = Booted(shared, builtin_dir, tiny_dirs)
+    try:
+        b.path.write_text('{"generation": 4, "comm')  # a cluster's state, damaged: not "no cluster yet"
+        with caplog.at_level(logging.WARNING, logger="lockstep.sync.watcher"):
+            for _ in range(3):
+                b.watcher.tick()
+        assert "not booting until a coordinator writes it again" in caplog.text
+        assert b.replica.serving is None and b.replica.stage_info is None and not b.replica.ready
+        write_sync_state(b.path, SyncState(generation=5, committed=Committed(
+            version=2, model="versions/000002", digest=b.v2.digest, activate_at=b.clock.time())))
+        b.watcher.tick()
+        wait_for(lambda: b.replica.serving is not None, 60, 0.02, "the boot load")
+        b.watcher.tick()
+        assert b.replica.ready and b.replica.serving is not None and b.replica.serving.version == 2
+    finally:
+        b.replica.close()
+
+
 def test_a_load_that_ends_after_a_newer_commit_leaves_the_replica_unready(
         booted: Booted, builtin_dir: Path) -> None:
     # A catch-up of v1 is still loading when v2 is committed: when it ends, the replica serves v1 but must

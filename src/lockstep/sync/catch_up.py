@@ -70,11 +70,12 @@ class CatchUp:
                  beat.serving.version if beat.serving else None, committed.version)
         commit = Pending(version=committed.version, model=committed.model, digest=committed.digest,
                          phase=Phase.COMMIT)
-        # Told first, so it stops taking traffic at once (it answers 409 unless it already serves the version).
-        c.fleet.deliver(commit, state.generation, [beat])
+        # Told first, so it stops taking traffic at once. It answers 409 unless it serves the version or has it
+        # staged; then the commit alone brings it there (a stage now would load a second copy of what it serves).
+        refused = c.fleet.deliver(commit, state.generation, [beat])
         result = PublishResult(committed.version, committed.model, PublishOutcome.COMMITTED,
                                replicas=[ReplicaReport(beat.replica_id, ReplicaOutcome.STAGED)])
-        if beat.serving is None or beat.serving.version != committed.version:
+        if beat.replica_id in refused and (beat.serving is None or beat.serving.version != committed.version):
             failed = c.fleet.deliver(commit.model_copy(update={"phase": Phase.PREPARE}), state.generation, [beat])
             source = Source(committed.version, committed.model, committed.digest)
             reports, _ = c.wait_staged(source, state.generation, c.clock.time() + c.settings.stage_timeout_s,

@@ -214,6 +214,9 @@ class Coordinator:
         new = state.model_copy(update={"generation": state.generation + 1, "updated_at": self.clock.time(),
                                        "writer": self.owner, "format": 1, **changes})
         began = self.clock.monotonic()
+        # Still ours? A coordinator paused past its lease (a stopped process, a long GC, a partition) must not
+        # write over what the one that took the lease over decided since: LeaseHeld, and nothing written.
+        self.lease.renew()
         self.ledger.write(new)
         self.last_write_s = self.clock.monotonic() - began
         return new
@@ -319,7 +322,11 @@ class Coordinator:
                 for r in waiting:
                     r.error = "did not stage before the deadline" if out_of_time else "still staging when another " \
                         "replica failed"
-                return reports, live
+                reporting = {r.replica_id for r in reports}
+                lost = [ReplicaReport(name, ReplicaOutcome.LOST, "stopped reporting before it staged; it catches "
+                                      "up to the committed version when it comes back")
+                        for name in expected if name not in reporting]
+                return reports + lost, live
             if self.clock.time() >= renew_at:
                 self.lease.renew()
                 renew_at = self.clock.time() + self.settings.lease_ttl_s / 3
@@ -382,37 +389,46 @@ class Coordinator:
         Only where decisions are pushed: replicas on a shared folder drop a prepare past its deadline themselves,
         and a trainer starting beside a running ``lockstep publish`` must not abort that one.
         """
-        state = self.read_state()
-        pending = state.pending
-        if pending is not None and pending.phase is Phase.CANARY and self.fleet.pushes:
-            try:
-                self.end_rollout(RESTARTED_MID_ROLLOUT)
-            except LeaseHeld as exc:
-                # The lease of the coordinator that died runs out within its TTL; startup must not wait for it
-                # (the trainer would miss its probes), nor fail (it would crash-loop with the split in force).
-                log.warning("%s: the rollout of v%d it left is rolled back once the lease is free", exc,
-                            pending.version)
-                threading.Thread(target=self._end_rollout_once_free, name="end-rollout", daemon=True).start()
+        pending = self.read_state().pending
+        if not self.fleet.pushes or pending is None or pending.phase not in (Phase.CANARY, Phase.PREPARE):
             return
-        if not self.fleet.pushes or pending is None or pending.phase is not Phase.PREPARE:
-            return
-        log.warning("aborting the unfinished prepare of v%d left by %s", pending.version, pending.coordinator)
-        abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": "the trainer restarted during prepare"})
-        state = self.write_state(state, pending=abort)
-        self.fleet.deliver(abort, state.generation)
+        try:
+            self._end_left_decision()
+        except LeaseHeld as exc:
+            # The lease of the coordinator that died runs out within its TTL; startup must not wait for it
+            # (the trainer would miss its probes), nor fail (it would crash-loop with a split in force).
+            log.warning("%s: the %s of v%d it left is ended once the lease is free", exc, pending.phase.value,
+                        pending.version)
+            threading.Thread(target=self._end_left_decision_once_free, name="end-left-decision",
+                             daemon=True).start()
 
-    def _end_rollout_once_free(self) -> None:
-        """``end_rollout`` as soon as the lease is free (until this coordinator closes)."""
+    def _end_left_decision(self) -> None:
+        """Roll back a rollout, or abort a prepare, that the last coordinator left (under the lease)."""
+        if (pending := self.read_state().pending) is not None and pending.phase is Phase.CANARY:
+            self.end_rollout(RESTARTED_MID_ROLLOUT)
+            return
+        with self.lease, self.drive_lock:
+            state = self.read_state()
+            pending = state.pending
+            if pending is None or pending.phase is not Phase.PREPARE:
+                return
+            log.warning("aborting the unfinished prepare of v%d left by %s", pending.version, pending.coordinator)
+            abort = pending.model_copy(update={"phase": Phase.ABORT,
+                                               "reason": "the trainer restarted during prepare"})
+            state = self.write_state(state, pending=abort)
+            self.fleet.deliver(abort, state.generation)
+
+    def _end_left_decision_once_free(self) -> None:
+        """``_end_left_decision`` as soon as the lease is free (until this coordinator closes)."""
         while not self._closed.is_set():
             try:
-                with_lease_wait(lambda: self.end_rollout(RESTARTED_MID_ROLLOUT), self.clock,
-                                self.settings.lease_ttl_s)
+                with_lease_wait(self._end_left_decision, self.clock, self.settings.lease_ttl_s)
                 return
             except LeaseHeld:
                 continue  # still held (a live coordinator may be driving it: end_rollout then finds it ended)
             except Exception:
-                log.exception("could not roll back the rollout left by the last trainer; use lockstep rollout "
-                              "abort")
+                log.exception("could not end the rollout or prepare left by the last trainer; use lockstep "
+                              "rollout abort, or publish again")
                 return
 
     def catch_up(self) -> list[ReplicaReport]:

@@ -17,6 +17,7 @@ class ReplicaOutcome(StrEnum):
     TIMEOUT = "timeout"  # still staging at the deadline, or when another replica failed
     SERVING = "serving"  # serves the committed version, ready
     BEHIND = "behind"  # committed but not serving it yet: unready until it catches up
+    LOST = "lost"  # stopped reporting during the prepare: gone from the fleet; it catches up when it returns
 
 
 class PublishOutcome(StrEnum):
@@ -73,6 +74,7 @@ class PublishResult:
 
 def commit_refusal(reports: list[ReplicaReport], policy: CommitPolicy) -> str | None:
     """Why a staged version must not be committed (different weights, or too few staged), or None."""
+    reports = [r for r in reports if r.outcome is not ReplicaOutcome.LOST]  # gone: neither for nor against
     staged = [r for r in reports if r.outcome is ReplicaOutcome.STAGED]
     bad = [r for r in reports if r.outcome is not ReplicaOutcome.STAGED]
     if len({r.weights_digest for r in staged if r.weights_digest}) > 1:

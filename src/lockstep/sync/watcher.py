@@ -112,6 +112,7 @@ class SyncWatcher:
                                   replica_id, beat=self._beat_soon, wake=self._wake.set)
         self._last_problem: str | None = None
         self._last_bytes: bytes | None = None  # the file as last read
+        self._unreadable = False  # the state file is there but cannot be read (torn, garbage)
         self._legacy_seen: str | None = None
         self._naive: threading.Thread | None = None
         self._publish_thread: threading.Thread | None = None
@@ -165,7 +166,13 @@ class SyncWatcher:
     # ------------------------------------------------------------------ one poll
     def tick(self) -> None:
         self._read()
-        if self.settings.sync_mode != "naive" or self.replica.serving is None:
+        if self._unreadable and self.last_good is None and self.replica.serving is None:
+            # A cluster's state exists but says nothing yet: booting the initial model would serve v0 as ready
+            # while the fleet serves what was committed. Stay unready until a coordinator rewrites the file.
+            self._problem(f"{self.path} exists but cannot be read, and no good state was seen since this replica "
+                          "started; not booting until a coordinator writes it again (lockstep publish or "
+                          "lockstep rollback)")
+        elif self.settings.sync_mode != "naive" or self.replica.serving is None:
             self.agent.step()  # naive mode (benchmark baseline) only boots through it
         self._write_pins()
         if self.clock.time() >= self._beat_due:
@@ -193,13 +200,18 @@ class SyncWatcher:
     def _read(self) -> SyncState | None:
         try:
             data = shared_files.read_sync_state_bytes(self.path)
-            if data is None or data == self._last_bytes:
+            if data is None:
+                self._unreadable = False  # no cluster state at all: a new cluster, the initial model is right
+                return self.last_good
+            if data == self._last_bytes:
                 return self.last_good  # unchanged since the last poll: already handled (parsing costs CPU)
             self._last_bytes = data
             state = shared_files.decode_sync_state(data, self.path)
         except ValueError as exc:
+            self._unreadable = True
             self._problem(str(exc))
             return self.last_good
+        self._unreadable = False
         if isinstance(state, LegacyRequest):
             self._last_bytes = None  # handled on every poll until a coordinator replaces it
             if (problem := protocol.legacy_problem(state.desired_model_repo_id)) is not None:
