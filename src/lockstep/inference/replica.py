@@ -135,7 +135,8 @@ class Replica:
         self._staged: StagedPlan | None = None
         self.stage_info: StagedInfo | None = None
         self.state = ReplicaState.STARTING
-        self._committed_version: int | None = None  # what the cluster committed; None: no cluster
+        self._committed_version: int | None = None
+        self.committed_version = None  # what the cluster committed; None: no cluster (the gauge says -1)
         self.committed_digest: str | None = None
         self.last_error: str | None = None
         self.started_at = clock.time()

@@ -35,9 +35,7 @@ __all__ = ["Coordinator", "ProgressFn", "PublishResult", "ReplicaReport", "Sourc
 
 SERVING_GRACE_S = 5.0  # seconds after activate_at to see every committed replica serve the version
 REBUILD_EVERY_S = 2.0  # seconds a state rebuilt from replicas over HTTP is reused (each rebuild asks them all)
-
-
-RESTARTED_MID_ROLLOUT = "the trainer restarted during the rollout; rolled back"
+RESTARTED_MID_ROLLOUT = "the trainer restarted during the rollout; rolled back"  # the reason a recovery gives
 
 
 class Coordinator:

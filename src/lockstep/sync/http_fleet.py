@@ -220,19 +220,18 @@ class HttpFleet:
                                 seed=decision.version)
             return self._post_each(path, body, generation, targets, extra=lambda url: {"peers": peers[url]})
         elif decision.phase is Phase.COMMIT:
-            activate_at = decision.activate_at
-            if activate_at is not None:
-                return self._post_each("/admin/commit", {"version": decision.version}, generation, targets,
-                                       extra=lambda url: {"activate_at": self._on_clock_of(url, activate_at)})
             path, body = "/admin/commit", {"version": decision.version}
+            return self._post_each(path, body, generation, targets, extra=self._moment(decision.activate_at))
         else:
             path, body = "/admin/abort", {"version": decision.version}
 
         return self._post_each(path, body, generation, targets)
 
-    def _on_clock_of(self, url: str, t: float) -> float:
-        """``t`` of this clock on the clock of the replica at ``url``."""
-        return t + self.clock_offsets.of(url)
+    def _moment(self, activate_at: float | None) -> Callable[[str], dict[str, Any]] | None:
+        """The body field that tells each replica ``activate_at`` on its own clock (None: none to tell)."""
+        if activate_at is None:
+            return None
+        return lambda url: {"activate_at": activate_at + self.clock_offsets.of(url)}
 
     def holders(self, version: int, limit: int = HOLDER_PEERS) -> list[str]:
         """URLs of replicas that were ready serving ``version`` at the last reading, a few picked at random."""
@@ -258,11 +257,8 @@ class HttpFleet:
 
     def deliver_split(self, split: Split, model: str, generation: int, to: list[Heartbeat]) -> dict[str, str]:
         body = {**split.model_dump(mode="json"), "model": model}
-        activate_at = split.activate_at
-        shifted = None if activate_at is None else (
-            lambda url: {"activate_at": self._on_clock_of(url, activate_at)})
         return self._post_each("/admin/split", body, generation, {b.url: b.replica_id for b in to if b.url},
-                               extra=shifted)
+                               extra=self._moment(split.activate_at))
 
     def session_pins(self, rollout: str, step: int, to: list[Heartbeat], until: float
                      ) -> tuple[dict[str, list[str]], dict[str, str]]:
