@@ -181,9 +181,9 @@ class UploadStore:
         with self._lock:
             if upload_id in self._sealed:
                 raise Conflict(f"upload {upload_id} is being published; start a new upload to send more chunks")
-        if hashlib.sha256(data).hexdigest() != chunk.sha256:
-            raise BadRequest(f"chunk {chunk.sha256[:12]}: the bytes sent have sha256 {hashlib.sha256(data).hexdigest()}"
-                             " (corrupted in transit); send it again")
+        if (sent := hashlib.sha256(data).hexdigest()) != chunk.sha256:
+            raise BadRequest(f"chunk {chunk.sha256[:12]}: the bytes sent have sha256 {sent} (corrupted in transit); "
+                             "send it again")
         if chunks.has(chunk):  # costs this upload nothing (put marks it used, so gc keeps it for the publish)
             return {"sha256": chunk.sha256, "size": chunk.size, "stored": chunks.put(chunk, data)}
         with self._lock:  # counted before it is written: parallel chunks cannot pass the budget together
@@ -193,15 +193,13 @@ class UploadStore:
                                      f"{chunk.size} more would pass its {self.max_bytes} bytes "
                                      "(LOCKSTEP_MAX_UPLOAD_BYTES)")
             upload.chunk_bytes += chunk.size
+        written = False
         try:
             written = chunks.put(chunk, data)
-        except BaseException:
-            with self._lock:
-                self._state(upload_id).chunk_bytes -= chunk.size
-            raise
-        if not written:  # another upload stored it meanwhile: it costs this one nothing
-            with self._lock:
-                self._state(upload_id).chunk_bytes -= chunk.size
+        finally:
+            if not written:  # failed, or another upload stored it meanwhile: it costs this one nothing
+                with self._lock:
+                    self._state(upload_id).chunk_bytes -= chunk.size
         return {"sha256": chunk.sha256, "size": chunk.size, "stored": written}
 
     def assemble(self, upload_id: str, entry: FileEntry, chunks: ChunkStore) -> dict[str, object]:
