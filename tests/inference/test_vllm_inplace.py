@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.cluster import Proc, base_env, free_port, metric, spawn, wait_for
 from tests.support.load import GenerationLoad, check_answers, greedy_texts
-from tests.support.vllm import VLLM_ENV, metric, needs_vllm, stage, vllm_processes, wait_gone, wait_ready
+from tests.support.vllm import VLLM_ENV, needs_vllm, stage, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
 

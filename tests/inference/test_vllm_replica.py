@@ -18,9 +18,9 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.support.cluster import Proc, base_env, free_port, spawn, wait_for
+from tests.support.cluster import Proc, base_env, free_port, metric, spawn, wait_for
 from tests.support.load import PROMPTS, GenerationLoad, check_answers, greedy_texts
-from tests.support.vllm import VLLM_ENV, metric, needs_vllm, rss_mib, stage, vllm_processes, wait_gone, wait_ready
+from tests.support.vllm import VLLM_ENV, needs_vllm, rss_mib, stage, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
 

@@ -42,14 +42,18 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str =
                                                                              if last_exc else ""))
 
 
-def gauges(replica: Proc) -> tuple[float | None, float | None]:
+def metric(proc: Proc, name: str) -> float:
+    """The sum of every series of metric ``name`` on the replica's /metrics."""
+    total = 0.0
+    for line in proc.get("/metrics").text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def gauges(replica: Proc) -> tuple[float, float]:
     """``lockstep_serving_version`` and ``lockstep_committed_version`` on the replica's /metrics."""
-    found: dict[str, float] = {}
-    for line in replica.get("/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("lockstep_serving_version", "lockstep_committed_version"):
-            found[name] = float(value)
-    return found.get("lockstep_serving_version"), found.get("lockstep_committed_version")
+    return metric(replica, "lockstep_serving_version"), metric(replica, "lockstep_committed_version")
 
 
 @contextmanager

@@ -97,12 +97,3 @@ def stage(proc: Proc, model: str, version: int, auth: dict[str, str]) -> dict[st
             return staged  # type: ignore[no-any-return]
         time.sleep(0.1)
     raise AssertionError(f"the stage of v{version} did not end within {ENGINE_START_S} s: {proc.log()[-3000:]}")
-
-
-def metric(proc: Proc, name: str) -> float:
-    """The sum of every series of metric ``name`` on the replica's /metrics."""
-    total = 0.0
-    for line in proc.get("/metrics").text.splitlines():
-        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total

@@ -13,8 +13,7 @@ from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
-from tests.support.cluster import Proc, base_env, free_port, http_replicas, spawn, wait_for
-from tests.support.vllm import metric
+from tests.support.cluster import Proc, base_env, free_port, http_replicas, metric, spawn, wait_for
 
 TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
 
