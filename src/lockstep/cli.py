@@ -54,37 +54,8 @@ def _guarded(settings: Settings, host: str, server: str) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------------- serve
-def _run_quiet_server(app: Any, host: str, port: int) -> None:
-    """``uvicorn.run``, but its housekeeping tick (Date header, exit check) runs at 1 Hz instead of 10 Hz.
-
-    Ten wake-ups a second were a third of an idle replica's CPU. A signal still stops it at once: the handler
-    wakes the loop instead of waiting for the next tick.
-    """
-    import asyncio
-    import contextlib
-
-    import uvicorn
-
-    class QuietServer(uvicorn.Server):
-        _loop: asyncio.AbstractEventLoop | None = None
-        _exit: asyncio.Event | None = None
-
-        async def main_loop(self) -> None:
-            self._loop, self._exit = asyncio.get_running_loop(), asyncio.Event()
-            while not await self.on_tick(0):  # counter 0: every tick refreshes the Date header
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exit.wait(), 1.0)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            if self._loop is not None and self._exit is not None:
-                self._loop.call_soon_threadsafe(self._exit.set)
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    QuietServer(config).run()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from lockstep.core.http_server import run_server
     from lockstep.inference.app import create_app
 
     base = load_settings(**_shared_overrides(args), initial_model_repo_id=args.model)
@@ -100,24 +71,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("replica %s on %s (shared folder: %s)", replica_id, settings.advertise_url, settings.shared_dir)
     app = create_app(settings)
     freeze_long_lived()  # before the first model loads: retiring a version then collects only what came since
-    _run_quiet_server(app, args.host, args.port)
+    run_server(app, args.host, args.port)
     return 0
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from lockstep.core.http_server import run_server
     from lockstep.trainer.server.app import create_app
 
     settings = _guarded(load_settings(**_shared_overrides(args)), args.host, "lockstep trainer")
     _setup_logging(args.log_level, "trainer")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    run_server(create_app(settings), args.host, args.port)
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from lockstep.core.http_server import run_server
     from lockstep.ui.app import create_app
 
     overrides: dict[str, Any] = {}
@@ -125,7 +94,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         overrides["trainer_url"] = args.trainer_url
     settings = _guarded(load_settings(**overrides), args.host, "lockstep ui")
     _setup_logging(args.log_level, "ui")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning", access_log=False)
+    run_server(create_app(settings), args.host, args.port)
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from lockstep.core.http_server import server_config
 from lockstep.core.settings import Settings
 from lockstep.inference.app import create_app
 from lockstep.inference.runtime import ReplicaRuntime
@@ -109,9 +110,7 @@ def served(
     torch.set_num_threads(1)
     port = free_port()
     app = create_app(settings, runtime=runtime)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
-    )
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     srv = Served(f"http://127.0.0.1:{port}", app)

@@ -220,6 +220,20 @@ def test_admin_bodies_out_of_range_are_a_400_and_change_nothing(
     assert st["staged"] is None and st["serving_version"] == 0 and st["ready"]
 
 
+@pytest.mark.parametrize("folder", ["/proc", "/usr"])
+def test_a_system_folder_as_the_model_is_a_400(srv: Served, folder: str) -> None:
+    """/proc holds entries no one may list and /usr tens of thousands of files: each is refused as no model folder,
+    quickly (the walk is bounded), and nothing is staged."""
+    for path, body in [("/admin/stage", {"model": folder, "version": 9, "check_only": True}),
+                       ("/admin/stage", {"model": folder, "version": 9}),
+                       ("/update-model", {"model_repo_id": folder})]:
+        r = post(srv, path, body, auth=True)
+        assert r.status_code == 400, (path, body, r.status_code, r.text[:300])
+        assert r.json()["error"]["code"] == "invalid_model_reference", r.text[:300]
+    st = srv.status()
+    assert st["staged"] is None and st["serving_version"] == 0 and st["ready"]
+
+
 @pytest.mark.parametrize("raw", [b"\xb2", b"\xb9\xb3", b"-1", b"1.0", b"9" * 16])
 def test_a_version_header_that_is_no_version_number_is_a_400(srv: Served, raw: bytes) -> None:
     # Over the socket a byte 0xB2 reaches the app as '²': a digit to str.isdigit(), not to int().

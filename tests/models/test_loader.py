@@ -262,3 +262,50 @@ def test_corrupt_safetensors_is_a_load_error(tmp_path: Path, tiny_dirs: dict[int
     s = settings()
     with pytest.raises(LoadError, match="could not load"):
         loader.load(loader.resolve(str(folder), s), s)
+
+
+def test_a_folder_with_unreadable_parts_is_a_bad_reference_not_a_crash(tmp_path: Path) -> None:
+    # /proc holds entries not even root may list; a reference to it used to escape as a PermissionError (500).
+    with pytest.raises(BadModelRef, match="cannot read|can read"):
+        loader.check_safe_files(Path("/proc"), settings())
+
+
+def test_a_huge_folder_is_refused_without_walking_all_of_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader, "MAX_MODEL_FOLDER_ENTRIES", 50)
+    for i in range(10):
+        (tmp_path / f"d{i}").mkdir()
+        for j in range(10):
+            (tmp_path / f"d{i}" / f"f{j}.txt").write_text("x")
+    walked: list[str] = []
+    real_walk = loader.os.walk
+
+    def counting_walk(*args: Any, **kwargs: Any) -> Any:
+        for step in real_walk(*args, **kwargs):
+            walked.append(step[0])
+            yield step
+
+    monkeypatch.setattr(loader.os, "walk", counting_walk)
+    with pytest.raises(BadModelRef, match="more than 50"):
+        loader.check_safe_files(tmp_path, settings())
+    assert len(walked) < 11, "the walk went on after the bound"
+
+
+def test_a_config_naming_far_more_layers_than_the_files_hold_is_refused_before_allocating(
+        tmp_path: Path, tiny_dirs: dict[int, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers allocates (and fills at random) every weight the config names: 2,000 layers beside a 2-layer
+    checkpoint took gigabytes before the load found them missing. It must be refused before from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    folder = copy_model(tiny_dirs[0], tmp_path / "absurd")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 2000
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("from_pretrained was called: the weights would be allocated")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    s = settings()
+    with pytest.raises(LoadError, match="describes a model of") as err:
+        loader.load(loader.resolve(str(folder), s), s)
+    assert "are not in the files, e.g. model.layers." in str(err.value), "the message names a weight the files lack"

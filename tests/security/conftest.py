@@ -17,6 +17,7 @@ import pytest
 import torch
 import uvicorn
 
+from lockstep.core.http_server import server_config
 from lockstep.core.settings import Settings
 from tests.support.cluster import free_port, wait_for
 
@@ -68,8 +69,7 @@ def serve(app: Any, ready_path: str | None = None) -> Iterator[Server]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-sec-{port}", daemon=True)
     thread.start()
     srv = Server(f"http://127.0.0.1:{port}", app, port)

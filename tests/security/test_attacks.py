@@ -617,6 +617,24 @@ def test_200_mb_body_is_413_before_it_is_read(server_name: str, request: pytest.
     assert sent < size // 4, f"{server_name} took {sent} bytes of a body it refuses"
 
 
+@pytest.mark.parametrize("server_name", ["replica", "trainer", "ui"])
+def test_64_mb_header_is_431_while_it_arrives(server_name: str, request: pytest.FixtureRequest) -> None:
+    """uvicorn buffers a request's head without limit, and no app sees it before it ends: the server itself must
+    refuse a head past its bound, long before 64 MB were taken. Many small headers are refused the same way;
+    a head of ordinary size (a 16 KB cookie) is not."""
+    server: Server = request.getfixturevalue(server_name)
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: "
+    size = 64 << 20
+    answer, sent = raw_http(server.port, head, iter([b"a" * 65_536] * (size // 65_536)), read_timeout=30)
+    assert answer.startswith(b"HTTP/1.1 431"), f"{server_name}: {answer[:200]!r}"
+    assert sent < size // 16, f"{server_name} took {sent} bytes of a header it refuses"
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(1000))
+    answer, _ = raw_http(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431"), f"{server_name}, 1000 headers: {answer[:200]!r}"
+    ordinary = httpx.get(server.url + "/healthz", headers={"Cookie": "c=" + "x" * 16_000}, timeout=30)
+    assert ordinary.status_code == 200, f"{server_name}: a 16 KB cookie got {ordinary.status_code}"
+
+
 # ================================================================================= 8. authenticate, then parse
 MALFORMED = [b"{not json", b'{"version": "x", "model": 5}', b""]
 

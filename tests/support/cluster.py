@@ -63,8 +63,10 @@ def serving(app: Any) -> Iterator[str]:
 
     import uvicorn
 
+    from lockstep.core.http_server import server_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

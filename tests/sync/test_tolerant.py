@@ -190,3 +190,52 @@ def test_the_problem_log_forgets_old_keys_rather_than_grow_without_bound() -> No
     for i in range(ProblemLog.MAX_KEYS * 3):
         problems.report(f"file-{i}", "bad")
     assert len(problems._last) <= ProblemLog.MAX_KEYS
+
+
+# ------------------------------------------------------------------------------------------ not regular files
+def test_a_fifo_where_a_shared_file_belongs_is_refused_without_blocking_the_reader(tmp_path: Path) -> None:
+    """``open`` of a FIFO waits for a writer: a FIFO put in place of a heartbeat, the sync state, the lease or a
+    MANIFEST held the trainer's threads for good (removing it did not wake them). Each reader must refuse it
+    at once, as any other file that is not ours. Every read runs in a thread with a bound, so a hang fails."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lockstep.store.lease import Lease
+    from lockstep.store.model_store import ModelStore
+    from lockstep.sync.shared_files import read_sync_state_bytes
+
+    write_heartbeat(tmp_path, beat("good"))
+    os.mkfifo(tmp_path / "replicas" / "evil.json")
+    os.mkfifo(tmp_path / "sync_state.json")
+    (tmp_path / "locks").mkdir()
+    os.mkfifo(tmp_path / "locks" / "coordinator.lease")
+    store = ModelStore(tmp_path)
+    (store.versions_dir / "000001").mkdir(parents=True)
+    os.mkfifo(store.versions_dir / "000001" / "MANIFEST.json")
+
+    def sync_state() -> str:
+        try:
+            read_sync_state_bytes(tmp_path / "sync_state.json")
+        except ValueError as exc:
+            return str(exc)
+        return "read"
+
+    pool = ThreadPoolExecutor(4)
+    try:
+        beats = pool.submit(read_heartbeats, tmp_path, NOW, problems=ProblemLog(log))
+        state = pool.submit(sync_state)
+        holder = pool.submit(lambda: Lease(tmp_path / "locks", owner="t", ttl_s=5).holder())
+        listed = pool.submit(store.list)
+        assert [b.replica_id for b in beats.result(timeout=30)] == ["good"]
+        assert "not a regular file" in state.result(timeout=30)
+        assert holder.result(timeout=30) is not None  # a torn lease to its readers: it expires like one
+        assert listed.result(timeout=30) == []
+    finally:
+        for fifo in (tmp_path / "replicas" / "evil.json", tmp_path / "sync_state.json",
+                     tmp_path / "locks" / "coordinator.lease", store.versions_dir / "000001" / "MANIFEST.json"):
+            try:  # wake any reader still blocked in open(), so that the pool can end
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass
+        pool.shutdown(wait=True)

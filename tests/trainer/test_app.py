@@ -346,6 +346,23 @@ def test_metadata_is_bounded_in_keys_and_size(api: TestClient) -> None:
         assert response.status_code == 400 and "metadata" in error(response)
 
 
+@pytest.mark.parametrize("raw", [b'{"metadata": {"\\ud800": "x"}}', b'{"metadata": {"notes": "a\\udfffb"}}',
+                                 b'{"metadata": {"m": [{"\\ud83d": 1}]}}'])
+def test_metadata_with_a_lone_surrogate_is_400_before_anything_is_written(api: TestClient, raw: bytes) -> None:
+    # json.dumps writes the surrogate as an escape, and every strict reader then refuses the MANIFEST.json.
+    response = api.post("/store/uploads/up-0000000000000000/publish", content=raw,
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "surrogate" in error(response), response.text
+
+
+def test_an_unknown_option_named_with_a_lone_surrogate_is_400(api: TestClient) -> None:
+    # The 400 quotes the option's name, which UTF-8 cannot encode: the answer must still be the 400.
+    response = api.post("/runs", content=b'{"kind": "finetune", "params": {"trl_args": {"\\ud800": 1}}}',
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "trl_args" in error(response) and "\\ud800" in error(response), response.text
+
+
 def test_garbage_collection_runs_at_trainer_start(tmp_path: Path, builtin_dir: Path,
                                                   tiny_dirs: dict[int, Path]) -> None:
     import json

@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from lockstep.core.http_server import server_config
 from lockstep.core.settings import Settings, load_settings
 from lockstep.sync.gates import GATES
 from lockstep.trainer.server.app import create_app as trainer_app
@@ -41,8 +42,7 @@ def trainer_settings(root: Path, builtin_dir: Path) -> Settings:
 def serve(app: Any) -> Iterator[str]:
     """``app`` under uvicorn in a thread of this process (lifespan on); its URL until the block ends."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, lifespan="on"))
     thread = threading.Thread(target=server.run, name=f"uvicorn-ui-rollout-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,38 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """A shared file's bytes: at most ``limit`` + 1 of them, and only from a regular file.
+
+    Open and read, never stat() alone (close-to-open consistency on NFS). Opened non-blocking and checked before
+    the read: a FIFO someone put where a heartbeat or the sync state belongs would block the reader's thread
+    forever (removing it afterwards does not wake an ``open`` that waits for a writer). ``OSError`` otherwise.
+    """
+    return read_regular_with_stat(path, limit)[0]
+
+
+def read_regular_with_stat(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """``read_regular``, with the file's status as it was opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 16 if limit is None else min(1 << 16, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                break
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path) -> Any:
     """Open and read (close-to-open consistency on NFS), never stat() alone. Raises on any problem."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_regular(path)
     if not data.strip():
         raise ValueError(f"{path} is empty")
     return json.loads(data)

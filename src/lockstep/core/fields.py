@@ -12,7 +12,8 @@ from pydantic import AfterValidator, AllowInfNan, StrictFloat, StrictStr
 Number = Annotated[StrictFloat, AllowInfNan(False)]
 
 
-def _encodable(text: str) -> str:
+def encodable(text: str) -> str:
+    """``text`` when UTF-8 can encode it; ``ValueError`` naming a lone surrogate (JSON's "\\ud83d" escape alone)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -23,4 +24,4 @@ def _encodable(text: str) -> str:
 
 # Text a model reads: a JSON string that is Unicode. JSON's "\ud83d" escape alone decodes to a lone surrogate,
 # which the tokenizers refuse (pydantic lets it through a plain str field, and only refuses it under a length bound).
-Text = Annotated[StrictStr, AfterValidator(_encodable)]
+Text = Annotated[StrictStr, AfterValidator(encodable)]

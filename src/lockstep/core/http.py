@@ -17,7 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def error_body(message: str, code: str, param: str | None = None) -> dict[str, object]:
-    """OpenAI-shaped error body: {"error": {"message", "type", "param", "code"}}."""
+    """OpenAI-shaped error body: {"error": {"message", "type", "param", "code"}}.
+
+    A message may quote what the client sent, and JSON's "\\ud800" escape makes a lone surrogate that UTF-8 cannot
+    encode: it is written as that escape, so the answer is the 400 it describes and not a 500."""
+    def encodable(text: str | None) -> str | None:
+        return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    message, param = encodable(message) or "", encodable(param)
     return {"error": {"message": message, "type": code, "param": param, "code": code}}
 
 

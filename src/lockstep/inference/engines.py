@@ -90,6 +90,7 @@ def start_vllm(resolved: loader.ResolvedModel, settings: Settings, version: int
     dtype = loader.pick_dtype(settings.dtype, device)
     started = time.monotonic()
     files = CheckpointFiles.read(resolved, dtype)  # before the engine start, which takes minutes
+    loader.check_weights_cover_config(resolved.path, settings, shapes=files.shapes)
     engine = VllmEngine(vllm_config(settings, str(resolved.path), files.max_context, version))
     try:
         engine.start()

@@ -10,6 +10,8 @@ import hashlib
 import inspect
 import json
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _LOAD_LOCK = threading.Lock()  # one from_pretrained at a time per process
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_MODEL_FOLDER_ENTRIES = 10_000  # models have tens of files; sharded giants a few hundred
 # What a replica needs from a repo: config, tokenizer, safetensors weights (never *.bin unless opted in).
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -132,9 +135,31 @@ def save_kwargs(method: Any) -> dict[str, bool]:
     return {"safe_serialization": True} if "safe_serialization" in flags else {}
 
 
+def model_file_names(path: Path) -> list[str]:
+    """The names of the files under a model folder, walked once; ``BadModelRef`` when it cannot be a model.
+
+    Bounded: a reference such as ``/usr`` is refused after ``MAX_MODEL_FOLDER_ENTRIES`` entries instead of
+    walking the whole tree, and one such as ``/proc`` with what could not be read instead of a crash.
+    """
+    names: list[str] = []
+    entries = 0
+
+    def unreadable(exc: OSError) -> None:
+        raise BadModelRef(f"{path} is not a model folder this process can read: {exc.strerror or exc} "
+                          f"({exc.filename})")
+
+    for root, dirs, files in os.walk(path, onerror=unreadable):
+        entries += len(dirs) + len(files)
+        if entries > MAX_MODEL_FOLDER_ENTRIES:
+            raise BadModelRef(f"{path} holds more than {MAX_MODEL_FOLDER_ENTRIES} files and folders; a model folder "
+                              "holds config.json, the tokenizer and the weights: is it a model directory?")
+        names.extend(f for f in files if os.path.isfile(os.path.join(root, f)))
+    return names
+
+
 def check_safe_files(path: Path, settings: Settings) -> None:
     """Refuse pickle checkpoints and remote code unless the operator opted in."""
-    names = [p.name for p in path.rglob("*") if p.is_file()]
+    names = model_file_names(path)
     has_safetensors = any(n.endswith(".safetensors") for n in names)
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and n != "training_args.bin"]
     if not has_safetensors:
@@ -157,6 +182,59 @@ def check_safe_files(path: Path, settings: Settings) -> None:
             f"{path} needs custom Python code (auto_map in config.json); it is refused unless the operator "
             "opts in with LOCKSTEP_TRUST_REMOTE_CODE=1"
         )
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the folder's safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as exc:  # SafetensorError: a header that lies, a truncated file
+            raise LoadError(f"could not load {path}: {weights.name} is not a readable safetensors file: {exc}") from exc
+    return shapes
+
+
+def check_weights_cover_config(path: Path, settings: Settings,
+                               shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Refuse a config.json that describes more parameters than the weight files hold, before any is allocated.
+
+    transformers (and vLLM) allocate every weight the config names, and fill those the files lack: a config asking
+    for 2,000 layers beside a 4-layer checkpoint took 3 GB before the load found the weights missing, one asking
+    for 20,000 the machine's memory. The architecture is built on the meta device, which allocates nothing.
+    ``shapes``: the files' tensor shapes when the caller has read them already.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not any(path.glob("*.safetensors")):
+        return  # pickle weights (opted in): nothing to read shapes from without unpickling
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    except Exception as exc:  # OSError, ValueError: no config, an unknown model type
+        raise LoadError(f"could not load {path}: config.json: {type(exc).__name__}: {exc}") from exc
+    if getattr(config, "quantization_config", None):
+        return  # packed weights: the files hold fewer numbers than the parameters they stand for
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+    except Exception as exc:  # an architecture transformers cannot build from this config
+        raise LoadError(f"could not load {path}: config.json describes no model transformers can build: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    parameters = dict(model.named_parameters())  # tied weights once
+    shapes = tensor_shapes(path) if shapes is None else shapes
+    needed = sum(p.numel() for p in parameters.values())
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if needed > held:
+        absent = sorted(set(parameters) - set(shapes))  # names as the model has them; a checkpoint may differ
+        example = f"; {len(absent)} of its weights are not in the files, e.g. {absent[0]}" if absent else ""
+        raise LoadError(f"{path}: config.json describes a model of {needed:,} parameters, but the weight files hold "
+                        f"{held:,} numbers{example}: the checkpoint is incomplete or config.json is for another model "
+                        "(check num_hidden_layers, hidden_size and vocab_size)")
 
 
 def _download_repo(ref: ModelRef, settings: Settings) -> tuple[Path, str]:
@@ -290,6 +368,7 @@ def load(resolved: ResolvedModel, settings: Settings, *, dtype: torch.dtype | No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_safe_files(resolved.path, settings)
+    check_weights_cover_config(resolved.path, settings)
     device = pick_device(settings.device)
     if dtype is None:
         dtype = pick_dtype(settings.dtype, device)

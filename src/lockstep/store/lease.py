@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Self
 
-from lockstep.core.atomic import atomic_write_json, fsync_dir
+from lockstep.core.atomic import atomic_write_json, fsync_dir, read_regular_with_stat
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadRequest, LeaseHeld, LockstepError
 
@@ -50,6 +50,7 @@ def _iso(t: float) -> str:
 
 # seconds; a lease file claiming to last longer than this after its write is treated as torn
 MAX_LEASE_AHEAD_S = 86_400.0
+MAX_LEASE_BYTES = 64 << 10  # ours are under 300 bytes; a larger file is torn or foreign
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,14 @@ class _Seen:
     @classmethod
     def read(cls, path: Path) -> _Seen | None:
         try:
-            with open(path, "rb") as f:  # open+read, not stat(): NFS caches attributes
-                st = os.fstat(f.fileno())
-                data = f.read()
+            data, st = read_regular_with_stat(path, MAX_LEASE_BYTES)  # open+read, not stat(): NFS caches attributes
         except FileNotFoundError:
             return None
+        except OSError:  # not a regular file: a torn lease to its readers, which then expires like one
+            try:
+                data, st = b"", os.lstat(path)
+            except FileNotFoundError:
+                return None
         try:
             record = json.loads(data)
             if not (isinstance(record, dict) and isinstance(record.get("owner"), str)

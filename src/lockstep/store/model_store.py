@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lockstep.core.atomic import fsync_dir
+from lockstep.core.atomic import fsync_dir, read_regular
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
 from lockstep.core.errors import BadModelRef, BadRequest, Conflict, LockstepError, NotFound, VerificationError
 from lockstep.store.chunks import CHUNK_MAX_BYTES, CHUNK_MIN_BYTES, ChunkEntry, ChunkStore, cut_file
 from lockstep.store.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
     Progress,
@@ -674,8 +675,7 @@ class ModelStore:
         # open+read, not stat(): NFS caches attributes, close-to-open consistency covers the content
         if self._leads_outside(self._version_path(n)):
             raise NotFound(f"version {n} is a symlink leading outside the store; it is ignored")
-        with open(self._version_path(n) / MANIFEST_NAME, "rb") as f:
-            manifest = Manifest.from_json(f.read())
+        manifest = Manifest.from_json(read_regular(self._version_path(n) / MANIFEST_NAME, MAX_MANIFEST_BYTES))
         if manifest.version != n:
             raise ValueError(f"MANIFEST.json says version {manifest.version}")
         return manifest

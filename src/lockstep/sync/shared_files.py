@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lockstep.core.atomic import atomic_write_json
+from lockstep.core.atomic import atomic_write_json, read_regular
 from lockstep.sync.protocol import Heartbeat, LegacyRequest, SessionPins, SyncState, parse_sync_state
 from lockstep.sync.tolerant import DEFAULT_CLOCK_SKEW_S, ProblemLog, url_problem
 
@@ -31,28 +31,18 @@ _skipped = ProblemLog(log)  # heartbeats skipped, each reason once a minute per 
 def read_sync_state_bytes(path: Path) -> bytes | None:
     """Open and read (never stat() alone: NFS caches attributes). None if the file does not exist.
 
-    Plain os.open/os.read: replicas call this ten times a second, and the buffered file object costs more
-    system calls and allocations than the read itself.
+    Plain os.open/os.read (``read_regular``): replicas call this ten times a second, and the buffered file object
+    costs more system calls and allocations than the read itself.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        data = read_regular(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
-    try:
-        chunks = []
-        size = 0
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_STATE_BYTES:  # not ours: never parse (or hold) an arbitrarily large file
-                raise ValueError(f"{path} is unreadable or not JSON: it is over {MAX_STATE_BYTES} bytes")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise ValueError(f"{path} is unreadable or not JSON: {exc}") from exc
-    finally:
-        os.close(fd)
+    if len(data) > MAX_STATE_BYTES:  # not ours: never parse (or hold) an arbitrarily large file
+        raise ValueError(f"{path} is unreadable or not JSON: it is over {MAX_STATE_BYTES} bytes")
+    return data
 
 
 def decode_sync_state(data: bytes, path: Path) -> SyncState | LegacyRequest:
@@ -119,7 +109,7 @@ def write_pins(shared_dir: Path, pins: SessionPins) -> None:
 def read_pins(shared_dir: Path, replica_id: str) -> SessionPins | None:
     """One replica's session pins; None when missing, torn or not ours (the coordinator asks again)."""
     try:
-        data = _read_bounded(pins_path(shared_dir, replica_id), MAX_STATE_BYTES)
+        data = read_regular(pins_path(shared_dir, replica_id), MAX_STATE_BYTES)
         return None if len(data) > MAX_STATE_BYTES else SessionPins.model_validate_json(data)
     except (OSError, ValidationError, RecursionError):
         return None
@@ -154,11 +144,6 @@ def parse_heartbeat(data: bytes) -> Heartbeat:
         raise ValueError("it is nested too deeply") from None
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    with open(path, "rb") as f:  # open+read, not stat(): close-to-open consistency on NFS
-        return f.read(limit + 1)
-
-
 def read_heartbeats(shared_dir: Path, now: float | None = None, skew_s: float = DEFAULT_CLOCK_SKEW_S,
                     problems: ProblemLog | None = None) -> list[Heartbeat]:
     """Every usable heartbeat; the others are skipped with a logged reason (each once a minute).
@@ -173,7 +158,7 @@ def read_heartbeats(shared_dir: Path, now: float | None = None, skew_s: float = 
         return beats
     for path in sorted(folder.glob("*.json")):
         try:
-            beat = parse_heartbeat(_read_bounded(path, MAX_HEARTBEAT_BYTES))
+            beat = parse_heartbeat(read_regular(path, MAX_HEARTBEAT_BYTES))
         except FileNotFoundError:
             continue  # removed between the listing and the read
         except (OSError, ValueError) as exc:

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from lockstep.core.fields import Number
+from lockstep.core.fields import Number, encodable
 from lockstep.core.settings import CommitPolicy
 from lockstep.store.chunks import ChunkEntry
 from lockstep.store.manifest import MAX_FILE_BYTES, MAX_MANIFEST_CHUNKS
@@ -40,7 +40,13 @@ TimeoutS = Annotated[Number, Field(gt=0, le=86_400)]
 
 
 def _check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Metadata goes into MANIFEST.json as it is: plain JSON, small, finite numbers, shallow."""
+    """Metadata goes into MANIFEST.json as it is: plain JSON, small, finite numbers, shallow, Unicode."""
+    def unicode(text: str, where: str) -> None:
+        try:  # a lone surrogate would make a MANIFEST.json that no replica can read
+            encodable(text)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
     def walk(value: Any, depth: int, where: str) -> None:
         if depth > METADATA_DEPTH:
             raise ValueError(f"{where} is nested deeper than {METADATA_DEPTH} levels")
@@ -48,11 +54,16 @@ def _check_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{where} is {value}; only finite numbers are allowed")
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > SAFE_INT:
             raise ValueError(f"{where} is beyond ±2^53")
+        if isinstance(value, str):
+            unicode(value, where)
         children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, child in children:
+            if isinstance(key, str):
+                unicode(key, f"a key of {where}")
             walk(child, depth + 1, f"{where}.{key}")
 
     for key, value in metadata.items():
+        unicode(key, "a metadata key")
         if not key or len(key) > 128:
             raise ValueError(f"metadata key {key[:40]!r}... must be 1 to 128 characters")
         walk(value, 1, key)
