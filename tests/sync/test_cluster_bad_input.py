@@ -227,3 +227,46 @@ def test_a_replica_booting_into_a_corrupted_committed_version_refuses_it_until_i
     assert joiner.status()["serving_version"] == version
     s.serve(joiner)
     s.finish()
+
+
+def test_a_commit_every_replica_refuses_is_repaired_by_publishing_what_they_hold_or_by_a_rollback(
+        scenario: UpdateScenario, cluster: LocalCluster, tiny_dirs: dict[int, Path]) -> None:
+    """A hand-written commit of a raw path makes every replica unready (docs/operations.md, troubleshooting).
+    The documented remedy, publish or roll back again, must write a commit they accept: before, the coordinator
+    went on from "no ready replica, so nothing committed", wrote states every replica ignores, and the fleet
+    stayed unready."""
+    s = scenario
+    if s.committed_version() < 2:
+        for folder in (tiny_dirs[1], tiny_dirs[2]):
+            assert s.publish(str(folder)).outcome == "committed"
+    version = s.committed_version()
+    cluster.wait_all_serving(version)
+    s.finish()  # what follows makes every replica unready on purpose
+
+    def refuse_everywhere() -> None:
+        state = s.state()
+        bad = {**state, "generation": state["generation"] + 1, "pending": None, "split": None,
+               "committed": {"version": version + 40, "model": "/tmp/not-a-published-version",
+                             "activate_at": time.time()}}
+        _write_atomically(s.sync_path, json.dumps(bad).encode())
+        wait_for(lambda: all(not r.ready() and "refusing the commit" in (r.status().get("last_error") or "")
+                             for r in _live(cluster)), 60, 0.05, "every replica to refuse the hand-written commit")
+
+    refuse_everywhere()
+    result = s.publish(str(s.model_dir(version)))  # the content they hold: unchanged, and committed again
+    assert result.outcome == "unchanged", result.summary()
+    wait_for(lambda: all(r.ready() for r in _live(cluster)), 60, 0.05, "every replica ready again")
+    assert {r.status()["serving_version"] for r in _live(cluster)} == {version}
+    assert s.committed_version() == version
+
+    refuse_everywhere()
+    result = s.publish(f"versions/{version}")  # the version they hold, staged and committed again
+    assert result.outcome == "committed", result.summary()
+    wait_for(lambda: all(r.ready() for r in _live(cluster)), 60, 0.05, "every replica ready again")
+
+    refuse_everywhere()
+    result = s.coordinator().rollback()  # the version before the one they hold
+    assert result.outcome == "committed", result.summary()
+    assert result.version < version
+    cluster.wait_all_serving(result.version)
+    assert all(r.ready() for r in _live(cluster))

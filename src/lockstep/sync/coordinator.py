@@ -91,12 +91,18 @@ class Coordinator:
         return state
 
     def _held(self) -> SyncState:
-        """What the live replicas hold: the highest generation seen and the highest version served ready."""
+        """What the live replicas hold: the highest generation seen and the highest version served ready.
+
+        When no replica is ready, the highest version any of them still serves: a fleet made unready by a commit
+        it refuses (a hand-written ``sync_state.json``) still holds its last version, and a state without a
+        committed version is one every replica ignores, so no publish or rollback could bring the fleet back.
+        """
         now = self.clock.monotonic()
         if self.fleet.pushes and self._rebuilt is not None and now - self._rebuilt[0] < REBUILD_EVERY_S:
             return self._rebuilt[1]
         beats = self.fleet.live()
-        serving = [b.serving for b in beats if b.serving is not None and b.ready]
+        serving = ([b.serving for b in beats if b.serving is not None and b.ready]
+                   or [b.serving for b in beats if b.serving is not None])
         best = max(serving, key=lambda s: s.version) if serving else None
         held = SyncState(generation=max((b.generation_seen or 0 for b in beats), default=0),
                          committed=Committed(version=best.version, model=best.model, digest=best.digest)
@@ -130,14 +136,35 @@ class Coordinator:
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
         if source.unchanged:
+            with self.lease, self.drive_lock:
+                repaired = self._recommit_if_refused()
             return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
-                                 reason="the committed version already has this content (same digest)")
+                                 reason="the committed version already has this content (same digest)"
+                                 + ("; sync_state.json, which committed what the replicas refuse, commits it "
+                                    "again" if repaired else ""))
         with self.lease, self.drive_lock:
             result = self._two_phases(source, policy or self.settings.commit_policy,
                                       timeout_s or self.settings.stage_timeout_s, started, progress)
             if self.store is not None:
                 retention.collect_quietly(self, f"after the publish of v{result.version}")  # still under the lease
             return result
+
+    def _recommit_if_refused(self) -> bool:
+        """Write the version the replicas hold as committed again, when the shared folder's ledger commits
+        something else (a hand-written or broken ``sync_state.json`` they refuse, and stay unready under)."""
+        if self.fleet.pushes:
+            return False  # replicas never read this ledger: what they refuse never came from it
+        state = self.read_state()
+        try:
+            ledger = self.ledger.read()
+        except ValueError:
+            ledger = None
+        if state.committed is None or (isinstance(ledger, SyncState) and ledger.committed == state.committed):
+            return False
+        log.warning("sync_state.json commits what the replicas refuse; committing v%d, which they hold, again",
+                    state.committed.version)
+        self.write_state(state, pending=None, split=None)
+        return True
 
     def rollout(self, ref_text: str, plan: RolloutPlan, *, control: RolloutControl | None = None,
                 source: Source | None = None, timeout_s: float | None = None, metadata: dict[str, Any] | None = None,
