@@ -96,6 +96,24 @@ def test_a_store_that_published_50_versions_keeps_the_newest_and_the_pinned_and_
     assert c.rollback().outcome == "committed"  # and the default target is there too
 
 
+def test_a_publish_refused_the_lease_copies_nothing_and_rollback_only_goes_to_a_version_committed_once(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: ReplicaClock) -> None:
+    c = coordinator(shared, builtin_dir, clock)
+    Replicas(shared, clock, {"replica-1": "staged"})
+    first = c.publish(str(tiny_dirs[0]))
+    other = coordinator(shared, builtin_dir, clock, owner="rollout-in-progress")
+    other.lease.acquire()
+    with pytest.raises(LeaseHeld, match="rollout-in-progress"):
+        c.publish(str(tiny_dirs[1]))
+    assert versions_in(c) == {first.version}, "the refused publish left a copy behind"
+    other.lease.release()
+    # A copy nothing ever tried (a publish that crashed between its copy and its prepare) is no way back either.
+    orphan = c.store.publish_dir(tiny_dirs[1]).version
+    last = c.publish(str(tiny_dirs[2]))
+    assert (first.outcome, last.outcome) == ("committed", "committed")
+    assert retention.rollback_target(c, last.version) == first.version, f"v{orphan} was never committed"
+
+
 def test_aborted_versions_and_crashed_leftovers_go_after_the_grace_period_with_their_reasons(
         shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: ReplicaClock) -> None:
     c = coordinator(shared, builtin_dir, clock, keep_versions=1, gc_grace_s=GRACE_S)

@@ -398,3 +398,28 @@ def test_without_a_shared_folder_every_publish_collects_the_trainers_store(tmp_p
         # No replica answers, so each aborted; aborted versions past their grace go, but never the newest.
         assert [o for _, o in outcomes] == ["aborted"] * 3
         assert [v["version"] for v in client.get("/versions").json()["versions"]] == [outcomes[-1][0]]
+
+
+def test_a_rollout_another_coordinator_drives_is_shown_as_driven_elsewhere_not_orphaned(
+        tmp_path: Path, builtin_dir: Path) -> None:
+    """A `lockstep publish --canary` holds the lease and renews it: the trainer must not call its rollout
+    orphaned (nor offer to abort what it cannot take over); it names who drives it."""
+    from lockstep.store.lease import Lease
+    from lockstep.sync.protocol import Committed, Pending, Phase, Split, SyncState
+    from lockstep.sync.shared_files import write_sync_state
+
+    shared = tmp_path / "shared"
+    write_sync_state(shared / "sync_state.json", SyncState(
+        generation=3, committed=Committed(version=1, model="versions/000001"),
+        pending=Pending(version=2, model="versions/000002", phase=Phase.CANARY, rollout="r-1"),
+        split=Split(rollout="r-1", version=2, share=50, step=0, activate_at=time.time())))
+    holder = Lease(shared / "locks", owner="cli@elsewhere", ttl_s=600)
+    holder.acquire()
+    try:
+        settings = load_settings(shared_dir=shared, builtin_dir=builtin_dir, api_token=TOKEN, discovery="static")
+        with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            view = client.get("/rollout").json()
+            assert view["phase"] == "elsewhere" and "cli@elsewhere" in view["reason"], view
+            assert view["version"] == 2 and view["share"] == 50
+    finally:
+        holder.release()

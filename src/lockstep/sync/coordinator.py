@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,9 @@ class Coordinator:
         """Raise ``LeaseHeld`` when another coordinator is publishing right now."""
         holder = self.lease.holder()
         if holder and holder.get("expires_at", 0) > self.clock.time() and holder.get("owner") != self.owner:
-            raise LeaseHeld(f"{holder.get('owner')} is publishing (lease until {holder.get('expires_at'):.0f}); "
-                            "wait for it to finish")
+            until = datetime.fromtimestamp(holder["expires_at"], UTC).isoformat(timespec="seconds")
+            raise LeaseHeld(f"lease {self.lease.name!r} is held by {holder.get('owner')} (until {until} unless "
+                            "renewed): another publish or rollout is running; wait for it to finish")
 
     def check_ref(self, ref_text: str) -> None:
         self.sources.check(ref_text)
@@ -133,6 +135,8 @@ class Coordinator:
                 timeout_s: float | None = None, metadata: dict[str, Any] | None = None,
                 progress: ProgressFn | None = None) -> PublishResult:
         """Stage ``ref_text`` on every live replica, then commit it (or abort); returns what happened."""
+        if source is None:
+            self.check_free()  # before the copy: a publish refused the lease left a version nothing ever tried
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
         if source.unchanged:
@@ -172,6 +176,8 @@ class Coordinator:
         """Stage ``ref_text`` everywhere, then give it the plan's shares step by step (``lockstep.sync.rollout``)."""
         if (busy := rollout_in_progress(self.read_state())) is not None:
             raise Conflict(busy)  # before anything is copied or staged
+        if source is None:
+            self.check_free()
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
         if source.unchanged:

@@ -100,9 +100,10 @@ def pinned_versions(state: SyncState, beats: list[Heartbeat], *, previous: int |
 
 
 def default_rollback(published: Iterable[int], outcomes: Outcomes, committed: int) -> int:
-    """What a rollback commits when not told: the newest version below ``committed`` that did not only abort
-    (one that failed to stage is no way back); 0, the initial model, when there is none."""
-    older = [v for v in published if v < committed and outcomes.by_version.get(v) != "aborted"]
+    """What a rollback commits when not told: the newest version below ``committed`` that the fleet committed
+    once; 0, the initial model, when there is none. Never one that only aborted (it failed to stage), was rolled
+    back (a canary that failed its gates) or has no outcome at all (copied by a publish that never ran)."""
+    older = [v for v in published if v < committed and outcomes.by_version.get(v) == "committed"]
     return max(older, default=0)
 
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from lockstep.core.atomic import read_json
 from lockstep.core.clock import SYSTEM_CLOCK, Clock
-from lockstep.core.errors import BadRequest, Conflict, LockstepError, NotFound
+from lockstep.core.errors import BadRequest, Conflict, LeaseHeld, LockstepError, NotFound
 from lockstep.core.guards import install_guard
 from lockstep.core.http import check_bearer, error_body, install_error_handlers
 from lockstep.core.numbers import parse_decimal
@@ -290,10 +290,15 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             return control.view()
         state = await asyncio.to_thread(trainer.coordinator.read_state)
         if state.pending is not None and state.pending.phase.value == "canary":  # nobody in this process drives it
-            return {"id": state.pending.rollout, "version": state.pending.version, "model": state.pending.model,
+            view = {"id": state.pending.rollout, "version": state.pending.version, "model": state.pending.model,
                     "phase": "orphaned", "share": state.split.share if state.split else 0.0,
                     "step": state.split.step if state.split else -1,
                     "reason": "its coordinator is gone; POST /rollout/abort rolls it back"}
+            try:
+                await asyncio.to_thread(trainer.coordinator.check_free)
+            except LeaseHeld as exc:  # alive elsewhere (a `lockstep publish --canary`): not ours to end
+                view.update(phase="elsewhere", reason=f"{exc}; stop it there (Ctrl-C rolls it back)")
+            return view
         raise NotFound("no rollout has run on this trainer; start one with POST /publish and canary or shadow")
 
     @app.post("/rollout/promote", status_code=202, summary="Promote the rollout now (a person's call wins)")

@@ -87,6 +87,8 @@ function statusLine(v) {
       return `Rolling back: ${reason}`;
     case "orphaned":
       return sentence(reason || "its coordinator is gone; abort rolls it back");
+    case "elsewhere":
+      return sentence(reason || "another coordinator drives it; stop it there");
     default:
       return v.phase || "";
   }
@@ -185,7 +187,7 @@ function render() {
   renderGates(v);
   const canAct = !final && document.body.dataset.session !== "none";
   const busy = Boolean(v.human) || v.phase === "promoting" || v.phase === "rolling back";
-  $("#rollout-actions").hidden = !canAct;
+  $("#rollout-actions").hidden = !canAct || v.phase === "elsewhere"; // the lease holder drives it, not this trainer
   $("#rollout-promote").hidden = v.phase === "orphaned";
   $("#rollout-promote").disabled = busy;
   $("#rollout-abort").disabled = busy;
