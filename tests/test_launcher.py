@@ -116,3 +116,20 @@ def test_a_missing_or_weak_token_file_is_replaced(tmp_path: Path, content: str) 
     token = local_token(path)
     assert len(token) == 64 and token not in content
     assert path.stat().st_mode & 0o777 == 0o600, "a rewritten file is private again"
+
+
+def test_up_refuses_a_port_another_process_listens_on_before_starting_anything(tmp_path: Path) -> None:
+    """A replica that cannot bind exits, but whatever holds its port answers the readiness probe in its place:
+    `up` announced a fleet that was not its own. It must refuse at once, naming the port and how to move."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "lockstep", "up", "--replicas", "1", "--base-port", str(port),
+                               "--no-trainer", "--no-ui", "--shared", str(tmp_path / "shared")],
+                              capture_output=True, text=True, timeout=120, env=base_env(tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"port {port} (replica-1)" in done.stderr and "--base-port" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Lockstep is up" not in done.stdout

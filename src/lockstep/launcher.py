@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from lockstep.core.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,28 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """``Conflict`` naming the first port already taken: a child that cannot bind exits, but another
+    process on its port would answer the readiness probe in its place (and be announced as up)."""
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise Conflict(f"port {port} ({name}) on {host} is taken: {exc.strerror}. Stop what holds it, or "
+                               "pass other ports (--base-port, --trainer-port, --ui-port)") from None
+
+
 def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_port: int, ui_port: int,
                       model: str | None, with_trainer: bool, with_ui: bool) -> int:
     """Start N replicas (+ trainer and UI when present) sharing ``shared``; block until Ctrl-C."""
+    ports = {f"replica-{i + 1}": base_port + i for i in range(replicas)}
+    with_trainer = with_trainer and importlib.util.find_spec("lockstep.trainer.server.app") is not None
+    with_ui = with_ui and importlib.util.find_spec("lockstep.ui.app") is not None
+    ports.update({"trainer": trainer_port} if with_trainer else {})
+    ports.update({"ui": ui_port} if with_ui else {})
+    check_ports_free(ports)
     # The children run in their own sessions (so a terminal's Ctrl-C reaches only this process): a kill,
     # a closed terminal or a service manager's stop must end them too, not leave them holding the ports.
     # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT ignored, and
@@ -117,10 +139,10 @@ def run_local_cluster(*, replicas: int, shared: Path, base_port: int, trainer_po
             children.append(_spawn(f"replica-{i + 1}", ["serve", "--port", str(base_port + i)], replica_env, url,
                                    "/ready"))
         trainer_url = f"http://127.0.0.1:{trainer_port}"
-        if with_trainer and importlib.util.find_spec("lockstep.trainer.server.app") is not None:
+        if with_trainer:
             children.append(_spawn("trainer", ["trainer", "--port", str(trainer_port)], env, trainer_url,
                                    "/healthz"))
-        if with_ui and importlib.util.find_spec("lockstep.ui.app") is not None:
+        if with_ui:
             ui_env = {**env, "TRAINER_URL": trainer_url}  # no service URL: the UI round-robins over ready replicas
             children.append(_spawn("ui", ["ui", "--port", str(ui_port)], ui_env, f"http://127.0.0.1:{ui_port}",
                                    "/healthz"))

@@ -400,10 +400,14 @@ def test_an_uploaded_fine_tune_crosses_the_network_as_its_changed_chunks(
     from lockstep.trainer.client.http import TrainerClient
 
     tuned = fine_tuned(tiny_dirs[0], tmp_path / "tuned", ["model.embed_tokens.weight"])  # tiny-s0 is in the store
-    with TrainerClient(http_cluster.trainer.url, token=TOKEN) as client:
+    for state in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):  # a Trainer checkpoint's
+        (tuned / state).write_bytes(b"\x80\x04 pickled training state " * 1000)
+    with TrainerClient(http_cluster.trainer.url, token=TOKEN) as client:  # as `lockstep publish DIR --trainer`
         result = client.publish_folder(tuned, label="one tensor changed")
         assert result.outcome == "committed", result.summary()
         manifest = ModelStore(http_cluster.data_dir).get(result.version)
+        assert not {f.path for f in manifest.files} & {"optimizer.pt", "scheduler.pt", "rng_state.pth",
+                                                       "trainer_state.json"}
         assert manifest.new_bytes is not None and 0 < manifest.new_bytes < manifest.total_size / 4
         assert client.bytes_sent == manifest.new_bytes  # only the changed tensor's chunk was sent
     assert list((http_cluster.data_dir / "uploads").iterdir()) == []

@@ -119,7 +119,7 @@ class Coordinator:
         holder = self.lease.holder()
         if holder and holder.get("expires_at", 0) > self.clock.time() and holder.get("owner") != self.owner:
             until = datetime.fromtimestamp(holder["expires_at"], UTC).isoformat(timespec="seconds")
-            raise LeaseHeld(f"lease {self.lease.name!r} is held by {holder.get('owner')} (until {until} unless "
+            raise LeaseHeld(f"lease 'coordinator' is held by {holder.get('owner')} (until {until} unless "
                             "renewed): another publish or rollout is running; wait for it to finish")
 
     def check_ref(self, ref_text: str) -> None:

@@ -15,6 +15,7 @@ from lockstep.core.http import bearer_headers
 from lockstep.store.chunks import cut_file
 from lockstep.store.manifest import Progress, check_model_dir
 from lockstep.sync.coordinator import PublishResult, ReplicaReport
+from lockstep.trainer.client.model_files import model_files
 
 POLL_S = 0.5  # seconds between looks at a running publish job
 
@@ -83,13 +84,18 @@ class TrainerClient:
     def publish_folder(self, folder: str | Path, *, label: str | None = None, metadata: dict[str, Any] | None = None,
                        policy: str | None = None, timeout_s: float | None = None,
                        progress: Progress | None = None, rollout: dict[str, Any] | None = None) -> PublishResult:
-        """Upload every file of a local model folder and publish it as the next version.
+        """Upload a local model folder's model files and publish them as the next version.
 
-        For a trainer that cannot see the folder: another machine, no shared volume. The trainer checks each
-        file's sha256, copies the upload into its store and removes it; ``progress(sent, total)`` follows
-        the upload; ``rollout``: as for ``publish``."""
-        check_model_dir(Path(folder), allow_pickle=True)  # not a model: refused before any byte is sent
-        upload_id = self.upload(folder, progress=progress)
+        For a trainer that cannot see the folder: another machine, no shared volume. A folder with safetensors
+        weights sends only what a replica loads (config, weights, tokenizer): a Trainer checkpoint's optimizer,
+        scheduler and RNG state stay here (they are pickles the trainer refuses, and the bulk of the bytes). The
+        trainer checks each file's sha256, copies the upload into its store and removes it; ``progress(sent,
+        total)`` follows the upload; ``rollout``: as for ``publish``."""
+        folder = Path(folder)
+        check_model_dir(folder, allow_pickle=True)  # not a model: refused before any byte is sent
+        files = model_files(folder)
+        upload_id = self.upload(folder, progress=progress,
+                                files=files if any(f.endswith(".safetensors") for f in files) else None)
         body = {k: v for k, v in {"label": label or str(Path(folder).resolve()), "metadata": metadata,
                                   "policy": policy, "timeout_s": timeout_s}.items() if v is not None}
         body.update({k: v for k, v in (rollout or {}).items() if v is not None})
@@ -103,15 +109,17 @@ class TrainerClient:
             raise
         return self._wait(job["publish_id"])
 
-    def upload(self, folder: str | Path, *, progress: Progress | None = None) -> str:
+    def upload(self, folder: str | Path, *, progress: Progress | None = None, files: list[str] | None = None) -> str:
         """Send ``folder`` to the trainer: each file as its chunks, and only the chunks its store lacks (a
         fine-tuned checkpoint crosses the network as its changed tensors); the upload's id.
 
-        ``progress(done, total)`` counts the bytes the trainer has, sent now or already in its store."""
+        ``progress(done, total)`` counts the bytes the trainer has, sent now or already in its store; ``files``:
+        the paths (relative to ``folder``) to send, by default every file under it."""
         folder = Path(folder)
         if not folder.is_dir():
             raise BadModelRef(f"{folder} is not a folder")
-        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        names = sorted(files if files is not None
+                       else (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
         total = sum((folder / n).stat().st_size for n in names)
         upload_id: str = self._call("POST", "/store/uploads")["upload_id"]
         done = 0

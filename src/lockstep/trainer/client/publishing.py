@@ -36,15 +36,12 @@ from lockstep.sync.coordinator import Coordinator, PublishResult, Source, with_l
 from lockstep.sync.protocol import Heartbeat
 from lockstep.sync.rollout import make_plan
 from lockstep.trainer.client.http import TrainerClient
+from lockstep.trainer.client.model_files import model_files
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PublishResult", "model_files", "publish", "wait_until_serving"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                    "chat_template.jinja", "chat_template.json")
-_MODEL_FILES = ("config.json", "generation_config.json")
 
 
 def _settings(shared_dir: str | Path | None, settings: Settings | None) -> Settings:
@@ -56,13 +53,6 @@ def _settings(shared_dir: str | Path | None, settings: Settings | None) -> Setti
         raise BadRequest("publishing needs the shared folder (pass shared_dir= or set LOCKSTEP_SHARED_DIR) or "
                          "the trainer (pass trainer_url=)")
     return settings
-
-
-def model_files(folder: Path) -> list[str]:
-    """The top-level files of ``folder`` a replica needs: config, safetensors weights, tokenizer."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    return [n for n in names if n in _MODEL_FILES or n in _TOKENIZER_FILES or n.endswith(".safetensors")
-            or n.endswith(".safetensors.index.json")]
 
 
 def _stage_folder(path_or_model: Any, tokenizer: Any, tmp: Path) -> Path:
@@ -144,7 +134,7 @@ def publish(path_or_model: str | Path | Any, tokenizer: Any = None, *, shared_di
             return result
         state = coordinator.read_state()
         parent = state.committed.version if state.committed else 0
-        meta = {"parent": parent, **(metadata or {})}
+        meta = {**(metadata or {}), "parent": parent}  # the version committed before: not the caller's to say
         manifest = coordinator.store.publish_dir(folder, source=origin, parent=parent, metadata=meta,
                                                  allow_pickle=coordinator.settings.allow_pickle)
     ref = ModelStore.ref(manifest.version)
