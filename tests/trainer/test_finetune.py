@@ -216,6 +216,7 @@ def test_a_bf16_run_trains_in_mixed_precision_and_publishes_float32_weights(clus
     ({"trl_args": {"adam_beta2": -1}}, "adam_beta2"),
     ({"algorithm": "sft_best", "async": True}, "sft_best is synchronous"),
     ({"algorithm": "sft_best", "beta": 1.0, "trl_args": {}}, "beta, trl_args: GRPO options"),
+    ({"algorithm": "reinforce", "scale_rewards": "group"}, "never scales rewards"),
     ({"num_iterations": 2, "publish_every": 3}, "multiple of num_iterations"),
     ({"steps": 20_000, "batch_size": 1024}, "at most 1000000")])
 def test_bad_training_options_are_refused_before_a_run_exists(trainer: Proc, params: dict[str, Any],

@@ -302,6 +302,7 @@ def test_stopping_a_job_run_deletes_its_job(api: TestClient, fake: FakeJobs) -> 
     assert api.post(f"/runs/{run_id}/stop").status_code == 202
     done = _run(api, run_id, "stopped")
     assert fake.deleted == [f"lockstep-{run_id}"] and done["error"] is None
+    assert done["progress"]["message"].startswith("stopped after step"), done["progress"]  # not what it was doing
     assert "training" in api.get(f"/runs/{run_id}/logs").text
     # Resumed, with its Job gone: a new Job, from the version the fleet serves now.
     assert api.post(f"/runs/{run_id}/resume").status_code == 202

@@ -76,8 +76,6 @@ class FinetuneKind:
         if params.eval_prompts and params.samples_per_version > params.eval_prompts:
             raise BadRequest(f"samples_per_version ({params.samples_per_version}) cannot exceed eval_prompts "
                              f"({params.eval_prompts})")
-        if params.algorithm == "sft_best" and params.async_mode:
-            raise BadRequest("algorithm sft_best is synchronous: set async to false, or use grpo or reinforce")
         grpo_config(params, Path(tempfile.gettempdir()))  # TRL's own checks of the options; it writes nothing
 
     def execute(self, ctx: RunContext, params: FinetuneParams) -> None:

@@ -155,12 +155,13 @@ class RunManager:
                            "refused, not queued")
         self.publisher.check_idle()  # a run publishes versions itself: not while another publish runs
 
-    def _validate(self, kind_name: str, params: dict[str, Any]) -> tuple[RunKind, BaseModel]:
+    def _validate(self, kind_name: str, params: dict[str, Any], *, stored: bool = False) -> tuple[RunKind, BaseModel]:
+        """``params`` parsed and checked; ``stored``: read back from a run's record (every default written out)."""
         kind = KINDS.get(kind_name)
         if kind is None:
             raise BadRequest(f"unknown run kind {kind_name!r}; allowed: {', '.join(sorted(KINDS))}")
         try:
-            parsed = kind.params_model.model_validate(params)
+            parsed = kind.params_model.model_validate(params, context={"stored": stored})
         except ValidationError as exc:
             raise BadRequest(_describe(exc)) from None
         kind.check(parsed, self.settings, self.coordinator.store)
@@ -184,7 +185,7 @@ class RunManager:
         if record.status not in RESUMABLE:
             raise Conflict(f"run {run_id} is {record.status.value}; only an interrupted or stopped run can "
                            "be resumed")
-        kind, parsed = self._validate(record.kind, record.params)
+        kind, parsed = self._validate(record.kind, record.params, stored=True)
         with self._lock:
             self._refuse_if_active()
             self.runs.get(run_id)  # 404 when it was deleted meanwhile
@@ -252,6 +253,11 @@ class RunManager:
             record.move(final, self.clock.time(), error=error)
             if final is RunStatus.SUCCEEDED:
                 record.set_progress(record.progress.total, record.progress.total, "done", self.clock.time())
+            else:  # not what it was busy with when it ended ("step 6: evaluating v48...")
+                ended = {RunStatus.STOPPED: "stopped", RunStatus.INTERRUPTED: "interrupted"}.get(final, "failed")
+                record.set_progress(record.progress.step, record.progress.total,
+                                    f"{ended} after step {record.progress.step} of {record.progress.total}"
+                                    + ("; resume it to go on" if final in RESUMABLE else ""), self.clock.time())
             if final not in RESUMABLE:  # only a resume reads them; record.checkpoint still says which it was
                 ctx.files.drop_checkpoints()
             self.metrics.run_active.labels(kind=kind.name).set(0)

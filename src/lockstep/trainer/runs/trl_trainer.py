@@ -73,12 +73,11 @@ def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
     from trl import GRPOConfig
 
     trl_args = check_trl_args(p.trl_args)
-    scale = "none" if p.algorithm == "reinforce" else p.scale_rewards  # REINFORCE: the group mean, unscaled
     try:
         return GRPOConfig(
             output_dir=str(output_dir), max_steps=p.steps, per_device_train_batch_size=p.batch_size * p.group_size,
             num_generations=p.group_size, max_completion_length=p.max_new_tokens, temperature=p.temperature,
-            top_k=p.top_k, loss_type=p.loss_type, beta=p.beta, epsilon=p.epsilon, scale_rewards=scale,
+            top_k=p.top_k, loss_type=p.loss_type, beta=p.beta, epsilon=p.epsilon, scale_rewards=p.scale_rewards,
             num_iterations=p.num_iterations, save_strategy="steps", save_steps=p.publish_every,
             save_total_limit=CHECKPOINTS_KEPT, seed=p.seed, data_seed=p.seed, shuffle_dataset=False,
             **training_args(p, lr_scheduler_type=trl_args.pop("lr_scheduler_type", "constant")), **trl_args)

@@ -18,6 +18,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -228,7 +229,10 @@ class FinetuneParams(_Strict):
     timeout_s: TimeoutS | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> FinetuneParams:
+    def _consistent(self, info: ValidationInfo) -> FinetuneParams:
+        # A run's record stores every parameter, defaults included: read back (context "stored", at a resume),
+        # none of them was given by hand, and options refused only when given must not refuse the resume.
+        given = set() if (info.context or {}).get("stored") else self.model_fields_set
         if self.batch_size * self.group_size > 4096:
             total = self.batch_size * self.group_size
             raise ValueError(f"batch_size × group_size = {total} rollouts per step; "
@@ -242,10 +246,17 @@ class FinetuneParams(_Strict):
             raise ValueError(f"publish_every ({self.publish_every}) must be a multiple of num_iterations "
                              f"({self.num_iterations}), so that no publish falls between two updates on one batch")
         if self.algorithm == "sft_best":
-            ignored = sorted(GRPO_ONLY & self.model_fields_set)
+            ignored = sorted(GRPO_ONLY & given)
             if ignored:
                 raise ValueError(f"{', '.join(ignored)}: GRPO options, which algorithm sft_best does not use "
                                  "(it imitates the best answer of each group); leave them out, or use grpo")
+            if self.async_mode:
+                raise ValueError("algorithm sft_best is synchronous: set async to false, or use grpo or reinforce")
+        if self.algorithm == "reinforce":
+            if "scale_rewards" in given:
+                raise ValueError("scale_rewards: reinforce takes the group mean as its only baseline and never "
+                                 "scales rewards; leave it out, or use grpo")
+            self.scale_rewards = "none"  # what it does, and so what its record says
         return self
 
 
