@@ -77,7 +77,7 @@ def main() -> int:
                       processing_class=tokenizer, callbacks=[callback])
     trainer.train()
     for result in callback.results:
-        print(f"v{result.version} {result.outcome}: {result.summary()}")
+        print(result.summary())
     return 0 if callback.results and all(r.ok for r in callback.results) else 1
 
 

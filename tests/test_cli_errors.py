@@ -20,3 +20,25 @@ def test_a_setting_that_does_not_fit_is_one_line_naming_it(env: dict[str, str], 
     assert cli.main(["serve", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and err.startswith("error: ")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["status"], "lockstep status needs to reach the fleet: --shared DIR"),
+    (["rollback"], "lockstep rollback needs to reach the fleet: --shared DIR"),
+    (["status", "--shared", "/nonexistent/typo"], "the shared folder /nonexistent/typo does not exist"),
+])
+def test_a_command_that_cannot_reach_the_fleet_says_how_to(argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("LOCKSTEP_SHARED_DIR", "INFERENCE_URLS", "SYNC_STATE_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("timeout", ["-5", "0", "nan", "soon"])
+def test_a_publish_timeout_of_no_positive_seconds_is_refused(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["publish", "builtin:tiny-s1", "--shared", "/tmp", "--timeout", timeout])
+    assert exited.value.code == 2
+    assert "--timeout" in capsys.readouterr().err

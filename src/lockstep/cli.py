@@ -121,6 +121,12 @@ def _coordinator(args: argparse.Namespace) -> Any:
     if urls or (settings.shared_dir is None and settings.inference_url_list):
         fleet = HttpFleet(settings, lambda: urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
         return Coordinator.over_http(settings, fleet, clock=SYSTEM_CLOCK, owner=owner, data_dir=None)
+    if settings.shared_dir is None:
+        raise BadRequest(f"lockstep {args.command} needs to reach the fleet: --shared DIR (or LOCKSTEP_SHARED_DIR), "
+                         "--trainer URL, or the replicas' URLs (--urls, or INFERENCE_URLS)")
+    if args.command != "publish" and not settings.shared_dir.is_dir():  # a first publish may make the folder
+        raise BadRequest(f"the shared folder {settings.shared_dir} does not exist: check --shared or "
+                         "LOCKSTEP_SHARED_DIR")
     return Coordinator(settings, clock=SYSTEM_CLOCK, owner=owner)
 
 
@@ -312,7 +318,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     committed = state.committed
     console.print(f"committed: {'v' + str(committed.version) + ' (' + committed.model + ')' if committed else 'none'}"
                   f"   generation {state.generation}"
-                  + (f"   pending v{state.pending.version} {state.pending.phase.value}" if state.pending else ""))
+                  + (f"   in progress: v{state.pending.version} {state.pending.phase.value}"
+                     if state.pending and state.pending.phase.value in ("prepare", "canary") else ""))
     table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
     now = time.time()
     for b in read_heartbeats(coordinator.data_dir):
@@ -390,6 +397,17 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 TRAINER_HELP = "act through the trainer at URL (clusters without a shared folder; token: LOCKSTEP_API_TOKEN)"
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: seconds above zero (0 or less would abort before any replica could stage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a number above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -450,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--to", type=int, default=None, help="version (default: the one before)")
         p.add_argument("--policy", choices=[c.value for c in CommitPolicy], default=None)
-        p.add_argument("--timeout", type=float, default=None, help="seconds to wait for every replica to stage")
+        p.add_argument("--timeout", type=_positive_seconds, default=None,
+                       help="seconds to wait for every replica to stage")
         p.add_argument("--shared", default=None)
         p.add_argument("--trainer", default=None, metavar="URL", help=TRAINER_HELP)
         p.set_defaults(func=func)

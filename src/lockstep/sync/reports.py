@@ -64,8 +64,11 @@ class PublishResult:
         return self.outcome in (PublishOutcome.COMMITTED, PublishOutcome.UNCHANGED)
 
     def summary(self) -> str:
-        per = ", ".join(f"{r.replica_id}={r.outcome}" for r in self.replicas) or "no live replicas"
-        return f"v{self.version} {self.outcome}{f' ({self.reason})' if self.reason else ''}: {per}"
+        """One line: the version, what happened and why, and each replica's part (an unchanged one had none)."""
+        head = f"v{self.version} {self.outcome}{f' ({self.reason})' if self.reason else ''}"
+        if self.outcome is PublishOutcome.UNCHANGED and not self.replicas:
+            return head
+        return f"{head}: {', '.join(f'{r.replica_id}={r.outcome}' for r in self.replicas) or 'no live replicas'}"
 
     def as_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "replicas"},
