@@ -15,6 +15,7 @@ import torch
 
 from lockstep.core.errors import BadRequest, NotReady, Overloaded
 from lockstep.engine import Engine, FinalEvent, FinishReason, SamplingParams, TokenEvent
+from lockstep.engine.engine import queue_full
 
 from . import CORPUS, encode, hf_greedy, llama, tokenizer
 
@@ -257,6 +258,29 @@ def test_full_queue_raises_overloaded(model: Any) -> None:
         eng.submit([9], SamplingParams(max_new_tokens=2))
     finally:
         eng.close()
+
+
+def test_a_full_queue_says_how_many_wait_and_the_retry_after_it_sends(model: Any) -> None:
+    eng = Engine(model, tokenizer(), max_batch_size=1, max_queue=2)  # not started: what is queued stays queued
+    try:
+        eng.submit([5, 6], SamplingParams(max_new_tokens=2))
+        eng.submit([7, 8], SamplingParams(max_new_tokens=2))
+        with pytest.raises(Overloaded) as err:
+            eng.submit([9], SamplingParams(max_new_tokens=2))
+        header = max(1, round(err.value.retry_after_s))  # what core.http puts in Retry-After
+        assert "(2 requests waiting, at most 2)" in str(err.value)
+        assert f"retry after {header} s" in str(err.value) and err.value.retry_after_s == header
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize(("latency_s", "retry_s"), [(None, 1), (0.05, 1), (2.4, 3), (500.0, 30)])
+def test_the_retry_time_of_a_full_queue_is_whole_seconds_as_retry_after_carries(
+    latency_s: float | None, retry_s: int
+) -> None:
+    refusal = queue_full(3, 4, latency_s)
+    assert refusal.retry_after_s == retry_s and f"retry after {retry_s} s" in str(refusal)
+    assert "(3 requests waiting, at most 4)" in str(refusal)
 
 
 def test_cancel_frees_the_slot(model: Any) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lockstep.core.errors import NotFound
+from lockstep.inference import generation
+from lockstep.inference.app import HEADER_SAFE
 from lockstep.inference.metrics import ReplicaMetrics
 from lockstep.inference.replica import default_engine_factory
 from lockstep.inference.runtime import ReplicaRuntime
@@ -352,3 +356,67 @@ def test_failed_boot_is_reported_and_an_update_recovers(
         r = generate(srv.url, PROMPTS[0])
         assert r.headers["x-model-version"] == str(r.json()["model_version"]) == "1"
         assert r.json()["text"] == expected[0][PROMPTS[0]]
+
+
+def test_every_generation_request_is_counted_once_with_the_status_it_got(
+    api: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = metric_samples(httpx.get(api.url + "/metrics").text)
+    assert generate(api.url, PROMPTS[0]).status_code == 200
+    assert httpx.post(api.url + "/generate", json={"prompt": ""}).status_code == 400  # refused by the schema
+    too_many = httpx.post(api.url + "/generate", json={"prompt": "hi", "n": QUEUE + 1})
+    assert f"n={QUEUE + 1}" in error_of(too_many, 400) and "LOCKSTEP_MAX_QUEUE" in error_of(too_many, 400)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug between admission and the answer")
+
+    monkeypatch.setattr(generation, "final_events", broken)
+    assert generate(api.url, PROMPTS[0]).status_code == 500
+    monkeypatch.undo()
+    after = metric_samples(httpx.get(api.url + "/metrics").text)
+
+    def delta(**labels: str) -> float:
+        return metric_value(after, "lockstep_requests_total", endpoint="/generate", **labels) - metric_value(
+            before, "lockstep_requests_total", endpoint="/generate", **labels)
+
+    assert delta(status="200", model_version="0") == 1
+    assert delta(status="400", model_version="none") == 2  # refused before any version was chosen
+    assert delta(status="500", model_version="0") == 1  # what LockstepServerErrors (status=~"5..") watches
+    assert delta() == 4
+
+
+def test_a_model_folder_named_in_cyrillic_answers_with_percent_encoded_headers(
+    builtin_dir: Path, tiny_dirs: dict[int, Path], tmp_path: Path, expected: dict[int, dict[str, str]]
+) -> None:
+    folder = _model_dir(tiny_dirs[0], tmp_path / "x" / "модель")
+    settings = replica_settings(builtin_dir, initial_model_repo_id=str(folder), replica_id="реплика-1")
+    with served(settings) as srv:
+        r = generate(srv.url, PROMPTS[0])
+        assert r.status_code == 200, r.text
+        assert r.json()["text"] == expected[0][PROMPTS[0]]
+        assert r.json()["model_repo_id"] == str(folder) and r.json()["replica_id"] == "реплика-1"  # the real names
+        assert r.headers["x-model-repo-id"] == urllib.parse.quote(str(folder), safe=HEADER_SAFE)
+        assert urllib.parse.unquote(r.headers["x-model-repo-id"]) == str(folder)
+        assert urllib.parse.unquote(r.headers["x-replica-id"]) == "реплика-1"
+        chat = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": "lockstep", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+        assert chat.status_code == 200 and chat.text.endswith("data: [DONE]\n\n")
+        assert urllib.parse.unquote(chat.headers["x-model-repo-id"]) == str(folder)
+
+
+def test_update_model_with_a_shared_folder_refuses_a_model_that_is_not_there_at_once(
+    builtin_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = replica_settings(builtin_dir, shared_dir=tmp_path / "shared", hf_home=tmp_path / "hf_home")
+    runtime = ReplicaRuntime(settings)  # not started: nothing loads
+    assert runtime.watcher is not None
+
+    def publish(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a publish started for a model that is not there")
+
+    monkeypatch.setattr(runtime.watcher, "start_publish", publish)
+    with pytest.raises(NotFound) as err:
+        runtime.start_update("org/does-not-exist")
+    assert "org/does-not-exist" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    with pytest.raises(NotFound):
+        runtime.start_update("versions/99")  # a version the shared store does not hold

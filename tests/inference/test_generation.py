@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lockstep.core.errors import Overloaded
+import pytest
+
+from lockstep.core.errors import BadRequest, Overloaded
 from lockstep.engine import SamplingParams
 from lockstep.inference import generation
 
@@ -28,6 +30,7 @@ class FakeHandle:
 @dataclass
 class FakeEngine:
     handles: list[FakeHandle] = field(default_factory=list)
+    max_queue: int = 64
 
     def submit(self, ids: list[int], params: SamplingParams) -> FakeHandle:
         self.handles.append(FakeHandle())
@@ -35,8 +38,14 @@ class FakeEngine:
 
 
 @dataclass
+class FakeLoaded:
+    max_context: int = 32
+
+
+@dataclass
 class FakeSlot:
     engine: FakeEngine = field(default_factory=FakeEngine)
+    loaded: FakeLoaded = field(default_factory=FakeLoaded)
     tokenizer: object = "the slot's tokenizer"
     version: int = 3
     model_ref: str = "builtin:tiny"
@@ -162,3 +171,33 @@ def test_n_answers_are_all_admitted_or_none() -> None:
         raise AssertionError("a third answer did not fit, yet the request was admitted")
     assert [h.cancelled.is_set() for h in replica.slot.engine.handles] == [True, True]
     assert replica.metrics.rejected.value == 1
+
+
+def test_more_answers_than_the_queue_can_ever_hold_are_a_400_not_a_429() -> None:
+    replica = FakeReplica(FakeSlot(engine=FakeEngine(max_queue=6)))
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(generation.admit_choices(replica, lambda tok: [1], SamplingParams(), 7))  # type: ignore[arg-type]
+    assert "n=7" in str(err.value) and "at most 6" in str(err.value) and "LOCKSTEP_MAX_QUEUE" in str(err.value)
+    assert replica.slot.engine.handles == [] and replica.metrics.rejected.value == 0
+    six = asyncio.run(generation.admit_choices(replica, lambda tok: [1], SamplingParams(), 6))  # type: ignore[arg-type]
+    assert len(six) == 6
+
+
+def test_a_default_length_is_cut_to_the_room_the_prompt_leaves_and_a_chosen_one_is_not() -> None:
+    replica = FakeReplica()  # a 32-token context
+    prompt = list(range(30))
+    fitted = asyncio.run(generation.admit_choices(replica, lambda tok: prompt, SamplingParams(max_new_tokens=16), 2,
+                                                  fit_context=True))  # type: ignore[arg-type]
+    assert [a.params.max_new_tokens for a in fitted] == [2, 2]
+    chosen = asyncio.run(generation.admit_choices(replica, lambda tok: prompt, SamplingParams(max_new_tokens=16),
+                                                  1))  # type: ignore[arg-type]
+    assert chosen[0].params.max_new_tokens == 16  # the engine refuses it with the limit, naming the field sent
+
+
+def test_a_prompt_that_fills_the_context_is_a_400_naming_the_limit_even_without_a_length() -> None:
+    replica = FakeReplica()
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(generation.admit_choices(replica, lambda tok: list(range(32)), SamplingParams(), 1,
+                                             fit_context=True))  # type: ignore[arg-type]
+    assert "prompt (32 tokens)" in str(err.value) and "context limit of 32 tokens" in str(err.value)
+    assert "max_new_tokens" not in str(err.value)

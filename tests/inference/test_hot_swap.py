@@ -213,6 +213,23 @@ def test_old_model_lives_until_its_last_request_then_is_freed(
         wait_for(lambda: _collected(old_model), 60, 0.05, "the v0 model to be freed")
 
 
+def test_requests_still_on_the_old_version_count_in_status_and_metrics_after_the_flip(builtin_dir: Path) -> None:
+    with served(replica_settings(builtin_dir)) as srv:
+        replica = srv.runtime.replica
+        with replica.pinned() as old:  # holds v0 resident (its retirement waits for the pin)
+            old.engine.pause_admission()  # type: ignore[attr-defined]  # its request stays queued: no race with its end
+            handle = old.engine.submit(old.tokenizer(PROMPTS[1])["input_ids"], SamplingParams(max_new_tokens=MAX_NEW))
+            assert update(srv.url, "builtin:tiny-s1").status_code == 202
+            st = wait_serving(srv.url, 1)
+            assert st["queue_depth"] == 1, "the request waiting on v0 vanished from /status at the flip"
+            metrics = httpx.get(srv.url + "/metrics").text
+            assert "lockstep_queue_depth 1.0" in metrics
+            handle.cancel()
+            old.engine.resume_admission()  # type: ignore[attr-defined]
+        assert handle.result(timeout=60).finish_reason == "cancelled"
+        wait_for(lambda: (s := srv.status())["queue_depth"] == 0 and s["running"] == 0, 60, 0.05, "v0 drained")
+
+
 def test_ten_swaps_free_every_old_model_and_memory_stays_flat(
     builtin_dir: Path, expected: dict[int, dict[str, str]]
 ) -> None:

@@ -11,9 +11,11 @@ import openai
 import pytest
 from openai import OpenAI
 
+from lockstep.inference.app import chat_prompt
 from lockstep.models.loader import LoadedModel
 from tests.inference.conftest import MAX_NEW, PROMPTS, Served, reference_text, replica_settings, served
 from tests.support.cluster import wait_for
+from tests.support.metrics import metric_samples, metric_value
 
 LONG = 1000  # tokens (the default limit is 1024): runs far longer than the test needs to look at it
 LONGEST = 1900  # tokens: a short chat prompt plus this still fits the 2048-token context
@@ -45,6 +47,80 @@ def test_models_list_names_the_served_version(client: OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == ["lockstep", "lockstep@v0"]
     assert all(m.owned_by == "lockstep" for m in models.data)
+
+
+def test_models_retrieve_answers_each_listed_model_and_an_openai_404_for_others(client: OpenAI) -> None:
+    for listed in client.models.list().data:
+        model = client.models.retrieve(listed.id)
+        assert (model.id, model.object, model.owned_by, model.created) == (
+            listed.id, "model", "lockstep", listed.created
+        )
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.response.json()["error"]["code"] == "model_not_found"
+    assert "'gpt-4o'" in _message(err.value) and "lockstep@v0" in _message(err.value)
+
+
+def test_null_optional_parameters_mean_their_defaults(srv: Served, client: OpenAI) -> None:
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
+             "frequency_penalty": None, "seed": None, "stop": None, "user": None, "stream_options": None}
+    chat = client.chat.completions.create(
+        model="lockstep", messages=[{"role": "user", "content": "hi"}], max_tokens=3, **nulls
+    )
+    assert len(chat.choices) == 1 and chat.usage is not None and 1 <= chat.usage.completion_tokens <= 3
+    completion = client.completions.create(
+        model="lockstep", prompt="hi", max_tokens=3, echo=None, best_of=None, logprobs=None, **nulls
+    )
+    assert len(completion.choices) == 1 and completion.choices[0].logprobs is None
+    for path, body in [
+        ("/v1/chat/completions", {"model": "lockstep", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": None, "max_completion_tokens": None, "top_k": None,
+                                  "logprobs": None, "top_logprobs": None, **nulls}),
+        ("/v1/completions", {"model": "lockstep", "prompt": "hi", "max_tokens": 3, "top_k": None, "echo": None,
+                             "logprobs": None, "best_of": None, "suffix": None, **nulls}),
+        ("/generate", {"prompt": "hi", "max_new_tokens": 3, "temperature": None, "top_p": None, "top_k": None,
+                       "seed": None, "stop": None, "n": None, "logprobs": None, "system_prompt": None}),
+    ]:
+        r = httpx.post(srv.url + path, json=body, timeout=120)
+        assert r.status_code == 200, (path, r.text)
+    r = httpx.post(srv.url + "/generate", json={"prompt": None}, timeout=30)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]  # a required field stays required
+    schemas = httpx.get(srv.url + "/openapi.json").json()["components"]["schemas"]
+    for model, field in [("ChatRequest", "temperature"), ("CompletionRequest", "echo"), ("GenerateRequest", "top_k")]:
+        assert {"type": "null"} in schemas[model]["properties"][field]["anyOf"], (model, field)  # the spec says so
+    assert schemas["ChatRequest"]["properties"]["temperature"]["anyOf"][0]["maximum"] == 2  # bounds kept
+
+
+def _prompt_of(tokens: int, count: Any) -> str:
+    """Text of ``"one "`` words whose prompt is ``tokens`` long or a few tokens shorter, as ``count`` counts it."""
+    low, high = 0, tokens  # words; each is at least one token
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count("one " * mid) <= tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return "one " * low
+
+
+def test_without_max_tokens_the_default_length_is_cut_to_the_room_the_prompt_leaves(
+    srv: Served, client: OpenAI
+) -> None:
+    tok, limit = _loaded(srv).tokenizer, _loaded(srv).max_context
+    chat_text = _prompt_of(limit - 8, lambda t: len(chat_prompt(tok, [{"role": "user", "content": t}])))
+    chat = client.chat.completions.create(model="lockstep", messages=[{"role": "user", "content": chat_text}],
+                                          temperature=0)
+    assert chat.usage is not None and chat.usage.prompt_tokens + 256 > limit  # the default (256) did not fit
+    assert 1 <= chat.usage.completion_tokens <= limit - chat.usage.prompt_tokens
+    text = _prompt_of(limit - 8, lambda t: len(tok(t)["input_ids"]))
+    completion = client.completions.create(model="lockstep", prompt=text, temperature=0)
+    assert completion.usage is not None and completion.usage.prompt_tokens + 16 > limit  # nor did 16
+    assert 1 <= completion.usage.completion_tokens <= limit - completion.usage.prompt_tokens
+    r = httpx.post(srv.url + "/generate", json={"prompt": text, "temperature": 0}, timeout=120)
+    assert r.status_code == 200 and r.json()["prompt_tokens"] + r.json()["completion_tokens"] <= limit, r.text
+    with pytest.raises(openai.BadRequestError) as err:  # a length the client chose is never cut
+        client.completions.create(model="lockstep", prompt=text, temperature=0, max_tokens=16)
+    assert "max_new_tokens (16)" in _message(err.value) and f"context limit of {limit} tokens" in _message(err.value)
 
 
 def test_completion_text_usage_and_version(
@@ -272,6 +348,30 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(
     assert c.choices[0].text == expected[0][PROMPTS[3]]
 
 
+def test_a_stream_its_client_leaves_is_counted_as_499_with_the_tokens_it_generated(srv: Served, client: OpenAI) -> None:
+    before = metric_samples(httpx.get(srv.url + "/metrics").text)
+    stream = client.completions.create(model="lockstep", prompt=PROMPTS[2], max_tokens=LONG, temperature=0,
+                                       stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].text
+    stream.close()
+
+    def counted() -> Any:
+        after = metric_samples(httpx.get(srv.url + "/metrics").text)
+        left = metric_value(after, "lockstep_requests_total", endpoint="/v1/completions", status="499",
+                            model_version="0") - metric_value(before, "lockstep_requests_total",
+                                                              endpoint="/v1/completions", status="499")
+        return after if left == 1 else None
+
+    after = wait_for(counted, 60, 0.05, "the stream its client left counted as 499")
+    tokens = metric_value(after, "lockstep_generated_tokens_total") - metric_value(
+        before, "lockstep_generated_tokens_total")
+    assert 1 <= tokens < LONG
+    ok = metric_value(after, "lockstep_requests_total", endpoint="/v1/completions", status="200") - metric_value(
+        before, "lockstep_requests_total", endpoint="/v1/completions", status="200")
+    assert ok == 0  # counted once, as what it was
+
+
 def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
     builtin_dir: Path, expected: dict[int, dict[str, str]]
 ) -> None:
@@ -316,3 +416,5 @@ def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
         assert ok.choices[0].text == expected[0][PROMPTS[0]]
         metrics = httpx.get(small.url + "/metrics").text
         assert "lockstep_rejected_requests_total 2.0" in metrics
+        refused = metric_value(metric_samples(metrics), "lockstep_requests_total", status="429")
+        assert refused == 2  # each 429 is also a request answered, by the status it got

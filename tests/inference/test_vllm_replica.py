@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.support.cluster import Proc, base_env, free_port, metric, spawn, wait_for
 from tests.support.load import PROMPTS, GenerationLoad, check_answers, greedy_texts
+from tests.support.metrics import metric_samples, metric_value
 from tests.support.vllm import VLLM_ENV, needs_vllm, rss_mib, stage, vllm_processes, wait_gone, wait_ready
 
 pytestmark = [pytest.mark.e2e, needs_vllm, pytest.mark.timeout(1800)]
@@ -144,19 +145,24 @@ def test_a_full_queue_answers_429_with_retry_after_and_harms_no_admitted_request
 
 
 def test_more_answers_than_the_queue_holds_are_refused_and_leave_nothing_queued(replica: Proc) -> None:
-    """The answers admitted before the one refused are cancelled at once, before vLLM ever ran them: before, they
-    stayed counted as waiting, and a few such requests left the replica answering 429 to everyone, for good."""
+    """More answers than the queue can ever hold are a 400 (no retry could admit them), and nothing of them stays
+    queued: before, the answers admitted before the one refused stayed counted as waiting, and a few such
+    requests left the replica answering 429 to everyone, for good."""
     wait_for(lambda: replica.status()["running"] + replica.status()["queue_depth"] == 0, 60, 0.1, "an idle replica")
     for _ in range(3):
         refused = _generate(replica, "x", max_new_tokens=2, n=5)  # 5 answers, a queue of 4
-        assert refused.status_code == 429, refused.text
+        assert refused.status_code == 400 and "LOCKSTEP_MAX_QUEUE" in refused.text, refused.text
     wait_for(lambda: replica.status()["queue_depth"] == 0, 30, 0.1, "the cancelled answers to leave the queue")
     assert replica.status()["running"] == 0
     assert _generate(replica, "Once upon a time", max_new_tokens=4).status_code == 200
 
 
+def _requests(replica: Proc, status: str) -> float:
+    return metric_value(metric_samples(replica.get("/metrics").text), "lockstep_requests_total", status=status)
+
+
 def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
-    answered = metric(replica, "lockstep_requests_total")
+    answered, left = _requests(replica, "200"), _requests(replica, "499")
     with httpx.stream("POST", replica.url + "/v1/completions", timeout=60,
                       json={"model": "lockstep", "prompt": "Once upon a time", "max_tokens": 1000,
                             "temperature": 0.0, "stream": True}) as s:
@@ -166,7 +172,8 @@ def test_a_client_that_hangs_up_cancels_its_request(replica: Proc) -> None:
     wait_for(lambda: replica.status()["running"] + replica.status()["queue_depth"] == 0, 60, 0.1,
              "the abandoned request to leave the engine")
     wait_for(lambda: metric(replica, "vllm:num_requests_running") == 0, 60, 0.1, "vLLM to drop it too")
-    assert metric(replica, "lockstep_requests_total") == answered, "the request ran to its end: not cancelled"
+    wait_for(lambda: _requests(replica, "499") == left + 1, 30, 0.1, "the request counted as its client's (499)")
+    assert _requests(replica, "200") == answered, "the request ran to its end: not cancelled"
 
 
 def test_a_swap_under_load_fails_and_mislabels_nothing_and_returns_the_old_engines_memory(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import weakref
 from collections import Counter
@@ -46,6 +47,16 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, Iterable):
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+MAX_RETRY_AFTER_S = 30
+
+
+def queue_full(waiting: int, max_queue: int, latency_s: float | None) -> Overloaded:
+    """The 429 of a full queue: how many wait, and when to retry, in the whole seconds ``Retry-After`` carries."""
+    retry_s = 1 if latency_s is None else min(MAX_RETRY_AFTER_S, max(1, math.ceil(latency_s)))
+    return Overloaded(f"the engine queue is full ({waiting} requests waiting, at most {max_queue}); retry after "
+                      f"{retry_s} s", retry_after_s=retry_s)
 
 
 class Engine:
@@ -225,12 +236,7 @@ class Engine:
             if self._stopping or self._closed:
                 raise NotReady("this engine is stopping and accepts no new requests")
             if self._scheduler.queue_full:
-                retry = 1.0 if self._latency_ewma_s is None else min(30.0, max(0.1, self._latency_ewma_s))
-                raise Overloaded(
-                    f"the engine queue is full ({self.max_queue} requests waiting); "
-                    f"retry after {retry:.1f} s",
-                    retry_after_s=retry,
-                )
+                raise queue_full(len(self._scheduler.waiting), self.max_queue, self._latency_ewma_s)
             rid = next(self._ids)
             handle = RequestHandle(rid, len(ids), self._on_cancel)
             seq = Sequence(rid, ids, params, self._tokenizer, self._eos, generator, handle, self._clock)

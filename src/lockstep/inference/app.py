@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import Scope
 
 from lockstep.core.errors import BadRequest
 from lockstep.core.guards import install_guard
@@ -18,6 +20,8 @@ from lockstep.core.numbers import parse_decimal
 from lockstep.core.settings import Settings
 from lockstep.engine import SamplingParams
 from lockstep.inference import generation, openai_api
+from lockstep.inference.metrics import ReplicaMetrics
+from lockstep.inference.request_count import CountRequests, note_version
 from lockstep.inference.runtime import ReplicaRuntime
 from lockstep.inference.schemas import (
     MAX_ACTIVATE_AHEAD_S,
@@ -40,10 +44,23 @@ MAX_SESSION_CHARS = 256
 VERSION_HEADER = "X-Lockstep-Version"  # answer with this resident version (token): a candidate evaluated before traffic
 
 
+# Characters a header value keeps as they are when it must be percent-encoded: those of URLs and model references.
+HEADER_SAFE = "/:@!$&'()*+,;=~"
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value: itself when printable ASCII, else percent-encoded UTF-8 (docs/api.md).
+
+    HTTP headers are Latin-1 bytes: a model folder named in Cyrillic made every answer a 500."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe=HEADER_SAFE)
+
+
 def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:
     """The headers every generation carries: the version that produced it, and where."""
-    return {"X-Model-Version": str(admitted.version), "X-Model-Repo-Id": admitted.model_ref,
-            "X-Replica-Id": replica_id}
+    return {"X-Model-Version": str(admitted.version), "X-Model-Repo-Id": header_value(admitted.model_ref),
+            "X-Replica-Id": header_value(replica_id)}
 
 
 def session_key(request: Request, user: str | None = None) -> str | None:
@@ -90,6 +107,12 @@ def is_generation(method: str, path: str) -> bool:
     return method == "POST" and path in GENERATION_PATHS
 
 
+def metrics_of(scope: Scope) -> ReplicaMetrics | None:
+    """The metrics of the replica an app's request reaches (None before its lifespan built the runtime)."""
+    runtime: ReplicaRuntime | None = getattr(scope["app"].state, "runtime", None)
+    return None if runtime is None else runtime.replica.metrics
+
+
 def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> FastAPI:
     """The replica app; tests pass a prepared runtime, the CLI lets the lifespan build one."""
 
@@ -106,6 +129,7 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
     app = FastAPI(title="Lockstep inference replica", version="1", lifespan=lifespan)
     install_error_handlers(app)
     install_guard(app, settings, public=is_generation)
+    app.add_middleware(CountRequests, counted=is_generation, metrics_of=metrics_of)  # outermost: counts refusals too
 
     def rt_of(request: Request) -> ReplicaRuntime:
         return request.app.state.runtime  # type: ignore[no-any-return]
@@ -141,13 +165,15 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
                                 top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=tuple(body.stop or ()),
                                 logprobs=body.logprobs)
         session, version = session_key(request), target_version(request, settings)
+        fit = "max_new_tokens" not in body.model_fields_set  # the default length is cut to fit the context
         if body.system_prompt:
             messages = [{"role": "system", "content": body.system_prompt}, {"role": "user", "content": body.prompt}]
             admitted = await generation.admit_choices(rt.replica, lambda tok: chat_prompt(tok, messages), params,
-                                                      body.n, session, version)
+                                                      body.n, session, version, fit_context=fit)
         else:
             admitted = await generation.admit_choices(rt.replica, lambda tok: plain_prompt(tok, body.prompt),
-                                                      params, body.n, session, version)
+                                                      params, body.n, session, version, fit_context=fit)
+        note_version(request, admitted[0].version)
         finals = await generation.final_events(rt.replica, admitted, rt.token_rate, "/generate",
                                                request.is_disconnected)
         generation.raise_failed(finals)

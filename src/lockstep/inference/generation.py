@@ -72,12 +72,14 @@ async def admit(replica: Replica, build_prompt: PromptBuilder, params: SamplingP
 
 
 async def admit_choices(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, n: int,
-                        session: str | None = None, version: int | None = None) -> list[Admitted]:
+                        session: str | None = None, version: int | None = None, *,
+                        fit_context: bool = False) -> list[Admitted]:
     """``n`` answers to one prompt, admitted together on one slot, so one version writes all of them (``admit``).
 
-    With a seed, answer i samples with seed + i: answer i of (seed s, n) is the answer of (seed s + i, n = 1)."""
+    With a seed, answer i samples with seed + i: answer i of (seed s, n) is the answer of (seed s + i, n = 1).
+    ``fit_context``: the client sent no length, so the default one is cut to the room the prompt leaves."""
     work = asyncio.ensure_future(asyncio.to_thread(_admit_blocking, replica, build_prompt, params, n, session,
-                                                   version))
+                                                   version, fit_context))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
@@ -99,11 +101,31 @@ def choice_params(params: SamplingParams, index: int) -> SamplingParams:
     return replace(params, seed=(params.seed + index) % (MAX_SEED + 1))
 
 
+def fit_to_context(params: SamplingParams, prompt_tokens: int, max_context: int) -> SamplingParams:
+    """``params`` with its answer length cut to the room ``prompt_tokens`` leave in the context window."""
+    room = max_context - prompt_tokens
+    if room < 1:
+        raise BadRequest(f"the prompt ({prompt_tokens} tokens) fills the context limit of {max_context} tokens and "
+                         "leaves no room for an answer; shorten the prompt")
+    return params if params.max_new_tokens <= room else replace(params, max_new_tokens=room)
+
+
+def check_choices(n: int, max_queue: int) -> None:
+    """A 400 for more answers than the engine's queue can ever hold at once: retrying could never succeed."""
+    if n > max_queue:
+        raise BadRequest(f"n={n} answers are more than this replica can take at once: its queue holds at most "
+                         f"{max_queue} requests (LOCKSTEP_MAX_QUEUE) and the n answers are admitted together; "
+                         f"ask for at most {max_queue}, or send several requests")
+
+
 def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: SamplingParams, n: int,
-                    session: str | None, version: int | None) -> list[Admitted]:
+                    session: str | None, version: int | None, fit_context: bool = False) -> list[Admitted]:
     admitted: list[Admitted] = []
     with replica.pinned(session=session, version=version) as slot:
+        check_choices(n, slot.engine.max_queue)
         ids = build_prompt(slot.tokenizer)
+        if fit_context:
+            params = fit_to_context(params, len(ids), slot.loaded.max_context)
         try:
             for index in range(n):
                 own = choice_params(params, index)
@@ -129,14 +151,18 @@ async def events(replica: Replica, admitted: Admitted, rate: TokenRate, endpoint
                  ) -> AsyncIterator[TokenEvent | FinalEvent]:
     """Stream the request's events; a consumer that stops early (client gone) cancels it."""
     final: FinalEvent | None = None
+    streamed = 0  # tokens generated so far: they count even when the client leaves before the end
     try:
         async for event in admitted.handle.aiter():
             if isinstance(event, FinalEvent):
                 final = event
+            else:
+                streamed += len(event.token_ids)
             yield event
     finally:
         if final is None:
             admitted.handle.cancel()
+            record_tokens(replica, streamed, rate)
         else:
             record(replica, admitted, final, rate, endpoint)
 
@@ -184,16 +210,21 @@ def raise_failed(finals: list[FinalEvent]) -> None:
         raise BadRequest(f"generation failed: {failed.error}")
 
 
+def record_tokens(replica: Replica, tokens: int, rate: TokenRate) -> None:
+    """Count generated tokens, those of an answer its client left included."""
+    replica.metrics.generated_tokens.inc(tokens)
+    rate.add(tokens)
+
+
 def record(replica: Replica, admitted: Admitted, final: FinalEvent, rate: TokenRate, endpoint: str) -> None:
+    """An answer's metrics and rollout statistics; the request itself is counted by its HTTP status
+    (``inference.request_count``)."""
     m = replica.metrics
-    status = "200" if final.finish_reason.value != "error" else "500"
-    m.requests.labels(endpoint=endpoint, status=status, model_version=str(admitted.version)).inc()
     m.request_latency.labels(endpoint=endpoint).observe(final.latency_s)
     if final.ttft_s is not None:
         m.ttft.observe(final.ttft_s)
-    m.generated_tokens.inc(final.completion_tokens)
+    record_tokens(replica, final.completion_tokens, rate)
     m.tokens_per_request.observe(final.completion_tokens)
-    rate.add(final.completion_tokens)
     if not admitted.targeted:
         replica.rollout_stats.record_answer(admitted.version, final, nonfinite=final.error == NONFINITE_LOGITS)
         replica.answered(admitted.slot, admitted.prompt_ids, admitted.params, final)

@@ -15,14 +15,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from lockstep.core.errors import BadRequest
+from lockstep.core.errors import BadRequest, NotFound
 from lockstep.core.fields import Number, Text
 from lockstep.engine import FinalEvent, SamplingParams, TokenEvent
 from lockstep.inference import generation
+from lockstep.inference.request_count import note_version
 from lockstep.inference.schemas import (
     MAX_CHOICES,
     FreeJson,
     NewTokens,
+    NullMeansDefault,
     Seed,
     StopString,
     Temperature,
@@ -44,7 +46,13 @@ class ModelNotFound(BadRequest):
     code = "model_not_found"
 
 
-class StreamOptions(BaseModel):
+class UnknownModel(NotFound):
+    """GET /v1/models/{id} of a model not served here (OpenAI: 404 ``model_not_found``)."""
+
+    code = "model_not_found"
+
+
+class StreamOptions(NullMeansDefault):
     include_usage: StrictBool = False
 
 
@@ -52,7 +60,7 @@ Penalty = Annotated[Number, Field(ge=-2.0, le=2.0, description="only 0 is suppor
 ShortText = Annotated[StrictStr, Field(max_length=256)]
 
 
-class _Common(BaseModel):
+class _Common(NullMeansDefault):
     """Fields shared by both endpoints; known-but-unsupported ones are refused with a 400 that says so."""
 
     model_config = ConfigDict(extra="ignore")
@@ -86,6 +94,11 @@ class _Common(BaseModel):
     def wants_logprobs(self) -> bool:
         """Whether each answer's tokens come with their log-probabilities."""
         return False
+
+    @property
+    def length_given(self) -> bool:
+        """Whether the client chose the answer's length (else the default is cut to fit the context)."""
+        return self.max_tokens is not None or self.max_completion_tokens is not None
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -263,22 +276,34 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         rt.check_generation_limits(prompt_chars, params.max_new_tokens)
         return params
 
+    def served_models(rt: Any) -> list[dict[str, Any]]:
+        """OpenAI model objects: the served name, and the same with its version (``lockstep@v<N>``)."""
+        serving = rt.replica.serving
+        if serving is None:
+            return []
+        created = int(serving.serving_since or time.time())
+        return [{"id": mid, "object": "model", "created": created, "owned_by": "lockstep",
+                 "version": serving.version, "root": serving.model_ref}
+                for mid in (rt.settings.served_model_name, model_id(rt, serving.version))]
+
     @app.get("/v1/models", summary="OpenAI: the served model")
     async def list_models(request: Request) -> dict[str, Any]:
-        rt = rt_of(request)
-        serving = rt.replica.serving
-        data = []
-        if serving is not None:
-            created = int(serving.serving_since or time.time())
-            for mid in (rt.settings.served_model_name, model_id(rt, serving.version)):
-                data.append({"id": mid, "object": "model", "created": created, "owned_by": "lockstep",
-                             "version": serving.version, "root": serving.model_ref})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": served_models(rt_of(request))}
+
+    @app.get("/v1/models/{model:path}", summary="OpenAI: one model that GET /v1/models lists")
+    async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+        models = served_models(rt_of(request))
+        found = next((m for m in models if m["id"] == model), None)
+        if found is None:
+            raise UnknownModel(f"the model {model!r} does not exist here; GET /v1/models lists the served ones "
+                               f"({', '.join(m['id'] for m in models) or 'none while no model is loaded'})")
+        return found
 
     async def respond(request: Request, rt: Any, admitted: list[generation.Admitted], body: _Common,
                       kind: Literal["text_completion", "chat.completion"], endpoint: str) -> Any:
         first = admitted[0]
         version = first.version
+        note_version(request, version)
         digest = (first.slot.digest or first.slot.weights_digest)[:12]
         common = {"id": f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}",
                   "created": int(time.time()), "model": model_id(rt, version),
@@ -393,7 +418,8 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
             raise BadRequest("prompt must not be empty")
         admitted = await generation.admit_choices(rt.replica, lambda tok: plain_prompt(tok, body.text), params,
                                                   body.n, session_key(request, body.user),
-                                                  target_version(request, rt.settings))
+                                                  target_version(request, rt.settings),
+                                                  fit_context=not body.length_given)
         return await respond(request, rt, admitted, body, "text_completion", "/v1/completions")
 
     @app.post("/v1/chat/completions", summary="OpenAI: chat completion")
@@ -408,5 +434,6 @@ def install(app: FastAPI, rt_of: RuntimeOf) -> None:
         params = validate(rt, body, sum(len(m["content"]) for m in messages))  # all messages' characters
         admitted = await generation.admit_choices(rt.replica, lambda tok: chat_prompt(tok, messages), params,
                                                   body.n, session_key(request, body.user),
-                                                  target_version(request, rt.settings))
+                                                  target_version(request, rt.settings),
+                                                  fit_context=not body.length_given)
         return await respond(request, rt, admitted, body, "chat.completion", "/v1/chat/completions")

@@ -133,6 +133,7 @@ class Replica:
         self._admission.set()
         self.serving: ModelSlot | None = None
         self._staged: StagedPlan | None = None
+        self._retiring: list[ModelSlot] = []  # slots no longer serving whose admitted requests still run
         self.stage_info: StagedInfo | None = None
         self.state = ReplicaState.STARTING
         self._committed_version: int | None = None
@@ -398,6 +399,8 @@ class Replica:
             if flip and self.committed_version is not None:
                 self.committed_version = slot.version
             self._update_state()
+            if old is not None and old is not slot:
+                self._retiring.append(old)  # still counted by engine_load from this moment on
         self.metrics.serving_version.set(slot.version)
         log.info("serving v%d (%s)", slot.version, slot.model_ref)
         if old is not None and old is not slot:
@@ -463,6 +466,9 @@ class Replica:
 
     def _retire(self, slot: ModelSlot) -> None:
         """Let the old slot's admitted requests finish, then free it."""
+        with self._lock:
+            if not any(s is slot for s in self._retiring):
+                self._retiring.append(slot)
         slot.wait_unpinned()
         try:
             slot.engine.stop(drain=True)
@@ -470,6 +476,8 @@ class Replica:
         except Exception:  # retiring must never take the replica down
             log.exception("error while retiring v%d", slot.version)
         slot.free()
+        with self._lock:
+            self._retiring = [s for s in self._retiring if s is not slot]
         files = slot.loaded.extra.get("checkpoint")
         if isinstance(files, CheckpointFiles):
             files.release()
@@ -629,12 +637,17 @@ class Replica:
                                weights_digest=s.weights_digest, since=s.serving_since)
 
     def engine_load(self) -> tuple[int, int]:
-        """(queue depth, running batch size) of the serving engine."""
+        """(queue depth, running batch size) over every resident engine: serving, a staged candidate, and old
+        versions still draining the requests admitted before a flip."""
         with self._lock:
-            s = self.serving
-        if s is None or s.engine is None:
-            return 0, 0
-        return int(s.engine.queue_depth), int(s.engine.running)
+            plan = self._staged
+            slots = [self.serving, plan.slot if plan is not None else None, *self._retiring]
+        engines_seen: dict[int, ServingEngine] = {}
+        for slot in slots:
+            if slot is not None:
+                engines_seen.setdefault(id(slot.engine), slot.engine)  # an in-place flip keeps the one engine
+        return (sum(int(e.queue_depth) for e in engines_seen.values()),
+                sum(int(e.running) for e in engines_seen.values()))
 
     def close(self) -> None:
         """Stop every engine (drains admitted requests)."""

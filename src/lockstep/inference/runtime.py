@@ -143,6 +143,9 @@ class ReplicaRuntime:
         """POST /update-model: a cluster-wide publish with a shared folder, else stage and flip this replica."""
         ref = self._precheck(model_ref)
         if self.watcher is not None:
+            # The publish runs in the background, where a missing model shows only in the log: the caller gets
+            # the 404/400 now (this handler runs in a worker thread, so the folder walk keeps off the event loop).
+            check_available(ref, self.settings, self.store)
             return self.watcher.start_publish(ref.raw, origin=f"POST /update-model on {self.replica_id}")
         with self._update_lock:
             if self._update_thread is not None and self._update_thread.is_alive():

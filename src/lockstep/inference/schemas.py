@@ -74,6 +74,47 @@ MAX_ACTIVATE_AHEAD_S = 3600.0  # the furthest in the future a commit may be sche
 MAX_BODY_FIELDS = 64  # top-level fields of a body; more is refused before each is looked at
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_ABOUT = ("title", "description", "default")  # what describes a field, not the values it takes
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property's JSON schema that also takes ``null``; a number's bounds stay beside the ``anyOf`` too,
+    where readers of the plain schema find them."""
+    if "anyOf" in schema:
+        if {"type": "null"} not in schema["anyOf"]:
+            schema["anyOf"].append({"type": "null"})
+        return schema
+    about = {key: schema.pop(key) for key in _ABOUT if key in schema}
+    bounds = {key: schema[key] for key in _BOUNDS if key in schema}
+    return {"anyOf": [schema, {"type": "null"}], **bounds, **about}
+
+
+def _optional_fields_take_null(schema: dict[str, Any]) -> None:
+    """The /openapi.json of a ``NullMeansDefault`` body: every optional field also takes ``null``."""
+    required = set(schema.get("required", ()))
+    properties = schema.get("properties", {})
+    for name, prop in properties.items():
+        if name not in required:
+            properties[name] = _nullable(prop)
+
+
+class NullMeansDefault(BaseModel):
+    """A body whose optional fields take their default when sent as JSON ``null`` (OpenAI marks them nullable,
+    and many clients send null for what they leave unset); the schema says so, each field's bounds unchanged."""
+
+    model_config = ConfigDict(json_schema_extra=_optional_fields_take_null)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_of_optional_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()}
+
+
 class _StrictBody(BaseModel):
     """A request body whose unknown fields are refused, cheaply however many there are."""
 
@@ -87,7 +128,7 @@ class _StrictBody(BaseModel):
         return data
 
 
-class GenerateRequest(_StrictBody):
+class GenerateRequest(NullMeansDefault, _StrictBody):
     """POST /generate (the seed's)."""
 
     prompt: Text = Field(min_length=1)

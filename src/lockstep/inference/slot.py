@@ -16,6 +16,8 @@ class ServingEngine(Protocol):
 
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle: ...
 
+    max_queue: int  # requests that may wait at once; the answers of one request are admitted together
+
     @property
     def queue_depth(self) -> int: ...
 
@@ -36,6 +38,7 @@ class FreedEngine:
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle:
         raise RuntimeError(f"v{self.version} was freed; requests are admitted on the serving slot")
 
+    max_queue = 0
     queue_depth = 0
     running = 0
 

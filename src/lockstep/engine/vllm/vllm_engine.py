@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lockstep.core.errors import BadRequest, LoadError, NotReady, Overloaded, VerificationError
+from lockstep.core.errors import BadRequest, LoadError, NotReady, VerificationError
+from lockstep.engine.engine import queue_full
 from lockstep.engine.event import FinalEvent, FinishReason, TokenEvent
 from lockstep.engine.request_handle import RequestHandle
 from lockstep.engine.sampling_params import SamplingParams
@@ -265,9 +266,7 @@ class VllmEngine:
             if self._stopping or self._closed or self._llm is None:
                 raise NotReady("this engine is stopping and accepts no new requests")
             if self._waiting >= self.max_queue:
-                retry = 1.0 if self._latency_ewma_s is None else min(30.0, max(0.1, self._latency_ewma_s))
-                raise Overloaded(f"the engine queue is full ({self.max_queue} requests waiting); "
-                                 f"retry after {retry:.1f} s", retry_after_s=retry)
+                raise queue_full(self._waiting, self.max_queue, self._latency_ewma_s)
             rid = next(self._ids)
             handle = RequestHandle(rid, len(ids), self._on_cancel)
             req = _Request(handle, ids, params, time.monotonic())
