@@ -33,6 +33,9 @@ from lockstep.sync.watcher import SyncWatcher, heartbeat_of
 
 log = logging.getLogger(__name__)
 
+COMMITTED_POLL_S = 5.0  # a replica without a shared folder asks the trainer for the committed version this often
+UNTOLD_GRACE_S = 30.0  # a commit not pushed to it within this long was never going to be (see _watch_committed)
+
 
 def default_replica_id(settings: Settings, port: int | None = None) -> str:
     if settings.replica_id:
@@ -106,31 +109,76 @@ class ReplicaRuntime:
             self.replica.boot(model, version, digest)
         except Exception as exc:  # recorded in /status; the process stays up to report it
             log.error("boot failed: %s", exc)
+        if self.settings.coordinator_url:
+            self._watch_committed()
 
     def _ask_committed(self) -> dict[str, Any] | None:
         """The trainer's committed version (GET /sync/committed); retried, unready, until it answers."""
-        url = f"{str(self.settings.coordinator_url).rstrip('/')}/sync/committed"
-        headers = bearer_headers(self.settings.api_token)
         wait = 0.5
         while not self._stopping.is_set():
-            try:
-                response = httpx.get(url, headers=headers, timeout=10.0)
-                if response.status_code == 200:
-                    answer = response.json()
-                    body: dict[str, Any] = {**(answer.get("committed") or {}), "peers": answer.get("peers") or []}
-                    self.replica.last_error = None
-                    log.info("the trainer's committed version: v%s (%s)", body.get("version", 0),
-                             body.get("model") or "the initial model")
-                    return body
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
-            except (httpx.HTTPError, ValueError) as exc:
-                problem = str(exc)
+            committed = self._fetch_committed()
+            if isinstance(committed, dict):
+                self.replica.last_error = None
+                log.info("the trainer's committed version: v%s (%s)", committed.get("version", 0),
+                         committed.get("model") or "the initial model")
+                return committed
             self.replica.last_error = (f"waiting for the trainer at {self.settings.coordinator_url} to say which "
-                                       f"version is committed: {problem}")
+                                       f"version is committed: {committed}")
             log.warning("%s; unready, retrying in %.1fs", self.replica.last_error, wait)
             self._stopping.wait(wait)
             wait = min(5.0, wait * 2)
         return None
+
+    def _fetch_committed(self) -> dict[str, Any] | str:
+        """One GET /sync/committed: the committed version (``version`` 0 for the initial model) and the peers
+        that hold it; or what went wrong."""
+        url = f"{str(self.settings.coordinator_url).rstrip('/')}/sync/committed"
+        try:
+            response = httpx.get(url, headers=bearer_headers(self.settings.api_token), timeout=10.0)
+            if response.status_code != 200:
+                return f"HTTP {response.status_code}: {response.text[:200]}"
+            answer = response.json()
+            return {"version": 0, **(answer.get("committed") or {}), "peers": answer.get("peers") or []}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError) as exc:
+            return str(exc) or type(exc).__name__
+
+    def _watch_committed(self) -> None:
+        """Catch up with commits the trainer never told this replica of.
+
+        A trainer pushes each commit to the replicas it drives, before the commit's moment. One it does not drive
+        (missing from INFERENCE_URLS, not found by discovery) would stay ready on an old version for good. So the
+        replica asks every ``COMMITTED_POLL_S``; a committed version it has not been told of for
+        ``UNTOLD_GRACE_S`` (far longer than any push takes) makes it unready, says why, and loads that version.
+        """
+        untold_since: float | None = None
+        while not self._stopping.wait(COMMITTED_POLL_S):
+            committed = self._fetch_committed()
+            if not isinstance(committed, dict):
+                continue  # the trainer is away: nothing new to learn, keep serving what was committed
+            try:
+                version = int(committed["version"])
+            except (TypeError, ValueError):
+                continue
+            if version == self.replica.committed_version:
+                untold_since = None
+                continue
+            now = self.clock.monotonic()
+            untold_since = now if untold_since is None else untold_since
+            if now - untold_since < UNTOLD_GRACE_S:
+                continue
+            model = str(committed.get("model") or self.settings.initial_model_repo_id)
+            digest = committed.get("digest") if isinstance(committed.get("digest"), str) else None
+            reason = (f"the trainer committed v{version} and never told this replica (it drives only the replicas "
+                      "in its INFERENCE_URLS or found by discovery: list this one there); unready, loading "
+                      f"v{version}")
+            log.warning("%s", reason)
+            self.replica.last_error = reason
+            self.replica.set_committed(version, digest)  # unready until it serves exactly that
+            try:
+                self.replica.boot(model, version, digest)
+            except Exception as exc:  # recorded in /status; asked again at the next poll
+                log.error("catching up with v%d failed: %s", version, exc)
+            untold_since = None
 
     def stop(self) -> None:
         self._stopping.set()
