@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lockstep.core.errors import LeaseHeld
+from lockstep.core.errors import Conflict, LeaseHeld
 from lockstep.core.settings import CommitPolicy
 from lockstep.store.model_store import version_name
 from lockstep.sync import retention
@@ -125,6 +125,8 @@ def test_aborted_versions_and_crashed_leftovers_go_after_the_grace_period_with_t
     last = c.publish(str(tiny_dirs[2]))
     assert [r.outcome for r in (first, failed, last)] == ["committed", "aborted", "committed"]
     assert retention.rollback_target(c, last.version) == first.version  # never back to one that failed
+    with pytest.raises(Conflict, match=f"v{failed.version} was never committed"):  # nor when asked by name
+        c.rollback(to=failed.version)
     partial = c.store.versions_dir / f".partial-{version_name(last.version + 1)}" / "content"
     partial.mkdir(parents=True)
     (partial / "model.safetensors").write_bytes(b"half a model")

@@ -423,3 +423,14 @@ def test_a_rollout_another_coordinator_drives_is_shown_as_driven_elsewhere_not_o
             assert view["version"] == 2 and view["share"] == 50
     finally:
         holder.release()
+
+
+def test_a_run_whose_record_is_unreadable_reads_as_404_and_can_be_deleted(api: TestClient, tmp_path: Path) -> None:
+    folder = tmp_path / "shared" / "runs" / "torn-run"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text('{"broken')
+    got = api.get("/runs/torn-run")
+    assert got.status_code == 404 and "unreadable run.json" in error(got)
+    assert api.delete("/runs/torn-run").status_code == 204
+    assert not folder.exists()
+    assert api.delete("/runs/torn-run").status_code == 404

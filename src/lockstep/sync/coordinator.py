@@ -31,6 +31,9 @@ from lockstep.sync.sources import ProgressFn, Source, Sources
 
 log = logging.getLogger(__name__)
 
+NOTHING_TO_ROLL_BACK_TO = ("nothing to roll back to: the committed version is the initial model (v0), or none is "
+                           "committed; roll forward with --to N (rollback to a published version) or publish one")
+
 __all__ = ["Coordinator", "ProgressFn", "PublishResult", "ReplicaReport", "Source", "commit_refusal",
            "with_lease_wait"]
 
@@ -236,9 +239,21 @@ class Coordinator:
         if to is None:
             state = self.read_state()
             if state.committed is None or state.committed.version == 0:
-                raise NotFound("nothing to roll back to: no version was committed after the initial model")
+                raise NotFound(NOTHING_TO_ROLL_BACK_TO)
             to = retention.rollback_target(self, state.committed.version)  # never a version that only aborted
+        else:
+            self.check_rollback_target(to)
         return self.publish(f"versions/{to}", **kwargs)
+
+    def check_rollback_target(self, to: int) -> None:
+        """``Conflict`` when the history says version ``to`` only ever aborted: a rollback goes back to what
+        the fleet served, and that one failed to stage (or is corrupt). A version with no record is let through."""
+        if to == 0 or self.store is None:
+            return
+        outcomes = retention.read_outcomes(self.data_dir / "history", [to], None)
+        if outcomes.by_version.get(to) == "aborted":
+            raise Conflict(f"v{to} was never committed (its publish aborted), so there is nothing to go back to; "
+                           f"to try it again, publish it: lockstep publish versions/{to}")
 
     def write_state(self, state: SyncState, **changes: Any) -> SyncState:
         """Write ``state`` with ``changes`` as the next generation: a decision exists once the ledger has it."""

@@ -24,7 +24,7 @@ from lockstep.trainer.runs.job import JobKind
 from lockstep.trainer.runs.record import RESUMABLE, Owner, RunRecord, RunStatus
 from lockstep.trainer.runs.rewards import RewardError
 from lockstep.trainer.runs.simulation import SimulationKind
-from lockstep.trainer.runs.store import RunFiles, RunStore
+from lockstep.trainer.runs.store import RunFiles, RunStore, UnreadableRun
 from lockstep.trainer.server.events import EventBus
 from lockstep.trainer.server.metrics import TrainerMetrics
 from lockstep.trainer.server.publish_jobs import Publisher
@@ -194,8 +194,15 @@ class RunManager:
         return self.view(record)
 
     def delete(self, run_id: str) -> None:
-        """Remove an ended run and its files (checkpoints included); 409 while it is queued or running."""
-        record = self._record(run_id)  # 404 for an unknown run
+        """Remove an ended run and its files (checkpoints included); 409 while it is queued or running. A run
+        whose run.json cannot be read is removed too (it cannot be the active run, which is held in memory)."""
+        try:
+            record = self._record(run_id)  # 404 for an unknown run
+        except UnreadableRun:
+            with self._lock:
+                self.runs.delete(run_id)
+            log.warning("run %s deleted, with its unreadable run.json", run_id)
+            return
         with self._lock:
             active = self._active is not None and self._active[0].record.id == run_id
             if active or record.status.active:

@@ -30,6 +30,10 @@ RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 POD_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,252}$")  # a DNS subdomain: no '/', so never a path out of logs/
 
 
+class UnreadableRun(NotFound):
+    """A run folder whose run.json cannot be read (torn by hand, a foreign file): 404 to readers; it may be deleted."""
+
+
 def _removed(path: Path) -> bool:
     """Remove ``path`` and everything under it; whether it is gone."""
     shutil.rmtree(path, ignore_errors=True)
@@ -185,7 +189,8 @@ class RunStore:
         except FileNotFoundError:
             raise NotFound(f"no run {run_id!r}; GET /runs lists the runs") from None
         except (OSError, ValueError, ValidationError) as exc:
-            raise NotFound(f"run {run_id!r} has an unreadable run.json: {exc}") from exc
+            raise UnreadableRun(f"run {run_id!r} has an unreadable run.json: {exc}; DELETE /runs/{run_id} "
+                                "removes its folder") from exc
 
     def delete(self, run_id: str) -> None:
         """Remove a run's folder: its record, metrics, samples, checkpoints and copied logs."""

@@ -32,7 +32,7 @@ from lockstep.models import loader
 from lockstep.store.chunks import MAX_CHUNK_BYTES_ACCEPTED, ChunkEntry
 from lockstep.store.manifest import FileEntry, Manifest, check_model_dir
 from lockstep.sync import retention
-from lockstep.sync.coordinator import Coordinator, ReplicaReport
+from lockstep.sync.coordinator import NOTHING_TO_ROLL_BACK_TO, Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
 from lockstep.sync.rollout import RolloutPlan, make_plan, rollout_in_progress
 from lockstep.trainer.cluster.discovery import Discovery
@@ -328,10 +328,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         refuse_during_run()
         if body.to is not None and body.to != 0:
             await asyncio.to_thread(trainer.coordinator.store.get, body.to)  # 404 names what is published
+            await asyncio.to_thread(trainer.coordinator.check_rollback_target, body.to)  # 409: it only aborted
         if body.to is None:
             committed = (await asyncio.to_thread(trainer.coordinator.read_state)).committed
             if committed is None or committed.version == 0:
-                raise NotFound("nothing to roll back to: no version was committed after the initial model")
+                raise NotFound(NOTHING_TO_ROLL_BACK_TO)
         label = f"versions/{body.to}" if body.to is not None else "the version before the committed one"
         return trainer.publisher.submit(label, kind="rollback", rollback_to=body.to, policy=body.policy,
                                         timeout_s=body.timeout_s)
