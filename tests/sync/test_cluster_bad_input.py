@@ -270,3 +270,5 @@ def test_a_commit_every_replica_refuses_is_repaired_by_publishing_what_they_hold
     assert result.version < version
     cluster.wait_all_serving(result.version)
     assert all(r.ready() for r in _live(cluster))
+    # Serving what is committed again, the replicas no longer report the refusal as their error.
+    assert [r.status()["last_error"] for r in _live(cluster)] == [None] * len(_live(cluster))

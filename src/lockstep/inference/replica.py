@@ -398,6 +398,8 @@ class Replica:
             # ends after the cluster committed something newer must leave the replica behind and unready.
             if flip and self.committed_version is not None:
                 self.committed_version = slot.version
+            if self.committed_version in (None, slot.version):
+                self.last_error = None  # it serves what it should: an older refusal or failure no longer applies
             self._update_state()
             if old is not None and old is not slot:
                 self._retiring.append(old)  # still counted by engine_load from this moment on
