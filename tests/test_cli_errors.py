@@ -11,6 +11,7 @@ from lockstep import cli
     ({"LOCKSTEP_ENGINE": "bogus"}, "LOCKSTEP_ENGINE='bogus': Input should be 'auto', 'vllm' or 'builtin'"),
     ({"LOCKSTEP_VLLM_ARGS": "[1"}, "LOCKSTEP_VLLM_ARGS='[1'"),
     ({"LOCKSTEP_POLL_INTERVAL_S": "soon"}, "LOCKSTEP_POLL_INTERVAL_S='soon'"),
+    ({"LOCKSTEP_REPLICA_ID": "r\udce8"}, "not valid UTF-8"),  # the byte 0xE8 alone, as the environment gives it
 ])
 def test_a_setting_that_does_not_fit_is_one_line_naming_it(env: dict[str, str], says: str,
                                                             monkeypatch: pytest.MonkeyPatch,

@@ -247,12 +247,13 @@ def test_context_length_is_checked_at_submit(model: Any) -> None:
 def test_full_queue_raises_overloaded(model: Any) -> None:
     eng = Engine(model, tokenizer(), max_batch_size=1, max_queue=2)
     try:
-        first = eng.submit([5, 6], SamplingParams(max_new_tokens=2))
+        first = eng.submit([5, 6], SamplingParams(max_new_tokens=2))  # the free slot's, at the next step
         eng.submit([7, 8], SamplingParams(max_new_tokens=2))
+        eng.submit([3, 4], SamplingParams(max_new_tokens=2))
         with pytest.raises(Overloaded) as err:
             eng.submit([9], SamplingParams(max_new_tokens=2))
         assert err.value.retry_after_s > 0
-        assert eng.queue_depth == 2
+        assert eng.queue_depth == 3
         first.cancel()  # a queued request leaves at once, making room
         assert first.result(0).finish_reason == "cancelled"
         eng.submit([9], SamplingParams(max_new_tokens=2))
@@ -263,8 +264,9 @@ def test_full_queue_raises_overloaded(model: Any) -> None:
 def test_a_full_queue_says_how_many_wait_and_the_retry_after_it_sends(model: Any) -> None:
     eng = Engine(model, tokenizer(), max_batch_size=1, max_queue=2)  # not started: what is queued stays queued
     try:
-        eng.submit([5, 6], SamplingParams(max_new_tokens=2))
-        eng.submit([7, 8], SamplingParams(max_new_tokens=2))
+        # A burst before the engine steps: the free slot takes one, and two more may wait for a slot.
+        for prompt in ([4, 5], [5, 6], [7, 8]):
+            eng.submit(prompt, SamplingParams(max_new_tokens=2))
         with pytest.raises(Overloaded) as err:
             eng.submit([9], SamplingParams(max_new_tokens=2))
         header = max(1, round(err.value.retry_after_s))  # what core.http puts in Retry-After

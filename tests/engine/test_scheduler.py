@@ -78,13 +78,15 @@ def test_release_moves_the_last_sequence_into_the_hole() -> None:
 
 def test_queue_full_and_remove_waiting() -> None:
     sched = Scheduler(max_batch_size=1, max_queue=2, prefill_token_budget=100)
-    a, b = seq(1, 2), seq(2, 2)
-    sched.add(a)
-    assert not sched.queue_full
+    a, b, c = seq(1, 2), seq(2, 2), seq(3, 2)
+    sched.add(a)  # the free slot takes it at the next step: nothing waits for a slot yet
+    assert not sched.queue_full and sched.queued_for_slot == 0
     sched.add(b)
-    assert sched.queue_full
+    assert not sched.queue_full and sched.queued_for_slot == 1
+    sched.add(c)
+    assert sched.queue_full and sched.queued_for_slot == 2
     assert sched.remove_waiting(a) and not sched.remove_waiting(a)
-    assert list(sched.waiting) == [b]
+    assert list(sched.waiting) == [b, c] and not sched.queue_full
 
 
 def test_a_long_prompt_takes_the_last_slot_and_joins_the_batch_once_prefilled() -> None:

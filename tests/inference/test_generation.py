@@ -31,6 +31,7 @@ class FakeHandle:
 class FakeEngine:
     handles: list[FakeHandle] = field(default_factory=list)
     max_queue: int = 64
+    max_context: int = 32
 
     def submit(self, ids: list[int], params: SamplingParams) -> FakeHandle:
         self.handles.append(FakeHandle())
@@ -38,14 +39,8 @@ class FakeEngine:
 
 
 @dataclass
-class FakeLoaded:
-    max_context: int = 32
-
-
-@dataclass
 class FakeSlot:
     engine: FakeEngine = field(default_factory=FakeEngine)
-    loaded: FakeLoaded = field(default_factory=FakeLoaded)
     tokenizer: object = "the slot's tokenizer"
     version: int = 3
     model_ref: str = "builtin:tiny"

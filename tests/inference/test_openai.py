@@ -372,6 +372,27 @@ def test_a_stream_its_client_leaves_is_counted_as_499_with_the_tokens_it_generat
     assert ok == 0  # counted once, as what it was
 
 
+def test_a_non_streamed_request_its_client_leaves_is_counted_as_499(srv: Served) -> None:
+    """The handler, told its client left, still ends with a 200 to the closed socket: the count must say 499."""
+    before = metric_samples(httpx.get(srv.url + "/metrics").text)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(srv.url + "/v1/completions", timeout=0.3,
+                   json={"model": "lockstep", "prompt": PROMPTS[1], "max_tokens": LONG, "temperature": 0})
+
+    def delta(after: dict[Any, float], status: str) -> float:
+        return (metric_value(after, "lockstep_requests_total", endpoint="/v1/completions", status=status,
+                             model_version="0")
+                - metric_value(before, "lockstep_requests_total", endpoint="/v1/completions", status=status,
+                               model_version="0"))
+
+    def counted() -> dict[Any, float] | None:
+        after = metric_samples(httpx.get(srv.url + "/metrics").text)
+        return after if delta(after, "499") == 1 else None
+
+    after = wait_for(counted, 60, 0.05, "the request its client left counted as 499")
+    assert delta(after, "200") == 0
+
+
 def test_full_queue_is_a_429_with_retry_after_and_others_are_unaffected(
     builtin_dir: Path, expected: dict[int, dict[str, str]]
 ) -> None:

@@ -74,6 +74,20 @@ def test_greedy_answers_equal_the_builtin_engines_on_both_apis(replica: Proc, ti
         assert {c["model"] for c in chunks} == {"lockstep@v0"}
 
 
+def test_a_request_that_leaves_the_length_unset_or_null_gets_the_default_cut_to_the_context(replica: Proc) -> None:
+    """What the openai client sends by default: no max_tokens. The default is cut to the room the prompt leaves,
+    from the engine's own context window (a vLLM slot holds no transformers model to read it from: it was a 500)."""
+    for path, body in [("/generate", {"prompt": "Hi"}), ("/generate", {"prompt": "Hi", "max_new_tokens": None}),
+                       ("/v1/completions", {"model": "lockstep", "prompt": "Hi"}),
+                       ("/v1/chat/completions", {"model": "lockstep", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": None})]:
+        r = httpx.post(replica.url + path, json={**body, "temperature": 0.0}, timeout=120)
+        assert r.status_code == 200, (path, body, r.status_code, r.text[:300])
+        assert r.headers["X-Model-Version"] == "0"
+    long = httpx.post(replica.url + "/generate", json={"prompt": "hello world " * 1500}, timeout=120)
+    assert long.status_code == 400 and "fills the context limit" in long.json()["error"]["message"], long.text[:300]
+
+
 def test_n_answers_of_one_request_come_from_one_version_on_both_apis(replica: Proc, tiny_dirs: dict[int, Path]) -> None:
     prompt = PROMPTS[0]
     want = greedy_texts(tiny_dirs[0], dtype="float32")[prompt]

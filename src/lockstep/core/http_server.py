@@ -30,9 +30,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _header_count = 0
 
+    _began_in_read = False
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
+        self._began_in_read = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -46,13 +49,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
-        # Bytes fed while a head is open are head bytes. The read that begins a message is not counted, so the
-        # bound holds to within one read (asyncio reads at most 256 KiB).
-        counted = self._in_head
+        # A read that only continues an open head is all head bytes. The read that begins a message is not
+        # counted (it may end the previous, pipelined request's body), so the bound holds to within one read
+        # (asyncio reads at most 256 KiB).
+        counted, self._began_in_read = self._in_head, False
         super().data_received(data)
         if not self._in_head or self.transport.is_closing():
             return
-        if counted:
+        if counted and not self._began_in_read:
             self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse_head()
@@ -65,6 +69,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _refuse_head(self) -> None:
         self._in_head = False
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request is still being answered on this connection: no 431 in the middle of its bytes.
+            self.transport.close()
+            return
         msg = (f"the request line and headers are over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers; "
                "send less in headers (a large value belongs in the body)").encode()
         self.transport.write(b"".join([

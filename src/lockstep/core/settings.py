@@ -269,6 +269,18 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode(cls, value: object) -> object:
+        # An environment value that is not UTF-8 reaches Python as lone surrogates; as a replica id or a model
+        # name it went into every response's headers and JSON, and each one was a 500.
+        if isinstance(value, (str, Path)):
+            try:
+                str(value).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("it is not valid UTF-8; use UTF-8 text (or plain ASCII)") from None
+        return value
+
     # --- derived paths -------------------------------------------------------------------------------
     @property
     def sync_state_path(self) -> Path | None:

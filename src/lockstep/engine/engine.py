@@ -236,7 +236,7 @@ class Engine:
             if self._stopping or self._closed:
                 raise NotReady("this engine is stopping and accepts no new requests")
             if self._scheduler.queue_full:
-                raise queue_full(len(self._scheduler.waiting), self.max_queue, self._latency_ewma_s)
+                raise queue_full(self._scheduler.queued_for_slot, self.max_queue, self._latency_ewma_s)
             rid = next(self._ids)
             handle = RequestHandle(rid, len(ids), self._on_cancel)
             seq = Sequence(rid, ids, params, self._tokenizer, self._eos, generator, handle, self._clock)

@@ -44,7 +44,14 @@ class Scheduler:
 
     @property
     def queue_full(self) -> bool:
-        return len(self.waiting) >= self.max_queue
+        """Whether a newcomer is refused: ``max_queue`` wait for a slot beyond those the free slots will take."""
+        return self.queued_for_slot >= self.max_queue
+
+    @property
+    def queued_for_slot(self) -> int:
+        """Waiting sequences the free batch slots cannot take at the next step. A burst arrives before the engine
+        steps: counting the ones free slots will take refused requests while slots were free."""
+        return max(0, len(self.waiting) - max(0, self.capacity - len(self.running)))
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (the caller checked ``queue_full``)."""

@@ -54,7 +54,7 @@ def header_value(text: str) -> str:
     HTTP headers are Latin-1 bytes: a model folder named in Cyrillic made every answer a 500."""
     if text.isascii() and text.isprintable():
         return text
-    return quote(text, safe=HEADER_SAFE)
+    return quote(text.encode("utf-8", "backslashreplace"), safe=HEADER_SAFE)  # never raises, whatever the text
 
 
 def version_headers(admitted: generation.Admitted, replica_id: str) -> dict[str, str]:

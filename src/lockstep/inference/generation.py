@@ -125,7 +125,7 @@ def _admit_blocking(replica: Replica, build_prompt: PromptBuilder, params: Sampl
         check_choices(n, slot.engine.max_queue)
         ids = build_prompt(slot.tokenizer)
         if fit_context:
-            params = fit_to_context(params, len(ids), slot.loaded.max_context)
+            params = fit_to_context(params, len(ids), slot.engine.max_context)  # each engine knows its own
         try:
             for index in range(n):
                 own = choice_params(params, index)

@@ -36,8 +36,11 @@ class _Outcome:
         self.client_left = False
 
     def label(self) -> str:
-        """The status to count: 499 for a client gone mid-answer, 500 for an app that sent no answer."""
-        if self.client_left and not self.complete:
+        """The status to count: 499 for a client gone mid-answer, 500 for an app that sent no answer.
+
+        A client seen leaving before the answer's last byte counts as 499 even when the app then sends that
+        byte: a non-streamed handler, told its client left, still ends with a 200 to a closed socket."""
+        if self.client_left:
             return str(CLIENT_CLOSED)
         return "500" if self.status is None else str(self.status)
 
@@ -57,7 +60,7 @@ class CountRequests:
 
         async def watched_receive() -> Message:
             message = await receive()
-            if message["type"] == "http.disconnect":
+            if message["type"] == "http.disconnect" and not outcome.complete:
                 outcome.client_left = True
             return message
 
@@ -71,7 +74,7 @@ class CountRequests:
         try:
             await self.app(scope, watched_receive, watched_send)
         except (OSError, ClientDisconnect):  # the socket went away under a send: the client left
-            outcome.client_left = True
+            outcome.client_left = not outcome.complete
             raise
         finally:
             metrics = self.metrics_of(scope)

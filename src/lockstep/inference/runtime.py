@@ -110,7 +110,7 @@ class ReplicaRuntime:
         except Exception as exc:  # recorded in /status; the process stays up to report it
             log.error("boot failed: %s", exc)
         if self.settings.coordinator_url:
-            self._watch_committed()
+            self._watch_committed(version)
 
     def _ask_committed(self) -> dict[str, Any] | None:
         """The trainer's committed version (GET /sync/committed); retried, unready, until it answers."""
@@ -142,13 +142,15 @@ class ReplicaRuntime:
         except (httpx.HTTPError, ValueError, AttributeError, TypeError) as exc:
             return str(exc) or type(exc).__name__
 
-    def _watch_committed(self) -> None:
+    def _watch_committed(self, trainer_version: int) -> None:
         """Catch up with commits the trainer never told this replica of.
 
         A trainer pushes each commit to the replicas it drives, before the commit's moment. One it does not drive
         (missing from INFERENCE_URLS, not found by discovery) would stay ready on an old version for good. So the
-        replica asks every ``COMMITTED_POLL_S``; a committed version it has not been told of for
-        ``UNTOLD_GRACE_S`` (far longer than any push takes) makes it unready, says why, and loads that version.
+        replica asks every ``COMMITTED_POLL_S``; a new commit of the trainer's (``trainer_version``: the last one
+        it knows of) that it has not been told of for ``UNTOLD_GRACE_S`` (far longer than any push takes) makes it
+        unready, says why, and loads that version. Only a change on the trainer's side counts: an
+        ``/update-model`` of this replica alone, or a ``lockstep publish --urls`` naming it, moves it on purpose.
         """
         untold_since: float | None = None
         while not self._stopping.wait(COMMITTED_POLL_S):
@@ -159,8 +161,8 @@ class ReplicaRuntime:
                 version = int(committed["version"])
             except (TypeError, ValueError):
                 continue
-            if version == self.replica.committed_version:
-                untold_since = None
+            if version in (trainer_version, self.replica.committed_version):
+                trainer_version, untold_since = version, None  # nothing new, or told of it
                 continue
             now = self.clock.monotonic()
             untold_since = now if untold_since is None else untold_since
@@ -174,11 +176,11 @@ class ReplicaRuntime:
             log.warning("%s", reason)
             self.replica.last_error = reason
             self.replica.set_committed(version, digest)  # unready until it serves exactly that
+            trainer_version, untold_since = version, None
             try:
                 self.replica.boot(model, version, digest)
-            except Exception as exc:  # recorded in /status; asked again at the next poll
+            except Exception as exc:  # recorded in /status; unready until a later commit reaches it
                 log.error("catching up with v%d failed: %s", version, exc)
-            untold_since = None
 
     def stop(self) -> None:
         self._stopping.set()

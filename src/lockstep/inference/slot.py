@@ -17,6 +17,7 @@ class ServingEngine(Protocol):
     def submit(self, prompt_ids: Iterable[int], params: SamplingParams | None = None) -> RequestHandle: ...
 
     max_queue: int  # requests that may wait at once; the answers of one request are admitted together
+    max_context: int  # prompt and generated tokens one request may hold (the model's context window)
 
     @property
     def queue_depth(self) -> int: ...
@@ -39,6 +40,7 @@ class FreedEngine:
         raise RuntimeError(f"v{self.version} was freed; requests are admitted on the serving slot")
 
     max_queue = 0
+    max_context = 0
     queue_depth = 0
     running = 0
 

@@ -67,6 +67,8 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int:
+        if self.model is None:  # an engine that loads the weights itself (vLLM) records it beside them
+            return int(self.extra.get("max_context") or 2048)
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
 
