@@ -143,8 +143,7 @@ class Coordinator:
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
         if source.unchanged:
-            with self.lease, self.drive_lock:
-                repaired = self._recommit_if_refused()
+            repaired = self._recommit_if_refused()
             return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
                                  reason="the committed version already has this content (same digest)"
                                  + ("; sync_state.json, which committed what the replicas refuse, commits it "
@@ -158,20 +157,28 @@ class Coordinator:
 
     def _recommit_if_refused(self) -> bool:
         """Write the version the replicas hold as committed again, when the shared folder's ledger commits
-        something else (a hand-written or broken ``sync_state.json`` they refuse, and stay unready under)."""
-        if self.fleet.pushes:
-            return False  # replicas never read this ledger: what they refuse never came from it
+        something else (a hand-written or broken ``sync_state.json`` they refuse, and stay unready under).
+        The lease is taken only then: an unchanged publish of a healthy fleet writes nothing."""
+        if self.fleet.pushes or not self._ledger_refused():
+            return False  # pushed fleets never read this ledger: what they refuse never came from it
+        with self.lease, self.drive_lock:
+            state = self.read_state()
+            if state.committed is None or not self._ledger_refused():
+                return False  # another coordinator repaired it meanwhile
+            log.warning("sync_state.json commits what the replicas refuse; committing v%d, which they hold, again",
+                        state.committed.version)
+            self.write_state(state, pending=None, split=None)
+            return True
+
+    def _ledger_refused(self) -> bool:
+        """Whether the state to go on from commits something other than the ledger (which replicas ignore)."""
         state = self.read_state()
         try:
             ledger = self.ledger.read()
         except ValueError:
             ledger = None
-        if state.committed is None or (isinstance(ledger, SyncState) and ledger.committed == state.committed):
-            return False
-        log.warning("sync_state.json commits what the replicas refuse; committing v%d, which they hold, again",
-                    state.committed.version)
-        self.write_state(state, pending=None, split=None)
-        return True
+        return state.committed is not None and not (isinstance(ledger, SyncState)
+                                                    and ledger.committed == state.committed)
 
     def rollout(self, ref_text: str, plan: RolloutPlan, *, control: RolloutControl | None = None,
                 source: Source | None = None, timeout_s: float | None = None, metadata: dict[str, Any] | None = None,
