@@ -159,20 +159,20 @@ class Coordinator:
         """Write the version the replicas hold as committed again, when the shared folder's ledger commits
         something else (a hand-written or broken ``sync_state.json`` they refuse, and stay unready under).
         The lease is taken only then: an unchanged publish of a healthy fleet writes nothing."""
-        if self.fleet.pushes or not self._ledger_refused():
+        if self.fleet.pushes or not self._ledger_refused(self.read_state()):
             return False  # pushed fleets never read this ledger: what they refuse never came from it
         with self.lease, self.drive_lock:
             state = self.read_state()
-            if state.committed is None or not self._ledger_refused():
+            if state.committed is None or not self._ledger_refused(state):
                 return False  # another coordinator repaired it meanwhile
             log.warning("sync_state.json commits what the replicas refuse; committing v%d, which they hold, again",
                         state.committed.version)
             self.write_state(state, pending=None, split=None)
             return True
 
-    def _ledger_refused(self) -> bool:
-        """Whether the state to go on from commits something other than the ledger (which replicas ignore)."""
-        state = self.read_state()
+    def _ledger_refused(self, state: SyncState) -> bool:
+        """Whether ``state``, the one to go on from, commits something other than the ledger (which replicas
+        ignore)."""
         try:
             ledger = self.ledger.read()
         except ValueError:
