@@ -142,9 +142,15 @@ def test_an_asynchronous_run_uses_only_answers_within_its_staleness_bound(cluste
     for e in run["evals"]:
         assert e["answered"] == e["asked"] == PARAMS["eval_prompts"] and e["other_version"] == 0, e
     if bound == 0:
-        # On-policy: after each checkpoint the run waited for answers of the version it became.
-        assert all(set(m["staleness"]) == {"0"} for m in run["metrics"])
-        assert run["summary"]["samples_dropped_stale"] > 0
+        # The synchronous behaviour: step s trained on answers of the version a synchronous run asks at step s
+        # (the newest after the publishes of steps 3, 6, ...), and the collector generated none it had to drop.
+        lineage = [run["start_version"], *run["versions"]]
+        steps = [m for m in run["metrics"] if m.get("type") == "step"]
+        assert [m["sample_versions"] for m in steps] == [
+            {str(lineage[(m["step"] - 1) // PARAMS["publish_every"]]): PARAMS["batch_size"] * PARAMS["group_size"]}
+            for m in steps]
+        assert all(set(m["staleness"]) == {"0"} for m in steps)
+        assert run["summary"]["samples_dropped_stale"] == 0
     for proc in cluster.replicas:
         assert proc.status()["serving_version"] == run["versions"][-1]
     # The collector stops with the last update: the last version answers its evaluation and no rollout round.

@@ -19,6 +19,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
     Collector,
     Group,
     Sampling,
+    Schedule,
     TaskReward,
     judge,
     step_prompts,
@@ -265,6 +266,46 @@ def test_during_a_publish_the_collector_waits_while_a_step_of_groups_does_and_go
         collector.stop()
         client.close()
     assert client.asked[2] == sampling.requests(step_prompts(task, 3, 7, 3), 3)
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_the_collector_starts_no_round_whose_update_comes_after_more_publishes_than_the_bound_allows(
+        bound: int) -> None:
+    """A publish follows every step here. The round for step s is answered by the version serving when it starts;
+    by step s the run has published s - 1 checkpoints. So the collector asks for step s only once the run has
+    started publishing checkpoint s - 1 - bound and, for bound 0, once that publish has committed: the round is
+    answered by the version a synchronous run asks at step s, and nothing generated is dropped."""
+    task, sampling = get_task("digits"), Sampling(2, 4, 1.0, 0, seed=7)
+    window, client = VersionWindow([0], bound), _Answering()
+    collector = Collector(client, sampling, task, 3, SampleBook(), window, capacity=9,
+                          schedule=Schedule(batch_size=3, num_iterations=1, publish_every=1))
+    try:
+        collector.start()
+        wait_for(lambda: len(client.asked) == 1 + bound, 30, 0.05, "the rounds within reach")
+        time.sleep(0.5)
+        assert len(client.asked) == 1 + bound  # room for more, but their updates come after more publishes
+        for _ in range(3):  # step 1 uses its groups; its checkpoint is published
+            assert collector.take(timeout_s=5) is not None
+            collector.mark_used()
+        window.publishing_started()
+        time.sleep(0.5)
+        assert len(client.asked) == 1 + bound  # with bound 0, v0's answers would be a version old at step 2
+        window.publishing_ended(1)
+        wait_for(lambda: len(client.asked) == 2 + bound, 30, 0.05, "the round the committed version reaches")
+    finally:
+        collector.stop()
+        client.close()
+    assert client.asked[-1] == sampling.requests(step_prompts(task, 3, 7, 2 + bound), 2 + bound)
+
+
+def test_a_schedule_maps_groups_to_the_steps_that_use_them_and_counts_the_publishes_before() -> None:
+    fresh = Schedule(batch_size=4, num_iterations=1, publish_every=3)
+    assert [fresh.step_of(g) for g in (0, 3, 4, 11, 12)] == [1, 1, 2, 3, 4]
+    assert [fresh.publishes_before(s) for s in (1, 3, 4, 6, 7)] == [0, 0, 1, 1, 2]
+    # TRL trains each batch twice; a run resumed from its step-6 checkpoint (published before the collector)
+    resumed = Schedule(batch_size=4, num_iterations=2, publish_every=6, start_step=6)
+    assert [resumed.step_of(g) for g in (0, 4, 8)] == [7, 9, 11]
+    assert [resumed.publishes_before(s) for s in (7, 12, 13)] == [0, 0, 1]
 
 
 def test_the_collector_starts_no_round_while_the_run_says_other_work_goes_first() -> None:

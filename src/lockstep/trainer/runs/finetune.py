@@ -28,6 +28,7 @@ from lockstep.trainer.runs.fleet_rollouts import (
     Collector,
     RunFailed,
     Sampling,
+    Schedule,
     SyncRollouts,
     TaskReward,
     step_prompts,
@@ -202,7 +203,9 @@ class _FinetuneRun:
             resumed_at = ctx.record.checkpoint.step if resume_from and ctx.record.checkpoint else 0
             self.collector = Collector(self.client, sampling, self.task, p.batch_size, self.book, window,
                                        capacity=2 * p.batch_size, first_round=resumed_at + 1,
-                                       wait_turn=releases.wait_measured)
+                                       wait_turn=releases.wait_measured,
+                                       schedule=Schedule(p.batch_size, p.num_iterations, p.publish_every,
+                                                         resumed_at))
             self.collector.start()
         if resume_from is None or evaluate_resumed:  # the baseline (or the resumed version), beside the first
             # steps; after the collector's first round, which the first update waits for

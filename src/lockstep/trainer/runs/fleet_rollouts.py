@@ -207,6 +207,24 @@ def step_prompts(task: Task, batch_size: int, seed: int, step: int) -> list[str]
     return task.prompts(batch_size, seed=seed * 1_000_003 + step, held_out=False)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When the run's updates use the groups a collector gathers, and when the run publishes."""
+
+    batch_size: int  # groups per call of the rollout function
+    num_iterations: int  # update steps per call (TRL trains each batch of answers that many times)
+    publish_every: int  # a publish follows every publish_every-th step
+    start_step: int = 0  # steps done before the collector started (a resumed run's checkpoint)
+
+    def step_of(self, position: int) -> int:
+        """The step that first uses the group at ``position`` (0-based, counting from the collector's start)."""
+        return self.start_step + (position // self.batch_size) * self.num_iterations + 1
+
+    def publishes_before(self, step: int) -> int:
+        """The run's publishes that start after the collector's start and before ``step`` begins."""
+        return (step - 1) // self.publish_every - self.start_step // self.publish_every
+
+
 class Collector:
     """A thread that keeps asking the fleet for groups while updates run; at most ``capacity`` wait unused.
 
@@ -218,19 +236,25 @@ class Collector:
     replaced, and the replicas stage and drain faster without it, so the next round gets the new version sooner;
     unless fewer than a step of groups wait and those answers stay within the bound (``starving``). Nor while
     ``wait_turn`` says other work of the run goes first (the held-out evaluation of a version just served:
-    ``Releases.wait_measured``).
+    ``Releases.wait_measured``). Nor when the update that will use the round comes after more publishes than the
+    bound allows (``within_reach``, from the run's ``schedule``): the answers of the version serving now would be
+    dropped, so the round waits for the checkpoint it needs. With ``max_staleness`` 0 every round is then answered
+    by the version a synchronous run would have asked at that step, and none is dropped.
     When the waiting groups leave no room, those a publish has pushed beyond the bound are dropped (and counted),
     so the fleet goes on generating instead of holding answers no update may use.
     """
 
     def __init__(self, client: RolloutClient, sampling: Sampling, task: Task, batch_size: int,
                  book: SampleBook, window: VersionWindow, *, capacity: int, first_round: int = 1,
-                 wait_turn: Callable[[float], bool] | None = None) -> None:
+                 wait_turn: Callable[[float], bool] | None = None, schedule: Schedule | None = None) -> None:
         self.client, self.sampling, self.task, self.book, self.window = client, sampling, task, book, window
         self.batch_size = batch_size
         self.capacity = capacity
         self.first_round = first_round
         self.wait_turn = wait_turn
+        self.schedule = schedule  # None: no publish is foreseen (each round is judged by the bound alone)
+        self._publishes_at_start = window.started
+        self._used = 0  # groups the updates took and used
         self.problems: list[str] = []
         # Set once the first round's answers are in, or the collector stopped: the run's baseline evaluation
         # waits for it, since until then the updates have nothing to train on.
@@ -279,10 +303,29 @@ class Collector:
         """Until no publish of the run is in flight, or the updates are running dry (``starving``), and nothing
         that goes first is (``wait_turn``); False once stopped."""
         while not self._stop.is_set():
-            if ((self.window.wait_settled(timeout_s=0.05) or self.starving())
+            if not self.within_reach():
+                self._stop.wait(0.02)  # until the updates reach the publish the round needs
+            elif ((self.window.wait_settled(timeout_s=0.05) or self.starving())
                     and (self.wait_turn is None or self.wait_turn(0.2))):
                 return not self._stop.is_set()
         return False
+
+    def within_reach(self) -> bool:
+        """Whether answers of the version serving now stay within the bound until the update that will use them:
+        the publishes in flight plus those the run starts before that update, at most ``max_staleness``."""
+        behind = self.window.staleness(self.window.latest) or 0
+        if self.schedule is None:
+            return behind <= self.window.max_staleness
+        with self._changed:
+            position = self._used + len(self._waiting)
+        foreseen = (self.schedule.publishes_before(self.schedule.step_of(position))
+                    - (self.window.started - self._publishes_at_start))
+        return behind + max(foreseen, 0) <= self.window.max_staleness
+
+    def mark_used(self) -> None:
+        """An update used a group it took: the stream's next rounds are that much nearer their updates."""
+        with self._changed:
+            self._used += 1
 
     def starving(self) -> bool:
         """Fewer than a step of groups wait, and answers of the version serving now stay within the bound once the
@@ -343,6 +386,7 @@ class AsyncRollouts:
             group = self.collector.take(timeout_s=1.0)
             if group is not None and judge(group, self.window, self.book):
                 used.append(group)
+                self.collector.mark_used()
                 last_use = self.clock.monotonic()
             elif self.clock.monotonic() - last_use > STARVED_S:
                 why = "; ".join(self.collector.problems) or (

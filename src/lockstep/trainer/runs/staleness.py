@@ -45,6 +45,7 @@ class VersionWindow:
         self.max_staleness = max_staleness
         self._known = list(dict.fromkeys(known))
         self._publishing = 0  # checkpoints handed to a publish that has not committed yet
+        self._started = 0  # publishes started since this window was made, committed or not
         self._changed = threading.Condition()
 
     @property
@@ -62,10 +63,18 @@ class VersionWindow:
         with self._changed:
             return self._publishing
 
+    @property
+    def started(self) -> int:
+        """Publishes started since this window was made (each checkpoint handed to a publish counts once)."""
+        with self._changed:
+            return self._started
+
     def publishing_started(self) -> None:
         """A checkpoint of the policy is being published: every older version is one further behind."""
         with self._changed:
             self._publishing += 1
+            self._started += 1
+            self._changed.notify_all()
 
     def publishing_ended(self, version: int | None) -> None:
         """The publish committed ``version`` (the newest from now on), or failed (None)."""
