@@ -32,11 +32,12 @@ def test_a_run_owner_is_gone_when_its_process_is(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("mode", [{}, {"async": True, "max_staleness": 0}], ids=["sync", "async"])
 def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkpoint(
-        cluster: LocalCluster) -> None:
+        cluster: LocalCluster, mode: dict[str, Any]) -> None:
     first = start_trainer(cluster, "trainer-killed")
     created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 60, "publish_every": 2,
-                                                                       "eval_prompts": 4}})
+                                                                       "eval_prompts": 4, **mode}})
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
     def with_checkpoint() -> dict[str, Any] | None:
@@ -71,6 +72,9 @@ def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkp
         assert steps == list(range(1, steps[-1] + 1))  # steps redone after the checkpoint appear once
         # The kill came while (or before) the newest version was evaluated: the resumed run evaluates it.
         assert served in {e["version"] for e in done["evals"]}
+        if mode:  # the resumed collector goes on with the stream and the schedule from the checkpoint's step
+            resumed_steps = [m for m in done["metrics"] if m.get("type") == "step" and m["step"] > checkpoint["step"]]
+            assert resumed_steps and all(set(m["staleness"]) == {"0"} and m["stale"] == 0 for m in resumed_steps)
     finally:
         second.process.terminate()
         second.process.wait(timeout=30)
