@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lockstep.store import ModelStore
 from lockstep.trainer.runs.manager import _owner_gone
 from lockstep.trainer.runs.record import Owner
 from tests.support.cluster import LocalCluster, wait_for
@@ -78,3 +79,45 @@ def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkp
     finally:
         second.process.terminate()
         second.process.wait(timeout=30)
+
+
+@pytest.mark.e2e
+def test_a_run_resumed_after_another_publish_puts_its_checkpoint_back_in_front(cluster: LocalCluster) -> None:
+    """While the run was away someone else published: its updates must not train on that version's answers, so
+    the resume publishes its checkpoint again first. That version names the one it repeats, and counts no samples
+    (each counts once, under the version it first trained)."""
+    first = start_trainer(cluster, "trainer-away")
+    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 60, "publish_every": 2,
+                                                                       "eval_prompts": 4}})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    wait_for(lambda: first.get(f"/runs/{run_id}").json()["checkpoint"], RUN_S, 0.2, "the first checkpoint")
+    first.kill()
+    other = cluster.publish("builtin:tiny")
+    assert other.returncode == 0, other.stderr
+
+    second = start_trainer(cluster, "trainer-back")
+    try:
+        away = second.get(f"/runs/{run_id}").json()
+        checkpoint, mine = away["checkpoint"], away["versions"]
+        assert second.post(f"/runs/{run_id}/resume").status_code == 202
+        wait_for(lambda: len(second.get(f"/runs/{run_id}").json()["versions"]) > len(mine) + 1, RUN_S, 0.5,
+                 "the checkpoint published again and a version trained after the resume")
+        assert second.post(f"/runs/{run_id}/stop").status_code == 202
+        done = wait_run(second, run_id)
+    finally:
+        second.process.terminate()
+        second.process.wait(timeout=30)
+    again = done["versions"][len(mine)]
+    manifests = {m["version"]: m for m in manifests_of(cluster)}
+    assert manifests[again]["metadata"]["republishes"] == checkpoint["version"]
+    assert manifests[again]["metadata"]["samples"]["used"] == done["version_samples"][str(again)]["used"] == 0
+    assert manifests[again]["digest"] == manifests[checkpoint["version"]]["digest"]  # the same weights
+    resumed = [m for m in done["metrics"] if m.get("type") == "step" and m["step"] > checkpoint["step"]]
+    assert resumed and all(m["foreign"] == 0 and set(m["sample_versions"]) <= {str(v) for v in done["versions"]}
+                           for m in resumed)
+
+
+def manifests_of(cluster: LocalCluster) -> list[dict[str, Any]]:
+    """Every version's MANIFEST in the cluster's store."""
+    return [m.model_dump() for m in ModelStore(cluster.shared).list()]

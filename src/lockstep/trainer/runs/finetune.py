@@ -186,9 +186,11 @@ class _FinetuneRun:
         if resume_from is not None and self._served_model()[0] != window.latest:
             # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
             # with this run's policy again (another publisher's answers are never used).
-            assert ctx.record.checkpoint is not None
-            releases.release(ctx.files.folder / ctx.record.checkpoint.path, ctx.record.checkpoint.step,
-                             {"note": "resumed checkpoint"})
+            checkpoint = ctx.record.checkpoint
+            assert checkpoint is not None
+            # Nothing new trained it: its samples are those of the version it was first published as.
+            releases.release(ctx.files.folder / checkpoint.path, checkpoint.step,
+                             {"note": "resumed checkpoint", "republishes": checkpoint.version})
             releases.wait_published()
         elif resume_from is not None:
             # The run stopped while its newest version was evaluated, or before: the fleet still serves that
