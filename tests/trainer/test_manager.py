@@ -118,6 +118,32 @@ def test_a_run_resumed_after_another_publish_puts_its_checkpoint_back_in_front(c
                            for m in resumed)
 
 
+@pytest.mark.e2e
+def test_a_run_killed_before_its_first_checkpoint_starts_again_and_evaluates_its_start_version_once(
+        cluster: LocalCluster) -> None:
+    first = start_trainer(cluster, "trainer-early")
+    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 4, "publish_every": 4,
+                                                                       "eval_prompts": 4}})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    wait_for(lambda: first.get(f"/runs/{run_id}").json()["evals"], RUN_S, 0.1, "the start version's evaluation")
+    first.kill()
+
+    second = start_trainer(cluster, "trainer-again")
+    try:
+        away = second.get(f"/runs/{run_id}").json()
+        assert away["checkpoint"] is None and away["status"] == "interrupted"
+        assert second.post(f"/runs/{run_id}/resume").status_code == 202
+        done = wait_run(second, run_id)
+    finally:
+        second.process.terminate()
+        second.process.wait(timeout=30)
+    assert done["status"] == "succeeded", done["error"]
+    evaluated = [e["version"] for e in done["evals"]]
+    assert evaluated == [done["start_version"], *done["versions"]], evaluated
+    assert done["summary"]["eval_reward_first"] == done["evals"][0]["reward"]
+
+
 def manifests_of(cluster: LocalCluster) -> list[dict[str, Any]]:
     """Every version's MANIFEST in the cluster's store."""
     return [m.model_dump() for m in ModelStore(cluster.shared).list()]

@@ -152,6 +152,8 @@ class _FinetuneRun:
             ctx.metric({"type": "resume", "step": 0, "version": None})
             record.versions = []
             record.version_samples = {}
+            evaluator.remember([m["reward"] for m in ctx.files.metrics()
+                                if m.get("type") == "eval" and m.get("reward") is not None])
         ctx.progress(0, self.p.steps, "loading the model")
         if self.p.model:
             result = ctx.publisher.publish_ref(self.p.model, run_id=record.id, policy=self.p.policy,
@@ -182,7 +184,10 @@ class _FinetuneRun:
         window = self.window
         releases = self.releases = Releases(ctx, p, window, self.book, evaluator, reward_name=self.reward_name,
                                             background=p.async_mode)
-        evaluate_resumed = False
+        # The version the run starts from is evaluated once: a resumed run's first life may have done it.
+        evaluated = ({m.get("version") for m in ctx.files.metrics() if m.get("type") == "eval"}
+                     if ctx.resume else set())
+        evaluate_first = window.latest not in evaluated
         if resume_from is not None and self._served_model()[0] != window.latest:
             # Someone published while the run was away: put its checkpoint back in front, so the fleet answers
             # with this run's policy again (another publisher's answers are never used).
@@ -192,11 +197,9 @@ class _FinetuneRun:
             releases.release(ctx.files.folder / checkpoint.path, checkpoint.step,
                              {"note": "resumed checkpoint", "republishes": checkpoint.version})
             releases.wait_published()
-        elif resume_from is not None:
-            # The run stopped while its newest version was evaluated, or before: the fleet still serves that
-            # version, so it is evaluated now (older ones cannot be: no replica serves them any more).
-            evaluated = {m.get("version") for m in ctx.files.metrics() if m.get("type") == "eval"}
-            evaluate_resumed = window.latest not in evaluated
+            evaluate_first = False  # the release evaluates the version it became
+        # Else a resumed run that stopped while its newest version was evaluated, or before, evaluates it now: the
+        # fleet still serves it (older ones cannot be: no replica serves them any more).
         sampling = Sampling(p.group_size, p.max_new_tokens, p.temperature, p.top_k, p.seed)
         if p.async_mode and p.algorithm != "sft_best":
             # Collecting starts as soon as the fleet serves the policy, while the trainer loads it and builds TRL.
@@ -209,7 +212,7 @@ class _FinetuneRun:
                                        schedule=Schedule(p.batch_size, p.num_iterations, p.publish_every,
                                                          resumed_at))
             self.collector.start()
-        if resume_from is None or evaluate_resumed:  # the baseline (or the resumed version), beside the first
+        if evaluate_first:  # the baseline (or the resumed version), beside the first
             # steps; after the collector's first round, which the first update waits for
             step = ctx.record.checkpoint.step if resume_from is not None and ctx.record.checkpoint else 0
             releases.evaluate_behind(window.latest, step, releases.converge(window.latest),
