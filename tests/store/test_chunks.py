@@ -438,3 +438,56 @@ def test_asks_for_chunks_nobody_sends_do_not_hold_up_a_chunk_this_replica_has(
         status, pending_then = asyncio.run(asks(url))
     assert status == 200
     assert all(pending_then)  # answered while all 48 still waited: they held none of the peer threads
+
+
+def test_the_version_a_replica_serves_is_never_pruned_however_many_newer_ones_arrive(
+        store: ModelStore, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    """Stages that never commit (aborted publishes) were once "used more recently" than the served version, whose
+    copy then went: a later diff came from the origin instead of this disk, and peers asking for it got 404s."""
+    store.publish_dir(tiny_dirs[0])
+    for i in range(5):
+        store.publish_dir(fine_tuned(tiny_dirs[0], tmp_path / f"tuned{i}", [f"model.layers.{i % 2}.mlp.up_proj.weight"]
+                                     if i % 2 else ["lm_head.weight"]))
+    tally = Tally()
+    cache = cache_for(store, tmp_path / "replica", tally)  # keeps 3
+    cache.in_use = lambda: {1}
+    served = cache.path_of(1)
+    for n in range(2, 7):
+        cache.path_of(n)  # staged, then aborted: the replica goes on serving 1
+    assert served.is_dir() and cache.verify(1)
+    assert sorted(p.name for p in cache.cache_dir.iterdir()) == ["000001", "000004", "000005", "000006"]
+
+
+def test_a_local_copy_found_damaged_is_neither_used_again_nor_served_to_peers(
+        store: ModelStore, tiny_dirs: dict[int, Path], tmp_path: Path) -> None:
+    v1 = store.publish_dir(tiny_dirs[0])
+    tuned = [fine_tuned(tiny_dirs[0], tmp_path / f"tuned{i}", [name])
+             for i, name in enumerate(["lm_head.weight", "model.layers.1.mlp.up_proj.weight"])]
+    v2, v3 = (store.publish_dir(folder) for folder in tuned)
+    tally = Tally()
+    cache = cache_for(store, tmp_path / "replica", tally)
+    served = cache.path_of(1)
+    entry, first = v1.chunk_list()[0]  # a chunk every later version shares
+    with open(served / entry.path, "r+b") as f:  # a bit flips on this replica's disk
+        f.seek(first.offset)
+        byte = f.read(1)
+        f.seek(first.offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    tally.fetched.clear()
+    cache.path_of(2)
+    assert tally.fetched["origin"] == new_chunks(v1, v2) + first.size  # the damaged chunk came from the origin once
+    assert cache.read_held(first.sha256, timeout_s=1) == store.chunks.read(first)  # peers get the good copy
+    tally.fetched.clear()
+    cache.path_of(3)
+    assert tally.fetched["origin"] == v3.new_bytes  # the next stage takes the good copy: no second fetch
+
+
+def test_a_stage_refused_for_lack_of_room_says_so_in_its_transfer_report(
+        store: ModelStore, tiny_dirs: dict[int, Path], small_disk: Path) -> None:
+    store.publish_dir(tiny_dirs[0])
+    cache = VersionCache(FolderOrigin(store), small_disk / "cache")
+    with pytest.raises(LoadError, match="no room"):
+        cache.path_of(1)
+    assert cache.transfer is not None
+    report = cache.transfer.report()
+    assert report["version"] == 1 and report["finished"] is True and "no room" in str(report["failed"])

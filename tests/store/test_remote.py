@@ -68,10 +68,16 @@ def test_a_version_is_downloaded_verified_cached_and_loads(remote: RemoteStore, 
 def test_a_damaged_chunk_in_the_trainers_store_is_refused_and_nothing_is_cached(
         remote: RemoteStore, data_dir: Path, tiny_dirs: dict[int, Path]) -> None:
     n = publish(data_dir, tiny_dirs[1])
-    damage_stored_file(data_dir, n, "model.safetensors")
+    damaged = damage_stored_file(data_dir, n, "model.safetensors")
     with pytest.raises(NotFound, match="does not match its digest"):  # the trainer checks before it sends
         remote.path_of(n)
     assert [p.name for p in remote.cache_dir.iterdir()] == []
+    # The damaged chunk is gone from the trainer's store, so publishing the model again, as the error says,
+    # stores it anew (a chunk kept under its name is never rewritten).
+    assert not damaged.exists()
+    again = publish(data_dir, tiny_dirs[1])
+    folder = remote.path_of(again)
+    assert (folder / "model.safetensors").read_bytes() == (tiny_dirs[1] / "model.safetensors").read_bytes()
 
 
 def test_a_truncated_chunk_in_the_trainers_store_is_refused(remote: RemoteStore, data_dir: Path,

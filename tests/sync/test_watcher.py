@@ -323,3 +323,25 @@ def test_the_seeds_one_line_request_may_not_name_a_folder_on_the_replicas_disk(
         assert b.replica.ready and b.replica.serving is not None and b.replica.serving.version == 2
     finally:
         _restore(b, good, good["generation"] + 1)
+
+
+def test_a_replica_keeps_the_copy_of_the_version_it_serves_whatever_else_its_cache_assembles(
+        tmp_path: Path, builtin_dir: Path, tiny_dirs: dict[int, Path]) -> None:
+    from lockstep.store.version_cache import FolderOrigin, VersionCache
+
+    shared = tmp_path / "shared"
+    b = Booted(shared, builtin_dir, tiny_dirs)  # v1 and v2 in the store
+    cache = VersionCache(FolderOrigin(b.store), tmp_path / "versions", keep=2)
+    replica = Replica(b.settings, store=cache, clock=b.clock)
+    watcher = SyncWatcher(replica, b.settings, store=b.store, clock=b.clock, replica_id="replica-1", url=None)
+    try:
+        write_sync_state(b.path, SyncState(generation=1, committed=Committed(
+            version=1, model="versions/000001", digest=b.v1.digest, activate_at=b.clock.time())))
+        watcher.tick()
+        wait_for(lambda: replica.serving is not None, 60, 0.02, "the boot load")
+        assert replica.versions_in_use() == {1} and set(cache.in_use()) == {1}
+        for src in (tiny_dirs[2], tiny_dirs[0], tiny_dirs[2]):
+            cache.path_of(b.store.publish_dir(src).version)  # newer copies, none of them committed
+        assert (tmp_path / "versions" / "000001").is_dir()
+    finally:
+        replica.close()

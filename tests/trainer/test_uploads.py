@@ -244,3 +244,24 @@ def test_uploads_write_on_threads_of_their_own_so_the_other_routes_keep_theirs(t
 
     asyncio.run(scenario())
     store.close()
+
+
+def test_a_chunk_damaged_in_the_store_is_asked_for_again_and_the_bytes_sent_replace_it(tmp_path: Path) -> None:
+    """Before, the store kept the damaged chunk (same size, so "held"), ignored the bytes the client sent again and
+    asked for them forever: the upload of that model could never complete."""
+    from lockstep.store.chunks import ChunkEntry, ChunkStore
+    from lockstep.store.manifest import FileEntry
+
+    chunks = ChunkStore(tmp_path / "chunks")
+    store = UploadStore(tmp_path / "uploads", FakeClock())
+    upload_id = store.create()
+    data = b"weights" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    chunk = ChunkEntry(offset=0, size=len(data), sha256=sha)
+    entry = FileEntry(path="model.safetensors", size=len(data), sha256=sha, chunks=[chunk])
+    assert chunks.put(chunk, data)
+    chunks.path(sha).write_bytes(b"W" + data[1:])  # a bit flipped on disk, the size unchanged
+    assert store.assemble(upload_id, entry, chunks) == {"path": "model.safetensors", "missing": [sha]}
+    assert store.receive_chunk(upload_id, chunk, data, chunks)["stored"] is True
+    assert store.assemble(upload_id, entry, chunks)["path"] == "model.safetensors"
+    assert (store.folder(upload_id) / "model.safetensors").read_bytes() == data

@@ -146,6 +146,7 @@ class Replica:
             store.on_fetched = lambda source, n: self.metrics.stage_bytes_fetched.labels(source=source).inc(n)
             store.on_bad_chunk = lambda reason: self.metrics.stage_bad_chunks.labels(reason=reason).inc()
             store.on_transfer = self.metrics.stage_duration.observe
+            store.in_use = self.versions_in_use
         # A rollout's split: the candidate (the staged slot) answers a share of new requests beside the serving one.
         self.router = Router(SessionTable(capacity=settings.session_table_size, ttl_s=settings.session_ttl_s,
                                           clock=clock), pin_wait_s=settings.session_pin_wait_s)
@@ -157,6 +158,14 @@ class Replica:
         self._applied_key: tuple[str, int, float] | None = None
 
     # ------------------------------------------------------------------ serving
+    def versions_in_use(self) -> set[int]:
+        """The versions this replica serves, has staged or still finishes requests on (its cache keeps them).
+
+        Read without the lock: the cache asks while it assembles, and a field read is atomic."""
+        staged = self._staged
+        slots = [self.serving, *list(self._retiring), staged.slot if staged is not None else None]
+        return {s.version for s in slots if s is not None} | ({staged.version} if staged is not None else set())
+
     @property
     def ready(self) -> bool:
         """Serving the committed version (or, without a cluster, serving anything), and admitting requests."""

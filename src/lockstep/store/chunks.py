@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Annotated, BinaryIO
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 CHUNK_MAX_BYTES = 4 << 20  # a piece of a large tensor (and of any other file)
 CHUNK_MIN_BYTES = 1 << 20  # small tensors share a chunk up to this
@@ -194,6 +197,24 @@ class ChunkStore:
         if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != chunk.sha256:
             raise ValueError(f"chunk {chunk.sha256[:12]} in {self.root} does not match its digest (damaged on disk)")
         return data
+
+    def discard_damaged(self, chunk: ChunkEntry) -> bool:
+        """Remove the chunk when its bytes do not match its digest (checked again here); True when removed.
+
+        Only the store's owner calls this (the trainer): a damaged chunk kept under its name would make every later
+        publish of the same bytes skip it (``put`` keeps a chunk already here), so it could never be repaired."""
+        path = self.path(chunk.sha256)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return False
+        if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+            return False  # rewritten whole meanwhile
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        log.warning("removed damaged chunk %s from %s: the next publish or upload of its bytes stores it again",
+                    chunk.sha256[:12], self.root)
+        return True
 
     def names(self) -> Iterator[Path]:
         """Every chunk file (for garbage collection)."""

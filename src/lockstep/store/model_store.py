@@ -389,6 +389,7 @@ class ModelStore:
             raise NotFound(f"version {n}: chunk {sha256[:12]} is missing from {self.chunks.root}; publish the "
                            "version again") from None
         except ValueError as exc:
+            self.chunks.discard_damaged(chunk)  # so that publishing the version again stores it anew
             raise NotFound(f"version {n}: {exc}; publish the version again") from exc
 
     def _chunks_of(self, n: int) -> dict[str, ChunkEntry]:

@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +136,9 @@ class VersionCache:
         self._peers: dict[int, list[str]] = {}  # version → peers to ask first, nearest first
         self._fresh: set[int] = set()  # assembled in this process: verify() need not rehash
         self.transfer: Transfer | None = None
+        # The versions the replica serves, has staged or still finishes requests on: never pruned (their copies
+        # are what a diff is assembled from, and what the coordinator tells peers this replica holds).
+        self.in_use: Callable[[], Collection[int]] = tuple
 
     @property
     def root(self) -> str:
@@ -177,7 +180,13 @@ class VersionCache:
                 _remove(target, self.cache_dir)
             if not self._has_room(manifest):
                 self._prune(keep_also=None, room_for=1)  # the least recently used copies make room
-                self._check_space(manifest)
+                try:
+                    self._check_space(manifest)
+                except LoadError as exc:  # the fleet view and GET /status say why this version did not arrive
+                    with self._index:
+                        self.transfer = Transfer(n, manifest.total_size, time.monotonic(), finished=True,
+                                                 failed=str(exc)[:500])
+                    raise
             if manifest.stored == "chunks":
                 self._assemble(manifest, target)
             else:
@@ -337,6 +346,9 @@ class VersionCache:
                     return data, "local"
             log.warning("version %d: local copy of chunk %s no longer matches; fetching it", manifest.version,
                         chunk.sha256[:12])
+            with self._index:  # neither this replica nor its peers take that copy again; the fetched one replaces it
+                if self._held.get(chunk.sha256) == local:
+                    del self._held[chunk.sha256]
         for peer in peers:
             if peer in transfer.avoided:
                 continue
@@ -478,7 +490,8 @@ class VersionCache:
                             "(LOCKSTEP_KEEP_VERSIONS). The served version keeps serving")
 
     def _prune(self, keep_also: int | None, room_for: int = 0) -> None:
-        """Keep the versions used most recently (``keep`` less ``room_for``, and ``keep_also``); remove the rest."""
+        """Keep the versions used most recently (``keep`` less ``room_for``), ``keep_also`` and those ``in_use``;
+        remove the rest."""
         try:
             names = sorted(p.name for p in self.cache_dir.iterdir())
         except OSError:
@@ -489,7 +502,8 @@ class VersionCache:
                 with contextlib.suppress(OSError):
                     used.append((os.lstat(self.cache_dir / name).st_mtime, n))
         kept = max(1, self.keep - room_for)
-        keep = {v for _, v in sorted(used)[-kept:]} | ({keep_also} if keep_also is not None else set())
+        keep = ({v for _, v in sorted(used)[-kept:]} | ({keep_also} if keep_also is not None else set())
+                | set(self.in_use()))
         for _, v in sorted(used, key=lambda u: u[1]):
             if v not in keep:
                 log.info("removing cached version %d (keeping the %d used last: LOCKSTEP_KEEP_VERSIONS)", v, kept)

@@ -221,7 +221,10 @@ class UploadStore:
             for chunk in entry.chunks or []:
                 try:
                     data = chunks.read(chunk)
-                except (OSError, ValueError):  # removed or damaged since it was counted: the client sends it again
+                except OSError:  # removed since it was counted: the client sends it again
+                    return {"path": entry.path, "missing": [chunk.sha256]}
+                except ValueError:  # damaged on disk: removed, so that the bytes the client sends again are kept
+                    chunks.discard_damaged(chunk)
                     return {"path": entry.path, "missing": [chunk.sha256]}
                 _write(out, digest, data)
             self._count(upload_id, entry.path, entry.size)
