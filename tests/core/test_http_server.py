@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -18,6 +19,11 @@ from lockstep.core.http_server import server_config
 from tests.support.cluster import free_port, wait_for
 
 
+async def slow(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(1.0)
+    return PlainTextResponse("slow " + "s" * 200_000)  # longer than one socket write
+
+
 async def echo(request: Request) -> PlainTextResponse:
     body = await request.body()
     return PlainTextResponse(f"{request.method} {request.url.path} body={len(body)}")
@@ -25,7 +31,7 @@ async def echo(request: Request) -> PlainTextResponse:
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    app = Starlette(routes=[Route("/{name}", echo, methods=["GET", "POST"])])
+    app = Starlette(routes=[Route("/slow", slow), Route("/{name}", echo, methods=["GET", "POST"])])
     port = free_port()
     server = uvicorn.Server(server_config(app, "127.0.0.1", port))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -76,3 +82,14 @@ def test_a_head_over_the_bound_on_a_fresh_connection_is_431(port: int) -> None:
     parts = [b"GET /h HTTP/1.1\r\nHost: x\r\nX-Pad: "] + [b"p" * 40_000] * 4 + [b"\r\n\r\n"]
     got = _exchange(port, parts, answers=1)
     assert got.startswith(b"HTTP/1.1 431"), got[:300]
+
+
+def test_a_head_over_the_bound_behind_a_request_still_answered_is_431_after_that_answer_whole(port: int) -> None:
+    """Before, the connection closed at once and cut off the earlier request's answer."""
+    parts = [b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+             b"GET /h HTTP/1.1\r\nHost: x\r\nX-Pad: "] + [b"p" * 40_000] * 4 + [b"\r\n\r\n"]
+    got = _exchange(port, parts, answers=3)
+    first, second, third = got.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and first.endswith(b"slow " + b"s" * 200_000), first[:200]
+    assert second.startswith(b"200") and second.endswith(b"GET /a body=0"), second[:200]
+    assert third.startswith(b"431"), third[:200]

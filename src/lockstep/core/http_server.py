@@ -3,7 +3,8 @@
 uvicorn's httptools protocol buffers a request's line and headers without any limit, and the app (and so
 ``RequestGuard``) only sees a request once its head is complete: one client sending a 60 MB header held a
 replica's event loop for seconds and its memory for the header's size. ``BoundedHeadProtocol`` answers 431 and
-closes the connection once a head passes ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``, while it is still arriving.
+closes the connection once a head passes ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``, while it is still arriving (after
+the answers to any requests sent before it on the connection).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 << 10  # request line and headers; browsers and proxies send a few KB (nginx refuses at 32 KB)
 MAX_HEADERS = 128
+LINGER_S = 2.0  # after a 431, how long the rest of the client's request is read and dropped before the close
 
 
 class _HeadTooLarge(Exception):
@@ -31,6 +33,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _header_count = 0
 
     _began_in_read = False
+    _refusing = False  # a head over the bound came while an earlier request is answered: 431 once it (and any
+    # request pipelined before the refused head) has been answered whole
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -49,6 +53,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
+        if self._refusing:
+            return  # more of the refused head: read and dropped (left unread, it would turn the close into a reset)
         # A read that only continues an open head is all head bytes. The read that begins a message is not
         # counted (it may end the previous, pipelined request's body), so the bound holds to within one read
         # (asyncio reads at most 256 KiB).
@@ -67,12 +73,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         else:
             super().send_400_response(msg)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next request pipelined before the refused head, if any
+        if self._refusing and not self.transport.is_closing() and (self.cycle is None or
+                                                                    self.cycle.response_complete):
+            self._answer_431()
+
     def _refuse_head(self) -> None:
         self._in_head = False
+        self._refusing = True
         if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request is still being answered on this connection: no 431 in the middle of its bytes.
-            self.transport.close()
-            return
+            return  # an earlier request is still being answered on this connection: the 431 follows its last byte
+        self._answer_431()
+
+    def _answer_431(self) -> None:
         msg = (f"the request line and headers are over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers; "
                "send less in headers (a large value belongs in the body)").encode()
         self.transport.write(b"".join([
@@ -82,7 +96,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
             msg,
         ]))
-        self.transport.close()
+        # A lingering close: stop sending, keep reading (and dropping) what the client still sends, then close.
+        # Closing with its bytes unread would reset the connection, and the client could lose the answers
+        # before they are read.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
 
 def server_config(app: Any, host: str, port: int, **kwargs: Any) -> uvicorn.Config:
