@@ -372,3 +372,18 @@ def test_a_coordinator_paused_past_its_lease_cannot_write_over_the_one_that_took
     state = other.ledger.read()
     assert isinstance(state, SyncState) and state.committed is not None and state.committed.version == 3
     assert state.pending is None and state.writer == "other"
+
+
+def test_a_publish_while_another_process_of_the_same_name_holds_the_lease_is_refused_before_the_copy(
+        shared: Path, builtin_dir: Path, clock: ReplicaClock, tiny_dirs: dict[int, Path]) -> None:
+    """Every `lockstep publish` on one host is "cli@<host>": the name alone said the lease was ours, so the second
+    of two publishes copied its whole model into the store before the lease refused it."""
+    first = coordinator(shared, builtin_dir, clock, owner="cli@host")
+    first.lease.acquire()
+    second = coordinator(shared, builtin_dir, clock, owner="cli@host")
+    before = sorted(p.name for p in (shared / "versions").iterdir()) if (shared / "versions").is_dir() else []
+    with pytest.raises(LeaseHeld, match="held by cli@host"):
+        second.publish(str(tiny_dirs[1]))
+    after = sorted(p.name for p in (shared / "versions").iterdir()) if (shared / "versions").is_dir() else []
+    assert after == before  # nothing copied, no version number taken
+    first.check_free()  # the holder itself goes on

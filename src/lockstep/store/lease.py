@@ -139,6 +139,11 @@ class Lease:
     def expires_at(self) -> float:
         return self._expires_at
 
+    @property
+    def token(self) -> str | None:
+        """The token of the lease we took (None before): the file names us only while it holds this token."""
+        return self._token
+
     def holder(self) -> dict[str, Any] | None:
         """The lease file's content, or None when nobody holds the lease."""
         seen = _Seen.read(self.path)

@@ -120,7 +120,10 @@ class Coordinator:
     def check_free(self) -> None:
         """Raise ``LeaseHeld`` when another coordinator is publishing right now."""
         holder = self.lease.holder()
-        if holder and holder.get("expires_at", 0) > self.clock.time() and holder.get("owner") != self.owner:
+        # Ours only when it holds our token: every `lockstep publish` on one host has the same owner name, and a
+        # restarted trainer the name of its previous life.
+        mine = self.lease.token is not None and holder is not None and holder.get("token") == self.lease.token
+        if holder and holder.get("expires_at", 0) > self.clock.time() and not mine:
             until = datetime.fromtimestamp(holder["expires_at"], UTC).isoformat(timespec="seconds")
             raise LeaseHeld(f"lease 'coordinator' is held by {holder.get('owner')} (until {until} unless "
                             "renewed): another publish or rollout is running; wait for it to finish")
