@@ -33,6 +33,11 @@ class CoordinatorLease(Protocol):
     @property
     def held(self) -> bool: ...
 
+    @property
+    def token(self) -> str | None:
+        """What marks the lease as ours in ``holder()`` (None: not taken, or a lease nobody else reads)."""
+        ...
+
     def acquire(self) -> None: ...
 
     def release(self) -> None: ...
@@ -98,6 +103,10 @@ class ProcessLease:
     @property
     def held(self) -> bool:
         return self._lock.locked()
+
+    @property
+    def token(self) -> str | None:
+        return None
 
     def acquire(self) -> None:
         if not self._lock.acquire(blocking=False):
