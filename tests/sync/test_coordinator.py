@@ -15,6 +15,7 @@ from lockstep.core.clock import FakeClock
 from lockstep.core.errors import BadModelRef, LeaseHeld, NotFound, UnsafeModel, VerificationError
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import Coordinator
+from lockstep.sync.ledger import FileLedger
 from lockstep.sync.protocol import (
     Committed,
     Heartbeat,
@@ -325,7 +326,6 @@ def test_a_trainer_restarted_mid_rollout_starts_and_rolls_it_back_once_the_dead_
         tmp_path: Path) -> None:
     """Before, startup raised LeaseHeld (the trainer exited and crash-looped) with the split left in force."""
     from lockstep.sync.http_fleet import HttpFleet
-    from lockstep.sync.ledger import FileLedger
     from lockstep.sync.protocol import Split
 
     clock = FakeClock(time.time())
@@ -347,6 +347,28 @@ def test_a_trainer_restarted_mid_rollout_starts_and_rolls_it_back_once_the_dead_
     assert isinstance(state, SyncState) and state.pending is not None and state.pending.phase is Phase.ABORT
     assert state.split is None and state.committed is not None and state.committed.version == 1
     assert "restarted during the rollout" in (state.pending.reason or "")
+    restarted.close()
+
+
+def test_a_prepare_left_by_a_dead_trainer_is_aborted_at_the_restart_and_the_history_says_so(
+        tmp_path: Path) -> None:
+    """Before, the abort was written to the state but not to the history: gc then took the version's missing
+    outcome for a commit once its grace period ran out, and the UI's timeline left it out."""
+    from lockstep.sync import retention
+    from lockstep.sync.http_fleet import HttpFleet
+
+    clock = FakeClock(time.time())
+    settings = Settings(shared_dir=None, lease_ttl_s=30.0)
+    FileLedger(tmp_path, owner="trainer-that-died", lease_ttl_s=30.0, clock=clock).write(SyncState(
+        generation=3, committed=Committed(version=1, model="versions/000001"),
+        pending=Pending(version=2, model="versions/000002", phase=Phase.PREPARE, started_at=clock.time() - 5)))
+    restarted = Coordinator.over_http(settings, HttpFleet(settings, lambda: [], clock=clock), clock=clock,
+                                      owner="trainer-restarted", data_dir=tmp_path)
+    restarted.recover()
+    state = restarted.ledger.read()
+    assert isinstance(state, SyncState) and state.pending is not None and state.pending.phase is Phase.ABORT
+    outcomes = retention.read_outcomes(tmp_path / "history", [2], None)
+    assert outcomes.by_version == {2: "aborted"}
     restarted.close()
 
 

@@ -240,3 +240,32 @@ def test_lockstep_gc_shows_what_would_go_and_why_then_removes_it(
     monkeypatch.delenv("LOCKSTEP_SHARED_DIR", raising=False)
     assert cli.main(["gc"]) == 2
     assert "--shared DIR" in capsys.readouterr().err
+
+
+class _Died(BaseException):
+    """The coordinator's process ends here (kill -9): nothing after this point runs."""
+
+
+def test_a_commit_whose_coordinator_dies_right_after_writing_it_is_in_the_history_and_a_rollback_target(
+        shared: Path, builtin_dir: Path, tiny_dirs: dict[int, Path], clock: ReplicaClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the outcome was recorded only after every replica served it: a coordinator killed between the commit
+    and that moment left a version the whole fleet served out of the history, and `rollback` skipped it."""
+    c = coordinator(shared, builtin_dir, clock)
+    Replicas(shared, clock, {"replica-1": "staged"})
+    first = c.publish(str(tiny_dirs[0]))
+
+    def dies(*_: object, **__: object) -> None:
+        raise _Died
+
+    monkeypatch.setattr(c, "wait_serving", dies)
+    with pytest.raises(_Died):
+        c.publish(str(tiny_dirs[1]))
+    monkeypatch.undo()
+    served = state_of(shared).committed
+    assert served is not None and served.version == first.version + 1
+    after = coordinator(shared, builtin_dir, clock, owner="after")  # the next coordinator, once the lease expired
+    clock.advance(10.0 + 0.1)
+    last = after.publish(str(tiny_dirs[2]))
+    assert last.outcome == "committed"
+    assert retention.rollback_target(after, last.version) == served.version

@@ -307,8 +307,9 @@ class Coordinator:
         if (reason := commit_refusal(result.replicas, policy)) is not None:
             abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
             state = self.write_state(state, pending=abort)
-            self.fleet.deliver(abort, state.generation, told)
             result.reason, result.generation = reason, state.generation
+            self.keep_decision(result)
+            self.fleet.deliver(abort, state.generation, told)
             log.warning("abort v%d: %s", source.version, reason)
             return self.record_result(result)
         staged = {r.replica_id for r in result.replicas if r.outcome is ReplicaOutcome.STAGED}
@@ -317,6 +318,8 @@ class Coordinator:
         state = self.write_state(state, pending=commit, committed=Committed(
             version=source.version, model=source.model, digest=source.digest, activate_at=activate_at,
             committed_at=self.clock.time(), rollback=source.rollback))
+        result.outcome, result.activate_at, result.generation = PublishOutcome.COMMITTED, activate_at, state.generation
+        self.keep_decision(result)
         # Replicas that did not stage (quorum) are told as well: they go unready until they catch up.
         for replica_id, why in self.fleet.deliver(commit, state.generation, told).items():
             for report in result.replicas:
@@ -328,6 +331,12 @@ class Coordinator:
             progress("commit", {"version": source.version, "activate_at": activate_at})
         self.wait_serving(result)
         return self.record_result(result)
+
+    def keep_decision(self, result: PublishResult) -> None:
+        """Record ``result`` in the history as soon as its decision is written, before the replicas are told: a
+        coordinator that dies then still leaves the outcome (rollbacks and gc read it). ``record_result`` adds the
+        rest at the end, in the same record."""
+        self.ledger.record(result.as_dict(), result.started_at, result.version)
 
     def record_result(self, result: PublishResult) -> PublishResult:
         """Time ``result`` and keep it in the ledger's history (the timeline the UI draws)."""
@@ -472,6 +481,9 @@ class Coordinator:
             abort = pending.model_copy(update={"phase": Phase.ABORT,
                                                "reason": "the trainer restarted during prepare"})
             state = self.write_state(state, pending=abort)
+            self.record_result(PublishResult(pending.version, pending.model, PublishOutcome.ABORTED,
+                                             reason=abort.reason, started_at=pending.started_at or self.clock.time(),
+                                             generation=state.generation, rollback=pending.rollback))
             self.fleet.deliver(abort, state.generation)
 
     def _end_left_decision_once_free(self) -> None:

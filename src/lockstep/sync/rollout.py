@@ -432,6 +432,9 @@ class RolloutRun:
             version=source.version, model=source.model, digest=source.digest, activate_at=activate_at,
             committed_at=self.clock.time(), rollback=source.rollback))
         self.pending = commit
+        self.result.outcome, self.result.activate_at = PublishOutcome.COMMITTED, activate_at
+        self.result.generation = self.state.generation
+        co.keep_decision(self.result)
         for replica_id, why in co.fleet.deliver(commit, self.state.generation, self._everyone()).items():
             for report in self.result.replicas:
                 if report.replica_id == replica_id and report.outcome is ReplicaOutcome.STAGED:
