@@ -13,6 +13,7 @@ from lockstep.core.errors import BadRequest
 from lockstep.core.settings import CommitPolicy, Settings
 from lockstep.sync.coordinator import Coordinator
 from lockstep.sync.http_fleet import HttpFleet
+from lockstep.sync.protocol import Heartbeat, Pending, Phase
 from tests.support.cluster import Proc, base_env, free_port, http_replicas, metric, spawn, wait_for
 
 TOKEN = "guarded-replica-token-0123456789"  # servers refuse tokens under 16 characters
@@ -120,3 +121,29 @@ def test_catching_up_a_replica_that_has_the_version_staged_commits_it_without_a_
     status = replica.status()
     assert status["serving_version"] == version and status["ready"]
     assert not status.get("staged"), status["staged"]  # no second copy of what it serves
+
+
+def test_a_replica_restarted_after_it_was_told_to_stage_is_told_again_and_the_publish_commits(
+        builtin_dir: Path, tmp_path: Path) -> None:
+    """Before, the coordinator counted the prepare as seen by the process it had told: the restarted replica never
+    staged, and the publish waited until its deadline (holding every other publish), then aborted."""
+    with http_replicas(builtin_dir, tmp_path) as procs:
+        settings = Settings(poll_interval_s=0.05, stage_timeout_s=60)
+        coordinator = over_http(settings, procs)
+        deliver = coordinator.fleet.deliver
+
+        def then_restart_r1(decision: Pending, generation: int, to: list[Heartbeat] | None = None) -> dict[str, str]:
+            failed = deliver(decision, generation, to)
+            if decision.phase is Phase.PREPARE and procs[1].name == "r1":
+                old = procs[1]
+                old.kill()  # SIGKILL: what it was told, and staged, is gone
+                procs[1] = spawn("r1-again", ["serve", "--port", str(old.port)],
+                                 base_env(builtin_dir, LOCKSTEP_REPLICA_ID="r1"), tmp_path, old.port)
+                wait_for(procs[1].ready, 120, 0.1, "r1 back")
+            return failed
+
+        coordinator.fleet.deliver = then_restart_r1
+        result = coordinator.publish("builtin:tiny-s2")
+        assert result.outcome == "committed", result.summary()
+        assert sorted((r.replica_id, r.outcome) for r in result.replicas) == [("r0", "serving"), ("r1", "serving")]
+        assert result.prepare_s < settings.stage_timeout_s

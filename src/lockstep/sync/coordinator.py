@@ -302,7 +302,7 @@ class Coordinator:
         failed = self.fleet.deliver(pending, state.generation, told)
         result.replicas, beats = self.wait_staged(source, state.generation, now + timeout_s, policy, progress,
                                                    told if self.fleet.pushes else None, failed,
-                                                   expected=[b.replica_id for b in told])
+                                                   expected=[b.replica_id for b in told], prepare=pending)
         result.prepare_s, result.generation = self.clock.time() - now, state.generation
         if (reason := commit_refusal(result.replicas, policy)) is not None:
             abort = pending.model_copy(update={"phase": Phase.ABORT, "reason": reason})
@@ -358,12 +358,15 @@ class Coordinator:
 
     def wait_staged(self, source: Source, generation: int, deadline: float, policy: CommitPolicy,
                      progress: ProgressFn | None, told: list[Heartbeat] | None, failed: dict[str, str], *,
-                     expected: list[str]) -> tuple[list[ReplicaReport], list[Heartbeat]]:
+                     expected: list[str], prepare: Pending | None = None) -> tuple[list[ReplicaReport],
+                                                                                 list[Heartbeat]]:
         """Poll the live replicas (those ``told``, if given) until each staged the version, failed, or time is up.
 
         ``expected``: the replicas live when the prepare went out. One that stops reporting is not waited for, but
         while none of them reports the wait goes on: a loaded fleet can miss its heartbeats for a moment, and an
         empty report must not read as "every replica staged". At the deadline each of them is timed out.
+        ``prepare``: where decisions are pushed, told again to a replica that restarted since and so lost it
+        (else the wait would last until the deadline, holding every other publish).
 
         Polls every ``commit_poll_interval_s``: the commit follows the last report, and every poll of delay here
         is propagation time.
@@ -372,6 +375,12 @@ class Coordinator:
         names = None if told is None else {b.replica_id for b in told}
         while True:
             live = [b for b in self.fleet.live() if names is None or b.replica_id in names]
+            if prepare is not None and self.fleet.pushes:
+                restarted = [b for b in live if (b.generation_seen or 0) < generation and b.replica_id not in failed]
+                if restarted:
+                    log.warning("prepare v%d again to %s: restarted since it was told", source.version,
+                                ", ".join(b.replica_id for b in restarted))
+                    failed.update(self.fleet.deliver(prepare, generation, restarted))
             reports = [self._report(b, source, generation, failed.get(b.replica_id)) for b in live]
             waiting = [r for r in reports if r.outcome is ReplicaOutcome.TIMEOUT]
             bad = [r for r in reports if r.outcome is ReplicaOutcome.FAILED]

@@ -153,6 +153,7 @@ class HttpFleet:
         self.clock = clock
         self.client = client or httpx.Client(timeout=10.0, headers=bearer_headers(settings.api_token))
         self._seen: dict[str, int] = {}  # url → generation of the last decision it accepted
+        self._process: dict[str, object] = {}  # url → its started_at: a restarted replica has seen nothing
         self._round_trip: dict[str, float] = {}  # url → seconds of its slowest recent answer
         self._last_live: list[Heartbeat] = []  # the last reading: who holds which version, for peer lists
         # Each replica flips at its own clock's activate_at: what it is told is moved onto its clock.
@@ -199,6 +200,9 @@ class HttpFleet:
         for url, status in self._each(self._status, urls).items():
             if status is None:
                 continue
+            if self._process.setdefault(url, status.get("started_at")) != status.get("started_at"):
+                self._process[url] = status.get("started_at")
+                self._seen.pop(url, None)  # another process answers there now: what it was told went with the old
             try:
                 beats.append(beat_from_status(url, status, now, self._seen.get(url), self.clock_offsets.of(url)))
             except ValueError as exc:  # a /status we cannot read: not counted as live

@@ -281,7 +281,7 @@ class RolloutRun:
         failed = co.fleet.deliver(self.pending, self.state.generation, self.told)
         reports, beats = co.wait_staged(source, self.state.generation, now + self.timeout_s, CommitPolicy.STRICT,
                                         self.progress, self.told if co.fleet.pushes else None, failed,
-                                        expected=[b.replica_id for b in self.told])
+                                        expected=[b.replica_id for b in self.told], prepare=self.pending)
         self.result.replicas, self.result.prepare_s = reports, self.clock.time() - now
         self.told = [b for b in beats if any(r.replica_id == b.replica_id for r in reports)]
         if (reason := commit_refusal(reports, CommitPolicy.STRICT)) is not None:
