@@ -289,3 +289,19 @@ def test_a_commit_that_cannot_be_applied_makes_the_replica_unready_and_says_why(
     status = runtime.status()
     assert status["committed_version"] == 1 and status["serving_version"] == 0
     assert "commit of v1 failed" in status["last_error"] and "finite" in status["last_error"]
+
+
+def test_a_stage_that_works_clears_the_failure_of_the_stage_before_it(inplace_replica: Replica,
+                                                                        tmp_path: Path) -> None:
+    """Before, /status kept saying the last stage failed after a later one worked, until the next flip."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    failed = inplace_replica.stage(str(broken), 1)
+    assert failed.state == "failed" and inplace_replica.last_error == failed.error
+    assert inplace_replica.stage("builtin:tiny-s1", 2).state == "staged"
+    assert inplace_replica.last_error is None
+    inplace_replica.refuse_commit(3, None, "the cluster committed v3, which this replica cannot load")
+    assert inplace_replica.stage("builtin:tiny-s2", 4).state == "staged"
+    assert inplace_replica.last_error == "the cluster committed v3, which this replica cannot load"  # still true

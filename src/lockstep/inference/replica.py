@@ -140,6 +140,7 @@ class Replica:
         self.committed_version = None  # what the cluster committed; None: no cluster (the gauge says -1)
         self.committed_digest: str | None = None
         self.last_error: str | None = None
+        self._stage_error: str | None = None  # the last stage's failure, while it is last_error
         self.started_at = clock.time()
         self.metrics.queue_capacity.set(settings.max_queue)
         if isinstance(store, VersionCache):  # its transfers feed this replica's metrics
@@ -295,7 +296,7 @@ class Replica:
                 failed = info.model_copy(update={"state": StageState.FAILED, "error": message,
                                                  "seconds": time.monotonic() - started})
                 with self._lock:
-                    self.stage_info, self.last_error = failed, message
+                    self.stage_info, self.last_error, self._stage_error = failed, message, message
                 return failed
         staged = info.model_copy(update={"state": StageState.STAGED, "digest": plan.digest,
                                          "weights_digest": plan.weights_digest,
@@ -305,6 +306,7 @@ class Replica:
                 self._release_plan(plan)
                 return self.stage_info or staged
             self._staged, self.stage_info = plan, staged
+            self._clear_stage_error()
         self.metrics.staged_version.set(version)
         log.info("staged v%d (%s) in %.2fs", version, model_ref, staged.seconds or 0.0)
         return staged
@@ -353,6 +355,12 @@ class Replica:
         with self._lock:
             self.stage_info = None
 
+    def _clear_stage_error(self) -> None:
+        """An earlier stage's failure no longer says what is wrong once a later stage worked. Holds ``_lock``."""
+        if self.last_error is not None and self.last_error == self._stage_error:
+            self.last_error = None
+        self._stage_error = None
+
     def refuse_stage(self, version: int, model_ref: str, reason: str) -> StagedInfo:
         """Report the stage of ``version`` as failed without loading anything: the request itself was refused."""
         self._drop_staged()
@@ -360,7 +368,7 @@ class Replica:
         self.metrics.swap_failures.inc()
         failed = StagedInfo(version=version, model=model_ref, state=StageState.FAILED, error=reason, seconds=0.0)
         with self._lock:
-            self.stage_info, self.last_error = failed, reason
+            self.stage_info, self.last_error, self._stage_error = failed, reason, reason
         return failed
 
     def refuse_commit(self, version: int, digest: str | None, reason: str) -> None:
