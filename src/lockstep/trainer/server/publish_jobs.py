@@ -117,7 +117,8 @@ class Publisher:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no publish {job_id!r}; GET /publishes lists them")
+            raise NotFound(f"no publish {job_id!r} in this trainer's memory (GET /publishes lists them); a publish "
+                           "started before the trainer restarted is in GET /history, by version")
         return job.as_dict()
 
     @property
