@@ -32,22 +32,29 @@ def test_a_run_owner_is_gone_when_its_process_is(tmp_path: Path) -> None:
     assert _owner_gone(None, None, 0.0, "new")
 
 
+def killed_mid_run(cluster: LocalCluster, name: str, params: dict[str, Any], until: str) -> str:
+    """Start a trainer and a finetune run with ``params``; once the run's record has ``until``, SIGKILL the trainer
+    (no chance to record anything). The run's id."""
+    first = start_trainer(cluster, name)
+    created = first.post("/runs", json={"kind": "finetune", "params": {"eval_prompts": 4, **params}})
+    assert created.status_code == 201, created.text
+    run_id: str = created.json()["id"]
+
+    def reached() -> dict[str, Any] | None:
+        run: dict[str, Any] = first.get(f"/runs/{run_id}").json()
+        return run if run[until] else None
+
+    run = wait_for(reached, RUN_S, 0.1, f"the run's {until}")
+    assert run["status"] == "running"
+    first.kill()
+    return run_id
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", [{}, {"async": True, "max_staleness": 0}], ids=["sync", "async"])
 def test_a_killed_trainer_leaves_an_interrupted_run_that_resumes_from_its_checkpoint(
         cluster: LocalCluster, mode: dict[str, Any]) -> None:
-    first = start_trainer(cluster, "trainer-killed")
-    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 60, "publish_every": 2,
-                                                                       "eval_prompts": 4, **mode}})
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
-    def with_checkpoint() -> dict[str, Any] | None:
-        run: dict[str, Any] = first.get(f"/runs/{run_id}").json()
-        return run if run["checkpoint"] else None
-
-    checkpointed = wait_for(with_checkpoint, RUN_S, 0.2, "the first checkpoint")
-    assert checkpointed["status"] == "running"
-    first.kill()  # SIGKILL: no chance to record anything
+    run_id = killed_mid_run(cluster, "trainer-killed", {"steps": 60, "publish_every": 2, **mode}, "checkpoint")
 
     second = start_trainer(cluster, "trainer-restarted")
     try:
@@ -86,13 +93,7 @@ def test_a_run_resumed_after_another_publish_puts_its_checkpoint_back_in_front(c
     """While the run was away someone else published: its updates must not train on that version's answers, so
     the resume publishes its checkpoint again first. That version names the one it repeats, and counts no samples
     (each counts once, under the version it first trained)."""
-    first = start_trainer(cluster, "trainer-away")
-    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 60, "publish_every": 2,
-                                                                       "eval_prompts": 4}})
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
-    wait_for(lambda: first.get(f"/runs/{run_id}").json()["checkpoint"], RUN_S, 0.2, "the first checkpoint")
-    first.kill()
+    run_id = killed_mid_run(cluster, "trainer-away", {"steps": 60, "publish_every": 2}, "checkpoint")
     other = cluster.publish("builtin:tiny")
     assert other.returncode == 0, other.stderr
 
@@ -121,13 +122,7 @@ def test_a_run_resumed_after_another_publish_puts_its_checkpoint_back_in_front(c
 @pytest.mark.e2e
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_evaluates_its_start_version_once(
         cluster: LocalCluster) -> None:
-    first = start_trainer(cluster, "trainer-early")
-    created = first.post("/runs", json={"kind": "finetune", "params": {"steps": 4, "publish_every": 4,
-                                                                       "eval_prompts": 4}})
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
-    wait_for(lambda: first.get(f"/runs/{run_id}").json()["evals"], RUN_S, 0.1, "the start version's evaluation")
-    first.kill()
+    run_id = killed_mid_run(cluster, "trainer-early", {"steps": 4, "publish_every": 4}, "evals")
 
     second = start_trainer(cluster, "trainer-again")
     try:
