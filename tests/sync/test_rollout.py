@@ -143,6 +143,45 @@ def test_a_replica_that_joins_over_http_mid_rollout_stages_the_candidate_unready
     assert settle(replicas) == before
 
 
+def test_a_replica_restarted_over_http_mid_rollout_is_told_the_step_again_and_serves_the_split(
+        replicas: list[Proc], close_copy: Path, builtin_dir: Path, tmp_path: Path) -> None:
+    """Before, the restarted replica booted into the committed version alone and was never told the step again:
+    ready, with no split, every session of the candidate it answered went back to the old version."""
+    before = settle(replicas)
+    plan = make_plan([30], step_seconds=0, min_requests=10**9, gate_specs=CALM_GATES)  # holds until aborted
+    control = RolloutControl(plan)
+    seen: list[tuple[bool, bool, float | None]] = []  # (ready, candidate staged, share) of the restarted one
+
+    def restart_then_abort() -> None:
+        wait_for(lambda: control.phase == "step", 120, 0.05, "the first step")
+        old = replicas[1]
+        old.kill()
+        replicas[1] = spawn(old.name, ["serve", "--port", str(old.port)],
+                            base_env(builtin_dir, LOCKSTEP_REPLICA_ID=old.name), tmp_path, old.port)
+        try:
+            def in_split() -> bool:
+                try:
+                    status = replicas[1].status()
+                except httpx.HTTPError:
+                    return False
+                staged = (status.get("staged") or {}).get("state") == "staged"
+                share = (status.get("rollout") or {}).get("share")
+                seen.append((bool(status["ready"]), staged, share))
+                return bool(status["ready"]) and share == 30
+            wait_for(in_split, 180, 0.05, f"the restarted replica in the split ({replicas[1].log()[-2000:]})")
+        finally:
+            control.abort()
+
+    thread = threading.Thread(target=restart_then_abort, daemon=True)
+    thread.start()
+    result = over_http(replicas).rollout(str(close_copy), plan, control=control)
+    thread.join(timeout=60)
+    assert result.outcome == "rolled back", result.summary()
+    assert seen and seen[-1][2] == 30  # it took the step again
+    assert not [s for s in seen if s[0] and s[2] and not s[1]]  # never in the split without the candidate
+    assert settle(replicas) == before
+
+
 def test_a_good_candidate_goes_through_its_steps_with_sessions_on_one_version(replicas: list[Proc],
                                                                             close_copy: Path) -> None:
     before = settle(replicas)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 20
 PINS_WAIT_S = 5.0  # seconds to collect a step's session pins from every replica
 GATE_POLL_S = 0.5  # seconds between two readings of the replicas' reports while a step holds
+RETELL_S = 2.0  # seconds between two sends of the step in force to a replica that restarted and has not taken it
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class RolloutRun:
         self.state = SyncState()
         self.told: list[Heartbeat] = []  # the replicas that staged the candidate: each step must reach them
         self.joined: dict[str, Heartbeat] = {}  # live replicas that came after: told too, their refusals not fatal
+        self._retold: dict[str, float] = {}  # replica id → when the step was last sent again to it (monotonic)
         self.pending: Pending | None = None
         self.split: Split | None = None
         self.pins: list[str] = []
@@ -360,13 +362,20 @@ class RolloutRun:
         it would reading the shared folder. Its refusal (409 while it stages) is expected, not a failed step."""
         if not self.co.fleet.pushes or self.split is None:
             return
+        live = self.co.fleet.live() if beats is None else beats
         known = {b.replica_id for b in self.told} | (set() if fresh else set(self.joined))
-        new = [b for b in (self.co.fleet.live() if beats is None else beats) if b.replica_id not in known]
-        if not new:
+        new = [b for b in live if b.replica_id not in known]
+        # One that restarted lost the split with its process (it boots into the committed version alone): told
+        # again, every RETELL_S until it takes it, or its sessions of the candidate would go back to the old one.
+        now = self.clock.monotonic()
+        lost = [b for b in live if b.replica_id in known and (b.generation_seen or 0) < self.state.generation
+                and now - self._retold.get(b.replica_id, -RETELL_S) >= RETELL_S]
+        if not new and not lost:
             return
         self.joined.update({b.replica_id: b for b in new})
+        self._retold.update({b.replica_id: now for b in lost})
         for replica_id, why in self.co.fleet.deliver_split(self.split, self.source.model, self.state.generation,
-                                                           new).items():
+                                                           new + lost).items():
             log.info("rollout %s: %s joined during step %d and is staging the candidate (%s)", self.control.id,
                      replica_id, self.split.step, why)
 
