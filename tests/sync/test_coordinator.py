@@ -322,21 +322,27 @@ def test_references_that_are_missing_unsafe_corrupt_or_not_models_are_refused_be
     assert not (shared / "locks" / "coordinator.lease").exists()
 
 
+@pytest.mark.parametrize("transport", ["http", "shared folder"])
 def test_a_trainer_restarted_mid_rollout_starts_and_rolls_it_back_once_the_dead_ones_lease_runs_out(
-        tmp_path: Path) -> None:
-    """Before, startup raised LeaseHeld (the trainer exited and crash-looped) with the split left in force."""
+        tmp_path: Path, builtin_dir: Path, transport: str) -> None:
+    """Before, startup raised LeaseHeld (the trainer exited and crash-looped) with the split left in force; and on
+    a shared folder nothing ever ended the rollout (its steps have no deadline for replicas to drop it by)."""
     from lockstep.sync.http_fleet import HttpFleet
     from lockstep.sync.protocol import Split
 
     clock = FakeClock(time.time())
-    settings = Settings(shared_dir=None, lease_ttl_s=30.0, poll_interval_s=0.05)
     dead = FileLedger(tmp_path, owner="trainer-that-died", lease_ttl_s=30.0, clock=clock)
     dead.lease.acquire()
     dead.write(SyncState(generation=3, committed=Committed(version=1, model="versions/000001"),
                          pending=Pending(version=2, model="versions/000002", phase=Phase.CANARY, rollout="r1"),
                          split=Split(rollout="r1", version=2, share=20, step=0)))
-    restarted = Coordinator.over_http(settings, HttpFleet(settings, lambda: [], clock=clock), clock=clock,
-                                      owner="trainer-restarted", data_dir=tmp_path)
+    if transport == "http":
+        settings = Settings(shared_dir=None, lease_ttl_s=30.0, poll_interval_s=0.05)
+        restarted = Coordinator.over_http(settings, HttpFleet(settings, lambda: [], clock=clock), clock=clock,
+                                          owner="trainer-restarted", data_dir=tmp_path)
+    else:
+        restarted = coordinator(tmp_path, builtin_dir, clock, owner="trainer-restarted", lease_ttl_s=30.0,
+                                poll_interval_s=0.05)
     restarted.recover()  # returns at once: the lease is held for another 30 s
     wait_for_state = time.monotonic() + 60
     while time.monotonic() < wait_for_state:

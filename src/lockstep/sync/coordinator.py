@@ -458,13 +458,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ recovery and catch-up (pushed decisions)
     def recover(self) -> None:
-        """At startup: a prepare left by a coordinator that crashed is aborted, so replicas free what they staged.
+        """At startup: a prepare or a rollout left by a coordinator that crashed is ended, so replicas free what
+        they staged, once its lease runs out (a live coordinator renews its lease: what it drives is left alone).
 
-        Only where decisions are pushed: replicas on a shared folder drop a prepare past its deadline themselves,
-        and a trainer starting beside a running ``lockstep publish`` must not abort that one.
+        A prepare only where decisions are pushed: replicas on a shared folder drop a prepare past its deadline
+        themselves. A rollout on either transport: its steps have no deadline, so nothing else would end it.
         """
         pending = self.read_state().pending
-        if not self.fleet.pushes or pending is None or pending.phase not in (Phase.CANARY, Phase.PREPARE):
+        if pending is None or pending.phase not in (Phase.CANARY, Phase.PREPARE):
+            return
+        if pending.phase is Phase.PREPARE and not self.fleet.pushes:
             return
         try:
             self._end_left_decision()
