@@ -386,6 +386,19 @@ def test_once_the_gates_roll_back_a_promote_is_refused_and_before_that_it_wins()
     assert control.phase == "step" and not control.automatic_rollback
 
 
+@pytest.mark.parametrize(("first", "then"), [("promote", "abort"), ("abort", "promote")])
+def test_a_persons_second_call_that_contradicts_the_first_is_refused_not_silently_dropped(first: str,
+                                                                                          then: str) -> None:
+    """Before, both got 202 and only the first was carried out."""
+    control = RolloutControl(make_plan([5]))
+    control.phase = "step"
+    getattr(control, first)()
+    getattr(control, first)()  # the same call again: the same request
+    with pytest.raises(Conflict, match=f"a {first} was asked first"):
+        getattr(control, then)()
+    assert control.human == first
+
+
 @pytest.mark.parametrize(("rollout", "why"), [({"canary": [25, 5]}, "must increase"),
                                               ({"canary": [5], "task": "digits"}, "task needs trainer_url")])
 def test_a_python_publish_with_a_bad_rollout_is_refused_before_anything_is_copied(

@@ -159,11 +159,15 @@ class RolloutControl:
             if self.phase == "promoting" and what is Human.ABORT:
                 raise Conflict(f"rollout {self.id} is being promoted (the commit is written); use lockstep "
                                "rollback to go back")
+            if self.human is not None and self.human is not what:  # the first call of a person stands
+                then = ("use lockstep rollback to go back once it commits" if self.human is Human.PROMOTE
+                        else "publish the version again to try it once more")
+                raise Conflict(f"rollout {self.id}: a {self.human.value} was asked first and is being carried "
+                               f"out; {then}")
             if self.phase in ("rolling back", "aborting") and self.human is None:
                 raise Conflict(f"rollout {self.id} is {self.phase}: {self.reason}; publish the version again "
                                "to try it once more")
-            if self.human is None:
-                self.human = what
+            self.human = what  # the same call twice is the same request
 
     def decide(self, phase: str, reason: str, *, automatic: bool) -> bool:
         """Enter ``phase`` ("rolling back" or "aborting") for ``reason``; False when a person's promote came first.
