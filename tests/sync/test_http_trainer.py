@@ -487,7 +487,10 @@ def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_
     for bad, why in (({"canary": [25, 5]}, "must increase"), ({"canary": [5, 150]}, "less than or equal to 100"),
                      ({"canary": [5], "gates": {"no_such_gate": 1}}, "error_rate"),
                      ({"canary": [5], "gates": {"error_rate": "high"}}, "error_rate"),
-                     ({"canary": [True]}, "number"), ({"task": "digits"}, "add canary or shadow"),
+                     ({"canary": [True]}, "number"), ({"task": "digits"}, "task belong to a rollout"),
+                     # Without canary or shadow these would be ignored by a publish that commits at once.
+                     ({"gates": {"kl_divergence": 0.5}}, "gates belong to a rollout"),
+                     ({"step_seconds": 600, "min_requests": 1000}, "min_requests, step_seconds belong to a rollout"),
                      ({"canary": [5], "task": "digits", "task_prompts": 4}, "raise task_prompts")):
         refused = trainer.post("/publish", headers=AUTH, json={"model": "builtin:tiny-s2", **bad})
         assert refused.status_code in (400, 422) and why in refused.text, refused.text

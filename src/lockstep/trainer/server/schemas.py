@@ -93,6 +93,9 @@ class GateOverride(_Strict):
 Share = Annotated[Number, Field(gt=0, le=100)]  # percent of requests
 
 
+ROLLOUT_ONLY = frozenset({"step_seconds", "min_requests", "gates", "task", "task_prompts"})
+
+
 class RolloutFields(_Strict):
     """A publish's rollout: with ``canary`` or ``shadow`` it is staged everywhere, then given its shares step by step
     (docs/api.md, Rollouts)."""
@@ -114,9 +117,12 @@ class RolloutFields(_Strict):
         return self.canary is not None or self.shadow > 0
 
     @model_validator(mode="after")
-    def _task_needs_a_rollout(self) -> RolloutFields:
-        if self.task is not None and not self.is_rollout:
-            raise ValueError("task scores a rollout's candidate before its first step: add canary or shadow")
+    def _rollout_fields_need_a_rollout(self) -> RolloutFields:
+        # Without canary or shadow the publish commits at once: a gate or a hold asked for would be ignored.
+        given = sorted(self.model_fields_set & ROLLOUT_ONLY)
+        if given and not self.is_rollout:
+            raise ValueError(f"{', '.join(given)} belong to a rollout (task scores its candidate before the first "
+                             "step): add canary (shares, like [5, 25, 100]) or shadow, or leave them out")
         return self
 
     def gate_specs(self) -> dict[str, Any] | None:
