@@ -298,6 +298,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from lockstep.sync.rollout import ENDED
     from lockstep.sync.shared_files import read_heartbeats
 
     trainer = _trainer_client(args)
@@ -307,7 +308,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             view = trainer.rollout()
         except LockstepError:
             return 0  # no rollout has run there
-        if view.get("phase") not in ("promoted", "rolled back", "aborted"):
+        if view.get("phase") not in ENDED:
             _print_rollout(view)
         return 0
     coordinator = _coordinator(args)

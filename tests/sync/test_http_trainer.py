@@ -520,3 +520,15 @@ def test_a_rollout_through_the_trainer_api_holds_its_step_until_a_person_aborts_
              30, 0.1, "replicas back on the committed version, nothing staged")
     metrics = trainer.get("/metrics").text
     assert 'lockstep_rollouts_total{outcome="rolled back",trigger="person"} 1.0' in metrics
+    assert "lockstep_rollout_gate_value{" not in metrics  # no rollout in progress: no gate to show
+    # A rollout of what is already committed has nothing to roll out: it ends at once, and says so.
+    committed = http_cluster.publish({"model": "builtin:tiny-s2"})["result"]
+    assert committed["outcome"] == "committed", committed
+    same = trainer.post("/publish", headers=AUTH, json={"model": f"versions/{committed['version']}",
+                                                        "canary": [10]})
+    assert same.status_code == 202, same.text
+    job = wait_for(lambda: (j := trainer.get(f"/publishes/{same.json()['publish_id']}").json())["status"] != "running"
+                   and j, 60, 0.2, "the rollout of the committed content")
+    assert job["result"]["outcome"] == "unchanged", job["result"]
+    assert trainer.get("/rollout").json()["phase"] == "unchanged"
+    assert trainer.post("/rollout/promote", headers=AUTH).status_code == 404

@@ -193,7 +193,10 @@ class Coordinator:
             self.check_free()
         source = source or self.prepare_source(ref_text, metadata=metadata, progress=progress)
         started = self.clock.time()
-        if source.unchanged:
+        committed = self.read_state().committed
+        if source.unchanged or (committed is not None and source.version == committed.version):
+            # Nothing to split traffic with: every replica already answers with this version (publish
+            # versions/N to commit it again).
             return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
                                  reason="the committed version already has this content (same digest)")
         control = control or RolloutControl(plan)

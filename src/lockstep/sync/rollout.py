@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 20
 PINS_WAIT_S = 5.0  # seconds to collect a step's session pins from every replica
 GATE_POLL_S = 0.5  # seconds between two readings of the replicas' reports while a step holds
+ENDED = frozenset({"promoted", "rolled back", "aborted", "unchanged"})  # a rollout's phases once it is over
 RETELL_S = 2.0  # seconds between two sends of the step in force to a replica that restarted and has not taken it
 
 
@@ -154,7 +155,7 @@ class RolloutControl:
 
     def _ask(self, what: Human) -> None:
         with self._lock:
-            if self.phase in ("promoted", "rolled back", "aborted"):
+            if self.done:
                 raise Conflict(f"rollout {self.id} already ended ({self.phase}); nothing to {what.value}")
             if self.phase == "promoting" and what is Human.ABORT:
                 raise Conflict(f"rollout {self.id} is being promoted (the commit is written); use lockstep "
@@ -183,7 +184,8 @@ class RolloutControl:
 
     @property
     def done(self) -> bool:
-        return self.phase in ("promoted", "rolled back", "aborted")
+        """Ended: promoted, rolled back, aborted, or unchanged (the committed version had its content)."""
+        return self.phase in ENDED
 
     def view(self) -> dict[str, Any]:
         """The rollout as JSON: steps, shares, gates with values and thresholds, what a person asked."""

@@ -247,13 +247,17 @@ class Publisher:
                       control: RolloutControl) -> Callable[[Any], PublishResult]:
         """A rollout of a reference: its files into the store, then staged and given its shares step by step."""
         def work(progress: Any) -> PublishResult:
-            source = self.coordinator.prepare_source(model, metadata=metadata, label=label, progress=progress)
             try:
+                source = self.coordinator.prepare_source(model, metadata=metadata, label=label, progress=progress)
                 result = self._with_lease_wait(lambda: self.coordinator.rollout(
                     model, control.plan, control=control, source=source, timeout_s=timeout_s, progress=progress))
-            except Exception:
-                control.phase = "aborted" if not control.done else control.phase
+            except Exception as exc:
+                if not control.done:  # it never got as far as a decision of its own
+                    control.phase, control.reason = "aborted", str(exc)[:500]
                 raise
+            if not control.done:  # nothing to roll out: the committed version already has this content
+                control.phase, control.reason = "unchanged", result.reason
+                return result
             trigger = ("gates" if control.automatic_rollback else "person" if control.human else "none")
             self.metrics.rollout_total.labels(outcome=control.phase, trigger=trigger).inc()
             return result
@@ -263,10 +267,11 @@ class Publisher:
     def export_rollout(self) -> None:
         """The rollout's share and gates as gauges, read at each scrape."""
         control, m = self.rollout, self.metrics
-        if control is None or control.done:
+        if control is None or control.done:  # no rollout in progress: no share, step or gate to show
             m.rollout_share.set(0)
             m.rollout_step.set(-1)
-            m.rollout_gate_failing.clear()
+            for gauge in (m.rollout_gate_failing, m.rollout_gate_value, m.rollout_gate_threshold):
+                gauge.clear()
             return
         view = control.view()
         m.rollout_share.set(view["share"])

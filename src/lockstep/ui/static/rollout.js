@@ -6,7 +6,7 @@ import {api} from "./api.js";
 import {confirmDialog} from "./control.js";
 import {on, store} from "./store.js";
 
-const FINAL = new Set(["promoted", "rolled back", "aborted"]);
+const FINAL = new Set(["promoted", "rolled back", "aborted", "unchanged"]);
 const POLL_MS = 1000;
 const RETRY_MS = 5000; // after a failed read (the trainer away): slower, so a down trainer is not hammered
 
@@ -33,7 +33,7 @@ function baseVersion(v) {
 /** The candidate's share now: all of it once promoted, none once rolled back or aborted. */
 function candidateShare(v) {
   if (v.phase === "promoted") return 100;
-  if (v.phase === "rolled back" || v.phase === "aborted") return 0;
+  if (v.phase === "rolled back" || v.phase === "aborted" || v.phase === "unchanged") return 0;
   return Number(v.share) || 0;
 }
 
@@ -71,6 +71,8 @@ function statusLine(v) {
       return v.human === "abort" ? `Rolled back by a person: ${reason}` : `Rolled back: ${reason || "no reason given"}`;
     case "aborted":
       return `Aborted before any request reached ${cand}: ${reason || "no reason given"}`;
+    case "unchanged":
+      return `Nothing to roll out: ${reason || "the committed version already has this content"}.`;
     case "staging":
       return `Staging ${cand} on every replica beside the committed version.`;
     case "evaluating":
