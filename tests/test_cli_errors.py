@@ -23,18 +23,28 @@ def test_a_setting_that_does_not_fit_is_one_line_naming_it(env: dict[str, str], 
     assert says in err and "Traceback" not in err and err.startswith("error: ")
 
 
-@pytest.mark.parametrize(("argv", "says"), [
-    (["status"], "lockstep status needs to reach the fleet: --shared DIR"),
-    (["rollback"], "lockstep rollback needs to reach the fleet: --shared DIR"),
-    (["status", "--shared", "/nonexistent/typo"], "the shared folder /nonexistent/typo does not exist"),
+@pytest.mark.parametrize(("argv", "env", "says"), [
+    (["status"], {}, "lockstep status reads the cluster's state, which the trainer keeps (--trainer URL)"),
+    (["rollback"], {}, "lockstep rollback needs to reach the fleet: --shared DIR (or LOCKSTEP_SHARED_DIR) or "
+                       "--trainer URL"),
+    (["publish", "builtin:tiny-s1"], {}, "or the replicas' URLs (--urls, or INFERENCE_URLS)"),
+    (["status", "--shared", "/nonexistent/typo"], {}, "the shared folder /nonexistent/typo does not exist"),
+    # Replicas driven over HTTP keep no state: before, status printed "committed: none", then failed.
+    (["status"], {"INFERENCE_URLS": "http://127.0.0.1:9"}, "replicas driven over HTTP keep none of it"),
+    (["rollout", "status"], {"INFERENCE_URLS": "http://127.0.0.1:9"}, "replicas driven over HTTP keep none of it"),
 ])
-def test_a_command_that_cannot_reach_the_fleet_says_how_to(argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
+def test_a_command_that_cannot_reach_the_fleet_says_how_to(argv: list[str], env: dict[str, str], says: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("LOCKSTEP_SHARED_DIR", "INFERENCE_URLS", "SYNC_STATE_FILE"):
         monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+    if argv[0] != "publish":
+        assert "--urls" not in err  # only publish takes it
 
 
 @pytest.mark.parametrize("timeout", ["-5", "0", "nan", "soon"])

@@ -108,9 +108,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- sync
-def _coordinator(args: argparse.Namespace) -> Any:
+def _coordinator(args: argparse.Namespace, *, reads_state: bool = False) -> Any:
     """Over the shared folder; or, given replica URLs (``--urls``, or INFERENCE_URLS without a shared folder),
-    over HTTP with nothing kept after this command."""
+    over HTTP with nothing kept after this command. ``reads_state``: the command reads the cluster's state
+    (status, rollout), which only a shared folder or the trainer keeps."""
     from lockstep.sync.coordinator import Coordinator
     from lockstep.sync.http_fleet import HttpFleet
 
@@ -118,12 +119,17 @@ def _coordinator(args: argparse.Namespace) -> Any:
     owner = f"cli@{socket.gethostname()}"
     given = getattr(args, "urls", None)
     urls = [u.strip() for u in given.split(",") if u.strip()] if given else []
+    if reads_state and settings.shared_dir is None:
+        raise BadRequest(f"lockstep {args.command} reads the cluster's state, which the trainer keeps (--trainer URL) "
+                         "or a shared folder (--shared DIR, or LOCKSTEP_SHARED_DIR); replicas driven over HTTP keep "
+                         "none of it")
     if urls or (settings.shared_dir is None and settings.inference_url_list):
         fleet = HttpFleet(settings, lambda: urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
         return Coordinator.over_http(settings, fleet, clock=SYSTEM_CLOCK, owner=owner, data_dir=None)
     if settings.shared_dir is None:
-        raise BadRequest(f"lockstep {args.command} needs to reach the fleet: --shared DIR (or LOCKSTEP_SHARED_DIR), "
-                         "--trainer URL, or the replicas' URLs (--urls, or INFERENCE_URLS)")
+        urls_too = ", or the replicas' URLs (--urls, or INFERENCE_URLS)" if hasattr(args, "urls") else ""
+        raise BadRequest(f"lockstep {args.command} needs to reach the fleet: --shared DIR (or LOCKSTEP_SHARED_DIR) "
+                         f"or --trainer URL{urls_too}")
     if args.command != "publish" and not settings.shared_dir.is_dir():  # a first publish may make the folder
         raise BadRequest(f"the shared folder {settings.shared_dir} does not exist: check --shared or "
                          "LOCKSTEP_SHARED_DIR")
@@ -251,7 +257,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         view = {"status": trainer.rollout, "promote": trainer.promote, "abort": trainer.abort_rollout}[args.action]()
         _print_rollout(view)
         return 0
-    coordinator = _coordinator(args)
+    coordinator = _coordinator(args, reads_state=True)
     if args.action == "abort":  # its driver is gone (else it holds the lease and this waits for it)
         result = coordinator.end_rollout("aborted by a person (lockstep rollout abort)")
         if result is None:
@@ -311,7 +317,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if view.get("phase") not in ENDED:
             _print_rollout(view)
         return 0
-    coordinator = _coordinator(args)
+    coordinator = _coordinator(args, reads_state=True)
     state = coordinator.read_state()
     if state.split is not None:
         _print_split(state)
