@@ -139,12 +139,13 @@ class _FinetuneRun:
         """The reference to load and the checkpoint to resume from (None: a fresh start)."""
         ctx, record = self.ctx, self.ctx.record
         checkpoint = record.checkpoint
+        if ctx.resume:  # the rewards its first life measured
+            evaluator.remember([m["reward"] for m in ctx.files.metrics()
+                                if m.get("type") == "eval" and m.get("reward") is not None])
         if ctx.resume and checkpoint is not None:
             ctx.progress(checkpoint.step, self.p.steps, f"resuming from step {checkpoint.step}")
             self.window = VersionWindow([v for v in [record.start_version, *record.versions] if v is not None],
                                         self.p.max_staleness)
-            evaluator.remember([m["reward"] for m in ctx.files.metrics()
-                                if m.get("type") == "eval" and m.get("reward") is not None])
             ctx.metric({"type": "resume", "step": checkpoint.step, "version": self.window.latest})
             folder = str(ctx.files.folder / checkpoint.path)
             return str(model_files(ctx.files.folder / checkpoint.path)), folder
@@ -152,8 +153,6 @@ class _FinetuneRun:
             ctx.metric({"type": "resume", "step": 0, "version": None})
             record.versions = []
             record.version_samples = {}
-            evaluator.remember([m["reward"] for m in ctx.files.metrics()
-                                if m.get("type") == "eval" and m.get("reward") is not None])
         ctx.progress(0, self.p.steps, "loading the model")
         if self.p.model:
             result = ctx.publisher.publish_ref(self.p.model, run_id=record.id, policy=self.p.policy,

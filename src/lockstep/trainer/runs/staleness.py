@@ -74,7 +74,6 @@ class VersionWindow:
         with self._changed:
             self._publishing += 1
             self._started += 1
-            self._changed.notify_all()
 
     def publishing_ended(self, version: int | None) -> None:
         """The publish committed ``version`` (the newest from now on), or failed (None)."""
