@@ -328,7 +328,6 @@ class Coordinator:
             for report in result.replicas:
                 if report.replica_id == replica_id and report.outcome is ReplicaOutcome.STAGED:
                     report.outcome, report.error = ReplicaOutcome.BEHIND, f"commit failed: {why}"
-        result.outcome, result.activate_at, result.generation = PublishOutcome.COMMITTED, activate_at, state.generation
         log.info("commit v%d, activate_at %.3f", source.version, activate_at)
         if progress:
             progress("commit", {"version": source.version, "activate_at": activate_at})

@@ -458,8 +458,6 @@ class RolloutRun:
                                         ended_at=activate_at, outcome="promoted"))
         if len(control.steps) > 1 and control.steps[-2].outcome is None:
             control.steps[-2].ended_at, control.steps[-2].outcome = activate_at, "promoted"
-        self.result.outcome, self.result.activate_at = PublishOutcome.COMMITTED, activate_at
-        self.result.generation = self.state.generation
         log.info("rollout %s: commit v%d, activate_at %.3f", control.id, source.version, activate_at)
         self._say("commit", {"activate_at": activate_at})
         co.wait_serving(self.result)
