@@ -103,6 +103,18 @@ def settle(replicas: list[Proc]) -> int:
     return committed_version(replicas)
 
 
+def in_split(proc: Proc, share: float, seen: list[tuple[bool, bool, float | None]]) -> bool:
+    """Whether ``proc`` answers ready with ``share`` in force; notes (ready, candidate staged, share) in ``seen``."""
+    try:
+        status = proc.status()
+    except httpx.HTTPError:
+        return False
+    staged = (status.get("staged") or {}).get("state") == "staged"
+    in_force = (status.get("rollout") or {}).get("share")
+    seen.append((bool(status["ready"]), staged, in_force))
+    return bool(status["ready"]) and in_force == share
+
+
 def test_a_replica_that_joins_over_http_mid_rollout_stages_the_candidate_unready_until_it_has_it(
         replicas: list[Proc], close_copy: Path, builtin_dir: Path, tmp_path: Path) -> None:
     """Steps reach replicas that came after the stage: the newcomer stages the candidate, then serves the split."""
@@ -121,16 +133,7 @@ def test_a_replica_that_joins_over_http_mid_rollout_stages_the_candidate_unready
         late = spawn("late", ["serve", "--port", str(port)], base_env(builtin_dir, LOCKSTEP_REPLICA_ID="late"),
                      tmp_path, port)
         try:
-            def in_split() -> bool:
-                try:
-                    status = late.status()
-                except httpx.HTTPError:
-                    return False
-                staged = (status.get("staged") or {}).get("state") == "staged"
-                share = (status.get("rollout") or {}).get("share")
-                seen.append((bool(status["ready"]), staged, share))
-                return bool(status["ready"]) and share == 30
-            wait_for(in_split, 180, 0.05, f"the newcomer in the split ({late.log()[-2000:]})")
+            wait_for(lambda: in_split(late, 30, seen), 180, 0.05, f"the newcomer in the split ({late.log()[-2000:]})")
         finally:
             control.abort()
             threading.Thread(target=lambda: (time.sleep(5), late.kill()), daemon=True).start()
@@ -159,16 +162,8 @@ def test_a_replica_restarted_over_http_mid_rollout_is_told_the_step_again_and_se
         replicas[1] = spawn(old.name, ["serve", "--port", str(old.port)],
                             base_env(builtin_dir, LOCKSTEP_REPLICA_ID=old.name), tmp_path, old.port)
         try:
-            def in_split() -> bool:
-                try:
-                    status = replicas[1].status()
-                except httpx.HTTPError:
-                    return False
-                staged = (status.get("staged") or {}).get("state") == "staged"
-                share = (status.get("rollout") or {}).get("share")
-                seen.append((bool(status["ready"]), staged, share))
-                return bool(status["ready"]) and share == 30
-            wait_for(in_split, 180, 0.05, f"the restarted replica in the split ({replicas[1].log()[-2000:]})")
+            wait_for(lambda: in_split(replicas[1], 30, seen), 180, 0.05,
+                     f"the restarted replica in the split ({replicas[1].log()[-2000:]})")
         finally:
             control.abort()
 
