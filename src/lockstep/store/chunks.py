@@ -65,6 +65,10 @@ class ChunkEntry(BaseModel):
     size: int = Field(ge=1, le=MAX_CHUNK_BYTES_ACCEPTED)
     sha256: Sha256Hex
 
+    def matches(self, data: bytes) -> bool:
+        """Whether ``data`` is this chunk: its size and its sha256."""
+        return len(data) == self.size and hashlib.sha256(data).hexdigest() == self.sha256
+
 
 def tiling_problem(size: int, chunks: list[ChunkEntry]) -> str | None:
     """Why ``chunks`` do not cover a file of ``size`` bytes exactly once, in order; None when they do."""
@@ -194,7 +198,7 @@ class ChunkStore:
     def read(self, chunk: ChunkEntry) -> bytes:
         """The chunk's bytes, checked against its sha256; OSError when missing, ValueError when they differ."""
         data = self.path(chunk.sha256).read_bytes()
-        if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != chunk.sha256:
+        if not chunk.matches(data):
             raise ValueError(f"chunk {chunk.sha256[:12]} in {self.root} does not match its digest (damaged on disk)")
         return data
 
@@ -208,7 +212,7 @@ class ChunkStore:
             data = path.read_bytes()
         except OSError:
             return False
-        if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+        if chunk.matches(data):
             return False  # rewritten whole meanwhile
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

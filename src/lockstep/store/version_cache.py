@@ -20,7 +20,6 @@ downloaded file by file from the trainer, as before. The cache keeps the ``keep`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -342,7 +341,7 @@ class VersionCache:
             with contextlib.suppress(OSError):
                 with open(local.path, "rb") as f:
                     data = os.pread(f.fileno(), local.size, local.offset)
-                if _matches(data, chunk):
+                if chunk.matches(data):
                     return data, "local"
             log.warning("version %d: local copy of chunk %s no longer matches; fetching it", manifest.version,
                         chunk.sha256[:12])
@@ -357,7 +356,7 @@ class VersionCache:
             except PeerRefused as refused:
                 self._avoid(transfer, peer, refused.reason, str(refused))
                 continue
-            if _matches(data, chunk):
+            if chunk.matches(data):
                 return data, "peer"
             reason = "truncated" if len(data) < chunk.size else "digest"
             self._avoid(transfer, peer, reason, f"sent {len(data)} bytes that do not match chunk {chunk.sha256[:12]}")
@@ -366,7 +365,7 @@ class VersionCache:
         except OSError as exc:
             raise LoadError(f"version {manifest.version}: cannot read chunk {chunk.sha256[:12]} from "
                             f"{self.origin.where} ({exc})") from exc
-        if not _matches(data, chunk):
+        if not chunk.matches(data):
             raise VerificationError(f"version {manifest.version}: chunk {chunk.sha256[:12]} from "
                                     f"{self.origin.where} does not match its sha256; the stage is refused")
         return data, "origin"
@@ -561,10 +560,6 @@ def prune_orphans(parent: Path) -> None:
         shutil.rmtree(cache_dir, ignore_errors=True)
         _beside(cache_dir, ".lock").unlink(missing_ok=True)
         mark.unlink(missing_ok=True)
-
-
-def _matches(data: bytes, chunk: ChunkEntry) -> bool:
-    return len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256
 
 
 def _touch(path: Path) -> None:
