@@ -13,7 +13,7 @@ from safetensors import safe_open
 from lockstep.store import ModelStore
 from tests.support.cluster import LocalCluster, Proc, wait_for
 from tests.support.metrics import metric_samples, metric_value
-from tests.trainer.conftest import wait_run
+from tests.trainer.conftest import RUN_S, wait_run
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,11 @@ def test_finetune_publishes_versions_that_raise_the_reward_on_every_replica(clus
     # One run at a time: a second one is refused, not queued.
     second = trainer.post("/runs", json={"kind": "simulation", "params": {"rounds": 1}})
     assert second.status_code == 409 and run_id in second.json()["error"]["message"]
+    # Refused before its options are checked: building TRL's config beside a running trainer would reset
+    # accelerate's process-wide state under it and fail the run.
+    wait_for(lambda: trainer.get(f"/runs/{run_id}").json()["metrics"], RUN_S, 0.1, "the run's first step")
+    third = trainer.post("/runs", json={"kind": "finetune", "params": PARAMS})
+    assert third.status_code == 409 and run_id in third.json()["error"]["message"]
 
     run = wait_run(trainer, run_id)
     assert run["status"] == "succeeded", run["error"]

@@ -8,6 +8,8 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -99,6 +101,7 @@ class RunManager:
         self.instance = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._active: tuple[RunContext, threading.Thread] | None = None
+        self._starting = False  # a run's parameters are being checked: the one run slot is taken
         self._shutting_down = False
 
     # ------------------------------------------------------------------ startup and shutdown
@@ -147,16 +150,35 @@ class RunManager:
         return "".join(f"==> {name} <==\n{text.rstrip()}\n" for name, text in logs.items())
 
     def _refuse_if_active(self) -> None:
-        """Conflict while a run is active or a publish runs; the caller holds ``self._lock``."""
+        """Conflict while a run is active or starting, or a publish runs; the caller holds ``self._lock``."""
+        if self._shutting_down:
+            raise Conflict("the trainer is shutting down; start the run on the restarted trainer")
         active = self._active[0].record if self._active else None
         if active is not None:
             raise Conflict(f"run {active.id} ({active.kind}) is {active.status.value}; one run at a time: "
                            f"stop it (POST /runs/{active.id}/stop) or wait for it to finish. Runs are "
                            "refused, not queued")
+        if self._starting:
+            raise Conflict("another run is being started (its parameters are being checked); one run at a time")
         self.publisher.check_idle()  # a run publishes versions itself: not while another publish runs
 
-    def _validate(self, kind_name: str, params: dict[str, Any], *, stored: bool = False) -> tuple[RunKind, BaseModel]:
-        """``params`` parsed and checked; ``stored``: read back from a run's record (every default written out)."""
+    @contextmanager
+    def _starting_run(self) -> Iterator[None]:
+        """Take the one run slot while a new run's parameters are checked. The checks build TRL's config, and
+        transformers resets accelerate's process-wide state when it does: beside a running trainer that kills
+        it, so a run is refused (409) before its checks, never after them."""
+        with self._lock:
+            self._refuse_if_active()
+            self._starting = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._starting = False
+
+    def _parse(self, kind_name: str, params: dict[str, Any], *, stored: bool = False) -> tuple[RunKind, BaseModel]:
+        """``params`` parsed against the kind's schema (400); ``stored``: read back from a run's record (every
+        default written out)."""
         kind = KINDS.get(kind_name)
         if kind is None:
             raise BadRequest(f"unknown run kind {kind_name!r}; allowed: {', '.join(sorted(KINDS))}")
@@ -164,19 +186,18 @@ class RunManager:
             parsed = kind.params_model.model_validate(params, context={"stored": stored})
         except ValidationError as exc:
             raise BadRequest(_describe(exc)) from None
-        kind.check(parsed, self.settings, self.coordinator.store)
         return kind, parsed
 
     def create(self, kind_name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validate and start a run; 400 for bad parameters, 409 while another run is active."""
-        kind, parsed = self._validate(kind_name, params)
-        with self._lock:
-            if self._shutting_down:
-                raise Conflict("the trainer is shutting down; start the run on the restarted trainer")
-            self._refuse_if_active()
-            record = RunRecord(id=self.runs.new_id(kind.name), kind=kind.name,
-                               params=parsed.model_dump(mode="json", by_alias=True), created_at=self.clock.time())
-            self._launch(kind, parsed, record, resume=False)
+        kind, parsed = self._parse(kind_name, params)
+        with self._starting_run():
+            kind.check(parsed, self.settings, self.coordinator.store)
+            with self._lock:
+                self.publisher.check_idle()  # one may have started while the parameters were checked
+                record = RunRecord(id=self.runs.new_id(kind.name), kind=kind.name,
+                                   params=parsed.model_dump(mode="json", by_alias=True), created_at=self.clock.time())
+                self._launch(kind, parsed, record, resume=False)
         return self.view(record)
 
     def resume(self, run_id: str) -> dict[str, Any]:
@@ -185,12 +206,14 @@ class RunManager:
         if record.status not in RESUMABLE:
             raise Conflict(f"run {run_id} is {record.status.value}; only an interrupted or stopped run can "
                            "be resumed")
-        kind, parsed = self._validate(record.kind, record.params, stored=True)
-        with self._lock:
-            self._refuse_if_active()
-            self.runs.get(run_id)  # 404 when it was deleted meanwhile
-            record.resumes += 1
-            self._launch(kind, parsed, record, resume=True)
+        kind, parsed = self._parse(record.kind, record.params, stored=True)
+        with self._starting_run():
+            kind.check(parsed, self.settings, self.coordinator.store)
+            with self._lock:
+                self.publisher.check_idle()
+                self.runs.get(run_id)  # 404 when it was deleted meanwhile
+                record.resumes += 1
+                self._launch(kind, parsed, record, resume=True)
         return self.view(record)
 
     def delete(self, run_id: str) -> None:
