@@ -518,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # a setting from the environment that does not fit (Settings names it)
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or exc.title
-            print(f"error: {where}={err.get('input')!r}: {err['msg']}", file=sys.stderr)
+            value = "<hidden>" if "TOKEN" in where.upper() else repr(err.get("input"))  # never echo a secret
+            print(f"error: {where}={value}: {err['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

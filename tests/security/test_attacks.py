@@ -481,6 +481,34 @@ def test_forged_heartbeat_url_never_receives_the_token(tmp_path: Path, builtin_d
     assert not _Recorder.seen, f"a URL named only by a heartbeat from the future was contacted: {_Recorder.seen}"
 
 
+def test_a_token_ending_in_a_newline_works_everywhere_and_never_reaches_a_page(
+        tmp_path: Path, builtin_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Secret made from a file ends in a newline. Before, the trainer refused the right token (401), and the UI,
+    its header invalid, quoted it to anonymous readers in the error of every /api read."""
+    from lockstep.cli import main
+    from lockstep.ui.upstream import describe
+
+    padded = TOKEN + "\n"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with serve(trainer_app(trainer_settings(shared, builtin_dir, api_token=padded)), ready_path="/ready") as trainer, \
+            serve(ui_app(settings(trainer_url=trainer.url, api_token=padded, ui_public_reads=True)),
+                  ready_path="/healthz") as ui:
+        assert trainer.post("/runs/none/stop", headers=AUTH).status_code == 404  # the token, not 401
+        answer = httpx.get(ui.url + "/api/versions", timeout=30)  # no login: public reads
+        assert answer.status_code == 200, answer.text
+        assert TOKEN not in answer.text
+    # A token that is not visible ASCII stops a server at its start, without printing the token.
+    os.environ["LOCKSTEP_API_TOKEN"] = "with a space " + TOKEN
+    try:
+        assert main(["trainer", "--port", str(free_port())]) == 2
+    finally:
+        del os.environ["LOCKSTEP_API_TOKEN"]
+    printed = capsys.readouterr().err
+    assert "visible ASCII" in printed and TOKEN not in printed
+    assert TOKEN not in describe(httpx.LocalProtocolError(f"Illegal header value b'Bearer {TOKEN}\\n'"))
+
+
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(state).encode())  # json writes NaN as NaN: what a careless writer makes
 

@@ -1,16 +1,24 @@
-"""How every Lockstep server runs under uvicorn: request heads bounded, housekeeping at 1 Hz.
+"""How every Lockstep server runs under uvicorn: request heads bounded in size and time, connections bounded in
+number, housekeeping at 1 Hz.
 
 uvicorn's httptools protocol buffers a request's line and headers without any limit, and the app (and so
 ``RequestGuard``) only sees a request once its head is complete: one client sending a 60 MB header held a
 replica's event loop for seconds and its memory for the header's size. ``BoundedHeadProtocol`` answers 431 and
 closes the connection once a head passes ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``, while it is still arriving (after
 the answers to any requests sent before it on the connection).
+
+uvicorn also waits forever for a head or a body that never ends, and accepts connections until the process runs
+out of file descriptors: one client holding 20,000 half-sent requests open stopped a replica's heartbeats, and
+the fleet declared it gone. ``ReadLimits`` bounds both: a head must arrive whole within ``head_s``, a body may
+not pause longer than ``body_idle_s``, and a connection beyond ``connections`` is answered 503 and closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -21,12 +29,36 @@ MAX_HEADERS = 128
 LINGER_S = 2.0  # after a 431, how long the rest of the client's request is read and dropped before the close
 
 
+
+
+def default_connection_limit() -> int:
+    """Half the process's file descriptors (the rest is for its files, engine and peers), within 64–4096."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = 65536 if soft == resource.RLIM_INFINITY else soft
+    return max(64, min(4096, budget // 2))
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How long a client may take to send a request, and how many connections a server holds open."""
+
+    head_s: float = 30.0  # the request line and headers, whole, from the connection's open or the request's start
+    # A body's longest pause between reads: a whole upload may take longer on a slow link, a stalled one not.
+    body_idle_s: float = 60.0
+    connections: int = field(default_factory=default_connection_limit)
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head with too many headers."""
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing with 431 a request head over ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``."""
+    """uvicorn's httptools protocol, refusing with 431 a request head over ``MAX_HEAD_BYTES`` or ``MAX_HEADERS``,
+    closing a connection whose request stalls (``ReadLimits``), and refusing connections beyond the bound."""
+
+    limits = ReadLimits()
+    _read_timer: asyncio.TimerHandle | None = None
+    _in_body = False
 
     _in_head = False
     _head_bytes = 0
@@ -36,10 +68,30 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _refusing = False  # a head over the bound came while an earlier request is answered: 431 once it (and any
     # request pipelined before the refused head) has been answered whole
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.connections:
+            self._answer_and_close(b"503 Service Unavailable", f"this server holds {self.limits.connections} "
+                                   "connections open and has no room for more; retry later, or reuse connections")
+            return
+        self._arm(self.limits.head_s)  # the first request's head
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes, self._header_count = True, 0, 0
         self._began_in_read = True
+        self._in_body = False
+        if self._read_timer is None:  # a request after a keep-alive pause: its head from its first byte
+            self._arm(self.limits.head_s)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._disarm()  # the request is whole: the wait for its answer is the server's, not the client's
+        super().on_message_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -50,6 +102,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._in_body = True
+        self._arm(self.limits.body_idle_s)  # disarmed at once by on_message_complete when there is no body
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -59,6 +113,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # counted (it may end the previous, pipelined request's body), so the bound holds to within one read
         # (asyncio reads at most 256 KiB).
         counted, self._began_in_read = self._in_head, False
+        if self._in_body:
+            self._arm(self.limits.body_idle_s)  # the body moves
         super().data_received(data)
         if not self._in_head or self.transport.is_closing():
             return
@@ -86,6 +142,42 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return  # an earlier request is still being answered on this connection: the 431 follows its last byte
         self._answer_431()
 
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(seconds, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing() or self._refusing:
+            return
+        if self.flow is not None and self.flow.read_paused:
+            # Reading is paused on this side (the app has not taken the body yet, or requests are pipelined):
+            # the client is not the one stalling.
+            self._arm(self.limits.body_idle_s if self._in_body else self.limits.head_s)
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer is on its way (or the app waits for the body): no room for a 408
+            return
+        what = "body paused longer than" if self._in_body else "line and headers took longer than"
+        seconds = self.limits.body_idle_s if self._in_body else self.limits.head_s
+        self._answer_and_close(b"408 Request Timeout", f"the request's {what} {seconds:g} s; send it whole")
+
+    def _answer_and_close(self, status: bytes, message: str) -> None:
+        msg = message.encode()
+        self.transport.write(b"".join([
+            b"HTTP/1.1 " + status + b"\r\n",
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: " + str(len(msg)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            msg,
+        ]))
+        self.transport.close()
+
     def _answer_431(self) -> None:
         msg = (f"the request line and headers are over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers; "
                "send less in headers (a large value belongs in the body)").encode()
@@ -106,10 +198,18 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def server_config(app: Any, host: str, port: int, **kwargs: Any) -> uvicorn.Config:
-    """uvicorn's config for a Lockstep server: bounded request heads, no access log."""
-    return uvicorn.Config(app, host=host, port=port, http=BoundedHeadProtocol, log_level="warning",
-                          access_log=False, **kwargs)
+def server_config(app: Any, host: str, port: int, *, limits: ReadLimits | None = None,
+                  **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for a Lockstep server: bounded request heads and connections, no access log."""
+    protocol = BoundedHeadProtocol
+    if limits is not None:
+        class LimitedProtocol(BoundedHeadProtocol):
+            pass
+
+        LimitedProtocol.limits = limits
+        protocol = LimitedProtocol
+    return uvicorn.Config(app, host=host, port=port, http=protocol, log_level="warning", access_log=False,
+                          **kwargs)
 
 
 class QuietServer(uvicorn.Server):

@@ -269,6 +269,19 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _token(cls, value: object) -> object:
+        # A Secret made from a file ends in a newline: sent as is, the header is invalid, and httpx's error
+        # about it quotes the token. Surrounding whitespace is dropped; a token must be visible ASCII.
+        if not isinstance(value, str):
+            return value
+        token = value.strip()
+        if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+            raise ValueError("it holds spaces, control or non-ASCII characters; use visible ASCII, e.g. "
+                             "`openssl rand -hex 32`")
+        return token or None
+
     @field_validator("*", mode="after")
     @classmethod
     def _unicode(cls, value: object) -> object:

@@ -42,6 +42,8 @@ def describe(exc: Exception) -> str:
         return "the connection was refused or the host is unknown"
     if isinstance(exc, httpx.RemoteProtocolError):
         return "it closed the connection"
+    if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the header it refused: the token, maybe
+        return "the request could not be sent (a header value is invalid)"
     return str(exc) or type(exc).__name__
 
 
