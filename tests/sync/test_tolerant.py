@@ -239,3 +239,68 @@ def test_a_fifo_where_a_shared_file_belongs_is_refused_without_blocking_the_read
             except OSError:
                 pass
         pool.shutdown(wait=True)
+
+
+def test_a_fifo_or_device_where_a_run_log_chunk_or_model_file_belongs_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    """The same for the files a request reaches: a run's metrics (GET /runs, which the UI polls) and pod logs, a
+    stored chunk (GET /store/.../chunks), and a model folder to publish, where a FIFO held the publish (and every
+    publish after it, 409) for good, and a link to /dev/zero would be hashed forever."""
+    import hashlib
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lockstep.core.errors import BadModelRef
+    from lockstep.store.chunks import ChunkEntry, ChunkStore
+    from lockstep.store.manifest import scan_dir
+    from lockstep.trainer.runs.store import RunFiles
+
+    run = RunFiles(tmp_path / "run")
+    run.logs_dir.mkdir(parents=True)
+    (run.logs_dir / "good.log").write_text("ok\n")
+    fifos = [run.metrics_path, run.logs_dir / "evil.log"]
+    chunks = ChunkStore(tmp_path / "chunks")
+    data = b"chunk bytes"
+    chunk = ChunkEntry(offset=0, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    chunks.path(chunk.sha256).parent.mkdir(parents=True)
+    fifos.append(chunks.path(chunk.sha256))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    fifos.append(model / "notes.txt")
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    device = tmp_path / "model-with-a-device"
+    device.mkdir()
+    (device / "weights.bin").symlink_to("/dev/zero")
+
+    def refused(call: Any) -> str:
+        try:
+            call()
+        except (OSError, BadModelRef) as exc:
+            return str(exc)
+        return "read"
+
+    pool = ThreadPoolExecutor(6)
+    try:
+        metrics = pool.submit(run.metrics)
+        logs = pool.submit(run.logs)
+        chunk_read = pool.submit(refused, lambda: chunks.read(chunk))
+        scanned = pool.submit(refused, lambda: scan_dir(model))
+        scanned_device = pool.submit(refused, lambda: scan_dir(device))
+        assert metrics.result(timeout=30) == []
+        assert logs.result(timeout=30) == {"good": "ok\n"}
+        assert "not a regular file" in chunk_read.result(timeout=30)
+        assert "notes.txt is not a regular file" in scanned.result(timeout=30)
+        assert "weights.bin is not a regular file" in scanned_device.result(timeout=30)
+        # The trainer removes it, as any damaged chunk: the next publish of those bytes stores them again.
+        assert pool.submit(chunks.discard_damaged, chunk).result(timeout=30)
+        assert not chunks.path(chunk.sha256).exists()
+    finally:
+        for fifo in fifos:
+            try:  # wake any reader still blocked in open(), so that the pool can end
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass
+        pool.shutdown(wait=True)

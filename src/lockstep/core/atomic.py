@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,24 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
 
 def read_regular_with_stat(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
     """``read_regular``, with the file's status as it was opened."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        data = f.read() if limit is None else f.read(limit + 1)
+        return data, st
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading in binary, only when it is a regular file (``OSError`` otherwise): a FIFO,
+    device or socket where a file belongs (or a symlink to one) would block or never end the reader."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
-        chunks, size = [], 0
-        while chunk := os.read(fd, 1 << 16 if limit is None else min(1 << 16, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if limit is not None and size > limit:
-                break
-        return b"".join(chunks), st
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
 
 
 def read_json(path: Path) -> Any:

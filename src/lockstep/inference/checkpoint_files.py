@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lockstep.core.atomic import read_regular
 from lockstep.core.errors import Conflict, LoadError
 from lockstep.inference.inplace import SHAPELESS_CONFIG, PartialCopy, finite_cast, read_weight_file, swap_hint
 from lockstep.models import loader
@@ -38,7 +39,7 @@ _SIDE_FILES = ("config.json", "model.safetensors.index.json")
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(read_regular(path / "config.json"))
     except (OSError, json.JSONDecodeError) as exc:
         raise LoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
     if not isinstance(config, dict):

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from lockstep.core.atomic import read_regular
 from lockstep.core.errors import Conflict, LoadError, VerificationError
 from lockstep.core.settings import Settings
 from lockstep.models import loader
@@ -40,7 +41,7 @@ class PartialCopy(LoadError):
 def _config_differences(path: Path, live_config: Any) -> list[str]:
     """Names of the shape-neutral config fields that differ between ``path/config.json`` and the live model."""
     try:
-        new = json.loads((path / "config.json").read_text())
+        new = json.loads(read_regular(path / "config.json"))
     except (OSError, json.JSONDecodeError) as exc:
         raise Conflict(f"cannot read {path / 'config.json'} to check the architecture: {exc}") from exc
     live = live_config.to_dict()
@@ -55,7 +56,7 @@ def swap_hint(raw: str, detail: str) -> Conflict:
 def read_weight_file(path: Path, resolved: loader.ResolvedModel) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file, from bytes read once and checked against the MANIFEST when there is one."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as exc:
         raise LoadError(f"cannot read {path}: {exc}") from exc
     manifest = resolved.manifest

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
+from lockstep.core.atomic import read_regular
 from lockstep.core.errors import BadModelRef, LoadError, NotFound, UnsafeModel, VerificationError
 from lockstep.core.settings import Settings
 from lockstep.models.refs import ModelRef, RefKind, parse_ref
@@ -176,7 +177,7 @@ def check_safe_files(path: Path, settings: Settings) -> None:
     if not config_path.is_file():
         raise BadModelRef(f"{path} has no config.json; is it a Hugging Face model directory?")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_regular(config_path))
     except (OSError, json.JSONDecodeError) as exc:
         raise BadModelRef(f"{config_path} is not valid JSON: {exc}") from exc
     if config.get("auto_map") and not settings.trust_remote_code:

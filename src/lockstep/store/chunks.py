@@ -17,6 +17,7 @@ it, so the cap bounds how far a chain of peers lags behind its head (docs/protoc
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Annotated, BinaryIO
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from lockstep.core.atomic import open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ def chunk_bounds(path: Path, *, max_bytes: int = CHUNK_MAX_BYTES, min_bytes: int
     size = path.stat().st_size
     ranges = None
     if path.name.endswith(".safetensors"):
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             ranges = _safetensors_ranges(f, size)
     cuts: list[int] = []
     start = 0
@@ -147,7 +150,7 @@ def cut_file(path: Path, *, max_bytes: int = CHUNK_MAX_BYTES,
              min_bytes: int = CHUNK_MIN_BYTES) -> Iterator[tuple[ChunkEntry, bytes]]:
     """Each chunk of ``path`` with its bytes, in file order (one read of the file)."""
     start = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for end in chunk_bounds(path, max_bytes=max_bytes, min_bytes=min_bytes):
             data = f.read(end - start)
             if len(data) != end - start:
@@ -197,7 +200,7 @@ class ChunkStore:
 
     def read(self, chunk: ChunkEntry) -> bytes:
         """The chunk's bytes, checked against its sha256; OSError when missing, ValueError when they differ."""
-        data = self.path(chunk.sha256).read_bytes()
+        data = read_regular(self.path(chunk.sha256))
         if not chunk.matches(data):
             raise ValueError(f"chunk {chunk.sha256[:12]} in {self.root} does not match its digest (damaged on disk)")
         return data
@@ -208,11 +211,16 @@ class ChunkStore:
         Only the store's owner calls this (the trainer): a damaged chunk kept under its name would make every later
         publish of the same bytes skip it (``put`` keeps a chunk already here), so it could never be repaired."""
         path = self.path(chunk.sha256)
+        data: bytes | None
         try:
-            data = path.read_bytes()
-        except OSError:
+            data = read_regular(path)
+        except FileNotFoundError:
             return False
-        if chunk.matches(data):
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return False  # unreadable for now (permissions, I/O): not known to be damaged
+            data = None  # a FIFO, device or socket under the chunk's name
+        if data is not None and chunk.matches(data):
             return False  # rewritten whole meanwhile
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -26,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lockstep.core.atomic import open_regular
 from lockstep.core.errors import BadModelRef, UnsafeModel, VerificationError
 from lockstep.store.chunks import ChunkEntry, Sha256Hex, tiling_problem
 
@@ -184,7 +186,7 @@ def content_digest(files: Iterable[FileEntry]) -> str:
 def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     """sha256 hex of a file, streamed in 1 MiB chunks; ``progress(n)`` gets each chunk's byte count."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
             if progress is not None:
@@ -218,9 +220,13 @@ def scan_dir(path: Path, progress: Progress | None = None) -> list[FileEntry]:
     sizes: dict[str, int] = {}
     for rel in rels:
         try:
-            sizes[rel] = (path / rel).stat().st_size
+            st = (path / rel).stat()
         except OSError as e:
             raise BadModelRef(f"{path}: cannot read {rel} ({e.strerror or e})") from e
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the publish for good, /dev/zero never end it
+            raise BadModelRef(f"{path}: {rel} is not a regular file (a FIFO, device or socket, or a link to one); "
+                              "remove it from the model folder")
+        sizes[rel] = st.st_size
     total = sum(sizes.values())
     done = 0
 

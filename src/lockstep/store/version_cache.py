@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 import httpx
 from filelock import FileLock
 
-from lockstep.core.atomic import fsync_dir
+from lockstep.core.atomic import fsync_dir, open_regular, read_regular
 from lockstep.core.errors import LoadError, NotFound, VerificationError
 from lockstep.core.numbers import parse_decimal
 from lockstep.store.chunks import ChunkEntry
@@ -239,10 +239,12 @@ class VersionCache:
             if held is None:
                 return None
             try:
-                with open(held.path, "rb") as f:
+                with open_regular(held.path) as f:
                     return os.pread(f.fileno(), held.size, held.offset)
             except FileNotFoundError:
                 continue
+            except OSError:
+                return None  # not a regular file any more: not served from here
         return None
 
     # ------------------------------------------------------------------ assembling
@@ -339,7 +341,7 @@ class VersionCache:
             local = self._held.get(chunk.sha256)
         if local is not None:
             with contextlib.suppress(OSError):
-                with open(local.path, "rb") as f:
+                with open_regular(local.path) as f:
                     data = os.pread(f.fileno(), local.size, local.offset)
                 if chunk.matches(data):
                     return data, "local"
@@ -527,7 +529,7 @@ class FolderOrigin:
         return self.store.get(n)
 
     def read_chunk(self, manifest: Manifest, chunk: ChunkEntry) -> bytes:
-        return self.store.chunks.path(chunk.sha256).read_bytes()
+        return read_regular(self.store.chunks.path(chunk.sha256))
 
     def files_folder(self, manifest: Manifest) -> Path | None:
         return self.store.path_of(manifest.version) if manifest.stored == "files" else None

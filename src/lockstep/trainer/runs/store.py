@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lockstep.core.atomic import atomic_write_bytes, atomic_write_json, read_json
+from lockstep.core.atomic import atomic_write_bytes, atomic_write_json, read_json, read_regular
 from lockstep.core.errors import BadRequest, NotFound
 from lockstep.trainer.runs.record import RunRecord
 
@@ -78,7 +78,13 @@ class RunFiles:
         if not self.logs_dir.is_dir():
             return {}
         paths = sorted(self.logs_dir.glob("*.log"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-        return {p.stem: p.read_text(errors="replace") for p in paths}
+        logs = {}
+        for path in paths:
+            try:
+                logs[path.stem] = read_regular(path).decode("utf-8", errors="replace")
+            except OSError as exc:  # gone meanwhile, or not a regular file (which would block the read)
+                log.warning("cannot read the log %s: %s", path, exc)
+        return logs
 
     def drop_checkpoints(self) -> None:
         """Remove ``checkpoints/`` (weights, optimizer and RNG state) of a run that can no longer resume.
@@ -141,9 +147,11 @@ class LineCache:
         if cached is not None and cached[0] == key:
             return list(cached[1])
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path)
         except FileNotFoundError:
+            return []
+        except OSError as exc:  # a FIFO there would hold GET /runs (and the worker threads) for good
+            log.warning("cannot read %s: %s", path, exc)
             return []
         out = _parse_lines(data)
         with self._lock:
