@@ -187,6 +187,12 @@ SPLIT = {"rollout": "r1", "version": 3, "model": "builtin:tiny-s1", "share": 50,
 ADMIN_OUT_OF_RANGE: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("negative version", "/admin/stage", {"model": "builtin:tiny-s1", "version": -1}, ("version",)),
     ("version past 2**31", "/admin/stage", {"model": "builtin:tiny-s1", "version": 2**31}, ("version",)),
+    # Past the store's bound (9 digits) but within 2**31: the schema once took them and the commit was a 500.
+    ("version past the store's bound: stage", "/admin/stage", {"model": "builtin:tiny-s1", "version": 10**9},
+     ("version",)),
+    ("version past the store's bound: commit", "/admin/commit", {"version": 10**9}, ("version",)),
+    ("version past the store's bound: abort", "/admin/abort", {"version": 2**31 - 1}, ("version",)),
+    ("version past the store's bound: split", "/admin/split", {**SPLIT, "version": 10**9}, ("version",)),
     ("version a float", "/admin/commit", {"version": 1.0}, ("version", "integer")),
     ("version boolean", "/admin/abort", {"version": True}, ("version",)),
     ("digest not hex", "/admin/stage", {"model": "builtin:tiny-s1", "version": 3, "digest": "../../etc"},

@@ -19,6 +19,7 @@ from pydantic import (
 
 from lockstep.core.fields import Number, Text
 from lockstep.engine.sampling_params import MAX_NEW_TOKENS, MAX_SEED, MAX_STOP_CHARS, MAX_TOP_K
+from lockstep.store.manifest import MAX_VERSION  # what the store and the protocol's records take
 from lockstep.sync.protocol import MAX_PINS, PIN_CHARS
 
 MAX_FREE_JSON_ITEMS = 10_000  # values inside one free-form field (tools, response_format): refused beyond
@@ -62,7 +63,6 @@ MAX_CHOICES = 64  # answers one request may ask for (n); all of them are admitte
 NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_NEW_TOKENS,
                                        description="also at most LOCKSTEP_MAX_NEW_TOKENS_LIMIT and the context")]
 StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-MAX_VERSION = 2**31 - 1  # far beyond any store; keeps versions exact in every JSON reader
 Version = Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)]
 Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 content digest, lowercase hex")]
 # Unix seconds, 1970 to 2286: a wrong clock or unit (milliseconds) is refused instead of waited for.

@@ -30,7 +30,7 @@ from lockstep.core.numbers import parse_decimal
 from lockstep.core.settings import Settings
 from lockstep.models import loader
 from lockstep.store.chunks import MAX_CHUNK_BYTES_ACCEPTED, ChunkEntry
-from lockstep.store.manifest import FileEntry, Manifest, check_model_dir
+from lockstep.store.manifest import MAX_VERSION, FileEntry, Manifest, check_model_dir
 from lockstep.sync import retention
 from lockstep.sync.coordinator import NOTHING_TO_ROLL_BACK_TO, Coordinator, ReplicaReport
 from lockstep.sync.http_fleet import HttpFleet
@@ -146,7 +146,7 @@ def _sse_stream(bus: EventBus, last_id: int | None) -> AsyncIterator[bytes]:
 PublishId = Annotated[str, PathParam(min_length=1, max_length=64)]
 RunId = Annotated[str, PathParam(min_length=1, max_length=128)]
 UploadId = Annotated[str, PathParam(min_length=1, max_length=64)]
-Version = Annotated[int, PathParam(ge=0, le=10**12)]
+Version = Annotated[int, PathParam(ge=0, le=MAX_VERSION)]
 FilePath = Annotated[str, PathParam(min_length=1, max_length=1024)]
 ChunkId = Annotated[str, PathParam(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
 
