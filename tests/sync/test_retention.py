@@ -208,13 +208,15 @@ def test_outcomes_come_from_the_publish_history_newest_first(tmp_path: Path) -> 
     history = tmp_path / "history"
     history.mkdir()
     records = [(1, "committed"), (2, "aborted"), (3, "committed"), (4, "aborted"), (4, "committed"),
-               (5, "committed"), (3, "committed")]  # the last: a rollback to 3
+               (5, "committed"), (3, "committed"),  # a rollback to 3
+               (7, "rolled back")]  # a canary whose gates failed: never committed, like an aborted publish
     for i, (version, outcome) in enumerate(records):
         (history / f"{1000 + i:015d}-v{version}.json").write_text(
             f'{{"version": {version}, "outcome": "{outcome}"}}')
     (history / f"{2000:015d}-v6.json").write_text("{torn")
-    outcomes = retention.read_outcomes(history, [1, 2, 3, 4, 5, 6], committed=3)
-    assert outcomes.by_version == {1: "committed", 2: "aborted", 3: "committed", 4: "committed", 5: "committed"}
+    outcomes = retention.read_outcomes(history, [1, 2, 3, 4, 5, 6, 7], committed=3)
+    assert outcomes.by_version == {1: "committed", 2: "aborted", 3: "committed", 4: "committed", 5: "committed",
+                                   7: "aborted"}
     assert outcomes.previous == 5
 
 

@@ -265,7 +265,8 @@ class Coordinator:
             return
         outcomes = retention.read_outcomes(self.data_dir / "history", [to], None)
         if outcomes.by_version.get(to) == "aborted":
-            raise Conflict(f"v{to} was never committed (its publish aborted), so there is nothing to go back to; "
+            raise Conflict(f"v{to} was never committed (its publish aborted, or its rollout was rolled back), so "
+                           "there is nothing to go back to; "
                            f"to try it again, publish it: lockstep publish versions/{to}")
 
     def write_state(self, state: SyncState, **changes: Any) -> SyncState:

@@ -38,7 +38,7 @@ _HISTORY_NAME = re.compile(r"^\d+-v(\d{1,12})\.json$")  # what Coordinator._reco
 class Outcomes:
     """What the publish history says of the versions still in the store."""
 
-    by_version: dict[int, str]  # version → "committed" (at least once) | "aborted" (never committed)
+    by_version: dict[int, str]  # version → "committed" (at least once) | "aborted" (never: aborted or rolled back)
     previous: int | None  # the version committed before the current one (a rollback's natural target)
 
 
@@ -71,7 +71,7 @@ def read_outcomes(history_dir: Path, published: Iterable[int], committed: int | 
             by_version[version] = "committed"
             if previous is None and version != committed:
                 previous = version
-        elif record.get("outcome") == "aborted":
+        elif record.get("outcome") in ("aborted", "rolled back"):  # a rollout that ended without promoting it
             by_version.setdefault(version, "aborted")
     return Outcomes(by_version, previous)
 
