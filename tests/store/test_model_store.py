@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -110,6 +111,17 @@ def test_refuses_a_folder_that_is_not_a_model(store: ModelStore, src: Path, remo
     with pytest.raises(BadModelRef, match="not a model directory"):
         store.publish_dir(src / "nowhere")
     assert store.next_version_hint() == 1 and store.list() == []
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, b"{not json", b'{"w": {"dtype": "F32"}}'],
+                         ids=["nested-too-deeply", "not-json", "no-offsets"])
+def test_refuses_weights_whose_safetensors_header_cannot_be_read(store: ModelStore, src: Path, header: bytes) -> None:
+    """Before, a header nested too deeply passed the check, and the publish (202) then failed on a
+    RecursionError, the upload gone."""
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(BadModelRef, match="model.safetensors is not a readable safetensors file"):
+        store.publish_dir(src)
+    assert store.list() == []
 
 
 def test_refuses_pickle_weights_unless_allowed(store: ModelStore, src: Path) -> None:

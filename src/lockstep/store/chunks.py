@@ -96,7 +96,7 @@ def _safetensors_ranges(f: BinaryIO, size: int) -> list[tuple[int, int]] | None:
         return None
     try:
         header = json.loads(f.read(header_len))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deeply for Python's parser
         return None
     if not isinstance(header, dict):
         return None

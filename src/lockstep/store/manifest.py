@@ -290,4 +290,23 @@ def check_model_dir(src: Path, allow_pickle: bool) -> list[str]:
     weights = [r for r in top if r.endswith(".safetensors") or (allow_pickle and is_pickle_file(r))]
     if not weights:
         raise BadModelRef(f"not a model directory: {src} has no *.safetensors weights")
+    for rel in rels:
+        if rel.endswith(".safetensors"):
+            check_safetensors(src / rel, rel)
     return rels
+
+
+def check_safetensors(path: Path, rel: str) -> None:
+    """Refuse a ``.safetensors`` file whose header safetensors cannot read (the header only: no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise BadModelRef(f"{rel} is not a regular file (a FIFO, device or socket, or a link to one)")
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except BadModelRef:
+        raise
+    except Exception as exc:  # safetensors raises its own error type, and OSError for what it cannot open
+        raise BadModelRef(f"{rel} is not a readable safetensors file ({str(exc)[:300]}); write it with "
+                          "safetensors' save_file or save_pretrained") from None
