@@ -30,6 +30,11 @@ def test_an_allowed_plug_in_is_imported_and_scores() -> None:
     ("tests.trainer.plugins:missing", ALLOWED, "no attribute"),
     ("tests.trainer.plugins:_calls", ALLOWED, "not callable"),
     ("tests.trainer.nothing_here:f", "tests", "cannot import"),
+    # The allow-list names modules: a path may not walk from one into the modules it imported ...
+    ("json:codecs.open", "json", "leads into module 'codecs'"),
+    ("tests.trainer.plugins:itertools.count", ALLOWED, "leads into module 'itertools'"),
+    # ... nor name a function the allowed module imported from elsewhere.
+    ("json.decoder:scanstring", "json.decoder", "defined in module '_json'"),
 ])
 def test_bad_plug_ins_are_refused_with_the_reason(spec: str, allowed: str, message: str) -> None:
     with pytest.raises(BadRequest, match=message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import types
 from typing import Any
 
 from lockstep.core.errors import BadRequest
@@ -51,9 +52,19 @@ def load_reward(spec: str, allowed: str) -> RewardFn:
         if not hasattr(obj, part):
             raise BadRequest(f"reward module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
+        if isinstance(obj, types.ModuleType):  # 'allowed:os.rename' would reach any module the allowed one imports
+            raise BadRequest(f"reward {spec!r} leads into module {obj.__name__!r}; name a function of the module "
+                             "itself: 'package.module:function'")
     if not callable(obj):
         raise BadRequest(f"reward {spec!r} is not callable; it must be a function (prompt, completion) -> "
                          "float")
+    # Defined where the operator allows plug-ins from, not merely imported there ('allowed:rename' after a
+    # 'from os import rename'); a callable object counts by its class.
+    named = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type))
+    defined_in = getattr(obj, "__module__", None) if named else type(obj).__module__
+    if not isinstance(defined_in, str) or not _allowed(defined_in, prefixes):
+        raise BadRequest(f"reward {spec!r} is defined in module {defined_in!r}, which is not allowed (allowed "
+                         f"prefixes: {', '.join(prefixes) or 'none'}); plug-ins are functions of allowed modules")
     return obj  # type: ignore[no-any-return]
 
 
