@@ -127,6 +127,13 @@ BROKEN = {
                               "spec.template.metadata is missing or not a mapping"),
     "labels-a-list": ("apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata:\n      labels:\n"
                       "        - lockstep/publisher\n", "spec.template.metadata.labels is missing or not a mapping"),
+    "job-labels-a-list": ("apiVersion: batch/v1\nkind: Job\nmetadata:\n  labels: [a, b]\nspec:\n  template:\n"
+                          "    metadata:\n      labels:\n        lockstep/publisher: \"true\"\n    spec:\n"
+                          "      restartPolicy: Never\n      containers: [{name: worker, image: x}]\n",
+                          "metadata.labels is missing or not a mapping"),
+    "env-a-number": ("apiVersion: batch/v1\nkind: Job\nspec:\n  template:\n    metadata:\n      labels:\n"
+                     "        lockstep/publisher: \"true\"\n    spec:\n      restartPolicy: Never\n"
+                     "      containers: [{name: worker, image: x, env: 3}]\n", "containers[0].env is not a list"),
     "nested-too-deeply": ("apiVersion: batch/v1\nkind: Job\nspec: " + "[" * 20_000 + "]" * 20_000 + "\n",
                           "nested too deeply"),
 }

@@ -81,6 +81,8 @@ def check(job: Any, where: str) -> None:
         raise BadRequest(f"job template {where} is a {what}, not a batch/v1 Job")
     if "metadata" in job and not isinstance(job["metadata"], dict):
         raise BadRequest(f"job template {where}: metadata is not a mapping")
+    if (job.get("metadata") or {}).get("labels") is not None:
+        _mapping(job["metadata"]["labels"], "metadata.labels", where)  # the run's labels are added to them
     template = _mapping(_mapping(job.get("spec"), "spec", where).get("template"), "spec.template", where)
     pod_metadata = _mapping(template.get("metadata") or {}, "spec.template.metadata", where)
     labels = _mapping(pod_metadata.get("labels") or {}, "spec.template.metadata.labels", where)
@@ -94,6 +96,8 @@ def check(job: Any, where: str) -> None:
             isinstance(c, dict) and c.get("name") and c.get("image") for c in containers):
         raise BadRequest(f"job template {where}: spec.template.spec.containers must list at least one container, "
                          "each with a name and an image (the first one trains)")
+    if not isinstance(containers[0].get("env") or [], list):  # the run's environment is added to it
+        raise BadRequest(f"job template {where}: spec.template.spec.containers[0].env is not a list")
     if spec.get("restartPolicy") not in ("Never", "OnFailure"):
         raise BadRequest(f"job template {where}: spec.template.spec.restartPolicy is "
                          f"{spec.get('restartPolicy')!r}; a Job's pods need Never or OnFailure")
