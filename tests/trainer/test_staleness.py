@@ -29,7 +29,7 @@ from lockstep.trainer.runs.releases import Releases
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
 from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import digits_reward, get_task
-from lockstep.trainer.runs.trl_trainer import check_trl_args, grpo_config
+from lockstep.trainer.runs.trl_trainer import check_scheduler, check_trl_args, grpo_config
 from lockstep.trainer.server.schemas import FinetuneParams
 from tests.support.cluster import wait_for
 
@@ -169,6 +169,14 @@ def test_trl_options_are_checked_before_a_run_exists(tmp_path: object) -> None:
             check_trl_args(bad)
     with pytest.raises(BadRequest, match="TRL refuses"):
         grpo_config(FinetuneParams(trl_args={"lr_scheduler_type": "sideways"}), tmp_path)  # type: ignore[arg-type]
+    # Names TRL takes whose schedule needs options a run cannot pass: refused when the run is created, not
+    # once it has started.
+    for name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"):
+        params = FinetuneParams(trl_args={"lr_scheduler_type": name})  # type: ignore[arg-type]
+        with pytest.raises(BadRequest, match=f"lr_scheduler_type '{name}' cannot run"):
+            check_scheduler(grpo_config(params, tmp_path), params.steps)
+    params = FinetuneParams(trl_args={"lr_scheduler_type": "cosine", "warmup_steps": 0.1})  # type: ignore[arg-type]
+    check_scheduler(grpo_config(params, tmp_path), params.steps)
     config = grpo_config(FinetuneParams.model_validate({"async": True, "max_staleness": 2, "beta": 0.04,
                                                         "loss_type": "dr_grpo"}), tmp_path)  # type: ignore[arg-type]
     assert (config.beta, config.loss_type, config.num_generations, config.save_steps) == (0.04, "dr_grpo", 4, 3)

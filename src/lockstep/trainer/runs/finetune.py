@@ -39,7 +39,7 @@ from lockstep.trainer.runs.rollouts import RolloutClient
 from lockstep.trainer.runs.sft import train_sft
 from lockstep.trainer.runs.staleness import SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import RewardFn, get_task
-from lockstep.trainer.runs.trl_trainer import grpo_config, quiet, run_callback
+from lockstep.trainer.runs.trl_trainer import check_scheduler, grpo_config, quiet, run_callback
 from lockstep.trainer.server.publish_jobs import check_ref
 from lockstep.trainer.server.schemas import FinetuneParams
 
@@ -77,7 +77,8 @@ class FinetuneKind:
         if params.eval_prompts and params.samples_per_version > params.eval_prompts:
             raise BadRequest(f"samples_per_version ({params.samples_per_version}) cannot exceed eval_prompts "
                              f"({params.eval_prompts})")
-        grpo_config(params, Path(tempfile.gettempdir()))  # TRL's own checks of the options; it writes nothing
+        config = grpo_config(params, Path(tempfile.gettempdir()))  # TRL's own checks of the options; no files
+        check_scheduler(config, params.steps)
 
     def execute(self, ctx: RunContext, params: FinetuneParams) -> None:
         run = _FinetuneRun(ctx, params)

@@ -85,6 +85,24 @@ def grpo_config(p: FinetuneParams, output_dir: Path) -> Any:
         raise BadRequest(f"TRL refuses the run's options: {exc}") from exc
 
 
+def check_scheduler(config: Any, steps: int) -> None:
+    """Build the run's learning-rate schedule as its trainer will, on a stand-in optimizer: transformers does
+    so only inside ``train()``, and a schedule that needs options a run cannot pass (``cosine_with_min_lr``
+    wants a minimum) would fail the run after it was accepted."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    try:
+        get_scheduler(config.lr_scheduler_type, optimizer=optimizer,
+                      num_warmup_steps=config.get_warmup_steps(steps), num_training_steps=steps,
+                      scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as exc:
+        name = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+        raise BadRequest(f"params.trl_args.lr_scheduler_type {str(name)!r} cannot run with the options a run may "
+                         f"set: {exc}") from None
+
+
 def training_args(p: FinetuneParams, lr_scheduler_type: str = "constant") -> dict[str, Any]:
     """What every TRL trainer of a run shares: the optimizer settings, the precision on the trainer's device, a
     log entry per step and no reporting elsewhere (the run's metrics carry it)."""
