@@ -25,11 +25,11 @@ from lockstep.trainer.runs.fleet_rollouts import (
     step_prompts,
     trl_batch,
 )
-from lockstep.trainer.runs.releases import Releases
+from lockstep.trainer.runs.releases import Evaluator, Releases
 from lockstep.trainer.runs.rollouts import GenRequest, Rollout, RolloutClient
 from lockstep.trainer.runs.staleness import Freshness, SampleBook, VersionWindow
 from lockstep.trainer.runs.tasks import digits_reward, get_task
-from lockstep.trainer.runs.trl_trainer import check_scheduler, check_trl_args, grpo_config
+from lockstep.trainer.runs.trl_trainer import check_scheduler, check_trl_args, grpo_config, run_callback
 from lockstep.trainer.server.schemas import FinetuneParams
 from tests.support.cluster import wait_for
 
@@ -427,3 +427,48 @@ def test_the_window_says_when_no_publish_is_in_flight() -> None:
     assert not window.wait_settled(timeout_s=0)
     window.publishing_ended(None)  # a failed publish settles it too
     assert window.wait_settled(timeout_s=0) and window.latest == 0
+
+
+def test_a_stop_during_the_last_step_still_publishes_it_and_one_before_ends_the_loop() -> None:
+    """Before, a stop that came during the last step left it unpublished and the finished run 'stopped'."""
+    from transformers import TrainerControl
+
+    ctx = SimpleNamespace(progress=lambda *_: None, stopping=lambda: True)
+    callback = run_callback(cast(Any, ctx), FinetuneParams(steps=7), VersionWindow([0], 1), SampleBook(),
+                            cast(Any, None))
+    last, earlier = TrainerControl(), TrainerControl()
+    callback.on_step_end(None, SimpleNamespace(global_step=7), last)
+    callback.on_step_end(None, SimpleNamespace(global_step=4), earlier)
+    assert last.should_save and not last.should_training_stop
+    assert earlier.should_training_stop and not earlier.should_save
+
+
+class _Published(Exception):
+    """Raised by the stand-in publisher with the metadata it was given."""
+
+
+def test_a_version_records_its_parents_own_reward_or_none_while_that_is_still_measured(tmp_path: Path) -> None:
+    """Before, an asynchronous run's MANIFEST took the newest reward measured, which could be an older
+    version's while the parent's evaluation was still running."""
+
+    def publish_dir(folder: Path, **kw: Any) -> None:
+        raise _Published(kw["metadata"])
+
+    ctx = SimpleNamespace(run_id="r", publisher=SimpleNamespace(publish_dir=publish_dir), progress=lambda *_: None,
+                          clock=SYSTEM_CLOCK,
+                          record=SimpleNamespace(progress=SimpleNamespace(step=0)))
+    evaluator = Evaluator(cast(Any, SimpleNamespace(clock=SYSTEM_CLOCK)), FinetuneParams(), get_task("digits"),
+                          digits_reward, "builtin:digits", cast(Any, None))
+    evaluator.remember([{"type": "eval", "version": 40, "reward": 0.026}])  # v40 measured; v41, the parent, not
+    window = VersionWindow([40, 41], 1)
+    releases = Releases(cast(Any, ctx), FinetuneParams(), window, SampleBook(), evaluator,
+                        reward_name="builtin:digits", background=False)
+    (tmp_path / "checkpoint-6").mkdir()
+    for reward in (None, 0.265):
+        if reward is not None:
+            evaluator.rewards[41] = reward  # its evaluation ended
+        with pytest.raises(_Published) as published:
+            releases.release(tmp_path / "checkpoint-6", 6, {})
+        window.publishing_ended(None)
+        assert published.value.args[0]["parent"] == 41
+        assert published.value.args[0]["eval_reward_parent"] == reward

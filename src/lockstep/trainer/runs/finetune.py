@@ -141,8 +141,7 @@ class _FinetuneRun:
         ctx, record = self.ctx, self.ctx.record
         checkpoint = record.checkpoint
         if ctx.resume:  # the rewards its first life measured
-            evaluator.remember([m["reward"] for m in ctx.files.metrics()
-                                if m.get("type") == "eval" and m.get("reward") is not None])
+            evaluator.remember([m for m in ctx.files.metrics() if m.get("type") == "eval"])
         if ctx.resume and checkpoint is not None:
             ctx.progress(checkpoint.step, self.p.steps, f"resuming from step {checkpoint.step}")
             self.window = VersionWindow([v for v in [record.start_version, *record.versions] if v is not None],
@@ -252,10 +251,10 @@ class _FinetuneRun:
         if self.collector is not None:
             self.collector.stop()  # no update will use another round: the last publish and evaluation go alone
         releases.finish()
-        ctx.check_stop()  # a stop ends TRL's loop early; the run is stopped, not succeeded
-        if trainer.state.global_step < p.steps:
+        if trainer.state.global_step < p.steps:  # a stop ended TRL's loop early: the run is stopped
+            ctx.check_stop()
             raise RunStopped(f"run {ctx.run_id} ended at step {trainer.state.global_step} of {p.steps}")
-        self._finish(evaluator)
+        self._finish(evaluator)  # every step ran and was published: a stop that came during the last is moot
 
     def _finish(self, evaluator: Evaluator) -> None:
         ctx, p = self.ctx, self.p

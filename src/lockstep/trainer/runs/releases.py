@@ -52,12 +52,17 @@ class Evaluator:
         self.client = client
         self.first: float | None = None
         self.last: float | None = None
+        self.rewards: dict[int, float | None] = {}  # version → its held-out reward, once evaluated
         self._since = ctx.clock.monotonic()
 
-    def remember(self, evals: list[float]) -> None:
-        """A resumed run keeps the rewards its first life measured."""
-        if evals:
-            self.first, self.last = evals[0], evals[-1]
+    def remember(self, evals: list[dict[str, Any]]) -> None:
+        """A resumed run keeps the rewards its first life measured (its ``eval`` metric points)."""
+        for point in evals:
+            if isinstance(point.get("version"), int):
+                self.rewards[point["version"]] = point.get("reward")
+        measured = [p["reward"] for p in evals if p.get("reward") is not None]
+        if measured:
+            self.first, self.last = measured[0], measured[-1]
 
     def evaluate(self, version: int, step: int, *, converged: bool) -> None:
         ctx, p = self.ctx, self.p
@@ -65,7 +70,9 @@ class Evaluator:
         self._since = ctx.clock.monotonic()
         if p.eval_prompts == 0:
             return
-        ctx.progress(step, p.steps, f"step {step}: evaluating v{version} on held-out prompts")
+        # Updates may have gone on since the step that made this version: the run's progress does not go back.
+        ctx.progress(max(step, ctx.record.progress.step), p.steps,
+                     f"evaluating v{version} (step {step}) on held-out prompts")
         prompts = self.task.prompts(p.eval_prompts, seed=p.seed, held_out=True)
         rollouts = self.client.generate([GenRequest(q, p.max_new_tokens, 0.0, group=i)
                                          for i, q in enumerate(prompts)])
@@ -84,6 +91,7 @@ class Evaluator:
         for r, value in list(zip(answered, rewards, strict=True))[: p.samples_per_version]:
             ctx.sample({"version": version, "step": step, "prompt": r.request.prompt, "answer": r.text,
                         "reward": value, "replica_id": r.replica_id})
+        self.rewards[version] = mean
         if mean is not None:
             self.first = mean if self.first is None else self.first
             self.last = mean
@@ -204,11 +212,12 @@ class Releases:
 
     def _release(self, checkpoint: Path, step: int, stats: dict[str, Any], samples: VersionSamples) -> None:
         ctx, parent = self.ctx, self.window.latest
-        ctx.progress(step, self.p.steps, f"step {step}: publishing")
+        ctx.progress(max(step, ctx.record.progress.step), self.p.steps, f"publishing step {step}")
         metadata = {"run_id": ctx.run_id, "step": step, "parent": parent, "task": self.p.task,
                     "reward_fn": self.reward_name, "algorithm": self.p.algorithm,
                     "learning_rate": self.p.learning_rate, "precision": self.p.precision,
-                    "eval_reward_parent": self.evaluator.last,
+                    # The parent's own reward; None while its evaluation (on a thread of its own) has not ended.
+                    "eval_reward_parent": self.evaluator.rewards.get(parent),
                     "async": self.p.async_mode, "max_staleness": self.p.max_staleness,
                     "samples": samples.model_dump(), **stats}
         committed: int | None = None

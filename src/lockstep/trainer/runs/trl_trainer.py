@@ -155,10 +155,10 @@ def run_callback(ctx: RunContext, p: FinetuneParams, window: VersionWindow, book
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             ctx.progress(state.global_step, p.steps, f"step {state.global_step}/{p.steps} "
                          f"(fleet on v{window.latest})")
-            if ctx.stopping():
+            if state.global_step >= p.steps:
+                control.should_save = True  # the last step is always published, a stop during it or not
+            elif ctx.stopping():
                 control.should_training_stop = True
-            elif state.global_step >= p.steps:
-                control.should_save = True  # the last step is always published
 
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
