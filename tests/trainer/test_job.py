@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from lockstep.core.settings import Settings, load_settings
 from lockstep.trainer.jobs import template
+from lockstep.trainer.jobs.kube import KubeApiError
 from lockstep.trainer.jobs.worker import completion, examples
 from lockstep.trainer.runs import manager
 from lockstep.trainer.runs.job import JobKind
@@ -36,6 +37,7 @@ class FakeJobs:
         self.logs: dict[str, str] = {}
         self.created: list[dict[str, Any]] = []
         self.deleted: list[str] = []
+        self.failing = 0  # reads of the Job still to fail, as an API server in trouble fails them
 
     def create_job(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         self.created.append(copy.deepcopy(body))
@@ -43,6 +45,9 @@ class FakeJobs:
         return body
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.failing:
+            self.failing -= 1
+            raise KubeApiError(f"read job {name} in {namespace} failed: 500 etcdserver: request timed out")
         return copy.deepcopy(self.jobs.get(name))
 
     def delete_job(self, namespace: str, name: str) -> None:
@@ -349,3 +354,42 @@ def test_the_workers_completions_are_what_the_tasks_reward() -> None:
         import random
 
         completion("riddles", "?", random.Random(0))
+
+
+def test_a_job_run_rides_out_a_failing_kubernetes_api(api: TestClient, fake: FakeJobs) -> None:
+    """Before, one 500 from the API failed the run and left its Job running, untracked."""
+    run_id = api.post("/runs", json={"kind": "job"}).json()["id"]
+    wait_for(lambda: fake.jobs, 30, 0.05, "the Job")
+    fake.failing = 5
+    wait_for(lambda: fake.failing == 0, 30, 0.05, "five failed reads")
+    fake.end("Complete", "CompletionsReached", "Reached expected number of succeeded pods", succeeded=1)
+    done = _run(api, run_id, "succeeded")
+    assert done["error"] is None and fake.deleted == []
+
+
+def test_a_run_that_loses_the_kubernetes_api_deletes_its_job_and_refuses_its_publishes(
+        api: TestClient, monkeypatch: pytest.MonkeyPatch, tiny_dirs: dict[int, Path]) -> None:
+    import hashlib
+
+    jobs = FakeJobs()
+    monkeypatch.setitem(manager.KINDS, "job", JobKind(lambda settings: jobs, poll_s=0.05, log_every_s=0.05,
+                                                      api_grace_s=0.5))
+    run_id = api.post("/runs", json={"kind": "job"}).json()["id"]
+    wait_for(lambda: jobs.jobs, 30, 0.05, "the Job")
+    jobs.failing = 10**9
+    done = _run(api, run_id, "failed")
+    assert "lost the Kubernetes API" in done["error"] and f"job lockstep-{run_id} was deleted" in done["error"]
+    assert jobs.deleted == [f"lockstep-{run_id}"]
+    # A pod of that Job still publishing (its deletion under way) is refused: no version the run does not track.
+    upload = api.post("/store/uploads").json()["upload_id"]
+    for path in sorted(p for p in tiny_dirs[1].iterdir() if p.is_file()):
+        data = path.read_bytes()
+        api.put(f"/store/uploads/{upload}/files/{path.name}", content=data,
+                headers={"X-Content-SHA256": hashlib.sha256(data).hexdigest()})
+    refused = api.post(f"/store/uploads/{upload}/publish", json={"metadata": {"run_id": run_id, "step": 2}})
+    assert refused.status_code == 409 and f"run {run_id} (job) is failed" in error(refused), refused.text
+    # Naming no run of this trainer, an upload publishes as any other.
+    accepted = api.post(f"/store/uploads/{upload}/publish", json={"metadata": {"run_id": "mine-0001"}})
+    assert accepted.status_code == 202, accepted.text
+    wait_for(lambda: api.get(f"/publishes/{accepted.json()['publish_id']}").json()["status"] != "running", 60,
+             0.05, "the publish to end")

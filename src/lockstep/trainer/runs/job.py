@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import urllib3
+
 from lockstep.core.errors import LockstepError
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
@@ -32,10 +34,16 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # seconds between looks at the Job (one GET of the Job and one list of its pods)
 LOG_EVERY_S = 10.0  # seconds between copies of the pods' logs while the Job runs
+# How long the Kubernetes API may fail (a timeout, a 5xx while etcd elects a leader, a restarting API server)
+# before the run gives up on its Job, deletes it and fails.
+API_GRACE_S = 120.0
 LOG_LINES = 5000  # the last lines of each pod's log kept in the run's folder
 ERROR_LOG_LINES = 15  # lines of the failed container's log quoted in the run's error
 # A pod waiting for one of these will not start without a change to the template or the cluster.
 HOPELESS = {"ErrImageNeverPull", "InvalidImageName", "ImagePullBackOff", "CreateContainerConfigError"}
+# What a failing Kubernetes API raises: its refusals (KubeApiError) and, below the client, urllib3's and the
+# socket's errors (timeouts, refused or reset connections).
+API_ERRORS: tuple[type[Exception], ...] = (kube.KubeApiError, urllib3.exceptions.HTTPError, OSError)
 
 
 class JobFailed(LockstepError):
@@ -88,11 +96,12 @@ class JobKind:
     params_model = JobParams
 
     def __init__(self, connect: Callable[[Settings], JobApi] = kube.connect, *, poll_s: float = POLL_S,
-                 log_every_s: float = LOG_EVERY_S) -> None:
+                 log_every_s: float = LOG_EVERY_S, api_grace_s: float = API_GRACE_S) -> None:
         self._connect = connect
         self._api: JobApi | None = None
         self.poll_s = poll_s
         self.log_every_s = log_every_s
+        self.api_grace_s = api_grace_s
 
     def api(self, settings: Settings) -> JobApi:
         if self._api is None:
@@ -124,7 +133,7 @@ class JobKind:
             ctx.record.summary = {**ctx.record.summary, "model": model}
             ctx.progress(ctx.record.progress.step, params.steps, f"created job {name} in {namespace} from {model}")
         ctx.record.summary = {**ctx.record.summary, "job": name, "namespace": namespace}
-        _Follow(ctx, api, namespace, name, params, self.poll_s, self.log_every_s).run()
+        _Follow(ctx, api, namespace, name, params, self.poll_s, self.log_every_s, self.api_grace_s).run()
 
     @staticmethod
     def _served_model(ctx: RunContext) -> str:
@@ -145,9 +154,10 @@ class _Follow:
     """One run's watch over its Job until it ends, fails, or the run is stopped."""
 
     def __init__(self, ctx: RunContext, api: JobApi, namespace: str, name: str, params: JobParams,
-                 poll_s: float, log_every_s: float) -> None:
+                 poll_s: float, log_every_s: float, api_grace_s: float) -> None:
         self.ctx, self.api, self.namespace, self.name, self.params = ctx, api, namespace, name, params
-        self.poll_s, self.log_every_s = poll_s, log_every_s
+        self.poll_s, self.log_every_s, self.api_grace_s = poll_s, log_every_s, api_grace_s
+        self._api_failing_since: float | None = None
         self.selector = f"{template.RUN_LABEL}={ctx.run_id}"
         self.pods: list[dict[str, Any]] = []
         self.step = ctx.record.progress.step
@@ -156,33 +166,66 @@ class _Follow:
     def run(self) -> None:
         ctx = self.ctx
         while True:
-            if ctx.stopping():
-                self._stop()
-            job = self.api.read_job(self.namespace, self.name)
-            if job is None:
-                raise JobFailed(f"job {self.name} is gone from namespace {self.namespace} (deleted outside the "
-                                f"trainer?); the versions it published stay, start a new run to train on")
-            self.pods = sorted(self.api.list_pods(self.namespace, self.selector), key=_created)
-            self._attribute()
-            if _condition(job, "Complete") is not None:
-                self._finish(job)
-                return
-            failed = _condition(job, "Failed")
-            if failed is not None:
-                self._finish(job)
-                raise JobFailed(self._failure(failed))
-            stuck = [w for p in self.pods if (w := _waiting(p)) is not None and w[0] in HOPELESS]
-            if stuck:
-                self.api.delete_job(self.namespace, self.name)
-                self._finish(job)
-                raise JobFailed(f"job {self.name} cannot start: {stuck[0][1].strip()}; fix the template (or "
-                                "params.image, params.env) and start a new run")
-            if time.monotonic() - self._logs_at >= self.log_every_s:
-                self._copy_logs()
-            message = self._describe()
-            if (self.step, message) != (ctx.record.progress.step, ctx.record.progress.message):
-                ctx.progress(self.step, self.params.steps, message)
+            try:
+                if self._look():
+                    return
+            except API_ERRORS as exc:
+                self._api_failed(exc)
             ctx.stop_event.wait(self.poll_s)
+
+    def _api_failed(self, exc: Exception) -> None:
+        """Keep following through a failing API for ``api_grace_s``; then delete the Job (a Job nobody follows
+        would train for up to its deadline and publish versions no run tracks) and fail the run."""
+        now = time.monotonic()
+        if self._api_failing_since is None:
+            self._api_failing_since = now
+        failing_s = now - self._api_failing_since
+        if failing_s < self.api_grace_s:
+            log.warning("run %s: the Kubernetes API failed (%s); trying again for %.0f s more", self.ctx.run_id,
+                        exc, self.api_grace_s - failing_s)
+            self.ctx.progress(self.step, self.params.steps, f"job {self.name}: the Kubernetes API failed, "
+                              f"trying again ({str(exc)[:200]})")
+            return
+        try:
+            self.api.delete_job(self.namespace, self.name)
+            left = f"job {self.name} was deleted"
+        except API_ERRORS:
+            left = (f"job {self.name} may still run: delete it (kubectl delete job {self.name} -n "
+                    f"{self.namespace})")
+        raise JobFailed(f"lost the Kubernetes API for {failing_s:.0f} s following job {self.name} ({exc}); "
+                        f"{left}; the versions it published stay") from exc
+
+    def _look(self) -> bool:
+        """One look at the Job and its pods; True once it has completed (an error raised once it failed)."""
+        ctx = self.ctx
+        if ctx.stopping():
+            self._stop()
+        job = self.api.read_job(self.namespace, self.name)
+        if job is None:
+            raise JobFailed(f"job {self.name} is gone from namespace {self.namespace} (deleted outside the "
+                            f"trainer?); the versions it published stay, start a new run to train on")
+        self.pods = sorted(self.api.list_pods(self.namespace, self.selector), key=_created)
+        self._attribute()
+        if _condition(job, "Complete") is not None:
+            self._finish(job)
+            return True
+        failed = _condition(job, "Failed")
+        if failed is not None:
+            self._finish(job)
+            raise JobFailed(self._failure(failed))
+        stuck = [w for p in self.pods if (w := _waiting(p)) is not None and w[0] in HOPELESS]
+        if stuck:
+            self.api.delete_job(self.namespace, self.name)
+            self._finish(job)
+            raise JobFailed(f"job {self.name} cannot start: {stuck[0][1].strip()}; fix the template (or "
+                            "params.image, params.env) and start a new run")
+        if time.monotonic() - self._logs_at >= self.log_every_s:
+            self._copy_logs()
+        self._api_failing_since = None
+        message = self._describe()
+        if (self.step, message) != (ctx.record.progress.step, ctx.record.progress.message):
+            ctx.progress(self.step, self.params.steps, message)
+        return False
 
     def _stop(self) -> None:
         """A stop deletes the Job; a trainer shutting down leaves it running, to attach to on resume."""

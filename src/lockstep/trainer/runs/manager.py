@@ -15,11 +15,12 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from lockstep.core.clock import Clock
-from lockstep.core.errors import BadRequest, Conflict, LockstepError
+from lockstep.core.errors import BadRequest, Conflict, LockstepError, NotFound
 from lockstep.core.settings import Settings
 from lockstep.store import ModelStore
 from lockstep.sync.coordinator import Coordinator
 from lockstep.trainer.cluster.view import ClusterView
+from lockstep.trainer.jobs.template import job_name
 from lockstep.trainer.runs.context import RunContext, RunStopped
 from lockstep.trainer.runs.finetune import FinetuneKind
 from lockstep.trainer.runs.job import JobKind
@@ -136,12 +137,25 @@ class RunManager:
             return self._active[0].record if self._active else None
 
     def uploading_run(self, run_id: Any) -> RunRecord | None:
-        """The active run when ``run_id`` names it and its pods publish through the upload API (a job run)."""
+        """The active run when ``run_id`` names it and its pods publish through the upload API (a job run).
+
+        409 when it names such a run that has ended: its Job, still running somewhere (a failure to delete it),
+        would publish versions that no run tracks."""
         with self._lock:
             active = self._active[0].record if self._active else None
-        if active is None or active.id != run_id or active.kind not in UPLOADING_KINDS:
+        if active is not None and active.id == run_id and active.kind in UPLOADING_KINDS:
+            return active
+        if not isinstance(run_id, str):
             return None
-        return active
+        try:
+            record = self.runs.get(run_id)
+        except (BadRequest, NotFound, UnreadableRun):
+            return None  # not one of this trainer's runs: an ordinary publish that names its own run
+        if record.kind in UPLOADING_KINDS:
+            raise Conflict(f"run {run_id} ({record.kind}) is {record.status.value}, so the publishes of its pods "
+                           f"are refused; delete its Job (kubectl delete job {job_name(run_id)}), or resume the run "
+                           f"(POST /runs/{run_id}/resume) to follow it again")
+        return None
 
     def logs(self, run_id: str) -> str:
         """``GET /runs/{id}/logs``: the pod logs a job run copied, oldest pod first (empty for other kinds)."""
