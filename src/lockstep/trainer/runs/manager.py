@@ -61,11 +61,11 @@ UPLOADING_KINDS = frozenset({JobKind.name})
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ())) or "params"
+        where = ".".join(["params", *(str(p) for p in err.get("loc", ()))])  # a check of the whole: "params"
         if err.get("type") == "extra_forbidden":
-            parts.append(f"params.{where} is not a parameter of this run kind")
+            parts.append(f"{where} is not a parameter of this run kind")
         else:
-            parts.append(f"params.{where}: {err.get('msg')}")
+            parts.append(f"{where}: {str(err.get('msg')).removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
