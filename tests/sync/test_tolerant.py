@@ -231,14 +231,22 @@ def test_a_fifo_where_a_shared_file_belongs_is_refused_without_blocking_the_read
         assert holder.result(timeout=30) is not None  # a torn lease to its readers: it expires like one
         assert listed.result(timeout=30) == []
     finally:
-        for fifo in (tmp_path / "replicas" / "evil.json", tmp_path / "sync_state.json",
-                     tmp_path / "locks" / "coordinator.lease", store.versions_dir / "000001" / "MANIFEST.json"):
-            try:  # wake any reader still blocked in open(), so that the pool can end
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        pool.shutdown(wait=True)
+        _wake_readers_and_end(pool, [tmp_path / "replicas" / "evil.json", tmp_path / "sync_state.json",
+                                     tmp_path / "locks" / "coordinator.lease",
+                                     store.versions_dir / "000001" / "MANIFEST.json"])
+
+
+def _wake_readers_and_end(pool: Any, fifos: list[Path]) -> None:
+    """Open each FIFO for writing, waking any reader still blocked in open(), so that the pool can end."""
+    import os
+
+    for fifo in fifos:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+    pool.shutdown(wait=True)
 
 
 def test_a_fifo_or_device_where_a_run_log_chunk_or_model_file_belongs_is_refused_without_blocking(
@@ -297,10 +305,4 @@ def test_a_fifo_or_device_where_a_run_log_chunk_or_model_file_belongs_is_refused
         assert pool.submit(chunks.discard_damaged, chunk).result(timeout=30)
         assert not chunks.path(chunk.sha256).exists()
     finally:
-        for fifo in fifos:
-            try:  # wake any reader still blocked in open(), so that the pool can end
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        pool.shutdown(wait=True)
+        _wake_readers_and_end(pool, fifos)
