@@ -406,6 +406,7 @@ def test_a_rollout_another_coordinator_drives_is_shown_as_driven_elsewhere_not_o
     orphaned (nor offer to abort what it cannot take over); it names who drives it."""
     from lockstep.store.lease import Lease
     from lockstep.sync.protocol import Committed, Pending, Phase, Split, SyncState
+    from lockstep.sync.rollout import RolloutControl, RolloutPlan
     from lockstep.sync.shared_files import write_sync_state
 
     shared = tmp_path / "shared"
@@ -421,6 +422,16 @@ def test_a_rollout_another_coordinator_drives_is_shown_as_driven_elsewhere_not_o
             view = client.get("/rollout").json()
             assert view["phase"] == "elsewhere" and "cli@elsewhere" in view["reason"], view
             assert view["version"] == 2 and view["share"] == 50
+            # Once this trainer has run a rollout of its own (ended), the one driven elsewhere still shows.
+            ended = RolloutControl(RolloutPlan(shares=(100,)), rollout_id="r-0")
+            ended.phase = "promoted"
+            client.app.state.trainer.publisher.rollout = ended  # type: ignore[attr-defined]
+            assert client.get("/rollout").json()["phase"] == "elsewhere"
+            holder.release()
+            assert client.get("/rollout").json()["phase"] == "orphaned"  # its driver gone
+            write_sync_state(shared / "sync_state.json", SyncState(
+                generation=4, committed=Committed(version=2, model="versions/000002")))
+            assert client.get("/rollout").json()["id"] == "r-0"  # no other: this trainer's last
     finally:
         holder.release()
 

@@ -286,10 +286,11 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.get("/rollout", summary="The rollout in progress, or the last one: steps, shares, gates")
     async def rollout() -> dict[str, Any]:
         control = trainer.publisher.rollout
-        if control is not None:
+        if control is not None and not control.done:
             return control.view()
         state = await asyncio.to_thread(trainer.coordinator.read_state)
-        if state.pending is not None and state.pending.phase.value == "canary":  # nobody in this process drives it
+        if state.pending is not None and state.pending.phase.value == "canary" and (
+                control is None or state.pending.rollout != control.id):  # not driven from here
             view = {"id": state.pending.rollout, "version": state.pending.version, "model": state.pending.model,
                     "phase": "orphaned", "share": state.split.share if state.split else 0.0,
                     "step": state.split.step if state.split else -1,
@@ -299,6 +300,8 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
             except LeaseHeld as exc:  # alive elsewhere (a `lockstep publish --canary`): not ours to end
                 view.update(phase="elsewhere", reason=f"{exc}; stop it there (Ctrl-C rolls it back)")
             return view
+        if control is not None:  # this trainer's last one, ended
+            return control.view()
         raise NotFound("no rollout has run on this trainer; start one with POST /publish and canary or shadow")
 
     @app.post("/rollout/promote", status_code=202, summary="Promote the rollout now (a person's call wins)")
