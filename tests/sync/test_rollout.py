@@ -218,10 +218,13 @@ def test_a_candidate_whose_text_diverges_is_rolled_back_in_its_shadow_step_befor
         plan = make_plan([5, 25], shadow=50, step_seconds=0, min_requests=5, gate_specs={
             **CALM_GATES, "kl_divergence": {"threshold": 1.0, "min_samples": 5}})
         control = RolloutControl(plan)
-        result = over_http(replicas).rollout("builtin:tiny-s1", plan, control=control)  # an unrelated model
+        coordinator = over_http(replicas)
+        result = coordinator.rollout("builtin:tiny-s1", plan, control=control)  # an unrelated model
     finally:
         load.finish()
     assert result.outcome == "rolled back", result.summary()
+    # Its record names the decision that ended it (the abort after the rollback), not generation 0.
+    assert result.generation == coordinator.read_state().generation > 0
     assert control.automatic_rollback and "kl_divergence" in (result.reason or "")
     assert settle(replicas) == before
     assert all(status == 200 and version == before for _, _, status, version in load.answers)  # it served nobody

@@ -148,6 +148,7 @@ class Coordinator:
         if source.unchanged:
             repaired = self._recommit_if_refused()
             return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
+                                 generation=self.read_state().generation,
                                  reason="the committed version already has this content (same digest)"
                                  + ("; sync_state.json, which committed what the replicas refuse, commits it "
                                     "again" if repaired else ""))
@@ -198,6 +199,7 @@ class Coordinator:
             # Nothing to split traffic with: every replica already answers with this version (publish
             # versions/N to commit it again).
             return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED, started_at=started,
+                                 generation=self.read_state().generation,
                                  reason="the committed version already has this content (same digest)")
         control = control or RolloutControl(plan)
         with self.lease, self.drive_lock:
@@ -240,8 +242,9 @@ class Coordinator:
                 return None  # another coordinator took care of it
             source = source or self.prepare_source(model)
             if source.unchanged:
-                self.write_state(self._held(), pending=None)
-                return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED)
+                written = self.write_state(self._held(), pending=None)
+                return PublishResult(source.version, source.model, PublishOutcome.UNCHANGED,
+                                     generation=written.generation)
             result = self._two_phases(source, self.settings.commit_policy, self.settings.stage_timeout_s,
                                       self.clock.time(), None)
             retention.collect_quietly(self, f"after the publish of v{result.version}")

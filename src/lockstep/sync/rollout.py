@@ -485,6 +485,7 @@ class RolloutRun:
 
     def _finish(self, phase: str) -> PublishResult:
         self.control.phase = phase
+        self.result.generation = self.state.generation  # the last decision written: a commit, a rollback, an abort
         self.result.reason = self.result.reason or self.control.reason
         self.result.rollout = self.control.view()
         return self.co.record_result(self.result)
