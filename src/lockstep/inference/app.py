@@ -204,10 +204,11 @@ def create_app(settings: Settings, *, runtime: ReplicaRuntime | None = None) -> 
         return await asyncio.to_thread(rt.start_update, body.model_repo_id)
 
     @app.post("/admin/stage", status_code=202, summary="Stage a version beside the serving one (two-phase, HTTP)")
-    async def admin_stage(body: StageRequest, request: Request) -> dict[str, Any]:
+    async def admin_stage(body: StageRequest, request: Request, response: Response) -> dict[str, Any]:
         check_bearer(request, settings.api_token)
         rt = rt_of(request)
         if body.check_only:
+            response.status_code = 200  # answered now: nothing was accepted to run in the background
             return await asyncio.to_thread(rt.check_model, body.model)
         return await asyncio.to_thread(rt.start_stage, body.model, body.version, body.digest, body.rollout,
                                        body.peers)
