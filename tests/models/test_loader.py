@@ -81,6 +81,22 @@ def test_offline_miss_is_a_clear_not_found(tmp_path: Path, tiny_dirs: dict[int, 
     assert ref in message and "offline" in message and str(tmp_path / "hub") in message
 
 
+def test_a_hub_that_cannot_be_reached_is_not_called_offline_mode(tmp_path: Path, tiny_dirs: dict[int, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub raises the same error offline and when the Hub is unreachable: the message says which."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(**_: Any) -> str:
+        raise LocalEntryNotFoundError("cannot reach the Hub and nothing is cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    s = settings(hf_home=hub_cache(tmp_path, "org/tiny", tiny_dirs[1]), hf_hub_offline=False)
+    with pytest.raises(NotFound) as err:
+        loader.resolve("org/absent", s)
+    assert "could not be reached" in str(err.value) and "offline mode" not in str(err.value)
+
+
 def test_published_version_needs_a_store() -> None:
     with pytest.raises(BadModelRef, match="no shared folder"):
         loader.resolve("versions/1", settings())

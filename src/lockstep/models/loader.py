@@ -263,9 +263,12 @@ def _download_repo(ref: ModelRef, settings: Settings) -> tuple[Path, str]:
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise NotFound(f"model {ref.raw!r} was not found on the Hugging Face Hub: {exc}") from exc
         except LocalEntryNotFoundError as exc:
+            # huggingface_hub raises it offline, and also when the Hub cannot be reached at all.
+            why = ("offline mode is on (HF_HUB_OFFLINE=1)" if settings.hf_hub_offline
+                   else "the Hugging Face Hub could not be reached")
             raise NotFound(
-                f"model {ref.raw!r} is not in the cache {hub_cache} and offline mode is on (HF_HUB_OFFLINE=1); "
-                "download it once with network access or point INITIAL_MODEL_REPO_ID at a cached model"
+                f"model {ref.raw!r} is not in the cache {hub_cache} and {why}; download it once with network "
+                "access or point INITIAL_MODEL_REPO_ID at a cached model"
             ) from exc
         except Exception as exc:  # network errors, permission errors...
             raise LoadError(f"could not download {ref.raw!r} into {hub_cache}: {exc}") from exc
