@@ -53,3 +53,15 @@ def test_a_publish_timeout_of_no_positive_seconds_is_refused(timeout: str, capsy
         cli.main(["publish", "builtin:tiny-s1", "--shared", "/tmp", "--timeout", timeout])
     assert exited.value.code == 2
     assert "--timeout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("phase", "shown"), [("commit", False), ("abort", False), ("prepare", True),
+                                               ("canary", True)])
+def test_status_through_the_trainer_shows_only_what_is_under_way(phase: str, shown: bool,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The ledger keeps its last decision as the pending record: a finished publish is not 'pending'."""
+    cli._print_cluster({"committed": {"version": 3, "model": "versions/000003"}, "generation": 7,
+                        "pending": {"version": 3, "model": "versions/000003", "phase": phase},
+                        "convergence": {"at_version": 2, "total": 2}, "replicas": []})
+    out = capsys.readouterr().out
+    assert ("in progress: v3" in out) is shown and "pending" not in out

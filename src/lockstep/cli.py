@@ -22,6 +22,7 @@ from lockstep.core.heap import freeze_long_lived
 from lockstep.core.settings import CommitPolicy, EngineKind, Settings, load_settings
 
 log = logging.getLogger("lockstep")
+IN_PROGRESS = ("prepare", "canary")  # pending phases under way; a commit or an abort is a decision already made
 
 
 def _setup_logging(level: str, name: str) -> None:
@@ -326,7 +327,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"committed: {'v' + str(committed.version) + ' (' + committed.model + ')' if committed else 'none'}"
                   f"   generation {state.generation}"
                   + (f"   in progress: v{state.pending.version} {state.pending.phase.value}"
-                     if state.pending and state.pending.phase.value in ("prepare", "canary") else ""))
+                     if state.pending and state.pending.phase.value in IN_PROGRESS else ""))
     table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
     now = time.time()
     for b in read_heartbeats(coordinator.data_dir):
@@ -368,8 +369,10 @@ def _print_cluster(cluster: dict[str, Any]) -> None:
     committed, pending = cluster.get("committed"), cluster.get("pending")
     conv = cluster.get("convergence") or {}
     head = f"v{committed['version']} ({committed['model']})" if committed else "none"
+    # The ledger keeps the last decision (a commit, an abort) as its pending record: only these are under way.
+    busy = pending if pending and pending.get("phase") in IN_PROGRESS else None
     console.print(f"committed: {head}   generation {cluster.get('generation', 0)}"
-                  + (f"   pending v{pending['version']} {pending['phase']}" if pending else "")
+                  + (f"   in progress: v{busy['version']} {busy['phase']}" if busy else "")
                   + f"   {conv.get('at_version', 0)}/{conv.get('total', 0)} replicas at the committed version",
                   soft_wrap=True)
     table = Table("replica", "state", "serving", "staged", "ready", "last heartbeat", "last error")
