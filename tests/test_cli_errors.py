@@ -65,3 +65,39 @@ def test_status_through_the_trainer_shows_only_what_is_under_way(phase: str, sho
                         "convergence": {"at_version": 2, "total": 2}, "replicas": []})
     out = capsys.readouterr().out
     assert ("in progress: v3" in out) is shown and "pending" not in out
+
+
+@pytest.mark.parametrize(("status", "says"), [
+    ({"coordinator_url": "http://trainer:8080"}, "follows the trainer at http://trainer:8080, which would undo"),
+    ({"shared_dir": "/shared"}, "follows the shared folder /shared, which would undo"),
+])
+def test_a_publish_over_the_heads_of_replicas_that_follow_a_coordinator_is_refused(
+        status: dict[str, str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, `publish --urls` gave such a fleet a version number the trainer had used for another model,
+    reported success, and the trainer's catch-up undid it a second later."""
+    import http.server
+    import json
+    import threading
+
+    class Replica(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's name)
+            body = json.dumps({"replica_id": "r", "state": "serving", "ready": True, **status}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replica)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert cli.main(["publish", "builtin:tiny-s1", "--urls", url]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

@@ -125,7 +125,9 @@ def _coordinator(args: argparse.Namespace, *, reads_state: bool = False) -> Any:
                          "or a shared folder (--shared DIR, or LOCKSTEP_SHARED_DIR); replicas driven over HTTP keep "
                          "none of it")
     if urls or (settings.shared_dir is None and settings.inference_url_list):
-        fleet = HttpFleet(settings, lambda: urls or settings.inference_url_list, clock=SYSTEM_CLOCK)
+        urls = urls or settings.inference_url_list
+        _refuse_led_replicas(urls)
+        fleet = HttpFleet(settings, lambda: urls, clock=SYSTEM_CLOCK)
         return Coordinator.over_http(settings, fleet, clock=SYSTEM_CLOCK, owner=owner, data_dir=None)
     if settings.shared_dir is None:
         urls_too = ", or the replicas' URLs (--urls, or INFERENCE_URLS)" if hasattr(args, "urls") else ""
@@ -135,6 +137,26 @@ def _coordinator(args: argparse.Namespace, *, reads_state: bool = False) -> Any:
         raise BadRequest(f"the shared folder {settings.shared_dir} does not exist: check --shared or "
                          "LOCKSTEP_SHARED_DIR")
     return Coordinator(settings, clock=SYSTEM_CLOCK, owner=owner)
+
+
+def _refuse_led_replicas(urls: list[str]) -> None:
+    """Replicas that follow a trainer (LOCKSTEP_COORDINATOR_URL) or a shared folder take their versions from it,
+    which numbers them: a publish made over their heads would reuse a number and be undone at the next catch-up."""
+    import httpx
+
+    for url in urls:
+        try:
+            status = httpx.get(f"{url.rstrip('/')}/status", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            continue  # unreachable here: the publish itself reports it
+        if not isinstance(status, dict):
+            continue
+        if status.get("coordinator_url"):
+            raise BadRequest(f"the replica at {url} follows the trainer at {status['coordinator_url']}, which would "
+                             f"undo this at its next catch-up; go through it: --trainer {status['coordinator_url']}")
+        if status.get("shared_dir"):
+            raise BadRequest(f"the replica at {url} follows the shared folder {status['shared_dir']}, which would "
+                             f"undo this at its next catch-up; go through it: --shared {status['shared_dir']}")
 
 
 def _print_result(result: Any) -> None:

@@ -338,4 +338,5 @@ class ReplicaRuntime:
                              splits=list(self.replica.splits),
                              engine=self.replica.engine_kind.value,
                              uptime_s=round(self.clock.time() - self.started_at, 3),
-                             shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None)
+                             shared_dir=str(self.settings.shared_dir) if self.settings.shared_dir else None,
+                             coordinator_url=self.settings.coordinator_url)

@@ -263,6 +263,7 @@ class ReplicaStatus(Heartbeat):
     engine: str | None = None
     uptime_s: Seconds | None = None
     shared_dir: str | None = None
+    coordinator_url: str | None = None  # the trainer it follows over HTTP (LOCKSTEP_COORDINATOR_URL)
 
     @model_validator(mode="before")
     @classmethod
