@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,32 @@ def test_a_replica_killed_as_it_flips_does_not_stop_the_others(
     assert back.status()["serving_version"] == result.version
     s.serve(back)
     s.finish()
+
+
+def test_a_command_line_rollout_stopped_by_sigterm_is_rolled_back_as_on_ctrl_c(
+        scenario: UpdateScenario, cluster: LocalCluster, tiny_dirs: dict[int, Path]) -> None:
+    """Before, only Ctrl-C rolled it back: a closed terminal, a dropped `kubectl exec` or a stopped pod left the
+    candidate's share in force, orphaned, until someone aborted it by hand."""
+    s = scenario
+    if s.committed_version() == 0:  # run alone: a version to go back to
+        assert s.publish(str(tiny_dirs[1])).outcome == "committed"
+        cluster.wait_all_serving(s.committed_version())
+    s.close()  # no load: a step then holds until it is told otherwise
+    before = s.state()
+    committed = s.committed_version()
+    rollout = s.start_cli("rollout-terminated", "publish", str(tiny_dirs[(committed + 1) % 3]), "--canary", "50",
+                          "--step-seconds", "600", "--min-requests", "1000000", "--gate", "latency_p99=off",
+                          "--gate", "kl_divergence=off", "--gate", "token_agreement=off")
+    s.wait_state(lambda state: state.get("split") is not None and state["split"]["share"] == 50
+                 and state["generation"] > before["generation"], "the candidate's step", timeout=120)
+    rollout.send_signal(signal.SIGTERM)
+    assert rollout.wait(timeout=120) != 0
+    ended = s.state()
+    assert ended["committed"] == before["committed"] and ended.get("split") is None
+    assert ended["pending"]["phase"] == "abort" and "was stopped" in ended["pending"]["reason"]
+    newest = sorted((cluster.shared / "history").glob("*.json"))[-1]
+    assert json.loads(newest.read_text())["outcome"] == "rolled back"
+    cluster.wait_all_serving(committed)
 
 
 def test_a_coordinator_killed_after_prepare_is_completed_by_the_next_one_with_a_third_replica_that_joined(

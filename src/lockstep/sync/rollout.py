@@ -266,10 +266,12 @@ class RolloutRun:
                 if outcome is not None:
                     return outcome
             return self._promote()
-        except BaseException:
+        except BaseException as exc:
             if self.pending is not None and self.pending.phase is Phase.CANARY and not self.control.done:
                 log.error("rollout %s of v%d failed; rolling back", self.control.id, self.source.version)
-                self._rollback("the rollout failed in the coordinator; rolled back", automatic=False)
+                self._rollback("the command driving the rollout was stopped; rolled back"
+                               if isinstance(exc, KeyboardInterrupt) else
+                               "the rollout failed in the coordinator; rolled back", automatic=False)
             raise
 
     # ------------------------------------------------------------------ phases
