@@ -22,6 +22,7 @@ from lockstep.sync import agent, protocol, shared_files
 from lockstep.sync.agent import CATCH_UP_RETRY_S as CATCH_UP_RETRY_S
 from lockstep.sync.agent import COMMIT_POLL_WINDOW_S as COMMIT_POLL_WINDOW_S
 from lockstep.sync.agent import Rules, Transport
+from lockstep.sync.ledger import with_lease_wait
 from lockstep.sync.protocol import Committed, LegacyRequest, StageState, SyncState
 from lockstep.sync.replica_agent import Driven, ReplicaAgent
 
@@ -291,10 +292,12 @@ class SyncWatcher:
 
         def run() -> None:
             try:
+                # Another replica's /update-model may take the lease first (both passed check_free): this one
+                # then waits for it, as the trainer's publishes do, instead of failing where only the log says so.
                 if legacy:
-                    result = coordinator.publish_legacy(model)
+                    result = with_lease_wait(lambda: coordinator.publish_legacy(model), self.clock)
                 else:
-                    result = coordinator.publish(model)
+                    result = with_lease_wait(lambda: coordinator.publish(model), self.clock)
                 if result is not None:
                     log.info("publish of %s from %s: %s", model, origin, result.summary())
             except Exception as exc:
