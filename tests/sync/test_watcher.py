@@ -345,3 +345,36 @@ def test_a_replica_keeps_the_copy_of_the_version_it_serves_whatever_else_its_cac
         assert (tmp_path / "versions" / "000001").is_dir()
     finally:
         replica.close()
+
+
+def test_an_update_model_that_finds_the_lease_taken_after_its_check_waits_for_it(
+        tmp_path: Path, builtin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two /update-model calls sent at once to two replicas both pass the lease check; before, the one that
+    lost the race failed in the background, after its 202, where only its log said so."""
+    from lockstep.core.clock import SYSTEM_CLOCK
+    from lockstep.store.lease import Lease
+    from lockstep.sync import retention
+    from lockstep.sync.coordinator import Coordinator
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    settings = Settings(shared_dir=shared, builtin_dir=builtin_dir, sync_state_file=None, hf_home=None,
+                        hf_hub_offline=True, poll_interval_s=0.05, device="cpu", dtype="float32")
+    store = ModelStore(shared)
+    replica = Replica(settings, store=store, clock=SYSTEM_CLOCK)
+    watcher = SyncWatcher(replica, settings, store=store, clock=SYSTEM_CLOCK, replica_id="replica-1", url=None)
+    try:
+        # The other replica's publish took the lease between this one's check (passed) and its own take of it.
+        other = Lease(shared / "locks", owner="replica-2", ttl_s=600)
+        other.acquire()
+        monkeypatch.setattr(Coordinator, "check_free", lambda self: None)
+        accepted = watcher.start_publish("builtin:tiny-s1", origin="test")
+        assert accepted["status"] == "accepted"
+        threading.Timer(1.0, other.release).start()  # the other publish ends
+        assert watcher._publish_thread is not None
+        watcher._publish_thread.join(timeout=120)
+        published = [m.version for m in store.list()]
+        outcomes = retention.read_outcomes(shared / "history", published, None)
+        assert list(outcomes.by_version.values()) == ["committed"], (published, outcomes)
+    finally:
+        replica.close()
