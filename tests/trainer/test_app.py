@@ -40,6 +40,38 @@ def test_probes_and_metrics(api: TestClient) -> None:
     assert 'lockstep_publish_total{outcome="committed"} 0.0' in text
 
 
+def test_the_publish_counters_count_publishes_the_trainer_did_not_run(api: TestClient, tmp_path: Path,
+                                                                      builtin_dir: Path) -> None:
+    """Before, only the trainer's own jobs were counted: an abort by `lockstep publish` in its pod (the way
+    operations.md publishes) or a rollout a gate rolled back never reached the alerts that read these."""
+    import json
+
+    from lockstep.core.clock import SYSTEM_CLOCK
+    from lockstep.sync.coordinator import Coordinator
+
+    def value(text: str, line: str) -> float:
+        return float(next(x for x in text.splitlines() if x.startswith(line)).rsplit(" ", 1)[1])
+
+    before = api.get("/metrics").text
+    elsewhere = Coordinator(load_settings(shared_dir=tmp_path / "shared", builtin_dir=builtin_dir,
+                                          discovery="static"), clock=SYSTEM_CLOCK, owner="cli@pod")
+    assert elsewhere.publish("builtin:tiny-s1").outcome == "committed"  # no replicas: committed at once
+    history = tmp_path / "shared" / "history"
+    # A gate's rollback, as its coordinator records it; and a decision kept before its end (not counted yet).
+    rolled_back = {"version": 9, "outcome": "rolled back", "total_s": 31.5,
+                   "rollout": {"phase": "rolled back", "automatic_rollback": True, "human": None}}
+    (history / f"{int(time.time() * 1000):015d}-v9.json").write_text(json.dumps(rolled_back))
+    (history / f"{int(time.time() * 1000) + 1:015d}-v10.json").write_text(
+        json.dumps({"version": 10, "outcome": "committed", "total_s": 0.0}))
+    after = api.get("/metrics").text
+    assert value(after, 'lockstep_publish_total{outcome="committed"}') == \
+        value(before, 'lockstep_publish_total{outcome="committed"}') + 1
+    assert value(after, 'lockstep_publish_total{outcome="rolled back"}') == 1
+    assert value(after, 'lockstep_rollouts_total{outcome="rolled back",trigger="gates"}') == 1
+    assert value(api.get("/metrics").text, 'lockstep_publish_total{outcome="committed"}') == \
+        value(after, 'lockstep_publish_total{outcome="committed"}')  # each once
+
+
 def test_mutating_endpoints_need_the_token(api: TestClient) -> None:
     for path, body in (("/runs", {"kind": "simulation"}), ("/publish", {"model": "builtin:tiny"}),
                        ("/rollback", {}), ("/runs/some-run/stop", None), ("/runs/some-run/resume", None)):

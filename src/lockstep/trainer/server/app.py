@@ -41,7 +41,7 @@ from lockstep.trainer.runs.manager import RunManager
 from lockstep.trainer.runs.store import RunStore
 from lockstep.trainer.runs.tasks import get_task
 from lockstep.trainer.server.events import STREAM_S, EventBus
-from lockstep.trainer.server.metrics import TrainerMetrics
+from lockstep.trainer.server.metrics import HistoryCounts, TrainerMetrics
 from lockstep.trainer.server.monitor import CatchUpLoop, Monitor
 from lockstep.trainer.server.publish_jobs import PublishBusy, Publisher, check_ref
 from lockstep.trainer.server.schemas import (
@@ -73,6 +73,7 @@ class Trainer:
     monitor: Monitor
     runs: RunManager
     uploads: UploadStore
+    history_counts: HistoryCounts
     catch_up: CatchUpLoop | None = None
     ready: bool = False
 
@@ -99,7 +100,8 @@ class Trainer:
                           publisher=publisher, cluster=cluster, events=events, metrics=metrics, clock=clock)
         uploads = UploadStore(coordinator.data_dir / "uploads", clock, max_bytes=settings.max_upload_bytes,
                               max_files=settings.max_upload_files, max_open=settings.max_open_uploads)
-        trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs, uploads)
+        trainer = cls(settings, coordinator, events, metrics, publisher, cluster, monitor, runs, uploads,
+                      HistoryCounts(coordinator.data_dir / "history", metrics))
         if coordinator.fleet.pushes:
             trainer.catch_up = CatchUpLoop(coordinator, trainer._caught_up)
         return trainer
@@ -232,6 +234,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         trainer.publisher.export_rollout()
+        await asyncio.to_thread(trainer.history_counts.update)
         return Response(generate_latest(trainer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ the cluster

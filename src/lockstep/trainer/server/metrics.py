@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lockstep.core.atomic import read_json
 from lockstep.sync.reports import PublishOutcome
 
 # Every outcome a publish can end with (a rollout that rolls back ends its publish too), then a publish that raised.
@@ -58,3 +64,65 @@ class TrainerMetrics:
             self.run_active.labels(kind=kind).set(0)
         for outcome in PUBLISH_OUTCOMES:
             self.publish_total.labels(outcome=outcome)
+
+
+class HistoryCounts:
+    """Every publish and rollout that ends in the history folder, whoever ran it (this trainer, ``lockstep
+    publish`` in its pod, a replica's ``/update-model``), counted into the trainer's counters once, at the scrape
+    after it ended: the alerts on them cover every way to publish, not only the trainer's own jobs. What ended
+    before the trainer started is not counted (a counter starts at 0 with its process)."""
+
+    SETTLED_S = 86_400.0  # a record started this long before the trainer is taken as ended without reading it
+
+    def __init__(self, folder: Path, metrics: TrainerMetrics) -> None:
+        self.folder = folder
+        self.metrics = metrics
+        self._counted: set[str] = set()
+        started_ms = (time.time() - self.SETTLED_S) * 1000
+        self._counted.update(n for n in self._names() if _started_ms(n) < started_ms)
+        self._scan(count=False)
+
+    def update(self) -> None:
+        """Count the records that ended since the last call (file reads: call it off the event loop)."""
+        self._scan(count=True)
+
+    def _names(self) -> list[str]:
+        try:
+            return [n for n in os.listdir(self.folder) if n.endswith(".json") and not n.startswith(".")]
+        except OSError:
+            return []
+
+    def _scan(self, *, count: bool) -> None:
+        for name in self._names():
+            if name in self._counted:
+                continue
+            try:
+                record = read_json(self.folder / name)
+            except (OSError, ValueError):
+                continue  # being written, or torn by a crash
+            # A decision is kept as soon as it is written, then rewritten with its duration when it ends.
+            if not isinstance(record, dict) or not record.get("total_s"):
+                continue
+            self._counted.add(name)
+            if count:
+                self._count(record)
+
+    def _count(self, record: dict[str, Any]) -> None:
+        m, outcome, seconds = self.metrics, record.get("outcome"), record.get("total_s")
+        if outcome in PUBLISH_OUTCOMES:
+            m.publish_total.labels(outcome=outcome).inc()
+            if isinstance(seconds, (int, float)) and outcome != PublishOutcome.UNCHANGED.value:
+                m.publish_duration.observe(float(seconds))
+        rollout = record.get("rollout")
+        if isinstance(rollout, dict) and rollout.get("phase") in ROLLOUT_ENDINGS:
+            trigger = "gates" if rollout.get("automatic_rollback") else "person" if rollout.get("human") else "none"
+            m.rollout_total.labels(outcome=rollout["phase"], trigger=trigger).inc()
+
+
+ROLLOUT_ENDINGS = ("promoted", "rolled back", "aborted")  # a rollout of unchanged content never started
+
+
+def _started_ms(name: str) -> float:
+    """``<started_at in ms>-v<N>.json``: when the publish started; infinity for a name of another shape."""
+    head = name.split("-", 1)[0]
+    return float(head) if head.isdigit() else float("inf")

@@ -257,10 +257,7 @@ class Publisher:
                 raise
             if not control.done:  # nothing to roll out: the committed version already has this content
                 control.phase, control.reason = "unchanged", result.reason
-                return result
-            trigger = ("gates" if control.automatic_rollback else "person" if control.human else "none")
-            self.metrics.rollout_total.labels(outcome=control.phase, trigger=trigger).inc()
-            return result
+            return result  # counted in lockstep_rollouts_total from its history record (metrics.HistoryCounts)
 
         return work
 
@@ -306,9 +303,8 @@ class Publisher:
                 self._free(job)
         job.status, job.result, job.finished_at = "done", result.as_dict(), self.clock.time()
         job.phase = result.outcome
-        self.metrics.publish_total.labels(outcome=result.outcome).inc()
-        if result.outcome != "unchanged":
-            self.metrics.publish_duration.observe(result.total_s)
+        if result.outcome == "unchanged":  # no history record: nothing was decided. The rest are counted from
+            self.metrics.publish_total.labels(outcome=result.outcome).inc()  # theirs (metrics.HistoryCounts)
         self.events.publish("publish", job.as_dict())
         log.info("publish %s: %s", job.id, result.summary())
         return result
