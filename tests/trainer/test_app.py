@@ -461,8 +461,9 @@ def test_a_rollout_another_coordinator_drives_is_shown_as_driven_elsewhere_not_o
             assert client.get("/rollout").json()["phase"] == "elsewhere"
             holder.release()
             assert client.get("/rollout").json()["phase"] == "orphaned"  # its driver gone
-            write_sync_state(shared / "sync_state.json", SyncState(
-                generation=4, committed=Committed(version=2, model="versions/000002")))
+            ended_here = client.post("/rollout/abort").json()  # a person ends it from here
+            assert (ended_here["id"], ended_here["phase"], ended_here["step"]) == ("r-1", "rolled back", 1)
+            assert 'lockstep_rollouts_total{outcome="rolled back",trigger="person"} 1.0' in client.get("/metrics").text
             assert client.get("/rollout").json()["id"] == "r-0"  # no other: this trainer's last
     finally:
         holder.release()

@@ -229,6 +229,10 @@ class Coordinator:
             log.warning("rollout of v%d ended: %s", pending.version, reason)
             result = PublishResult(pending.version, pending.model, PublishOutcome.ROLLED_BACK, reason=reason,
                                    started_at=self.clock.time(), activate_at=activate_at, generation=state.generation)
+            # What is known of the rollout without its coordinator: enough for its readers and its counters.
+            result.rollout = {"id": pending.rollout, "version": pending.version, "model": pending.model,
+                              "phase": "rolled back", "step": step, "share": 0.0, "human": "abort",
+                              "automatic_rollback": False, "reason": reason}
             return self.record_result(result)
 
     def publish_legacy(self, model: str, *, source: Source | None = None) -> PublishResult | None:

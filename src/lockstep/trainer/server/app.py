@@ -326,7 +326,7 @@ def create_app(settings: Settings, *, clock: Clock = SYSTEM_CLOCK,
         result = await asyncio.to_thread(trainer.coordinator.end_rollout, "aborted by a person (POST /rollout/abort)")
         if result is None:
             raise NotFound("no rollout is in progress")
-        return {"phase": "rolled back", "version": result.version, "reason": result.reason}
+        return dict(result.rollout or {"phase": "rolled back", "version": result.version, "reason": result.reason})
 
     @app.post("/rollback", status_code=202, summary="Commit an earlier version again")
     async def rollback(body: RollbackRequest, request: Request) -> dict[str, Any]:
