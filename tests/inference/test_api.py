@@ -420,3 +420,24 @@ def test_update_model_with_a_shared_folder_refuses_a_model_that_is_not_there_at_
     assert "org/does-not-exist" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
     with pytest.raises(NotFound):
         runtime.start_update("versions/99")  # a version the shared store does not hold
+
+
+def test_an_engine_that_dies_makes_the_replica_unready_with_the_reason_and_answers_503(builtin_dir: Path) -> None:
+    """Before, a dead engine (vLLM's engine process killed) left the replica ready, and every request got a 400
+    'invalid_request_error' that no client retries, until the next publish."""
+    with served(replica_settings(builtin_dir)) as srv:
+        assert generate(srv.url, PROMPTS[0]).status_code == 200
+        slot = srv.runtime.replica.serving
+        assert slot is not None
+
+        def dies() -> bool:
+            raise RuntimeError("the engine's process is gone")
+
+        slot.engine._step = dies  # type: ignore[method-assign]  # its loop's next step fails for good
+        answer = generate(srv.url, PROMPTS[1])  # the request in flight when it died
+        assert answer.status_code == 503 and "engine failed" in answer.json()["error"]["message"], answer.text
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        status = srv.status()
+        assert not status["ready"] and "the engine serving v0 failed" in status["last_error"], status
+        assert generate(srv.url, PROMPTS[2]).status_code == 503  # not admitted to a dead engine
+        assert metric_value(metric_samples(httpx.get(srv.url + "/metrics").text), "lockstep_ready") == 0

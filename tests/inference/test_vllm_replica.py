@@ -251,3 +251,28 @@ def test_a_failed_vllm_load_is_reported_and_the_old_version_keeps_serving(
     assert _generate(replica, PROMPTS[0]).json()["model_version"] == serving
     assert not wait_gone(list(set(vllm_processes(replica.process.pid)) - set(engines)), 60), \
         "a failed start left engine processes behind"
+
+
+def test_vllms_own_metrics_follow_the_serving_engine_while_another_is_staged_and_after_it_is_dropped(
+        replica: Proc, tiny_dirs: dict[int, Path]) -> None:
+    """vLLM registers each engine's vllm:* series in the process-wide registry, where a staged engine replaced
+    the serving one's: before, they counted the staged engine from its stage on, and froze for good once it was
+    dropped."""
+    serving = replica.status()["serving_version"]
+
+    def tokens() -> float:
+        return metric_value(metric_samples(replica.get("/metrics").text), "vllm:generation_tokens_total")
+
+    staged = stage(replica, str(tiny_dirs[1]), serving + 1, AUTH)
+    assert staged["state"] == "staged", staged
+    for dropped in (False, True):
+        if dropped:
+            assert replica.post("/admin/abort", json={"version": serving + 1}, headers=AUTH).status_code == 200
+            wait_for(lambda: not replica.status()["staged"], 60, 0.1, "the staged engine dropped")
+        before = tokens()
+        answer = _generate(replica, PROMPTS[0]).json()
+        assert answer["model_version"] == serving
+        expected = before + answer["completion_tokens"]
+        wait_for(lambda: tokens() >= expected,  # noqa: B023 (used at once, in this iteration)
+                 30, 0.1, f"the serving engine's tokens in vllm:generation_tokens_total "
+                 f"({'after' if dropped else 'while'} another engine is staged)")

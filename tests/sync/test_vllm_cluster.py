@@ -110,3 +110,30 @@ def test_a_vllm_replica_killed_while_it_stages_leaves_no_engine_and_comes_back_a
     assert back.status()["serving_version"] == result.version
     s.serve(back)
     s.finish()
+
+
+def test_a_vllm_replica_whose_engine_process_dies_goes_unready_with_the_reason_and_loads_it_again(
+        scenario: UpdateScenario, cluster: LocalCluster) -> None:
+    """Before, a killed EngineCore left the replica ready: every request got a 400 that no client retries, and
+    nothing recovered until the next publish."""
+    import signal
+
+    import httpx
+    import psutil
+
+    scenario.close()  # its load would count this replica's refusals while it reloads as failures
+    victim = _live(cluster)[0]
+    committed = victim.status()["serving_version"]
+    core = next(pid for pid in vllm_processes(victim.process.pid) if "EngineCore" in psutil.Process(pid).name())
+    psutil.Process(core).send_signal(signal.SIGKILL)
+    body = {"model": "lockstep", "prompt": "hi", "max_tokens": 3}
+
+    def refused_as_unavailable() -> bool:
+        return httpx.post(victim.url + "/v1/completions", json=body, timeout=30).status_code == 503
+    wait_for(refused_as_unavailable, 60, 0.1, f"{victim.name} to refuse requests with 503")
+    status = victim.status()
+    assert not status["ready"] and "failed" in (status["last_error"] or ""), status
+    # Caught up: the committed version loaded afresh, ready and answering again.
+    wait_for(lambda: victim.ready() and victim.status()["serving_version"] == committed, ENGINE_START_S, 0.5,
+             f"{victim.name} to load v{committed} again")
+    assert httpx.post(victim.url + "/v1/completions", json=body, timeout=60).status_code == 200

@@ -143,6 +143,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._paused = False
         self._stopping = False
+        self.failure: str | None = None  # why this engine can serve no more (its loop crashed), once it cannot
         self._abort = False
         self._closed = False
         self._stop_cancelled = 0  # requests cancelled because the engine stopped without finishing them
@@ -330,7 +331,8 @@ class Engine:
             self.last_error = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 self._stopping = True
-            self._cancel_all(FinishReason.ERROR, f"engine failed: {self.last_error}")
+            self.failure = f"the engine loop crashed: {self.last_error}"
+            self._cancel_all(FinishReason.ERROR, f"engine failed: {self.last_error}", engine_failed=True)
 
     def _has_work(self) -> bool:
         s = self._scheduler
@@ -584,7 +586,8 @@ class Engine:
                 self._record_finish(seq)
             self._cond.notify_all()
 
-    def _cancel_all(self, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None) -> None:
+    def _cancel_all(self, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None, *,
+                    engine_failed: bool = False) -> None:
         """End every queued and running request (stop without drain, or a crashed loop)."""
         with self._cond:
             s = self._scheduler
@@ -593,7 +596,7 @@ class Engine:
             s.running.clear()
             s.prefilling = None
             for seq in victims:
-                seq.finish(reason, error)
+                seq.finish(reason, error, engine_failed=engine_failed)
                 self._record_finish(seq)
             self._stop_cancelled += len(victims)
             self._cond.notify_all()

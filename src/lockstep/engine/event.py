@@ -40,6 +40,7 @@ class FinalEvent:
     latency_s: float  # submit → final (seconds)
     error: str | None = None  # set when finish_reason is "error"
     logprobs: tuple[float, ...] | None = None  # one per token of ``token_ids``, when the request asked
+    engine_failed: bool = False  # the error is the engine's (it died), not this request's
 
 
 Event = TokenEvent | FinalEvent

@@ -93,7 +93,7 @@ class Sequence:
             return True
         return False
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None, *, engine_failed: bool = False) -> None:
         """End the request once and deliver its final event."""
         if self.status is SequenceStatus.FINISHED:
             return
@@ -112,5 +112,6 @@ class Sequence:
                 latency_s=now - self.submitted_at,
                 error=error,
                 logprobs=None if self.output_logprobs is None else tuple(self.output_logprobs),
+                engine_failed=engine_failed,
             )
         )

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lockstep.core.errors import BadRequest, Overloaded
+from lockstep.core.errors import BadRequest, NotReady, Overloaded
 from lockstep.engine import FinalEvent, RequestHandle, SamplingParams, TokenEvent
 from lockstep.engine.event import NONFINITE_LOGITS
 from lockstep.engine.sampling_params import MAX_SEED
@@ -204,8 +204,12 @@ async def final_events(replica: Replica, admitted: list[Admitted], rate: TokenRa
 
 
 def raise_failed(finals: list[FinalEvent]) -> None:
-    """A 400 with the reason when any answer failed inside the engine (a request answers whole or not at all)."""
+    """A 400 with the reason when any answer failed inside the engine because of the request (a request answers
+    whole or not at all); a 503 when the engine itself died under it (the replica goes unready and reloads)."""
     failed = next((f for f in finals if f.finish_reason.value == "error"), None)
+    if failed is not None and failed.engine_failed:
+        raise NotReady(f"the replica's engine failed while generating ({failed.error}); it goes unready and "
+                       "reloads its model: retry, another replica answers meanwhile")
     if failed is not None:
         raise BadRequest(f"generation failed: {failed.error}")
 

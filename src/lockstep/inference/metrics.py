@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -78,16 +79,21 @@ class ReplicaMetrics:
 
 
 class VllmMetrics:
-    """vLLM's own metric families (``vllm:*``), which it keeps in the process-wide registry, for a replica's /metrics.
+    """vLLM's own metric families (``vllm:*``) of the engine that serves, for a replica's /metrics.
 
     vLLM labels them with ``model_name`` (LOCKSTEP_SERVED_MODEL_NAME); the version they belong to is
-    ``lockstep_serving_version`` beside them. A new engine (swap mode) replaces the old one's series.
+    ``lockstep_serving_version`` beside them. vLLM registers each engine's in the process-wide registry, where
+    a staged version's engine replaces the serving one's (and an aborted one's would stay, frozen): so they are
+    read from the serving engine itself (``VllmEngine.prometheus_collectors``).
     """
 
+    def __init__(self, serving: Callable[[], Any]) -> None:
+        self._serving = serving  # the replica's serving slot, or None
+
     def collect(self) -> Iterator[Metric]:
-        for family in REGISTRY.collect():
-            if family.name.startswith("vllm:"):
-                yield family
+        engine = getattr(self._serving(), "engine", None)
+        for collector in getattr(engine, "prometheus_collectors", ()):
+            yield from collector.collect()
 
     def describe(self) -> list[Metric]:
         return []  # nothing to reserve: vLLM's names cannot clash with lockstep_*

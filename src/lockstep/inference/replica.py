@@ -126,7 +126,7 @@ class Replica:
         self.engine_kind = EngineKind.BUILTIN if engine_factory is not None else engines.pick_engine(settings)
         if self.engine_kind is EngineKind.VLLM:
             engines.check_vllm_options(settings)  # an option vLLM lacks stops the replica now, not at each load
-            self.metrics.registry.register(VllmMetrics())
+            self.metrics.registry.register(VllmMetrics(lambda: self.serving))
         self._lock = threading.RLock()  # guards the fields below
         self._load_lock = threading.Lock()  # one model load at a time: boot, stage and catch-up are one operation
         self._admission = threading.Event()  # cleared during an in-place copy
@@ -170,6 +170,7 @@ class Replica:
     @property
     def ready(self) -> bool:
         """Serving the committed version (or, without a cluster, serving anything), and admitting requests."""
+        self.notice_engine_failure()
         with self._lock:
             if self.serving is None or self.state in (ReplicaState.STARTING, ReplicaState.FAILED):
                 return False
@@ -180,6 +181,21 @@ class Replica:
             if self.split_missing:  # the fleet answers a share with the candidate, and this replica cannot
                 return False
             return self.committed_version is None or self.serving.version == self.committed_version
+
+    def notice_engine_failure(self) -> None:
+        """A serving engine that died (its loop crashed; vLLM's engine process was killed) answers nothing again:
+        the replica drops it and goes unready with the reason, and the committed version is loaded afresh
+        (catch-up), as after an in-place copy that failed part-way. Checked wherever readiness is read."""
+        with self._lock:
+            slot = self.serving
+            failure = getattr(slot.engine, "failure", None) if slot is not None else None
+            if slot is None or failure is None:
+                return
+            message = f"the engine serving v{slot.version} failed: {failure}; unready until it is loaded again"
+            self.serving, self.last_error, self.state = None, message, ReplicaState.FAILED
+        log.error("%s", message)
+        self.metrics.ready.set(0)
+        threading.Thread(target=self._retire, args=(slot,), name=f"retire-v{slot.version}", daemon=True).start()
 
     def admission_open(self) -> bool:
         return self._admission.is_set()

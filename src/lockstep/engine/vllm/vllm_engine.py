@@ -57,6 +57,22 @@ def chosen_logprobs(tokens: tuple[int, ...], entries: Any) -> tuple[float, ...]:
                  for i, t in enumerate(tokens))
 
 
+def _vllm_collectors() -> list[Any]:
+    """The ``vllm:*`` collectors in the process-wide Prometheus registry (right after an engine is created: its
+    own, as each new engine unregisters the previous one's there and registers its own)."""
+    from prometheus_client import REGISTRY
+
+    by_collector = getattr(REGISTRY, "_collector_to_names", {})  # prometheus_client lists them no other way
+    return [c for c, names in list(by_collector.items()) if any(n.startswith("vllm:") for n in names)]
+
+
+def _is_dead(exc: BaseException) -> bool:
+    """vLLM's EngineDeadError: its engine core process is gone (killed, crashed), so every request fails."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError)
+
+
 @dataclass(frozen=True)
 class VllmFinalEvent(FinalEvent):
     """A final event plus vLLM's record of which weight version sampled which output tokens."""
@@ -155,6 +171,10 @@ class VllmEngine:
         self._finished: Counter[str] = Counter()
         self._latency_ewma_s: float | None = None
         self._stopping = False
+        self.failure: str | None = None  # why this engine can serve no more (vLLM's process died), once it cannot
+        # Its vllm:* metric collectors. vLLM keeps them in the process-wide registry, where the next engine
+        # created (a staged version's) replaces them: the replica's /metrics reads the serving engine's here.
+        self.prometheus_collectors: list[Any] = []
         self._closed = False
         self._idle = threading.Condition(self._lock)
         self._child_pids: list[int] = []
@@ -192,6 +212,7 @@ class VllmEngine:
             try:
                 with tail:
                     self._llm = AsyncLLM.from_engine_args(args)
+                self.prometheus_collectors = _vllm_collectors()  # this engine's: it registered them just now
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -344,12 +365,16 @@ class VllmEngine:
         except Exception as exc:  # EngineDeadError, EngineGenerateError, a rejected request
             reason, error = FinishReason.ERROR, f"{type(exc).__name__}: {exc}"
             self.last_error = error
+            if _is_dead(exc):  # vLLM's engine process is gone: no request will be served again
+                with self._lock:
+                    self.failure, self._stopping = f"vLLM's engine process died ({error})", True
         finally:
-            self._settle(rid, req, reason, error=error, texts=texts, tokens=tokens, spans=spans, logprobs=logprobs)
+            self._settle(rid, req, reason, error=error, texts=texts, tokens=tokens, spans=spans, logprobs=logprobs,
+                         engine_failed=self.failure is not None and reason is FinishReason.ERROR)
 
     def _settle(self, rid: int, req: _Request, reason: FinishReason, *, error: str | None = None,
                 texts: Sequence[str] = (), tokens: Sequence[int] = (), spans: tuple[tuple[str, int, int], ...] = (),
-                logprobs: Sequence[float] | None = None) -> None:
+                logprobs: Sequence[float] | None = None, engine_failed: bool = False) -> None:
         """End request ``rid``: out of the books, its final event sent; once only (later calls do nothing)."""
         now = time.monotonic()
         with self._lock:
@@ -368,7 +393,7 @@ class VllmEngine:
             completion_tokens=len(tokens),
             ttft_s=None if req.first_token_at is None else req.first_token_at - req.submitted_at,
             latency_s=now - req.submitted_at, error=error, weight_versions=spans,
-            logprobs=None if logprobs is None else tuple(logprobs)))
+            logprobs=None if logprobs is None else tuple(logprobs), engine_failed=engine_failed))
 
     def canary(self, prompt_ids: list[int], tokens: int = 4) -> None:
         """A short greedy generation through vLLM: it must run and every sampled token's logprob be finite."""
