@@ -29,8 +29,6 @@ MAX_HEADERS = 128
 LINGER_S = 2.0  # after a 431, how long the rest of the client's request is read and dropped before the close
 
 
-
-
 def default_connection_limit() -> int:
     """Half the process's file descriptors (the rest is for its files, engine and peers), within 64–4096."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
