@@ -56,6 +56,7 @@ KINDS: dict[str, RunKind] = {k.name: k for k in (SimulationKind(), FinetuneKind(
 # Kinds whose versions arrive through the upload API from pods of their own: while such a run is active, an
 # upload publish that names it (metadata run_id) is its own, not one competing with it.
 UPLOADING_KINDS = frozenset({JobKind.name})
+ENDED = frozenset({RunStatus.FAILED, RunStatus.STOPPED, RunStatus.SUCCEEDED})  # for good, unless resumed
 
 
 def _describe(exc: ValidationError) -> str:
@@ -139,8 +140,9 @@ class RunManager:
     def uploading_run(self, run_id: Any) -> RunRecord | None:
         """The active run when ``run_id`` names it and its pods publish through the upload API (a job run).
 
-        409 when it names such a run that has ended: its Job, still running somewhere (a failure to delete it),
-        would publish versions that no run tracks."""
+        409 when it names such a run that has ended (failed, stopped, succeeded): its Job, still running somewhere
+        (a failure to delete it), would publish versions that no run tracks. An interrupted run's Job goes on
+        publishing: its versions are listed when the run is resumed."""
         with self._lock:
             active = self._active[0].record if self._active else None
         if active is not None and active.id == run_id and active.kind in UPLOADING_KINDS:
@@ -151,7 +153,7 @@ class RunManager:
             record = self.runs.get(run_id)
         except (BadRequest, NotFound, UnreadableRun):
             return None  # not one of this trainer's runs: an ordinary publish that names its own run
-        if record.kind in UPLOADING_KINDS:
+        if record.kind in UPLOADING_KINDS and record.status in ENDED:
             raise Conflict(f"run {run_id} ({record.kind}) is {record.status.value}, so the publishes of its pods "
                            f"are refused; delete its Job (kubectl delete job {job_name(run_id)}), or resume the run "
                            f"(POST /runs/{run_id}/resume) to follow it again")
