@@ -205,9 +205,14 @@ def test_the_flip_copies_exactly_what_was_staged_whatever_happens_to_the_files_m
     assert staged.state.value == "staged", staged.error
     assert staged.weights_digest == _fresh_digest(builtin_dir, "builtin:tiny-s1")
     _change_on_disk(folder, how, tiny_dirs)
+    old = replica.serving
+    assert old is not None
+    before = old.weights_digest
     replica.flip(1)  # what the commit at activate_at does
     assert replica.ready and replica.serving is not None and replica.serving.version == 1
     assert _live_digest(replica) == staged.weights_digest == replica.serving.weights_digest
+    # The old slot shares the model object, but an answer it still labels names the weights that wrote it.
+    assert old.weights_digest == before != staged.weights_digest
 
 
 def test_a_published_weight_file_changed_after_its_verification_is_refused_at_stage(

@@ -485,6 +485,7 @@ class Replica:
                 if isinstance(previous, CheckpointFiles):
                     previous.release()
             new_slot = ModelSlot(version=plan.version, model_ref=plan.model_ref, digest=plan.digest,
+                                 weights_digest=plan.weights_digest,
                                  loaded=old.loaded, engine=old.engine)
             with self._lock:
                 self.serving = new_slot

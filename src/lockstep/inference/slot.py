@@ -61,12 +61,14 @@ class ModelSlot:
     loaded: LoadedModel
     engine: ServingEngine
     serving_since: float | None = None
+    # The weights this slot answers with, fixed when it is made: an in-place flip rewrites the LoadedModel the
+    # old and the new slot share, and an answer of the old one must not carry the new digest.
+    weights_digest: str = ""
     _pins: int = 0
     _pins_zero: threading.Condition = field(default_factory=threading.Condition)
 
-    @property
-    def weights_digest(self) -> str:
-        return self.loaded.weights_digest
+    def __post_init__(self) -> None:
+        self.weights_digest = self.weights_digest or self.loaded.weights_digest
 
     @property
     def tokenizer(self) -> Any:
