@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lockstep.core.atomic import read_json
 from lockstep.sync.reports import PublishOutcome
+from lockstep.sync.rollout import ENDED
 
 # Every outcome a publish can end with (a rollout that rolls back ends its publish too), then a publish that raised.
 PUBLISH_OUTCOMES = (*(outcome.value for outcome in PublishOutcome), "failed")
@@ -119,7 +120,7 @@ class HistoryCounts:
             m.rollout_total.labels(outcome=rollout["phase"], trigger=trigger).inc()
 
 
-ROLLOUT_ENDINGS = ("promoted", "rolled back", "aborted")  # a rollout of unchanged content never started
+ROLLOUT_ENDINGS = ENDED - {"unchanged"}  # a rollout of unchanged content never started
 
 
 def _started_ms(name: str) -> float:
