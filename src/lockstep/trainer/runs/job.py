@@ -41,9 +41,9 @@ LOG_LINES = 5000  # the last lines of each pod's log kept in the run's folder
 ERROR_LOG_LINES = 15  # lines of the failed container's log quoted in the run's error
 # A pod waiting for one of these will not start without a change to the template or the cluster.
 HOPELESS = {"ErrImageNeverPull", "InvalidImageName", "ImagePullBackOff", "CreateContainerConfigError"}
-# What a failing Kubernetes API raises: its refusals (KubeApiError) and, below the client, urllib3's and the
-# socket's errors (timeouts, refused or reset connections).
-API_ERRORS: tuple[type[Exception], ...] = (kube.KubeApiError, urllib3.exceptions.HTTPError, OSError)
+# What a failing Kubernetes API raises: its refusals (KubeApiError) and, below the client, urllib3's errors
+# (timeouts, refused or reset connections; it wraps the socket's). Not OSError: the run's own files raise it.
+API_ERRORS: tuple[type[Exception], ...] = (kube.KubeApiError, urllib3.exceptions.HTTPError)
 
 
 class JobFailed(LockstepError):
